@@ -1,0 +1,11 @@
+//! tarmac: a tarpitting anti-spam SMTP edge gateway.
+//!
+//! The crate is a library with a thin binary (`src/main.rs`). `smtp` is the sans-IO protocol
+//! core; `server` is the only module that does I/O on client sockets; `downstream` speaks to the
+//! real MTA; `config` is the operator contract of DESIGN.md §3.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub, clippy::manual_let_else)]
+
+pub mod config;
+pub mod smtp;

@@ -1,0 +1,23 @@
+//! The sans-IO SMTP core: command parser, reply type, data/dot codec and the session state
+//! machine. Nothing in here touches a socket or reads a clock: bytes and `Instant`s come in,
+//! replies, relayed bytes, actions and deadlines come out (DESIGN.md §5).
+
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
+pub mod command;
+pub mod data;
+pub mod reply;
+pub mod session;
+
+pub use command::{Command, CommandError};
+pub use data::{DataDecoder, DataViolation};
+pub use reply::{EnhancedCode, Reply};
+pub use session::{Action, DownstreamEvent, Peer, Report, Session, Shutdown, Side};

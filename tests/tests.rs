@@ -1,0 +1,1 @@
+//! Integration tests: the real server on loopback with a real downstream SMTP listener.
