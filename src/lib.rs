@@ -8,4 +8,5 @@
 #![warn(missing_docs, unreachable_pub, clippy::manual_let_else)]
 
 pub mod config;
+pub mod sink;
 pub mod smtp;
