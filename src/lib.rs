@@ -9,4 +9,5 @@
 
 pub mod config;
 pub mod downstream;
+pub mod sink;
 pub mod smtp;
