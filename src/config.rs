@@ -1,15 +1,34 @@
-//! Configuration: the TOML schema of DESIGN.md §3, parsed and validated with `file:line: key:
+//! Configuration: the TOML schema of DESIGN.md §3, parsed and validated with `path:line: key:
 //! message` errors, every one collected before failing.
 //!
-//! (Skeleton: the types below are the contract the rest of the crate codes against; parsing and
-//! validation are being written.)
+//! [`Config::load`] reads a file, [`Config::from_toml`] parses text (no I/O, so tests need no
+//! files); both start from [`Config::default`] and overwrite what the file sets, so an empty file
+//! is a valid config. The value syntaxes (durations, sizes, rates, addresses, CIDRs) live in
+//! `syntax`, the walk over the TOML tree in `document`. Loading never opens the files a config
+//! names (lists, rules, certificates): their loaders report their own errors.
 
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
+mod document;
+mod syntax;
+
+use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 /// The whole validated configuration. Cheap to share behind an `Arc`; a reload builds a new one.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     /// The file this was loaded from (`None` for built-in defaults); relative paths are resolved
     /// against its directory at load time, so every path below is already usable as is.
@@ -47,7 +66,7 @@ pub struct Config {
 }
 
 /// `[server]`
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Server {
     /// Plain SMTP listeners.
     pub listen: Vec<SocketAddr>,
@@ -66,7 +85,9 @@ pub struct Server {
 }
 
 /// An address block such as `192.0.2.0/24` or `2001:db8::/32`; a bare address is a /32 or /128.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Parsed with [`str::parse`]; an address with host bits set (`192.0.2.1/24`) is refused, since
+/// it usually means a typo in the network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Cidr {
     /// Network address (host bits zero).
     pub addr: IpAddr,
@@ -75,7 +96,7 @@ pub struct Cidr {
 }
 
 /// `[limits]`
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Concurrent connections from one address.
     pub max_connections_per_ip: u32,
@@ -114,7 +135,7 @@ pub enum BareNewline {
 }
 
 /// `[timeouts]`
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Timeouts {
     /// Downstream connect.
     pub connect: Duration,
@@ -129,7 +150,7 @@ pub struct Timeouts {
 }
 
 /// `[downstream]`
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Downstream {
     /// Tried in order; the next one on connect failure.
     pub servers: Vec<SocketAddr>,
@@ -179,7 +200,7 @@ pub enum DownstreamTls {
 }
 
 /// `[tls]`
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Tls {
     /// PEM certificate chain; `None` (empty in the file) = STARTTLS not offered.
     pub cert: Option<PathBuf>,
@@ -188,7 +209,7 @@ pub struct Tls {
 }
 
 /// `[dns]`
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Dns {
     /// Resolvers; empty = the system's resolv.conf.
     pub servers: Vec<SocketAddr>,
@@ -201,7 +222,7 @@ pub struct Dns {
 }
 
 /// One `[[dnsbl]]` table.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Dnsbl {
     /// The zone queried, e.g. `zen.spamhaus.org`.
     pub zone: String,
@@ -214,7 +235,7 @@ pub struct Dnsbl {
 }
 
 /// `[scoring]`
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Scoring {
     /// Score ≤ this: allow.
     pub allow_at: i32,
@@ -236,7 +257,7 @@ pub enum RejectMode {
 }
 
 /// `[tarpit]`
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tarpit {
     /// Wait before the final banner line.
     pub greet_pause: Duration,
@@ -264,7 +285,7 @@ pub enum Pregreet {
 }
 
 /// `[greylist]`
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Greylist {
     /// Applies to verdicts pass and tarpit.
     pub enabled: bool,
@@ -296,7 +317,7 @@ pub enum GreylistKey {
 }
 
 /// `[reputation]`
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reputation {
     /// Keep per-IP history.
     pub enabled: bool,
@@ -307,7 +328,7 @@ pub struct Reputation {
 }
 
 /// `[state]`
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct State {
     /// Where shared state lives.
     pub backend: StateBackend,
@@ -327,14 +348,14 @@ pub enum StateBackend {
 }
 
 /// `[metrics]`
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Metrics {
     /// Where `/metrics` is served; `None` = off.
     pub listen: Option<SocketAddr>,
 }
 
 /// `[lists]`
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lists {
     /// Allow-list files.
     pub allow: Vec<PathBuf>,
@@ -343,8 +364,1035 @@ pub struct Lists {
 }
 
 /// `[rules]`
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rules {
     /// Rule files, evaluated in this order.
     pub files: Vec<PathBuf>,
+}
+
+/// Every error found in one config file, in line order; never empty when returned as an error.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+/// One problem in a config file, displayed as `path:line: key: message`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file.
+    pub path: PathBuf,
+    /// 1-based line of the offending key or value; `None` when the file could not be read.
+    pub line: Option<usize>,
+    /// Dotted key path (`limits.max_message_size`, `dnsbl[1].weight`); `toml` for a syntax
+    /// error; empty when the file could not be read.
+    pub key: String,
+    /// What is wrong, and the expected form when there is one.
+    pub message: String,
+}
+
+/// Why a string is not a [`Cidr`]; the message quotes the input and the expected form.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CidrError(String);
+
+impl Config {
+    /// Parses and validates `text`, the contents of the file at `path`. `path` appears in errors
+    /// and its directory anchors relative paths; nothing is read from disk. Keys the text does
+    /// not set keep their defaults.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+        let mut config = Config::default();
+        let errors = document::read(text, path, &mut config);
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        if config.server.workers == 0 {
+            config.server.workers = default_workers();
+        }
+        if let Some(dir) = path.parent() {
+            document::resolve_paths(&mut config, dir);
+        }
+        config.path = Some(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// Reads the file at `path` and parses it with [`Config::from_toml`]. An unreadable file is a
+    /// single error, `path: cannot read: <reason>`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::from_toml(&text, path),
+            Err(e) => Err(ConfigErrors(vec![ConfigError {
+                path: path.to_path_buf(),
+                line: None,
+                key: String::new(),
+                message: format!("cannot read: {e}"),
+            }])),
+        }
+    }
+}
+
+impl Default for Config {
+    /// DESIGN.md §3's values, except that no DNSBL zone is queried until the operator names one
+    /// (as with postscreen): a default list would send every client address to a third party.
+    /// Paths stay relative here; [`Config::from_toml`] anchors them at the file's directory.
+    fn default() -> Self {
+        Config {
+            path: None,
+            server: Server::default(),
+            limits: Limits::default(),
+            timeouts: Timeouts::default(),
+            downstream: Downstream::default(),
+            tls: Tls::default(),
+            dns: Dns::default(),
+            dnsbl: Vec::new(),
+            scoring: Scoring::default(),
+            tarpit: Tarpit::default(),
+            greylist: Greylist::default(),
+            reputation: Reputation::default(),
+            state: State::default(),
+            metrics: Metrics::default(),
+            lists: Lists::default(),
+            rules: Rules::default(),
+        }
+    }
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            listen: vec![SocketAddr::from(([0, 0, 0, 0], 25))],
+            hostname: system_hostname(),
+            workers: default_workers(),
+            max_connections: 50_000,
+            max_tarpitted: 40_000,
+            state_dir: PathBuf::from("/var/lib/tarmac"),
+            proxy_protocol_from: Vec::new(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections_per_ip: 20,
+            connection_rate_per_ip: Rate {
+                count: 30,
+                per: Duration::from_secs(60),
+            },
+            connection_rate_per_subnet: Rate {
+                count: 120,
+                per: Duration::from_secs(60),
+            },
+            max_message_size: 25_000_000,
+            max_recipients: 100,
+            max_unknown_commands: 3,
+            max_line_length: 4096,
+            bare_newline: BareNewline::Reject,
+        }
+    }
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(30),
+            command: Duration::from_secs(300),
+            data: Duration::from_secs(180),
+            idle: Duration::from_secs(600),
+            drain: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for Downstream {
+    fn default() -> Self {
+        Downstream {
+            servers: vec![SocketAddr::from(([127, 0, 0, 1], 10025))],
+            mode: DownstreamMode::Synchronous,
+            pool_size: 50,
+            announce_client: AnnounceClient::Xclient,
+            tls: DownstreamTls::Opportunistic,
+            tls_verify: false,
+        }
+    }
+}
+
+impl Default for Dns {
+    fn default() -> Self {
+        Dns {
+            servers: Vec::new(),
+            timeout: Duration::from_secs(2),
+            cache_ttl: Duration::from_secs(3600),
+            rdns: true,
+        }
+    }
+}
+
+impl Default for Scoring {
+    fn default() -> Self {
+        Scoring {
+            allow_at: -1,
+            tarpit_at: 1,
+            reject_at: 3,
+            reject_mode: RejectMode::Immediate,
+        }
+    }
+}
+
+impl Default for Tarpit {
+    fn default() -> Self {
+        Tarpit {
+            greet_pause: Duration::from_secs(6),
+            banner_continuation: true,
+            pregreet: Pregreet::Reject,
+            reply_delay: Duration::from_secs(10),
+            stutter: Duration::from_secs(1),
+            pass_ttl: Duration::from_secs(86_400),
+        }
+    }
+}
+
+impl Default for Greylist {
+    fn default() -> Self {
+        Greylist {
+            enabled: true,
+            delay: Duration::from_secs(300),
+            retry_window: Duration::from_secs(4 * 3600),
+            pass_ttl: Duration::from_secs(36 * 86_400),
+            key: vec![
+                GreylistKey::Subnet,
+                GreylistKey::Sender,
+                GreylistKey::Recipient,
+            ],
+        }
+    }
+}
+
+impl Default for Reputation {
+    fn default() -> Self {
+        Reputation {
+            enabled: true,
+            half_life: Duration::from_secs(7 * 86_400),
+            weight: 2,
+        }
+    }
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            backend: StateBackend::Local,
+            redis: "redis://127.0.0.1:6379/0".to_owned(),
+            prefix: "tarmac:".to_owned(),
+        }
+    }
+}
+
+impl Default for Lists {
+    fn default() -> Self {
+        Lists {
+            allow: vec![PathBuf::from("blocklists/allow.txt")],
+            deny: vec![PathBuf::from("blocklists/deny.txt")],
+        }
+    }
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Rules {
+            files: vec![PathBuf::from("rules/default.toml")],
+        }
+    }
+}
+
+impl Cidr {
+    /// Whether `ip` lies in this block. An IPv4-mapped IPv6 address (`::ffff:192.0.2.7`, what a
+    /// dual-stack socket reports for an IPv4 client) is matched as the IPv4 address it carries.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            IpAddr::V4(_) => ip,
+        };
+        self.addr.is_ipv4() == ip.is_ipv4() && syntax::mask(ip, self.prefix) == self.addr
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = CidrError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        syntax::parse_cidr(s)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl fmt::Display for CidrError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CidrError {}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.path.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": {}", self.key)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl fmt::Display for ConfigErrors {
+    /// One error per line, no trailing newline.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// The kernel's host name if it is a usable DNS name, else `localhost`. Read from procfs rather
+/// than gethostname(2), which would need `unsafe` or another dependency.
+fn system_hostname() -> String {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .filter_map(|file| std::fs::read_to_string(file).ok())
+        .map(|text| text.trim().to_owned())
+        .find(|name| syntax::check_hostname(name).is_ok())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// One event loop per core; `workers = 0` in the file means this.
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, NonZeroUsize::get)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::net::Ipv6Addr;
+
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../examples/tarmac.toml");
+    const DOCS: &str = include_str!("../docs/configuration.md");
+    const PATH: &str = "/etc/tarmac/tarmac.toml";
+
+    fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        Config::from_toml(text, Path::new(PATH))
+    }
+
+    /// The errors of `text`, one `path:line: key: message` per line.
+    #[track_caller]
+    fn errors(text: &str) -> String {
+        match parse(text) {
+            Ok(_) => panic!("expected errors, the config was accepted:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// What an empty file at [`PATH`] must give: the defaults, paths anchored in /etc/tarmac.
+    fn defaults_at_path() -> Config {
+        let mut config = Config::default();
+        document::resolve_paths(&mut config, Path::new("/etc/tarmac"));
+        config.path = Some(PathBuf::from(PATH));
+        config
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let config = parse("").unwrap();
+        assert_eq!(config, defaults_at_path());
+        assert_eq!(config.server.listen, [SocketAddr::from(([0, 0, 0, 0], 25))]);
+        assert!(config.server.workers >= 1);
+        assert!(config.dnsbl.is_empty());
+        assert_eq!(
+            config.lists.allow,
+            [PathBuf::from("/etc/tarmac/blocklists/allow.txt")]
+        );
+        assert_eq!(
+            config.rules.files,
+            [PathBuf::from("/etc/tarmac/rules/default.toml")]
+        );
+        assert_eq!(config.server.state_dir, PathBuf::from("/var/lib/tarmac"));
+        assert_eq!(config.tls.cert, None);
+        assert_eq!(config.metrics.listen, None);
+        assert!(config.dns.servers.is_empty());
+    }
+
+    #[test]
+    fn default_hostname_is_a_dns_name() {
+        let config = Config::default();
+        assert_eq!(syntax::check_hostname(&config.server.hostname), Ok(()));
+    }
+
+    #[test]
+    fn example_file_equals_defaults() {
+        let config = match parse(EXAMPLE) {
+            Ok(config) => config,
+            Err(e) => panic!("examples/tarmac.toml does not parse:\n{e}"),
+        };
+        assert_eq!(config, defaults_at_path());
+        // Spelled out, so a wrong default cannot hide behind an equally wrong example.
+        assert_eq!(config.limits.max_message_size, 25_000_000);
+        assert_eq!(
+            config.limits.connection_rate_per_ip,
+            Rate {
+                count: 30,
+                per: Duration::from_secs(60)
+            }
+        );
+        assert_eq!(
+            config.limits.connection_rate_per_subnet,
+            Rate {
+                count: 120,
+                per: Duration::from_secs(60)
+            }
+        );
+        assert_eq!(config.timeouts.command, Duration::from_secs(300));
+        assert_eq!(config.dns.cache_ttl, Duration::from_secs(3600));
+        assert_eq!(config.tarpit.pass_ttl, Duration::from_secs(86_400));
+        assert_eq!(config.greylist.pass_ttl, Duration::from_secs(36 * 86_400));
+        assert_eq!(config.reputation.half_life, Duration::from_secs(7 * 86_400));
+        assert_eq!(
+            config.downstream.servers,
+            [SocketAddr::from(([127, 0, 0, 1], 10025))]
+        );
+    }
+
+    #[test]
+    fn example_commented_dnsbl_tables_parse() {
+        let uncommented: String = EXAMPLE
+            .lines()
+            .skip_while(|line| !line.starts_with("# [[dnsbl]]"))
+            .take_while(|line| line.starts_with('#'))
+            .map(|line| line.trim_start_matches('#').trim_start())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let config = parse(&uncommented).unwrap();
+        assert_eq!(
+            config.dnsbl,
+            [
+                Dnsbl {
+                    zone: "zen.spamhaus.org".to_owned(),
+                    weight: 3,
+                    codes: vec![(Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 11))],
+                    reply: Some("client listed, see https://example.org/lookup".to_owned()),
+                },
+                Dnsbl {
+                    zone: "list.dnswl.org".to_owned(),
+                    weight: -2,
+                    codes: Vec::new(),
+                    reply: None,
+                },
+            ]
+        );
+    }
+
+    /// The example sets every key but `hostname` (whose default depends on the machine) and the
+    /// commented-out `[[dnsbl]]` tables; the docs have a table row for every key.
+    #[test]
+    fn example_and_docs_cover_every_key() {
+        let doc = toml::de::DeTable::parse(EXAMPLE).unwrap();
+        let mut in_example = BTreeSet::new();
+        for (section, value) in doc.get_ref() {
+            for (key, _) in value.get_ref().as_table().unwrap() {
+                in_example.insert(format!("{}.{}", section.get_ref(), key.get_ref()));
+            }
+        }
+        let mut in_schema = BTreeSet::new();
+        for (section, keys) in document::SCHEMA {
+            for key in *keys {
+                assert!(
+                    DOCS.contains(&format!("| `{key}` |")),
+                    "docs/configuration.md has no row for {section}.{key}"
+                );
+                if *section != "dnsbl" && (*section, *key) != ("server", "hostname") {
+                    in_schema.insert(format!("{section}.{key}"));
+                }
+            }
+        }
+        assert_eq!(in_example, in_schema);
+    }
+
+    #[test]
+    fn all_errors_are_reported_with_lines() {
+        let text = r#"
+[server]
+workers = 5000
+listen = []
+
+[limits]
+max_message_size = "25XB"
+bare_newline = "strip"
+
+[timeouts]
+connect = "0s"
+idle = 600
+"#;
+        assert_eq!(
+            errors(text),
+            r#"/etc/tarmac/tarmac.toml:3: server.workers: must be from 0 to 1024, got 5000
+/etc/tarmac/tarmac.toml:4: server.listen: must not be empty; give at least one address such as "0.0.0.0:25"
+/etc/tarmac/tarmac.toml:7: limits.max_message_size: invalid size "25XB": expected a number with a unit such as "64KB", "25MB", "10MiB"
+/etc/tarmac/tarmac.toml:8: limits.bare_newline: unknown value "strip"; expected one of: reject, normalize
+/etc/tarmac/tarmac.toml:11: timeouts.connect: must be longer than 0s
+/etc/tarmac/tarmac.toml:12: timeouts.idle: expected a duration such as "30s", found integer"#
+        );
+    }
+
+    #[test]
+    fn unknown_key() {
+        assert_eq!(
+            errors("[timeouts]\nconect = \"30s\"\n"),
+            "/etc/tarmac/tarmac.toml:2: timeouts.conect: unknown key; expected one of: connect, \
+             command, data, idle, drain"
+        );
+    }
+
+    #[test]
+    fn unknown_section() {
+        assert_eq!(
+            errors("[limit]\nmax_recipients = 5\n"),
+            "/etc/tarmac/tarmac.toml:1: limit: unknown section; expected one of: server, limits, \
+             timeouts, downstream, tls, dns, dnsbl, scoring, tarpit, greylist, reputation, \
+             state, metrics, lists, rules"
+        );
+        assert_eq!(
+            errors("max_recipients = 5\n"),
+            "/etc/tarmac/tarmac.toml:1: max_recipients: unknown section; expected one of: \
+             server, limits, timeouts, downstream, tls, dns, dnsbl, scoring, tarpit, greylist, \
+             reputation, state, metrics, lists, rules"
+        );
+    }
+
+    #[test]
+    fn wrong_types() {
+        let text = r#"[server]
+listen = "0.0.0.0:25"
+max_connections = "many"
+[dns]
+rdns = "yes"
+servers = [53]
+[limits]
+max_recipients = 1.5
+[tarpit]
+pregreet = false
+[metrics]
+listen = 9425
+[state]
+prefix = ""
+[scoring]
+reject_mode = ["enforce"]
+tarpit_at = 2
+reject_at = 5
+allow_at = 0
+[rules]
+files = "rules.toml"
+[lists]
+"#;
+        assert_eq!(
+            errors(text),
+            r#"/etc/tarmac/tarmac.toml:2: server.listen: expected an array, found string
+/etc/tarmac/tarmac.toml:3: server.max_connections: expected an integer, found string
+/etc/tarmac/tarmac.toml:5: dns.rdns: expected true or false, found string
+/etc/tarmac/tarmac.toml:6: dns.servers[0]: expected an address such as "192.0.2.53", found integer
+/etc/tarmac/tarmac.toml:8: limits.max_recipients: expected an integer, found float
+/etc/tarmac/tarmac.toml:10: tarpit.pregreet: expected one of: ignore, reject, drop, found boolean
+/etc/tarmac/tarmac.toml:12: metrics.listen: expected an address such as "127.0.0.1:9425", or "", found integer
+/etc/tarmac/tarmac.toml:14: state.prefix: must not be empty; for example "tarmac:"
+/etc/tarmac/tarmac.toml:16: scoring.reject_mode: expected one of: immediate, enforce, found array
+/etc/tarmac/tarmac.toml:21: rules.files: expected an array, found string"#
+        );
+        assert_eq!(
+            errors("server = 1\n"),
+            "/etc/tarmac/tarmac.toml:1: server: expected a table [server], found integer"
+        );
+    }
+
+    #[test]
+    fn integers_that_do_not_fit_are_errors() {
+        let text = "[limits]
+max_connections_per_ip = 4294967296
+max_unknown_commands = -1
+max_line_length = 511
+[reputation]
+weight = 2147483648
+[scoring]
+reject_at = -9223372036854775808
+[server]
+max_tarpitted = -1
+max_connections = 0
+";
+        assert_eq!(
+            errors(text),
+            "/etc/tarmac/tarmac.toml:2: limits.max_connections_per_ip: 4294967296 is too large
+/etc/tarmac/tarmac.toml:3: limits.max_unknown_commands: must be from 0 to 1000, got -1
+/etc/tarmac/tarmac.toml:4: limits.max_line_length: must be from 512 to 65536, got 511
+/etc/tarmac/tarmac.toml:6: reputation.weight: 2147483648 is out of range
+/etc/tarmac/tarmac.toml:8: scoring.reject_at: -9223372036854775808 is out of range
+/etc/tarmac/tarmac.toml:10: server.max_tarpitted: must be at least 0, got -1
+/etc/tarmac/tarmac.toml:11: server.max_connections: must be at least 1, got 0"
+        );
+    }
+
+    #[test]
+    fn integers_in_other_radixes() {
+        let config = parse("[server]\nworkers = 0x10\nmax_connections = 1_000\n").unwrap();
+        assert_eq!(config.server.workers, 16);
+        assert_eq!(config.server.max_connections, 1000);
+    }
+
+    #[test]
+    fn message_size_forms() {
+        let size = |text: &str| parse(text).map(|c| c.limits.max_message_size);
+        assert_eq!(size("limits.max_message_size = \"10MiB\""), Ok(10_485_760));
+        assert_eq!(size("limits.max_message_size = 1048576"), Ok(1_048_576));
+        assert_eq!(
+            errors("limits.max_message_size = \"999B\""),
+            "/etc/tarmac/tarmac.toml:1: limits.max_message_size: must be at least 1KB, got 999 \
+             bytes"
+        );
+        assert_eq!(
+            errors("limits.max_message_size = -5"),
+            "/etc/tarmac/tarmac.toml:1: limits.max_message_size: -5 is out of range"
+        );
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let text = "[server]\nworkers = = 4\n\n[limits]\nbare_newline = \"reject\n";
+        assert_eq!(
+            errors(text),
+            "/etc/tarmac/tarmac.toml:2: toml: extra `=`, expected nothing\n\
+             /etc/tarmac/tarmac.toml:5: toml: invalid basic string, expected `\"`"
+        );
+        // An unclosed array runs on to the next line that cannot continue it.
+        let text = "[server]\nlisten = [\"0.0.0.0:25\"\n\n[limits]\n";
+        assert_eq!(
+            errors(text),
+            "/etc/tarmac/tarmac.toml:4: toml: missing comma between array elements, expected `,`"
+        );
+
+        let e = parse("[server]\nworkers = 4\nworkers = 5\n").unwrap_err();
+        assert_eq!(e.0.len(), 1, "{e}");
+        assert_eq!(
+            e.to_string(),
+            "/etc/tarmac/tarmac.toml:3: toml: duplicate key"
+        );
+    }
+
+    #[test]
+    fn dnsbl_tables() {
+        let text = r#"
+[[dnsbl]]
+zone = "zen.spamhaus.org"
+weight = 3
+codes = ["127.0.0.2", "127.0.0.10-127.0.0.11"]
+reply = "listed"
+
+[[dnsbl]]
+zone = "list.dnswl.org"
+weight = -2
+"#;
+        let config = parse(text).unwrap();
+        let ip = |d| Ipv4Addr::new(127, 0, 0, d);
+        assert_eq!(config.dnsbl.len(), 2);
+        assert_eq!(config.dnsbl[0].zone, "zen.spamhaus.org");
+        assert_eq!(config.dnsbl[0].codes, [(ip(2), ip(2)), (ip(10), ip(11))]);
+        assert_eq!(config.dnsbl[0].reply.as_deref(), Some("listed"));
+        assert_eq!(config.dnsbl[1].weight, -2);
+        assert_eq!(config.dnsbl[1].reply, None);
+    }
+
+    #[test]
+    fn dnsbl_errors_name_the_table() {
+        let text = r#"[[dnsbl]]
+zone = "zen.spamhaus.org"
+weight = 0
+codes = ["127.0.0.2", "10.0.0.1"]
+
+[[dnsbl]]
+weight = 2
+reply = "bad\r\nreply"
+colour = "red"
+
+[[dnsbl]]
+zone = "ZEN.spamhaus.org"
+weight = 1
+
+[[dnsbl]]
+zone = "zen.spamhaus.org"
+weight = 1
+"#;
+        assert_eq!(
+            errors(text),
+            r#"/etc/tarmac/tarmac.toml:3: dnsbl[0].weight: must not be 0; a zone that adds nothing need not be queried
+/etc/tarmac/tarmac.toml:4: dnsbl[0].codes[1]: invalid answer code "10.0.0.1": 10.0.0.1 is not in 127.0.0.0/8, where DNSBL answers live
+/etc/tarmac/tarmac.toml:6: dnsbl[1].zone: missing; give the zone to query, such as zone = "zen.spamhaus.org"
+/etc/tarmac/tarmac.toml:8: dnsbl[1].reply: '\r' is not allowed; reply text is one line of printable ASCII
+/etc/tarmac/tarmac.toml:9: dnsbl[1].colour: unknown key; expected one of: zone, weight, codes, reply
+/etc/tarmac/tarmac.toml:16: dnsbl[3].zone: zone "zen.spamhaus.org" is already dnsbl[2]"#
+        );
+        assert_eq!(
+            errors("[dnsbl]\nzone = \"zen.spamhaus.org\"\nweight = 3\n"),
+            "/etc/tarmac/tarmac.toml:1: dnsbl: expected an array of tables; write [[dnsbl]] with \
+             double brackets, one table per zone"
+        );
+        assert_eq!(
+            errors("[[dnsbl]]\nzone = \"zen.spamhaus.org\"\n"),
+            "/etc/tarmac/tarmac.toml:1: dnsbl[0].weight: missing; give the score a listing \
+             adds, such as weight = 3 (negative for an allowlist)"
+        );
+        assert_eq!(
+            errors("[[dnsbl]]\nzone = \"zen spamhaus\"\nweight = 1\n"),
+            "/etc/tarmac/tarmac.toml:2: dnsbl[0].zone: invalid DNS name \"zen spamhaus\": ' ' \
+             is not allowed; use letters, digits, hyphens and dots"
+        );
+    }
+
+    #[test]
+    fn relative_paths_are_anchored_at_the_config_directory() {
+        let text = r#"
+[server]
+state_dir = "state"
+[tls]
+cert = "tls/cert.pem"
+key = "/etc/ssl/private/key.pem"
+[lists]
+allow = ["allow.txt", "/srv/lists/allow.txt"]
+deny = []
+[rules]
+files = ["rules/a.toml", "../shared/b.toml"]
+"#;
+        let config = Config::from_toml(text, Path::new("/srv/tarmac/tarmac.toml")).unwrap();
+        assert_eq!(config.path, Some(PathBuf::from("/srv/tarmac/tarmac.toml")));
+        assert_eq!(config.server.state_dir, PathBuf::from("/srv/tarmac/state"));
+        assert_eq!(
+            config.tls.cert,
+            Some(PathBuf::from("/srv/tarmac/tls/cert.pem"))
+        );
+        assert_eq!(
+            config.tls.key,
+            Some(PathBuf::from("/etc/ssl/private/key.pem"))
+        );
+        assert_eq!(
+            config.lists.allow,
+            [
+                PathBuf::from("/srv/tarmac/allow.txt"),
+                PathBuf::from("/srv/lists/allow.txt")
+            ]
+        );
+        assert!(config.lists.deny.is_empty());
+        assert_eq!(
+            config.rules.files,
+            [
+                PathBuf::from("/srv/tarmac/rules/a.toml"),
+                PathBuf::from("/srv/tarmac/../shared/b.toml")
+            ]
+        );
+
+        // A bare file name: relative to the working directory, where the file is.
+        let config = Config::from_toml("", Path::new("tarmac.toml")).unwrap();
+        assert_eq!(config.lists.deny, [PathBuf::from("blocklists/deny.txt")]);
+    }
+
+    #[test]
+    fn ipv6_addresses() {
+        let text = r#"
+[server]
+listen = ["[::]:25", "0.0.0.0:25", "[2001:db8::25]:2525"]
+proxy_protocol_from = ["2001:db8:1::/48", "10.0.0.0/8"]
+[downstream]
+servers = ["[::1]:10025"]
+[dns]
+servers = ["::1", "[2001:db8::53]", "[2001:db8::53]:5353", "192.0.2.53"]
+[metrics]
+listen = "[::1]:9425"
+"#;
+        let config = parse(text).unwrap();
+        let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+        assert_eq!(
+            config.server.listen,
+            [
+                SocketAddr::from((Ipv6Addr::UNSPECIFIED, 25)),
+                SocketAddr::from(([0, 0, 0, 0], 25)),
+                SocketAddr::from((v6("2001:db8::25"), 2525)),
+            ]
+        );
+        assert_eq!(
+            config.server.proxy_protocol_from,
+            [
+                Cidr {
+                    addr: IpAddr::V6(v6("2001:db8:1::")),
+                    prefix: 48
+                },
+                Cidr {
+                    addr: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 0)),
+                    prefix: 8
+                },
+            ]
+        );
+        assert_eq!(
+            config.downstream.servers,
+            [SocketAddr::from((Ipv6Addr::LOCALHOST, 10025))]
+        );
+        assert_eq!(
+            config.dns.servers,
+            [
+                SocketAddr::from((Ipv6Addr::LOCALHOST, 53)),
+                SocketAddr::from((v6("2001:db8::53"), 53)),
+                SocketAddr::from((v6("2001:db8::53"), 5353)),
+                SocketAddr::from(([192, 0, 2, 53], 53)),
+            ]
+        );
+        assert_eq!(
+            config.metrics.listen,
+            Some(SocketAddr::from((Ipv6Addr::LOCALHOST, 9425)))
+        );
+    }
+
+    #[test]
+    fn address_errors() {
+        let text = r#"
+[server]
+listen = ["::1:25", "localhost:25"]
+proxy_protocol_from = ["192.0.2.1/24"]
+[downstream]
+servers = ["127.0.0.1:0"]
+"#;
+        assert_eq!(
+            errors(text),
+            r#"/etc/tarmac/tarmac.toml:3: server.listen[0]: invalid address "::1:25": expected ip:port such as "0.0.0.0:25" or "[::1]:25"
+/etc/tarmac/tarmac.toml:3: server.listen[1]: invalid address "localhost:25": expected ip:port such as "0.0.0.0:25" or "[::1]:25"
+/etc/tarmac/tarmac.toml:4: server.proxy_protocol_from[0]: invalid CIDR "192.0.2.1/24": host bits are set; did you mean 192.0.2.0/24?
+/etc/tarmac/tarmac.toml:6: downstream.servers[0]: 127.0.0.1:0: port 0 cannot be connected to"#
+        );
+    }
+
+    #[test]
+    fn checks_across_keys() {
+        assert_eq!(
+            errors("[scoring]\nallow_at = 1\ntarpit_at = 1\n"),
+            "/etc/tarmac/tarmac.toml:3: scoring.tarpit_at: must be greater than scoring.allow_at \
+             (1), got 1"
+        );
+        // Only the earlier key is in the file: the error goes there.
+        assert_eq!(
+            errors("[scoring]\nallow_at = 2\n"),
+            "/etc/tarmac/tarmac.toml:2: scoring.allow_at: must be less than scoring.tarpit_at \
+             (1), got 2"
+        );
+        assert_eq!(
+            errors("[scoring]\nreject_at = 0\n"),
+            "/etc/tarmac/tarmac.toml:2: scoring.reject_at: must be at least scoring.tarpit_at \
+             (1), got 0"
+        );
+        assert!(parse("[scoring]\ntarpit_at = 3\nreject_at = 3\n").is_ok());
+        // A key that failed to parse is not compared with its neighbours.
+        assert_eq!(
+            errors("[scoring]\nallow_at = 2\ntarpit_at = \"2\"\n"),
+            "/etc/tarmac/tarmac.toml:3: scoring.tarpit_at: expected an integer, found string"
+        );
+        assert_eq!(
+            errors("[tls]\ncert = 5\nkey = \"k.pem\"\n"),
+            "/etc/tarmac/tarmac.toml:2: tls.cert: expected a file path, or \"\" for none, found \
+             integer"
+        );
+        assert_eq!(
+            errors("[greylist]\ndelay = \"5h\"\n"),
+            "/etc/tarmac/tarmac.toml:2: greylist.delay: must be shorter than \
+             greylist.retry_window (4h), got 5h"
+        );
+        assert_eq!(
+            errors("[tls]\ncert = \"cert.pem\"\n"),
+            "/etc/tarmac/tarmac.toml:2: tls.key: tls.cert is set but tls.key is not; give both \
+             (STARTTLS on) or neither (off)"
+        );
+        assert_eq!(
+            errors("[tls]\ncert = \"\"\nkey = \"key.pem\"\n"),
+            "/etc/tarmac/tarmac.toml:2: tls.cert: tls.key is set but tls.cert is not; give both \
+             (STARTTLS on) or neither (off)"
+        );
+        let config = parse("[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n").unwrap();
+        assert_eq!(config.tls.cert, Some(PathBuf::from("/etc/tarmac/c.pem")));
+    }
+
+    #[test]
+    fn other_value_checks() {
+        let text = r#"[greylist]
+key = ["subnet", "sender", "subnet"]
+[state]
+redis = "127.0.0.1:6379"
+[server]
+hostname = "mx1 example"
+[downstream]
+servers = []
+mode = "pooled"
+"#;
+        assert_eq!(
+            errors(text),
+            r#"/etc/tarmac/tarmac.toml:2: greylist.key[2]: listed twice
+/etc/tarmac/tarmac.toml:4: state.redis: invalid Redis URL "127.0.0.1:6379": expected redis://, rediss:// or unix://, such as "redis://127.0.0.1:6379/0"
+/etc/tarmac/tarmac.toml:6: server.hostname: invalid DNS name "mx1 example": ' ' is not allowed; use letters, digits, hyphens and dots
+/etc/tarmac/tarmac.toml:8: downstream.servers: must not be empty; give the MTA to relay to, such as "127.0.0.1:10025"
+/etc/tarmac/tarmac.toml:9: downstream.mode: unknown value "pooled"; expected one of: synchronous, multiplexing"#
+        );
+        assert_eq!(
+            errors("greylist.key = []"),
+            "/etc/tarmac/tarmac.toml:1: greylist.key: must not be empty; for example [\"subnet\", \
+             \"sender\", \"recipient\"]"
+        );
+        let config = parse(
+            r#"
+[greylist]
+key = ["ip", "helo", "rdns"]
+[state]
+backend = "redis"
+redis = "unix:///run/redis.sock"
+[downstream]
+mode = "multiplexing"
+announce_client = "proxy-v2"
+tls = "required"
+tls_verify = true
+[tarpit]
+stutter = "0s"
+greet_pause = "250ms"
+pregreet = "drop"
+"#,
+        )
+        .unwrap();
+        assert_eq!(
+            config.greylist.key,
+            [GreylistKey::Ip, GreylistKey::Helo, GreylistKey::Rdns]
+        );
+        assert_eq!(config.state.backend, StateBackend::Redis);
+        assert_eq!(config.downstream.mode, DownstreamMode::Multiplexing);
+        assert_eq!(config.downstream.announce_client, AnnounceClient::ProxyV2);
+        assert_eq!(config.downstream.tls, DownstreamTls::Required);
+        assert!(config.downstream.tls_verify);
+        assert_eq!(config.tarpit.stutter, Duration::ZERO);
+        assert_eq!(config.tarpit.greet_pause, Duration::from_millis(250));
+        assert_eq!(config.tarpit.pregreet, Pregreet::Drop);
+    }
+
+    #[test]
+    fn workers_zero_means_one_per_core() {
+        let config = parse("server.workers = 0").unwrap();
+        assert_eq!(config.server.workers, default_workers());
+        let config = parse("server.workers = 3").unwrap();
+        assert_eq!(config.server.workers, 3);
+    }
+
+    #[test]
+    fn unreadable_file_is_one_error() {
+        let path = Path::new("/nonexistent/tarmac/tarmac.toml");
+        let e = Config::load(path).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/nonexistent/tarmac/tarmac.toml: cannot read: No such file or directory (os error 2)"
+        );
+    }
+
+    #[test]
+    fn error_display_without_key_or_line() {
+        let e = ConfigError {
+            path: PathBuf::from("/etc/tarmac/tarmac.toml"),
+            line: Some(12),
+            key: "limits.max_message_size".to_owned(),
+            message: "too big".to_owned(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "/etc/tarmac/tarmac.toml:12: limits.max_message_size: too big"
+        );
+    }
+
+    #[test]
+    fn cidr_contains() {
+        let net: Cidr = "192.0.2.0/24".parse().unwrap();
+        assert!(net.contains("192.0.2.0".parse().unwrap()));
+        assert!(net.contains("192.0.2.255".parse().unwrap()));
+        assert!(!net.contains("192.0.3.0".parse().unwrap()));
+        assert!(net.contains("::ffff:192.0.2.7".parse().unwrap()));
+        assert!(!net.contains("2001:db8::1".parse().unwrap()));
+
+        let net: Cidr = "2001:db8::/32".parse().unwrap();
+        assert!(net.contains("2001:db8:ffff::1".parse().unwrap()));
+        assert!(!net.contains("2001:db9::1".parse().unwrap()));
+        assert!(!net.contains("192.0.2.7".parse().unwrap()));
+
+        let all4: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all4.contains("255.255.255.255".parse().unwrap()));
+        assert!(!all4.contains("::1".parse().unwrap()));
+        let all6: Cidr = "::/0".parse().unwrap();
+        assert!(all6.contains("::1".parse().unwrap()));
+
+        let host: Cidr = "2001:db8::7".parse().unwrap();
+        assert_eq!(host.prefix, 128);
+        assert!(host.contains("2001:db8::7".parse().unwrap()));
+        assert!(!host.contains("2001:db8::8".parse().unwrap()));
+        assert_eq!(host.to_string(), "2001:db8::7/128");
+
+        let e = "192.0.2.1/24".parse::<Cidr>().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid CIDR \"192.0.2.1/24\": host bits are set; did you mean 192.0.2.0/24?"
+        );
+    }
+
+    /// Mutated versions of the example (bytes flipped, cut, duplicated, swapped for TOML
+    /// punctuation) must give a config or errors, never a panic.
+    #[test]
+    fn mutated_examples_never_panic() {
+        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            // xorshift64
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let alphabet = b"[]{}=\"',.#\n-0123456789abcdefsmhdKMGiB/:\\ \t\r";
+        for round in 0..400 {
+            let mut bytes = EXAMPLE.as_bytes().to_vec();
+            for _ in 0..1 + next() % 8 {
+                let at = (next() % bytes.len() as u64) as usize;
+                match next() % 5 {
+                    0 => bytes[at] = alphabet[(next() % alphabet.len() as u64) as usize],
+                    1 => {
+                        bytes.remove(at);
+                    }
+                    2 => bytes.insert(at, alphabet[(next() % alphabet.len() as u64) as usize]),
+                    3 => {
+                        let end = (at + (next() % 64) as usize).min(bytes.len());
+                        let chunk = bytes[at..end].to_vec();
+                        bytes.splice(at..at, chunk);
+                    }
+                    _ => bytes.truncate(at),
+                }
+                if bytes.is_empty() {
+                    bytes.push(b'\n');
+                }
+            }
+            let text = String::from_utf8_lossy(&bytes);
+            if let Err(e) = parse(&text) {
+                assert!(!e.0.is_empty(), "round {round}: empty error list");
+            }
+        }
+    }
 }

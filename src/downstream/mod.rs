@@ -1,6 +1,5 @@
-//! The client side of the relay: tarmac connecting to the downstream MTA.
-//!
-//! The SMTP dialogue with the downstream (banner, EHLO, XCLIENT, relaying) lives in the sans-IO
-//! session; this module holds the socket-level pieces the server drives for it.
+//! The client side of the relay: the downstream handshake (sans-IO, driven by the session) and
+//! the nonblocking connect the server performs for it; `src/server/` owns the sockets.
 
 pub mod connect;
+pub mod dialog;

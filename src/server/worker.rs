@@ -11,7 +11,7 @@ use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Waker};
@@ -337,6 +337,7 @@ impl Worker {
         let peer = Peer {
             client: addr,
             local,
+            accepted_at: SystemTime::now(),
         };
         let session = Session::new(Arc::clone(&self.config), peer, now);
         let conn = Conn::new(id, stream, addr, session, now, guard);

@@ -1,10 +1,44 @@
-//! The SMTP session state machine (skeleton: API contract, being implemented).
+//! The SMTP session state machine: one client connection, from banner to close, and the
+//! downstream relay it drives.
+//!
+//! # Roles
+//! - Inputs (`handle_*`): client bytes, client EOF, downstream events, timer expiry, shutdown.
+//! - Outputs (`poll_*`): bytes for each side (`poll_transmit`), I/O steps (`poll_action`:
+//!   connect/close downstream, close), the next deadline (`poll_timeout`).
+//! - Queries (`wants_read`, `is_closed`, `report`).
+//!
+//! After every `handle_*` the driver calls `poll_transmit` for both sides, then `poll_action`
+//! until `None`, then re-arms its timer from `poll_timeout`.
+//!
+//! # Lifecycle
+//! ```text
+//! Command ──MAIL/RCPT/DATA──▶ Waiting(pending) ──downstream reply──▶ Command
+//!                              Waiting(Data) ──354──▶ Data ──CRLF.CRLF──▶ Waiting(EndOfData)
+//! any ──QUIT / EOF / timeout / too many errors / shutdown──▶ Closed (sticky)
+//! ```
+//! While `Waiting`, client bytes are not consumed (`wants_read()` is false): pipelined commands
+//! wait in the driver's bounded buffer and are answered in order. The downstream is opened at the
+//! first MAIL, never for local commands, and tarmac answers 250 to end-of-data only after the
+//! downstream's 250. Any failure on the relay path is a 4xx so the sender retries.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use crate::config::Config;
+use crate::downstream::dialog::{Capabilities, ClientIdentity, Handshake, Step};
+use crate::smtp::command::{Body, Command, CommandError, MailParams, parse_command};
+use crate::smtp::data::{DataDecoder, DataViolation};
+use crate::smtp::received::{Trace, write_received};
+use crate::smtp::reply::{EnhancedCode, Reply, Status, parse_reply};
+
+/// Bytes queued for one side before the session stops taking client input. Bounds what a client
+/// that pipelines without reading replies, or a slow downstream, can make us hold.
+const OUTBOX_CAP: usize = 64 * 1024;
+
+/// Outbox capacity kept after a flush; larger buffers are freed so idle sessions stay small.
+const KEEP_CAPACITY: usize = 4 * 1024;
 
 /// The two ends of a session's byte streams.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -15,13 +49,15 @@ pub enum Side {
     Downstream,
 }
 
-/// Addresses of the client connection.
+/// Addresses and arrival time of the client connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Peer {
     /// The client's address (after PROXY, the one in the header).
     pub client: SocketAddr,
     /// The local address the client connected to.
     pub local: SocketAddr,
+    /// Wall-clock time of the accept, for the `Received:` date (the core reads no clock).
+    pub accepted_at: SystemTime,
 }
 
 /// I/O the driver must perform for the session.
@@ -30,8 +66,8 @@ pub enum Action {
     /// Open a TCP connection to this downstream server, then report
     /// `DownstreamEvent::Connected` or `ConnectFailed`.
     ConnectDownstream(SocketAddr),
-    /// Close the downstream connection without sending anything more (whatever
-    /// `poll_transmit(Downstream)` handed out before this is still to be written first).
+    /// Close the downstream connection after writing what `poll_transmit(Downstream)` handed
+    /// out before this; send nothing more.
     CloseDownstream,
     /// Flush what `poll_transmit(Client)` handed out, then close the client connection. Comes
     /// out exactly once.
@@ -77,79 +113,917 @@ pub struct Report<'a> {
     pub result: &'static str,
 }
 
+/// Where the dialog with the client stands.
+#[derive(Debug)]
+enum Phase {
+    /// Reading commands.
+    Command,
+    /// A relayed command waits for the downstream's reply; client input waits too.
+    Waiting(Pending),
+    /// Streaming a message body to the downstream.
+    Data(Box<DataDecoder>),
+    /// Terminal; the outbox may still hold the last reply.
+    Closed,
+}
+
+/// The client command a downstream reply is awaited for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pending {
+    Mail,
+    Rcpt,
+    Data,
+    EndOfData,
+}
+
+/// Why the session closed; becomes `result=` unless a message was delivered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CloseReason {
+    Quit,
+    Disconnect,
+    Timeout,
+    TooManyErrors,
+    Shutdown,
+}
+
+/// One timer per kind; `poll_timeout` is the earliest.
+#[derive(Clone, Copy, Debug, Default)]
+struct Timers {
+    /// Fires when a started command line is not complete within `timeouts.command`.
+    command: Option<Instant>,
+    /// Fires when no command completed within `timeouts.idle` (not while in DATA or waiting).
+    idle: Option<Instant>,
+    /// Fires when no body bytes arrived within `timeouts.data`.
+    data: Option<Instant>,
+    /// Fires when the downstream connect (`timeouts.connect`) or reply (`timeouts.command`) is late.
+    downstream: Option<Instant>,
+}
+
+impl Timers {
+    fn earliest(&self) -> Option<Instant> {
+        [self.command, self.idle, self.data, self.downstream]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+}
+
+fn expired(timer: Option<Instant>, now: Instant) -> bool {
+    timer.is_some_and(|at| at <= now)
+}
+
+/// The client's current mail transaction.
+#[derive(Debug)]
+struct Transaction {
+    from: String,
+    params: MailParams,
+    /// RCPTs relayed (accepted or not); capped by `max_recipients`.
+    attempted: usize,
+    /// RCPTs the downstream accepted.
+    accepted: u32,
+    /// The downstream went away mid-transaction: RCPT/DATA get 451 until RSET or a new MAIL.
+    broken: bool,
+}
+
+/// Where the downstream connection stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Link {
+    Connecting,
+    Handshaking,
+    Ready,
+}
+
+/// The downstream connection, boxed: most sessions (and every tarpitted one) never open it.
+#[derive(Debug)]
+struct Relay {
+    /// Index into `config.downstream.servers` of the server in use.
+    server: usize,
+    link: Link,
+    handshake: Handshake,
+    caps: Capabilities,
+    /// Replies to commands tarmac sent on its own (RSET), to be read and dropped.
+    swallow: u32,
+    /// A MAIL was sent on this connection since the last reset.
+    in_transaction: bool,
+    /// Part of a body was sent: closing now must not send anything (no dot, no QUIT).
+    mid_data: bool,
+}
+
 /// One client connection's SMTP state.
 #[derive(Debug)]
 pub struct Session {
-    _todo: (),
+    config: Arc<Config>,
+    peer: Peer,
+    started: Instant,
+    phase: Phase,
+    /// The command line being assembled (bounded by `max_line_length`).
+    line: Vec<u8>,
+    /// An over-long line is being skipped up to its LF.
+    discarding: bool,
+    to_client: Vec<u8>,
+    to_downstream: Vec<u8>,
+    actions: VecDeque<Action>,
+    timers: Timers,
+    helo: Option<Box<[u8]>>,
+    esmtp: bool,
+    tx: Option<Box<Transaction>>,
+    relay: Option<Box<Relay>>,
+    errors: u32,
+    msgs: u32,
+    rcpts: u32,
+    last_failure: Option<&'static str>,
+    closed: Option<CloseReason>,
+    shutting_down: bool,
 }
 
 impl Session {
     /// A new session for an accepted connection; queues the banner.
     pub fn new(config: Arc<Config>, peer: Peer, now: Instant) -> Session {
-        let _ = (config, peer, now);
-        todo!()
+        let mut session = Session {
+            peer,
+            started: now,
+            phase: Phase::Command,
+            line: Vec::new(),
+            discarding: false,
+            to_client: Vec::new(),
+            to_downstream: Vec::new(),
+            actions: VecDeque::new(),
+            timers: Timers {
+                idle: Some(now + config.timeouts.idle),
+                ..Timers::default()
+            },
+            helo: None,
+            esmtp: false,
+            tx: None,
+            relay: None,
+            errors: 0,
+            msgs: 0,
+            rcpts: 0,
+            last_failure: None,
+            closed: None,
+            shutting_down: false,
+            config,
+        };
+        let banner = format!("{} ESMTP tarmac", session.config.server.hostname);
+        session.reply(Reply::without_enhanced(220, banner));
+        session
     }
 
     /// Feeds client bytes; returns how many were consumed. The driver keeps the rest and offers
     /// them again once `wants_read()` is true.
     pub fn handle_client_data(&mut self, now: Instant, bytes: &[u8]) -> usize {
-        let _ = (now, bytes);
-        todo!()
+        let mut consumed = 0;
+        while consumed < bytes.len() {
+            let rest = bytes.get(consumed..).unwrap_or_default();
+            let used = match &mut self.phase {
+                Phase::Closed => return bytes.len(),
+                Phase::Waiting(_) => break,
+                Phase::Command if self.to_client.len() >= OUTBOX_CAP => break,
+                Phase::Command => self.read_command(now, rest),
+                Phase::Data(_) if self.to_downstream.len() >= OUTBOX_CAP => break,
+                Phase::Data(decoder) => {
+                    let before = self.to_downstream.len();
+                    let decoded = decoder.decode(rest, &mut self.to_downstream);
+                    if self.relay.is_none() {
+                        // The downstream is gone: read the body to its end, relay nothing.
+                        self.to_downstream.truncate(before);
+                    }
+                    self.timers.data = Some(now + self.config.timeouts.data);
+                    if decoded.done {
+                        self.end_of_data(now);
+                    }
+                    decoded.consumed
+                }
+            };
+            consumed += used;
+        }
+        self.check_shutdown(now);
+        consumed
     }
 
     /// The client closed its sending side (or the connection broke).
-    pub fn handle_client_eof(&mut self, now: Instant) {
-        let _ = now;
-        todo!()
+    pub fn handle_client_eof(&mut self, _now: Instant) {
+        if self.closed.is_none() {
+            self.close(CloseReason::Disconnect, None);
+        }
     }
 
     /// Feeds a downstream event; for `Data` returns the bytes consumed, else 0.
     pub fn handle_downstream(&mut self, now: Instant, event: DownstreamEvent<'_>) -> usize {
-        let _ = (now, event);
-        todo!()
+        if self.closed.is_some() || self.relay.is_none() {
+            return match event {
+                DownstreamEvent::Data(bytes) => bytes.len(),
+                _ => 0,
+            };
+        }
+        let used = match event {
+            DownstreamEvent::Connected => {
+                let who = identity(&self.peer, self.helo.as_deref(), self.esmtp);
+                if let Some(relay) = self.relay.as_deref_mut() {
+                    relay.link = Link::Handshaking;
+                    relay.handshake.handle_connected(&who, &mut self.to_downstream);
+                }
+                self.timers.downstream = Some(now + self.config.timeouts.command);
+                0
+            }
+            DownstreamEvent::ConnectFailed => {
+                self.try_next_server(now);
+                0
+            }
+            DownstreamEvent::Closed => {
+                self.downstream_failed(now, "connection closed");
+                0
+            }
+            DownstreamEvent::Data(bytes) => self.read_downstream(now, bytes),
+        };
+        self.check_shutdown(now);
+        used
     }
 
     /// Handles every timer that has expired at `now`; a no-op when called early.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let _ = now;
-        todo!()
+        if self.closed.is_some() {
+            return;
+        }
+        if expired(self.timers.downstream, now) {
+            self.timers.downstream = None;
+            if self.relay.as_ref().is_some_and(|r| r.link == Link::Connecting) {
+                self.actions.push_back(Action::CloseDownstream);
+                self.try_next_server(now);
+            } else {
+                self.downstream_failed(now, "timeout");
+            }
+        }
+        let client_late = match self.phase {
+            Phase::Data(_) => expired(self.timers.data, now),
+            Phase::Command => {
+                expired(self.timers.command, now) || expired(self.timers.idle, now)
+            }
+            Phase::Waiting(_) | Phase::Closed => false,
+        };
+        if client_late {
+            let text = format!("{} Error: timeout exceeded", self.config.server.hostname);
+            self.close(CloseReason::Timeout, Some(Reply::new(421, "4.4.2", text)));
+        }
     }
 
     /// SIGTERM/SIGINT.
     pub fn handle_shutdown(&mut self, now: Instant, how: Shutdown) {
-        let _ = (now, how);
-        todo!()
+        if self.closed.is_some() {
+            return;
+        }
+        self.shutting_down = true;
+        match how {
+            Shutdown::Graceful => self.check_shutdown(now),
+            Shutdown::Now => self.close_for_shutdown(),
+        }
     }
 
     /// Appends the bytes due for `side` at `now` to `out`.
-    pub fn poll_transmit(&mut self, now: Instant, side: Side, out: &mut Vec<u8>) {
-        let _ = (now, side, out);
-        todo!()
+    pub fn poll_transmit(&mut self, _now: Instant, side: Side, out: &mut Vec<u8>) {
+        let buf = match side {
+            Side::Client => &mut self.to_client,
+            Side::Downstream => &mut self.to_downstream,
+        };
+        out.extend_from_slice(buf);
+        buf.clear();
+        if buf.capacity() > KEEP_CAPACITY {
+            *buf = Vec::new();
+        }
     }
 
     /// The next I/O step for the driver.
     pub fn poll_action(&mut self) -> Option<Action> {
-        todo!()
+        self.actions.pop_front()
     }
 
     /// The earliest deadline, if any.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        todo!()
+        if self.closed.is_some() {
+            return None;
+        }
+        self.timers.earliest()
     }
 
     /// Whether the session takes client bytes now (false while a reply is pending from the
     /// downstream, while its outboxes are full, or once closed).
     pub fn wants_read(&self) -> bool {
-        todo!()
+        match self.phase {
+            Phase::Command => self.to_client.len() < OUTBOX_CAP,
+            Phase::Data(_) => self.to_downstream.len() < OUTBOX_CAP,
+            Phase::Waiting(_) | Phase::Closed => false,
+        }
     }
 
     /// Figures for the close log line.
     pub fn report(&self) -> Report<'_> {
-        todo!()
+        let result = if self.msgs > 0 {
+            "delivered"
+        } else if let Some(failure) = self.last_failure {
+            failure
+        } else {
+            match self.closed {
+                Some(CloseReason::Quit) => "quit",
+                Some(CloseReason::Disconnect) | None => "disconnect",
+                Some(CloseReason::Timeout) => "timeout",
+                Some(CloseReason::TooManyErrors) => "too-many-errors",
+                Some(CloseReason::Shutdown) => "shutdown",
+            }
+        };
+        Report {
+            helo: self.helo.as_deref(),
+            verdict: "pass",
+            msgs: self.msgs,
+            rcpts: self.rcpts,
+            result,
+        }
     }
 
     /// Whether the session is closed (its final bytes may still be in the outbox).
     pub fn is_closed(&self) -> bool {
-        todo!()
+        self.closed.is_some()
+    }
+
+    // ---- client side ----
+
+    /// Takes bytes of a command line; dispatches it once its LF arrives. Returns bytes used.
+    fn read_command(&mut self, now: Instant, input: &[u8]) -> usize {
+        let max = self.config.limits.max_line_length;
+        let newline = input.iter().position(|&b| b == b'\n');
+        if self.discarding {
+            // RFC 5321 §4.5.3.1.4: a line over the limit is an error; resync at its LF.
+            let Some(at) = newline else {
+                return input.len();
+            };
+            self.discarding = false;
+            self.timers.command = None;
+            self.line_error(Reply::new(500, "5.5.2", "Error: line too long"));
+            return at + 1;
+        }
+        if self.line.is_empty() && self.timers.command.is_none() {
+            self.timers.command = Some(now + self.config.timeouts.command);
+        }
+        let take = newline.map_or(input.len(), |at| at + 1);
+        if self.line.len() + take > max {
+            self.line = Vec::new();
+            self.discarding = true;
+            // Skip up to (not past) the LF: the next call sees it and answers.
+            return newline.unwrap_or(input.len());
+        }
+        self.line
+            .extend_from_slice(input.get(..take).unwrap_or_default());
+        if newline.is_some() {
+            let line = std::mem::take(&mut self.line);
+            self.timers.command = None;
+            self.timers.idle = Some(now + self.config.timeouts.idle);
+            self.dispatch_line(now, &line);
+            if line.capacity() <= KEEP_CAPACITY {
+                self.line = line;
+                self.line.clear();
+            }
+        }
+        take
+    }
+
+    fn dispatch_line(&mut self, now: Instant, line: &[u8]) {
+        let Some(text) = line.strip_suffix(b"\r\n") else {
+            // Only CRLF ends a command line; a bare LF is refused, not guessed at.
+            self.line_error(Reply::new(500, "5.5.2", "Error: bare <LF> received"));
+            return;
+        };
+        match parse_command(text) {
+            Ok(command) => self.handle_command(now, command),
+            Err(CommandError::Unknown) => self.line_error(CommandError::Unknown.reply()),
+            Err(error) => self.reply(error.reply()),
+        }
+    }
+
+    /// Counts a protocol error (unknown command, over-long line, bare LF, client XCLIENT);
+    /// past `max_unknown_commands` the reply is `421` and the session closes.
+    fn line_error(&mut self, reply: Reply) {
+        self.errors += 1;
+        if self.errors > self.config.limits.max_unknown_commands {
+            let text = format!("{} Error: too many errors", self.config.server.hostname);
+            self.close(CloseReason::TooManyErrors, Some(Reply::new(421, "4.7.0", text)));
+        } else {
+            self.reply(reply);
+        }
+    }
+
+    fn handle_command(&mut self, now: Instant, command: Command<'_>) {
+        match command {
+            Command::Ehlo(name) | Command::Helo(name) => {
+                let esmtp = matches!(command, Command::Ehlo(_));
+                self.reset_transaction();
+                self.helo = Some(name.as_bytes().into());
+                self.esmtp = esmtp;
+                let hostname = &self.config.server.hostname;
+                let reply = if esmtp {
+                    let lines = vec![
+                        hostname.clone(),
+                        "PIPELINING".to_owned(),
+                        format!("SIZE {}", self.config.limits.max_message_size),
+                        "ENHANCEDSTATUSCODES".to_owned(),
+                        "8BITMIME".to_owned(),
+                        "SMTPUTF8".to_owned(),
+                    ];
+                    Reply::multiline(250, None, lines)
+                } else {
+                    Reply::without_enhanced(250, hostname.clone())
+                };
+                self.reply(reply);
+            }
+            Command::Mail { from, params } => self.handle_mail(now, from, params),
+            Command::Rcpt { to } => self.handle_rcpt(now, to),
+            Command::Data => self.handle_data(now),
+            Command::Rset => {
+                self.reset_transaction();
+                self.reply(Reply::new(250, "2.0.0", "Ok"));
+            }
+            Command::Noop => self.reply(Reply::new(250, "2.0.0", "Ok")),
+            Command::Quit => {
+                self.close(CloseReason::Quit, Some(Reply::new(221, "2.0.0", "Bye")));
+            }
+            Command::Help => self.reply(Reply::new(
+                214,
+                "2.0.0",
+                "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT",
+            )),
+            // RFC 5321 §3.5.3: 252 neither confirms nor denies, and tells address harvesters
+            // nothing.
+            Command::Vrfy => self.reply(Reply::new(
+                252,
+                "2.0.0",
+                "Cannot VRFY user, but will accept message and attempt delivery",
+            )),
+            Command::Expn => self.reply(Reply::new(502, "5.5.1", "Error: EXPN not available")),
+            Command::StartTls => {
+                self.reply(Reply::new(502, "5.5.1", "Error: STARTTLS not available"))
+            }
+            // Client-sent identity is never trusted or passed on (DESIGN.md §1.4).
+            Command::Xclient | Command::Xforward => self.line_error(Reply::new(
+                550,
+                "5.7.0",
+                "Error: insufficient authorization",
+            )),
+            Command::Auth => self.reply(Reply::new(
+                503,
+                "5.5.1",
+                "Error: authentication not enabled",
+            )),
+            Command::Bdat => self.reply(Reply::new(
+                502,
+                "5.5.1",
+                "Error: CHUNKING not available, use DATA",
+            )),
+        }
+    }
+
+    fn handle_mail(&mut self, now: Instant, from: &str, params: MailParams) {
+        if self.helo.is_none() {
+            return self.reply(Reply::new(503, "5.5.1", "Error: send HELO/EHLO first"));
+        }
+        if self.tx.is_some() {
+            return self.reply(Reply::new(503, "5.5.1", "Error: nested MAIL command"));
+        }
+        if self.shutting_down {
+            return self.close_for_shutdown();
+        }
+        let limit = self.config.limits.max_message_size;
+        if params.size.is_some_and(|size| size > limit) {
+            return self.reply(Reply::new(
+                552,
+                "5.3.4",
+                "Error: message size exceeds fixed limit",
+            ));
+        }
+        if !from.is_ascii() && !params.smtputf8 {
+            return self.reply(Reply::new(
+                553,
+                "5.6.7",
+                "Error: non-ASCII sender address needs SMTPUTF8",
+            ));
+        }
+        self.tx = Some(Box::new(Transaction {
+            from: from.to_owned(),
+            params,
+            attempted: 0,
+            accepted: 0,
+            broken: false,
+        }));
+        self.phase = Phase::Waiting(Pending::Mail);
+        match self.relay.as_deref() {
+            Some(relay) if relay.link == Link::Ready => self.send_mail(now),
+            // Still connecting or handshaking: MAIL goes out when the handshake is done.
+            Some(_) => {}
+            None => self.connect(now, 0),
+        }
+    }
+
+    fn handle_rcpt(&mut self, now: Instant, to: &str) {
+        let Some(tx) = self.tx.as_deref_mut() else {
+            return self.reply(Reply::new(503, "5.5.1", "Error: need MAIL command"));
+        };
+        if tx.broken {
+            return self.reply(downstream_lost());
+        }
+        if tx.attempted >= self.config.limits.max_recipients {
+            return self.reply(Reply::new(452, "4.5.3", "Error: too many recipients"));
+        }
+        if !to.is_ascii() && !tx.params.smtputf8 {
+            return self.reply(Reply::new(
+                553,
+                "5.6.7",
+                "Error: non-ASCII recipient address needs SMTPUTF8",
+            ));
+        }
+        tx.attempted += 1;
+        let command = format!("RCPT TO:<{to}>\r\n");
+        self.send_downstream(now, command.as_bytes(), Pending::Rcpt);
+    }
+
+    fn handle_data(&mut self, now: Instant) {
+        let Some(tx) = self.tx.as_deref() else {
+            return self.reply(Reply::new(503, "5.5.1", "Error: need MAIL command"));
+        };
+        if tx.broken {
+            return self.reply(downstream_lost());
+        }
+        if tx.attempted == 0 {
+            return self.reply(Reply::new(503, "5.5.1", "Error: need RCPT command"));
+        }
+        if tx.accepted == 0 {
+            return self.reply(Reply::new(554, "5.5.1", "Error: no valid recipients"));
+        }
+        self.send_downstream(now, b"DATA\r\n", Pending::Data);
+    }
+
+    /// The client's `CRLF.CRLF` arrived.
+    fn end_of_data(&mut self, now: Instant) {
+        self.timers.data = None;
+        self.timers.idle = Some(now + self.config.timeouts.idle);
+        let violation = match std::mem::replace(&mut self.phase, Phase::Command) {
+            Phase::Data(decoder) => decoder.violation(),
+            other => {
+                self.phase = other;
+                return;
+            }
+        };
+        let refusal = match violation {
+            Some(DataViolation::BareNewline) => Some(Reply::new(
+                550,
+                "5.6.0",
+                "Error: bare <CR> or <LF> in message body; message not accepted",
+            )),
+            Some(DataViolation::TooBig) => Some(Reply::new(
+                552,
+                "5.3.4",
+                "Error: message size exceeds fixed limit",
+            )),
+            None => None,
+        };
+        if let Some(reply) = refusal {
+            // Part of the body already went downstream: only dropping the connection without
+            // the final dot guarantees nothing is delivered.
+            self.drop_relay();
+            self.tx = None;
+            self.last_failure = Some("rejected");
+            return self.reply(reply);
+        }
+        if self.relay.is_none() {
+            self.tx = None;
+            self.last_failure = Some("tempfail");
+            return self.reply(downstream_lost());
+        }
+        if let Some(relay) = self.relay.as_deref_mut() {
+            relay.mid_data = false;
+        }
+        self.send_downstream(now, b".\r\n", Pending::EndOfData);
+    }
+
+    // ---- downstream side ----
+
+    fn connect(&mut self, now: Instant, server: usize) {
+        let Some(&addr) = self.config.downstream.servers.get(server) else {
+            return self.downstream_failed(now, "no server reachable");
+        };
+        let hostname = &self.config.server.hostname;
+        self.relay = Some(Box::new(Relay {
+            server,
+            link: Link::Connecting,
+            handshake: Handshake::new(hostname, self.config.downstream.announce_client),
+            caps: Capabilities::default(),
+            swallow: 0,
+            in_transaction: false,
+            mid_data: false,
+        }));
+        self.actions.push_back(Action::ConnectDownstream(addr));
+        self.timers.downstream = Some(now + self.config.timeouts.connect);
+    }
+
+    /// Connect failure or connect timeout: the next server in order, or give up.
+    fn try_next_server(&mut self, now: Instant) {
+        let next = self.relay.as_ref().map_or(0, |r| r.server + 1);
+        self.relay = None;
+        self.timers.downstream = None;
+        if next < self.config.downstream.servers.len() {
+            self.connect(now, next);
+        } else {
+            self.downstream_failed(now, "no server reachable");
+        }
+    }
+
+    fn read_downstream(&mut self, now: Instant, bytes: &[u8]) -> usize {
+        let mut consumed = 0;
+        while self.relay.is_some() && self.closed.is_none() {
+            let rest = bytes.get(consumed..).unwrap_or_default();
+            match parse_reply(rest) {
+                Ok(Status::Complete((reply, used))) => {
+                    consumed += used;
+                    self.on_downstream_reply(now, reply);
+                }
+                Ok(Status::Partial) => return consumed,
+                Err(_) => {
+                    self.downstream_failed(now, "malformed reply");
+                    return bytes.len();
+                }
+            }
+        }
+        bytes.len()
+    }
+
+    fn on_downstream_reply(&mut self, now: Instant, reply: Reply) {
+        let Some(relay) = self.relay.as_deref_mut() else {
+            return;
+        };
+        if relay.link == Link::Handshaking {
+            let who = identity(&self.peer, self.helo.as_deref(), self.esmtp);
+            match relay.handshake.handle_reply(reply, &who, &mut self.to_downstream) {
+                Step::Continue => {
+                    self.timers.downstream = Some(now + self.config.timeouts.command);
+                }
+                Step::Ready => {
+                    relay.caps = relay.handshake.capabilities();
+                    relay.link = Link::Ready;
+                    self.timers.downstream = None;
+                    if matches!(self.phase, Phase::Waiting(Pending::Mail)) {
+                        self.send_mail(now);
+                    }
+                }
+                Step::Failed(reply) => {
+                    log::warn!(
+                        "downstream refused the handshake: {} {}",
+                        reply.code,
+                        reply.lines.first().map_or("", String::as_str)
+                    );
+                    self.downstream_failed(now, "handshake refused");
+                }
+            }
+            return;
+        }
+        if relay.swallow > 0 {
+            relay.swallow -= 1;
+            if relay.swallow == 0 && !matches!(self.phase, Phase::Waiting(_)) {
+                self.timers.downstream = None;
+            }
+            if reply.code / 100 != 2 {
+                self.downstream_failed(now, "reset refused");
+            }
+            return;
+        }
+        let Phase::Waiting(pending) = self.phase else {
+            // Unsolicited: typically the downstream's own 421 before it hangs up.
+            return self.downstream_failed(now, "unexpected reply");
+        };
+        self.timers.downstream = None;
+        if reply.code == 421 {
+            // The downstream is closing: for our client that is a temporary failure of this
+            // command, not of the whole session.
+            return self.downstream_failed(now, "downstream sent 421");
+        }
+        let positive = reply.code / 100 == 2;
+        if !positive {
+            self.last_failure = Some(if reply.code >= 500 { "rejected" } else { "tempfail" });
+        }
+        self.phase = Phase::Command;
+        match pending {
+            Pending::Mail => {
+                if !positive {
+                    self.tx = None;
+                    if let Some(relay) = self.relay.as_deref_mut() {
+                        relay.in_transaction = false;
+                    }
+                }
+                self.relay_reply(reply);
+            }
+            Pending::Rcpt => {
+                if positive && let Some(tx) = self.tx.as_deref_mut() {
+                    tx.accepted += 1;
+                }
+                self.relay_reply(reply);
+            }
+            Pending::Data if reply.code == 354 => {
+                self.reply(Reply::without_enhanced(
+                    354,
+                    "End data with <CR><LF>.<CR><LF>",
+                ));
+                self.start_body(now);
+            }
+            Pending::Data => self.relay_reply(reply),
+            Pending::EndOfData => {
+                if positive {
+                    self.msgs += 1;
+                    self.rcpts += self.tx.as_deref().map_or(0, |tx| tx.accepted);
+                    self.last_failure = None;
+                }
+                self.tx = None;
+                if let Some(relay) = self.relay.as_deref_mut() {
+                    relay.in_transaction = false;
+                }
+                self.relay_reply(reply);
+            }
+        }
+    }
+
+    fn start_body(&mut self, now: Instant) {
+        let decoder = DataDecoder::new(
+            self.config.limits.bare_newline,
+            self.config.limits.max_message_size,
+        );
+        self.phase = Phase::Data(Box::new(decoder));
+        self.timers.data = Some(now + self.config.timeouts.data);
+        self.timers.idle = None;
+        if let Some(relay) = self.relay.as_deref_mut() {
+            relay.mid_data = true;
+        }
+        let trace = Trace {
+            helo: self.helo.as_deref().unwrap_or_default(),
+            client: self.peer.client.ip(),
+            by: &self.config.server.hostname,
+            with: if self.esmtp { "ESMTP" } else { "SMTP" },
+            at: self.peer.accepted_at + now.saturating_duration_since(self.started),
+        };
+        write_received(&trace, &mut self.to_downstream);
+    }
+
+    /// Sends MAIL for the current transaction, with the parameters the downstream offers.
+    fn send_mail(&mut self, now: Instant) {
+        let (Some(tx), Some(relay)) = (self.tx.as_deref(), self.relay.as_deref()) else {
+            return;
+        };
+        let mut command = format!("MAIL FROM:<{}>", tx.from);
+        let caps = relay.caps;
+        if let Some(size) = tx.params.size
+            && caps.size
+        {
+            command.push_str(&format!(" SIZE={size}"));
+        }
+        match tx.params.body {
+            Some(Body::EightBitMime) if caps.eight_bit_mime => {
+                command.push_str(" BODY=8BITMIME")
+            }
+            Some(Body::SevenBit) if caps.eight_bit_mime => command.push_str(" BODY=7BIT"),
+            _ => {}
+        }
+        if tx.params.smtputf8 && caps.smtputf8 {
+            command.push_str(" SMTPUTF8");
+        }
+        command.push_str("\r\n");
+        if let Some(relay) = self.relay.as_deref_mut() {
+            relay.in_transaction = true;
+        }
+        self.send_downstream(now, command.as_bytes(), Pending::Mail);
+    }
+
+    fn send_downstream(&mut self, now: Instant, command: &[u8], pending: Pending) {
+        self.to_downstream.extend_from_slice(command);
+        self.phase = Phase::Waiting(pending);
+        self.timers.downstream = Some(now + self.config.timeouts.command);
+    }
+
+    /// The downstream failed (refused, broke, timed out, or said something unexpected): drop
+    /// it; the command waiting for it gets `451 4.4.2`, and the transaction is marked broken.
+    fn downstream_failed(&mut self, _now: Instant, why: &str) {
+        log::debug!("downstream failed for {}: {why}", self.peer.client);
+        self.drop_relay();
+        self.timers.downstream = None;
+        match self.phase {
+            Phase::Waiting(pending) => {
+                self.phase = Phase::Command;
+                self.last_failure = Some("tempfail");
+                if pending == Pending::Mail {
+                    self.tx = None;
+                } else if let Some(tx) = self.tx.as_deref_mut() {
+                    tx.broken = true;
+                }
+                self.reply(downstream_lost());
+            }
+            // Mid-body: keep reading it to its end, then answer 451 (see `end_of_data`).
+            Phase::Data(_) => {}
+            Phase::Command => {
+                if let Some(tx) = self.tx.as_deref_mut() {
+                    tx.broken = true;
+                }
+            }
+            Phase::Closed => {}
+        }
+    }
+
+    /// Closes the downstream connection: politely (QUIT) when between commands, abruptly
+    /// (nothing more sent) when a body is half-sent so the partial message is never delivered.
+    fn drop_relay(&mut self) {
+        let Some(relay) = self.relay.take() else {
+            return;
+        };
+        if relay.link == Link::Ready && !relay.mid_data {
+            self.to_downstream.extend_from_slice(b"QUIT\r\n");
+        } else if relay.mid_data {
+            self.to_downstream.clear();
+        }
+        self.actions.push_back(Action::CloseDownstream);
+        self.timers.downstream = None;
+    }
+
+    fn reset_transaction(&mut self) {
+        self.tx = None;
+        if let Some(relay) = self.relay.as_deref_mut()
+            && relay.in_transaction
+        {
+            // Keep the downstream in step; its 250 is read and dropped.
+            relay.in_transaction = false;
+            relay.swallow += 1;
+            self.to_downstream.extend_from_slice(b"RSET\r\n");
+        }
+    }
+
+    // ---- output and closing ----
+
+    fn reply(&mut self, reply: Reply) {
+        reply.write_to(&mut self.to_client);
+    }
+
+    /// A downstream reply goes back to the client as it came, with an enhanced code added
+    /// when the downstream gave none (every tarmac reply carries one, RFC 3463).
+    fn relay_reply(&mut self, mut reply: Reply) {
+        if reply.enhanced.is_none() && reply.code != 354 {
+            let class = u8::try_from(reply.code / 100).unwrap_or(4);
+            reply.enhanced = Some(EnhancedCode(class, 0, 0));
+        }
+        self.reply(reply);
+    }
+
+    fn check_shutdown(&mut self, _now: Instant) {
+        if self.shutting_down
+            && self.closed.is_none()
+            && matches!(self.phase, Phase::Command)
+            && self.tx.is_none()
+            && self.line.is_empty()
+        {
+            self.close_for_shutdown();
+        }
+    }
+
+    fn close_for_shutdown(&mut self) {
+        let text = format!(
+            "{} Service shutting down, please try again later",
+            self.config.server.hostname
+        );
+        self.close(CloseReason::Shutdown, Some(Reply::new(421, "4.3.2", text)));
+    }
+
+    /// Enters the sticky closed state: final reply queued, downstream dropped, `Close` once.
+    fn close(&mut self, reason: CloseReason, reply: Option<Reply>) {
+        if self.closed.is_some() {
+            return;
+        }
+        if let Some(reply) = reply {
+            self.reply(reply);
+        }
+        self.drop_relay();
+        self.phase = Phase::Closed;
+        self.closed = Some(reason);
+        self.timers = Timers::default();
+        self.line = Vec::new();
+        self.actions.push_back(Action::Close);
     }
 }
+
+/// Who the client is, for XCLIENT and PROXY (a free function so it borrows fields, not `self`).
+fn identity<'a>(peer: &Peer, helo: Option<&'a [u8]>, esmtp: bool) -> ClientIdentity<'a> {
+    ClientIdentity {
+        client: peer.client,
+        local: peer.local,
+        helo: helo.unwrap_or_default(),
+        esmtp,
+    }
+}
+
+fn downstream_lost() -> Reply {
+    Reply::new(
+        451,
+        "4.4.2",
+        "Error: downstream server unavailable, please try again later",
+    )
+}
+
+#[cfg(test)]
+mod tests;

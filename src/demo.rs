@@ -1,0 +1,62 @@
+//! `tarmac demo`: the gateway on 127.0.0.1:2525 relaying to the built-in sink on 127.0.0.1:2526,
+//! which writes each accepted message to `./demo-mail/*.eml`. Everything stays on loopback and no
+//! DNS query is made (the demo configures no DNS zones and no resolver use).
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::config::{AnnounceClient, Config};
+use crate::sink::{Behaviour, Sink, SinkConfig};
+
+/// Where the demo gateway listens.
+pub const DEMO_LISTEN: &str = "127.0.0.1:2525";
+/// Where the demo sink listens.
+pub const DEMO_SINK: &str = "127.0.0.1:2526";
+/// Where the sink writes messages, relative to the working directory.
+pub const DEMO_MAILDIR: &str = "demo-mail";
+
+/// The demo's configuration: defaults, on loopback, relaying to the sink with XCLIENT so the
+/// sink's `.eml` files show who the real client was.
+pub fn config() -> Config {
+    let mut config = Config::default();
+    config.path = None;
+    config.server.listen = vec![parse(DEMO_LISTEN)];
+    config.server.hostname = "tarmac.demo".to_owned();
+    config.server.workers = 1;
+    config.downstream.servers = vec![parse(DEMO_SINK)];
+    config.downstream.announce_client = AnnounceClient::Xclient;
+    // No DNS: the demo must never ask the system resolver (it points off the machine).
+    config.dnsbl.clear();
+    config.dns.rdns = false;
+    config
+}
+
+fn parse(addr: &str) -> std::net::SocketAddr {
+    // The constants above are literals; a parse failure is a bug caught by the demo test.
+    addr.parse().unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+/// Runs the demo until SIGINT/SIGTERM.
+pub fn run() -> io::Result<()> {
+    let config = config();
+    let sink = Sink::start(SinkConfig {
+        listen: parse(DEMO_SINK),
+        hostname: "sink.demo".to_owned(),
+        maildir: Some(PathBuf::from(DEMO_MAILDIR)),
+        offer_xclient: true,
+        expect_proxy: None,
+        behaviour: Behaviour::Normal,
+        max_message_size: config.limits.max_message_size * 2,
+    })?;
+    println!(
+        "tarmac demo: gateway on {DEMO_LISTEN}, relaying to the sink on {DEMO_SINK}; accepted mail lands in ./{DEMO_MAILDIR}/\n\
+         Try:\n  \
+         swaks --server {DEMO_LISTEN} --from you@example.org --to someone@example.net\n  \
+         python3 -c \"import smtplib; s=smtplib.SMTP('127.0.0.1', 2525); s.sendmail('you@example.org', ['someone@example.net'], 'Subject: hi\\r\\n\\r\\nhello\\r\\n'); s.quit()\"\n\
+         Each session is logged when it closes. Stop with Ctrl-C."
+    );
+    let result = crate::server::run(Arc::new(config));
+    sink.stop();
+    result
+}

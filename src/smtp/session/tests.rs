@@ -1,0 +1,637 @@
+//! Session tests on invented time: a shared driver jumps between inputs, records each side's
+//! output and plays a scripted downstream (a tiny sans-IO SMTP server), like quinn's `Pair`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use super::*;
+use crate::config::{AnnounceClient, BareNewline, Config};
+
+fn config() -> Config {
+    let mut config = Config::default();
+    config.server.hostname = "mx.test".to_owned();
+    config.downstream.servers = vec!["127.0.0.1:10025".parse().unwrap()];
+    config.downstream.announce_client = AnnounceClient::None;
+    config
+}
+
+/// A scripted downstream MTA: answers whatever the session sends, records delivered bodies.
+#[derive(Default)]
+struct FakeDownstream {
+    input: Vec<u8>,
+    in_data: bool,
+    body: Vec<u8>,
+    delivered: Vec<Vec<u8>>,
+    commands: Vec<String>,
+    /// Reply to DATA's end with this instead of 250 (None = 250).
+    final_reply: Option<&'static str>,
+    /// Never answer the final dot.
+    stall_after_dot: bool,
+}
+
+impl FakeDownstream {
+    fn banner(&self) -> Vec<u8> {
+        b"220 ds.test ESMTP\r\n".to_vec()
+    }
+
+    /// Feeds session output; returns the replies.
+    fn feed(&mut self, bytes: &[u8]) -> Vec<u8> {
+        self.input.extend_from_slice(bytes);
+        let mut out = Vec::new();
+        loop {
+            if self.in_data {
+                let Some(end) = find(&self.input, b"\r\n.\r\n").or_else(|| {
+                    // A message whose body is empty ends with a lone ".\r\n".
+                    (self.body.is_empty() && self.input.starts_with(b".\r\n")).then_some(usize::MAX)
+                }) else {
+                    return out;
+                };
+                let (body, used) = if end == usize::MAX {
+                    (Vec::new(), 3)
+                } else {
+                    (self.input[..end + 2].to_vec(), end + 5)
+                };
+                self.input.drain(..used);
+                self.delivered.push(body);
+                self.in_data = false;
+                if self.stall_after_dot {
+                    continue;
+                }
+                let reply = self.final_reply.unwrap_or("250 2.0.0 Ok: queued as 1");
+                out.extend_from_slice(format!("{reply}\r\n").as_bytes());
+                continue;
+            }
+            let Some(end) = find(&self.input, b"\r\n") else {
+                return out;
+            };
+            let line = String::from_utf8_lossy(&self.input[..end]).into_owned();
+            self.input.drain(..end + 2);
+            let verb = line.split(' ').next().unwrap_or("").to_ascii_uppercase();
+            self.commands.push(line.clone());
+            let reply: &str = match verb.as_str() {
+                "EHLO" => "250-ds.test\r\n250-8BITMIME\r\n250-SIZE 100000000\r\n250 XCLIENT ADDR NAME PORT HELO PROTO",
+                "HELO" => "250 ds.test",
+                "XCLIENT" => "220 ds.test ESMTP",
+                "MAIL" if line.contains("tempfail") => "451 4.3.0 Try later",
+                "MAIL" => "250 2.1.0 Ok",
+                "RCPT" if line.contains("unknown") => "550 5.1.1 <unknown@example.org>: User unknown",
+                "RCPT" => "250 2.1.5 Ok",
+                "DATA" => {
+                    self.in_data = true;
+                    self.body.clear();
+                    "354 go ahead"
+                }
+                "RSET" => "250 2.0.0 Ok",
+                "QUIT" => "221 2.0.0 Bye",
+                _ => "502 5.5.2 Error",
+            };
+            out.extend_from_slice(reply.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Drives one session against a `FakeDownstream` on invented time.
+struct Pair {
+    session: Session,
+    now: Instant,
+    client_out: Vec<u8>,
+    client_pending: Vec<u8>,
+    downstream: FakeDownstream,
+    ds_open: bool,
+    /// Refuse connects to these servers (by index in `connects`).
+    refuse_connects: usize,
+    connects: Vec<SocketAddr>,
+    downstream_closes: usize,
+    closed: bool,
+    /// Deliver downstream replies automatically.
+    auto_downstream: bool,
+}
+
+impl Pair {
+    fn new(config: Config) -> Pair {
+        let now = Instant::now();
+        let peer = Peer {
+            client: "192.0.2.7:53211".parse().unwrap(),
+            local: "198.51.100.1:25".parse().unwrap(),
+            accepted_at: UNIX_EPOCH + Duration::from_secs(1_795_438_862),
+        };
+        let mut pair = Pair {
+            session: Session::new(Arc::new(config), peer, now),
+            now,
+            client_out: Vec::new(),
+            client_pending: Vec::new(),
+            downstream: FakeDownstream::default(),
+            ds_open: false,
+            refuse_connects: 0,
+            connects: Vec::new(),
+            downstream_closes: 0,
+            closed: false,
+            auto_downstream: true,
+        };
+        pair.pump();
+        pair
+    }
+
+    /// Client sends bytes (kept and re-offered while the session does not want them).
+    fn send(&mut self, bytes: &[u8]) {
+        self.client_pending.extend_from_slice(bytes);
+        self.pump();
+    }
+
+    /// Moves bytes between the session, the fake downstream and the client until quiet.
+    fn pump(&mut self) {
+        for _ in 0..10_000 {
+            let mut progress = false;
+            if self.session.wants_read() && !self.client_pending.is_empty() {
+                let pending = std::mem::take(&mut self.client_pending);
+                let used = self.session.handle_client_data(self.now, &pending);
+                assert!(used <= pending.len());
+                self.client_pending = pending[used..].to_vec();
+                progress |= used > 0;
+            }
+            let mut out = Vec::new();
+            self.session.poll_transmit(self.now, Side::Client, &mut out);
+            self.client_out.extend_from_slice(&out);
+            let mut ds = Vec::new();
+            self.session.poll_transmit(self.now, Side::Downstream, &mut ds);
+            if !ds.is_empty() {
+                progress = true;
+                assert!(self.ds_open, "bytes for a closed downstream: {:?}", String::from_utf8_lossy(&ds));
+                let replies = self.downstream.feed(&ds);
+                if self.auto_downstream && !replies.is_empty() {
+                    self.session.handle_downstream(self.now, DownstreamEvent::Data(&replies));
+                }
+            }
+            while let Some(action) = self.session.poll_action() {
+                progress = true;
+                match action {
+                    Action::ConnectDownstream(addr) => {
+                        self.connects.push(addr);
+                        if self.connects.len() <= self.refuse_connects {
+                            self.session.handle_downstream(self.now, DownstreamEvent::ConnectFailed);
+                            continue;
+                        }
+                        self.ds_open = true;
+                        self.downstream = FakeDownstream {
+                            final_reply: self.downstream.final_reply,
+                            stall_after_dot: self.downstream.stall_after_dot,
+                            delivered: std::mem::take(&mut self.downstream.delivered),
+                            ..FakeDownstream::default()
+                        };
+                        self.session.handle_downstream(self.now, DownstreamEvent::Connected);
+                        if self.auto_downstream {
+                            let banner = self.downstream.banner();
+                            self.session.handle_downstream(self.now, DownstreamEvent::Data(&banner));
+                        }
+                    }
+                    Action::CloseDownstream => {
+                        self.ds_open = false;
+                        self.downstream_closes += 1;
+                    }
+                    Action::Close => {
+                        assert!(!self.closed, "Close came out twice");
+                        self.closed = true;
+                    }
+                }
+            }
+            if !progress {
+                return;
+            }
+        }
+        panic!("pump did not settle");
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+        self.session.handle_timeout(self.now);
+        self.pump();
+    }
+
+    fn take_output(&mut self) -> String {
+        String::from_utf8(std::mem::take(&mut self.client_out)).unwrap()
+    }
+}
+
+const BANNER: &str = "220 mx.test ESMTP tarmac\r\n";
+const EHLO_REPLY: &str = "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 25000000\r\n250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n";
+
+/// A whole transaction, as a client would pipeline it.
+const TRANSACTION: &[u8] = b"EHLO client.example\r\nMAIL FROM:<a@example.org> BODY=8BITMIME\r\nRCPT TO:<b@example.net>\r\nRCPT TO:<unknown@example.org>\r\nDATA\r\nSubject: hi\r\n\r\n..leading dot\r\nbody \xc3\xa9\r\n.\r\nQUIT\r\n";
+
+const TRANSACTION_REPLIES: &str = concat!(
+    "220 mx.test ESMTP tarmac\r\n",
+    "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 25000000\r\n250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n",
+    "250 2.1.0 Ok\r\n",
+    "250 2.1.5 Ok\r\n",
+    "550 5.1.1 <unknown@example.org>: User unknown\r\n",
+    "354 End data with <CR><LF>.<CR><LF>\r\n",
+    "250 2.0.0 Ok: queued as 1\r\n",
+    "221 2.0.0 Bye\r\n",
+);
+
+#[test]
+fn banner_ehlo_quit() {
+    let mut pair = Pair::new(config());
+    assert_eq!(pair.take_output(), BANNER);
+    pair.send(b"EHLO client.example\r\nQUIT\r\n");
+    assert_eq!(pair.take_output(), format!("{EHLO_REPLY}221 2.0.0 Bye\r\n"));
+    assert!(pair.closed);
+    assert!(pair.connects.is_empty(), "local commands never open a downstream");
+    assert_eq!(pair.session.report().result, "quit");
+}
+
+#[test]
+fn full_transaction_is_relayed() {
+    let mut pair = Pair::new(config());
+    pair.send(TRANSACTION);
+    assert_eq!(pair.take_output(), TRANSACTION_REPLIES);
+    assert_eq!(pair.downstream.delivered.len(), 1);
+    let body = String::from_utf8(pair.downstream.delivered[0].clone()).unwrap();
+    assert!(body.starts_with("Received: from client.example ([192.0.2.7])\r\n\tby mx.test (tarmac) with ESMTP;\r\n\tMon, 23 Nov 2026 13:01:02 +0000\r\n"), "{body}");
+    assert!(body.ends_with("Subject: hi\r\n\r\n..leading dot\r\nbody é\r\n"), "{body}");
+    assert_eq!(
+        pair.downstream.commands[..4],
+        ["EHLO mx.test", "MAIL FROM:<a@example.org> BODY=8BITMIME", "RCPT TO:<b@example.net>", "RCPT TO:<unknown@example.org>"]
+    );
+    let report = pair.session.report();
+    assert_eq!((report.msgs, report.rcpts, report.result), (1, 1, "delivered"));
+    assert_eq!(report.helo, Some(&b"client.example"[..]));
+    assert_eq!(pair.downstream_closes, 1, "QUIT closes the downstream");
+}
+
+#[test]
+fn every_split_gives_the_same_replies() {
+    for at in 0..=TRANSACTION.len() {
+        let mut pair = Pair::new(config());
+        pair.send(&TRANSACTION[..at]);
+        pair.send(&TRANSACTION[at..]);
+        assert_eq!(pair.take_output(), TRANSACTION_REPLIES, "split at {at}");
+        assert_eq!(pair.downstream.delivered.len(), 1, "split at {at}");
+    }
+    let mut pair = Pair::new(config());
+    for byte in TRANSACTION {
+        pair.send(std::slice::from_ref(byte));
+    }
+    assert_eq!(pair.take_output(), TRANSACTION_REPLIES, "one byte at a time");
+}
+
+#[test]
+fn xclient_announces_the_client() {
+    let mut config = config();
+    config.downstream.announce_client = AnnounceClient::Xclient;
+    let mut pair = Pair::new(config);
+    pair.send(TRANSACTION);
+    assert_eq!(pair.take_output(), TRANSACTION_REPLIES);
+    assert_eq!(
+        pair.downstream.commands[..3],
+        [
+            "EHLO mx.test",
+            "XCLIENT ADDR=192.0.2.7 PORT=53211 NAME=[UNAVAILABLE] PROTO=ESMTP HELO=client.example",
+            "EHLO mx.test"
+        ]
+    );
+}
+
+fn smuggle(mode: BareNewline, body: &[u8]) -> Pair {
+    let mut config = config();
+    config.limits.bare_newline = mode;
+    let mut pair = Pair::new(config);
+    pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n");
+    pair.take_output();
+    pair.send(body);
+    pair
+}
+
+const SMUGGLING_VECTORS: [&[u8]; 5] = [b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\n.\n", b"\r.\r"];
+
+#[test]
+fn smuggling_vectors_are_rejected_and_nothing_is_delivered() {
+    for vector in SMUGGLING_VECTORS {
+        let mut body = b"Subject: x\r\n\r\ntext".to_vec();
+        body.extend_from_slice(vector);
+        body.extend_from_slice(b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<victim@example.net>\r\nDATA\r\nsmuggled\r\n.\r\n");
+        let mut pair = smuggle(BareNewline::Reject, &body);
+        assert_eq!(
+            pair.take_output(),
+            "550 5.6.0 Error: bare <CR> or <LF> in message body; message not accepted\r\n",
+            "vector {vector:?}"
+        );
+        assert!(pair.downstream.delivered.is_empty(), "vector {vector:?}");
+        assert!(!pair.ds_open, "downstream dropped without the dot, vector {vector:?}");
+        assert!(!pair.downstream.commands.iter().any(|c| c.contains("evil")), "vector {vector:?}");
+    }
+}
+
+#[test]
+fn smuggling_vectors_are_normalised_into_one_message() {
+    for vector in SMUGGLING_VECTORS {
+        let mut body = b"Subject: x\r\n\r\ntext".to_vec();
+        body.extend_from_slice(vector);
+        body.extend_from_slice(b"MAIL FROM:<evil@example.org>\r\nDATA\r\nsmuggled\r\n.\r\n");
+        let mut pair = smuggle(BareNewline::Normalize, &body);
+        assert_eq!(pair.take_output(), "250 2.0.0 Ok: queued as 1\r\n", "vector {vector:?}");
+        assert_eq!(pair.downstream.delivered.len(), 1, "vector {vector:?}");
+        let delivered = &pair.downstream.delivered[0];
+        assert!(find(delivered, b"MAIL FROM:<evil@example.org>").is_some(), "smuggled text stays in the body");
+        assert!(!pair.downstream.commands.iter().any(|c| c.contains("evil")), "vector {vector:?}");
+        for (i, &b) in delivered.iter().enumerate() {
+            if b == b'\n' {
+                assert_eq!(delivered[i - 1], b'\r', "bare LF relayed, vector {vector:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn end_of_data_250_waits_for_the_downstream() {
+    let mut pair = Pair::new(config());
+    pair.downstream.stall_after_dot = true;
+    pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\nhi\r\n.\r\n");
+    let out = pair.take_output();
+    assert!(out.ends_with("354 End data with <CR><LF>.<CR><LF>\r\n"), "{out}");
+    assert_eq!(pair.downstream.delivered.len(), 1);
+    // The downstream never answers: after the reply timeout the client gets a 4xx, never 250.
+    pair.advance(Duration::from_secs(299));
+    assert_eq!(pair.take_output(), "");
+    pair.advance(Duration::from_secs(1));
+    assert_eq!(
+        pair.take_output(),
+        "451 4.4.2 Error: downstream server unavailable, please try again later\r\n"
+    );
+    assert_eq!(pair.session.report().msgs, 0);
+}
+
+#[test]
+fn downstream_rejection_of_the_message_is_passed_back() {
+    let mut pair = Pair::new(config());
+    pair.downstream.final_reply = Some("554 5.7.1 Message rejected");
+    pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\nhi\r\n.\r\n");
+    assert!(pair.take_output().ends_with("354 End data with <CR><LF>.<CR><LF>\r\n554 5.7.1 Message rejected\r\n"));
+    assert_eq!(pair.session.report().result, "rejected");
+}
+
+#[test]
+fn pipelined_batch_is_answered_in_order() {
+    let mut pair = Pair::new(config());
+    pair.take_output();
+    pair.send(b"EHLO c\r\nNOOP\r\nMAIL FROM:<tempfail@example.org>\r\nNOOP\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nRSET\r\nVRFY x\r\nEXPN x\r\nHELP\r\n");
+    assert_eq!(
+        pair.take_output(),
+        format!(
+            "{EHLO_REPLY}250 2.0.0 Ok\r\n451 4.3.0 Try later\r\n250 2.0.0 Ok\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok\r\n\
+             252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery\r\n502 5.5.1 Error: EXPN not available\r\n\
+             214 2.0.0 See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT\r\n"
+        )
+    );
+    assert_eq!(pair.downstream.commands.last().unwrap(), "RSET", "RSET keeps the downstream in step");
+}
+
+#[test]
+fn over_long_line_then_a_good_command() {
+    let mut pair = Pair::new(config());
+    pair.take_output();
+    let mut line = vec![b'A'; 10_000];
+    line.extend_from_slice(b"\r\nNOOP\r\n");
+    pair.send(&line);
+    assert_eq!(pair.take_output(), "500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n");
+    // Exactly at the limit (4096 with CRLF) is fine.
+    let mut line = b"NOOP ".to_vec();
+    line.resize(4094, b'x');
+    line.extend_from_slice(b"\r\n");
+    pair.send(&line);
+    assert_eq!(pair.take_output(), "250 2.0.0 Ok\r\n");
+    line.insert(5, b'x');
+    pair.send(&line);
+    assert_eq!(pair.take_output(), "500 5.5.2 Error: line too long\r\n");
+}
+
+#[test]
+fn twenty_megabytes_without_newline_stay_bounded() {
+    let mut pair = Pair::new(config());
+    pair.take_output();
+    let chunk = vec![b'x'; 16 * 1024];
+    for _ in 0..(20 * 1024 / 16) {
+        let used = pair.session.handle_client_data(pair.now, &chunk);
+        assert_eq!(used, chunk.len());
+        assert!(pair.session.line.capacity() <= 8192);
+    }
+    pair.send(b"\r\nNOOP\r\n");
+    assert_eq!(pair.take_output(), "500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n");
+}
+
+#[test]
+fn bare_lf_command_is_refused() {
+    let mut pair = Pair::new(config());
+    pair.take_output();
+    pair.send(b"NOOP\nNOOP\r\n");
+    assert_eq!(pair.take_output(), "500 5.5.2 Error: bare <LF> received\r\n250 2.0.0 Ok\r\n");
+}
+
+#[test]
+fn unknown_command_limit_closes_with_421() {
+    let mut pair = Pair::new(config());
+    pair.take_output();
+    pair.send(b"FOO\r\nBAR\r\nBAZ\r\nQUUX\r\nNOOP\r\n");
+    assert_eq!(
+        pair.take_output(),
+        "500 5.5.1 Command unrecognized\r\n".repeat(3) + "421 4.7.0 mx.test Error: too many errors\r\n"
+    );
+    assert!(pair.closed);
+    assert_eq!(pair.session.report().result, "too-many-errors");
+}
+
+#[test]
+fn client_xclient_and_xforward_are_refused() {
+    let mut pair = Pair::new(config());
+    pair.take_output();
+    pair.send(b"EHLO c\r\nXCLIENT ADDR=10.0.0.1\r\nXFORWARD ADDR=10.0.0.1\r\n");
+    let out = pair.take_output();
+    assert!(out.ends_with("550 5.7.0 Error: insufficient authorization\r\n550 5.7.0 Error: insufficient authorization\r\n"), "{out}");
+    assert!(pair.connects.is_empty());
+}
+
+#[test]
+fn max_recipients_gets_452() {
+    let mut config = config();
+    config.limits.max_recipients = 2;
+    let mut pair = Pair::new(config);
+    pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b1@example.net>\r\nRCPT TO:<b2@example.net>\r\nRCPT TO:<b3@example.net>\r\n");
+    assert!(pair.take_output().ends_with("250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n452 4.5.3 Error: too many recipients\r\n"));
+    assert_eq!(pair.downstream.commands.iter().filter(|c| c.starts_with("RCPT")).count(), 2);
+}
+
+#[test]
+fn declared_size_over_limit_gets_552_without_downstream() {
+    let mut pair = Pair::new(config());
+    pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org> SIZE=30000000\r\n");
+    assert!(pair.take_output().ends_with("552 5.3.4 Error: message size exceeds fixed limit\r\n"));
+    assert!(pair.connects.is_empty());
+}
+
+#[test]
+fn body_over_limit_gets_552_and_nothing_delivered() {
+    let mut config = config();
+    config.limits.max_message_size = 2000;
+    let mut pair = Pair::new(config);
+    pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n");
+    pair.take_output();
+    let mut body = b"x".repeat(3000);
+    body.extend_from_slice(b"\r\n.\r\nNOOP\r\n");
+    pair.send(&body);
+    assert_eq!(pair.take_output(), "552 5.3.4 Error: message size exceeds fixed limit\r\n250 2.0.0 Ok\r\n");
+    assert!(pair.downstream.delivered.is_empty());
+    assert!(!pair.ds_open);
+}
+
+#[test]
+fn command_and_idle_timeouts() {
+    let mut pair = Pair::new(config());
+    pair.take_output();
+    pair.send(b"NOO");
+    pair.advance(Duration::from_secs(299));
+    assert_eq!(pair.take_output(), "");
+    pair.advance(Duration::from_secs(1));
+    assert_eq!(pair.take_output(), "421 4.4.2 mx.test Error: timeout exceeded\r\n");
+    assert!(pair.closed);
+    assert_eq!(pair.session.report().result, "timeout");
+
+    let mut pair = Pair::new(config());
+    pair.take_output();
+    assert_eq!(pair.session.poll_timeout(), Some(pair.now + Duration::from_secs(600)));
+    pair.advance(Duration::from_secs(599));
+    pair.session.handle_timeout(pair.now); // early: a no-op
+    assert_eq!(pair.take_output(), "");
+    pair.advance(Duration::from_secs(1));
+    assert_eq!(pair.take_output(), "421 4.4.2 mx.test Error: timeout exceeded\r\n");
+}
+
+#[test]
+fn data_timeout_closes_downstream_without_dot() {
+    let mut pair = Pair::new(config());
+    pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\npartial body\r\n");
+    pair.take_output();
+    pair.advance(Duration::from_secs(180));
+    assert_eq!(pair.take_output(), "421 4.4.2 mx.test Error: timeout exceeded\r\n");
+    assert!(!pair.ds_open);
+    assert!(pair.downstream.delivered.is_empty());
+}
+
+#[test]
+fn client_gone_mid_data_closes_downstream_without_dot() {
+    let mut pair = Pair::new(config());
+    pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\npartial body\r\n");
+    pair.session.handle_client_eof(pair.now);
+    pair.pump();
+    assert!(pair.closed && !pair.ds_open);
+    assert!(pair.downstream.delivered.is_empty());
+    assert!(!pair.downstream.input.ends_with(b"QUIT\r\n"));
+}
+
+#[test]
+fn connect_failure_tries_the_next_server_then_451() {
+    let mut config = config();
+    config.downstream.servers = vec!["127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap()];
+    let mut pair = Pair::new(config.clone());
+    pair.refuse_connects = 1;
+    pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n");
+    assert!(pair.take_output().ends_with("250 2.1.0 Ok\r\n"));
+    assert_eq!(pair.connects, config.downstream.servers);
+
+    let mut pair = Pair::new(config.clone());
+    pair.refuse_connects = 2;
+    pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n");
+    assert!(pair.take_output().ends_with(
+        "451 4.4.2 Error: downstream server unavailable, please try again later\r\n503 5.5.1 Error: need MAIL command\r\n"
+    ));
+}
+
+#[test]
+fn connect_timeout_tries_the_next_server() {
+    let mut config = config();
+    config.downstream.servers = vec!["127.0.0.1:1".parse().unwrap()];
+    let mut pair = Pair::new(config);
+    pair.auto_downstream = false;
+    pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n");
+    pair.take_output();
+    // Connected, but the banner never comes: the reply timeout applies.
+    pair.advance(Duration::from_secs(300));
+    assert_eq!(pair.take_output(), "451 4.4.2 Error: downstream server unavailable, please try again later\r\n");
+    assert!(!pair.ds_open);
+}
+
+#[test]
+fn downstream_closing_mid_transaction_gives_451() {
+    let mut pair = Pair::new(config());
+    pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n");
+    pair.take_output();
+    pair.session.handle_downstream(pair.now, DownstreamEvent::Closed);
+    pair.pump();
+    pair.send(b"RCPT TO:<b@example.net>\r\nRSET\r\nMAIL FROM:<a@example.org>\r\n");
+    assert_eq!(
+        pair.take_output(),
+        "451 4.4.2 Error: downstream server unavailable, please try again later\r\n250 2.0.0 Ok\r\n250 2.1.0 Ok\r\n"
+    );
+    assert_eq!(pair.connects.len(), 2, "a new MAIL opens a new downstream");
+}
+
+#[test]
+fn mail_requires_helo_and_rcpt_requires_mail() {
+    let mut pair = Pair::new(config());
+    pair.take_output();
+    pair.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\nHELO c\r\nMAIL FROM:<a@example.org>\r\nMAIL FROM:<a@example.org>\r\nDATA\r\n");
+    assert_eq!(
+        pair.take_output(),
+        "503 5.5.1 Error: send HELO/EHLO first\r\n503 5.5.1 Error: need MAIL command\r\n503 5.5.1 Error: need MAIL command\r\n\
+         250 mx.test\r\n250 2.1.0 Ok\r\n503 5.5.1 Error: nested MAIL command\r\n503 5.5.1 Error: need RCPT command\r\n"
+    );
+}
+
+#[test]
+fn graceful_shutdown_closes_idle_sessions_and_lets_transactions_finish() {
+    let mut pair = Pair::new(config());
+    pair.take_output();
+    pair.session.handle_shutdown(pair.now, Shutdown::Graceful);
+    pair.pump();
+    assert_eq!(pair.take_output(), "421 4.3.2 mx.test Service shutting down, please try again later\r\n");
+    assert!(pair.closed);
+
+    let mut pair = Pair::new(config());
+    pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n");
+    pair.take_output();
+    pair.session.handle_shutdown(pair.now, Shutdown::Graceful);
+    pair.pump();
+    assert!(!pair.closed);
+    pair.send(b"hi\r\n.\r\n");
+    assert_eq!(
+        pair.take_output(),
+        "250 2.0.0 Ok: queued as 1\r\n421 4.3.2 mx.test Service shutting down, please try again later\r\n"
+    );
+    assert_eq!(pair.downstream.delivered.len(), 1);
+}
+
+#[test]
+fn closed_is_sticky() {
+    let mut pair = Pair::new(config());
+    pair.send(b"QUIT\r\n");
+    pair.take_output();
+    pair.send(b"NOOP\r\n");
+    pair.session.handle_timeout(pair.now + Duration::from_secs(10_000));
+    pair.session.handle_client_eof(pair.now);
+    pair.pump();
+    assert_eq!(pair.take_output(), "");
+    assert_eq!(pair.session.poll_action(), None);
+    assert!(!pair.session.wants_read());
+}
+
+#[test]
+fn non_ascii_sender_needs_smtputf8() {
+    let mut pair = Pair::new(config());
+    pair.send("EHLO c\r\nMAIL FROM:<jösé@example.org>\r\nMAIL FROM:<jösé@example.org> SMTPUTF8\r\n".as_bytes());
+    assert!(pair.take_output().ends_with("553 5.6.7 Error: non-ASCII sender address needs SMTPUTF8\r\n250 2.1.0 Ok\r\n"));
+}
