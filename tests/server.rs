@@ -1,0 +1,501 @@
+//! The real server on loopback (two workers) with the project's SMTP sink as the downstream.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tarmac::config::{Config, DownstreamTls};
+use tarmac::server::ServerHandle;
+use tarmac::sink::{Sink, SinkConfig};
+
+/// Bound on every socket read, write and connect in these tests.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Drain time for servers in these tests: long enough that a test never races it by accident.
+const DRAIN: Duration = Duration::from_secs(5);
+
+const BANNER: &str = "220 tarmac.test ESMTP tarmac\r\n";
+
+const EHLO_REPLY: &str = "250-tarmac.test\r\n250-PIPELINING\r\n250-SIZE 25000000\r\n\
+                          250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n";
+
+const TOO_MANY: &str = "421 4.7.0 tarmac.test Too many connections, try again later\r\n";
+
+const SHUTTING_DOWN: &str =
+    "421 4.3.2 tarmac.test Service shutting down, please try again later\r\n";
+
+/// Defaults, on 127.0.0.1 with a free port, two workers, a known hostname, no DNS.
+fn config() -> Config {
+    let mut config = Config::default();
+    config.server.listen = vec![SocketAddr::from((Ipv4Addr::LOCALHOST, 0))];
+    config.server.hostname = "tarmac.test".to_owned();
+    config.server.workers = 2;
+    config.downstream.tls = DownstreamTls::None;
+    config.dnsbl.clear();
+    config.dns.rdns = false;
+    config.timeouts.drain = DRAIN;
+    config
+}
+
+fn sink() -> Sink {
+    Sink::start(SinkConfig {
+        hostname: "sink.test".to_owned(),
+        offer_xclient: true,
+        ..SinkConfig::default()
+    })
+    .unwrap()
+}
+
+/// A server that is shut down (bounded) when the test ends, also on panic.
+struct Server {
+    handle: Option<ServerHandle>,
+    addr: SocketAddr,
+}
+
+impl Server {
+    #[track_caller]
+    fn start(config: Config) -> Server {
+        // RUST_LOG=debug shows the server's side, close lines included, for a failing test.
+        let _ = env_logger::builder().is_test(true).try_init();
+        let handle = ServerHandle::start(Arc::new(config)).unwrap();
+        let addr = handle.local_addrs()[0];
+        assert_ne!(addr.port(), 0);
+        Server {
+            handle: Some(handle),
+            addr,
+        }
+    }
+
+    fn handle(&self) -> &ServerHandle {
+        self.handle.as_ref().unwrap()
+    }
+
+    /// Shuts down and joins, failing the test if that takes longer than `limit`; returns how
+    /// long it took.
+    #[track_caller]
+    fn stop_within(mut self, limit: Duration) -> Duration {
+        let started = Instant::now();
+        let handle = self.handle.take().unwrap();
+        handle.shutdown();
+        match join_within(handle, limit) {
+            Some(result) => result.unwrap(),
+            None => panic!("server did not stop within {limit:?}"),
+        }
+        started.elapsed()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.shutdown();
+            // Bounded: a hung server must not hang the test run, and a panic here would abort.
+            let _ = join_within(handle, DRAIN * 3);
+        }
+    }
+}
+
+fn join_within(handle: ServerHandle, limit: Duration) -> Option<io::Result<()>> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(handle.join());
+    });
+    rx.recv_timeout(limit).ok()
+}
+
+/// A line-oriented SMTP client with a timeout on every read and write.
+struct Client {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Client {
+    #[track_caller]
+    fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT).unwrap();
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        Client {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+        }
+    }
+
+    /// One line, CRLF included; fails on EOF, error or timeout.
+    #[track_caller]
+    fn line(&mut self) -> String {
+        let mut line = Vec::new();
+        match self.reader.read_until(b'\n', &mut line) {
+            Ok(0) => panic!("connection closed; expected a line"),
+            Ok(_) if line.ends_with(b"\n") => String::from_utf8(line).unwrap(),
+            Ok(_) => panic!(
+                "connection closed mid-line: {:?}",
+                line.escape_ascii().to_string()
+            ),
+            Err(e) => panic!(
+                "reading a line: {e} (got {:?})",
+                line.escape_ascii().to_string()
+            ),
+        }
+    }
+
+    /// One whole reply, every line of a multi-line one.
+    #[track_caller]
+    fn reply(&mut self) -> String {
+        let mut reply = String::new();
+        loop {
+            let line = self.line();
+            let last = line.as_bytes().get(3) != Some(&b'-');
+            reply.push_str(&line);
+            if last {
+                return reply;
+            }
+        }
+    }
+
+    #[track_caller]
+    fn send(&mut self, bytes: &str) {
+        self.writer.write_all(bytes.as_bytes()).unwrap();
+    }
+
+    /// Sends `command` with CRLF and returns the reply.
+    #[track_caller]
+    fn command(&mut self, command: &str) -> String {
+        self.send(&format!("{command}\r\n"));
+        self.reply()
+    }
+
+    /// The server closes the connection without sending anything more.
+    #[track_caller]
+    fn expect_eof(&mut self) {
+        let mut rest = Vec::new();
+        match self.reader.read_to_end(&mut rest) {
+            Ok(_) => assert_eq!(rest.escape_ascii().to_string(), "", "bytes before EOF"),
+            Err(e) => panic!(
+                "expected EOF, got {e} after {:?}",
+                rest.escape_ascii().to_string()
+            ),
+        }
+    }
+
+    /// Reads and discards until the server closes (EOF or reset).
+    #[track_caller]
+    fn drain_to_close(&mut self) {
+        let mut buf = [0; 16 * 1024];
+        loop {
+            match self.reader.read(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return,
+                Err(e) => panic!("waiting for the server to close: {e}"),
+            }
+        }
+    }
+}
+
+/// Banner, EHLO and QUIT: the server is serving.
+#[track_caller]
+fn assert_serves(addr: SocketAddr) {
+    let mut client = Client::connect(addr);
+    assert_eq!(client.reply(), BANNER);
+    assert_eq!(client.command("EHLO other.example"), EHLO_REPLY);
+    assert_eq!(client.command("QUIT"), "221 2.0.0 Bye\r\n");
+    client.expect_eof();
+}
+
+/// Bytes that look like noise: xorshift64, deterministic per seed.
+fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u8
+        })
+        .collect()
+}
+
+#[test]
+fn full_transaction_is_relayed() {
+    let sink = sink();
+    let mut config = config();
+    config.downstream.servers = vec![sink.local_addr()];
+    let server = Server::start(config);
+
+    let mut client = Client::connect(server.addr);
+    assert_eq!(client.reply(), BANNER);
+    assert_eq!(client.command("EHLO client.example"), EHLO_REPLY);
+    assert_eq!(
+        client.command("MAIL FROM:<alice@example.org>"),
+        "250 2.1.0 Ok\r\n"
+    );
+    assert_eq!(
+        client.command("RCPT TO:<bob@example.net>"),
+        "250 2.1.5 Ok\r\n"
+    );
+    assert_eq!(
+        client.command("DATA"),
+        "354 End data with <CR><LF>.<CR><LF>\r\n"
+    );
+    client.send("Subject: hi\r\n\r\nhello\r\n..dot\r\n.\r\n");
+    assert_eq!(client.reply(), "250 2.0.0 Ok: queued as 1\r\n");
+    assert_eq!(client.command("QUIT"), "221 2.0.0 Bye\r\n");
+    client.expect_eof();
+
+    let messages = sink.wait_for_messages(1, IO_TIMEOUT);
+    assert_eq!(messages.len(), 1);
+    let message = &messages[0];
+    assert_eq!(message.mail_from, "<alice@example.org>");
+    assert_eq!(message.rcpt_to, vec!["bob@example.net".to_owned()]);
+    assert!(
+        message
+            .content
+            .starts_with(b"Received: from client.example")
+    );
+    assert!(
+        message
+            .content
+            .ends_with(b"\r\nSubject: hi\r\n\r\nhello\r\n.dot\r\n"),
+        "{}",
+        message.content.escape_ascii()
+    );
+    assert!(!message.bare_newline_seen);
+    let xclient = message.xclient.as_deref().unwrap_or_default();
+    assert!(xclient.contains("ADDR=127.0.0.1"), "{xclient}");
+    assert!(xclient.contains("HELO=client.example"), "{xclient}");
+    server.stop_within(DRAIN);
+}
+
+#[test]
+fn pipelined_transaction_is_answered_in_order() {
+    let sink = sink();
+    let mut config = config();
+    config.downstream.servers = vec![sink.local_addr()];
+    let server = Server::start(config);
+
+    let mut client = Client::connect(server.addr);
+    assert_eq!(client.reply(), BANNER);
+    client.send(
+        "EHLO client.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n\
+         RCPT TO:<c@example.net>\r\nDATA\r\n",
+    );
+    assert_eq!(client.reply(), EHLO_REPLY);
+    assert_eq!(client.reply(), "250 2.1.0 Ok\r\n");
+    assert_eq!(client.reply(), "250 2.1.5 Ok\r\n");
+    assert_eq!(client.reply(), "250 2.1.5 Ok\r\n");
+    assert_eq!(client.reply(), "354 End data with <CR><LF>.<CR><LF>\r\n");
+    client.send("one line\r\n.\r\nQUIT\r\n");
+    assert_eq!(client.reply(), "250 2.0.0 Ok: queued as 1\r\n");
+    assert_eq!(client.reply(), "221 2.0.0 Bye\r\n");
+    client.expect_eof();
+    let messages = sink.wait_for_messages(1, IO_TIMEOUT);
+    assert_eq!(messages[0].rcpt_to, vec!["b@example.net", "c@example.net"]);
+    server.stop_within(DRAIN);
+}
+
+#[test]
+fn unreachable_downstream_gets_451() {
+    // A port that was just free: nothing listens there.
+    let closed = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut config = config();
+    config.downstream.servers = vec![closed];
+    let server = Server::start(config);
+
+    let mut client = Client::connect(server.addr);
+    assert_eq!(client.reply(), BANNER);
+    assert_eq!(client.command("EHLO client.example"), EHLO_REPLY);
+    assert_eq!(
+        client.command("MAIL FROM:<a@example.org>"),
+        "451 4.4.2 Error: downstream server unavailable, please try again later\r\n"
+    );
+    // The session goes on.
+    assert_eq!(client.command("NOOP"), "250 2.0.0 Ok\r\n");
+    server.stop_within(DRAIN);
+}
+
+#[test]
+fn over_the_per_ip_cap_gets_421_and_a_close() {
+    let mut config = config();
+    config.limits.max_connections_per_ip = 2;
+    let server = Server::start(config);
+
+    let mut first = Client::connect(server.addr);
+    let mut second = Client::connect(server.addr);
+    assert_eq!(first.reply(), BANNER);
+    assert_eq!(second.reply(), BANNER);
+    let mut third = Client::connect(server.addr);
+    assert_eq!(third.line(), TOO_MANY);
+    third.expect_eof();
+
+    // Once one leaves, its slot is given back (after the server noticed: retry, bounded).
+    assert_eq!(first.command("QUIT"), "221 2.0.0 Bye\r\n");
+    first.expect_eof();
+    let give_up = Instant::now() + IO_TIMEOUT;
+    loop {
+        let mut next = Client::connect(server.addr);
+        match next.line().as_str() {
+            BANNER => break,
+            TOO_MANY => assert!(Instant::now() < give_up, "slot never released"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    drop(second);
+    server.stop_within(DRAIN);
+}
+
+#[test]
+fn over_the_global_cap_gets_421_and_a_close() {
+    let mut config = config();
+    config.server.max_connections = 1;
+    let server = Server::start(config);
+
+    let mut first = Client::connect(server.addr);
+    assert_eq!(first.reply(), BANNER);
+    let mut second = Client::connect(server.addr);
+    assert_eq!(second.line(), TOO_MANY);
+    second.expect_eof();
+    assert_eq!(first.command("NOOP"), "250 2.0.0 Ok\r\n");
+    server.stop_within(DRAIN);
+}
+
+#[test]
+fn many_idle_connections_are_all_served_a_banner() {
+    const N: usize = 500;
+    let mut config = config();
+    config.limits.max_connections_per_ip = 1000;
+    let server = Server::start(config);
+
+    let mut streams = Vec::with_capacity(N);
+    for _ in 0..N {
+        let stream = TcpStream::connect_timeout(&server.addr, IO_TIMEOUT).unwrap();
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        streams.push(stream);
+    }
+    for (n, stream) in streams.iter_mut().enumerate() {
+        let mut banner = [0; BANNER.len()];
+        stream
+            .read_exact(&mut banner)
+            .unwrap_or_else(|e| panic!("connection {n}: {e}"));
+        assert_eq!(
+            banner.escape_ascii().to_string(),
+            BANNER.escape_default().to_string()
+        );
+    }
+    // All still open and served: the last one still answers.
+    let last = streams.last_mut().unwrap();
+    last.write_all(b"NOOP\r\n").unwrap();
+    let mut reply = [0; 14];
+    last.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"250 2.0.0 Ok\r\n");
+    drop(streams);
+    server.stop_within(DRAIN);
+}
+
+#[test]
+fn ipv6_listener_works() {
+    let loopback6 = SocketAddr::from((Ipv6Addr::LOCALHOST, 0));
+    if TcpListener::bind(loopback6).is_err() {
+        println!("note: cannot bind [::1]:0 here; skipping the IPv6 listener test");
+        return;
+    }
+    let mut config = config();
+    config.server.listen = vec![loopback6];
+    let server = Server::start(config);
+    assert!(server.addr.is_ipv6());
+    assert_serves(server.addr);
+    server.stop_within(DRAIN);
+}
+
+#[test]
+fn endless_line_gets_500_while_others_are_served() {
+    let server = Server::start(config());
+    let mut talker = Client::connect(server.addr);
+    assert_eq!(talker.reply(), BANNER);
+
+    let mut writer = talker.writer.try_clone().unwrap();
+    let flood = thread::spawn(move || -> io::Result<()> {
+        let chunk = vec![b'a'; 1 << 20];
+        for _ in 0..20 {
+            writer.write_all(&chunk)?;
+        }
+        writer.write_all(b"\r\n")
+    });
+    // Served while the 20 MB line streams in.
+    assert_serves(server.addr);
+    flood.join().unwrap().unwrap();
+
+    assert_eq!(talker.reply(), "500 5.5.2 Error: line too long\r\n");
+    // The connection resynchronised at the LF and still works.
+    assert_eq!(talker.command("NOOP"), "250 2.0.0 Ok\r\n");
+    server.stop_within(DRAIN);
+}
+
+#[test]
+fn random_bytes_do_not_kill_the_server() {
+    let server = Server::start(config());
+    let mut client = Client::connect(server.addr);
+    assert_eq!(client.reply(), BANNER);
+    // The server may give up on this client (too many errors) and close while we still write.
+    let _ = client
+        .writer
+        .write_all(&noise(1 << 20, 0x9e37_79b9_7f4a_7c15));
+    let _ = client.writer.shutdown(Shutdown::Write);
+    client.drain_to_close();
+    assert_serves(server.addr);
+    server.stop_within(DRAIN);
+}
+
+#[test]
+fn graceful_shutdown_ends_idle_sessions_with_421_at_once() {
+    let server = Server::start(config());
+    let addr = server.addr;
+    let mut client = Client::connect(addr);
+    assert_eq!(client.reply(), BANNER);
+    assert_eq!(client.command("EHLO client.example"), EHLO_REPLY);
+
+    server.handle().shutdown();
+    assert_eq!(client.reply(), SHUTTING_DOWN);
+    client.expect_eof();
+    let took = server.stop_within(DRAIN);
+    assert!(took < DRAIN, "took {took:?}");
+    // The listeners are closed.
+    let refused = TcpStream::connect_timeout(&addr, IO_TIMEOUT).unwrap_err();
+    assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
+}
+
+#[test]
+fn shutdown_lets_a_transaction_run_until_the_drain_time() {
+    let sink = sink();
+    let mut config = config();
+    config.downstream.servers = vec![sink.local_addr()];
+    config.timeouts.drain = Duration::from_millis(500);
+    let server = Server::start(config);
+
+    let mut client = Client::connect(server.addr);
+    assert_eq!(client.reply(), BANNER);
+    assert_eq!(client.command("EHLO client.example"), EHLO_REPLY);
+    assert_eq!(
+        client.command("MAIL FROM:<a@example.org>"),
+        "250 2.1.0 Ok\r\n"
+    );
+
+    let started = Instant::now();
+    server.handle().shutdown();
+    // Mid-transaction: still served during the drain time...
+    assert_eq!(
+        client.command("RCPT TO:<b@example.net>"),
+        "250 2.1.5 Ok\r\n"
+    );
+    // ...then ended.
+    assert_eq!(client.reply(), SHUTTING_DOWN);
+    client.expect_eof();
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    server.stop_within(DRAIN);
+    assert!(sink.messages().is_empty());
+}
