@@ -2,14 +2,15 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tarmac::config::{Config, DownstreamTls};
 use tarmac::server::ServerHandle;
-use tarmac::sink::{Sink, SinkConfig};
+use tarmac::sink::{Behaviour, Sink, SinkConfig};
 
 /// Bound on every socket read, write and connect in these tests.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,9 +42,14 @@ fn config() -> Config {
 }
 
 fn sink() -> Sink {
+    sink_behaving(Behaviour::Normal)
+}
+
+fn sink_behaving(behaviour: Behaviour) -> Sink {
     Sink::start(SinkConfig {
         hostname: "sink.test".to_owned(),
         offer_xclient: true,
+        behaviour,
         ..SinkConfig::default()
     })
     .unwrap()
@@ -320,6 +326,77 @@ fn unreachable_downstream_gets_451() {
 }
 
 #[test]
+fn downstream_closing_after_the_dot_gets_451() {
+    let sink = sink_behaving(Behaviour::CloseAfterDataDot);
+    let mut config = config();
+    config.downstream.servers = vec![sink.local_addr()];
+    let server = Server::start(config);
+
+    let mut client = Client::connect(server.addr);
+    assert_eq!(client.reply(), BANNER);
+    assert_eq!(client.command("EHLO client.example"), EHLO_REPLY);
+    assert_eq!(
+        client.command("MAIL FROM:<a@example.org>"),
+        "250 2.1.0 Ok\r\n"
+    );
+    assert_eq!(
+        client.command("RCPT TO:<b@example.net>"),
+        "250 2.1.5 Ok\r\n"
+    );
+    assert_eq!(
+        client.command("DATA"),
+        "354 End data with <CR><LF>.<CR><LF>\r\n"
+    );
+    client.send("body\r\n.\r\n");
+    assert_eq!(
+        client.reply(),
+        "451 4.4.2 Error: downstream server unavailable, please try again later\r\n"
+    );
+    assert_eq!(client.command("RSET"), "250 2.0.0 Ok\r\n");
+    assert!(sink.messages().is_empty());
+    server.stop_within(DRAIN);
+}
+
+#[test]
+fn client_gone_mid_data_delivers_nothing() {
+    let sink = sink();
+    let mut config = config();
+    config.downstream.servers = vec![sink.local_addr()];
+    let server = Server::start(config);
+
+    let mut client = Client::connect(server.addr);
+    assert_eq!(client.reply(), BANNER);
+    assert_eq!(client.command("EHLO client.example"), EHLO_REPLY);
+    assert_eq!(
+        client.command("MAIL FROM:<a@example.org>"),
+        "250 2.1.0 Ok\r\n"
+    );
+    assert_eq!(
+        client.command("RCPT TO:<b@example.net>"),
+        "250 2.1.5 Ok\r\n"
+    );
+    assert_eq!(
+        client.command("DATA"),
+        "354 End data with <CR><LF>.<CR><LF>\r\n"
+    );
+    client.send("Subject: half\r\n\r\nfirst half\r\n");
+    drop(client);
+
+    // The server drops the downstream connection without the final dot.
+    let give_up = Instant::now() + IO_TIMEOUT;
+    while !sink.sessions().first().is_some_and(|s| s.closed) {
+        assert!(
+            Instant::now() < give_up,
+            "downstream connection never closed"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert!(sink.messages().is_empty());
+    assert_serves(server.addr);
+    server.stop_within(DRAIN);
+}
+
+#[test]
 fn over_the_per_ip_cap_gets_421_and_a_close() {
     let mut config = config();
     config.limits.max_connections_per_ip = 2;
@@ -498,4 +575,98 @@ fn shutdown_lets_a_transaction_run_until_the_drain_time() {
     assert!(started.elapsed() >= Duration::from_millis(500));
     server.stop_within(DRAIN);
     assert!(sink.messages().is_empty());
+}
+
+/// Sends `signal` (a name for kill(1), e.g. "TERM") to process `pid`.
+#[track_caller]
+fn kill(signal: &str, pid: u32) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}: {status}");
+}
+
+/// The next stderr line of the child containing `needle`, within [`IO_TIMEOUT`].
+#[track_caller]
+fn wait_for_log(lines: &mpsc::Receiver<String>, needle: &str) -> String {
+    let give_up = Instant::now() + IO_TIMEOUT;
+    loop {
+        let left = give_up.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => return line,
+            Ok(_) => {}
+            Err(e) => panic!("no log line containing {needle:?}: {e}"),
+        }
+    }
+}
+
+#[test]
+fn binary_ignores_sighup_and_drains_on_sigterm() {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let dir =
+        std::env::temp_dir().join(format!("tarmac-server-test-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("tarmac.toml");
+    std::fs::write(
+        &config,
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nhostname = \"tarmac.test\"\nworkers = 2\n\
+         [timeouts]\ndrain = \"5s\"\n[dns]\nrdns = false\n",
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tarmac"))
+        .args(["run", "-c"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let stderr = child.stderr.take().unwrap();
+    let (line_tx, lines) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let (exit_tx, exited) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = exit_tx.send(child.wait());
+    });
+    // Whatever happens below, the child must not outlive the test.
+    struct KillOnDrop(u32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(self.0.to_string())
+                .status();
+        }
+    }
+    let _guard = KillOnDrop(pid);
+
+    let listening = wait_for_log(&lines, "listening on ");
+    let addr: SocketAddr = listening.rsplit(' ').next().unwrap().parse().unwrap();
+    let mut client = Client::connect(addr);
+    assert_eq!(client.reply(), BANNER);
+
+    kill("HUP", pid);
+    wait_for_log(&lines, "reload is not supported yet; ignoring SIGHUP");
+    assert_eq!(client.command("NOOP"), "250 2.0.0 Ok\r\n");
+
+    kill("TERM", pid);
+    wait_for_log(&lines, "shutting down: draining 1 connections for up to 5s");
+    assert_eq!(client.reply(), SHUTTING_DOWN);
+    client.expect_eof();
+    let status = exited.recv_timeout(DRAIN).unwrap().unwrap();
+    assert!(status.success(), "{status}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

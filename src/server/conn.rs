@@ -391,9 +391,18 @@ impl Conn {
             match action {
                 Action::ConnectDownstream(addr) => self.open_downstream(key, addr, now, registry),
                 Action::CloseDownstream => {
-                    // One nonblocking attempt at what was handed out before the action.
+                    // What the session queued before the action (a QUIT) goes first, in one
+                    // nonblocking attempt: the action may come out in the same loop as the
+                    // bytes, before `transmit` ran again.
                     if let Some(ds) = self.downstream.as_deref_mut() {
                         if !ds.connecting {
+                            if ds.to_downstream.len() < OUTBOX_HIGH {
+                                self.session.poll_transmit(
+                                    now,
+                                    Side::Downstream,
+                                    &mut ds.to_downstream,
+                                );
+                            }
                             let _ = write_out(&ds.stream, &mut ds.to_downstream);
                         }
                     }

@@ -1,9 +1,9 @@
 //! The runtime: the only module that does I/O on client sockets (DESIGN.md §5).
 //!
-//! Threads: `[server] workers` event loops ([`worker`]), each with its own listener socket per
+//! Threads: `[server] workers` event loops (`worker.rs`), each with its own listener socket per
 //! listen address (SO_REUSEPORT, so the kernel spreads connections over them), its own
 //! connection slab and timer heap; plus, under [`run`], one thread waiting for signals. Workers
-//! share only the connection limits ([`limits`]) and a stop flag; each has a `mio::Waker` so
+//! share only the connection limits (`limits.rs`) and a stop flag; each has a `mio::Waker` so
 //! another thread can make it look at the flag.
 //!
 //! Life of a connection:
@@ -17,8 +17,8 @@
 //!    round until nothing moves, and the connection's deadline is re-armed.
 //! 3. **Close**, in two steps: the connection is marked closing (the session's `Action::Close`,
 //!    the client gone after the session ended, a socket error) and flushes what was handed out,
-//!    for at most [`conn::CLOSE_FLUSH_LIMIT`]; after the event batch it is deregistered, shut
-//!    down and freed, its limit slot released and its one log line written ([`close_log`]).
+//!    for at most 5 s (`conn.rs`); after the event batch it is deregistered, shut
+//!    down and freed, its limit slot released and its one log line written (`close_log.rs`).
 //!
 //! Shutdown ([`ServerHandle::shutdown`]): every worker closes its listeners at once (new
 //! connects are refused), tells each session `Shutdown::Graceful`, after `[timeouts] drain`
