@@ -1,1 +1,9 @@
 //! Integration tests: the real server on loopback with a real downstream SMTP listener.
+
+// Shared helpers: server on loopback, sink, bounded SMTP client.
+mod util;
+
+// The relay path end to end through the real server and the project's sink.
+mod relay;
+// Real peers: swaks, Python smtplib, Postfix smtp-sink/smtp-source.
+mod interop;
