@@ -1,7 +1,15 @@
 //! SMTP command parser (RFC 5321 §4.1, ESMTP parameters of RFC 1870, 6152, 6531).
 //!
 //! Input is one command line *without* its CRLF; framing (CRLF, line length, discard to LF)
-//! belongs to the session. Output borrows from the line.
+//! belongs to the session. Output borrows from the line; nothing is allocated except the
+//! keyword carried by [`CommandError::BadParameter`].
+//!
+//! Leniencies are fixed, not flags: each is something real clients send and Postfix accepts,
+//! and none can move where a command or a message ends. Accepted: extra spaces between and
+//! around arguments, spaces after `FROM:`/`TO:` (`MAIL FROM: <a@b>`), a source route (dropped),
+//! a quoted local part, UTF-8 in addresses and HELO, any HELO text. Refused: a control byte
+//! anywhere (TAB, NUL, a stray CR), a path without angle brackets, and any ESMTP parameter
+//! tarmac does not advertise.
 
 /// Parameters of MAIL FROM that tarmac understands.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
