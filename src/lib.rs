@@ -8,6 +8,8 @@
 #![warn(missing_docs, unreachable_pub, clippy::manual_let_else)]
 
 pub mod config;
+pub mod demo;
 pub mod downstream;
+pub mod server;
 pub mod sink;
 pub mod smtp;

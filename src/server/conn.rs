@@ -1,0 +1,641 @@
+//! One client connection: its sockets, buffers and readiness, and the drive cycle that moves bytes
+//! between them and the sans-IO [`Session`] (STYLE.md §1.2).
+//!
+//! Readiness: each socket is registered once for `READABLE | WRITABLE`. An event sets the
+//! socket's `readable`/`writable` flag; only `WouldBlock` clears it. So a connection that stops
+//! reading (backpressure, a tarpit holding a reply) resumes later from the flag without a lost
+//! edge and without a `reregister` per event; spurious events cost one `WouldBlock`.
+//!
+//! Backpressure chain: the session's `wants_read()` gates client reads; unconsumed client bytes
+//! wait in `input`, which stops reads at [`READ_CHUNK`] + `max_line_length`; more output is
+//! pulled from `poll_transmit` only while the socket's outbox is under [`OUTBOX_HIGH`]. Every
+//! buffer is therefore bounded, and an empty one gives its memory back when it grew past
+//! [`SHRINK_ABOVE`], so an idle connection costs its struct, its session and its sockets.
+//!
+//! Closing is two steps: [`Conn::drive`] returns [`Next::Close`] once the connection is done
+//! (session closed and flushed, the client gone, or the flush deadline passed); the worker then
+//! calls [`Conn::close`] after the event batch, which deregisters, shuts down and writes the one
+//! close log line.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown as NetShutdown, SocketAddr};
+use std::time::{Duration, Instant};
+
+use mio::event::Event;
+use mio::net::TcpStream;
+use mio::{Interest, Registry};
+
+use super::close_log::{self, ConnId};
+use super::limits::LimitGuard;
+use super::slab::ConnKey;
+use super::token;
+use crate::downstream::connect;
+use crate::smtp::{Action, DownstreamEvent, Session, Shutdown, Side};
+
+/// Bytes read per socket per turn: one read of this size, then the other connections get their
+/// turn; more starves neighbours, less costs syscalls. It is also the worker's scratch size.
+pub(crate) const READ_CHUNK: usize = 16 * 1024;
+
+/// Pending bytes per outbox before `poll_transmit` is left alone: a slow reader holds at most
+/// this much of ours, and the session keeps the rest (and stops reading) itself.
+const OUTBOX_HIGH: usize = 64 * 1024;
+
+/// An empty buffer with more capacity than this is freed: an idle connection must stay cheap
+/// (the `hold` bench's target is ≤ 8 KB per connection), while small buffers are kept to save
+/// reallocating for every command.
+const SHRINK_ABOVE: usize = 4 * 1024;
+
+/// Longest a closing connection may take to flush its last bytes to a client that does not
+/// read; then it is dropped with them.
+pub(crate) const CLOSE_FLUSH_LIMIT: Duration = Duration::from_secs(5);
+
+/// Most bytes read and discarded from a client at close, so a client that sent a little more
+/// than was read gets a FIN after our last reply rather than an RST that may destroy it.
+const CLOSE_DRAIN: usize = 64 * 1024;
+
+/// What the worker does with a connection after driving it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Next {
+    /// Still open.
+    Keep,
+    /// Done: close it after this event batch.
+    Close,
+}
+
+/// Per-turn context the worker lends to a connection.
+pub(crate) struct Io<'a> {
+    /// For registering a downstream socket and deregistering sockets.
+    pub(crate) registry: &'a Registry,
+    /// The worker's read buffer, [`READ_CHUNK`] bytes.
+    pub(crate) scratch: &'a mut [u8],
+    /// Unconsumed input (per socket) at which reading stops: [`READ_CHUNK`] + `max_line_length`,
+    /// so the session can always see one whole line after a full read.
+    pub(crate) max_input: usize,
+}
+
+/// A client connection and, while relaying, its downstream connection.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    id: ConnId,
+    client: TcpStream,
+    client_addr: SocketAddr,
+    readable: bool,
+    writable: bool,
+    eof: Eof,
+    /// The client socket failed (reset, write error): nothing more is read or written.
+    broken: bool,
+    /// Client bytes the session has not consumed yet.
+    input: Vec<u8>,
+    /// Bytes from `poll_transmit(Client)` not yet written.
+    to_client: Vec<u8>,
+    /// Boxed: most connections never get one, so they don't pay for its size.
+    downstream: Option<Box<DownstreamConn>>,
+    session: Session,
+    /// The deadline this connection has in the worker's timer heap (see `timer.rs`).
+    pub(crate) armed: Option<Instant>,
+    /// On the worker's pending or ready list (keeps each list free of duplicates).
+    pub(crate) queued: bool,
+    accepted: Instant,
+    /// Set when the connection started closing: the flush deadline.
+    close_by: Option<Instant>,
+    /// Released when the connection is dropped.
+    _guard: LimitGuard,
+}
+
+/// The client's end of the stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Eof {
+    /// Not seen.
+    Open,
+    /// Read, not yet told to the session: it gets the buffered input first.
+    Seen,
+    /// Told to the session (or no longer relevant).
+    Delivered,
+}
+
+#[derive(Debug)]
+struct DownstreamConn {
+    stream: TcpStream,
+    /// The nonblocking connect has not finished.
+    connecting: bool,
+    readable: bool,
+    writable: bool,
+    /// The downstream closed its side; `Closed` goes to the session once `input` is consumed.
+    eof: bool,
+    input: Vec<u8>,
+    to_downstream: Vec<u8>,
+}
+
+impl Conn {
+    /// A freshly accepted connection. The socket is assumed writable (its send buffer is empty)
+    /// so the banner goes out in the accept turn; it is not assumed readable: registering it
+    /// reports data that is already there.
+    pub(crate) fn new(
+        id: ConnId,
+        client: TcpStream,
+        client_addr: SocketAddr,
+        session: Session,
+        now: Instant,
+        guard: LimitGuard,
+    ) -> Conn {
+        Conn {
+            id,
+            client,
+            client_addr,
+            readable: false,
+            writable: true,
+            eof: Eof::Open,
+            broken: false,
+            input: Vec::new(),
+            to_client: Vec::new(),
+            downstream: None,
+            session,
+            armed: None,
+            queued: false,
+            accepted: now,
+            close_by: None,
+            _guard: guard,
+        }
+    }
+
+    /// Registers the client socket under `key`'s token.
+    pub(crate) fn register(&mut self, registry: &Registry, key: ConnKey) -> io::Result<()> {
+        registry.register(
+            &mut self.client,
+            token::conn(key, Side::Client),
+            Interest::READABLE | Interest::WRITABLE,
+        )
+    }
+
+    /// Records the readiness in `event` for the socket on `side`. Error and hang-up bits count
+    /// as readable and writable, so the next read or write reports what happened.
+    pub(crate) fn on_event(&mut self, side: Side, event: &Event) {
+        let failed = event.is_error();
+        let readable = event.is_readable() || event.is_read_closed() || failed;
+        let writable = event.is_writable() || event.is_write_closed() || failed;
+        match side {
+            Side::Client => {
+                self.readable |= readable;
+                self.writable |= writable;
+            }
+            Side::Downstream => {
+                if let Some(ds) = self.downstream.as_deref_mut() {
+                    ds.readable |= readable;
+                    ds.writable |= writable;
+                }
+            }
+        }
+    }
+
+    /// One of the session's timers may have expired (the session ignores an early call), or
+    /// the flush deadline passed (the next [`Conn::drive`] closes then).
+    pub(crate) fn handle_timeout(&mut self, now: Instant) {
+        self.session.handle_timeout(now);
+    }
+
+    /// Passes SIGTERM/SIGINT on to the session.
+    pub(crate) fn handle_shutdown(&mut self, now: Instant, how: Shutdown) {
+        self.session.handle_shutdown(now, how);
+    }
+
+    /// The drive cycle: read what the socket flags and the backpressure chain allow (one
+    /// bounded read per socket), settle a pending downstream connect, then pass bytes, actions
+    /// and writes around until nothing moves.
+    pub(crate) fn drive(&mut self, key: ConnKey, now: Instant, io: &mut Io<'_>) -> Next {
+        self.read_client(now, io);
+        self.settle_connect(now, io.registry);
+        self.read_downstream(now, io);
+        loop {
+            let mut moved = self.offer_client_input(now);
+            moved |= self.offer_downstream_input(now, io.registry);
+            moved |= self.transmit(now);
+            moved |= self.run_actions(key, now, io.registry);
+            moved |= self.write_client(now);
+            moved |= self.write_downstream(now, io.registry);
+            if !moved {
+                break;
+            }
+        }
+        self.shrink_idle_buffers();
+        if self.broken {
+            return Next::Close;
+        }
+        match self.close_by {
+            Some(by) if self.to_client.is_empty() || now >= by => Next::Close,
+            _ => Next::Keep,
+        }
+    }
+
+    /// When the worker must wake this connection: the session's next deadline or, while
+    /// closing, the flush deadline, whichever comes first.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        match (self.session.poll_timeout(), self.close_by) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether a socket is still readable and may be read: the connection goes on the ready
+    /// list, served first next turn (bounded work per turn).
+    pub(crate) fn wants_another_turn(&self, max_input: usize) -> bool {
+        self.may_read_client(max_input)
+            || self
+                .downstream
+                .as_deref()
+                .is_some_and(|ds| ds.may_read(max_input))
+    }
+
+    /// Second step of closing: deregister and drop the downstream, stop sending to the client
+    /// (FIN after whatever was written), read away a little unread input so the kernel does not
+    /// answer it with an RST, and write the close log line.
+    pub(crate) fn close(mut self, now: Instant, io: &mut Io<'_>) {
+        self.drop_downstream(io.registry);
+        // Errors below only mean the socket is already gone; the fd is closed on drop anyway.
+        let _ = io.registry.deregister(&mut self.client);
+        if !self.broken {
+            let _ = self.client.shutdown(NetShutdown::Write);
+            let mut drained = 0;
+            while drained < CLOSE_DRAIN {
+                match (&self.client).read(io.scratch) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => drained += n,
+                }
+            }
+        }
+        close_log::log_close(
+            self.id,
+            self.client_addr,
+            &self.session.report(),
+            now.saturating_duration_since(self.accepted),
+        );
+    }
+
+    /// The connection's id for logs.
+    pub(crate) fn id(&self) -> ConnId {
+        self.id
+    }
+
+    fn may_read_client(&self, max_input: usize) -> bool {
+        self.readable
+            && !self.broken
+            && self.eof == Eof::Open
+            && self.close_by.is_none()
+            && self.input.len() < max_input
+            && self.session.wants_read()
+    }
+
+    /// One read of at most [`READ_CHUNK`] bytes, fed to the session at once when nothing older
+    /// is waiting (the common case needs no copy into `input`).
+    fn read_client(&mut self, now: Instant, io: &mut Io<'_>) {
+        if !self.may_read_client(io.max_input) {
+            return;
+        }
+        let n = loop {
+            match (&self.client).read(io.scratch) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.readable = false;
+                    return;
+                }
+                Err(e) => {
+                    log::debug!("conn={} client read failed: {e}", self.id);
+                    self.fail_client(now);
+                    return;
+                }
+            }
+        };
+        if n == 0 {
+            self.eof = Eof::Seen;
+            return;
+        }
+        let bytes = io.scratch.get(..n).unwrap_or_default();
+        if self.input.is_empty() {
+            let used = self.session.handle_client_data(now, bytes);
+            self.input
+                .extend_from_slice(bytes.get(used..).unwrap_or_default());
+        } else {
+            self.input.extend_from_slice(bytes);
+        }
+    }
+
+    /// Offers buffered client bytes while the session takes them, then the end of the stream
+    /// once the session has had everything it will take. Returns whether anything changed.
+    fn offer_client_input(&mut self, now: Instant) -> bool {
+        let mut moved = false;
+        if !self.input.is_empty() && self.session.wants_read() {
+            let used = self.session.handle_client_data(now, &self.input);
+            if used > 0 {
+                self.input.drain(..used.min(self.input.len()));
+                moved = true;
+            }
+        }
+        if self.eof == Eof::Seen {
+            if self.session.is_closed() {
+                // Nobody will read the rest; flush what is due and go.
+                self.eof = Eof::Delivered;
+                self.start_closing(now);
+                moved = true;
+            } else if self.input.is_empty() || (self.session.wants_read() && !moved) {
+                // Whatever is left is an incomplete line the session cannot use.
+                self.eof = Eof::Delivered;
+                self.session.handle_client_eof(now);
+                moved = true;
+            }
+        }
+        moved
+    }
+
+    /// The client socket failed: tell the session (it closes the downstream without the final
+    /// dot) and stop all client I/O.
+    fn fail_client(&mut self, now: Instant) {
+        self.broken = true;
+        self.to_client = Vec::new();
+        if self.eof != Eof::Delivered && !self.session.is_closed() {
+            self.session.handle_client_eof(now);
+        }
+        self.eof = Eof::Delivered;
+    }
+
+    fn start_closing(&mut self, now: Instant) {
+        if self.close_by.is_none() {
+            self.close_by = Some(now + CLOSE_FLUSH_LIMIT);
+        }
+    }
+
+    /// Pulls due output into the outboxes that have room. Returns whether anything came.
+    fn transmit(&mut self, now: Instant) -> bool {
+        let mut moved = false;
+        if !self.broken && self.to_client.len() < OUTBOX_HIGH {
+            let before = self.to_client.len();
+            self.session
+                .poll_transmit(now, Side::Client, &mut self.to_client);
+            moved |= self.to_client.len() > before;
+        }
+        if let Some(ds) = self.downstream.as_deref_mut() {
+            if ds.to_downstream.len() < OUTBOX_HIGH {
+                let before = ds.to_downstream.len();
+                self.session
+                    .poll_transmit(now, Side::Downstream, &mut ds.to_downstream);
+                moved |= ds.to_downstream.len() > before;
+            }
+        }
+        moved
+    }
+
+    /// Carries out every action the session has queued. Returns whether there was any.
+    fn run_actions(&mut self, key: ConnKey, now: Instant, registry: &Registry) -> bool {
+        let mut moved = false;
+        while let Some(action) = self.session.poll_action() {
+            moved = true;
+            match action {
+                Action::ConnectDownstream(addr) => self.open_downstream(key, addr, now, registry),
+                Action::CloseDownstream => {
+                    // One nonblocking attempt at what was handed out before the action.
+                    if let Some(ds) = self.downstream.as_deref_mut() {
+                        if !ds.connecting {
+                            let _ = write_out(&ds.stream, &mut ds.to_downstream);
+                        }
+                    }
+                    self.drop_downstream(registry);
+                }
+                Action::Close => self.start_closing(now),
+            }
+        }
+        moved
+    }
+
+    fn open_downstream(
+        &mut self,
+        key: ConnKey,
+        addr: SocketAddr,
+        now: Instant,
+        registry: &Registry,
+    ) {
+        // The session opens one downstream at a time; a leftover one is replaced, not leaked.
+        self.drop_downstream(registry);
+        let opened = connect::connect(addr).and_then(|mut stream| {
+            registry.register(
+                &mut stream,
+                token::conn(key, Side::Downstream),
+                Interest::READABLE | Interest::WRITABLE,
+            )?;
+            Ok(stream)
+        });
+        match opened {
+            Ok(stream) => {
+                log::debug!("conn={} connecting to downstream {addr}", self.id);
+                self.downstream = Some(Box::new(DownstreamConn {
+                    stream,
+                    connecting: true,
+                    readable: false,
+                    writable: false,
+                    eof: false,
+                    input: Vec::new(),
+                    to_downstream: Vec::new(),
+                }));
+            }
+            Err(e) => {
+                log::debug!("conn={} downstream {addr}: connect failed: {e}", self.id);
+                self.session
+                    .handle_downstream(now, DownstreamEvent::ConnectFailed);
+            }
+        }
+    }
+
+    /// On any event of a connecting downstream socket: finished, failed, or not yet.
+    fn settle_connect(&mut self, now: Instant, registry: &Registry) {
+        let Some(ds) = self.downstream.as_deref_mut() else {
+            return;
+        };
+        if !ds.connecting || !(ds.readable || ds.writable) {
+            return;
+        }
+        match connect::finish_connect(&ds.stream) {
+            Ok(true) => {
+                ds.connecting = false;
+                self.session
+                    .handle_downstream(now, DownstreamEvent::Connected);
+            }
+            Ok(false) => {
+                // Spurious: the connect's completion will be a new edge.
+                ds.readable = false;
+                ds.writable = false;
+            }
+            Err(e) => {
+                log::debug!("conn={} downstream connect failed: {e}", self.id);
+                self.drop_downstream(registry);
+                self.session
+                    .handle_downstream(now, DownstreamEvent::ConnectFailed);
+            }
+        }
+    }
+
+    /// One read of at most [`READ_CHUNK`] downstream bytes, fed to the session.
+    fn read_downstream(&mut self, now: Instant, io: &mut Io<'_>) {
+        let Some(ds) = self.downstream.as_deref_mut() else {
+            return;
+        };
+        if !ds.may_read(io.max_input) {
+            return;
+        }
+        let n = loop {
+            match (&ds.stream).read(io.scratch) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ds.readable = false;
+                    return;
+                }
+                Err(e) => {
+                    log::debug!("conn={} downstream read failed: {e}", self.id);
+                    self.fail_downstream(now, io.registry);
+                    return;
+                }
+            }
+        };
+        if n == 0 {
+            ds.eof = true;
+            return;
+        }
+        let bytes = io.scratch.get(..n).unwrap_or_default();
+        if ds.input.is_empty() {
+            let used = self
+                .session
+                .handle_downstream(now, DownstreamEvent::Data(bytes));
+            ds.input
+                .extend_from_slice(bytes.get(used..).unwrap_or_default());
+        } else {
+            ds.input.extend_from_slice(bytes);
+        }
+    }
+
+    /// Offers buffered downstream bytes, then `Closed` once the downstream's end was read and
+    /// the session has taken what it will. Returns whether anything changed.
+    fn offer_downstream_input(&mut self, now: Instant, registry: &Registry) -> bool {
+        let Some(ds) = self.downstream.as_deref_mut() else {
+            return false;
+        };
+        let mut moved = false;
+        if !ds.input.is_empty() {
+            let used = self
+                .session
+                .handle_downstream(now, DownstreamEvent::Data(&ds.input));
+            if used > 0 {
+                ds.input.drain(..used.min(ds.input.len()));
+                moved = true;
+            }
+        }
+        if ds.eof && (ds.input.is_empty() || !moved) {
+            self.fail_downstream(now, registry);
+            moved = true;
+        }
+        moved
+    }
+
+    /// The downstream closed or failed: drop it and tell the session.
+    fn fail_downstream(&mut self, now: Instant, registry: &Registry) {
+        self.drop_downstream(registry);
+        self.session.handle_downstream(now, DownstreamEvent::Closed);
+    }
+
+    fn drop_downstream(&mut self, registry: &Registry) {
+        if let Some(mut ds) = self.downstream.take() {
+            // Closing the fd removes it from the poll set anyway; deregistering is tidier.
+            let _ = registry.deregister(&mut ds.stream);
+        }
+    }
+
+    /// Writes the client outbox until it is empty or the socket would block. Returns whether
+    /// anything was written (room for more output) or the socket failed.
+    fn write_client(&mut self, now: Instant) -> bool {
+        if self.broken || !self.writable || self.to_client.is_empty() {
+            return false;
+        }
+        match write_out(&self.client, &mut self.to_client) {
+            Ok(Flushed::All) => true,
+            Ok(Flushed::Blocked(written)) => {
+                self.writable = false;
+                written
+            }
+            Err(e) => {
+                log::debug!("conn={} client write failed: {e}", self.id);
+                self.fail_client(now);
+                true
+            }
+        }
+    }
+
+    /// Like [`Conn::write_client`] for the downstream, once connected.
+    fn write_downstream(&mut self, now: Instant, registry: &Registry) -> bool {
+        let Some(ds) = self.downstream.as_deref_mut() else {
+            return false;
+        };
+        if ds.connecting || !ds.writable || ds.to_downstream.is_empty() {
+            return false;
+        }
+        match write_out(&ds.stream, &mut ds.to_downstream) {
+            Ok(Flushed::All) => true,
+            Ok(Flushed::Blocked(written)) => {
+                ds.writable = false;
+                written
+            }
+            Err(e) => {
+                log::debug!("conn={} downstream write failed: {e}", self.id);
+                self.fail_downstream(now, registry);
+                true
+            }
+        }
+    }
+
+    fn shrink_idle_buffers(&mut self) {
+        shrink_if_empty(&mut self.input);
+        shrink_if_empty(&mut self.to_client);
+        if let Some(ds) = self.downstream.as_deref_mut() {
+            shrink_if_empty(&mut ds.input);
+            shrink_if_empty(&mut ds.to_downstream);
+        }
+    }
+}
+
+impl DownstreamConn {
+    fn may_read(&self, max_input: usize) -> bool {
+        !self.connecting && self.readable && !self.eof && self.input.len() < max_input
+    }
+}
+
+/// How far [`write_out`] got.
+enum Flushed {
+    /// The buffer is empty.
+    All,
+    /// The socket would block; whether anything was written first.
+    Blocked(bool),
+}
+
+/// Writes `buf` to `stream` until it is empty or the socket would block, and removes what was
+/// written from its front.
+fn write_out(mut stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<Flushed> {
+    let mut written = 0;
+    let result = loop {
+        let Some(rest) = buf.get(written..).filter(|rest| !rest.is_empty()) else {
+            break Ok(Flushed::All);
+        };
+        match stream.write(rest) {
+            Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                break Ok(Flushed::Blocked(written > 0));
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    buf.drain(..written.min(buf.len()));
+    result
+}
+
+fn shrink_if_empty(buf: &mut Vec<u8>) {
+    if buf.is_empty() && buf.capacity() > SHRINK_ABOVE {
+        *buf = Vec::new();
+    }
+}

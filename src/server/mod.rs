@@ -1,0 +1,254 @@
+//! The runtime: the only module that does I/O on client sockets (DESIGN.md §5).
+//!
+//! Threads: `[server] workers` event loops ([`worker`]), each with its own listener socket per
+//! listen address (SO_REUSEPORT, so the kernel spreads connections over them), its own
+//! connection slab and timer heap; plus, under [`run`], one thread waiting for signals. Workers
+//! share only the connection limits ([`limits`]) and a stop flag; each has a `mio::Waker` so
+//! another thread can make it look at the flag.
+//!
+//! Life of a connection:
+//! 1. **Accept** (`Worker::accept`): until `WouldBlock`, a bounded number per turn. Over
+//!    `max_connections` or `max_connections_per_ip` the client gets `421 4.7.0 <hostname> Too
+//!    many connections, try again later` and is closed without a session. Otherwise a
+//!    [`Session`](crate::smtp::Session) is created and the socket registered once for
+//!    `READABLE | WRITABLE`.
+//! 2. **Drive** (`Conn::drive`): after every event or timer, one bounded read per socket feeds
+//!    the session, then output, actions (downstream connect and close, close) and writes go
+//!    round until nothing moves, and the connection's deadline is re-armed.
+//! 3. **Close**, in two steps: the connection is marked closing (the session's `Action::Close`,
+//!    the client gone after the session ended, a socket error) and flushes what was handed out,
+//!    for at most [`conn::CLOSE_FLUSH_LIMIT`]; after the event batch it is deregistered, shut
+//!    down and freed, its limit slot released and its one log line written ([`close_log`]).
+//!
+//! Shutdown ([`ServerHandle::shutdown`]): every worker closes its listeners at once (new
+//! connects are refused), tells each session `Shutdown::Graceful`, after `[timeouts] drain`
+//! `Shutdown::Now`, and exits when its last connection is gone.
+//!
+//! Nothing here decides policy: every protocol decision is the session's.
+
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
+mod close_log;
+mod conn;
+mod limits;
+mod slab;
+mod timer;
+mod token;
+mod worker;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use mio::Waker;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use self::limits::Limits;
+use self::worker::Worker;
+use crate::config::Config;
+
+/// Pending connections the kernel queues per listener socket before refusing more.
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// A running server: its worker threads and the means to stop them.
+#[derive(Debug)]
+pub struct ServerHandle {
+    control: Arc<Control>,
+    local_addrs: Vec<SocketAddr>,
+    workers: Vec<JoinHandle<io::Result<()>>>,
+}
+
+/// What another thread needs to stop the workers.
+#[derive(Debug)]
+struct Control {
+    stopping: Arc<AtomicBool>,
+    wakers: Vec<Waker>,
+    limits: Arc<Limits>,
+    drain: Duration,
+}
+
+impl ServerHandle {
+    /// Binds every `[server] listen` address once per worker and starts the workers. A port 0 is
+    /// bound by the first worker and the others join the port the kernel chose. Errors (an
+    /// address in use, no permission) name the address and leave nothing running.
+    pub fn start(config: Arc<Config>) -> io::Result<ServerHandle> {
+        let workers = config.server.workers.max(1);
+        let mut sockets: Vec<Vec<mio::net::TcpListener>> =
+            (0..workers).map(|_| Vec::new()).collect();
+        let mut local_addrs = Vec::with_capacity(config.server.listen.len());
+        for &addr in &config.server.listen {
+            let mut real = addr;
+            for (n, worker_sockets) in sockets.iter_mut().enumerate() {
+                let socket = bind(real)
+                    .map_err(|e| io::Error::new(e.kind(), format!("listen on {addr}: {e}")))?;
+                if n == 0 {
+                    real = socket.local_addr()?;
+                    local_addrs.push(real);
+                }
+                worker_sockets.push(socket);
+            }
+        }
+
+        let stopping = Arc::new(AtomicBool::new(false));
+        let limits = Arc::new(Limits::new(
+            config.server.max_connections,
+            config.limits.max_connections_per_ip,
+        ));
+        let mut built = Vec::with_capacity(workers);
+        let mut wakers = Vec::with_capacity(workers);
+        for (index, worker_sockets) in sockets.into_iter().enumerate() {
+            let (worker, waker) = Worker::new(
+                index,
+                workers,
+                worker_sockets,
+                Arc::clone(&config),
+                Arc::clone(&limits),
+                Arc::clone(&stopping),
+            )?;
+            built.push(worker);
+            wakers.push(waker);
+        }
+        let control = Arc::new(Control {
+            stopping,
+            wakers,
+            limits,
+            drain: config.timeouts.drain,
+        });
+
+        let mut handle = ServerHandle {
+            control,
+            local_addrs,
+            workers: Vec::with_capacity(workers),
+        };
+        for (index, worker) in built.into_iter().enumerate() {
+            let spawned = thread::Builder::new()
+                .name(format!("tarmac-worker-{index}"))
+                .spawn(move || worker.run());
+            match spawned {
+                Ok(thread) => handle.workers.push(thread),
+                Err(e) => {
+                    // The workers already running hold no connections yet: stop them.
+                    handle.shutdown();
+                    let _ = handle.join();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(handle)
+    }
+
+    /// The addresses listened on, with the real port where the config said 0.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.local_addrs.clone()
+    }
+
+    /// Graceful stop, callable from any thread and more than once: the workers close their
+    /// listeners at once, let sessions finish for up to `[timeouts] drain`, then end them with
+    /// `421 4.3.2`; [`ServerHandle::join`] returns when the last connection is gone.
+    pub fn shutdown(&self) {
+        self.control.shutdown();
+    }
+
+    /// Waits for every worker to exit; the first worker error (a failing poll) is returned.
+    pub fn join(self) -> io::Result<()> {
+        let mut result = Ok(());
+        for thread in self.workers {
+            let outcome = thread
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("a worker thread panicked")));
+            if let Err(e) = outcome {
+                log::error!("worker failed: {e}");
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+        }
+        result
+    }
+}
+
+impl Control {
+    fn shutdown(&self) {
+        self.stopping.store(true, Ordering::Release);
+        for waker in &self.wakers {
+            if let Err(e) = waker.wake() {
+                log::error!("cannot wake a worker to stop it: {e}");
+            }
+        }
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+}
+
+/// Serves until SIGTERM or SIGINT, then drains and returns `Ok` once every connection is closed.
+/// SIGHUP is logged and ignored until reloading is implemented.
+pub fn run(config: Arc<Config>) -> io::Result<()> {
+    // Registered before the workers start, so an early SIGTERM is a clean stop, not a kill.
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    let signals_handle = signals.handle();
+    let handle = ServerHandle::start(config)?;
+    for addr in handle.local_addrs() {
+        log::info!("listening on {addr}");
+    }
+    let control = Arc::clone(&handle.control);
+    let signal_thread = thread::Builder::new()
+        .name("tarmac-signals".to_owned())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if signal == SIGHUP {
+                    log::warn!("reload is not supported yet; ignoring SIGHUP");
+                } else if control.is_stopping() {
+                    log::info!("already shutting down");
+                } else {
+                    log::info!(
+                        "shutting down: draining {} connections for up to {}s",
+                        control.limits.open(),
+                        control.drain.as_secs_f64()
+                    );
+                    control.shutdown();
+                }
+            }
+        });
+    let signal_thread = match signal_thread {
+        Ok(thread) => thread,
+        Err(e) => {
+            handle.shutdown();
+            let _ = handle.join();
+            return Err(e);
+        }
+    };
+    let result = handle.join();
+    signals_handle.close();
+    let _ = signal_thread.join();
+    result
+}
+
+/// One nonblocking listener socket for `addr`, sharable with the other workers' sockets for the
+/// same address. IPv6 sockets are IPv6-only, so `[::]:25` and `0.0.0.0:25` can both be listed.
+fn bind(addr: SocketAddr) -> io::Result<mio::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(mio::net::TcpListener::from_std(socket.into()))
+}

@@ -1,0 +1,424 @@
+//! One worker: a mio event loop on its own thread with its own listeners (SO_REUSEPORT: the
+//! kernel spreads new connections over the workers), connection slab and timer heap. Workers
+//! share only the connection limits and the stop flag.
+//!
+//! A turn: poll (zero timeout when work was left over, else until the earliest deadline); note
+//! readiness from the events; on the waker, start shutting down if asked; fire expired timers;
+//! accept; drive every connection that was ready or touched, the ones left over from the last
+//! turn first; close the connections that finished.
+
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Waker};
+
+use super::close_log::ConnId;
+use super::conn::{CLOSE_FLUSH_LIMIT, Conn, Io, Next, READ_CHUNK};
+use super::limits::Limits;
+use super::slab::{ConnKey, Slab};
+use super::timer::TimerHeap;
+use super::token::{self, Source};
+use crate::config::Config;
+use crate::smtp::{Peer, Session, Shutdown};
+
+/// Events taken from the kernel per poll; more wait for the next turn.
+const EVENTS_PER_TURN: usize = 1024;
+
+/// Connections accepted per listener per turn, so a connection flood cannot starve the
+/// connections already open; a listener with more waiting keeps the next poll from blocking.
+const ACCEPTS_PER_TURN: usize = 128;
+
+/// How long accepting pauses after an accept error such as EMFILE/ENFILE: retrying at once
+/// would spin, since the backlog stays readable until a descriptor frees up.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
+/// Timer-heap entries allowed per open connection before the dead ones are pruned.
+const TIMER_ENTRIES_PER_CONN: usize = 2;
+
+/// Timer-heap entries always allowed before pruning (pruning a small heap isn't worth it).
+const TIMER_ENTRIES_SLACK: usize = 1024;
+
+/// A worker, built on the starting thread (so setup errors reach `ServerHandle::start`) and then
+/// moved to its own thread by [`Worker::run`].
+pub(crate) struct Worker {
+    index: usize,
+    workers: usize,
+    poll: Poll,
+    listeners: Vec<Listener>,
+    conns: Slab<Conn>,
+    timers: TimerHeap,
+    config: Arc<Config>,
+    limits: Arc<Limits>,
+    stopping: Arc<AtomicBool>,
+    scratch: Vec<u8>,
+    /// Connections to drive this turn (each with `queued` set).
+    pending: Vec<ConnKey>,
+    /// Connections still readable after their bounded read: driven first next turn.
+    ready: Vec<ConnKey>,
+    /// Connections to close after the event batch.
+    closing: Vec<ConnKey>,
+    expired: Vec<(Instant, ConnKey)>,
+    next_seq: u64,
+    accept_paused_until: Option<Instant>,
+    /// An accept error was logged since the last successful accept (one warning per burst).
+    accept_error_logged: bool,
+    phase: Phase,
+}
+
+struct Listener {
+    socket: TcpListener,
+    local: SocketAddr,
+    /// Set by events, cleared by `WouldBlock`, like a connection's flags.
+    ready: bool,
+}
+
+/// Where the worker is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Accepting and serving.
+    Running,
+    /// Listeners closed, sessions told `Shutdown::Graceful`; at `until` they get
+    /// `Shutdown::Now`.
+    Draining { until: Instant },
+    /// Sessions told `Shutdown::Now`; at `until` whatever is left is dropped.
+    Forcing { until: Instant },
+}
+
+impl Worker {
+    /// Sets up worker `index` of `workers` with its listeners; returns it and the waker that
+    /// asks it to look at the stop flag.
+    pub(crate) fn new(
+        index: usize,
+        workers: usize,
+        sockets: Vec<TcpListener>,
+        config: Arc<Config>,
+        limits: Arc<Limits>,
+        stopping: Arc<AtomicBool>,
+    ) -> io::Result<(Worker, Waker)> {
+        let poll = Poll::new()?;
+        let waker = Waker::new(poll.registry(), token::WAKER)?;
+        let mut listeners = Vec::with_capacity(sockets.len());
+        for (n, mut socket) in sockets.into_iter().enumerate() {
+            poll.registry()
+                .register(&mut socket, token::listener(n), Interest::READABLE)?;
+            let local = socket.local_addr()?;
+            listeners.push(Listener {
+                socket,
+                local,
+                ready: false,
+            });
+        }
+        let worker = Worker {
+            index,
+            workers,
+            poll,
+            listeners,
+            conns: Slab::new(),
+            timers: TimerHeap::new(),
+            config,
+            limits,
+            stopping,
+            scratch: vec![0; READ_CHUNK],
+            pending: Vec::new(),
+            ready: Vec::new(),
+            closing: Vec::new(),
+            expired: Vec::new(),
+            next_seq: 0,
+            accept_paused_until: None,
+            accept_error_logged: false,
+            phase: Phase::Running,
+        };
+        Ok((worker, waker))
+    }
+
+    /// The event loop; returns once shutdown was asked for and every connection is closed, or
+    /// on a poll error (which would otherwise repeat forever).
+    pub(crate) fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(EVENTS_PER_TURN);
+        loop {
+            let timeout = self.poll_timeout(Instant::now());
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            self.turn(Instant::now(), &events);
+            if self.phase != Phase::Running && self.conns.is_empty() {
+                log::debug!("worker {} done", self.index);
+                return Ok(());
+            }
+        }
+    }
+
+    fn poll_timeout(&self, now: Instant) -> Option<Duration> {
+        let accepting = self.phase == Phase::Running && self.accept_paused_until.is_none();
+        if !self.ready.is_empty() || (accepting && self.listeners.iter().any(|l| l.ready)) {
+            return Some(Duration::ZERO);
+        }
+        let phase_deadline = match self.phase {
+            Phase::Running => None,
+            Phase::Draining { until } | Phase::Forcing { until } => Some(until),
+        };
+        [
+            self.timers.next_deadline(),
+            self.accept_paused_until,
+            phase_deadline,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|at| at.saturating_duration_since(now))
+    }
+
+    fn turn(&mut self, now: Instant, events: &Events) {
+        // Left over from the last turn: first in line (their `queued` flag is still set).
+        self.pending.append(&mut self.ready);
+        let mut woken = false;
+        for event in events {
+            match token::decode(event.token()) {
+                Source::Waker => woken = true,
+                Source::Listener(n) => {
+                    if let Some(listener) = self.listeners.get_mut(n) {
+                        listener.ready = true;
+                    }
+                }
+                Source::Conn(key, side) => {
+                    // A stale generation finds nothing: the event was for a closed connection.
+                    if let Some(conn) = self.conns.get_mut(key) {
+                        conn.on_event(side, event);
+                        queue(&mut self.pending, conn, key);
+                    }
+                }
+            }
+        }
+        if woken && self.phase == Phase::Running && self.stopping.load(Ordering::Acquire) {
+            self.begin_shutdown(now);
+        }
+        self.advance_phase(now);
+        self.fire_timers(now);
+        self.accept(now);
+        self.drive_pending(now);
+        self.close_finished(now);
+        self.prune_timers();
+    }
+
+    /// Stops accepting (closing the listeners, so new connects are refused) and asks every
+    /// session to finish.
+    fn begin_shutdown(&mut self, now: Instant) {
+        for mut listener in self.listeners.drain(..) {
+            let _ = self.poll.registry().deregister(&mut listener.socket);
+        }
+        for (key, conn) in self.conns.iter_mut() {
+            conn.handle_shutdown(now, Shutdown::Graceful);
+            queue(&mut self.pending, conn, key);
+        }
+        self.phase = Phase::Draining {
+            until: now + self.config.timeouts.drain,
+        };
+    }
+
+    fn advance_phase(&mut self, now: Instant) {
+        match self.phase {
+            Phase::Draining { until } if now >= until => {
+                for (key, conn) in self.conns.iter_mut() {
+                    conn.handle_shutdown(now, Shutdown::Now);
+                    queue(&mut self.pending, conn, key);
+                }
+                self.phase = Phase::Forcing {
+                    until: now + CLOSE_FLUSH_LIMIT,
+                };
+            }
+            Phase::Forcing { until } if now >= until => {
+                for (key, conn) in self.conns.iter_mut() {
+                    log::warn!(
+                        "conn={} still open after the drain time; dropping it",
+                        conn.id()
+                    );
+                    self.closing.push(key);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        self.expired.extend(self.timers.pop_expired(now));
+        for (at, key) in self.expired.drain(..) {
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            if conn.armed != Some(at) {
+                continue; // cancelled: a newer deadline was armed after this one
+            }
+            conn.armed = None;
+            conn.handle_timeout(now);
+            queue(&mut self.pending, conn, key);
+        }
+    }
+
+    fn accept(&mut self, now: Instant) {
+        if self.phase != Phase::Running {
+            return;
+        }
+        if let Some(until) = self.accept_paused_until {
+            if now < until {
+                return;
+            }
+            // The backlog may have filled without a new edge: try every listener again.
+            self.accept_paused_until = None;
+            for listener in &mut self.listeners {
+                listener.ready = true;
+            }
+        }
+        for n in 0..self.listeners.len() {
+            for _ in 0..ACCEPTS_PER_TURN {
+                let Some(listener) = self.listeners.get_mut(n).filter(|l| l.ready) else {
+                    break;
+                };
+                let local = listener.local;
+                match listener.socket.accept() {
+                    Ok((stream, addr)) => {
+                        self.accept_error_logged = false;
+                        self.admit(stream, addr, local, now);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => listener.ready = false,
+                    // Failures of that one connection (it went away before we got to it).
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::Interrupted
+                                | io::ErrorKind::ConnectionAborted
+                                | io::ErrorKind::ConnectionReset
+                        ) => {}
+                    Err(e) => {
+                        // EMFILE/ENFILE (out of descriptors), ENOBUFS, ENOMEM: pause rather
+                        // than spin on a backlog that stays readable.
+                        if !self.accept_error_logged {
+                            log::warn!(
+                                "accept on {local} failed: {e}; pausing accepts for {} ms",
+                                ACCEPT_PAUSE.as_millis()
+                            );
+                            self.accept_error_logged = true;
+                        }
+                        self.accept_paused_until = Some(now + ACCEPT_PAUSE);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Counts the connection against the limits and starts its session, or refuses it.
+    fn admit(&mut self, stream: TcpStream, addr: SocketAddr, local: SocketAddr, now: Instant) {
+        let guard = match self.limits.try_acquire(addr.ip()) {
+            Ok(guard) => guard,
+            Err(refusal) => {
+                let reply = format!(
+                    "421 4.7.0 {} Too many connections, try again later\r\n",
+                    self.config.server.hostname
+                );
+                // One nonblocking write into an empty send buffer; best effort.
+                let _ = (&stream).write(reply.as_bytes());
+                log::info!("refused connection from {addr}: {refusal}");
+                return;
+            }
+        };
+        // Replies are small and a stuttering tarpit sends single bytes: Nagle would only
+        // delay or merge them.
+        let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().unwrap_or(local);
+        let id = ConnId::new(self.index, self.workers, self.next_seq);
+        self.next_seq = self.next_seq.wrapping_add(1);
+        let peer = Peer {
+            client: addr,
+            local,
+            accepted_at: SystemTime::now(),
+        };
+        let session = Session::new(Arc::clone(&self.config), peer, now);
+        let conn = Conn::new(id, stream, addr, session, now, guard);
+        let Ok(key) = self.conns.insert(conn) else {
+            log::warn!("conn={id} refused: connection table full");
+            return;
+        };
+        let registered = match self.conns.get_mut(key) {
+            Some(conn) if token::fits(key) => conn.register(self.poll.registry(), key),
+            _ => Err(io::Error::other("connection table full")),
+        };
+        if let Err(e) = registered {
+            log::warn!("conn={id} from {addr} dropped: {e}");
+            self.conns.remove(key);
+            return;
+        }
+        log::debug!("conn={id} accepted from {addr} on {local}");
+        if let Some(conn) = self.conns.get_mut(key) {
+            queue(&mut self.pending, conn, key);
+        }
+    }
+
+    fn drive_pending(&mut self, now: Instant) {
+        let max_input = READ_CHUNK.saturating_add(self.config.limits.max_line_length);
+        let mut io = Io {
+            registry: self.poll.registry(),
+            scratch: &mut self.scratch,
+            max_input,
+        };
+        for key in self.pending.drain(..) {
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            conn.queued = false;
+            if conn.drive(key, now, &mut io) == Next::Close {
+                self.closing.push(key);
+                continue;
+            }
+            if let Some(at) = conn.next_deadline() {
+                self.timers.arm(key, at, &mut conn.armed);
+            }
+            if conn.wants_another_turn(max_input) {
+                queue(&mut self.ready, conn, key);
+            }
+        }
+    }
+
+    fn close_finished(&mut self, now: Instant) {
+        let mut io = Io {
+            registry: self.poll.registry(),
+            scratch: &mut self.scratch,
+            max_input: 0,
+        };
+        for key in self.closing.drain(..) {
+            if let Some(conn) = self.conns.remove(key) {
+                conn.close(now, &mut io);
+            }
+        }
+    }
+
+    /// Drops timer entries of closed connections and superseded deadlines once they outnumber
+    /// the live ones, so churn cannot grow the heap for a whole idle timeout.
+    fn prune_timers(&mut self) {
+        let allowed = self
+            .conns
+            .len()
+            .saturating_mul(TIMER_ENTRIES_PER_CONN)
+            .saturating_add(TIMER_ENTRIES_SLACK);
+        if self.timers.len() <= allowed {
+            return;
+        }
+        let conns = &self.conns;
+        self.timers
+            .retain(|at, key| conns.get(key).is_some_and(|conn| conn.armed == Some(at)));
+    }
+}
+
+/// Puts `key` on `list` unless it is on a list already.
+fn queue(list: &mut Vec<ConnKey>, conn: &mut Conn, key: ConnKey) {
+    if !conn.queued {
+        conn.queued = true;
+        list.push(key);
+    }
+}
