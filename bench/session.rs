@@ -108,7 +108,8 @@ fn data_codec(rounds: usize) {
 fn transactions(n: usize) {
     let config = config();
     let client_script: Vec<u8> = [
-        &b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"[..],
+        &b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
+            [..],
         &b"Subject: bench\r\n\r\n"[..],
         &[b'z'; 4000][..],
         &b"\r\n.\r\nQUIT\r\n"[..],

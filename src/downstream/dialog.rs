@@ -170,8 +170,9 @@ impl Handshake {
                 self.phase = Phase::Ready;
                 Step::Ready
             }
-            Phase::Xclient if ok(220) => {
-                // XCLIENT resets the downstream session: it wants EHLO again.
+            // Postfix's smtpd answers XCLIENT with a new 220 greeting, its smtp-sink with 250;
+            // either way the session was reset and wants EHLO again.
+            Phase::Xclient if reply.code / 100 == 2 => {
                 self.send_ehlo(true, out);
                 Step::Continue
             }

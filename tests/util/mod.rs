@@ -101,8 +101,14 @@ impl Client {
         let mut all = String::new();
         loop {
             let mut line = Vec::new();
-            let n = self.reader.read_until(b'\n', &mut line).expect("read reply");
-            assert!(n > 0, "connection closed while waiting for a reply; got so far: {all:?}");
+            let n = self
+                .reader
+                .read_until(b'\n', &mut line)
+                .expect("read reply");
+            assert!(
+                n > 0,
+                "connection closed while waiting for a reply; got so far: {all:?}"
+            );
             let line = String::from_utf8_lossy(&line).into_owned();
             all.push_str(&line);
             if line.len() < 4 || line.as_bytes()[3] != b'-' {
