@@ -20,7 +20,6 @@ pub const DEMO_MAILDIR: &str = "demo-mail";
 /// sink's `.eml` files show who the real client was.
 pub fn config() -> Config {
     let mut config = Config::default();
-    config.path = None;
     config.server.listen = vec![parse(DEMO_LISTEN)];
     config.server.hostname = "tarmac.demo".to_owned();
     config.server.workers = 1;
@@ -34,7 +33,8 @@ pub fn config() -> Config {
 
 fn parse(addr: &str) -> std::net::SocketAddr {
     // The constants above are literals; a parse failure is a bug caught by the demo test.
-    addr.parse().unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+    addr.parse()
+        .unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
 }
 
 /// Runs the demo until SIGINT/SIGTERM.

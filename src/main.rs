@@ -61,7 +61,7 @@ fn config_path(args: &[&str]) -> Option<PathBuf> {
     }
 }
 
-fn load(path: &PathBuf) -> Option<Config> {
+fn load(path: &std::path::Path) -> Option<Config> {
     match Config::load(path) {
         Ok(config) => Some(config),
         Err(errors) => {

@@ -1,4 +1,11 @@
 //! Integration tests: the real server on loopback with a real downstream SMTP listener.
 
-// The runtime end to end: relaying, limits, shutdown, hostile input.
+// Shared helpers: server on loopback, sink, bounded SMTP client.
+mod util;
+
+// The relay path end to end through the real server and the project's sink.
+mod relay;
+// Real peers: swaks, Python smtplib, Postfix smtp-sink/smtp-source.
+mod interop;
+// The runtime end to end: limits, shutdown, signals, hostile input, many connections.
 mod server;

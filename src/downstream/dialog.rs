@@ -170,8 +170,9 @@ impl Handshake {
                 self.phase = Phase::Ready;
                 Step::Ready
             }
-            Phase::Xclient if ok(220) => {
-                // XCLIENT resets the downstream session: it wants EHLO again.
+            // Postfix's smtpd answers XCLIENT with a new 220 greeting, its smtp-sink with 250;
+            // either way the session was reset and wants EHLO again.
+            Phase::Xclient if reply.code / 100 == 2 => {
                 self.send_ehlo(true, out);
                 Step::Continue
             }
@@ -262,7 +263,11 @@ fn xclient_command(attrs: XclientAttrs, who: &ClientIdentity<'_>) -> Vec<u8> {
         line.push_str(" NAME=[UNAVAILABLE]");
     }
     if attrs.proto {
-        line.push_str(if who.esmtp { " PROTO=ESMTP" } else { " PROTO=SMTP" });
+        line.push_str(if who.esmtp {
+            " PROTO=ESMTP"
+        } else {
+            " PROTO=SMTP"
+        });
     }
     if attrs.destaddr {
         let _ = write!(line, " DESTADDR={}", xclient_addr(who.local.ip()));
@@ -297,7 +302,9 @@ fn proxy_pair(who: &ClientIdentity<'_>) -> (SocketAddr, SocketAddr) {
         (src @ SocketAddr::V4(_), dst @ SocketAddr::V4(_)) => (src, dst),
         (src, dst) => {
             let six = |a: SocketAddr| match a {
-                SocketAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
+                SocketAddr::V4(v4) => {
+                    SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+                }
                 v6 @ SocketAddr::V6(_) => v6,
             };
             (six(src), six(dst))
@@ -353,17 +360,29 @@ mod tests {
         let mut out = Vec::new();
         hs.handle_connected(&who(), &mut out);
         assert!(out.is_empty());
-        assert_eq!(hs.handle_reply(reply(220, &["sink"]), &who(), &mut out), Step::Continue);
+        assert_eq!(
+            hs.handle_reply(reply(220, &["sink"]), &who(), &mut out),
+            Step::Continue
+        );
         assert_eq!(out, b"EHLO mx.test\r\n");
         out.clear();
-        let ehlo = reply(250, &["sink", "PIPELINING", "XCLIENT ADDR NAME PORT HELO PROTO"]);
-        assert_eq!(hs.handle_reply(ehlo.clone(), &who(), &mut out), Step::Continue);
+        let ehlo = reply(
+            250,
+            &["sink", "PIPELINING", "XCLIENT ADDR NAME PORT HELO PROTO"],
+        );
+        assert_eq!(
+            hs.handle_reply(ehlo.clone(), &who(), &mut out),
+            Step::Continue
+        );
         assert_eq!(
             String::from_utf8(out.clone()).unwrap(),
             "XCLIENT ADDR=192.0.2.7 PORT=53211 NAME=[UNAVAILABLE] PROTO=ESMTP HELO=mail.example.com\r\n"
         );
         out.clear();
-        assert_eq!(hs.handle_reply(reply(220, &["sink"]), &who(), &mut out), Step::Continue);
+        assert_eq!(
+            hs.handle_reply(reply(220, &["sink"]), &who(), &mut out),
+            Step::Continue
+        );
         assert_eq!(out, b"EHLO mx.test\r\n");
         out.clear();
         assert_eq!(hs.handle_reply(ehlo, &who(), &mut out), Step::Ready);
@@ -389,9 +408,15 @@ mod tests {
         let mut out = Vec::new();
         hs.handle_reply(reply(220, &["old"]), &who(), &mut out);
         out.clear();
-        assert_eq!(hs.handle_reply(reply(502, &["no"]), &who(), &mut out), Step::Continue);
+        assert_eq!(
+            hs.handle_reply(reply(502, &["no"]), &who(), &mut out),
+            Step::Continue
+        );
         assert_eq!(out, b"HELO mx.test\r\n");
-        assert_eq!(hs.handle_reply(reply(250, &["old"]), &who(), &mut out), Step::Ready);
+        assert_eq!(
+            hs.handle_reply(reply(250, &["old"]), &who(), &mut out),
+            Step::Ready
+        );
     }
 
     #[test]
@@ -399,7 +424,10 @@ mod tests {
         let mut hs = Handshake::new("mx.test", AnnounceClient::None);
         let mut out = Vec::new();
         let r = reply(554, &["go away"]);
-        assert_eq!(hs.handle_reply(r.clone(), &who(), &mut out), Step::Failed(r));
+        assert_eq!(
+            hs.handle_reply(r.clone(), &who(), &mut out),
+            Step::Failed(r)
+        );
     }
 
     #[test]

@@ -1,7 +1,15 @@
 //! SMTP command parser (RFC 5321 §4.1, ESMTP parameters of RFC 1870, 6152, 6531).
 //!
 //! Input is one command line *without* its CRLF; framing (CRLF, line length, discard to LF)
-//! belongs to the session. Output borrows from the line.
+//! belongs to the session. Output borrows from the line; nothing is allocated except the
+//! keyword carried by [`CommandError::BadParameter`].
+//!
+//! Leniencies are fixed, not flags: each is something real clients send and Postfix accepts,
+//! and none can move where a command or a message ends. Accepted: extra spaces between and
+//! around arguments, spaces after `FROM:`/`TO:` (`MAIL FROM: <a@b>`), a source route (dropped),
+//! a quoted local part, UTF-8 in addresses and HELO, any HELO text. Refused: a control byte
+//! anywhere (TAB, NUL, a stray CR), a path without angle brackets, and any ESMTP parameter
+//! tarmac does not advertise.
 
 /// Parameters of MAIL FROM that tarmac understands.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -882,5 +890,107 @@ mod tests {
             CommandError::Syntax { expected: "DATA" }.to_string(),
             "syntax error, expected: DATA"
         );
+    }
+
+    /// Deterministic xorshift64 inputs, mostly built from pieces of commands.
+    fn random_input(state: &mut u64) -> Vec<u8> {
+        const VERBS: &[&[u8]] = &[
+            b"MAIL FROM:",
+            b"RCPT TO:",
+            b"EHLO ",
+            b"DATA",
+            b"mail from: ",
+            b"NOOP",
+        ];
+        const TOKENS: &[&[u8]] = &[
+            b"<",
+            b">",
+            b"@",
+            b":",
+            b",",
+            b"\"",
+            b"\\",
+            b" ",
+            b"=",
+            b"0",
+            b"9",
+            b".",
+            b"SIZE=",
+            b"BODY=",
+            b"8BITMIME",
+            b"SMTPUTF8",
+            b"postmaster",
+            b"\r",
+            b"\n",
+            b"\t",
+            b"\xc3\xa9",
+            b"\xff",
+        ];
+        let mut next = || {
+            *state ^= *state << 13;
+            *state ^= *state >> 7;
+            *state ^= *state << 17;
+            *state
+        };
+        let mut v = VERBS[next() as usize % VERBS.len()].to_vec();
+        let mut piece = |v: &mut Vec<u8>, max: u64| {
+            for _ in 0..next() % max {
+                let r = next();
+                match r % 16 {
+                    0 => v.push((r >> 8) as u8),
+                    1..=3 => v.extend_from_slice(TOKENS[(r >> 8) as usize % TOKENS.len()]),
+                    _ => v.push(b'a' + (r >> 8) as u8 % 26),
+                }
+            }
+        };
+        // Mostly shaped like `<local@domain> params`, or hardly any input would get past the
+        // brackets; the pieces are still random.
+        v.push(b'<');
+        piece(&mut v, 5);
+        v.push(b'@');
+        piece(&mut v, 5);
+        v.push(b'>');
+        v.push(b' ');
+        piece(&mut v, 4);
+        v
+    }
+
+    #[test]
+    fn random_input_keeps_the_invariants() {
+        let clean = |s: &str| !s.bytes().any(|b| b == b' ' || is_control(b));
+        let mut state = 0xdead_beef_cafe_f00d;
+        let (mut mails, mut rcpts) = (0, 0);
+        for _ in 0..5000 {
+            let input = random_input(&mut state);
+            match parse_command(&input) {
+                Ok(Command::Mail { from, .. }) => {
+                    mails += 1;
+                    assert!(from.len() <= MAX_ADDRESS && clean(from), "{from:?}");
+                    assert!(from.is_empty() || from.contains('@'));
+                }
+                Ok(Command::Rcpt { to }) => {
+                    rcpts += 1;
+                    assert!(
+                        !to.is_empty() && to.len() <= MAX_ADDRESS && clean(to),
+                        "{to:?}"
+                    );
+                }
+                Ok(Command::Ehlo(name) | Command::Helo(name)) => {
+                    assert!(!name.is_empty() && !name.bytes().any(is_control));
+                    assert!(!name.starts_with(' ') && !name.ends_with(' '));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if let CommandError::BadParameter { name } = &e {
+                        assert!(name.chars().count() <= MAX_PARAM_NAME);
+                    }
+                    let mut out = Vec::new();
+                    e.reply().write_to(&mut out);
+                    assert!(out.ends_with(b"\r\n"));
+                    assert_eq!(out.iter().filter(|&&b| b == b'\n' || b == b'\r').count(), 2);
+                }
+            }
+        }
+        assert!(mails > 50 && rcpts > 50, "{mails} {rcpts}");
     }
 }

@@ -338,9 +338,13 @@ fn code_of(a: u8, b: u8, c: u8) -> Option<u16> {
 }
 
 /// An enhanced code of `code`'s class at the start of `text`, followed by a space (dropped) or
-/// the end of the text.
+/// the end of the text. A stray CR counts as the space it will become, or the reply would not
+/// parse back to itself once written.
 fn split_enhanced(text: &[u8], code: u16) -> Option<(EnhancedCode, &[u8])> {
-    let end = text.iter().position(|&b| b == b' ').unwrap_or(text.len());
+    let end = text
+        .iter()
+        .position(|&b| b == b' ' || b == b'\r')
+        .unwrap_or(text.len());
     let (word, after) = text.split_at_checked(end)?;
     let enh = parse_enhanced(word).filter(|e| e.0 == code_class(code))?;
     Some((enh, after.get(1..).unwrap_or_default()))
@@ -591,6 +595,7 @@ mod tests {
             // A CR inside a line is not a line end.
             (b"250 a\rb\r\n", Reply::without_enhanced(250, "a b"), 9),
             (b"250 a\r\r\n", Reply::without_enhanced(250, "a "), 8),
+            (b"250 2.0.0\rOk\r\n", Reply::new(250, "2.0.0", "Ok"), 14),
             // Not UTF-8: converted lossily.
             (
                 b"250 caf\xe9\r\n",
@@ -833,5 +838,95 @@ mod tests {
             first.write_to(&mut out);
             assert_eq!(complete(&out), (first, out.len()));
         }
+    }
+
+    /// Deterministic xorshift64 inputs, mostly built from pieces of reply lines.
+    fn random_input(state: &mut u64) -> Vec<u8> {
+        const TOKENS: &[&[u8]] = &[
+            b"250",
+            b"250-",
+            b"250 ",
+            b"550 ",
+            b"2.0.0",
+            b"5.7.1 ",
+            b"2.0",
+            b"\r\n",
+            b"\n",
+            b"\r",
+            b" ",
+            b"-",
+            b".",
+            b"a",
+            b"0",
+            b"\xff",
+            b"\r\n250-",
+            b"\n250 ",
+            b"\r\n250 ",
+            b"\r\n250-2.0.0 ",
+            b"\r\n250 2.0.0",
+        ];
+        let mut next = || {
+            *state ^= *state << 13;
+            *state ^= *state >> 7;
+            *state ^= *state << 17;
+            *state
+        };
+        let len = next() % 24;
+        // Mostly start like a reply line, or nearly every input is malformed at byte one.
+        let mut v = match next() % 6 {
+            0 => Vec::new(),
+            1 => b"250-".to_vec(),
+            2 => b"250 ".to_vec(),
+            3 => b"250-2.0.0 ".to_vec(),
+            _ => b"250 2.0.0".to_vec(),
+        };
+        for _ in 0..len {
+            let r = next();
+            if r % 8 == 0 {
+                v.push((r >> 8) as u8);
+            } else {
+                v.extend_from_slice(TOKENS[(r >> 8) as usize % TOKENS.len()]);
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn random_input_keeps_the_invariants() {
+        let mut state = 0x2545_f491_4f6c_dd1d;
+        let mut complete_count = 0;
+        for _ in 0..5000 {
+            let input = random_input(&mut state);
+            let Ok(Status::Complete((reply, used))) = parse_reply(&input) else {
+                continue;
+            };
+            complete_count += 1;
+            assert!(used <= input.len());
+            assert_eq!(input[used - 1], b'\n');
+            // Every shorter prefix is incomplete, never an error.
+            for cut in 0..used {
+                assert_eq!(parse_reply(&input[..cut]), Ok(Status::Partial));
+            }
+            // Re-written: well-formed lines only, and it parses back to itself.
+            let mut out = Vec::new();
+            reply.write_to(&mut out);
+            let wire_lines: Vec<&[u8]> = out.split_inclusive(|&b| b == b'\n').collect();
+            assert_eq!(wire_lines.len(), reply.lines.len());
+            for (i, line) in wire_lines.iter().enumerate() {
+                assert!(line.ends_with(b"\r\n"));
+                let body = &line[..line.len() - 2];
+                assert!(!body.contains(&b'\r') && !body.contains(&b'\n'));
+                assert_eq!(&body[..3], reply.code.to_string().as_bytes());
+                let sep = if i + 1 < wire_lines.len() { b'-' } else { b' ' };
+                assert!(
+                    body.len() == 3 || body[3] == sep,
+                    "{:?}",
+                    String::from_utf8_lossy(&out)
+                );
+            }
+            assert_eq!(parse_reply(&out), Ok(Status::Complete((reply, out.len()))));
+        }
+        // The generator must reach the interesting path often enough to mean something.
+        assert!(complete_count > 500, "{complete_count}");
     }
 }

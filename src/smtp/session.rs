@@ -320,7 +320,9 @@ impl Session {
                 let who = identity(&self.peer, self.helo.as_deref(), self.esmtp);
                 if let Some(relay) = self.relay.as_deref_mut() {
                     relay.link = Link::Handshaking;
-                    relay.handshake.handle_connected(&who, &mut self.to_downstream);
+                    relay
+                        .handshake
+                        .handle_connected(&who, &mut self.to_downstream);
                 }
                 self.timers.downstream = Some(now + self.config.timeouts.command);
                 0
@@ -346,7 +348,11 @@ impl Session {
         }
         if expired(self.timers.downstream, now) {
             self.timers.downstream = None;
-            if self.relay.as_ref().is_some_and(|r| r.link == Link::Connecting) {
+            if self
+                .relay
+                .as_ref()
+                .is_some_and(|r| r.link == Link::Connecting)
+            {
                 self.actions.push_back(Action::CloseDownstream);
                 self.try_next_server(now);
             } else {
@@ -355,9 +361,7 @@ impl Session {
         }
         let client_late = match self.phase {
             Phase::Data(_) => expired(self.timers.data, now),
-            Phase::Command => {
-                expired(self.timers.command, now) || expired(self.timers.idle, now)
-            }
+            Phase::Command => expired(self.timers.command, now) || expired(self.timers.idle, now),
             Phase::Waiting(_) | Phase::Closed => false,
         };
         if client_late {
@@ -503,7 +507,10 @@ impl Session {
         self.errors += 1;
         if self.errors > self.config.limits.max_unknown_commands {
             let text = format!("{} Error: too many errors", self.config.server.hostname);
-            self.close(CloseReason::TooManyErrors, Some(Reply::new(421, "4.7.0", text)));
+            self.close(
+                CloseReason::TooManyErrors,
+                Some(Reply::new(421, "4.7.0", text)),
+            );
         } else {
             self.reply(reply);
         }
@@ -757,7 +764,10 @@ impl Session {
         };
         if relay.link == Link::Handshaking {
             let who = identity(&self.peer, self.helo.as_deref(), self.esmtp);
-            match relay.handshake.handle_reply(reply, &who, &mut self.to_downstream) {
+            match relay
+                .handshake
+                .handle_reply(reply, &who, &mut self.to_downstream)
+            {
                 Step::Continue => {
                     self.timers.downstream = Some(now + self.config.timeouts.command);
                 }
@@ -802,7 +812,11 @@ impl Session {
         }
         let positive = reply.code / 100 == 2;
         if !positive {
-            self.last_failure = Some(if reply.code >= 500 { "rejected" } else { "tempfail" });
+            self.last_failure = Some(if reply.code >= 500 {
+                "rejected"
+            } else {
+                "tempfail"
+            });
         }
         self.phase = Phase::Command;
         match pending {
@@ -878,9 +892,7 @@ impl Session {
             command.push_str(&format!(" SIZE={size}"));
         }
         match tx.params.body {
-            Some(Body::EightBitMime) if caps.eight_bit_mime => {
-                command.push_str(" BODY=8BITMIME")
-            }
+            Some(Body::EightBitMime) if caps.eight_bit_mime => command.push_str(" BODY=8BITMIME"),
             Some(Body::SevenBit) if caps.eight_bit_mime => command.push_str(" BODY=7BIT"),
             _ => {}
         }

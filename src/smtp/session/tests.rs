@@ -70,12 +70,16 @@ impl FakeDownstream {
             let verb = line.split(' ').next().unwrap_or("").to_ascii_uppercase();
             self.commands.push(line.clone());
             let reply: &str = match verb.as_str() {
-                "EHLO" => "250-ds.test\r\n250-8BITMIME\r\n250-SIZE 100000000\r\n250 XCLIENT ADDR NAME PORT HELO PROTO",
+                "EHLO" => {
+                    "250-ds.test\r\n250-8BITMIME\r\n250-SIZE 100000000\r\n250 XCLIENT ADDR NAME PORT HELO PROTO"
+                }
                 "HELO" => "250 ds.test",
                 "XCLIENT" => "220 ds.test ESMTP",
                 "MAIL" if line.contains("tempfail") => "451 4.3.0 Try later",
                 "MAIL" => "250 2.1.0 Ok",
-                "RCPT" if line.contains("unknown") => "550 5.1.1 <unknown@example.org>: User unknown",
+                "RCPT" if line.contains("unknown") => {
+                    "550 5.1.1 <unknown@example.org>: User unknown"
+                }
                 "RCPT" => "250 2.1.5 Ok",
                 "DATA" => {
                     self.in_data = true;
@@ -159,14 +163,17 @@ impl Pair {
             self.session.poll_transmit(self.now, Side::Client, &mut out);
             self.client_out.extend_from_slice(&out);
             let mut ds = Vec::new();
-            self.session.poll_transmit(self.now, Side::Downstream, &mut ds);
+            self.session
+                .poll_transmit(self.now, Side::Downstream, &mut ds);
+            let mut replies = Vec::new();
             if !ds.is_empty() {
                 progress = true;
-                assert!(self.ds_open, "bytes for a closed downstream: {:?}", String::from_utf8_lossy(&ds));
-                let replies = self.downstream.feed(&ds);
-                if self.auto_downstream && !replies.is_empty() {
-                    self.session.handle_downstream(self.now, DownstreamEvent::Data(&replies));
-                }
+                assert!(
+                    self.ds_open,
+                    "bytes for a closed downstream: {:?}",
+                    String::from_utf8_lossy(&ds)
+                );
+                replies = self.downstream.feed(&ds);
             }
             while let Some(action) = self.session.poll_action() {
                 progress = true;
@@ -174,7 +181,8 @@ impl Pair {
                     Action::ConnectDownstream(addr) => {
                         self.connects.push(addr);
                         if self.connects.len() <= self.refuse_connects {
-                            self.session.handle_downstream(self.now, DownstreamEvent::ConnectFailed);
+                            self.session
+                                .handle_downstream(self.now, DownstreamEvent::ConnectFailed);
                             continue;
                         }
                         self.ds_open = true;
@@ -184,10 +192,12 @@ impl Pair {
                             delivered: std::mem::take(&mut self.downstream.delivered),
                             ..FakeDownstream::default()
                         };
-                        self.session.handle_downstream(self.now, DownstreamEvent::Connected);
+                        self.session
+                            .handle_downstream(self.now, DownstreamEvent::Connected);
                         if self.auto_downstream {
                             let banner = self.downstream.banner();
-                            self.session.handle_downstream(self.now, DownstreamEvent::Data(&banner));
+                            self.session
+                                .handle_downstream(self.now, DownstreamEvent::Data(&banner));
                         }
                     }
                     Action::CloseDownstream => {
@@ -199,6 +209,12 @@ impl Pair {
                         self.closed = true;
                     }
                 }
+            }
+            // Like the real driver: what was transmitted goes out before the actions that
+            // followed it are carried out, and replies come back afterwards.
+            if self.ds_open && self.auto_downstream && !replies.is_empty() {
+                self.session
+                    .handle_downstream(self.now, DownstreamEvent::Data(&replies));
             }
             if !progress {
                 return;
@@ -242,7 +258,10 @@ fn banner_ehlo_quit() {
     pair.send(b"EHLO client.example\r\nQUIT\r\n");
     assert_eq!(pair.take_output(), format!("{EHLO_REPLY}221 2.0.0 Bye\r\n"));
     assert!(pair.closed);
-    assert!(pair.connects.is_empty(), "local commands never open a downstream");
+    assert!(
+        pair.connects.is_empty(),
+        "local commands never open a downstream"
+    );
     assert_eq!(pair.session.report().result, "quit");
 }
 
@@ -254,13 +273,24 @@ fn full_transaction_is_relayed() {
     assert_eq!(pair.downstream.delivered.len(), 1);
     let body = String::from_utf8(pair.downstream.delivered[0].clone()).unwrap();
     assert!(body.starts_with("Received: from client.example ([192.0.2.7])\r\n\tby mx.test (tarmac) with ESMTP;\r\n\tMon, 23 Nov 2026 13:01:02 +0000\r\n"), "{body}");
-    assert!(body.ends_with("Subject: hi\r\n\r\n..leading dot\r\nbody é\r\n"), "{body}");
+    assert!(
+        body.ends_with("Subject: hi\r\n\r\n..leading dot\r\nbody é\r\n"),
+        "{body}"
+    );
     assert_eq!(
         pair.downstream.commands[..4],
-        ["EHLO mx.test", "MAIL FROM:<a@example.org> BODY=8BITMIME", "RCPT TO:<b@example.net>", "RCPT TO:<unknown@example.org>"]
+        [
+            "EHLO mx.test",
+            "MAIL FROM:<a@example.org> BODY=8BITMIME",
+            "RCPT TO:<b@example.net>",
+            "RCPT TO:<unknown@example.org>"
+        ]
     );
     let report = pair.session.report();
-    assert_eq!((report.msgs, report.rcpts, report.result), (1, 1, "delivered"));
+    assert_eq!(
+        (report.msgs, report.rcpts, report.result),
+        (1, 1, "delivered")
+    );
     assert_eq!(report.helo, Some(&b"client.example"[..]));
     assert_eq!(pair.downstream_closes, 1, "QUIT closes the downstream");
 }
@@ -278,7 +308,11 @@ fn every_split_gives_the_same_replies() {
     for byte in TRANSACTION {
         pair.send(std::slice::from_ref(byte));
     }
-    assert_eq!(pair.take_output(), TRANSACTION_REPLIES, "one byte at a time");
+    assert_eq!(
+        pair.take_output(),
+        TRANSACTION_REPLIES,
+        "one byte at a time"
+    );
 }
 
 #[test]
@@ -323,8 +357,14 @@ fn smuggling_vectors_are_rejected_and_nothing_is_delivered() {
             "vector {vector:?}"
         );
         assert!(pair.downstream.delivered.is_empty(), "vector {vector:?}");
-        assert!(!pair.ds_open, "downstream dropped without the dot, vector {vector:?}");
-        assert!(!pair.downstream.commands.iter().any(|c| c.contains("evil")), "vector {vector:?}");
+        assert!(
+            !pair.ds_open,
+            "downstream dropped without the dot, vector {vector:?}"
+        );
+        assert!(
+            !pair.downstream.commands.iter().any(|c| c.contains("evil")),
+            "vector {vector:?}"
+        );
     }
 }
 
@@ -335,14 +375,28 @@ fn smuggling_vectors_are_normalised_into_one_message() {
         body.extend_from_slice(vector);
         body.extend_from_slice(b"MAIL FROM:<evil@example.org>\r\nDATA\r\nsmuggled\r\n.\r\n");
         let mut pair = smuggle(BareNewline::Normalize, &body);
-        assert_eq!(pair.take_output(), "250 2.0.0 Ok: queued as 1\r\n", "vector {vector:?}");
+        assert_eq!(
+            pair.take_output(),
+            "250 2.0.0 Ok: queued as 1\r\n",
+            "vector {vector:?}"
+        );
         assert_eq!(pair.downstream.delivered.len(), 1, "vector {vector:?}");
         let delivered = &pair.downstream.delivered[0];
-        assert!(find(delivered, b"MAIL FROM:<evil@example.org>").is_some(), "smuggled text stays in the body");
-        assert!(!pair.downstream.commands.iter().any(|c| c.contains("evil")), "vector {vector:?}");
+        assert!(
+            find(delivered, b"MAIL FROM:<evil@example.org>").is_some(),
+            "smuggled text stays in the body"
+        );
+        assert!(
+            !pair.downstream.commands.iter().any(|c| c.contains("evil")),
+            "vector {vector:?}"
+        );
         for (i, &b) in delivered.iter().enumerate() {
             if b == b'\n' {
-                assert_eq!(delivered[i - 1], b'\r', "bare LF relayed, vector {vector:?}");
+                assert_eq!(
+                    delivered[i - 1],
+                    b'\r',
+                    "bare LF relayed, vector {vector:?}"
+                );
             }
         }
     }
@@ -352,9 +406,14 @@ fn smuggling_vectors_are_normalised_into_one_message() {
 fn end_of_data_250_waits_for_the_downstream() {
     let mut pair = Pair::new(config());
     pair.downstream.stall_after_dot = true;
-    pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\nhi\r\n.\r\n");
+    pair.send(
+        b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\nhi\r\n.\r\n",
+    );
     let out = pair.take_output();
-    assert!(out.ends_with("354 End data with <CR><LF>.<CR><LF>\r\n"), "{out}");
+    assert!(
+        out.ends_with("354 End data with <CR><LF>.<CR><LF>\r\n"),
+        "{out}"
+    );
     assert_eq!(pair.downstream.delivered.len(), 1);
     // The downstream never answers: after the reply timeout the client gets a 4xx, never 250.
     pair.advance(Duration::from_secs(299));
@@ -371,8 +430,13 @@ fn end_of_data_250_waits_for_the_downstream() {
 fn downstream_rejection_of_the_message_is_passed_back() {
     let mut pair = Pair::new(config());
     pair.downstream.final_reply = Some("554 5.7.1 Message rejected");
-    pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\nhi\r\n.\r\n");
-    assert!(pair.take_output().ends_with("354 End data with <CR><LF>.<CR><LF>\r\n554 5.7.1 Message rejected\r\n"));
+    pair.send(
+        b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\nhi\r\n.\r\n",
+    );
+    assert!(
+        pair.take_output()
+            .ends_with("354 End data with <CR><LF>.<CR><LF>\r\n554 5.7.1 Message rejected\r\n")
+    );
     assert_eq!(pair.session.report().result, "rejected");
 }
 
@@ -389,7 +453,11 @@ fn pipelined_batch_is_answered_in_order() {
              214 2.0.0 See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT\r\n"
         )
     );
-    assert_eq!(pair.downstream.commands.last().unwrap(), "RSET", "RSET keeps the downstream in step");
+    assert_eq!(
+        pair.downstream.commands.last().unwrap(),
+        "RSET",
+        "RSET keeps the downstream in step"
+    );
 }
 
 #[test]
@@ -399,7 +467,10 @@ fn over_long_line_then_a_good_command() {
     let mut line = vec![b'A'; 10_000];
     line.extend_from_slice(b"\r\nNOOP\r\n");
     pair.send(&line);
-    assert_eq!(pair.take_output(), "500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n");
+    assert_eq!(
+        pair.take_output(),
+        "500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n"
+    );
     // Exactly at the limit (4096 with CRLF) is fine.
     let mut line = b"NOOP ".to_vec();
     line.resize(4094, b'x');
@@ -422,7 +493,10 @@ fn twenty_megabytes_without_newline_stay_bounded() {
         assert!(pair.session.line.capacity() <= 8192);
     }
     pair.send(b"\r\nNOOP\r\n");
-    assert_eq!(pair.take_output(), "500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n");
+    assert_eq!(
+        pair.take_output(),
+        "500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n"
+    );
 }
 
 #[test]
@@ -430,7 +504,10 @@ fn bare_lf_command_is_refused() {
     let mut pair = Pair::new(config());
     pair.take_output();
     pair.send(b"NOOP\nNOOP\r\n");
-    assert_eq!(pair.take_output(), "500 5.5.2 Error: bare <LF> received\r\n250 2.0.0 Ok\r\n");
+    assert_eq!(
+        pair.take_output(),
+        "500 5.5.2 Error: bare <LF> received\r\n250 2.0.0 Ok\r\n"
+    );
 }
 
 #[test]
@@ -440,7 +517,8 @@ fn unknown_command_limit_closes_with_421() {
     pair.send(b"FOO\r\nBAR\r\nBAZ\r\nQUUX\r\nNOOP\r\n");
     assert_eq!(
         pair.take_output(),
-        "500 5.5.1 Command unrecognized\r\n".repeat(3) + "421 4.7.0 mx.test Error: too many errors\r\n"
+        "500 5.5.1 Command unrecognized\r\n".repeat(3)
+            + "421 4.7.0 mx.test Error: too many errors\r\n"
     );
     assert!(pair.closed);
     assert_eq!(pair.session.report().result, "too-many-errors");
@@ -462,15 +540,28 @@ fn max_recipients_gets_452() {
     config.limits.max_recipients = 2;
     let mut pair = Pair::new(config);
     pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b1@example.net>\r\nRCPT TO:<b2@example.net>\r\nRCPT TO:<b3@example.net>\r\n");
-    assert!(pair.take_output().ends_with("250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n452 4.5.3 Error: too many recipients\r\n"));
-    assert_eq!(pair.downstream.commands.iter().filter(|c| c.starts_with("RCPT")).count(), 2);
+    assert!(
+        pair.take_output()
+            .ends_with("250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n452 4.5.3 Error: too many recipients\r\n")
+    );
+    assert_eq!(
+        pair.downstream
+            .commands
+            .iter()
+            .filter(|c| c.starts_with("RCPT"))
+            .count(),
+        2
+    );
 }
 
 #[test]
 fn declared_size_over_limit_gets_552_without_downstream() {
     let mut pair = Pair::new(config());
     pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org> SIZE=30000000\r\n");
-    assert!(pair.take_output().ends_with("552 5.3.4 Error: message size exceeds fixed limit\r\n"));
+    assert!(
+        pair.take_output()
+            .ends_with("552 5.3.4 Error: message size exceeds fixed limit\r\n")
+    );
     assert!(pair.connects.is_empty());
 }
 
@@ -484,7 +575,10 @@ fn body_over_limit_gets_552_and_nothing_delivered() {
     let mut body = b"x".repeat(3000);
     body.extend_from_slice(b"\r\n.\r\nNOOP\r\n");
     pair.send(&body);
-    assert_eq!(pair.take_output(), "552 5.3.4 Error: message size exceeds fixed limit\r\n250 2.0.0 Ok\r\n");
+    assert_eq!(
+        pair.take_output(),
+        "552 5.3.4 Error: message size exceeds fixed limit\r\n250 2.0.0 Ok\r\n"
+    );
     assert!(pair.downstream.delivered.is_empty());
     assert!(!pair.ds_open);
 }
@@ -497,18 +591,27 @@ fn command_and_idle_timeouts() {
     pair.advance(Duration::from_secs(299));
     assert_eq!(pair.take_output(), "");
     pair.advance(Duration::from_secs(1));
-    assert_eq!(pair.take_output(), "421 4.4.2 mx.test Error: timeout exceeded\r\n");
+    assert_eq!(
+        pair.take_output(),
+        "421 4.4.2 mx.test Error: timeout exceeded\r\n"
+    );
     assert!(pair.closed);
     assert_eq!(pair.session.report().result, "timeout");
 
     let mut pair = Pair::new(config());
     pair.take_output();
-    assert_eq!(pair.session.poll_timeout(), Some(pair.now + Duration::from_secs(600)));
+    assert_eq!(
+        pair.session.poll_timeout(),
+        Some(pair.now + Duration::from_secs(600))
+    );
     pair.advance(Duration::from_secs(599));
     pair.session.handle_timeout(pair.now); // early: a no-op
     assert_eq!(pair.take_output(), "");
     pair.advance(Duration::from_secs(1));
-    assert_eq!(pair.take_output(), "421 4.4.2 mx.test Error: timeout exceeded\r\n");
+    assert_eq!(
+        pair.take_output(),
+        "421 4.4.2 mx.test Error: timeout exceeded\r\n"
+    );
 }
 
 #[test]
@@ -517,7 +620,10 @@ fn data_timeout_closes_downstream_without_dot() {
     pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\npartial body\r\n");
     pair.take_output();
     pair.advance(Duration::from_secs(180));
-    assert_eq!(pair.take_output(), "421 4.4.2 mx.test Error: timeout exceeded\r\n");
+    assert_eq!(
+        pair.take_output(),
+        "421 4.4.2 mx.test Error: timeout exceeded\r\n"
+    );
     assert!(!pair.ds_open);
     assert!(pair.downstream.delivered.is_empty());
 }
@@ -536,7 +642,10 @@ fn client_gone_mid_data_closes_downstream_without_dot() {
 #[test]
 fn connect_failure_tries_the_next_server_then_451() {
     let mut config = config();
-    config.downstream.servers = vec!["127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap()];
+    config.downstream.servers = vec![
+        "127.0.0.1:1".parse().unwrap(),
+        "127.0.0.1:2".parse().unwrap(),
+    ];
     let mut pair = Pair::new(config.clone());
     pair.refuse_connects = 1;
     pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n");
@@ -561,7 +670,10 @@ fn connect_timeout_tries_the_next_server() {
     pair.take_output();
     // Connected, but the banner never comes: the reply timeout applies.
     pair.advance(Duration::from_secs(300));
-    assert_eq!(pair.take_output(), "451 4.4.2 Error: downstream server unavailable, please try again later\r\n");
+    assert_eq!(
+        pair.take_output(),
+        "451 4.4.2 Error: downstream server unavailable, please try again later\r\n"
+    );
     assert!(!pair.ds_open);
 }
 
@@ -570,7 +682,8 @@ fn downstream_closing_mid_transaction_gives_451() {
     let mut pair = Pair::new(config());
     pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n");
     pair.take_output();
-    pair.session.handle_downstream(pair.now, DownstreamEvent::Closed);
+    pair.session
+        .handle_downstream(pair.now, DownstreamEvent::Closed);
     pair.pump();
     pair.send(b"RCPT TO:<b@example.net>\r\nRSET\r\nMAIL FROM:<a@example.org>\r\n");
     assert_eq!(
@@ -598,7 +711,10 @@ fn graceful_shutdown_closes_idle_sessions_and_lets_transactions_finish() {
     pair.take_output();
     pair.session.handle_shutdown(pair.now, Shutdown::Graceful);
     pair.pump();
-    assert_eq!(pair.take_output(), "421 4.3.2 mx.test Service shutting down, please try again later\r\n");
+    assert_eq!(
+        pair.take_output(),
+        "421 4.3.2 mx.test Service shutting down, please try again later\r\n"
+    );
     assert!(pair.closed);
 
     let mut pair = Pair::new(config());
@@ -621,7 +737,8 @@ fn closed_is_sticky() {
     pair.send(b"QUIT\r\n");
     pair.take_output();
     pair.send(b"NOOP\r\n");
-    pair.session.handle_timeout(pair.now + Duration::from_secs(10_000));
+    pair.session
+        .handle_timeout(pair.now + Duration::from_secs(10_000));
     pair.session.handle_client_eof(pair.now);
     pair.pump();
     assert_eq!(pair.take_output(), "");
@@ -632,6 +749,13 @@ fn closed_is_sticky() {
 #[test]
 fn non_ascii_sender_needs_smtputf8() {
     let mut pair = Pair::new(config());
-    pair.send("EHLO c\r\nMAIL FROM:<jösé@example.org>\r\nMAIL FROM:<jösé@example.org> SMTPUTF8\r\n".as_bytes());
-    assert!(pair.take_output().ends_with("553 5.6.7 Error: non-ASCII sender address needs SMTPUTF8\r\n250 2.1.0 Ok\r\n"));
+    pair.send(
+        "EHLO c\r\nMAIL FROM:<jösé@example.org>\r\nMAIL FROM:<jösé@example.org> SMTPUTF8\r\n"
+            .as_bytes(),
+    );
+    assert!(
+        pair.take_output().ends_with(
+            "553 5.6.7 Error: non-ASCII sender address needs SMTPUTF8\r\n250 2.1.0 Ok\r\n"
+        )
+    );
 }

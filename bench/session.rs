@@ -1,0 +1,168 @@
+//! In-memory benchmarks of the sans-IO core: commands per second through `Session`, MB/s
+//! through the DATA codec, and whole relayed transactions per second with a scripted
+//! downstream. No sockets, no clock reads inside the timed loops except the stopwatch.
+//!
+//! `cargo bench --bench session` runs the full size; without `--bench` (as `cargo test
+//! --all-targets` runs it) it does one quick pass, so CI keeps it from rotting.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use tarmac::config::{AnnounceClient, BareNewline, Config};
+use tarmac::smtp::data::DataDecoder;
+use tarmac::smtp::{Action, DownstreamEvent, Peer, Session, Side};
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let scale = if full { 1 } else { 100 };
+    commands(200_000 / scale);
+    data_codec(if full { 512 } else { 4 });
+    transactions(20_000 / scale);
+}
+
+fn config() -> Arc<Config> {
+    let mut config = Config::default();
+    config.server.hostname = "mx.bench".to_owned();
+    config.downstream.servers = vec!["127.0.0.1:10025".parse().unwrap()];
+    config.downstream.announce_client = AnnounceClient::None;
+    config.limits.max_unknown_commands = 1000;
+    Arc::new(config)
+}
+
+fn peer() -> Peer {
+    Peer {
+        client: "192.0.2.7:53211".parse().unwrap(),
+        local: "198.51.100.1:25".parse().unwrap(),
+        accepted_at: UNIX_EPOCH,
+    }
+}
+
+/// Local commands, pipelined 5 per write: parse, dispatch, reply.
+fn commands(n: usize) {
+    let config = config();
+    let now = Instant::now();
+    let batch = b"NOOP\r\nRSET\r\nVRFY postmaster\r\nHELP\r\nEHLO client.example\r\n";
+    let per_batch = 5;
+    let mut session = Session::new(config, peer(), now);
+    let mut out = Vec::with_capacity(64 * 1024);
+    let started = Instant::now();
+    let mut replies = 0usize;
+    for _ in 0..n / per_batch {
+        let used = session.handle_client_data(now, batch);
+        assert_eq!(used, batch.len());
+        session.poll_transmit(now, Side::Client, &mut out);
+        replies += out.iter().filter(|&&b| b == b'\n').count();
+        out.clear();
+    }
+    let elapsed = started.elapsed();
+    let commands = n / per_batch * per_batch;
+    assert!(replies >= commands, "every command answered");
+    println!(
+        "session/commands: {:.0} commands/s ({commands} pipelined local commands in {:.3}s)",
+        commands as f64 / elapsed.as_secs_f64(),
+        elapsed.as_secs_f64()
+    );
+}
+
+/// A 1 MiB body of 78-byte lines, one in ten dot-stuffed, decoded and re-encoded.
+fn data_codec(rounds: usize) {
+    let mut body = Vec::with_capacity(1 << 20);
+    let mut i = 0;
+    while body.len() < (1 << 20) {
+        if i % 10 == 0 {
+            body.extend_from_slice(b"..");
+        }
+        body.extend_from_slice(&[b'a' + (i % 26) as u8; 76]);
+        body.extend_from_slice(b"\r\n");
+        i += 1;
+    }
+    body.extend_from_slice(b".\r\n");
+    let mut out = Vec::with_capacity(body.len() + 4096);
+    let started = Instant::now();
+    for _ in 0..rounds {
+        out.clear();
+        let mut decoder = DataDecoder::new(BareNewline::Reject, u64::MAX);
+        let mut consumed = 0;
+        // 16 KiB reads, as the server does.
+        for chunk in body.chunks(16 * 1024) {
+            let d = decoder.decode(chunk, &mut out);
+            consumed += d.consumed;
+        }
+        assert_eq!(consumed, body.len());
+        assert!(decoder.violation().is_none());
+        assert_eq!(out.len(), body.len() - 3, "stuffing round-trips");
+        black_box(&out);
+    }
+    let elapsed = started.elapsed();
+    let mb = (body.len() * rounds) as f64 / 1e6;
+    println!(
+        "session/data-codec: {:.0} MB/s ({rounds} x {:.2} MB bodies in {:.3}s)",
+        mb / elapsed.as_secs_f64(),
+        body.len() as f64 / 1e6,
+        elapsed.as_secs_f64()
+    );
+}
+
+/// Whole transactions (banner to QUIT, 4 KB body) with the downstream's replies scripted.
+fn transactions(n: usize) {
+    let config = config();
+    let client_script: Vec<u8> = [
+        &b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
+            [..],
+        &b"Subject: bench\r\n\r\n"[..],
+        &[b'z'; 4000][..],
+        &b"\r\n.\r\nQUIT\r\n"[..],
+    ]
+    .concat();
+    let downstream: [&[u8]; 6] = [
+        b"220 ds ESMTP\r\n",
+        b"250-ds\r\n250 8BITMIME\r\n",
+        b"250 2.1.0 Ok\r\n",
+        b"250 2.1.5 Ok\r\n",
+        b"354 go\r\n",
+        b"250 2.0.0 Ok: queued\r\n",
+    ];
+    let now = Instant::now();
+    let mut to_client = Vec::new();
+    let mut to_downstream = Vec::new();
+    let started = Instant::now();
+    for _ in 0..n {
+        let mut session = Session::new(config.clone(), peer(), now);
+        let mut input: &[u8] = &client_script;
+        let mut replies = downstream.iter();
+        for _ in 0..100 {
+            let used = session.handle_client_data(now, input);
+            input = &input[used..];
+            while let Some(action) = session.poll_action() {
+                match action {
+                    Action::ConnectDownstream(_) => {
+                        session.handle_downstream(now, DownstreamEvent::Connected);
+                    }
+                    Action::CloseDownstream | Action::Close => {}
+                }
+            }
+            session.poll_transmit(now, Side::Downstream, &mut to_downstream);
+            session.poll_transmit(now, Side::Client, &mut to_client);
+            if !to_downstream.is_empty() || (used == 0 && !input.is_empty()) {
+                to_downstream.clear();
+                if let Some(reply) = replies.next() {
+                    session.handle_downstream(now, DownstreamEvent::Data(reply));
+                }
+            }
+            if session.is_closed() {
+                break;
+            }
+        }
+        assert!(session.is_closed(), "transaction completed");
+        assert_eq!(session.report().msgs, 1);
+        to_client.clear();
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "session/transactions: {:.0} transactions/s ({n} in-memory relayed 4 KB messages in {:.3}s)",
+        n as f64 / elapsed.as_secs_f64(),
+        elapsed.as_secs_f64()
+    );
+    let _ = Duration::ZERO;
+}

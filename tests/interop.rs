@@ -1,0 +1,234 @@
+//! Interop with real peers: swaks and Python's smtplib as clients, Postfix's smtp-source as a
+//! load client and smtp-sink as the downstream. Each test skips with a note where its peer is
+//! not installed, except under `CI=true` (see `util::require_program`).
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tarmac::sink::Behaviour;
+
+use crate::util::{Client, Server, WAIT, require_program, sink, test_config, wait_until};
+
+/// Runs a peer to completion within [`WAIT`] (killed otherwise); returns (success, output).
+#[track_caller]
+fn run_bounded(mut command: Command) -> (bool, String) {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn peer");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait peer") {
+            let output = child.wait_with_output().expect("peer output");
+            let text = String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr);
+            return (status.success(), text);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{command:?} did not finish within {WAIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn swaks_delivers_through_tarmac() {
+    let Some(swaks) = require_program("swaks") else {
+        return;
+    };
+    let sink = sink(Behaviour::Normal);
+    let server = Server::start(test_config(sink.local_addr()));
+    for pipelining in [false, true] {
+        let mut command = Command::new(&swaks);
+        command.args([
+            "--server",
+            &server.addr.to_string(),
+            "--from",
+            "sender@example.org",
+            "--to",
+            "rcpt@example.net",
+            "--header",
+            "Subject: swaks interop",
+            "--body",
+            "Hello from swaks.\n.leading dot line\n",
+            "--timeout",
+            "10",
+        ]);
+        if pipelining {
+            command.arg("--pipeline");
+        }
+        let (ok, output) = run_bounded(command);
+        assert!(ok, "swaks failed:\n{output}");
+        assert!(output.contains("<-  250 2.0.0 Ok: queued as"), "{output}");
+    }
+    let messages = sink.wait_for_messages(2, WAIT);
+    assert_eq!(messages.len(), 2);
+    for m in &messages {
+        assert_eq!(m.rcpt_to, ["rcpt@example.net"]);
+        let content = String::from_utf8_lossy(&m.content);
+        assert!(content.contains("Subject: swaks interop\r\n"), "{content}");
+        assert!(content.contains("\r\n.leading dot line\r\n"), "{content}");
+        assert!(!m.bare_newline_seen);
+    }
+}
+
+#[test]
+fn python_smtplib_delivers_through_tarmac() {
+    let Some(python) = require_program("python3") else {
+        return;
+    };
+    let sink = sink(Behaviour::RejectRcpt("nobody".to_owned()));
+    let server = Server::start(test_config(sink.local_addr()));
+    let script = r#"
+import smtplib, sys
+from email.message import EmailMessage
+host, port = sys.argv[1], int(sys.argv[2])
+msg = EmailMessage()
+msg["From"] = "sender@example.org"
+msg["To"] = "rcpt@example.net"
+msg["Subject"] = "smtplib interop"
+msg.set_content("Grüße from smtplib\n.dot line\n", cte="8bit")
+with smtplib.SMTP(host, port, timeout=10) as s:
+    code, caps = s.ehlo("python.example")
+    assert code == 250, code
+    assert s.has_extn("pipelining") and s.has_extn("8bitmime") and s.has_extn("size"), caps
+    assert not s.has_extn("xclient")
+    refused = s.send_message(msg, to_addrs=["rcpt@example.net", "nobody@example.net"])
+    assert list(refused) == ["nobody@example.net"], refused
+    assert refused["nobody@example.net"][0] == 550, refused
+    code, text = s.noop()
+    assert code == 250, code
+print("sent")
+"#;
+    let mut command = Command::new(python);
+    command.args(["-c", script, "127.0.0.1", &server.addr.port().to_string()]);
+    let (ok, output) = run_bounded(command);
+    assert!(ok && output.contains("sent"), "smtplib failed:\n{output}");
+    let messages = sink.wait_for_messages(1, WAIT);
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0].rcpt_to, ["rcpt@example.net"]);
+    let content = String::from_utf8_lossy(&messages[0].content);
+    assert!(
+        content.contains("Grüße from smtplib\r\n.dot line\r\n"),
+        "{content}"
+    );
+}
+
+/// Postfix's smtp-sink, killed on drop.
+struct PostfixSink {
+    child: Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for PostfixSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn postfix_sink(program: &std::path::Path) -> PostfixSink {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!("tarmac-smtp-sink-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // smtp-sink drops privileges when run as root; the dump directory must stay writable.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut command = Command::new(program);
+    if std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0) {
+        command.args(["-u", "nobody"]);
+    }
+    command
+        .arg("-d")
+        .arg(dir.join("msg."))
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("64")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let child = command.spawn().expect("start smtp-sink");
+    let sink = PostfixSink { child, port, dir };
+    wait_until("smtp-sink to listen", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    sink
+}
+
+fn dumped(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                .filter(|text| text.contains("\n\n") || text.contains("\r\n\r\n"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn postfix_smtp_sink_as_downstream_sees_the_real_client() {
+    let Some(program) = require_program("smtp-sink") else {
+        return;
+    };
+    let postfix = postfix_sink(&program);
+    let server = Server::start(test_config(
+        format!("127.0.0.1:{}", postfix.port).parse().unwrap(),
+    ));
+    let mut client = Client::connect(server.addr);
+    client.start_message("a@example.org", &["b@example.net"]);
+    client.send(b"Subject: to postfix\r\n\r\nbody line\r\n.\r\n");
+    let reply = client.reply();
+    assert!(reply.starts_with("250 2.0.0 "), "{reply}");
+    assert_eq!(client.cmd("QUIT"), "221 2.0.0 Bye\r\n");
+    let mut dumps = Vec::new();
+    wait_until("smtp-sink to dump the message", || {
+        dumps = dumped(&postfix.dir);
+        !dumps.is_empty()
+    });
+    let dump = &dumps[0];
+    // smtp-sink offers `XCLIENT NAME HELO` and answers it 250 (Postfix's smtpd says 220):
+    // tarmac sends what is offered, then EHLO again with its own name.
+    assert!(dump.contains("X-Client-Addr: 127.0.0.1"), "{dump}");
+    assert!(dump.contains("X-Helo-Args: mx.test"), "{dump}");
+    assert!(dump.contains("X-Mail-Args: <a@example.org>"), "{dump}");
+    assert!(
+        dump.contains("Received: from client.example ([127.0.0.1])"),
+        "{dump}"
+    );
+    assert!(dump.contains("body line"), "{dump}");
+}
+
+#[test]
+fn postfix_smtp_source_load_through_tarmac() {
+    let Some(program) = require_program("smtp-source") else {
+        return;
+    };
+    let sink = sink(Behaviour::Normal);
+    let server = Server::start(test_config(sink.local_addr()));
+    let mut command = Command::new(program);
+    command.args([
+        "-s",
+        "5",
+        "-m",
+        "40",
+        "-l",
+        "4096",
+        "-f",
+        "load@example.org",
+        "-t",
+        "rcpt@example.net",
+    ]);
+    command.arg(server.addr.to_string());
+    let (ok, output) = run_bounded(command);
+    assert!(ok, "smtp-source failed:\n{output}");
+    assert_eq!(sink.wait_for_messages(40, WAIT).len(), 40);
+}
