@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tarmac::config::{Config, DownstreamTls};
 use tarmac::server::ServerHandle;
-use tarmac::sink::{Behaviour, Sink, SinkConfig};
+use tarmac::sink::{Sink, SinkConfig};
 
 /// Bound on every socket read, write and connect in these tests.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,14 +42,9 @@ fn config() -> Config {
 }
 
 fn sink() -> Sink {
-    sink_behaving(Behaviour::Normal)
-}
-
-fn sink_behaving(behaviour: Behaviour) -> Sink {
     Sink::start(SinkConfig {
         hostname: "sink.test".to_owned(),
         offer_xclient: true,
-        behaviour,
         ..SinkConfig::default()
     })
     .unwrap()
@@ -299,100 +294,6 @@ fn pipelined_transaction_is_answered_in_order() {
     client.expect_eof();
     let messages = sink.wait_for_messages(1, IO_TIMEOUT);
     assert_eq!(messages[0].rcpt_to, vec!["b@example.net", "c@example.net"]);
-    server.stop_within(DRAIN);
-}
-
-#[test]
-fn unreachable_downstream_gets_451() {
-    // A port that was just free: nothing listens there.
-    let closed = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let mut config = config();
-    config.downstream.servers = vec![closed];
-    let server = Server::start(config);
-
-    let mut client = Client::connect(server.addr);
-    assert_eq!(client.reply(), BANNER);
-    assert_eq!(client.command("EHLO client.example"), EHLO_REPLY);
-    assert_eq!(
-        client.command("MAIL FROM:<a@example.org>"),
-        "451 4.4.2 Error: downstream server unavailable, please try again later\r\n"
-    );
-    // The session goes on.
-    assert_eq!(client.command("NOOP"), "250 2.0.0 Ok\r\n");
-    server.stop_within(DRAIN);
-}
-
-#[test]
-fn downstream_closing_after_the_dot_gets_451() {
-    let sink = sink_behaving(Behaviour::CloseAfterDataDot);
-    let mut config = config();
-    config.downstream.servers = vec![sink.local_addr()];
-    let server = Server::start(config);
-
-    let mut client = Client::connect(server.addr);
-    assert_eq!(client.reply(), BANNER);
-    assert_eq!(client.command("EHLO client.example"), EHLO_REPLY);
-    assert_eq!(
-        client.command("MAIL FROM:<a@example.org>"),
-        "250 2.1.0 Ok\r\n"
-    );
-    assert_eq!(
-        client.command("RCPT TO:<b@example.net>"),
-        "250 2.1.5 Ok\r\n"
-    );
-    assert_eq!(
-        client.command("DATA"),
-        "354 End data with <CR><LF>.<CR><LF>\r\n"
-    );
-    client.send("body\r\n.\r\n");
-    assert_eq!(
-        client.reply(),
-        "451 4.4.2 Error: downstream server unavailable, please try again later\r\n"
-    );
-    assert_eq!(client.command("RSET"), "250 2.0.0 Ok\r\n");
-    assert!(sink.messages().is_empty());
-    server.stop_within(DRAIN);
-}
-
-#[test]
-fn client_gone_mid_data_delivers_nothing() {
-    let sink = sink();
-    let mut config = config();
-    config.downstream.servers = vec![sink.local_addr()];
-    let server = Server::start(config);
-
-    let mut client = Client::connect(server.addr);
-    assert_eq!(client.reply(), BANNER);
-    assert_eq!(client.command("EHLO client.example"), EHLO_REPLY);
-    assert_eq!(
-        client.command("MAIL FROM:<a@example.org>"),
-        "250 2.1.0 Ok\r\n"
-    );
-    assert_eq!(
-        client.command("RCPT TO:<b@example.net>"),
-        "250 2.1.5 Ok\r\n"
-    );
-    assert_eq!(
-        client.command("DATA"),
-        "354 End data with <CR><LF>.<CR><LF>\r\n"
-    );
-    client.send("Subject: half\r\n\r\nfirst half\r\n");
-    drop(client);
-
-    // The server drops the downstream connection without the final dot.
-    let give_up = Instant::now() + IO_TIMEOUT;
-    while !sink.sessions().first().is_some_and(|s| s.closed) {
-        assert!(
-            Instant::now() < give_up,
-            "downstream connection never closed"
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
-    assert!(sink.messages().is_empty());
-    assert_serves(server.addr);
     server.stop_within(DRAIN);
 }
 
