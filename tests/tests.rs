@@ -7,3 +7,5 @@ mod util;
 mod relay;
 // Real peers: swaks, Python smtplib, Postfix smtp-sink/smtp-source.
 mod interop;
+// The binary: --version, check, run with SIGTERM, demo.
+mod cli;
