@@ -7,5 +7,7 @@ mod util;
 mod relay;
 // Real peers: swaks, Python smtplib, Postfix smtp-sink/smtp-source.
 mod interop;
+// The binary: --version, check, run with SIGTERM, demo.
+mod cli;
 // The runtime end to end: limits, shutdown, signals, hostile input, many connections.
 mod server;

@@ -1,0 +1,227 @@
+//! The binary as an operator runs it: `--version`, `check`, `run` with SIGTERM, `demo`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tarmac::sink::Behaviour;
+
+use crate::util::{Client, WAIT, sink, wait_until};
+
+fn tarmac() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tarmac"))
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tarmac-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Waits for the child to exit within [`WAIT`]; returns its exit code and stderr.
+#[track_caller]
+fn wait_exit(mut child: Child) -> (Option<i32>, String) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut stderr = String::new();
+            if let Some(mut pipe) = child.stderr.take() {
+                pipe.read_to_string(&mut stderr).unwrap();
+            }
+            return (status.code(), stderr);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("tarmac did not exit within {WAIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends a signal to a process this test started.
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn version_prints_the_crate_version() {
+    let out = tarmac().arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("tarmac {}\n", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let out = tarmac().args(["frobnicate"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("usage:"));
+}
+
+#[test]
+fn check_reports_every_error_as_file_line_key_and_exits_1() {
+    let dir = temp_dir("check");
+    let path = dir.join("bad.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = [\"0.0.0.0:25\"]\nworkers = \"two\"\n\n[limits]\nmax_message_size = \"25XB\"\nfrobnicate = 1\n",
+    )
+    .unwrap();
+    let out = tarmac().args(["check", "-c"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let p = path.display();
+    assert!(
+        stderr.contains(&format!("{p}:3: server.workers: ")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "{p}:6: limits.max_message_size: invalid size \"25XB\""
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{p}:7: limits.frobnicate: unknown key")),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn check_accepts_the_shipped_example() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tarmac.toml");
+    let out = tarmac()
+        .args(["check", "-c"])
+        .arg(&example)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(": ok: "));
+}
+
+#[test]
+fn run_relays_logs_and_drains_on_sigterm() {
+    let sink = sink(Behaviour::Normal);
+    let dir = temp_dir("run");
+    let port = free_port();
+    let path = dir.join("tarmac.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nhostname = \"mx.test\"\nworkers = 1\n\n\
+             [downstream]\nservers = [\"{}\"]\n\n[timeouts]\ndrain = \"5s\"\n\n[dns]\nrdns = false\n",
+            sink.local_addr()
+        ),
+    )
+    .unwrap();
+    let child = tarmac()
+        .args(["run", "-c"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_until("tarmac to listen", || {
+        std::net::TcpStream::connect(addr).is_ok()
+    });
+
+    let mut client = Client::connect(addr);
+    client.start_message("a@example.org", &["b@example.net"]);
+    client.send(b"Subject: cli\r\n\r\nhello\r\n.\r\n");
+    assert!(client.reply().starts_with("250 2.0.0 "));
+    assert_eq!(client.cmd("QUIT"), "221 2.0.0 Bye\r\n");
+
+    // An idle session is told to go away when tarmac stops.
+    let mut idle = Client::connect(addr);
+    assert!(idle.reply().starts_with("220 "));
+    signal(&child, "TERM");
+    assert_eq!(
+        idle.reply(),
+        "421 4.3.2 mx.test Service shutting down, please try again later\r\n"
+    );
+    let (code, stderr) = wait_exit(child);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("helo=client.example verdict=pass score=0 dnsbl= pregreet=no tls=no msgs=1 rcpts=1 result=delivered dur="),
+        "{stderr}"
+    );
+    assert!(stderr.contains("result=shutdown"), "{stderr}");
+    assert_eq!(sink.wait_for_messages(1, WAIT).len(), 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn demo_writes_accepted_mail_to_demo_mail() {
+    if std::net::TcpListener::bind("127.0.0.1:2525").is_err()
+        || std::net::TcpListener::bind("127.0.0.1:2526").is_err()
+    {
+        eprintln!("note: 127.0.0.1:2525 or :2526 is busy; skipping the demo test");
+        return;
+    }
+    let dir = temp_dir("demo");
+    let child = tarmac()
+        .arg("demo")
+        .current_dir(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = "127.0.0.1:2525".parse().unwrap();
+    wait_until("the demo to listen", || {
+        std::net::TcpStream::connect(addr).is_ok()
+    });
+    let mut client = Client::connect(addr);
+    client.start_message("you@example.org", &["someone@example.net"]);
+    client.send(b"Subject: demo\r\n\r\nhello demo\r\n.\r\n");
+    assert!(client.reply().starts_with("250 2.0.0 "));
+    let maildir = dir.join("demo-mail");
+    let mut files = Vec::new();
+    wait_until("a .eml file", || {
+        files = std::fs::read_dir(&maildir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "eml"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        !files.is_empty()
+    });
+    let eml = std::fs::read_to_string(&files[0]).unwrap();
+    assert!(
+        eml.starts_with("Received: from client.example ([127.0.0.1])\r\n\tby tarmac.demo (tarmac)"),
+        "{eml}"
+    );
+    assert!(
+        eml.ends_with("Subject: demo\r\n\r\nhello demo\r\n"),
+        "{eml}"
+    );
+    signal(&child, "INT");
+    let (code, stderr) = wait_exit(child);
+    assert_eq!(code, Some(0), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
