@@ -153,7 +153,7 @@ fn run_relays_logs_and_drains_on_sigterm() {
     client.start_message("a@example.org", &["b@example.net"]);
     client.send(b"Subject: cli\r\n\r\nhello\r\n.\r\n");
     assert!(client.reply().starts_with("250 2.0.0 "));
-    assert_eq!(client.cmd("QUIT"), "221 2.0.0 Bye\r\n");
+    assert_eq!(client.command("QUIT"), "221 2.0.0 Bye\r\n");
 
     // An idle session is told to go away when tarmac stops.
     let mut idle = Client::connect(addr);

@@ -188,7 +188,7 @@ fn postfix_smtp_sink_as_downstream_sees_the_real_client() {
     client.send(b"Subject: to postfix\r\n\r\nbody line\r\n.\r\n");
     let reply = client.reply();
     assert!(reply.starts_with("250 2.0.0 "), "{reply}");
-    assert_eq!(client.cmd("QUIT"), "221 2.0.0 Bye\r\n");
+    assert_eq!(client.command("QUIT"), "221 2.0.0 Bye\r\n");
     let mut dumps = Vec::new();
     wait_until("smtp-sink to dump the message", || {
         dumps = dumped(&postfix.dir);

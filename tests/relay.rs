@@ -43,7 +43,7 @@ fn message_is_relayed_byte_exact_with_one_received_header() {
     client.send(b".\r\n");
     let r = client.reply();
     assert!(r.starts_with("250 2.0.0 Ok: queued as "), "{r}");
-    assert_eq!(client.cmd("QUIT"), "221 2.0.0 Bye\r\n");
+    assert_eq!(client.command("QUIT"), "221 2.0.0 Bye\r\n");
 
     let messages = sink.wait_for_messages(1, WAIT);
     assert_eq!(messages.len(), 1);
@@ -118,14 +118,14 @@ fn downstream_replies_are_passed_back() {
     let server = Server::start(test_config(sink.local_addr()));
     let mut client = Client::connect(server.addr);
     client.reply();
-    client.cmd("EHLO c");
-    client.cmd("MAIL FROM:<a@example.org>");
+    client.command("EHLO c");
+    client.command("MAIL FROM:<a@example.org>");
     assert_eq!(
-        client.cmd("RCPT TO:<nobody@example.net>"),
+        client.command("RCPT TO:<nobody@example.net>"),
         "550 5.1.1 <nobody@example.net>: Recipient address rejected: User unknown\r\n"
     );
     assert_eq!(
-        client.cmd("DATA"),
+        client.command("DATA"),
         "554 5.5.1 Error: no valid recipients\r\n"
     );
 
@@ -133,10 +133,10 @@ fn downstream_replies_are_passed_back() {
     let server = Server::start(test_config(sink.local_addr()));
     let mut client = Client::connect(server.addr);
     client.reply();
-    client.cmd("EHLO c");
-    client.cmd("MAIL FROM:<a@example.org>");
+    client.command("EHLO c");
+    client.command("MAIL FROM:<a@example.org>");
     assert_eq!(
-        client.cmd("RCPT TO:<b@example.net>"),
+        client.command("RCPT TO:<b@example.net>"),
         "250-2.1.5 first\r\n250-2.1.5 second\r\n250 2.1.5 Ok\r\n"
     );
 
@@ -157,8 +157,8 @@ fn downstream_replies_are_passed_back() {
         let mut client = Client::connect(server.addr);
         if at_mail {
             client.reply();
-            client.cmd("EHLO c");
-            assert_eq!(client.cmd("MAIL FROM:<a@example.org>"), expect);
+            client.command("EHLO c");
+            assert_eq!(client.command("MAIL FROM:<a@example.org>"), expect);
         } else {
             client.start_message("a@example.org", &["b@example.net"]);
             client.send(b"hi\r\n.\r\n");
@@ -176,14 +176,14 @@ fn downstream_failures_are_451_and_nothing_is_acknowledged() {
         let server = Server::start(config);
         let mut client = Client::connect(server.addr);
         client.reply();
-        client.cmd("EHLO c");
+        client.command("EHLO c");
         assert_eq!(
-            client.cmd("MAIL FROM:<a@example.org>"),
+            client.command("MAIL FROM:<a@example.org>"),
             "451 4.4.2 Error: downstream server unavailable, please try again later\r\n",
             "{behaviour:?}"
         );
         // The session goes on: local commands still work.
-        assert_eq!(client.cmd("NOOP"), "250 2.0.0 Ok\r\n");
+        assert_eq!(client.command("NOOP"), "250 2.0.0 Ok\r\n");
     }
     for behaviour in [Behaviour::StallAfterData, Behaviour::CloseAfterDataDot] {
         let sink = sink(behaviour.clone());
@@ -220,10 +220,10 @@ fn servers_are_tried_in_order() {
     let server = Server::start(test_config(dead));
     let mut client = Client::connect(server.addr);
     client.reply();
-    client.cmd("EHLO c");
+    client.command("EHLO c");
     assert!(
         client
-            .cmd("MAIL FROM:<a@example.org>")
+            .command("MAIL FROM:<a@example.org>")
             .starts_with("451 4.4.2 ")
     );
 }
@@ -257,7 +257,7 @@ fn smuggling_through_the_real_server() {
         match mode {
             BareNewline::Reject => {
                 assert!(r.starts_with("550 5.6.0 "), "{r}");
-                assert_eq!(client.cmd("NOOP"), "250 2.0.0 Ok\r\n");
+                assert_eq!(client.command("NOOP"), "250 2.0.0 Ok\r\n");
                 assert!(sink.messages().is_empty());
             }
             BareNewline::Normalize => {
@@ -293,7 +293,7 @@ fn oversized_message_gets_552_and_nothing_delivered() {
         client.reply(),
         "552 5.3.4 Error: message size exceeds fixed limit\r\n"
     );
-    assert_eq!(client.cmd("NOOP"), "250 2.0.0 Ok\r\n");
+    assert_eq!(client.command("NOOP"), "250 2.0.0 Ok\r\n");
     assert!(sink.messages().is_empty());
 }
 
@@ -305,9 +305,17 @@ fn second_transaction_reuses_the_downstream() {
     client.start_message("a@example.org", &["b@example.net"]);
     client.send(b"one\r\n.\r\n");
     assert!(client.reply().starts_with("250 "));
-    assert!(client.cmd("MAIL FROM:<a2@example.org>").starts_with("250 "));
-    assert!(client.cmd("RCPT TO:<b2@example.net>").starts_with("250 "));
-    assert!(client.cmd("DATA").starts_with("354 "));
+    assert!(
+        client
+            .command("MAIL FROM:<a2@example.org>")
+            .starts_with("250 ")
+    );
+    assert!(
+        client
+            .command("RCPT TO:<b2@example.net>")
+            .starts_with("250 ")
+    );
+    assert!(client.command("DATA").starts_with("354 "));
     client.send(b"two\r\n.\r\n");
     assert!(client.reply().starts_with("250 "));
     assert_eq!(sink.wait_for_messages(2, WAIT).len(), 2);

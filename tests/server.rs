@@ -1,201 +1,24 @@
 //! The real server on loopback (two workers) with the project's SMTP sink as the downstream.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tarmac::config::{Config, DownstreamTls};
-use tarmac::server::ServerHandle;
-use tarmac::sink::{Sink, SinkConfig};
+use tarmac::sink::Behaviour;
 
-/// Bound on every socket read, write and connect in these tests.
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::util::{Client, DRAIN, Server, WAIT, config, sink};
 
-/// Drain time for servers in these tests: long enough that a test never races it by accident.
-const DRAIN: Duration = Duration::from_secs(5);
+const BANNER: &str = "220 mx.test ESMTP tarmac\r\n";
 
-const BANNER: &str = "220 tarmac.test ESMTP tarmac\r\n";
-
-const EHLO_REPLY: &str = "250-tarmac.test\r\n250-PIPELINING\r\n250-SIZE 25000000\r\n\
+const EHLO_REPLY: &str = "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 25000000\r\n\
                           250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n";
 
-const TOO_MANY: &str = "421 4.7.0 tarmac.test Too many connections, try again later\r\n";
+const TOO_MANY: &str = "421 4.7.0 mx.test Too many connections, try again later\r\n";
 
-const SHUTTING_DOWN: &str =
-    "421 4.3.2 tarmac.test Service shutting down, please try again later\r\n";
-
-/// Defaults, on 127.0.0.1 with a free port, two workers, a known hostname, no DNS.
-fn config() -> Config {
-    let mut config = Config::default();
-    config.server.listen = vec![SocketAddr::from((Ipv4Addr::LOCALHOST, 0))];
-    config.server.hostname = "tarmac.test".to_owned();
-    config.server.workers = 2;
-    config.downstream.tls = DownstreamTls::None;
-    config.dnsbl.clear();
-    config.dns.rdns = false;
-    config.timeouts.drain = DRAIN;
-    config
-}
-
-fn sink() -> Sink {
-    Sink::start(SinkConfig {
-        hostname: "sink.test".to_owned(),
-        offer_xclient: true,
-        ..SinkConfig::default()
-    })
-    .unwrap()
-}
-
-/// A server that is shut down (bounded) when the test ends, also on panic.
-struct Server {
-    handle: Option<ServerHandle>,
-    addr: SocketAddr,
-}
-
-impl Server {
-    #[track_caller]
-    fn start(config: Config) -> Server {
-        // RUST_LOG=debug shows the server's side, close lines included, for a failing test.
-        let _ = env_logger::builder().is_test(true).try_init();
-        let handle = ServerHandle::start(Arc::new(config)).unwrap();
-        let addr = handle.local_addrs()[0];
-        assert_ne!(addr.port(), 0);
-        Server {
-            handle: Some(handle),
-            addr,
-        }
-    }
-
-    fn handle(&self) -> &ServerHandle {
-        self.handle.as_ref().unwrap()
-    }
-
-    /// Shuts down and joins, failing the test if that takes longer than `limit`; returns how
-    /// long it took.
-    #[track_caller]
-    fn stop_within(mut self, limit: Duration) -> Duration {
-        let started = Instant::now();
-        let handle = self.handle.take().unwrap();
-        handle.shutdown();
-        match join_within(handle, limit) {
-            Some(result) => result.unwrap(),
-            None => panic!("server did not stop within {limit:?}"),
-        }
-        started.elapsed()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(handle) = self.handle.take() {
-            handle.shutdown();
-            // Bounded: a hung server must not hang the test run, and a panic here would abort.
-            let _ = join_within(handle, DRAIN * 3);
-        }
-    }
-}
-
-fn join_within(handle: ServerHandle, limit: Duration) -> Option<io::Result<()>> {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let _ = tx.send(handle.join());
-    });
-    rx.recv_timeout(limit).ok()
-}
-
-/// A line-oriented SMTP client with a timeout on every read and write.
-struct Client {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-}
-
-impl Client {
-    #[track_caller]
-    fn connect(addr: SocketAddr) -> Client {
-        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT).unwrap();
-        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-        stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-        Client {
-            reader: BufReader::new(stream.try_clone().unwrap()),
-            writer: stream,
-        }
-    }
-
-    /// One line, CRLF included; fails on EOF, error or timeout.
-    #[track_caller]
-    fn line(&mut self) -> String {
-        let mut line = Vec::new();
-        match self.reader.read_until(b'\n', &mut line) {
-            Ok(0) => panic!("connection closed; expected a line"),
-            Ok(_) if line.ends_with(b"\n") => String::from_utf8(line).unwrap(),
-            Ok(_) => panic!(
-                "connection closed mid-line: {:?}",
-                line.escape_ascii().to_string()
-            ),
-            Err(e) => panic!(
-                "reading a line: {e} (got {:?})",
-                line.escape_ascii().to_string()
-            ),
-        }
-    }
-
-    /// One whole reply, every line of a multi-line one.
-    #[track_caller]
-    fn reply(&mut self) -> String {
-        let mut reply = String::new();
-        loop {
-            let line = self.line();
-            let last = line.as_bytes().get(3) != Some(&b'-');
-            reply.push_str(&line);
-            if last {
-                return reply;
-            }
-        }
-    }
-
-    #[track_caller]
-    fn send(&mut self, bytes: &str) {
-        self.writer.write_all(bytes.as_bytes()).unwrap();
-    }
-
-    /// Sends `command` with CRLF and returns the reply.
-    #[track_caller]
-    fn command(&mut self, command: &str) -> String {
-        self.send(&format!("{command}\r\n"));
-        self.reply()
-    }
-
-    /// The server closes the connection without sending anything more.
-    #[track_caller]
-    fn expect_eof(&mut self) {
-        let mut rest = Vec::new();
-        match self.reader.read_to_end(&mut rest) {
-            Ok(_) => assert_eq!(rest.escape_ascii().to_string(), "", "bytes before EOF"),
-            Err(e) => panic!(
-                "expected EOF, got {e} after {:?}",
-                rest.escape_ascii().to_string()
-            ),
-        }
-    }
-
-    /// Reads and discards until the server closes (EOF or reset).
-    #[track_caller]
-    fn drain_to_close(&mut self) {
-        let mut buf = [0; 16 * 1024];
-        loop {
-            match self.reader.read(&mut buf) {
-                Ok(0) => return,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return,
-                Err(e) => panic!("waiting for the server to close: {e}"),
-            }
-        }
-    }
-}
+const SHUTTING_DOWN: &str = "421 4.3.2 mx.test Service shutting down, please try again later\r\n";
 
 /// Banner, EHLO and QUIT: the server is serving.
 #[track_caller]
@@ -221,7 +44,7 @@ fn noise(len: usize, mut seed: u64) -> Vec<u8> {
 
 #[test]
 fn full_transaction_is_relayed() {
-    let sink = sink();
+    let sink = sink(Behaviour::Normal);
     let mut config = config();
     config.downstream.servers = vec![sink.local_addr()];
     let server = Server::start(config);
@@ -246,7 +69,7 @@ fn full_transaction_is_relayed() {
     assert_eq!(client.command("QUIT"), "221 2.0.0 Bye\r\n");
     client.expect_eof();
 
-    let messages = sink.wait_for_messages(1, IO_TIMEOUT);
+    let messages = sink.wait_for_messages(1, WAIT);
     assert_eq!(messages.len(), 1);
     let message = &messages[0];
     assert_eq!(message.mail_from, "<alice@example.org>");
@@ -272,7 +95,7 @@ fn full_transaction_is_relayed() {
 
 #[test]
 fn pipelined_transaction_is_answered_in_order() {
-    let sink = sink();
+    let sink = sink(Behaviour::Normal);
     let mut config = config();
     config.downstream.servers = vec![sink.local_addr()];
     let server = Server::start(config);
@@ -292,7 +115,7 @@ fn pipelined_transaction_is_answered_in_order() {
     assert_eq!(client.reply(), "250 2.0.0 Ok: queued as 1\r\n");
     assert_eq!(client.reply(), "221 2.0.0 Bye\r\n");
     client.expect_eof();
-    let messages = sink.wait_for_messages(1, IO_TIMEOUT);
+    let messages = sink.wait_for_messages(1, WAIT);
     assert_eq!(messages[0].rcpt_to, vec!["b@example.net", "c@example.net"]);
     server.stop_within(DRAIN);
 }
@@ -314,7 +137,7 @@ fn over_the_per_ip_cap_gets_421_and_a_close() {
     // Once one leaves, its slot is given back (after the server noticed: retry, bounded).
     assert_eq!(first.command("QUIT"), "221 2.0.0 Bye\r\n");
     first.expect_eof();
-    let give_up = Instant::now() + IO_TIMEOUT;
+    let give_up = Instant::now() + WAIT;
     loop {
         let mut next = Client::connect(server.addr);
         match next.line().as_str() {
@@ -351,8 +174,8 @@ fn many_idle_connections_are_all_served_a_banner() {
 
     let mut streams = Vec::with_capacity(N);
     for _ in 0..N {
-        let stream = TcpStream::connect_timeout(&server.addr, IO_TIMEOUT).unwrap();
-        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let stream = TcpStream::connect_timeout(&server.addr, WAIT).unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
         streams.push(stream);
     }
     for (n, stream) in streams.iter_mut().enumerate() {
@@ -443,13 +266,13 @@ fn graceful_shutdown_ends_idle_sessions_with_421_at_once() {
     let took = server.stop_within(DRAIN);
     assert!(took < DRAIN, "took {took:?}");
     // The listeners are closed.
-    let refused = TcpStream::connect_timeout(&addr, IO_TIMEOUT).unwrap_err();
+    let refused = TcpStream::connect_timeout(&addr, WAIT).unwrap_err();
     assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
 }
 
 #[test]
 fn shutdown_lets_a_transaction_run_until_the_drain_time() {
-    let sink = sink();
+    let sink = sink(Behaviour::Normal);
     let mut config = config();
     config.downstream.servers = vec![sink.local_addr()];
     config.timeouts.drain = Duration::from_millis(500);
@@ -489,10 +312,10 @@ fn kill(signal: &str, pid: u32) {
     assert!(status.success(), "kill -{signal} {pid}: {status}");
 }
 
-/// The next stderr line of the child containing `needle`, within [`IO_TIMEOUT`].
+/// The next stderr line of the child containing `needle`, within [`WAIT`].
 #[track_caller]
 fn wait_for_log(lines: &mpsc::Receiver<String>, needle: &str) -> String {
-    let give_up = Instant::now() + IO_TIMEOUT;
+    let give_up = Instant::now() + WAIT;
     loop {
         let left = give_up.saturating_duration_since(Instant::now());
         match lines.recv_timeout(left) {
@@ -515,7 +338,7 @@ fn binary_ignores_sighup_and_drains_on_sigterm() {
     let config = dir.join("tarmac.toml");
     std::fs::write(
         &config,
-        "[server]\nlisten = [\"127.0.0.1:0\"]\nhostname = \"tarmac.test\"\nworkers = 2\n\
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nhostname = \"mx.test\"\nworkers = 2\n\
          [timeouts]\ndrain = \"5s\"\n[dns]\nrdns = false\n",
     )
     .unwrap();

@@ -1,69 +1,47 @@
 //! Shared helpers for the integration tests: a real tarmac server on loopback, the project's
-//! sink as downstream, and an SMTP client whose every read is bounded.
+//! sink as downstream, and an SMTP client whose every read and write is bounded.
 
 #![allow(dead_code)] // each test module uses its own subset
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
+use std::sync::{Arc, mpsc};
+use std::thread;
 use std::time::{Duration, Instant};
 
-use tarmac::config::{AnnounceClient, Config};
+use tarmac::config::{AnnounceClient, Config, DownstreamTls};
 use tarmac::server::ServerHandle;
 use tarmac::sink::{Behaviour, Sink, SinkConfig};
 
 /// How long any single wait in a test may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-/// A config for tests: loopback listener on a free port, two workers, short timeouts.
-pub fn test_config(downstream: SocketAddr) -> Config {
+/// Drain time for servers in tests: long enough that a test never races it by accident.
+pub const DRAIN: Duration = Duration::from_secs(5);
+
+/// A config for tests: a loopback listener on a free port, two workers, a known hostname, no
+/// DNS, XCLIENT towards the downstream (default `127.0.0.1:10025`, nothing listening).
+pub fn config() -> Config {
     let mut config = Config::default();
     config.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
     config.server.hostname = "mx.test".to_owned();
     config.server.workers = 2;
-    config.downstream.servers = vec![downstream];
     config.downstream.announce_client = AnnounceClient::Xclient;
+    config.downstream.tls = DownstreamTls::None;
     config.dns.rdns = false;
     config.dnsbl.clear();
+    config.timeouts.drain = DRAIN;
     config
 }
 
-/// A running server, shut down and joined on drop.
-pub struct Server {
-    handle: Option<ServerHandle>,
-    pub addr: SocketAddr,
+/// [`config`] relaying to `downstream`.
+pub fn test_config(downstream: SocketAddr) -> Config {
+    let mut config = config();
+    config.downstream.servers = vec![downstream];
+    config
 }
 
-impl Server {
-    #[track_caller]
-    pub fn start(config: Config) -> Server {
-        let handle = ServerHandle::start(Arc::new(config)).expect("server starts");
-        let addr = handle.local_addrs()[0];
-        Server {
-            handle: Some(handle),
-            addr,
-        }
-    }
-
-    /// Graceful shutdown; returns how long `join` took.
-    pub fn stop(mut self) -> Duration {
-        let handle = self.handle.take().unwrap();
-        let started = Instant::now();
-        handle.shutdown();
-        handle.join().expect("server joins");
-        started.elapsed()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(handle) = self.handle.take() {
-            handle.shutdown();
-            let _ = handle.join();
-        }
-    }
-}
-
+/// The project's sink, offering XCLIENT, behaving as told.
 pub fn sink(behaviour: Behaviour) -> Sink {
     Sink::start(SinkConfig {
         offer_xclient: true,
@@ -73,76 +51,167 @@ pub fn sink(behaviour: Behaviour) -> Sink {
     .expect("sink starts")
 }
 
-/// An SMTP client over a real socket; every read times out after [`WAIT`].
+/// A server that is shut down (bounded) when the test ends, also on panic.
+pub struct Server {
+    handle: Option<ServerHandle>,
+    pub addr: SocketAddr,
+}
+
+impl Server {
+    #[track_caller]
+    pub fn start(config: Config) -> Server {
+        // RUST_LOG=debug shows the server's side, close lines included, for a failing test.
+        let _ = env_logger::builder().is_test(true).try_init();
+        let handle = ServerHandle::start(Arc::new(config)).unwrap();
+        let addr = handle.local_addrs()[0];
+        assert_ne!(addr.port(), 0);
+        Server {
+            handle: Some(handle),
+            addr,
+        }
+    }
+
+    pub fn handle(&self) -> &ServerHandle {
+        self.handle.as_ref().unwrap()
+    }
+
+    /// Shuts down and joins, failing the test if that takes longer than `limit`; returns how
+    /// long it took.
+    #[track_caller]
+    pub fn stop_within(mut self, limit: Duration) -> Duration {
+        let started = Instant::now();
+        let handle = self.handle.take().unwrap();
+        handle.shutdown();
+        match join_within(handle, limit) {
+            Some(result) => result.unwrap(),
+            None => panic!("server did not stop within {limit:?}"),
+        }
+        started.elapsed()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.shutdown();
+            // Bounded: a hung server must not hang the test run, and a panic here would abort.
+            let _ = join_within(handle, WAIT);
+        }
+    }
+}
+
+pub fn join_within(handle: ServerHandle, limit: Duration) -> Option<io::Result<()>> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(handle.join());
+    });
+    rx.recv_timeout(limit).ok()
+}
+
+/// A line-oriented SMTP client with a timeout on every read and write.
 pub struct Client {
     reader: BufReader<TcpStream>,
-    stream: TcpStream,
+    pub writer: TcpStream,
 }
 
 impl Client {
     #[track_caller]
     pub fn connect(addr: SocketAddr) -> Client {
-        let stream = TcpStream::connect_timeout(&addr, WAIT).expect("connect");
+        let stream = TcpStream::connect_timeout(&addr, WAIT).unwrap();
         stream.set_read_timeout(Some(WAIT)).unwrap();
         stream.set_write_timeout(Some(WAIT)).unwrap();
         Client {
             reader: BufReader::new(stream.try_clone().unwrap()),
-            stream,
+            writer: stream,
         }
     }
 
-    pub fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).expect("write");
+    /// One line, CRLF included; fails on EOF, error or timeout.
+    #[track_caller]
+    pub fn line(&mut self) -> String {
+        let mut line = Vec::new();
+        match self.reader.read_until(b'\n', &mut line) {
+            Ok(0) => panic!("connection closed; expected a line"),
+            Ok(_) if line.ends_with(b"\n") => String::from_utf8(line).unwrap(),
+            Ok(_) => panic!(
+                "connection closed mid-line: {:?}",
+                line.escape_ascii().to_string()
+            ),
+            Err(e) => panic!(
+                "reading a line: {e} (got {:?})",
+                line.escape_ascii().to_string()
+            ),
+        }
     }
 
-    /// Reads one whole (possibly multi-line) reply, lines joined with CRLF kept.
+    /// One whole reply, every line of a multi-line one.
     #[track_caller]
     pub fn reply(&mut self) -> String {
-        let mut all = String::new();
+        let mut reply = String::new();
         loop {
-            let mut line = Vec::new();
-            let n = self
-                .reader
-                .read_until(b'\n', &mut line)
-                .expect("read reply");
-            assert!(
-                n > 0,
-                "connection closed while waiting for a reply; got so far: {all:?}"
-            );
-            let line = String::from_utf8_lossy(&line).into_owned();
-            all.push_str(&line);
-            if line.len() < 4 || line.as_bytes()[3] != b'-' {
-                return all;
+            let line = self.line();
+            let last = line.as_bytes().get(3) != Some(&b'-');
+            reply.push_str(&line);
+            if last {
+                return reply;
             }
         }
     }
 
-    /// Sends a command and returns its reply.
     #[track_caller]
-    pub fn cmd(&mut self, line: &str) -> String {
-        self.send(format!("{line}\r\n").as_bytes());
+    pub fn send(&mut self, bytes: impl AsRef<[u8]>) {
+        self.writer.write_all(bytes.as_ref()).unwrap();
+    }
+
+    /// Sends `command` with CRLF and returns the reply.
+    #[track_caller]
+    pub fn command(&mut self, command: &str) -> String {
+        self.send(format!("{command}\r\n"));
         self.reply()
     }
 
-    /// True when the server closed the connection (EOF) before `WAIT`.
+    /// The server closes the connection without sending anything more.
     #[track_caller]
-    pub fn is_closed(&mut self) -> bool {
-        let mut byte = [0u8; 1];
-        matches!(self.reader.read(&mut byte), Ok(0) | Err(_))
+    pub fn expect_eof(&mut self) {
+        let mut rest = Vec::new();
+        match self.reader.read_to_end(&mut rest) {
+            Ok(_) => assert_eq!(rest.escape_ascii().to_string(), "", "bytes before EOF"),
+            Err(e) => panic!(
+                "expected EOF, got {e} after {:?}",
+                rest.escape_ascii().to_string()
+            ),
+        }
+    }
+
+    /// Reads and discards until the server closes (EOF or reset).
+    #[track_caller]
+    pub fn drain_to_close(&mut self) {
+        let mut buf = [0; 16 * 1024];
+        loop {
+            match self.reader.read(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return,
+                Err(e) => panic!("waiting for the server to close: {e}"),
+            }
+        }
     }
 
     /// Banner, EHLO, MAIL, RCPT...; asserts each succeeds, returns at the 354.
     #[track_caller]
     pub fn start_message(&mut self, from: &str, to: &[&str]) {
         assert!(self.reply().starts_with("220 "), "banner");
-        assert!(self.cmd("EHLO client.example").starts_with("250-"), "EHLO");
-        let r = self.cmd(&format!("MAIL FROM:<{from}>"));
+        assert!(
+            self.command("EHLO client.example").starts_with("250-"),
+            "EHLO"
+        );
+        let r = self.command(&format!("MAIL FROM:<{from}>"));
         assert!(r.starts_with("250 "), "MAIL: {r}");
         for rcpt in to {
-            let r = self.cmd(&format!("RCPT TO:<{rcpt}>"));
+            let r = self.command(&format!("RCPT TO:<{rcpt}>"));
             assert!(r.starts_with("250 "), "RCPT: {r}");
         }
-        let r = self.cmd("DATA");
+        let r = self.command("DATA");
         assert!(r.starts_with("354 "), "DATA: {r}");
     }
 }
