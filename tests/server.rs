@@ -43,57 +43,6 @@ fn noise(len: usize, mut seed: u64) -> Vec<u8> {
 }
 
 #[test]
-fn full_transaction_is_relayed() {
-    let sink = sink(Behaviour::Normal);
-    let mut config = config();
-    config.downstream.servers = vec![sink.local_addr()];
-    let server = Server::start(config);
-
-    let mut client = Client::connect(server.addr);
-    assert_eq!(client.reply(), BANNER);
-    assert_eq!(client.command("EHLO client.example"), EHLO_REPLY);
-    assert_eq!(
-        client.command("MAIL FROM:<alice@example.org>"),
-        "250 2.1.0 Ok\r\n"
-    );
-    assert_eq!(
-        client.command("RCPT TO:<bob@example.net>"),
-        "250 2.1.5 Ok\r\n"
-    );
-    assert_eq!(
-        client.command("DATA"),
-        "354 End data with <CR><LF>.<CR><LF>\r\n"
-    );
-    client.send("Subject: hi\r\n\r\nhello\r\n..dot\r\n.\r\n");
-    assert_eq!(client.reply(), "250 2.0.0 Ok: queued as 1\r\n");
-    assert_eq!(client.command("QUIT"), "221 2.0.0 Bye\r\n");
-    client.expect_eof();
-
-    let messages = sink.wait_for_messages(1, WAIT);
-    assert_eq!(messages.len(), 1);
-    let message = &messages[0];
-    assert_eq!(message.mail_from, "<alice@example.org>");
-    assert_eq!(message.rcpt_to, vec!["bob@example.net".to_owned()]);
-    assert!(
-        message
-            .content
-            .starts_with(b"Received: from client.example")
-    );
-    assert!(
-        message
-            .content
-            .ends_with(b"\r\nSubject: hi\r\n\r\nhello\r\n.dot\r\n"),
-        "{}",
-        message.content.escape_ascii()
-    );
-    assert!(!message.bare_newline_seen);
-    let xclient = message.xclient.as_deref().unwrap_or_default();
-    assert!(xclient.contains("ADDR=127.0.0.1"), "{xclient}");
-    assert!(xclient.contains("HELO=client.example"), "{xclient}");
-    server.stop_within(DRAIN);
-}
-
-#[test]
 fn pipelined_transaction_is_answered_in_order() {
     let sink = sink(Behaviour::Normal);
     let mut config = config();
