@@ -10,6 +10,9 @@
 pub mod config;
 pub mod demo;
 pub mod downstream;
+// Public only so the `fuzz/` crate and the corpus replay test can call the fuzz bodies.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod server;
 pub mod sink;
 pub mod smtp;

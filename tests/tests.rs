@@ -11,3 +11,5 @@ mod interop;
 mod cli;
 // The runtime end to end: limits, shutdown, signals, hostile input, many connections.
 mod server;
+// Fuzz corpus replay and pseudo-random inputs through `tarmac::fuzzing`, on stable.
+mod corpus;

@@ -1,0 +1,1589 @@
+//! Fuzz target bodies: one `pub fn target(data: &[u8])` per `fuzz/fuzz_targets/*.rs`.
+//!
+//! Each body runs on the raw bytes and again on the bytes mapped into a vocabulary the target
+//! understands (the SMTP alphabet for the parsers, whole commands for `session`, keys and
+//! values for `config`), so the fuzzer reaches deep states without a dictionary. Bodies assert
+//! properties, not just "no crash": a failed property panics, which is how libFuzzer and the
+//! corpus replay test (`tests/corpus.rs`) see a bug. The module is compiled in every build
+//! because that replay test is an ordinary integration test; it is never called by tarmac.
+//!
+//! Targets and their input layout:
+//! - `command`: the input, and each of its lines, is one command line for `parse_command`.
+//! - `reply`: the input is a downstream reply stream for `parse_reply`; its first bytes also
+//!   build a `Reply` that must survive `write_to` and `parse_reply` unchanged.
+//! - `data`: byte 0 picks `max_size` (bit 7 clear: 25 MB, set: bits 0–6 bytes), byte 1 seeds
+//!   the chunking, the rest is a message body; both `BareNewline` modes are run.
+//! - `config`: the input, as UTF-8 (lossy), is a `tarmac.toml`.
+//! - `session`: see [`session`].
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use crate::config::{AnnounceClient, BareNewline, Config};
+use crate::smtp::command::{Body, Command, MailParams, parse_command};
+use crate::smtp::data::{DataDecoder, DataViolation};
+use crate::smtp::reply::{
+    EnhancedCode, MAX_REPLY_LINE, MAX_REPLY_LINES, Reply, Status, parse_reply,
+};
+use crate::smtp::session::{Action, DownstreamEvent, Peer, Session, Shutdown, Side};
+
+/// Bytes that make up SMTP commands, replies and bodies, including every line-ending byte
+/// and a two-byte UTF-8 character; raw input is mapped onto it byte by byte.
+const SMTP_ALPHABET: &[u8] = b"\r\n.:<>@ =AEHILMOPQRSTUDF0123456789abcxyz\t\xc3\xa9";
+
+/// Most bytes the session may hand out for one side in one round. The session's own cap is
+/// 64 KiB plus one reply or one decoded chunk; this is the "never grows without bound" check.
+const MAX_OUTBOX_DRAIN: usize = 1 << 20;
+
+/// Rounds of event delivery one client chunk may cause; more means the session and the
+/// scripted downstream are ping-ponging forever.
+const MAX_ROUNDS: usize = 100_000;
+
+/// Parses command lines: the whole input, and each of its lines without the line end.
+///
+/// Properties: MAIL/RCPT addresses hold no control byte (so no CR/LF) and no `<`/`>` outside a
+/// quoted local part, and the command tarmac relays for them parses back to the same command;
+/// EHLO/HELO names are trimmed and clean; every error's reply is one well-formed reply line.
+pub fn command(data: &[u8]) {
+    command_lines(data);
+    command_lines(&to_alphabet(data));
+}
+
+/// Parses a downstream reply stream and builds replies from the input.
+///
+/// Properties: a complete reply used at most the input, ends on an LF, has a code in
+/// 200..=599, text without CR/LF and an enhanced code of the code's class; it parses the same
+/// without the bytes after it; every shorter prefix is `Partial`, never an error; and what
+/// `write_to` makes of it (and of replies built from the input) parses back to an equal reply.
+pub fn reply(data: &[u8]) {
+    reply_stream(data);
+    reply_stream(&to_alphabet(data));
+    reply_built(data);
+}
+
+/// Decodes a message body (layout in the module doc) in both `BareNewline` modes, whole and in
+/// chunks cut by the input.
+///
+/// Properties: the output never holds a bare CR or LF nor `CRLF.CRLF` (counting the CRLF
+/// before the body), each call consumes at most its input, chunking changes nothing, and
+/// output, size, consumed count, end and violation match a line-by-line reference model.
+pub fn data(data: &[u8]) {
+    let [size_sel, seed, body @ ..] = data else {
+        return;
+    };
+    let max_size = if size_sel & 0x80 == 0 {
+        25_000_000
+    } else {
+        u64::from(size_sel & 0x7f)
+    };
+    for body in [body.to_vec(), to_alphabet(body)] {
+        for mode in [BareNewline::Reject, BareNewline::Normalize] {
+            decode_checked(mode, max_size, *seed, &body);
+        }
+    }
+}
+
+/// Loads the input as a config file, and again built from config keys and values.
+///
+/// Properties: no panic; an error list is non-empty, each error has a non-empty message, the
+/// given path and a line inside the text, and the list displays as one line per error.
+pub fn config(data: &[u8]) {
+    config_text(&String::from_utf8_lossy(data));
+    config_text(&vocabulary(data, CONFIG_TOKENS));
+}
+
+/// Drives one session against a scripted downstream on invented time.
+///
+/// Input: byte 0 picks the config and the downstream's behaviour, byte 1 its details:
+///
+/// | bits | byte 0                                       | byte 1                              |
+/// |------|----------------------------------------------|-------------------------------------|
+/// | 0    | `bare_newline = "normalize"` (else reject)   | `k` (0..=15), see byte 0 bits 6–7   |
+/// | 1    | `max_line_length = 512`                      |                                     |
+/// | 2    | `max_message_size = 2000`                    |                                     |
+/// | 3    | `max_recipients = 2`                         |                                     |
+/// | 4    | `announce_client`: 0 xclient, 1 proxy-v1,    | replies come one byte per event     |
+/// | 5    | 2–3 none                                     | replies wait for the next clock tick|
+/// | 6    | downstream: 0 normal, 1 rejects every RCPT,  | connect: 0 ok, 1 first server       |
+/// | 7    | 2 closes on its `k`-th read, 3 silent after  | refuses, 2 first never completes,   |
+/// |      | `k` replies                                  | 3 every server refuses              |
+///
+/// The rest is client bytes, except: `0xF0..=0xFF` advance the clock by `(b & 0x0F) × 37 s`
+/// and call `handle_timeout` (so `0xF0` just cuts a chunk), `0xEE` is a graceful shutdown and
+/// `0xEF` an immediate one. At the end the client hangs up. The rest is run as is, mapped into
+/// the SMTP alphabet, and mapped onto whole commands and body lines.
+///
+/// Properties: every line to the client is `ddd[ -]text` with CRLF; a `250` to end-of-data is
+/// one the downstream gave to a final dot, each used once and in order; a client `354` or a
+/// relayed `250` to MAIL or RCPT is never more frequent than the downstream's; `Close` comes
+/// out once and nothing follows it; each drained outbox stays under 1 MB;
+/// `handle_client_data` consumes at most what it is given and nothing while it does not want
+/// to read; after `handle_timeout(now)` no deadline is due at `now`. Downstream side: bytes go
+/// only to an open connection, commands are CRLF-terminated lines of the verbs tarmac sends,
+/// no nested MAIL, RCPTs within `max_recipients`, DATA only after an accepted RCPT, XCLIENT
+/// and PROXY only as configured, and no bare CR or LF in a body.
+pub fn session(data: &[u8]) {
+    let [scenario, details, rest @ ..] = data else {
+        return;
+    };
+    let keep_controls = |mapped: &mut dyn FnMut(u8) -> Vec<u8>| -> Vec<u8> {
+        rest.iter()
+            .flat_map(|&b| if b >= 0xee { vec![b] } else { mapped(b) })
+            .collect()
+    };
+    let alphabet = keep_controls(&mut |b| to_alphabet(&[b]));
+    let words = keep_controls(&mut |b| vocabulary(&[b], SESSION_TOKENS).into_bytes());
+    for script in [rest.to_vec(), alphabet, words] {
+        Harness::run(*scenario, *details, &script);
+    }
+}
+
+// ---- command ----
+
+fn command_lines(data: &[u8]) {
+    check_command(data);
+    for line in data.split(|&b| b == b'\n') {
+        check_command(line.strip_suffix(b"\r").unwrap_or(line));
+    }
+}
+
+fn check_command(line: &[u8]) {
+    match parse_command(line) {
+        Ok(Command::Mail { from, params }) => {
+            check_address(from, line);
+            // What the session sends downstream (`send_mail`, all parameters offered).
+            let relayed = mail_line(from, params);
+            assert_eq!(
+                parse_command(relayed.as_bytes()),
+                Ok(Command::Mail { from, params }),
+                "relayed {relayed:?} for {}",
+                escape(line)
+            );
+        }
+        Ok(Command::Rcpt { to }) => {
+            assert!(!to.is_empty(), "empty recipient from {}", escape(line));
+            check_address(to, line);
+            let relayed = format!("RCPT TO:<{to}>");
+            assert_eq!(
+                parse_command(relayed.as_bytes()),
+                Ok(Command::Rcpt { to }),
+                "relayed {relayed:?} for {}",
+                escape(line)
+            );
+        }
+        Ok(Command::Ehlo(name) | Command::Helo(name)) => {
+            assert!(!name.is_empty(), "empty HELO from {}", escape(line));
+            assert_eq!(name, name.trim_matches(' '), "untrimmed {}", escape(line));
+            assert!(
+                !name.bytes().any(is_control),
+                "control byte in HELO from {}",
+                escape(line)
+            );
+        }
+        Ok(_) => {}
+        Err(error) => {
+            let reply = error.reply();
+            assert!(
+                matches!(reply.code, 500 | 501 | 555),
+                "{error:?} answers {}",
+                reply.code
+            );
+            let mut wire = Vec::new();
+            reply.write_to(&mut wire);
+            check_client_lines(&wire);
+            assert_eq!(
+                wire.iter().filter(|&&b| b == b'\n').count(),
+                1,
+                "{error:?} writes {}",
+                escape(&wire)
+            );
+            assert_eq!(
+                parse_reply(&wire),
+                Ok(Status::Complete((reply, wire.len()))),
+                "{error:?} does not parse back"
+            );
+        }
+    }
+}
+
+/// No control byte anywhere, at most 254 bytes, and `<`, `>` or a space only inside a quoted
+/// local part: nothing in an address can end the path or the line it is relayed in.
+fn check_address(address: &str, line: &[u8]) {
+    assert!(
+        !address.bytes().any(is_control),
+        "control byte in {address:?} from {}",
+        escape(line)
+    );
+    assert!(address.len() <= 254, "{address:?} is too long");
+    let unquoted = after_quoted(address.as_bytes());
+    assert!(
+        !unquoted.iter().any(|b| b"<> ".contains(b)),
+        "bracket or space outside quotes in {address:?} from {}",
+        escape(line)
+    );
+}
+
+/// What follows a leading quoted string (with backslash escapes), or all of `s`.
+fn after_quoted(s: &[u8]) -> &[u8] {
+    let Some(rest) = s.strip_prefix(b"\"") else {
+        return s;
+    };
+    let mut i = 0;
+    while let Some(&b) = rest.get(i) {
+        match b {
+            b'\\' => i += 2,
+            b'"' => return rest.get(i + 1..).unwrap_or_default(),
+            _ => i += 1,
+        }
+    }
+    b""
+}
+
+fn mail_line(from: &str, params: MailParams) -> String {
+    let mut line = format!("MAIL FROM:<{from}>");
+    if let Some(size) = params.size {
+        line.push_str(&format!(" SIZE={size}"));
+    }
+    match params.body {
+        Some(Body::SevenBit) => line.push_str(" BODY=7BIT"),
+        Some(Body::EightBitMime) => line.push_str(" BODY=8BITMIME"),
+        None => {}
+    }
+    if params.smtputf8 {
+        line.push_str(" SMTPUTF8");
+    }
+    line
+}
+
+// ---- reply ----
+
+fn reply_stream(data: &[u8]) {
+    let result = parse_reply(data);
+    match &result {
+        Ok(Status::Complete((reply, used))) => {
+            let used = *used;
+            assert!(
+                used > 0 && used <= data.len(),
+                "used {used} of {}",
+                data.len()
+            );
+            assert_eq!(data.get(used - 1), Some(&b'\n'), "reply not ended by LF");
+            check_reply_invariants(reply);
+            let head = data.get(..used).unwrap_or_default();
+            assert_eq!(
+                parse_reply(head),
+                Ok(Status::Complete((reply.clone(), used))),
+                "bytes after the reply changed it"
+            );
+            check_prefixes_partial(head);
+            round_trip(reply);
+        }
+        Ok(Status::Partial) => {
+            assert!(
+                data.len() < MAX_REPLY_LINE * MAX_REPLY_LINES,
+                "partial after {} bytes",
+                data.len()
+            );
+            check_prefixes_partial(data);
+        }
+        Err(_) => {}
+    }
+}
+
+fn check_reply_invariants(reply: &Reply) {
+    assert!((200..=599).contains(&reply.code), "code {}", reply.code);
+    assert!(!reply.lines.is_empty() && reply.lines.len() <= MAX_REPLY_LINES);
+    for line in &reply.lines {
+        assert!(!line.contains(['\r', '\n']), "line end in text {line:?}");
+    }
+    if let Some(enhanced) = reply.enhanced {
+        assert_eq!(u16::from(enhanced.class()), reply.code / 100, "{reply:?}");
+    }
+}
+
+/// Incomplete input is not an error: every strict prefix of `whole` (a complete reply, or
+/// input that is itself partial) must be `Partial`. Checked on short inputs only, as each
+/// prefix is a full rescan.
+fn check_prefixes_partial(whole: &[u8]) {
+    if whole.len() > 300 {
+        return;
+    }
+    for end in 0..whole.len() {
+        let prefix = whole.get(..end).unwrap_or_default();
+        assert_eq!(
+            parse_reply(prefix),
+            Ok(Status::Partial),
+            "prefix {} of {}",
+            escape(prefix),
+            escape(whole)
+        );
+    }
+}
+
+/// `write_to` then `parse_reply` gives back `reply` (when the written lines fit the parser's
+/// caps: a relayed line grows by the enhanced code, and lossy text by U+FFFD).
+fn round_trip(reply: &Reply) {
+    let mut wire = Vec::new();
+    reply.write_to(&mut wire);
+    if wire
+        .split_inclusive(|&b| b == b'\n')
+        .any(|line| line.len() > MAX_REPLY_LINE)
+    {
+        return;
+    }
+    check_written_lines(&wire, reply.code);
+    assert_eq!(
+        parse_reply(&wire),
+        Ok(Status::Complete((reply.clone(), wire.len()))),
+        "{reply:?} written as {}",
+        escape(&wire)
+    );
+}
+
+/// Builds a reply from the input: bytes 0–1 the code, byte 2 the enhanced code, the rest
+/// lines split at 0xFF (CR/LF turned into spaces, as `write_to` would).
+fn reply_built(data: &[u8]) {
+    let [a, b, c, d, rest @ ..] = data else {
+        return;
+    };
+    let code = 200 + u16::from_le_bytes([*a, *b]) % 400;
+    let class = u8::try_from(code / 100).unwrap_or(0);
+    let enhanced = (c & 1 == 1 && class != 3)
+        .then(|| EnhancedCode(class, u16::from(c >> 1) * 7, u16::from(*d) * 3 % 1000));
+    let lines: Vec<String> = rest
+        .split(|&b| b == 0xff)
+        .take(MAX_REPLY_LINES)
+        .map(|l| String::from_utf8_lossy(l).replace(['\r', '\n'], " "))
+        .collect();
+    // The one ambiguity of the wire form (see `reply`'s module doc): without an enhanced
+    // code, text that starts with one would be read as one.
+    if enhanced.is_none() {
+        let first = lines.first().map_or("", String::as_str);
+        let word = first.split(' ').next().unwrap_or("");
+        if EnhancedCode::parse(word).is_some_and(|e| e.class() == class) {
+            return;
+        }
+    }
+    round_trip(&Reply::multiline(code, enhanced, lines));
+}
+
+/// Each line of a written reply: the code, `-` on all but the last line and a space (or
+/// nothing, for an empty last line) on the last, no CR or LF inside, CRLF at the end.
+fn check_written_lines(wire: &[u8], code: u16) {
+    let digits = code.to_string();
+    let lines: Vec<&[u8]> = wire.split_inclusive(|&b| b == b'\n').collect();
+    for (i, line) in lines.iter().enumerate() {
+        let Some(body) = line.strip_suffix(b"\r\n") else {
+            panic!("line without CRLF: {}", escape(line));
+        };
+        assert!(!body.contains(&b'\r'), "CR inside {}", escape(line));
+        assert!(
+            body.starts_with(digits.as_bytes()),
+            "code of {}",
+            escape(line)
+        );
+        let sep = body.get(3).copied();
+        if i + 1 < lines.len() {
+            assert_eq!(sep, Some(b'-'), "continuation {}", escape(line));
+        } else {
+            assert!(
+                matches!(sep, None | Some(b' ')),
+                "last line {}",
+                escape(line)
+            );
+        }
+    }
+}
+
+// ---- data ----
+
+/// What decoding an input produced, whole or in chunks.
+#[derive(Debug, PartialEq, Eq)]
+struct Decoding {
+    out: Vec<u8>,
+    consumed: usize,
+    done: bool,
+    violation: Option<DataViolation>,
+    size: u64,
+}
+
+fn decode_checked(mode: BareNewline, max_size: u64, seed: u8, body: &[u8]) {
+    let whole = decode(mode, max_size, &[body]);
+    let chunks = cut(body, seed);
+    let pieces = decode(mode, max_size, &chunks);
+    assert_eq!(
+        whole,
+        pieces,
+        "chunking changed the result ({mode:?}, max {max_size}) for {}",
+        escape(body)
+    );
+    check_data_output(&whole.out, body);
+
+    let model = model_decode(body);
+    assert_eq!(
+        (whole.consumed, whole.done, whole.size),
+        (model.consumed, model.done, model.size),
+        "consumed/done/size for {}",
+        escape(body)
+    );
+    let too_big = model.size > max_size;
+    match mode {
+        BareNewline::Normalize => assert_eq!(
+            whole.violation,
+            too_big.then_some(DataViolation::TooBig),
+            "violation for {}",
+            escape(body)
+        ),
+        BareNewline::Reject if model.bare => assert!(
+            whole.violation.is_some()
+                && (too_big || whole.violation == Some(DataViolation::BareNewline)),
+            "bare newline not refused in {}",
+            escape(body)
+        ),
+        BareNewline::Reject => assert_eq!(
+            whole.violation,
+            too_big.then_some(DataViolation::TooBig),
+            "violation for {}",
+            escape(body)
+        ),
+    }
+    if whole.violation.is_none() {
+        assert_eq!(
+            escape(&whole.out),
+            escape(&model.out),
+            "output for {}",
+            escape(body)
+        );
+    } else {
+        assert!(
+            model.out.starts_with(&whole.out),
+            "output {} is not a prefix of {} for {}",
+            escape(&whole.out),
+            escape(&model.out),
+            escape(body)
+        );
+    }
+}
+
+fn decode(mode: BareNewline, max_size: u64, chunks: &[&[u8]]) -> Decoding {
+    let mut decoder = DataDecoder::new(mode, max_size);
+    let mut out = Vec::new();
+    let mut consumed = 0;
+    let mut done = false;
+    for chunk in chunks {
+        let before = out.len();
+        let step = decoder.decode(chunk, &mut out);
+        assert!(step.consumed <= chunk.len(), "consumed more than given");
+        if done {
+            assert!(step.done && step.consumed == 0 && out.len() == before);
+            continue;
+        }
+        if !step.done {
+            assert_eq!(step.consumed, chunk.len(), "stopped before the end");
+        }
+        consumed += step.consumed;
+        done = step.done;
+    }
+    Decoding {
+        out,
+        consumed,
+        done,
+        violation: decoder.violation(),
+        size: decoder.size(),
+    }
+}
+
+/// Cuts `body` into chunks of pseudo-random lengths (empty ones included) seeded by `seed`.
+fn cut(body: &[u8], seed: u8) -> Vec<&[u8]> {
+    let mut rng = XorShift::new((u64::from(seed) << 32) | body.len() as u64);
+    let longest = 2 + usize::from(seed >> 4) * 4;
+    let mut chunks = Vec::new();
+    let mut rest = body;
+    while !rest.is_empty() {
+        let len = (rng.next() as usize % longest).min(rest.len());
+        let (chunk, tail) = rest.split_at(len);
+        chunks.push(chunk);
+        rest = tail;
+    }
+    chunks
+}
+
+/// The output can never end a message early or carry a bare line end downstream.
+fn check_data_output(out: &[u8], body: &[u8]) {
+    let mut framed = b"\r\n".to_vec();
+    framed.extend_from_slice(out);
+    assert!(
+        find(&framed, b"\r\n.\r\n").is_none(),
+        "CRLF.CRLF in output {} for {}",
+        escape(out),
+        escape(body)
+    );
+    assert!(
+        !has_bare_newline(out, true),
+        "bare CR or LF in output {} for {}",
+        escape(out),
+        escape(body)
+    );
+}
+
+/// The reference decoding, written differently from `DataDecoder`: find the end marker on the
+/// whole input first, then cut the content at every CRLF, bare CR and bare LF.
+struct Model {
+    out: Vec<u8>,
+    consumed: usize,
+    done: bool,
+    size: u64,
+    /// A bare CR or LF in the content.
+    bare: bool,
+}
+
+fn model_decode(body: &[u8]) -> Model {
+    let mut framed = b"\r\n".to_vec();
+    framed.extend_from_slice(body);
+    let (content, consumed, done) = match find(&framed, b"\r\n.\r\n") {
+        // The CRLF before the dot belongs to the content; `consumed` ends after the final LF.
+        Some(at) => (body.get(..at).unwrap_or_default(), at + 3, true),
+        // A trailing CR is undecided (CRLF or bare) until the next byte: nothing for it yet.
+        None => (body.strip_suffix(b"\r").unwrap_or(body), body.len(), false),
+    };
+    let mut model = Model {
+        out: Vec::new(),
+        consumed,
+        done,
+        size: 0,
+        bare: false,
+    };
+    let mut after_crlf = true;
+    let mut rest = content;
+    loop {
+        let end = rest
+            .iter()
+            .position(|&b| b == b'\r' || b == b'\n')
+            .unwrap_or(rest.len());
+        let (mut text, tail) = rest.split_at(end);
+        // Only a line start after a real CRLF has a stuffing dot to drop.
+        if after_crlf && text.first() == Some(&b'.') {
+            text = text.get(1..).unwrap_or_default();
+        }
+        if text.first() == Some(&b'.') {
+            model.out.push(b'.');
+        }
+        model.out.extend_from_slice(text);
+        model.size += text.len() as u64;
+        let (newline, next) = match tail {
+            [] => break,
+            [b'\r', b'\n', next @ ..] => (2, next),
+            [_, next @ ..] => (1, next),
+        };
+        model.size += newline;
+        model.bare |= newline == 1;
+        after_crlf = newline == 2;
+        model.out.extend_from_slice(b"\r\n");
+        rest = next;
+    }
+    model
+}
+
+// ---- config ----
+
+const CONFIG_PATH: &str = "/fuzz/tarmac.toml";
+
+fn config_text(text: &str) {
+    let path = Path::new(CONFIG_PATH);
+    match Config::from_toml(text, path) {
+        Ok(config) => {
+            assert_eq!(config.path.as_deref(), Some(path));
+            assert!(config.server.workers > 0, "workers = 0 left unresolved");
+        }
+        Err(errors) => {
+            assert!(!errors.0.is_empty(), "error without errors for {text:?}");
+            let lines = text.split('\n').count();
+            for error in &errors.0 {
+                assert!(!error.message.trim().is_empty(), "{error:?} for {text:?}");
+                assert_eq!(error.path, path);
+                if let Some(line) = error.line {
+                    assert!((1..=lines).contains(&line), "{error:?} for {text:?}");
+                }
+            }
+            let shown = errors.to_string();
+            assert_eq!(
+                shown.lines().count(),
+                errors.0.len(),
+                "not one line per error: {shown:?} for {text:?}"
+            );
+        }
+    }
+}
+
+/// Keys, values and syntax of `tarmac.toml`; input bytes pick from it.
+const CONFIG_TOKENS: &[&str] = &[
+    "\n",
+    " ",
+    "=",
+    "\"",
+    ",",
+    "[",
+    "]",
+    "#",
+    "\n[server]\n",
+    "\n[limits]\n",
+    "\n[timeouts]\n",
+    "\n[downstream]\n",
+    "\n[tls]\n",
+    "\n[dns]\n",
+    "\n[[dnsbl]]\n",
+    "\n[scoring]\n",
+    "\n[tarpit]\n",
+    "\n[greylist]\n",
+    "\n[reputation]\n",
+    "\n[state]\n",
+    "\n[metrics]\n",
+    "\n[lists]\n",
+    "\n[rules]\n",
+    "listen = ",
+    "hostname = ",
+    "workers = ",
+    "max_connections = ",
+    "max_tarpitted = ",
+    "state_dir = ",
+    "proxy_protocol_from = ",
+    "max_connections_per_ip = ",
+    "connection_rate_per_ip = ",
+    "connection_rate_per_subnet = ",
+    "max_message_size = ",
+    "max_recipients = ",
+    "max_unknown_commands = ",
+    "max_line_length = ",
+    "bare_newline = ",
+    "connect = ",
+    "command = ",
+    "data = ",
+    "idle = ",
+    "drain = ",
+    "servers = ",
+    "mode = ",
+    "pool_size = ",
+    "announce_client = ",
+    "tls = ",
+    "tls_verify = ",
+    "cert = ",
+    "key = ",
+    "timeout = ",
+    "cache_ttl = ",
+    "rdns = ",
+    "zone = ",
+    "weight = ",
+    "codes = ",
+    "reply = ",
+    "allow_at = ",
+    "tarpit_at = ",
+    "reject_at = ",
+    "reject_mode = ",
+    "greet_pause = ",
+    "banner_continuation = ",
+    "pregreet = ",
+    "reply_delay = ",
+    "stutter = ",
+    "pass_ttl = ",
+    "enabled = ",
+    "delay = ",
+    "retry_window = ",
+    "half_life = ",
+    "backend = ",
+    "redis = ",
+    "prefix = ",
+    "allow = ",
+    "deny = ",
+    "files = ",
+    "\"0.0.0.0:25\"",
+    "[\"127.0.0.1:10025\"]",
+    "\"[::1]:25\"",
+    "\"192.0.2.1\"",
+    "\"mx.example.org\"",
+    "\"-bad-\"",
+    "0",
+    "1",
+    "-1",
+    "4096",
+    "99999999999999999999",
+    "1.5",
+    "\"25MB\"",
+    "\"64KiB\"",
+    "\"0B\"",
+    "\"30/min\"",
+    "\"5/s\"",
+    "\"0/h\"",
+    "\"250ms\"",
+    "\"0s\"",
+    "\"36d\"",
+    "\"9999999999999d\"",
+    "\"reject\"",
+    "\"normalize\"",
+    "\"xclient\"",
+    "\"proxy-v1\"",
+    "\"proxy-v2\"",
+    "\"none\"",
+    "\"required\"",
+    "\"multiplexing\"",
+    "\"enforce\"",
+    "\"drop\"",
+    "\"redis\"",
+    "true",
+    "false",
+    "[\"subnet\", \"sender\", \"recipient\"]",
+    "\"127.0.0.2-127.0.0.11\"",
+    "\"192.0.2.0/24\"",
+    "\"2001:db8::/129\"",
+    "\"zen.spamhaus.org\"",
+    "\"cert.pem\"",
+    "\"\"",
+    "[]",
+    "{}",
+    "\"\u{e9}\"",
+    "\"\\u0000\"",
+    "'''x\n'''",
+    "\r\n",
+];
+
+// ---- session ----
+
+/// Whole commands, body lines and smuggling fragments; input bytes pick from it.
+const SESSION_TOKENS: &[&str] = &[
+    "EHLO client.example\r\n",
+    "HELO client.example\r\n",
+    "MAIL FROM:<a@example.org>\r\n",
+    "MAIL FROM:<> SIZE=100 BODY=8BITMIME SMTPUTF8\r\n",
+    "MAIL FROM:<\u{e9}@example.org> SMTPUTF8\r\n",
+    "MAIL FROM:<a@example.org> SIZE=99999999999\r\n",
+    "RCPT TO:<b@example.net>\r\n",
+    "RCPT TO:<c@example.net>\r\n",
+    "RCPT TO:<postmaster>\r\n",
+    "RCPT TO:<\u{e9}@example.net>\r\n",
+    "DATA\r\n",
+    "RSET\r\n",
+    "NOOP\r\n",
+    "QUIT\r\n",
+    "VRFY a\r\n",
+    "HELP\r\n",
+    "STARTTLS\r\n",
+    "XCLIENT ADDR=192.0.2.1\r\n",
+    "BDAT 10 LAST\r\n",
+    "FOO\r\n",
+    "MAIL FROM:a@b\r\n",
+    "Subject: hi\r\n",
+    "\r\n",
+    ".\r\n",
+    "..leading dot\r\n",
+    "body line\r\n",
+    "\n.\r\n",
+    "\r\n.\n",
+    "\r.\r\n",
+    "\n.\n",
+    "\r",
+    "\n",
+    ".",
+    "x",
+    "\u{e9}",
+    "\r\n.\r\nRSET\r\n",
+];
+
+/// Length of the `x` run that a vocabulary byte just past the token list makes: longer than a
+/// 512-byte `max_line_length`, and a third of a 2000-byte `max_message_size`.
+const LONG_TOKEN: usize = 600;
+
+/// How the scripted downstream behaves (byte 0, bits 6–7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Behaviour {
+    Normal,
+    RejectRcpt,
+    /// Closes the connection on its `k`-th read (counting from 0).
+    CloseOnRead(u32),
+    /// Answers `k` replies per connection (banner included), then nothing.
+    SilentAfter(u32),
+}
+
+/// How connects go (byte 1, bits 6–7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ConnectMode {
+    Ok,
+    FirstRefused,
+    FirstHangs,
+    AllRefused,
+}
+
+/// An event waiting to be delivered to the session, tagged with the downstream connection it
+/// belongs to (events of a connection the session closed are never delivered).
+#[derive(Debug)]
+enum Event {
+    Connected(u32),
+    ConnectFailed(u32),
+    Data(u32, Vec<u8>),
+    Closed(u32),
+}
+
+/// The session, a scripted downstream and the client's view, on invented time.
+struct Harness {
+    session: Session,
+    now: Instant,
+    config: Arc<Config>,
+    behaviour: Behaviour,
+    connect_mode: ConnectMode,
+    dribble: bool,
+    /// Downstream replies are held until the next clock tick.
+    lagging: bool,
+    /// Events ready for delivery; `held` are those waiting for the next tick.
+    events: VecDeque<Event>,
+    held: Vec<Event>,
+    /// The downstream connection the session asked for: its generation and, once connected,
+    /// the scripted server on it.
+    conn: Option<(u32, Option<FakeDownstream>)>,
+    generation: u32,
+    connects: u32,
+    /// Downstream reply bytes the session left unconsumed (a partial reply).
+    ds_unread: Vec<u8>,
+    client_pending: Vec<u8>,
+    client_seen: ClientView,
+    closed: bool,
+    /// Counts across all downstream connections.
+    totals: Totals,
+}
+
+/// Things the downstream said, over the whole session.
+#[derive(Debug, Default)]
+struct Totals {
+    /// 250s to a final dot; the n-th carries the text `queued as F<n>`.
+    dots_acked: u32,
+    data_354: u32,
+    mail_250: u32,
+    rcpt_250: u32,
+}
+
+/// The client's side: every reply it got, checked as it arrives.
+#[derive(Debug, Default)]
+struct ClientView {
+    bytes: Vec<u8>,
+    /// Start of the first reply not yet checked.
+    checked: usize,
+    /// The last reply was a 354: the next one answers the end of data.
+    after_354: bool,
+    last_ack: u32,
+    got_354: u32,
+    got_mail_250: u32,
+    got_rcpt_250: u32,
+}
+
+impl Harness {
+    fn run(scenario: u8, details: u8, script: &[u8]) {
+        let mut harness = Harness::new(scenario, details);
+        harness.settle();
+        let mut chunk_start = 0;
+        for (i, &b) in script.iter().enumerate() {
+            if b < 0xee {
+                continue;
+            }
+            harness.client_send(script.get(chunk_start..i).unwrap_or_default());
+            chunk_start = i + 1;
+            match b {
+                0xee => harness.shutdown(Shutdown::Graceful),
+                0xef => harness.shutdown(Shutdown::Now),
+                _ => harness.tick(Duration::from_secs(u64::from(b & 0x0f) * 37)),
+            }
+        }
+        harness.client_send(script.get(chunk_start..).unwrap_or_default());
+        harness.finish();
+    }
+
+    fn new(scenario: u8, details: u8) -> Harness {
+        let mut config = base_config().clone();
+        let limits = &mut config.limits;
+        if scenario & 1 != 0 {
+            limits.bare_newline = BareNewline::Normalize;
+        }
+        if scenario & 2 != 0 {
+            limits.max_line_length = 512;
+        }
+        if scenario & 4 != 0 {
+            limits.max_message_size = 2000;
+        }
+        if scenario & 8 != 0 {
+            limits.max_recipients = 2;
+        }
+        config.downstream.announce_client = match (scenario >> 4) & 3 {
+            0 => AnnounceClient::Xclient,
+            1 => AnnounceClient::ProxyV1,
+            _ => AnnounceClient::None,
+        };
+        let k = u32::from(details & 0x0f);
+        let behaviour = match scenario >> 6 {
+            0 => Behaviour::Normal,
+            1 => Behaviour::RejectRcpt,
+            2 => Behaviour::CloseOnRead(k),
+            _ => Behaviour::SilentAfter(k),
+        };
+        let connect_mode = match details >> 6 {
+            0 => ConnectMode::Ok,
+            1 => ConnectMode::FirstRefused,
+            2 => ConnectMode::FirstHangs,
+            _ => ConnectMode::AllRefused,
+        };
+        if connect_mode != ConnectMode::Ok {
+            config
+                .downstream
+                .servers
+                .push(SocketAddr::from(([127, 0, 0, 1], 10026)));
+        }
+        let config = Arc::new(config);
+        let now = Instant::now();
+        let peer = Peer {
+            client: SocketAddr::from(([192, 0, 2, 7], 53211)),
+            local: SocketAddr::from(([198, 51, 100, 1], 25)),
+            accepted_at: UNIX_EPOCH + Duration::from_secs(1_795_438_862),
+        };
+        Harness {
+            session: Session::new(Arc::clone(&config), peer, now),
+            now,
+            config,
+            behaviour,
+            connect_mode,
+            dribble: details & 0x10 != 0,
+            lagging: details & 0x20 != 0,
+            events: VecDeque::new(),
+            held: Vec::new(),
+            conn: None,
+            generation: 0,
+            connects: 0,
+            ds_unread: Vec::new(),
+            client_pending: Vec::new(),
+            client_seen: ClientView::default(),
+            closed: false,
+            totals: Totals::default(),
+        }
+    }
+
+    fn client_send(&mut self, bytes: &[u8]) {
+        if self.closed {
+            return;
+        }
+        self.client_pending.extend_from_slice(bytes);
+        self.pump();
+    }
+
+    fn tick(&mut self, by: Duration) {
+        self.now += by;
+        self.events.extend(self.held.drain(..));
+        self.session.handle_timeout(self.now);
+        self.settle();
+        self.pump();
+        if let Some(due) = self.session.poll_timeout() {
+            assert!(
+                due > self.now,
+                "deadline {:?} still due after handle_timeout",
+                self.now - due
+            );
+        }
+    }
+
+    fn shutdown(&mut self, how: Shutdown) {
+        self.session.handle_shutdown(self.now, how);
+        self.settle();
+        self.pump();
+        if how == Shutdown::Now {
+            assert!(self.closed, "Shutdown::Now left the session open");
+        }
+    }
+
+    /// The client hangs up; the session must close and leave no downstream connection open.
+    fn finish(&mut self) {
+        self.session.handle_client_eof(self.now);
+        self.settle();
+        self.pump();
+        assert!(self.closed && self.session.is_closed(), "EOF did not close");
+        assert!(self.conn.is_none(), "downstream left open after Close");
+        assert_eq!(self.session.poll_timeout(), None, "deadline after close");
+        self.session
+            .handle_timeout(self.now + Duration::from_secs(100_000));
+        self.settle();
+    }
+
+    /// Offers client bytes and delivers downstream events until neither makes progress.
+    fn pump(&mut self) {
+        for _ in 0..MAX_ROUNDS {
+            let mut progress = false;
+            if !self.client_pending.is_empty() && !self.closed {
+                let wants = self.session.wants_read();
+                let pending = std::mem::take(&mut self.client_pending);
+                let used = self.session.handle_client_data(self.now, &pending);
+                assert!(
+                    used <= pending.len(),
+                    "consumed {used} of {}",
+                    pending.len()
+                );
+                if !wants {
+                    assert!(
+                        used == 0 || self.session.is_closed(),
+                        "consumed {used} bytes while not wanting to read"
+                    );
+                }
+                self.client_pending = pending.get(used..).unwrap_or_default().to_vec();
+                progress |= used > 0;
+                self.settle();
+            }
+            if let Some(event) = self.events.pop_front() {
+                self.deliver(event);
+                progress = true;
+            }
+            if !progress {
+                return;
+            }
+        }
+        panic!("session and downstream did not settle");
+    }
+
+    fn deliver(&mut self, event: Event) {
+        let current = self.conn.as_ref().map(|(g, _)| *g);
+        match event {
+            Event::Connected(g) if current == Some(g) => {
+                let mut fake = FakeDownstream::new(&self.config, self.behaviour);
+                let banner = fake.connect();
+                self.conn = Some((g, Some(fake)));
+                self.session
+                    .handle_downstream(self.now, DownstreamEvent::Connected);
+                self.settle();
+                self.queue_replies(g, banner);
+            }
+            Event::ConnectFailed(g) if current == Some(g) => {
+                self.conn = None;
+                self.session
+                    .handle_downstream(self.now, DownstreamEvent::ConnectFailed);
+            }
+            Event::Closed(g) if current == Some(g) => {
+                // The socket stays the driver's until the session says CloseDownstream; what
+                // it writes meanwhile (a QUIT) goes nowhere.
+                if let Some((_, Some(fake))) = self.conn.as_mut() {
+                    fake.gone = true;
+                }
+                self.session
+                    .handle_downstream(self.now, DownstreamEvent::Closed);
+            }
+            Event::Data(g, bytes) if current == Some(g) => {
+                let mut buf = std::mem::take(&mut self.ds_unread);
+                buf.extend_from_slice(&bytes);
+                let used = self
+                    .session
+                    .handle_downstream(self.now, DownstreamEvent::Data(&buf));
+                assert!(used <= buf.len(), "consumed {used} of {}", buf.len());
+                self.ds_unread = buf.get(used..).unwrap_or_default().to_vec();
+            }
+            // An event of a connection the session already closed: the driver dropped it.
+            _ => return,
+        }
+        self.settle();
+    }
+
+    /// What a driver does after every `handle_*`: hand out both sides' bytes, then run the
+    /// actions. Downstream replies and connect results become queued events.
+    fn settle(&mut self) {
+        let mut out = Vec::new();
+        self.session.poll_transmit(self.now, Side::Client, &mut out);
+        assert!(out.len() < MAX_OUTBOX_DRAIN, "client outbox {}", out.len());
+        if !out.is_empty() {
+            assert!(
+                !self.closed,
+                "bytes for the client after Close: {}",
+                escape(&out)
+            );
+            self.client_seen.receive(&out, &self.totals);
+        }
+        let mut ds = Vec::new();
+        self.session
+            .poll_transmit(self.now, Side::Downstream, &mut ds);
+        assert!(
+            ds.len() < MAX_OUTBOX_DRAIN,
+            "downstream outbox {}",
+            ds.len()
+        );
+        if !ds.is_empty() {
+            let Some((g, Some(fake))) = self.conn.as_mut() else {
+                panic!("bytes for an unconnected downstream: {}", escape(&ds));
+            };
+            let g = *g;
+            let answer = fake.feed(&ds, &mut self.totals);
+            match answer {
+                Answer::Replies(replies) => self.queue_replies(g, replies),
+                Answer::Close => self.queue(Event::Closed(g)),
+            }
+        }
+        while let Some(action) = self.session.poll_action() {
+            match action {
+                Action::ConnectDownstream(addr) => {
+                    assert!(self.conn.is_none(), "second downstream while one is open");
+                    assert!(
+                        self.config.downstream.servers.contains(&addr),
+                        "connect to {addr}"
+                    );
+                    self.generation += 1;
+                    self.connects += 1;
+                    let g = self.generation;
+                    self.conn = Some((g, None));
+                    self.ds_unread.clear();
+                    let first = addr
+                        == self
+                            .config
+                            .downstream
+                            .servers
+                            .first()
+                            .copied()
+                            .unwrap_or(addr);
+                    match self.connect_mode {
+                        ConnectMode::AllRefused => self.events.push_back(Event::ConnectFailed(g)),
+                        ConnectMode::FirstRefused if first => {
+                            self.events.push_back(Event::ConnectFailed(g))
+                        }
+                        // Never completes: only the session's connect timeout ends it.
+                        ConnectMode::FirstHangs if first => {}
+                        _ => self.events.push_back(Event::Connected(g)),
+                    }
+                }
+                Action::CloseDownstream => {
+                    assert!(self.conn.is_some(), "CloseDownstream without a connection");
+                    self.conn = None;
+                    self.ds_unread.clear();
+                }
+                Action::Close => {
+                    assert!(!self.closed, "Close came out twice");
+                    self.closed = true;
+                }
+            }
+        }
+    }
+
+    fn queue_replies(&mut self, g: u32, replies: Vec<u8>) {
+        if replies.is_empty() {
+            return;
+        }
+        if self.dribble {
+            for b in replies {
+                self.queue(Event::Data(g, vec![b]));
+            }
+        } else {
+            self.queue(Event::Data(g, replies));
+        }
+    }
+
+    fn queue(&mut self, event: Event) {
+        if self.lagging {
+            self.held.push(event);
+        } else {
+            self.events.push_back(event);
+        }
+    }
+}
+
+impl ClientView {
+    /// Checks the replies in newly received bytes: whole replies only, each line well-formed,
+    /// and the end-of-data and relayed 2xx replies backed by the downstream's.
+    fn receive(&mut self, bytes: &[u8], totals: &Totals) {
+        self.bytes.extend_from_slice(bytes);
+        assert!(
+            self.bytes.ends_with(b"\r\n"),
+            "client output not ending in CRLF: {}",
+            escape(&self.bytes)
+        );
+        while let Some(rest) = self.bytes.get(self.checked..).filter(|r| !r.is_empty()) {
+            let Ok(Status::Complete((reply, used))) = parse_reply(rest) else {
+                panic!("client got a malformed reply: {}", escape(rest));
+            };
+            let wire = rest.get(..used).unwrap_or_default().to_vec();
+            check_client_lines(&wire);
+            self.checked += used;
+            self.check_reply(&reply, totals);
+        }
+    }
+
+    fn check_reply(&mut self, reply: &Reply, totals: &Totals) {
+        let text = reply.lines.join("\n");
+        let acked = text
+            .strip_prefix("Ok: queued as F")
+            .and_then(|n| n.parse::<u32>().ok());
+        if self.after_354 {
+            self.after_354 = false;
+            if reply.code / 100 == 2 {
+                let Some(n) = acked else {
+                    panic!(
+                        "end-of-data {} not from the downstream: {text:?}",
+                        reply.code
+                    );
+                };
+                assert!(
+                    n > self.last_ack && n <= totals.dots_acked,
+                    "end-of-data 250 for message {n} (last relayed {}, downstream acked {})",
+                    self.last_ack,
+                    totals.dots_acked
+                );
+                self.last_ack = n;
+            }
+            return;
+        }
+        assert!(
+            acked.is_none(),
+            "a final-dot 250 answered another command: {text:?}"
+        );
+        match reply.code {
+            354 => {
+                self.after_354 = true;
+                self.got_354 += 1;
+                assert!(
+                    self.got_354 <= totals.data_354,
+                    "354 without the downstream's"
+                );
+            }
+            250 if text == "Sender ok" => {
+                self.got_mail_250 += 1;
+                assert!(
+                    self.got_mail_250 <= totals.mail_250,
+                    "MAIL 250 without the downstream's"
+                );
+            }
+            250 if text == "Recipient ok" => {
+                self.got_rcpt_250 += 1;
+                assert!(
+                    self.got_rcpt_250 <= totals.rcpt_250,
+                    "RCPT 250 without the downstream's"
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Every line to a client: three digits, then a space or dash, no CR or LF inside, CRLF.
+fn check_client_lines(wire: &[u8]) {
+    for line in wire.split_inclusive(|&b| b == b'\n') {
+        let Some(body) = line.strip_suffix(b"\r\n") else {
+            panic!("client line without CRLF: {}", escape(line));
+        };
+        let ok = matches!(body, [a, b, c, b' ' | b'-', ..]
+            if a.is_ascii_digit() && b.is_ascii_digit() && c.is_ascii_digit());
+        assert!(ok, "malformed client line {}", escape(line));
+        assert!(
+            !body.contains(&b'\r'),
+            "CR inside client line {}",
+            escape(line)
+        );
+    }
+}
+
+/// The scripted downstream's EHLO reply: everything tarmac can use, XCLIENT included.
+const EHLO_REPLY: &str = "250-ds.fuzz\r\n250-8BITMIME\r\n250-SIZE 100000000\r\n250-SMTPUTF8\r\n250 XCLIENT ADDR NAME PORT HELO PROTO";
+
+/// What the scripted downstream does with bytes it read.
+enum Answer {
+    Replies(Vec<u8>),
+    Close,
+}
+
+/// A tiny SMTP server on one downstream connection: answers what tarmac sends, and asserts
+/// that it is well-formed and in order.
+struct FakeDownstream {
+    behaviour: Behaviour,
+    announce: AnnounceClient,
+    max_recipients: usize,
+    input: Vec<u8>,
+    /// The PROXY v1 header is still expected.
+    want_proxy: bool,
+    /// Inside a body; `scanned` is how far it has been checked.
+    in_data: bool,
+    scanned: usize,
+    in_transaction: bool,
+    rcpts: usize,
+    rcpts_accepted: usize,
+    quit: bool,
+    /// This side closed the connection: it reads nothing more.
+    gone: bool,
+    reads: u32,
+    replies: u32,
+}
+
+impl FakeDownstream {
+    fn new(config: &Config, behaviour: Behaviour) -> FakeDownstream {
+        let announce = config.downstream.announce_client;
+        FakeDownstream {
+            behaviour,
+            announce,
+            max_recipients: config.limits.max_recipients,
+            input: Vec::new(),
+            want_proxy: announce == AnnounceClient::ProxyV1,
+            in_data: false,
+            scanned: 0,
+            in_transaction: false,
+            rcpts: 0,
+            rcpts_accepted: 0,
+            quit: false,
+            gone: false,
+            reads: 0,
+            replies: 0,
+        }
+    }
+
+    fn connect(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.reply(&mut out, "220 ds.fuzz ESMTP");
+        out
+    }
+
+    fn feed(&mut self, bytes: &[u8], totals: &mut Totals) -> Answer {
+        if self.gone {
+            return Answer::Replies(Vec::new());
+        }
+        assert!(!self.quit, "bytes after QUIT: {}", escape(bytes));
+        if let Behaviour::CloseOnRead(k) = self.behaviour {
+            if self.reads == k {
+                self.gone = true;
+                return Answer::Close;
+            }
+        }
+        self.reads += 1;
+        self.input.extend_from_slice(bytes);
+        let mut out = Vec::new();
+        loop {
+            if self.in_data {
+                if !self.body_end(&mut out, totals) {
+                    break;
+                }
+                continue;
+            }
+            let Some(end) = find(&self.input, b"\r\n") else {
+                assert!(
+                    !self.input.contains(&b'\n'),
+                    "bare LF to the downstream: {}",
+                    escape(&self.input)
+                );
+                break;
+            };
+            let line: Vec<u8> = self.input.drain(..end + 2).take(end).collect();
+            self.command(&line, &mut out, totals);
+        }
+        Answer::Replies(out)
+    }
+
+    fn command(&mut self, line: &[u8], out: &mut Vec<u8>, totals: &mut Totals) {
+        assert!(
+            !line.contains(&b'\r') && !line.contains(&b'\n'),
+            "line end inside a downstream command: {}",
+            escape(line)
+        );
+        if self.want_proxy {
+            self.want_proxy = false;
+            assert!(
+                line.starts_with(b"PROXY TCP4 "),
+                "not a PROXY header: {}",
+                escape(line)
+            );
+            return;
+        }
+        let verb = line.split(|&b| b == b' ').next().unwrap_or_default();
+        match verb {
+            b"EHLO" => {
+                self.reply(out, EHLO_REPLY);
+            }
+            b"HELO" => {
+                self.reply(out, "250 ds.fuzz");
+            }
+            b"XCLIENT" => {
+                assert_eq!(
+                    self.announce,
+                    AnnounceClient::Xclient,
+                    "XCLIENT not configured"
+                );
+                assert!(!self.in_transaction, "XCLIENT inside a transaction");
+                self.reply(out, "220 ds.fuzz ESMTP");
+            }
+            b"MAIL" => {
+                assert!(
+                    matches!(parse_command(line), Ok(Command::Mail { .. })),
+                    "bad MAIL relayed: {}",
+                    escape(line)
+                );
+                assert!(!self.in_transaction, "nested MAIL relayed");
+                self.in_transaction = true;
+                self.rcpts = 0;
+                self.rcpts_accepted = 0;
+                if self.reply(out, "250 2.1.0 Sender ok") {
+                    totals.mail_250 += 1;
+                }
+            }
+            b"RCPT" => {
+                assert!(
+                    matches!(parse_command(line), Ok(Command::Rcpt { .. })),
+                    "bad RCPT relayed: {}",
+                    escape(line)
+                );
+                assert!(self.in_transaction, "RCPT without MAIL");
+                self.rcpts += 1;
+                assert!(self.rcpts <= self.max_recipients, "over max_recipients");
+                if self.behaviour == Behaviour::RejectRcpt {
+                    self.reply(out, "550 5.1.1 Recipient rejected");
+                } else if self.reply(out, "250 2.1.5 Recipient ok") {
+                    self.rcpts_accepted += 1;
+                    totals.rcpt_250 += 1;
+                }
+            }
+            b"DATA" => {
+                assert!(
+                    self.in_transaction && self.rcpts_accepted > 0,
+                    "DATA without recipient"
+                );
+                if self.reply(out, "354 go ahead") {
+                    self.in_data = true;
+                    self.scanned = 0;
+                    totals.data_354 += 1;
+                }
+            }
+            b"RSET" => {
+                self.in_transaction = false;
+                self.reply(out, "250 2.0.0 Reset ok");
+            }
+            b"QUIT" => {
+                self.quit = true;
+                self.reply(out, "221 2.0.0 Bye");
+            }
+            _ => panic!("unexpected downstream command {}", escape(line)),
+        }
+    }
+
+    /// Reads body bytes; true when the final dot was read (and answered).
+    fn body_end(&mut self, out: &mut Vec<u8>, totals: &mut Totals) -> bool {
+        let end = find(&self.input, b"\r\n.\r\n");
+        let body_len = end.map_or(self.input.len(), |at| at + 2);
+        let body = self.input.get(..body_len).unwrap_or_default();
+        // A CR at the end may be the start of a CRLF still in flight.
+        let settled = if end.is_none() {
+            body.strip_suffix(b"\r").unwrap_or(body)
+        } else {
+            body
+        };
+        assert!(
+            !has_bare_newline(
+                settled
+                    .get(self.scanned.saturating_sub(1)..)
+                    .unwrap_or_default(),
+                false
+            ),
+            "bare CR or LF in a relayed body: {}",
+            escape(settled)
+        );
+        let size_cap = 2 * 25_000_000 + 1024;
+        assert!(body.len() <= size_cap, "body of {} bytes", body.len());
+        self.scanned = settled.len();
+        let Some(at) = end else {
+            return false;
+        };
+        self.input.drain(..at + 5);
+        self.in_data = false;
+        self.in_transaction = false;
+        let text = format!("250 2.0.0 Ok: queued as F{}", totals.dots_acked + 1);
+        if self.reply(out, &text) {
+            totals.dots_acked += 1;
+        }
+        true
+    }
+
+    /// Appends a reply unless the script says to stay silent; whether it was sent.
+    fn reply(&mut self, out: &mut Vec<u8>, text: &str) -> bool {
+        if let Behaviour::SilentAfter(k) = self.behaviour {
+            if self.replies >= k {
+                return false;
+            }
+        }
+        self.replies += 1;
+        out.extend_from_slice(text.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        true
+    }
+}
+
+/// `Config::default()` reads the system hostname; build it once.
+fn base_config() -> &'static Config {
+    static BASE: OnceLock<Config> = OnceLock::new();
+    BASE.get_or_init(|| {
+        let mut config = Config::default();
+        config.server.hostname = "mx.fuzz".to_owned();
+        config.downstream.servers = vec![SocketAddr::from(([127, 0, 0, 1], 10025))];
+        config
+    })
+}
+
+// ---- shared ----
+
+fn to_alphabet(data: &[u8]) -> Vec<u8> {
+    data.iter()
+        .map(|&b| {
+            SMTP_ALPHABET
+                .get(usize::from(b) % SMTP_ALPHABET.len())
+                .copied()
+                .unwrap_or(b' ')
+        })
+        .collect()
+}
+
+/// Each byte picks a token, except that bytes past the list make a long run of `x` (for line
+/// and size limits).
+fn vocabulary(data: &[u8], tokens: &[&str]) -> String {
+    let mut text = String::new();
+    for &b in data {
+        match tokens.get(usize::from(b)) {
+            Some(token) => text.push_str(token),
+            None if usize::from(b) == tokens.len() => text.push_str(&"x".repeat(LONG_TOKEN)),
+            None => {
+                let i = usize::from(b) % tokens.len();
+                text.push_str(tokens.get(i).copied().unwrap_or(" "));
+            }
+        }
+    }
+    text
+}
+
+/// A CR not followed by LF or an LF not preceded by CR. `framed`: a CRLF precedes `s` (a
+/// leading LF is bare); otherwise a leading LF counts as the end of a CRLF cut off before.
+fn has_bare_newline(s: &[u8], framed: bool) -> bool {
+    s.iter().enumerate().any(|(i, &b)| match b {
+        b'\r' => s.get(i + 1) != Some(&b'\n'),
+        b'\n' => match i.checked_sub(1) {
+            Some(p) => s.get(p) != Some(&b'\r'),
+            None => framed,
+        },
+        _ => false,
+    })
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn is_control(b: u8) -> bool {
+    b < 0x20 || b == 0x7f
+}
+
+/// Printable form of bytes for assertion messages.
+fn escape(bytes: &[u8]) -> String {
+    bytes.escape_ascii().to_string()
+}
+
+/// xorshift64: chunk lengths from a seed, no dependency.
+struct XorShift(u64);
+
+impl XorShift {
+    fn new(seed: u64) -> XorShift {
+        XorShift(seed | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}

@@ -1,0 +1,171 @@
+//! The fuzz targets on stable: every file in `fuzz/corpus/<target>/` (seeds and past crashers)
+//! replayed through the same `tarmac::fuzzing` bodies libFuzzer runs, then a few thousand
+//! deterministic pseudo-random inputs per target, each a seed with a few mutations or plain
+//! random bytes. A failure names the file or the input that broke a property.
+
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::path::{Path, PathBuf};
+
+use tarmac::fuzzing;
+
+/// Pseudo-random inputs per target; keeps the whole file under a few seconds in debug builds.
+const RANDOM_INPUTS: usize = 2000;
+
+/// Longest pseudo-random input, in bytes.
+const RANDOM_LEN: usize = 400;
+
+type Target = fn(&[u8]);
+
+const TARGETS: [(&str, Target); 5] = [
+    ("command", fuzzing::command),
+    ("reply", fuzzing::reply),
+    ("data", fuzzing::data),
+    ("config", fuzzing::config),
+    ("session", fuzzing::session),
+];
+
+#[test]
+fn corpus_command() {
+    replay("command", fuzzing::command);
+}
+
+#[test]
+fn corpus_reply() {
+    replay("reply", fuzzing::reply);
+}
+
+#[test]
+fn corpus_data() {
+    replay("data", fuzzing::data);
+}
+
+#[test]
+fn corpus_config() {
+    replay("config", fuzzing::config);
+}
+
+#[test]
+fn corpus_session() {
+    replay("session", fuzzing::session);
+}
+
+#[test]
+fn random_inputs_keep_every_property() {
+    for (i, (target, body)) in TARGETS.into_iter().enumerate() {
+        // Named seeds only, so the inputs do not depend on what a local fuzzer run added.
+        let seeds: Vec<Vec<u8>> = corpus_files(target)
+            .iter()
+            .filter(|f| !is_fuzzer_output(f))
+            .map(|f| std::fs::read(f).unwrap())
+            .collect();
+        let mut rng = XorShift(0x9e37_79b9_7f4a_7c15 ^ i as u64);
+        for n in 0..RANDOM_INPUTS {
+            let input = if n % 4 == 0 {
+                let len = rng.below(RANDOM_LEN + 1);
+                (0..len).map(|_| rng.next() as u8).collect()
+            } else {
+                mutate(&seeds[rng.below(seeds.len())], &mut rng)
+            };
+            run_named(body, &input, || {
+                format!("{target} random input #{n}: \"{}\"", input.escape_ascii())
+            });
+        }
+    }
+}
+
+/// Replays every file of one target's corpus, which must not be empty.
+fn replay(target: &str, body: Target) {
+    let files = corpus_files(target);
+    assert!(!files.is_empty(), "fuzz/corpus/{target}/ has no files");
+    for file in files {
+        let data = std::fs::read(&file).unwrap();
+        run_named(body, &data, || file.display().to_string());
+    }
+}
+
+fn corpus_files(target: &str) -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.is_file())
+        .collect();
+    files.sort();
+    files
+}
+
+/// libFuzzer names the inputs it adds to a corpus by their SHA-1 (git ignores them).
+fn is_fuzzer_output(file: &Path) -> bool {
+    file.file_name()
+        .and_then(|name| name.to_str())
+        .is_some_and(|name| name.len() == 40 && name.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Runs a body; on a failed property, says which input it was before passing the panic on.
+fn run_named(body: Target, data: &[u8], name: impl Fn() -> String) {
+    if let Err(panic) = catch_unwind(AssertUnwindSafe(|| body(data))) {
+        eprintln!("fuzz property failed on {}", name());
+        resume_unwind(panic);
+    }
+}
+
+/// One to four byte-level edits of a seed: replace, insert, delete, duplicate a range.
+fn mutate(seed: &[u8], rng: &mut XorShift) -> Vec<u8> {
+    let mut data = seed.to_vec();
+    for _ in 0..1 + rng.below(4) {
+        let at = rng.below(data.len() + 1);
+        match rng.below(4) {
+            0 if at < data.len() => data[at] = rng.next() as u8,
+            1 => data.insert(at, rng.next() as u8),
+            2 if at < data.len() => {
+                data.remove(at);
+            }
+            _ => {
+                let end = (at + rng.below(16)).min(data.len());
+                let copy = data[at..end].to_vec();
+                let to = rng.below(data.len() + 1);
+                data.splice(to..to, copy);
+            }
+        }
+    }
+    data
+}
+
+/// xorshift64: reproducible inputs without a dependency.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        if n == 0 {
+            0
+        } else {
+            (self.next() % n as u64) as usize
+        }
+    }
+}
+
+/// Found by `cargo fuzz run session`. While the session waits for the downstream
+/// (`Phase::Waiting`), its idle deadline stays armed but `handle_timeout` ignores it, so after
+/// `handle_timeout(now)` `poll_timeout()` still returns a deadline before `now`; a driver that
+/// re-arms its timer from `poll_timeout` (the worker does) wakes at once, again and again, until
+/// the downstream answers or its own timeout fires. Input: no announce, replies lagging one tick;
+/// the client sends `.HELO …` and `MAIL FROM:<é@example.org> SMTPUTF8` (the vocabulary run),
+/// then three ticks of 222 s: the handshake and MAIL each wait a tick, and at 666 s the idle
+/// deadline (600 s) is due but ignored. Fixed when this passes; then move the file into
+/// `fuzz/corpus/session/` and drop the `#[ignore]`.
+#[test]
+#[ignore = "session bug: idle deadline due but ignored while waiting for the downstream"]
+fn regression_idle_deadline_while_waiting() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/regressions/session/idle_deadline_while_waiting");
+    fuzzing::session(&std::fs::read(file).unwrap());
+}
