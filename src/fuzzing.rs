@@ -841,7 +841,6 @@ struct Harness {
     /// the scripted server on it.
     conn: Option<(u32, Option<FakeDownstream>)>,
     generation: u32,
-    connects: u32,
     /// Downstream reply bytes the session left unconsumed (a partial reply).
     ds_unread: Vec<u8>,
     client_pending: Vec<u8>,
@@ -954,7 +953,6 @@ impl Harness {
             held: Vec::new(),
             conn: None,
             generation: 0,
-            connects: 0,
             ds_unread: Vec::new(),
             client_pending: Vec::new(),
             client_seen: ClientView::default(),
@@ -1125,7 +1123,6 @@ impl Harness {
                         "connect to {addr}"
                     );
                     self.generation += 1;
-                    self.connects += 1;
                     let g = self.generation;
                     self.conn = Some((g, None));
                     self.ds_unread.clear();
