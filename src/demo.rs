@@ -48,6 +48,7 @@ pub fn run() -> io::Result<()> {
         expect_proxy: None,
         behaviour: Behaviour::Normal,
         max_message_size: config.limits.max_message_size * 2,
+        record: false,
     })?;
     println!(
         "tarmac demo: gateway on {DEMO_LISTEN}, relaying to the sink on {DEMO_SINK}; accepted mail lands in ./{DEMO_MAILDIR}/\n\

@@ -56,6 +56,10 @@ pub struct SinkConfig {
     /// Advertised as `SIZE` and enforced: a bigger `SIZE=` on MAIL or a bigger message gets
     /// `552 5.3.4`; a message over twice this size drops the connection. Default 50 MB.
     pub max_message_size: u64,
+    /// Keep each message and each session's commands in memory for [`Sink::messages`] and
+    /// [`Sink::sessions`] (tests, benches). Off for the long-running demo, whose record is the
+    /// maildir, so its memory does not grow with every message.
+    pub record: bool,
 }
 
 impl Default for SinkConfig {
@@ -69,6 +73,7 @@ impl Default for SinkConfig {
             expect_proxy: None,
             behaviour: Behaviour::Normal,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            record: true,
         }
     }
 }
@@ -687,7 +692,9 @@ impl<'a> Connection<'a> {
             content,
             bare_newline_seen: bare_newline,
         };
-        self.shared.update(|state| state.messages.push(message));
+        if self.shared.config.record {
+            self.shared.update(|state| state.messages.push(message));
+        }
         self.send(&format!("250 2.0.0 Ok: queued as {queue_id}\r\n"))?;
         Ok(Next::Continue)
     }
@@ -750,6 +757,9 @@ impl<'a> Connection<'a> {
     }
 
     fn record(&self, line: &str) {
+        if !self.shared.config.record {
+            return;
+        }
         self.shared
             .update_session(self.index, |session| session.commands.push(line.to_owned()));
     }

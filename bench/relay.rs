@@ -1,0 +1,372 @@
+//! Relay throughput over loopback: 4 KB messages from 50 parallel clients to a sink directly, and
+//! the same clients through tarmac to the same kind of sink, in one run, with the ratio. Target:
+//! through tarmac ≥ 0.8 of direct.
+//!
+//! Fairness: both legs use the same client code (one blocking std thread per client, one
+//! message per SMTP session: connect, banner, EHLO, MAIL, RCPT, DATA, body, `.`, QUIT, each step
+//! waiting for its reply, as most MX traffic looks) and a fresh [`Sink`] with the same config per
+//! round, so the sink's memory stays bounded by one round's messages. Legs are interleaved
+//! (direct, tarmac workers=1, tarmac workers=2, direct, ...) and the medians reported, so drift in
+//! machine load hits both sides. Every message must reach the sink, byte-exact.
+//!
+//! Everything shares one machine: clients, sink and tarmac compete for the same cores. The sink
+//! is thread-per-connection (a thread spawned per session) and does the same work in both legs;
+//! through tarmac each message also costs a second TCP connection and tarmac's own work. The
+//! CPU lines (process CPU time per message, and the tarmac workers' share) show where the time
+//! goes when the machine, not latency, is the limit.
+//!
+//! `cargo bench --bench relay` runs the full size; without `--bench` (as `cargo test
+//! --all-targets` runs it, in a debug build) one small round checks correctness only.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tarmac::config::{AnnounceClient, Config};
+use tarmac::server::ServerHandle;
+use tarmac::sink::{Sink, SinkConfig, SinkMessage};
+
+/// Parallel clients, as the issue asks.
+const CLIENTS: usize = 50;
+
+/// Bytes of message content (headers and body) the client sends, before dot-stuffing.
+const MESSAGE_SIZE: usize = 4096;
+
+/// Longest any single connect, read or write may take before the bench fails.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Kernel clock ticks per second in /proc stat times (USER_HZ, 100 on Linux).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let (per_client, rounds, worker_counts): (usize, usize, &[usize]) =
+        if full { (40, 5, &[1, 2]) } else { (2, 1, &[2]) };
+    let body = message_body();
+    let params = format!(
+        "{CLIENTS} clients x {per_client} msgs per round, one message per session, \
+         {MESSAGE_SIZE} B messages, median of {rounds} interleaved rounds"
+    );
+    let note = if full {
+        ""
+    } else {
+        " (quick mode, debug build: not a measurement)"
+    };
+
+    // Warm-up: thread stacks, allocator arenas, the listen path; not measured.
+    run_direct(&body, 2);
+    for &workers in worker_counts {
+        run_tarmac(&body, 2, workers);
+    }
+
+    let mut direct = Vec::new();
+    let mut through: Vec<Vec<Round>> = worker_counts.iter().map(|_| Vec::new()).collect();
+    for _ in 0..rounds {
+        direct.push(run_direct(&body, per_client));
+        for (n, &workers) in worker_counts.iter().enumerate() {
+            through[n].push(run_tarmac(&body, per_client, workers));
+        }
+    }
+
+    let direct_rate = median(direct.iter().map(|r| r.rate()).collect());
+    let direct_cpu = median(direct.iter().map(|r| r.cpu_per_msg()).collect());
+    println!("relay/direct: {direct_rate:.0} msgs/s ({params}){note}");
+    println!("relay/direct-cpu: {direct_cpu:.0} us CPU per msg (whole process){note}");
+    for (rounds, &workers) in through.iter().zip(worker_counts) {
+        let rate = median(rounds.iter().map(|r| r.rate()).collect());
+        let cpu = median(rounds.iter().map(|r| r.cpu_per_msg()).collect());
+        let worker_user = median(rounds.iter().map(|r| r.tarmac_cpu_per_msg().0).collect());
+        let worker_sys = median(rounds.iter().map(|r| r.tarmac_cpu_per_msg().1).collect());
+        println!("relay/through-tarmac: {rate:.0} msgs/s (workers={workers}, {params}){note}");
+        println!(
+            "relay/through-tarmac-cpu: {cpu:.0} us CPU per msg (whole process), of which \
+             tarmac workers {worker_user:.0} us user + {worker_sys:.0} us system \
+             (workers={workers}){note}"
+        );
+        println!(
+            "relay/ratio: {:.2} (target >= 0.8, workers={workers}){note}",
+            rate / direct_rate
+        );
+    }
+}
+
+/// One measured round.
+struct Round {
+    messages: usize,
+    elapsed: Duration,
+    /// Whole-process CPU time (all threads) during the round, seconds.
+    cpu: f64,
+    /// CPU time of the tarmac worker threads during the round, seconds (zero for direct).
+    tarmac_cpu: Cpu,
+}
+
+/// User and system CPU seconds.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    user: f64,
+    system: f64,
+}
+
+impl Cpu {
+    fn total(self) -> f64 {
+        self.user + self.system
+    }
+}
+
+impl std::ops::Add for Cpu {
+    type Output = Cpu;
+    fn add(self, other: Cpu) -> Cpu {
+        Cpu {
+            user: self.user + other.user,
+            system: self.system + other.system,
+        }
+    }
+}
+
+impl std::ops::Sub for Cpu {
+    type Output = Cpu;
+    fn sub(self, other: Cpu) -> Cpu {
+        Cpu {
+            user: self.user - other.user,
+            system: self.system - other.system,
+        }
+    }
+}
+
+impl Round {
+    fn rate(&self) -> f64 {
+        self.messages as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn cpu_per_msg(&self) -> f64 {
+        self.cpu * 1e6 / self.messages as f64
+    }
+
+    /// Tarmac workers' (user, system) CPU microseconds per message.
+    fn tarmac_cpu_per_msg(&self) -> (f64, f64) {
+        let per = |s: f64| s * 1e6 / self.messages as f64;
+        (per(self.tarmac_cpu.user), per(self.tarmac_cpu.system))
+    }
+}
+
+/// The sink both legs deliver to; XCLIENT offered in both, so its EHLO reply is the same.
+fn start_sink() -> Sink {
+    Sink::start(SinkConfig {
+        offer_xclient: true,
+        ..SinkConfig::default()
+    })
+    .expect("sink starts")
+}
+
+fn run_direct(body: &[u8], per_client: usize) -> Round {
+    let sink = start_sink();
+    let cpu_before = process_cpu();
+    let (messages, elapsed) = run_clients(sink.local_addr(), body, per_client);
+    let cpu = (process_cpu() - cpu_before).total();
+    check_delivered(&sink, body, messages, false);
+    Round {
+        messages,
+        elapsed,
+        cpu,
+        tarmac_cpu: Cpu::default(),
+    }
+}
+
+fn run_tarmac(body: &[u8], per_client: usize, workers: usize) -> Round {
+    let sink = start_sink();
+    let server =
+        ServerHandle::start(Arc::new(config(sink.local_addr(), workers))).expect("tarmac starts");
+    let addr = server.local_addrs()[0];
+    let cpu_before = process_cpu();
+    let tarmac_before = tarmac_worker_cpu();
+    let (messages, elapsed) = run_clients(addr, body, per_client);
+    let cpu = (process_cpu() - cpu_before).total();
+    // Read before shutdown: a worker's /proc entry goes when its thread exits.
+    let tarmac_cpu = tarmac_worker_cpu() - tarmac_before;
+    server.shutdown();
+    server.join().expect("tarmac stops cleanly");
+    check_delivered(&sink, body, messages, true);
+    Round {
+        messages,
+        elapsed,
+        cpu,
+        tarmac_cpu,
+    }
+}
+
+/// A loopback tarmac relaying to `downstream`, every check that needs DNS off, and the
+/// per-IP cap above the client count (every client comes from 127.0.0.1).
+fn config(downstream: SocketAddr, workers: usize) -> Config {
+    let mut config = Config::default();
+    config.server.listen = vec!["127.0.0.1:0".parse().expect("address")];
+    config.server.hostname = "mx.bench".to_owned();
+    config.server.workers = workers;
+    config.limits.max_connections_per_ip = 10 * CLIENTS as u32;
+    config.downstream.servers = vec![downstream];
+    config.downstream.announce_client = AnnounceClient::Xclient;
+    config.dns.rdns = false;
+    config.dnsbl.clear();
+    config
+}
+
+/// Starts [`CLIENTS`] threads each sending `per_client` messages to `addr`, one per session;
+/// returns the messages sent and the time from the common start to the last thread's end.
+fn run_clients(addr: SocketAddr, body: &[u8], per_client: usize) -> (usize, Duration) {
+    let start = Arc::new(Barrier::new(CLIENTS + 1));
+    let body: Arc<[u8]> = Arc::from(body);
+    let threads: Vec<_> = (0..CLIENTS)
+        .map(|n| {
+            let start = Arc::clone(&start);
+            let body = Arc::clone(&body);
+            thread::Builder::new()
+                .name(format!("client-{n}"))
+                .spawn(move || {
+                    start.wait();
+                    for _ in 0..per_client {
+                        send_one(addr, &body);
+                    }
+                })
+                .expect("client thread starts")
+        })
+        .collect();
+    start.wait();
+    let started = Instant::now();
+    for thread in threads {
+        thread.join().expect("client thread succeeded");
+    }
+    (CLIENTS * per_client, started.elapsed())
+}
+
+/// One whole SMTP session delivering one message; panics (failing the bench) on any reply
+/// other than the expected success.
+fn send_one(addr: SocketAddr, body: &[u8]) {
+    let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT).expect("connect");
+    stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    stream.set_write_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    stream.set_nodelay(true).expect("nodelay");
+    let mut writer = stream.try_clone().expect("clone");
+    let mut reader = BufReader::new(stream);
+    let mut line = Vec::new();
+    expect_reply(&mut reader, &mut line, "220");
+    for (command, code) in [
+        (&b"EHLO client.bench\r\n"[..], "250"),
+        (b"MAIL FROM:<sender@bench.example>\r\n", "250"),
+        (b"RCPT TO:<rcpt@bench.example>\r\n", "250"),
+        (b"DATA\r\n", "354"),
+        (body, "250"),
+        (b"QUIT\r\n", "221"),
+    ] {
+        writer.write_all(command).expect("write");
+        expect_reply(&mut reader, &mut line, code);
+    }
+}
+
+/// Reads one (possibly multi-line) reply and checks its code.
+fn expect_reply(reader: &mut BufReader<TcpStream>, line: &mut Vec<u8>, code: &str) {
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', line).expect("read reply");
+        assert!(n > 0, "connection closed while waiting for {code}");
+        let text = String::from_utf8_lossy(line);
+        assert!(
+            text.starts_with(code) && text.ends_with("\r\n"),
+            "expected {code}, got {text:?}"
+        );
+        if line.get(3) != Some(&b'-') {
+            return;
+        }
+    }
+}
+
+/// Checks the sink got exactly `count` messages with the sent content (after tarmac's
+/// `Received:` header when relayed).
+fn check_delivered(sink: &Sink, body: &[u8], count: usize, relayed: bool) {
+    let content = body
+        .strip_suffix(b".\r\n")
+        .expect("body ends with the final dot");
+    let messages = sink.wait_for_messages(count, IO_TIMEOUT);
+    assert_eq!(messages.len(), count, "every message delivered");
+    assert_eq!(sink.messages().len(), count, "no extra messages");
+    for SinkMessage {
+        content: got,
+        bare_newline_seen,
+        ..
+    } in &messages
+    {
+        assert!(!bare_newline_seen);
+        if relayed {
+            assert!(got.starts_with(b"Received: from client.bench "));
+            assert!(got.ends_with(content), "relayed content intact");
+            assert!(got.len() < content.len() + 200, "one header added");
+        } else {
+            assert_eq!(got, content, "direct content intact");
+        }
+    }
+}
+
+/// [`MESSAGE_SIZE`] bytes of headers and 78-byte lines, then the terminating `.CRLF`; no line
+/// starts with a dot, so the wire form equals the content.
+fn message_body() -> Vec<u8> {
+    let mut body = b"From: <sender@bench.example>\r\nTo: <rcpt@bench.example>\r\n\
+                     Subject: relay bench\r\n\r\n"
+        .to_vec();
+    let mut n = 0u8;
+    while body.len() < MESSAGE_SIZE {
+        let room = (MESSAGE_SIZE - body.len()).min(78);
+        let text = room.saturating_sub(2).max(1);
+        body.extend(std::iter::repeat_n(b'a' + n % 26, text));
+        body.extend_from_slice(&b"\r\n"[..room - text]);
+        n = n.wrapping_add(1);
+    }
+    assert_eq!(body.len(), MESSAGE_SIZE);
+    assert!(body.ends_with(b"\r\n"));
+    body.extend_from_slice(b".\r\n");
+    body
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// CPU time of the whole process (every thread, also those already exited).
+fn process_cpu() -> Cpu {
+    stat_cpu(&std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat"))
+}
+
+/// CPU time of the live threads named `tarmac-worker-*`.
+fn tarmac_worker_cpu() -> Cpu {
+    let mut total = Cpu::default();
+    for task in std::fs::read_dir("/proc/self/task").expect("/proc/self/task") {
+        let path = task.expect("task entry").path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if comm.starts_with("tarmac-worker") {
+            total =
+                total + stat_cpu(&std::fs::read_to_string(path.join("stat")).unwrap_or_default());
+        }
+    }
+    total
+}
+
+/// utime and stime from a /proc `stat` line (fields 14 and 15; the name in parentheses may
+/// hold spaces, so count from the closing parenthesis).
+fn stat_cpu(stat: &str) -> Cpu {
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return Cpu::default();
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let seconds = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0) as f64
+            / TICKS_PER_SECOND
+    };
+    // After ")": state is field 3, so utime (14) and stime (15) are at 11 and 12.
+    Cpu {
+        user: seconds(11),
+        system: seconds(12),
+    }
+}
