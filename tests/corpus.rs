@@ -153,19 +153,11 @@ impl XorShift {
     }
 }
 
-/// Found by `cargo fuzz run session`. While the session waits for the downstream
-/// (`Phase::Waiting`), its idle deadline stays armed but `handle_timeout` ignores it, so after
-/// `handle_timeout(now)` `poll_timeout()` still returns a deadline before `now`; a driver that
-/// re-arms its timer from `poll_timeout` (the worker does) wakes at once, again and again, until
-/// the downstream answers or its own timeout fires. Input: no announce, replies lagging one tick;
-/// the client sends `.HELO …` and `MAIL FROM:<é@example.org> SMTPUTF8` (the vocabulary run),
-/// then three ticks of 222 s: the handshake and MAIL each wait a tick, and at 666 s the idle
-/// deadline (600 s) is due but ignored. Fixed when this passes; then move the file into
-/// `fuzz/corpus/session/` and drop the `#[ignore]`.
+/// Found by the session target: the idle deadline passed while the session waited for a slow
+/// downstream and was reported by `poll_timeout` without being handled, so the driver spun.
 #[test]
-#[ignore = "session bug: idle deadline due but ignored while waiting for the downstream"]
 fn regression_idle_deadline_while_waiting() {
     let file = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/regressions/session/idle_deadline_while_waiting");
+        .join("fuzz/corpus/session/regression_idle_deadline_while_waiting");
     fuzzing::session(&std::fs::read(file).unwrap());
 }

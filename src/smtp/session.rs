@@ -159,11 +159,16 @@ struct Timers {
 }
 
 impl Timers {
-    fn earliest(&self) -> Option<Instant> {
-        [self.command, self.idle, self.data, self.downstream]
-            .into_iter()
-            .flatten()
-            .min()
+    /// The earliest deadline that can fire in `phase`: exactly the timers `handle_timeout`
+    /// acts on there, so a deadline that is due is never reported without being handled (the
+    /// driver would wake at once, again and again).
+    fn earliest(&self, phase: &Phase) -> Option<Instant> {
+        let client = match phase {
+            Phase::Command => [self.command, self.idle],
+            Phase::Data(_) => [self.data, None],
+            Phase::Waiting(_) | Phase::Closed => [None, None],
+        };
+        client.into_iter().chain([self.downstream]).flatten().min()
     }
 }
 
@@ -405,7 +410,7 @@ impl Session {
         if self.closed.is_some() {
             return None;
         }
-        self.timers.earliest()
+        self.timers.earliest(&self.phase)
     }
 
     /// Whether the session takes client bytes now (false while a reply is pending from the
@@ -805,6 +810,8 @@ impl Session {
             return self.downstream_failed(now, "unexpected reply");
         };
         self.timers.downstream = None;
+        // The relayed command is complete: the client's idle time starts again.
+        self.timers.idle = Some(now + self.config.timeouts.idle);
         if reply.code == 421 {
             // The downstream is closing: for our client that is a temporary failure of this
             // command, not of the whole session.
@@ -914,13 +921,14 @@ impl Session {
 
     /// The downstream failed (refused, broke, timed out, or said something unexpected): drop
     /// it; the command waiting for it gets `451 4.4.2`, and the transaction is marked broken.
-    fn downstream_failed(&mut self, _now: Instant, why: &str) {
+    fn downstream_failed(&mut self, now: Instant, why: &str) {
         log::debug!("downstream failed for {}: {why}", self.peer.client);
         self.drop_relay();
         self.timers.downstream = None;
         match self.phase {
             Phase::Waiting(pending) => {
                 self.phase = Phase::Command;
+                self.timers.idle = Some(now + self.config.timeouts.idle);
                 self.last_failure = Some("tempfail");
                 if pending == Pending::Mail {
                     self.tx = None;

@@ -759,3 +759,42 @@ fn non_ascii_sender_needs_smtputf8() {
         )
     );
 }
+
+#[test]
+fn waiting_for_a_slow_downstream_reports_no_stale_deadline() {
+    // Found by the session fuzz target: the idle deadline passed while the session waited for
+    // the downstream; it was not handled there but still reported, so the driver spun.
+    let mut pair = Pair::new(config());
+    pair.auto_downstream = false;
+    pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n");
+    let replies: [&[u8]; 3] = [
+        b"220 ds.test ESMTP\r\n",
+        b"250 ds.test\r\n",
+        b"250 2.1.0 Ok\r\n",
+    ];
+    for reply in replies {
+        // Each downstream reply arrives just before the reply timeout, so the wait goes on.
+        pair.advance(Duration::from_secs(299));
+        let at = pair
+            .session
+            .poll_timeout()
+            .expect("the downstream timer runs");
+        assert!(
+            at > pair.now,
+            "a deadline at or before now would spin the driver"
+        );
+        pair.session
+            .handle_downstream(pair.now, DownstreamEvent::Data(reply));
+        pair.pump();
+    }
+    assert!(pair.now > pair.session.started + Duration::from_secs(600));
+    assert!(pair.take_output().ends_with("250 2.1.0 Ok\r\n"));
+    assert!(
+        !pair.closed,
+        "the idle time restarts when the relayed command completes"
+    );
+    assert_eq!(
+        pair.session.poll_timeout(),
+        Some(pair.now + Duration::from_secs(600))
+    );
+}
