@@ -453,6 +453,15 @@ impl Default for Config {
     }
 }
 
+impl Server {
+    /// Whether a connection from `ip` must start with a PROXY header (`proxy_protocol_from`).
+    pub fn expects_proxy_header(&self, ip: IpAddr) -> bool {
+        self.proxy_protocol_from
+            .iter()
+            .any(|cidr| cidr.contains(ip))
+    }
+}
+
 impl Default for Server {
     fn default() -> Self {
         Server {

@@ -16,12 +16,13 @@ const RANDOM_LEN: usize = 400;
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 5] = [
+const TARGETS: [(&str, Target); 6] = [
     ("command", fuzzing::command),
     ("reply", fuzzing::reply),
     ("data", fuzzing::data),
     ("config", fuzzing::config),
     ("session", fuzzing::session),
+    ("proxy", fuzzing::proxy),
 ];
 
 #[test]
@@ -32,6 +33,11 @@ fn corpus_command() {
 #[test]
 fn corpus_reply() {
     replay("reply", fuzzing::reply);
+}
+
+#[test]
+fn corpus_proxy() {
+    replay("proxy", fuzzing::proxy);
 }
 
 #[test]

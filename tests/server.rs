@@ -343,3 +343,39 @@ fn binary_ignores_sighup_and_drains_on_sigterm() {
     assert!(status.success(), "{status}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn clients_behind_a_balancer_are_known_by_their_proxy_header() {
+    let sink = sink(Behaviour::Normal);
+    let mut config = config();
+    config.downstream.servers = vec![sink.local_addr()];
+    config.server.proxy_protocol_from = vec!["127.0.0.0/8".parse().unwrap()];
+    // The balancer's own address is everyone's: the per-IP cap is not about it.
+    config.limits.max_connections_per_ip = 1;
+    let server = Server::start(config);
+
+    let mut idle = Client::connect(server.addr);
+    idle.send("PROXY TCP4 203.0.113.8 127.0.0.1 40001 25\r\n");
+    assert_eq!(idle.reply(), BANNER);
+
+    let mut client = Client::connect(server.addr);
+    client.send("PROXY TCP4 203.0.113.9 127.0.0.1 40000 25\r\n");
+    client.start_message("a@example.org", &["b@example.net"]);
+    client.send("hi\r\n.\r\n");
+    assert!(client.reply().starts_with("250 2.0.0 "));
+    let messages = sink.wait_for_messages(1, WAIT);
+    let xclient = messages[0].xclient.as_deref().unwrap_or_default();
+    assert!(
+        xclient.starts_with("ADDR=203.0.113.9 PORT=40000 "),
+        "{xclient}"
+    );
+    assert!(
+        String::from_utf8_lossy(&messages[0].content)
+            .starts_with("Received: from client.example ([203.0.113.9])")
+    );
+
+    // No header: closed without a banner.
+    let mut bare = Client::connect(server.addr);
+    bare.send("EHLO client.example\r\n");
+    bare.expect_eof();
+}

@@ -10,7 +10,6 @@
 //! `score`, `dnsbl`, `pregreet` and `tls` are fixed until the DNS, tarpit and TLS work fills them.
 
 use std::fmt::{self, Write as _};
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::smtp::Report;
@@ -44,17 +43,12 @@ impl fmt::Display for ConnId {
 }
 
 /// Logs the close line for a connection.
-pub(crate) fn log_close(conn: ConnId, client: SocketAddr, report: &Report<'_>, dur: Duration) {
-    log::info!(target: "tarmac::conn", "{}", close_line(conn, client, report, dur));
+pub(crate) fn log_close(conn: ConnId, report: &Report<'_>, dur: Duration) {
+    log::info!(target: "tarmac::conn", "{}", close_line(conn, report, dur));
 }
 
 /// The close line's text. IPv6 clients print as `[v6]:port`; an absent HELO as `-`.
-pub(crate) fn close_line(
-    conn: ConnId,
-    client: SocketAddr,
-    report: &Report<'_>,
-    dur: Duration,
-) -> String {
+pub(crate) fn close_line(conn: ConnId, report: &Report<'_>, dur: Duration) -> String {
     let helo = match report.helo {
         Some(helo) if !helo.is_empty() => escape(helo),
         _ => "-".to_owned(),
@@ -62,6 +56,7 @@ pub(crate) fn close_line(
     format!(
         "conn={conn} client={client} helo={helo} verdict={verdict} score=0 dnsbl= pregreet=no \
          tls=no msgs={msgs} rcpts={rcpts} result={result} dur={dur:.1}s",
+        client = report.client,
         verdict = report.verdict,
         msgs = report.msgs,
         rcpts = report.rcpts,
@@ -104,12 +99,13 @@ fn is_plain(byte: u8) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
     use super::*;
 
-    fn report(helo: Option<&[u8]>) -> Report<'_> {
+    fn report(client: SocketAddr, helo: Option<&[u8]>) -> Report<'_> {
         Report {
+            client,
             helo,
             verdict: "pass",
             msgs: 1,
@@ -123,8 +119,7 @@ mod tests {
         let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)), 53211);
         let line = close_line(
             ConnId(0x7f3a),
-            client,
-            &report(Some(b"mail.example.com")),
+            &report(client, Some(b"mail.example.com")),
             Duration::from_millis(14_240),
         );
         assert_eq!(
@@ -137,13 +132,13 @@ mod tests {
     #[test]
     fn ipv6_client_is_bracketed_and_absent_helo_is_a_dash() {
         let client = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 25);
-        let line = close_line(ConnId(1), client, &report(None), Duration::ZERO);
+        let line = close_line(ConnId(1), &report(client, None), Duration::ZERO);
         assert_eq!(
             line,
             "conn=1 client=[::1]:25 helo=- verdict=pass score=0 dnsbl= pregreet=no tls=no \
              msgs=1 rcpts=2 result=delivered dur=0.0s"
         );
-        let empty = close_line(ConnId(1), client, &report(Some(b"")), Duration::ZERO);
+        let empty = close_line(ConnId(1), &report(client, Some(b"")), Duration::ZERO);
         assert!(empty.contains(" helo=- "), "{empty}");
     }
 
@@ -152,8 +147,7 @@ mod tests {
         let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 1);
         let line = close_line(
             ConnId(2),
-            client,
-            &report(Some(b"x result=ok\r\nconn=1")),
+            &report(client, Some(b"x result=ok\r\nconn=1")),
             Duration::from_secs(3),
         );
         assert!(

@@ -78,7 +78,6 @@ pub(crate) struct Io<'a> {
 pub(crate) struct Conn {
     id: ConnId,
     client: TcpStream,
-    client_addr: SocketAddr,
     readable: bool,
     writable: bool,
     eof: Eof,
@@ -133,7 +132,6 @@ impl Conn {
     pub(crate) fn new(
         id: ConnId,
         client: TcpStream,
-        client_addr: SocketAddr,
         session: Session,
         now: Instant,
         guard: LimitGuard,
@@ -141,7 +139,6 @@ impl Conn {
         Conn {
             id,
             client,
-            client_addr,
             readable: false,
             writable: true,
             eof: Eof::Open,
@@ -264,7 +261,6 @@ impl Conn {
         }
         close_log::log_close(
             self.id,
-            self.client_addr,
             &self.session.report(),
             now.saturating_duration_since(self.accepted),
         );

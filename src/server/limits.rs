@@ -47,7 +47,7 @@ impl fmt::Display for Refusal {
 #[derive(Debug)]
 pub(crate) struct LimitGuard {
     limits: Arc<Limits>,
-    ip: IpAddr,
+    ip: Option<IpAddr>,
 }
 
 impl Limits {
@@ -62,15 +62,22 @@ impl Limits {
     }
 
     /// Counts a new connection from `ip`, or says which cap it is over (then nothing is
-    /// counted).
-    pub(crate) fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<LimitGuard, Refusal> {
+    /// counted). `None` counts it against the global cap only: a load balancer from
+    /// `proxy_protocol_from` carries everyone's connections under its one address.
+    pub(crate) fn try_acquire(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<LimitGuard, Refusal> {
         let before = self.open.fetch_add(1, Ordering::AcqRel);
         if before >= self.max_connections {
             self.open.fetch_sub(1, Ordering::AcqRel);
             return Err(Refusal::GlobalCap);
         }
+        let Some(key) = ip else {
+            return Ok(LimitGuard {
+                limits: Arc::clone(self),
+                ip,
+            });
+        };
         // The shard lock is held only for this update; no I/O happens under it.
-        let counted = match self.per_ip.entry(ip) {
+        let counted = match self.per_ip.entry(key) {
             Entry::Occupied(mut entry) if *entry.get() < self.max_per_ip => {
                 *entry.get_mut() += 1;
                 true
@@ -103,8 +110,10 @@ impl Limits {
         self.per_ip.get(&ip).map_or(0, |count| *count)
     }
 
-    fn release(&self, ip: IpAddr) {
-        if let Entry::Occupied(mut entry) = self.per_ip.entry(ip) {
+    fn release(&self, ip: Option<IpAddr>) {
+        if let Some(ip) = ip
+            && let Entry::Occupied(mut entry) = self.per_ip.entry(ip)
+        {
             if *entry.get() <= 1 {
                 entry.remove();
             } else {
@@ -131,28 +140,39 @@ mod tests {
     const B: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1));
 
     #[test]
+    fn unkeyed_connections_count_only_globally() {
+        let limits = Arc::new(Limits::new(2, 1));
+        let _a = limits.try_acquire(None).unwrap();
+        let b = limits.try_acquire(None).unwrap();
+        assert_eq!(limits.try_acquire(None).unwrap_err(), Refusal::GlobalCap);
+        drop(b);
+        assert_eq!(limits.open(), 1);
+        let _c = limits.try_acquire(Some(A)).unwrap();
+    }
+
+    #[test]
     fn per_ip_cap_refuses_the_next_and_release_makes_room() {
         let limits = Arc::new(Limits::new(100, 2));
-        let first = limits.try_acquire(A).unwrap();
-        let _second = limits.try_acquire(A).unwrap();
-        assert_eq!(limits.try_acquire(A).unwrap_err(), Refusal::PerIpCap);
+        let first = limits.try_acquire(Some(A)).unwrap();
+        let _second = limits.try_acquire(Some(A)).unwrap();
+        assert_eq!(limits.try_acquire(Some(A)).unwrap_err(), Refusal::PerIpCap);
         assert_eq!(limits.open_from(A), 2);
         assert_eq!(limits.open(), 2);
         // Another address is counted apart.
-        let _other = limits.try_acquire(B).unwrap();
+        let _other = limits.try_acquire(Some(B)).unwrap();
         assert_eq!(limits.open(), 3);
         drop(first);
         assert_eq!(limits.open_from(A), 1);
-        let _third = limits.try_acquire(A).unwrap();
+        let _third = limits.try_acquire(Some(A)).unwrap();
         assert_eq!(limits.open_from(A), 2);
     }
 
     #[test]
     fn global_cap_refuses_and_counts_nothing() {
         let limits = Arc::new(Limits::new(2, 10));
-        let _a = limits.try_acquire(A).unwrap();
-        let _b = limits.try_acquire(B).unwrap();
-        assert_eq!(limits.try_acquire(A).unwrap_err(), Refusal::GlobalCap);
+        let _a = limits.try_acquire(Some(A)).unwrap();
+        let _b = limits.try_acquire(Some(B)).unwrap();
+        assert_eq!(limits.try_acquire(Some(A)).unwrap_err(), Refusal::GlobalCap);
         assert_eq!(limits.open(), 2);
         assert_eq!(limits.open_from(A), 1);
     }
@@ -160,8 +180,8 @@ mod tests {
     #[test]
     fn entry_is_removed_when_the_last_connection_goes() {
         let limits = Arc::new(Limits::new(10, 10));
-        let a = limits.try_acquire(A).unwrap();
-        let b = limits.try_acquire(A).unwrap();
+        let a = limits.try_acquire(Some(A)).unwrap();
+        let b = limits.try_acquire(Some(A)).unwrap();
         drop(a);
         drop(b);
         assert!(limits.per_ip.is_empty());
@@ -171,7 +191,7 @@ mod tests {
     #[test]
     fn per_ip_refusal_leaves_no_trace() {
         let limits = Arc::new(Limits::new(10, 0));
-        assert_eq!(limits.try_acquire(A).unwrap_err(), Refusal::PerIpCap);
+        assert_eq!(limits.try_acquire(Some(A)).unwrap_err(), Refusal::PerIpCap);
         assert!(limits.per_ip.is_empty());
         assert_eq!(limits.open(), 0);
     }
@@ -184,7 +204,7 @@ mod tests {
                 let limits = Arc::clone(&limits);
                 std::thread::spawn(move || {
                     for _ in 0..1000 {
-                        let guard = limits.try_acquire(A).unwrap();
+                        let guard = limits.try_acquire(Some(A)).unwrap();
                         drop(guard);
                     }
                 })

@@ -315,7 +315,13 @@ impl Worker {
 
     /// Counts the connection against the limits and starts its session, or refuses it.
     fn admit(&mut self, stream: TcpStream, addr: SocketAddr, local: SocketAddr, now: Instant) {
-        let guard = match self.limits.try_acquire(addr.ip()) {
+        // A load balancer's connections carry the real client only in their PROXY header,
+        // so its own address is not what the per-IP cap is about.
+        let behind_proxy = self.config.server.expects_proxy_header(addr.ip());
+        let guard = match self
+            .limits
+            .try_acquire((!behind_proxy).then_some(addr.ip()))
+        {
             Ok(guard) => guard,
             Err(refusal) => {
                 let reply = format!(
@@ -340,7 +346,7 @@ impl Worker {
             accepted_at: SystemTime::now(),
         };
         let session = Session::new(Arc::clone(&self.config), peer, now);
-        let conn = Conn::new(id, stream, addr, session, now, guard);
+        let conn = Conn::new(id, stream, session, now, guard);
         let Ok(key) = self.conns.insert(conn) else {
             log::warn!("conn={id} refused: connection table full");
             return;

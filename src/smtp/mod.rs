@@ -14,6 +14,7 @@
 
 pub mod command;
 pub mod data;
+pub mod proxy;
 pub mod received;
 pub mod reply;
 pub mod session;

@@ -24,18 +24,23 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::Config;
 use crate::downstream::dialog::{Capabilities, ClientIdentity, Handshake, Step};
 use crate::smtp::command::{Body, Command, CommandError, MailParams, parse_command};
 use crate::smtp::data::{DataDecoder, DataViolation};
+use crate::smtp::proxy::parse_proxy_header;
 use crate::smtp::received::{Trace, write_received};
 use crate::smtp::reply::{EnhancedCode, Reply, Status, parse_reply};
 
 /// Bytes queued for one side before the session stops taking client input. Bounds what a client
 /// that pipelines without reading replies, or a slow downstream, can make us hold.
 const OUTBOX_CAP: usize = 64 * 1024;
+
+/// How long a client from `proxy_protocol_from` has to send its PROXY header: postscreen's
+/// `postscreen_upstream_proxy_timeout` default.
+const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Outbox capacity kept after a flush; larger buffers are freed so idle sessions stay small.
 const KEEP_CAPACITY: usize = 4 * 1024;
@@ -100,6 +105,8 @@ pub enum Shutdown {
 /// connection id, client address and duration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Report<'a> {
+    /// The client's address: the one in the PROXY header when a balancer sent one.
+    pub client: SocketAddr,
     /// The HELO/EHLO argument as sent (raw: the log line escapes and truncates it).
     pub helo: Option<&'a [u8]>,
     /// `pass` until the DNS issue adds verdicts.
@@ -109,13 +116,15 @@ pub struct Report<'a> {
     /// Recipients the downstream accepted.
     pub rcpts: u32,
     /// How the session ended: `delivered` (at least one message), `quit`, `disconnect`,
-    /// `timeout`, `rejected`, `tempfail`, `too-many-errors`, `shutdown`.
+    /// `timeout`, `rejected`, `tempfail`, `too-many-errors`, `shutdown`, `bad-proxy`.
     pub result: &'static str,
 }
 
 /// Where the dialog with the client stands.
 #[derive(Debug)]
 enum Phase {
+    /// A client from `proxy_protocol_from`: its PROXY header comes before the banner.
+    Proxy,
     /// Reading commands.
     Command,
     /// A relayed command waits for the downstream's reply; client input waits too.
@@ -143,12 +152,14 @@ enum CloseReason {
     Timeout,
     TooManyErrors,
     Shutdown,
+    BadProxy,
 }
 
 /// One timer per kind; `poll_timeout` is the earliest.
 #[derive(Clone, Copy, Debug, Default)]
 struct Timers {
-    /// Fires when a started command line is not complete within `timeouts.command`.
+    /// Fires when a started command line is not complete within `timeouts.command`, or when
+    /// a PROXY header is not complete within [`PROXY_HEADER_TIMEOUT`].
     command: Option<Instant>,
     /// Fires when no command completed within `timeouts.idle` (not while in DATA or waiting).
     idle: Option<Instant>,
@@ -165,6 +176,7 @@ impl Timers {
     fn earliest(&self, phase: &Phase) -> Option<Instant> {
         let client = match phase {
             Phase::Command => [self.command, self.idle],
+            Phase::Proxy => [self.command, None],
             Phase::Data(_) => [self.data, None],
             Phase::Waiting(_) | Phase::Closed => [None, None],
         };
@@ -241,12 +253,18 @@ pub struct Session {
 }
 
 impl Session {
-    /// A new session for an accepted connection; queues the banner.
+    /// A new session for an accepted connection; queues the banner, or waits for the PROXY
+    /// header first when the peer is a listed load balancer.
     pub fn new(config: Arc<Config>, peer: Peer, now: Instant) -> Session {
+        let behind_proxy = config.server.expects_proxy_header(peer.client.ip());
         let mut session = Session {
             peer,
             started: now,
-            phase: Phase::Command,
+            phase: if behind_proxy {
+                Phase::Proxy
+            } else {
+                Phase::Command
+            },
             line: Vec::new(),
             discarding: false,
             to_client: Vec::new(),
@@ -268,8 +286,12 @@ impl Session {
             shutting_down: false,
             config,
         };
-        let banner = format!("{} ESMTP tarmac", session.config.server.hostname);
-        session.reply(Reply::without_enhanced(220, banner));
+        if behind_proxy {
+            session.timers.idle = None;
+            session.timers.command = Some(now + PROXY_HEADER_TIMEOUT);
+        } else {
+            session.greet();
+        }
         session
     }
 
@@ -284,6 +306,7 @@ impl Session {
                 Phase::Waiting(_) => break,
                 Phase::Command if self.to_client.len() >= OUTBOX_CAP => break,
                 Phase::Command => self.read_command(now, rest),
+                Phase::Proxy => self.read_proxy_header(now, rest),
                 Phase::Data(_) if self.to_downstream.len() >= OUTBOX_CAP => break,
                 Phase::Data(decoder) => {
                     let before = self.to_downstream.len();
@@ -367,7 +390,11 @@ impl Session {
         let client_late = match self.phase {
             Phase::Data(_) => expired(self.timers.data, now),
             Phase::Command => expired(self.timers.command, now) || expired(self.timers.idle, now),
-            Phase::Waiting(_) | Phase::Closed => false,
+            Phase::Proxy if expired(self.timers.command, now) => {
+                // No banner was sent: nothing to say, as postscreen.
+                return self.close(CloseReason::Timeout, None);
+            }
+            Phase::Proxy | Phase::Waiting(_) | Phase::Closed => false,
         };
         if client_late {
             let text = format!("{} Error: timeout exceeded", self.config.server.hostname);
@@ -417,7 +444,7 @@ impl Session {
     /// downstream, while its outboxes are full, or once closed).
     pub fn wants_read(&self) -> bool {
         match self.phase {
-            Phase::Command => self.to_client.len() < OUTBOX_CAP,
+            Phase::Command | Phase::Proxy => self.to_client.len() < OUTBOX_CAP,
             Phase::Data(_) => self.to_downstream.len() < OUTBOX_CAP,
             Phase::Waiting(_) | Phase::Closed => false,
         }
@@ -436,9 +463,11 @@ impl Session {
                 Some(CloseReason::Timeout) => "timeout",
                 Some(CloseReason::TooManyErrors) => "too-many-errors",
                 Some(CloseReason::Shutdown) => "shutdown",
+                Some(CloseReason::BadProxy) => "bad-proxy",
             }
         };
         Report {
+            client: self.peer.client,
             helo: self.helo.as_deref(),
             verdict: "pass",
             msgs: self.msgs,
@@ -453,6 +482,38 @@ impl Session {
     }
 
     // ---- client side ----
+
+    fn greet(&mut self) {
+        let banner = format!("{} ESMTP tarmac", self.config.server.hostname);
+        self.reply(Reply::without_enhanced(220, banner));
+    }
+
+    /// Collects the PROXY header (DESIGN.md §1.4): once whole, the client is the address in
+    /// it and gets the banner; malformed, too long or late, the connection closes without a
+    /// banner and nothing is accepted. Returns bytes used (the header's, no more).
+    fn read_proxy_header(&mut self, now: Instant, input: &[u8]) -> usize {
+        let seen = self.line.len();
+        self.line.extend_from_slice(input);
+        match parse_proxy_header(&self.line) {
+            Ok(Status::Partial) => input.len(),
+            Ok(Status::Complete((client, length))) => {
+                if let Some(client) = client {
+                    self.peer.client = client;
+                }
+                self.line = Vec::new();
+                self.phase = Phase::Command;
+                self.timers.command = None;
+                self.timers.idle = Some(now + self.config.timeouts.idle);
+                self.greet();
+                length.saturating_sub(seen)
+            }
+            Err(error) => {
+                log::info!("bad PROXY header from {}: {error:?}", self.peer.client);
+                self.close(CloseReason::BadProxy, None);
+                input.len()
+            }
+        }
+    }
 
     /// Takes bytes of a command line; dispatches it once its LF arrives. Returns bytes used.
     fn read_command(&mut self, now: Instant, input: &[u8]) -> usize {
@@ -944,7 +1005,7 @@ impl Session {
                     tx.broken = true;
                 }
             }
-            Phase::Closed => {}
+            Phase::Proxy | Phase::Closed => {}
         }
     }
 

@@ -798,3 +798,89 @@ fn waiting_for_a_slow_downstream_reports_no_stale_deadline() {
         Some(pair.now + Duration::from_secs(600))
     );
 }
+
+fn behind_balancer() -> Config {
+    let mut config = config();
+    config.server.proxy_protocol_from = vec!["192.0.2.0/24".parse().unwrap()];
+    config
+}
+
+#[test]
+fn proxy_header_comes_before_the_banner_and_names_the_client() {
+    let header = b"PROXY TCP4 203.0.113.9 198.51.100.1 40000 25\r\n";
+    let mut script = header.to_vec();
+    script.extend_from_slice(TRANSACTION);
+    for at in 0..=script.len() {
+        let mut pair = Pair::new(behind_balancer());
+        assert_eq!(pair.take_output(), "", "no banner before the header");
+        pair.send(&script[..at]);
+        pair.send(&script[at..]);
+        assert_eq!(pair.take_output(), TRANSACTION_REPLIES, "split at {at}");
+        assert_eq!(
+            pair.session.report().client,
+            "203.0.113.9:40000".parse().unwrap()
+        );
+        let body = String::from_utf8(pair.downstream.delivered[0].clone()).unwrap();
+        assert!(
+            body.starts_with("Received: from client.example ([203.0.113.9])"),
+            "{body}"
+        );
+    }
+}
+
+#[test]
+fn proxy_v2_header_and_health_checks() {
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\0\x0c".to_vec();
+    v2.extend_from_slice(&[203, 0, 113, 9, 198, 51, 100, 1]);
+    v2.extend_from_slice(&40000u16.to_be_bytes());
+    v2.extend_from_slice(&25u16.to_be_bytes());
+    v2.extend_from_slice(b"QUIT\r\n");
+    let mut pair = Pair::new(behind_balancer());
+    pair.send(&v2);
+    assert_eq!(pair.take_output(), format!("{BANNER}221 2.0.0 Bye\r\n"));
+    assert_eq!(
+        pair.session.report().client,
+        "203.0.113.9:40000".parse().unwrap()
+    );
+
+    // PROXY UNKNOWN (a health check) keeps the balancer's own address.
+    let mut pair = Pair::new(behind_balancer());
+    pair.send(b"PROXY UNKNOWN\r\nQUIT\r\n");
+    assert_eq!(pair.take_output(), format!("{BANNER}221 2.0.0 Bye\r\n"));
+    assert_eq!(
+        pair.session.report().client,
+        "192.0.2.7:53211".parse().unwrap()
+    );
+}
+
+#[test]
+fn missing_or_bad_proxy_header_closes_without_a_banner() {
+    for bad in [
+        &b"EHLO client.example\r\n"[..],
+        b"PROXY TCP4 300.0.0.1 1.2.3.4 1 2\r\n",
+    ] {
+        let mut pair = Pair::new(behind_balancer());
+        pair.send(bad);
+        assert_eq!(pair.take_output(), "", "{bad:?}");
+        assert!(pair.closed);
+        assert_eq!(pair.session.report().result, "bad-proxy");
+    }
+    let mut pair = Pair::new(behind_balancer());
+    pair.send(b"PROXY TCP4 203.0.113.9");
+    assert_eq!(
+        pair.session.poll_timeout(),
+        Some(pair.now + Duration::from_secs(5))
+    );
+    pair.advance(Duration::from_secs(5));
+    assert_eq!(pair.take_output(), "");
+    assert!(pair.closed);
+    assert_eq!(pair.session.report().result, "timeout");
+}
+
+#[test]
+fn clients_not_behind_a_balancer_get_the_banner_at_once() {
+    let mut config = behind_balancer();
+    config.server.proxy_protocol_from = vec!["203.0.113.0/24".parse().unwrap()];
+    let mut pair = Pair::new(config);
+    assert_eq!(pair.take_output(), BANNER);
+}
