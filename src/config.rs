@@ -412,6 +412,57 @@ impl Config {
         Ok(config)
     }
 
+    /// Settings this version accepts (the schema is complete) but does not act on yet, as
+    /// `key: what happens instead` notes, so neither `check` nor `run` lets an operator believe
+    /// a feature is on. Defaults are not listed; only what the file asks for.
+    pub fn not_yet_effective(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        let mut note = |key: &str, what: &str| notes.push(format!("{key}: {what}"));
+        if !self.dnsbl.is_empty() {
+            note(
+                "dnsbl",
+                "DNS checks are not in this version yet; the zones are not queried",
+            );
+        }
+        if self.downstream.mode == DownstreamMode::Multiplexing {
+            note(
+                "downstream.mode",
+                "multiplexing is not in this version yet; one downstream session per client",
+            );
+        }
+        if self.downstream.tls == DownstreamTls::Required {
+            note(
+                "downstream.tls",
+                "STARTTLS to the downstream is not in this version yet; \"required\" cannot be met, so `run` refuses to start",
+            );
+        }
+        if self.tls.cert.is_some() {
+            note(
+                "tls.cert",
+                "inbound STARTTLS is not in this version yet; it is not offered",
+            );
+        }
+        if self.state.backend == StateBackend::Redis {
+            note(
+                "state.backend",
+                "shared state is not in this version yet; nothing is stored",
+            );
+        }
+        if self.metrics.listen.is_some() {
+            note(
+                "metrics.listen",
+                "metrics are not in this version yet; nothing listens",
+            );
+        }
+        notes
+    }
+
+    /// Whether the configuration asks for something this version cannot honour safely:
+    /// `downstream.tls = "required"` would otherwise relay in plain text.
+    pub fn refuses_to_run(&self) -> bool {
+        self.downstream.tls == DownstreamTls::Required
+    }
+
     /// Reads the file at `path` and parses it with [`Config::from_toml`]. An unreadable file is a
     /// single error, `path: cannot read: <reason>`.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {

@@ -225,3 +225,29 @@ fn demo_writes_accepted_mail_to_demo_mail() {
     assert_eq!(code, Some(0), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn settings_for_later_features_are_named_and_required_tls_is_refused() {
+    let dir = temp_dir("later");
+    let path = dir.join("later.toml");
+    std::fs::write(&path, "[[dnsbl]]\nzone = \"zen.example.org\"\nweight = 3\n").unwrap();
+    let out = tarmac().args(["check", "-c"]).arg(&path).output().unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("note: dnsbl: DNS checks are not in this version yet"),
+        "{stdout}"
+    );
+
+    std::fs::write(&path, "[downstream]\ntls = \"required\"\n").unwrap();
+    let out = tarmac().args(["check", "-c"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let out = tarmac().args(["run", "-c"]).arg(&path).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "run must not relay in plain text"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not starting"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
