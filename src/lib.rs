@@ -6,6 +6,18 @@
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, clippy::manual_let_else)]
+// Network and operator input must never panic the process (STYLE.md §3): no unwrap, expect,
+// panic or unchecked indexing outside tests, in every module. Where a module needs one, it
+// says why next to a local `allow`.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
 
 pub mod config;
 pub mod demo;

@@ -16,16 +16,6 @@
 //! Everything it accepted is kept in memory for the life of the [`Sink`]: it is a peer for tests,
 //! demos and bounded benchmark runs, not a mail store.
 
-#![cfg_attr(
-    not(test),
-    deny(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::panic,
-        clippy::indexing_slicing
-    )
-)]
-
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
