@@ -379,3 +379,69 @@ fn clients_behind_a_balancer_are_known_by_their_proxy_header() {
     bare.send("EHLO client.example\r\n");
     bare.expect_eof();
 }
+
+#[test]
+fn stalled_clients_are_timed_out_while_others_are_served() {
+    let mut config = config();
+    config.timeouts.idle = Duration::from_millis(600);
+    config.timeouts.command = Duration::from_millis(300);
+    let server = Server::start(config);
+    let timeout = "421 4.4.2 mx.test Error: timeout exceeded\r\n";
+
+    // Says nothing at all: the idle time runs out.
+    let mut silent = Client::connect(server.addr);
+    assert_eq!(silent.reply(), BANNER);
+    // Starts a command and stops: the command time runs out first.
+    let mut halfway = Client::connect(server.addr);
+    assert_eq!(halfway.reply(), BANNER);
+    halfway.send("EHLO half");
+    let started = Instant::now();
+    assert_serves(server.addr);
+    assert_eq!(halfway.reply(), timeout);
+    halfway.expect_eof();
+    assert_eq!(silent.reply(), timeout);
+    silent.expect_eof();
+    assert!(started.elapsed() < WAIT);
+}
+
+#[test]
+fn a_client_that_never_reads_is_held_back_not_buffered() {
+    let server = Server::start(config());
+    // A small receive buffer on the client fills fast, so tarmac's replies back up.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect_timeout(&server.addr.into(), WAIT).unwrap();
+    let mut flood: TcpStream = socket.into();
+    flood
+        .set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    // 64 MB of pipelined NOOPs, never reading a reply: if tarmac kept reading (and buffering
+    // replies) the whole flood would go through; with backpressure the writes stall.
+    let chunk = "NOOP\r\n".repeat(10_000);
+    let mut written = 0usize;
+    let stalled = loop {
+        match flood.write(chunk.as_bytes()) {
+            Ok(n) => written += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                break true;
+            }
+            Err(e) => panic!("flood write failed: {e}"),
+        }
+        if written > 64 << 20 {
+            break false;
+        }
+    };
+    assert!(
+        stalled,
+        "tarmac took {written} bytes from a client that reads nothing"
+    );
+    // Meanwhile everyone else is served.
+    assert_serves(server.addr);
+    drop(flood);
+    assert_serves(server.addr);
+}
