@@ -140,6 +140,7 @@ fn transactions(n: usize) {
                         session.handle_downstream(now, DownstreamEvent::Connected);
                     }
                     Action::CloseDownstream | Action::Close => {}
+                    Action::Admit(_) => session.handle_admission(now, true),
                 }
             }
             session.poll_transmit(now, Side::Downstream, &mut to_downstream);

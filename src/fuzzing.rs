@@ -1198,6 +1198,8 @@ impl Harness {
                     assert!(!self.closed, "Close came out twice");
                     self.closed = true;
                 }
+                // No scenario configures `proxy_protocol_from`; admit like an uncapped driver.
+                Action::Admit(_) => self.session.handle_admission(self.now, true),
             }
         }
     }

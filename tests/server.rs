@@ -350,7 +350,7 @@ fn clients_behind_a_balancer_are_known_by_their_proxy_header() {
     let mut config = config();
     config.downstream.servers = vec![sink.local_addr()];
     config.server.proxy_protocol_from = vec!["127.0.0.0/8".parse().unwrap()];
-    // The balancer's own address is everyone's: the per-IP cap is not about it.
+    // The balancer's own address is everyone's: the per-IP cap is about the clients behind it.
     config.limits.max_connections_per_ip = 1;
     let server = Server::start(config);
 
@@ -373,6 +373,13 @@ fn clients_behind_a_balancer_are_known_by_their_proxy_header() {
         String::from_utf8_lossy(&messages[0].content)
             .starts_with("Received: from client.example ([203.0.113.9])")
     );
+
+    // The cap applies to the client the header names: a second connection from 203.0.113.8
+    // while the first is open is refused, as a direct one would be.
+    let mut twin = Client::connect(server.addr);
+    twin.send("PROXY TCP4 203.0.113.8 127.0.0.1 40002 25\r\n");
+    assert_eq!(twin.reply(), TOO_MANY);
+    twin.expect_eof();
 
     // No header: closed without a banner.
     let mut bare = Client::connect(server.addr);

@@ -98,7 +98,7 @@ pub(crate) struct Conn {
     /// Set when the connection started closing: the flush deadline.
     close_by: Option<Instant>,
     /// Released when the connection is dropped.
-    _guard: LimitGuard,
+    guard: LimitGuard,
 }
 
 /// The client's end of the stream.
@@ -151,7 +151,7 @@ impl Conn {
             queued: false,
             accepted: now,
             close_by: None,
-            _guard: guard,
+            guard,
         }
     }
 
@@ -405,6 +405,16 @@ impl Conn {
                     self.drop_downstream(registry);
                 }
                 Action::Close => self.start_closing(now),
+                Action::Admit(client) => {
+                    let admitted = match self.guard.rekey(client.ip()) {
+                        Ok(()) => true,
+                        Err(refusal) => {
+                            log::info!("refused connection from {client}: {refusal}");
+                            false
+                        }
+                    };
+                    self.session.handle_admission(now, admitted);
+                }
             }
         }
         moved

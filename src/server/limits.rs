@@ -70,14 +70,22 @@ impl Limits {
             self.open.fetch_sub(1, Ordering::AcqRel);
             return Err(Refusal::GlobalCap);
         }
-        let Some(key) = ip else {
-            return Ok(LimitGuard {
-                limits: Arc::clone(self),
-                ip,
-            });
-        };
+        if let Some(ip) = ip
+            && !self.count_ip(ip)
+        {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refusal::PerIpCap);
+        }
+        Ok(LimitGuard {
+            limits: Arc::clone(self),
+            ip,
+        })
+    }
+
+    /// One more connection from `ip`, if under the per-IP cap.
+    fn count_ip(&self, ip: IpAddr) -> bool {
         // The shard lock is held only for this update; no I/O happens under it.
-        let counted = match self.per_ip.entry(key) {
+        match self.per_ip.entry(ip) {
             Entry::Occupied(mut entry) if *entry.get() < self.max_per_ip => {
                 *entry.get_mut() += 1;
                 true
@@ -88,15 +96,7 @@ impl Limits {
                 true
             }
             Entry::Vacant(_) => false,
-        };
-        if !counted {
-            self.open.fetch_sub(1, Ordering::AcqRel);
-            return Err(Refusal::PerIpCap);
         }
-        Ok(LimitGuard {
-            limits: Arc::clone(self),
-            ip,
-        })
     }
 
     /// Connections open now, across workers.
@@ -124,6 +124,22 @@ impl Limits {
     }
 }
 
+impl LimitGuard {
+    /// Counts a connection that came in unkeyed (from a balancer) against the per-IP cap of
+    /// the client its PROXY header named. On refusal the guard stays unkeyed: its connection
+    /// is about to be closed.
+    pub(crate) fn rekey(&mut self, ip: IpAddr) -> Result<(), Refusal> {
+        if self.ip.is_some() {
+            return Ok(());
+        }
+        if !self.limits.count_ip(ip) {
+            return Err(Refusal::PerIpCap);
+        }
+        self.ip = Some(ip);
+        Ok(())
+    }
+}
+
 impl Drop for LimitGuard {
     fn drop(&mut self) {
         self.limits.release(self.ip);
@@ -148,6 +164,20 @@ mod tests {
         drop(b);
         assert_eq!(limits.open(), 1);
         let _c = limits.try_acquire(Some(A)).unwrap();
+    }
+
+    #[test]
+    fn rekeying_counts_the_proxied_client() {
+        let limits = Arc::new(Limits::new(10, 1));
+        let mut first = limits.try_acquire(None).unwrap();
+        first.rekey(A).unwrap();
+        assert_eq!(limits.open_from(A), 1);
+        let mut second = limits.try_acquire(None).unwrap();
+        assert_eq!(second.rekey(A).unwrap_err(), Refusal::PerIpCap);
+        drop(second);
+        drop(first);
+        assert_eq!(limits.open_from(A), 0);
+        assert_eq!(limits.open(), 0);
     }
 
     #[test]

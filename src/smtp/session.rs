@@ -77,6 +77,9 @@ pub enum Action {
     /// Flush what `poll_transmit(Client)` handed out, then close the client connection. Comes
     /// out exactly once.
     Close,
+    /// A balancer's PROXY header named this client: count it against the per-IP cap and
+    /// answer with `handle_admission`. The banner waits for the answer.
+    Admit(SocketAddr),
 }
 
 /// What happened on the downstream connection.
@@ -125,6 +128,8 @@ pub struct Report<'a> {
 enum Phase {
     /// A client from `proxy_protocol_from`: its PROXY header comes before the banner.
     Proxy,
+    /// The header named the client; the driver is checking its per-IP cap.
+    Admitting,
     /// Reading commands.
     Command,
     /// A relayed command waits for the downstream's reply; client input waits too.
@@ -153,6 +158,7 @@ enum CloseReason {
     TooManyErrors,
     Shutdown,
     BadProxy,
+    Refused,
 }
 
 /// One timer per kind; `poll_timeout` is the earliest.
@@ -177,6 +183,7 @@ impl Timers {
         let client = match phase {
             Phase::Command => [self.command, self.idle],
             Phase::Proxy => [self.command, None],
+            Phase::Admitting => [None, None],
             Phase::Data(_) => [self.data, None],
             Phase::Waiting(_) | Phase::Closed => [None, None],
         };
@@ -303,7 +310,7 @@ impl Session {
             let rest = bytes.get(consumed..).unwrap_or_default();
             let used = match &mut self.phase {
                 Phase::Closed => return bytes.len(),
-                Phase::Waiting(_) => break,
+                Phase::Waiting(_) | Phase::Admitting => break,
                 Phase::Command if self.to_client.len() >= OUTBOX_CAP => break,
                 Phase::Command => self.read_command(now, rest),
                 Phase::Proxy => self.read_proxy_header(now, rest),
@@ -394,11 +401,30 @@ impl Session {
                 // No banner was sent: nothing to say, as postscreen.
                 return self.close(CloseReason::Timeout, None);
             }
-            Phase::Proxy | Phase::Waiting(_) | Phase::Closed => false,
+            Phase::Proxy | Phase::Admitting | Phase::Waiting(_) | Phase::Closed => false,
         };
         if client_late {
             let text = format!("{} Error: timeout exceeded", self.config.server.hostname);
             self.close(CloseReason::Timeout, Some(Reply::new(421, "4.4.2", text)));
+        }
+    }
+
+    /// The driver's answer to `Action::Admit`: the banner, or (over the per-IP cap) the same
+    /// `421` a directly connected client gets, and a close.
+    pub fn handle_admission(&mut self, now: Instant, admitted: bool) {
+        if !matches!(self.phase, Phase::Admitting | Phase::Proxy) {
+            return;
+        }
+        if admitted {
+            self.phase = Phase::Command;
+            self.timers.idle = Some(now + self.config.timeouts.idle);
+            self.greet();
+        } else {
+            let text = format!(
+                "{} Too many connections, try again later",
+                self.config.server.hostname
+            );
+            self.close(CloseReason::Refused, Some(Reply::new(421, "4.7.0", text)));
         }
     }
 
@@ -446,7 +472,7 @@ impl Session {
         match self.phase {
             Phase::Command | Phase::Proxy => self.to_client.len() < OUTBOX_CAP,
             Phase::Data(_) => self.to_downstream.len() < OUTBOX_CAP,
-            Phase::Waiting(_) | Phase::Closed => false,
+            Phase::Waiting(_) | Phase::Admitting | Phase::Closed => false,
         }
     }
 
@@ -464,6 +490,7 @@ impl Session {
                 Some(CloseReason::TooManyErrors) => "too-many-errors",
                 Some(CloseReason::Shutdown) => "shutdown",
                 Some(CloseReason::BadProxy) => "bad-proxy",
+                Some(CloseReason::Refused) => "refused",
             }
         };
         Report {
@@ -497,14 +524,17 @@ impl Session {
         match parse_proxy_header(&self.line) {
             Ok(Status::Partial) => input.len(),
             Ok(Status::Complete((client, length))) => {
-                if let Some(client) = client {
-                    self.peer.client = client;
-                }
                 self.line = Vec::new();
-                self.phase = Phase::Command;
                 self.timers.command = None;
-                self.timers.idle = Some(now + self.config.timeouts.idle);
-                self.greet();
+                match client {
+                    Some(client) => {
+                        self.peer.client = client;
+                        self.phase = Phase::Admitting;
+                        self.actions.push_back(Action::Admit(client));
+                    }
+                    // A health check (UNKNOWN, LOCAL) is the balancer itself.
+                    None => self.handle_admission(now, true),
+                }
                 length.saturating_sub(seen)
             }
             Err(error) => {
@@ -1005,7 +1035,7 @@ impl Session {
                     tx.broken = true;
                 }
             }
-            Phase::Proxy | Phase::Closed => {}
+            Phase::Proxy | Phase::Admitting | Phase::Closed => {}
         }
     }
 

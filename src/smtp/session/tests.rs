@@ -115,6 +115,8 @@ struct Pair {
     closed: bool,
     /// Deliver downstream replies automatically.
     auto_downstream: bool,
+    /// The answer to `Action::Admit` (the per-IP cap check).
+    admit: bool,
 }
 
 impl Pair {
@@ -137,6 +139,7 @@ impl Pair {
             downstream_closes: 0,
             closed: false,
             auto_downstream: true,
+            admit: true,
         };
         pair.pump();
         pair
@@ -208,6 +211,7 @@ impl Pair {
                         assert!(!self.closed, "Close came out twice");
                         self.closed = true;
                     }
+                    Action::Admit(_) => self.session.handle_admission(self.now, self.admit),
                 }
             }
             // Like the real driver: what was transmitted goes out before the actions that
@@ -883,4 +887,17 @@ fn clients_not_behind_a_balancer_get_the_banner_at_once() {
     config.server.proxy_protocol_from = vec!["203.0.113.0/24".parse().unwrap()];
     let mut pair = Pair::new(config);
     assert_eq!(pair.take_output(), BANNER);
+}
+
+#[test]
+fn proxied_client_over_its_per_ip_cap_gets_421_instead_of_the_banner() {
+    let mut pair = Pair::new(behind_balancer());
+    pair.admit = false;
+    pair.send(b"PROXY TCP4 203.0.113.9 198.51.100.1 40000 25\r\nEHLO x\r\n");
+    assert_eq!(
+        pair.take_output(),
+        "421 4.7.0 mx.test Too many connections, try again later\r\n"
+    );
+    assert!(pair.closed);
+    assert_eq!(pair.session.report().result, "refused");
 }
