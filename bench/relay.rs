@@ -24,7 +24,7 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use tarmac::config::{AnnounceClient, Config};
+use tarmac::config::{AnnounceClient, Config, DownstreamMode};
 use tarmac::server::ServerHandle;
 use tarmac::sink::{Sink, SinkConfig, SinkMessage};
 
@@ -42,8 +42,21 @@ const TICKS_PER_SECOND: f64 = 100.0;
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
-    let (per_client, rounds, worker_counts): (usize, usize, &[usize]) =
-        if full { (40, 5, &[1, 2]) } else { (2, 1, &[2]) };
+    // (workers, downstream mode): the default synchronous relay on one and two event loops,
+    // and the multiplexing pool (pool_size 50, shared by the workers).
+    let variants: &[(usize, DownstreamMode)] = if full {
+        &[
+            (1, DownstreamMode::Synchronous),
+            (2, DownstreamMode::Synchronous),
+            (2, DownstreamMode::Multiplexing),
+        ]
+    } else {
+        &[
+            (2, DownstreamMode::Synchronous),
+            (2, DownstreamMode::Multiplexing),
+        ]
+    };
+    let (per_client, rounds) = if full { (40, 5) } else { (2, 1) };
     let body = message_body();
     let params = format!(
         "{CLIENTS} clients x {per_client} msgs per round, one message per session, \
@@ -57,16 +70,16 @@ fn main() {
 
     // Warm-up: thread stacks, allocator arenas, the listen path; not measured.
     run_direct(&body, 2);
-    for &workers in worker_counts {
-        run_tarmac(&body, 2, workers);
+    for &(workers, mode) in variants {
+        run_tarmac(&body, 2, workers, mode);
     }
 
     let mut direct = Vec::new();
-    let mut through: Vec<Vec<Round>> = worker_counts.iter().map(|_| Vec::new()).collect();
+    let mut through: Vec<Vec<Round>> = variants.iter().map(|_| Vec::new()).collect();
     for _ in 0..rounds {
         direct.push(run_direct(&body, per_client));
-        for (n, &workers) in worker_counts.iter().enumerate() {
-            through[n].push(run_tarmac(&body, per_client, workers));
+        for (n, &(workers, mode)) in variants.iter().enumerate() {
+            through[n].push(run_tarmac(&body, per_client, workers, mode));
         }
     }
 
@@ -74,19 +87,20 @@ fn main() {
     let direct_cpu = median(direct.iter().map(|r| r.cpu_per_msg()).collect());
     println!("relay/direct: {direct_rate:.0} msgs/s ({params}){note}");
     println!("relay/direct-cpu: {direct_cpu:.0} us CPU per msg (whole process){note}");
-    for (rounds, &workers) in through.iter().zip(worker_counts) {
+    for (rounds, &(workers, mode)) in through.iter().zip(variants) {
+        let workers = format!("workers={workers}, mode={mode:?}");
         let rate = median(rounds.iter().map(|r| r.rate()).collect());
         let cpu = median(rounds.iter().map(|r| r.cpu_per_msg()).collect());
         let worker_user = median(rounds.iter().map(|r| r.tarmac_cpu_per_msg().0).collect());
         let worker_sys = median(rounds.iter().map(|r| r.tarmac_cpu_per_msg().1).collect());
-        println!("relay/through-tarmac: {rate:.0} msgs/s (workers={workers}, {params}){note}");
+        println!("relay/through-tarmac: {rate:.0} msgs/s ({workers}, {params}){note}");
         println!(
             "relay/through-tarmac-cpu: {cpu:.0} us CPU per msg (whole process), of which \
              tarmac workers {worker_user:.0} us user + {worker_sys:.0} us system \
-             (workers={workers}){note}"
+             ({workers}){note}"
         );
         println!(
-            "relay/ratio: {:.2} (target >= 0.8, workers={workers}){note}",
+            "relay/ratio: {:.2} (target >= 0.8, {workers}){note}",
             rate / direct_rate
         );
     }
@@ -174,10 +188,10 @@ fn run_direct(body: &[u8], per_client: usize) -> Round {
     }
 }
 
-fn run_tarmac(body: &[u8], per_client: usize, workers: usize) -> Round {
+fn run_tarmac(body: &[u8], per_client: usize, workers: usize, mode: DownstreamMode) -> Round {
     let sink = start_sink();
-    let server =
-        ServerHandle::start(Arc::new(config(sink.local_addr(), workers))).expect("tarmac starts");
+    let server = ServerHandle::start(Arc::new(config(sink.local_addr(), workers, mode)))
+        .expect("tarmac starts");
     let addr = server.local_addrs()[0];
     let cpu_before = process_cpu();
     let tarmac_before = tarmac_worker_cpu();
@@ -198,13 +212,14 @@ fn run_tarmac(body: &[u8], per_client: usize, workers: usize) -> Round {
 
 /// A loopback tarmac relaying to `downstream`, every check that needs DNS off, and the
 /// per-IP cap above the client count (every client comes from 127.0.0.1).
-fn config(downstream: SocketAddr, workers: usize) -> Config {
+fn config(downstream: SocketAddr, workers: usize, mode: DownstreamMode) -> Config {
     let mut config = Config::default();
     config.server.listen = vec!["127.0.0.1:0".parse().expect("address")];
     config.server.hostname = "mx.bench".to_owned();
     config.server.workers = workers;
     config.limits.max_connections_per_ip = 10 * CLIENTS as u32;
     config.downstream.servers = vec![downstream];
+    config.downstream.mode = mode;
     config.downstream.announce_client = AnnounceClient::Xclient;
     config.dns.rdns = false;
     config.dnsbl.clear();

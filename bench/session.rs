@@ -139,7 +139,7 @@ fn transactions(n: usize) {
                     Action::ConnectDownstream(_) => {
                         session.handle_downstream(now, DownstreamEvent::Connected);
                     }
-                    Action::CloseDownstream | Action::Close => {}
+                    Action::CloseDownstream | Action::Close | Action::ReleaseDownstream(_) => {}
                     Action::Admit(_) => session.handle_admission(now, true),
                 }
             }

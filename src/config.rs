@@ -414,12 +414,6 @@ impl Config {
                 "DNS checks are not in this version yet; the zones are not queried",
             );
         }
-        if self.downstream.mode == DownstreamMode::Multiplexing {
-            note(
-                "downstream.mode",
-                "multiplexing is not in this version yet; one downstream session per client",
-            );
-        }
         if self.downstream.tls == DownstreamTls::Required {
             note(
                 "downstream.tls",
@@ -1280,6 +1274,13 @@ servers = ["127.0.0.1:0"]
         );
         let config = parse("[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n").unwrap();
         assert_eq!(config.tls.cert, Some(PathBuf::from("/etc/tarmac/c.pem")));
+        assert_eq!(
+            errors("[downstream]\nmode = \"multiplexing\"\nannounce_client = \"proxy-v2\"\n"),
+            "/etc/tarmac/tarmac.toml:3: downstream.announce_client: a PROXY header cannot \
+             announce the clients of a pooled connection; use \"xclient\" or \"none\" with \
+             mode = \"multiplexing\""
+        );
+        assert!(parse("[downstream]\nmode = \"multiplexing\"\n").is_ok());
     }
 
     #[test]
@@ -1316,7 +1317,7 @@ backend = "redis"
 redis = "unix:///run/redis.sock"
 [downstream]
 mode = "multiplexing"
-announce_client = "proxy-v2"
+announce_client = "none"
 tls = "required"
 tls_verify = true
 [tarpit]
@@ -1332,7 +1333,7 @@ pregreet = "drop"
         );
         assert_eq!(config.state.backend, StateBackend::Redis);
         assert_eq!(config.downstream.mode, DownstreamMode::Multiplexing);
-        assert_eq!(config.downstream.announce_client, AnnounceClient::ProxyV2);
+        assert_eq!(config.downstream.announce_client, AnnounceClient::None);
         assert_eq!(config.downstream.tls, DownstreamTls::Required);
         assert!(config.downstream.tls_verify);
         assert_eq!(config.tarpit.stutter, Duration::ZERO);

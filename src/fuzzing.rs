@@ -25,7 +25,8 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use crate::config::{AnnounceClient, BareNewline, Config};
+use crate::config::{AnnounceClient, BareNewline, Config, DownstreamMode};
+use crate::downstream::dialog::Capabilities;
 use crate::smtp::command::{Body, Command, MailParams, parse_command};
 use crate::smtp::data::{DataDecoder, DataViolation};
 use crate::smtp::reply::{
@@ -151,7 +152,7 @@ pub fn config(data: &[u8]) {
 /// | 2    | `max_message_size = 2000`                    |                                     |
 /// | 3    | `max_recipients = 2`                         |                                     |
 /// | 4    | `announce_client`: 0 xclient, 1 proxy-v1,    | replies come one byte per event     |
-/// | 5    | 2–3 none                                     | replies wait for the next clock tick|
+/// | 5    | 2 none, 3 xclient with `mode=multiplexing`   | replies wait for the next clock tick|
 /// | 6    | downstream: 0 normal, 1 rejects every RCPT,  | connect: 0 ok, 1 first server       |
 /// | 7    | 2 closes on its `k`-th read, 3 silent after  | refuses, 2 first never completes,   |
 /// |      | `k` replies                                  | 3 every server refuses              |
@@ -864,6 +865,8 @@ enum ConnectMode {
 #[derive(Debug)]
 enum Event {
     Connected(u32),
+    /// Multiplexing: the pooled connection `g` comes back for a new transaction.
+    Reused(u32, Capabilities),
     ConnectFailed(u32),
     Data(u32, Vec<u8>),
     Closed(u32),
@@ -885,6 +888,8 @@ struct Harness {
     /// The downstream connection the session asked for: its generation and, once connected,
     /// the scripted server on it.
     conn: Option<(u32, Option<FakeDownstream>)>,
+    /// Multiplexing: the connection the session released, with what its EHLO offered.
+    pooled: Option<(u32, FakeDownstream, Capabilities)>,
     generation: u32,
     /// Downstream reply bytes the session left unconsumed (a partial reply).
     ds_unread: Vec<u8>,
@@ -956,10 +961,13 @@ impl Harness {
             limits.max_recipients = 2;
         }
         config.downstream.announce_client = match (scenario >> 4) & 3 {
-            0 => AnnounceClient::Xclient,
+            0 | 3 => AnnounceClient::Xclient,
             1 => AnnounceClient::ProxyV1,
             _ => AnnounceClient::None,
         };
+        if (scenario >> 4) & 3 == 3 {
+            config.downstream.mode = DownstreamMode::Multiplexing;
+        }
         let k = u32::from(details & 0x0f);
         let behaviour = match scenario >> 6 {
             0 => Behaviour::Normal,
@@ -997,6 +1005,7 @@ impl Harness {
             events: VecDeque::new(),
             held: Vec::new(),
             conn: None,
+            pooled: None,
             generation: 0,
             ds_unread: Vec::new(),
             client_pending: Vec::new(),
@@ -1097,6 +1106,10 @@ impl Harness {
                 self.settle();
                 self.queue_replies(g, banner);
             }
+            Event::Reused(g, caps) if current == Some(g) => {
+                self.session
+                    .handle_downstream(self.now, DownstreamEvent::Reused(caps));
+            }
             Event::ConnectFailed(g) if current == Some(g) => {
                 self.conn = None;
                 self.session
@@ -1161,6 +1174,16 @@ impl Harness {
         }
         while let Some(action) = self.session.poll_action() {
             match action {
+                Action::ConnectDownstream(addr)
+                    if self.pooled.is_some() && addr == self.config.downstream.servers[0] =>
+                {
+                    assert!(self.conn.is_none(), "second downstream while one is open");
+                    if let Some((g, fake, caps)) = self.pooled.take() {
+                        self.conn = Some((g, Some(fake)));
+                        self.ds_unread.clear();
+                        self.events.push_back(Event::Reused(g, caps));
+                    }
+                }
                 Action::ConnectDownstream(addr) => {
                     assert!(self.conn.is_none(), "second downstream while one is open");
                     assert!(
@@ -1200,6 +1223,30 @@ impl Harness {
                 }
                 // No scenario configures `proxy_protocol_from`; admit like an uncapped driver.
                 Action::Admit(_) => self.session.handle_admission(self.now, true),
+                Action::ReleaseDownstream(caps) => {
+                    assert_eq!(
+                        self.config.downstream.mode,
+                        DownstreamMode::Multiplexing,
+                        "released without multiplexing"
+                    );
+                    let Some((g, Some(fake))) = self.conn.take() else {
+                        panic!("released a downstream that is not connected");
+                    };
+                    assert!(self.ds_unread.is_empty(), "released with replies unread");
+                    let in_flight = self
+                        .events
+                        .iter()
+                        .chain(&self.held)
+                        .any(|event| matches!(event, Event::Data(e, _) if *e == g));
+                    assert!(!in_flight, "released with replies still on the way");
+                    assert!(
+                        !fake.in_transaction && !fake.in_data,
+                        "released mid-transaction"
+                    );
+                    if !fake.gone && !fake.quit {
+                        self.pooled = Some((g, fake, caps));
+                    }
+                }
             }
         }
     }

@@ -321,3 +321,65 @@ fn second_transaction_reuses_the_downstream() {
     assert_eq!(sink.wait_for_messages(2, WAIT).len(), 2);
     assert_eq!(sink.connections(), 1);
 }
+
+#[test]
+fn multiplexing_keeps_the_downstream_within_pool_size() {
+    let sink = sink(Behaviour::Normal);
+    let mut config = test_config(sink.local_addr());
+    config.downstream.mode = tarmac::config::DownstreamMode::Multiplexing;
+    config.downstream.pool_size = 2;
+    config.server.workers = 1;
+    let server = Server::start(config);
+    let clients: Vec<_> = (0..8)
+        .map(|n| {
+            let addr = server.addr;
+            std::thread::spawn(move || {
+                let mut client = Client::connect(addr);
+                let port = client.writer.local_addr().unwrap().port();
+                client.start_message(&format!("a{n}@example.org"), &["b@example.net"]);
+                client.send(format!("Subject: {n}\r\n\r\none\r\n.\r\n"));
+                assert!(client.reply().starts_with("250 2.0.0 "));
+                assert!(
+                    client
+                        .command(&format!("MAIL FROM:<a{n}@example.org>"))
+                        .starts_with("250 ")
+                );
+                assert!(
+                    client
+                        .command("RCPT TO:<c@example.net>")
+                        .starts_with("250 ")
+                );
+                assert!(client.command("DATA").starts_with("354 "));
+                client.send(format!("Subject: {n}\r\n\r\ntwo\r\n.\r\n"));
+                assert!(client.reply().starts_with("250 2.0.0 "));
+                assert_eq!(client.command("QUIT"), "221 2.0.0 Bye\r\n");
+                (n, port)
+            })
+        })
+        .collect();
+    let ports: Vec<(usize, u16)> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let messages = sink.wait_for_messages(16, WAIT);
+    assert_eq!(messages.len(), 16);
+    assert!(
+        sink.connections() <= 2,
+        "{} downstream connections",
+        sink.connections()
+    );
+    // XCLIENT goes per transaction: each message names the client that sent it.
+    for m in &messages {
+        let n: usize = m
+            .mail_from
+            .trim_start_matches("<a")
+            .split('@')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let port = ports.iter().find(|(k, _)| *k == n).unwrap().1;
+        let xclient = m.xclient.as_deref().unwrap_or_default();
+        assert!(
+            xclient.contains(&format!(" PORT={port} ")),
+            "message {n}: {xclient}"
+        );
+    }
+}

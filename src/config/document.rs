@@ -732,6 +732,31 @@ impl<'p> Reader<'p> {
             self.order_error(earlier, later, "longer than");
         }
 
+        let d = &config.downstream;
+        let per_connection = matches!(
+            d.announce_client,
+            AnnounceClient::ProxyV1 | AnnounceClient::ProxyV2
+        );
+        if d.mode == DownstreamMode::Multiplexing
+            && per_connection
+            && !self.has_error(&["downstream.mode", "downstream.announce_client"])
+        {
+            // A PROXY header names one client for the connection's whole life; a pooled
+            // connection carries many clients, so only XCLIENT (per transaction) can work.
+            let line = self
+                .lines
+                .get("downstream.announce_client")
+                .or(self.lines.get("downstream.mode"))
+                .copied();
+            self.push(
+                line,
+                "downstream.announce_client",
+                "a PROXY header cannot announce the clients of a pooled connection; \
+                 use \"xclient\" or \"none\" with mode = \"multiplexing\""
+                    .to_owned(),
+            );
+        }
+
         let t = &config.tls;
         let tls_pair = match (&t.cert, &t.key) {
             (Some(_), None) => Some(("tls.key", "tls.cert is set but tls.key is not")),

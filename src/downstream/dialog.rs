@@ -119,6 +119,30 @@ impl Handshake {
         }
     }
 
+    /// A pooled connection's handshake for a new transaction (`mode = "multiplexing"`): the
+    /// connection is past its banner and EHLO; only the client changes. Returns `Ready` at once
+    /// or sends XCLIENT (with the EHLO it requires after it) for this transaction's client.
+    pub fn resume(
+        hostname: &str,
+        announce: AnnounceClient,
+        caps: Capabilities,
+        who: &ClientIdentity<'_>,
+        out: &mut Vec<u8>,
+    ) -> (Self, Step) {
+        let mut handshake = Handshake {
+            phase: Phase::Ready,
+            hostname: hostname.to_owned(),
+            announce,
+            caps,
+        };
+        if announce == AnnounceClient::Xclient && caps.xclient.any() {
+            out.extend_from_slice(&xclient_command(caps.xclient, who));
+            handshake.phase = Phase::Xclient;
+            return (handshake, Step::Continue);
+        }
+        (handshake, Step::Ready)
+    }
+
     /// The connection is up: with PROXY announcement, the header goes first (before the
     /// banner is even read, as the protocol requires).
     pub fn handle_connected(&mut self, who: &ClientIdentity<'_>, out: &mut Vec<u8>) {

@@ -27,9 +27,11 @@ use mio::{Interest, Registry};
 
 use super::close_log::{self, ConnId};
 use super::limits::LimitGuard;
+use super::pool::{Idle, Pool, Ticket};
 use super::slab::ConnKey;
 use super::token;
 use crate::downstream::connect;
+use crate::downstream::dialog::Capabilities;
 use crate::smtp::{Action, DownstreamEvent, Session, Shutdown, Side};
 
 /// Bytes read per socket per turn: one read of this size, then the other connections get their
@@ -71,6 +73,10 @@ pub(crate) struct Io<'a> {
     /// Unconsumed input (per socket) at which reading stops: [`READ_CHUNK`] + `max_line_length`,
     /// so the session can always see one whole line after a full read.
     pub(crate) max_input: usize,
+    /// The worker's downstream pool (used in `mode = "multiplexing"`).
+    pub(crate) pool: &'a mut Pool,
+    /// `[downstream] mode = "multiplexing"`.
+    pub(crate) multiplexing: bool,
 }
 
 /// A client connection and, while relaying, its downstream connection.
@@ -89,6 +95,8 @@ pub(crate) struct Conn {
     to_client: Vec<u8>,
     /// Boxed: most connections never get one, so they don't pay for its size.
     downstream: Option<Box<DownstreamConn>>,
+    /// Multiplexing: the session waits in the pool's line for a connection to this server.
+    awaiting_pool: Option<SocketAddr>,
     session: Session,
     /// The deadline this connection has in the worker's timer heap (see `timer.rs`).
     pub(crate) armed: Option<Instant>,
@@ -115,6 +123,10 @@ enum Eof {
 #[derive(Debug)]
 struct DownstreamConn {
     stream: TcpStream,
+    /// The server it is connected to (the pool's key).
+    addr: SocketAddr,
+    /// Multiplexing: this connection's place in the pool.
+    ticket: Option<Ticket>,
     /// The nonblocking connect has not finished.
     connecting: bool,
     readable: bool,
@@ -146,6 +158,7 @@ impl Conn {
             input: Vec::new(),
             to_client: Vec::new(),
             downstream: None,
+            awaiting_pool: None,
             session,
             armed: None,
             queued: false,
@@ -206,7 +219,7 @@ impl Conn {
             let mut moved = self.offer_client_input(now);
             moved |= self.offer_downstream_input(now, io.registry);
             moved |= self.transmit(now);
-            moved |= self.run_actions(key, now, io.registry);
+            moved |= self.run_actions(key, now, io);
             moved |= self.write_client(now);
             moved |= self.write_downstream(now, io.registry);
             if !moved {
@@ -380,12 +393,13 @@ impl Conn {
     }
 
     /// Carries out every action the session has queued. Returns whether there was any.
-    fn run_actions(&mut self, key: ConnKey, now: Instant, registry: &Registry) -> bool {
+    fn run_actions(&mut self, key: ConnKey, now: Instant, io: &mut Io<'_>) -> bool {
         let mut moved = false;
         while let Some(action) = self.session.poll_action() {
             moved = true;
             match action {
-                Action::ConnectDownstream(addr) => self.open_downstream(key, addr, now, registry),
+                Action::ConnectDownstream(addr) => self.connect_downstream(key, addr, now, io),
+                Action::ReleaseDownstream(caps) => self.release_downstream(caps, now, io),
                 Action::CloseDownstream => {
                     // What the session queued before the action (a QUIT) goes first, in one
                     // nonblocking attempt: the action may come out in the same loop as the
@@ -402,7 +416,8 @@ impl Conn {
                             let _ = write_out(&ds.stream, &mut ds.to_downstream);
                         }
                     }
-                    self.drop_downstream(registry);
+                    self.awaiting_pool = None;
+                    self.drop_downstream(io.registry);
                 }
                 Action::Close => self.start_closing(now),
                 Action::Admit(client) => {
@@ -420,12 +435,110 @@ impl Conn {
         moved
     }
 
+    /// The session wants a downstream connection: in multiplexing mode an idle pooled one, a
+    /// new one while the worker is under its share of `pool_size`, or a place in line; else
+    /// always a new one.
+    pub(crate) fn connect_downstream(
+        &mut self,
+        key: ConnKey,
+        addr: SocketAddr,
+        now: Instant,
+        io: &mut Io<'_>,
+    ) {
+        if !io.multiplexing {
+            return self.open_downstream(key, addr, now, io.registry, None);
+        }
+        if let Some(idle) = io.pool.checkout(addr, now) {
+            return self.attach_pooled(key, idle, now, io.registry);
+        }
+        match io.pool.ticket() {
+            Some(ticket) => self.open_downstream(key, addr, now, io.registry, Some(ticket)),
+            None => {
+                log::debug!("conn={} waits for a pooled downstream connection", self.id);
+                self.awaiting_pool = Some(addr);
+                io.pool.wait(key, addr);
+            }
+        }
+    }
+
+    /// Whether the session still waits in the pool's line for a connection to `addr`.
+    pub(crate) fn awaits_pool(&self, addr: SocketAddr) -> bool {
+        self.awaiting_pool == Some(addr)
+    }
+
+    /// Its turn came: stop waiting and try again (`connect_downstream`).
+    pub(crate) fn leave_pool_line(&mut self) {
+        self.awaiting_pool = None;
+    }
+
+    fn attach_pooled(&mut self, key: ConnKey, idle: Idle, now: Instant, registry: &Registry) {
+        self.drop_downstream(registry);
+        let Idle {
+            addr,
+            mut stream,
+            caps,
+            ticket,
+            ..
+        } = idle;
+        let registered = registry.register(
+            &mut stream,
+            token::conn(key, Side::Downstream),
+            Interest::READABLE | Interest::WRITABLE,
+        );
+        if let Err(e) = registered {
+            log::debug!("conn={} pooled downstream {addr}: {e}", self.id);
+            self.session
+                .handle_downstream(now, DownstreamEvent::ConnectFailed);
+            return;
+        }
+        log::debug!("conn={} reuses a pooled connection to {addr}", self.id);
+        self.downstream = Some(Box::new(DownstreamConn {
+            stream,
+            addr,
+            ticket: Some(ticket),
+            connecting: false,
+            readable: false,
+            writable: true,
+            eof: false,
+            input: Vec::new(),
+            to_downstream: Vec::new(),
+        }));
+        self.session
+            .handle_downstream(now, DownstreamEvent::Reused(caps));
+    }
+
+    /// The session is done with a clean connection: back to the pool, unless something about
+    /// it says otherwise (unread bytes, its end seen, not pooled), then it is closed.
+    fn release_downstream(&mut self, caps: Capabilities, now: Instant, io: &mut Io<'_>) {
+        let Some(ds) = self.downstream.take() else {
+            return;
+        };
+        let DownstreamConn {
+            mut stream,
+            addr,
+            ticket,
+            connecting,
+            eof,
+            input,
+            to_downstream,
+            ..
+        } = *ds;
+        let _ = io.registry.deregister(&mut stream);
+        match ticket {
+            Some(ticket) if !connecting && !eof && input.is_empty() && to_downstream.is_empty() => {
+                io.pool.park(addr, stream, caps, ticket, now);
+            }
+            _ => log::debug!("conn={} closes a downstream it could not pool", self.id),
+        }
+    }
+
     fn open_downstream(
         &mut self,
         key: ConnKey,
         addr: SocketAddr,
         now: Instant,
         registry: &Registry,
+        ticket: Option<Ticket>,
     ) {
         // The session opens one downstream at a time; a leftover one is replaced, not leaked.
         self.drop_downstream(registry);
@@ -442,6 +555,8 @@ impl Conn {
                 log::debug!("conn={} connecting to downstream {addr}", self.id);
                 self.downstream = Some(Box::new(DownstreamConn {
                     stream,
+                    addr,
+                    ticket,
                     connecting: true,
                     readable: false,
                     writable: false,

@@ -29,6 +29,7 @@
 mod close_log;
 mod conn;
 mod limits;
+mod pool;
 mod slab;
 mod timer;
 mod token;

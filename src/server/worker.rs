@@ -19,10 +19,11 @@ use mio::{Events, Interest, Poll, Waker};
 use super::close_log::ConnId;
 use super::conn::{CLOSE_FLUSH_LIMIT, Conn, Io, Next, READ_CHUNK};
 use super::limits::Limits;
+use super::pool::Pool;
 use super::slab::{ConnKey, Slab};
 use super::timer::TimerHeap;
 use super::token::{self, Source};
-use crate::config::Config;
+use crate::config::{Config, DownstreamMode};
 use crate::smtp::{Peer, Session, Shutdown};
 
 /// Events taken from the kernel per poll; more wait for the next turn.
@@ -67,6 +68,8 @@ pub(crate) struct Worker {
     /// An accept error was logged since the last successful accept (one warning per burst).
     accept_error_logged: bool,
     phase: Phase,
+    /// This worker's share of the downstream pool (`mode = "multiplexing"`).
+    pool: Pool,
 }
 
 struct Listener {
@@ -119,7 +122,7 @@ impl Worker {
             listeners,
             conns: Slab::new(),
             timers: TimerHeap::new(),
-            config,
+            config: Arc::clone(&config),
             limits,
             stopping,
             scratch: vec![0; READ_CHUNK],
@@ -131,6 +134,7 @@ impl Worker {
             accept_paused_until: None,
             accept_error_logged: false,
             phase: Phase::Running,
+            pool: Pool::new(config.downstream.pool_size, workers),
         };
         Ok((worker, waker))
     }
@@ -204,6 +208,7 @@ impl Worker {
         self.accept(now);
         self.drive_pending(now);
         self.close_finished(now);
+        self.serve_pool_waiters(now);
         self.prune_timers();
     }
 
@@ -372,6 +377,8 @@ impl Worker {
             registry: self.poll.registry(),
             scratch: &mut self.scratch,
             max_input,
+            pool: &mut self.pool,
+            multiplexing: self.config.downstream.mode == DownstreamMode::Multiplexing,
         };
         for key in self.pending.drain(..) {
             let Some(conn) = self.conns.get_mut(key) else {
@@ -396,11 +403,38 @@ impl Worker {
             registry: self.poll.registry(),
             scratch: &mut self.scratch,
             max_input: 0,
+            pool: &mut self.pool,
+            multiplexing: false,
         };
         for key in self.closing.drain(..) {
             if let Some(conn) = self.conns.remove(key) {
                 conn.close(now, &mut io);
             }
+        }
+    }
+
+    /// Multiplexing: sessions waiting for a downstream connection get one as soon as one was
+    /// released or a place freed (this turn's transactions ended, connections closed). They are
+    /// driven first next turn.
+    fn serve_pool_waiters(&mut self, now: Instant) {
+        if !self.pool.has_waiters() {
+            return;
+        }
+        let mut io = Io {
+            registry: self.poll.registry(),
+            scratch: &mut self.scratch,
+            max_input: 0,
+            pool: &mut self.pool,
+            multiplexing: true,
+        };
+        while let Some((key, addr)) = io.pool.next_waiter(now) {
+            // A waiter that timed out, moved on to another server or closed is skipped.
+            let Some(conn) = self.conns.get_mut(key).filter(|c| c.awaits_pool(addr)) else {
+                continue;
+            };
+            conn.leave_pool_line();
+            conn.connect_downstream(key, addr, now, &mut io);
+            queue(&mut self.ready, conn, key);
         }
     }
 

@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::Config;
+use crate::config::{Config, DownstreamMode};
 use crate::downstream::dialog::{Capabilities, ClientIdentity, Handshake, Step};
 use crate::smtp::command::{Body, Command, CommandError, MailParams, parse_command};
 use crate::smtp::data::{DataDecoder, DataViolation};
@@ -80,6 +80,10 @@ pub enum Action {
     /// A balancer's PROXY header named this client: count it against the per-IP cap and
     /// answer with `handle_admission`. The banner waits for the answer.
     Admit(SocketAddr),
+    /// `mode = "multiplexing"`: the downstream connection is idle and clean (no transaction
+    /// open, no reply outstanding, everything handed out): put it back in the pool with what
+    /// its EHLO offered. The session no longer uses it.
+    ReleaseDownstream(Capabilities),
 }
 
 /// What happened on the downstream connection.
@@ -87,6 +91,9 @@ pub enum Action {
 pub enum DownstreamEvent<'a> {
     /// The connect finished.
     Connected,
+    /// `mode = "multiplexing"`: instead of connecting, the driver attached an idle pooled
+    /// connection (past its banner and EHLO) with what that EHLO offered.
+    Reused(Capabilities),
     /// The connect failed (refused, unreachable, reset).
     ConnectFailed,
     /// Bytes arrived.
@@ -360,6 +367,27 @@ impl Session {
                         .handle_connected(&who, &mut self.to_downstream);
                 }
                 self.timers.downstream = Some(now + self.config.timeouts.command);
+                0
+            }
+            DownstreamEvent::Reused(caps) => {
+                let config = Arc::clone(&self.config);
+                let who = identity(&self.peer, self.helo.as_deref(), self.esmtp);
+                let (handshake, step) = Handshake::resume(
+                    &config.server.hostname,
+                    config.downstream.announce_client,
+                    caps,
+                    &who,
+                    &mut self.to_downstream,
+                );
+                if let Some(relay) = self.relay.as_deref_mut() {
+                    relay.handshake = handshake;
+                    relay.caps = caps;
+                    relay.link = Link::Handshaking;
+                }
+                match step {
+                    Step::Ready => self.relay_ready(now),
+                    _ => self.timers.downstream = Some(now + self.config.timeouts.command),
+                }
                 0
             }
             DownstreamEvent::ConnectFailed => {
@@ -843,6 +871,7 @@ impl Session {
                 Ok(Status::Complete((reply, used))) => {
                     consumed += used;
                     self.on_downstream_reply(now, reply);
+                    self.release_relay_if_clean();
                 }
                 Ok(Status::Partial) => return consumed,
                 Err(_) => {
@@ -869,11 +898,7 @@ impl Session {
                 }
                 Step::Ready => {
                     relay.caps = relay.handshake.capabilities();
-                    relay.link = Link::Ready;
-                    self.timers.downstream = None;
-                    if matches!(self.phase, Phase::Waiting(Pending::Mail)) {
-                        self.send_mail(now);
-                    }
+                    self.relay_ready(now);
                 }
                 Step::Failed(reply) => {
                     log::warn!(
@@ -1041,6 +1066,41 @@ impl Session {
 
     /// Closes the downstream connection: politely (QUIT) when between commands, abruptly
     /// (nothing more sent) when a body is half-sent so the partial message is never delivered.
+    /// The handshake is done: MAIL goes out if the client is waiting for it.
+    fn relay_ready(&mut self, now: Instant) {
+        if let Some(relay) = self.relay.as_deref_mut() {
+            relay.link = Link::Ready;
+        }
+        self.timers.downstream = None;
+        if matches!(self.phase, Phase::Waiting(Pending::Mail)) {
+            self.send_mail(now);
+        }
+    }
+
+    /// `mode = "multiplexing"`: hands the downstream back to the pool once it is clean (no
+    /// transaction open, no reply outstanding, nothing left to send), so it serves the next
+    /// transaction, of this client or another. Returns whether it did.
+    fn release_relay_if_clean(&mut self) -> bool {
+        if self.config.downstream.mode != DownstreamMode::Multiplexing
+            || matches!(self.phase, Phase::Waiting(_))
+            || !self.to_downstream.is_empty()
+        {
+            return false;
+        }
+        let Some(relay) = self.relay.as_deref() else {
+            return false;
+        };
+        if relay.link != Link::Ready || relay.in_transaction || relay.swallow > 0 || relay.mid_data
+        {
+            return false;
+        }
+        let caps = relay.caps;
+        self.relay = None;
+        self.timers.downstream = None;
+        self.actions.push_back(Action::ReleaseDownstream(caps));
+        true
+    }
+
     fn drop_relay(&mut self) {
         let Some(relay) = self.relay.take() else {
             return;
@@ -1109,7 +1169,9 @@ impl Session {
         if let Some(reply) = reply {
             self.reply(reply);
         }
-        self.drop_relay();
+        if !self.release_relay_if_clean() {
+            self.drop_relay();
+        }
         self.phase = Phase::Closed;
         self.closed = Some(reason);
         self.timers = Timers::default();

@@ -117,6 +117,10 @@ struct Pair {
     auto_downstream: bool,
     /// The answer to `Action::Admit` (the per-IP cap check).
     admit: bool,
+    /// Multiplexing: the connection the session released, waiting to be reused.
+    pooled: Option<crate::downstream::dialog::Capabilities>,
+    /// Times a pooled connection was handed back to the session.
+    reuses: usize,
 }
 
 impl Pair {
@@ -140,6 +144,8 @@ impl Pair {
             closed: false,
             auto_downstream: true,
             admit: true,
+            pooled: None,
+            reuses: 0,
         };
         pair.pump();
         pair
@@ -181,6 +187,24 @@ impl Pair {
             while let Some(action) = self.session.poll_action() {
                 progress = true;
                 match action {
+                    Action::ConnectDownstream(_) if self.pooled.is_some() => {
+                        // Multiplexing: the connection released earlier comes back, as is.
+                        let caps = self.pooled.take().unwrap();
+                        self.ds_open = true;
+                        self.reuses += 1;
+                        self.session
+                            .handle_downstream(self.now, DownstreamEvent::Reused(caps));
+                    }
+                    Action::ReleaseDownstream(caps) => {
+                        assert!(self.ds_open, "released a downstream that is not open");
+                        assert!(
+                            self.downstream.input.is_empty(),
+                            "released with bytes unread"
+                        );
+                        assert!(!self.downstream.in_data, "released mid-message");
+                        self.ds_open = false;
+                        self.pooled = Some(caps);
+                    }
                     Action::ConnectDownstream(addr) => {
                         self.connects.push(addr);
                         if self.connects.len() <= self.refuse_connects {
@@ -900,4 +924,96 @@ fn proxied_client_over_its_per_ip_cap_gets_421_instead_of_the_banner() {
     );
     assert!(pair.closed);
     assert_eq!(pair.session.report().result, "refused");
+}
+
+fn multiplexing() -> Config {
+    let mut config = config();
+    config.downstream.mode = crate::config::DownstreamMode::Multiplexing;
+    config.downstream.announce_client = AnnounceClient::Xclient;
+    config
+}
+
+#[test]
+fn multiplexing_releases_after_each_transaction_and_announces_each_client_again() {
+    let mut pair = Pair::new(multiplexing());
+    let message = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\nhi\r\n.\r\n";
+    pair.send(b"EHLO client.example\r\n");
+    pair.send(message);
+    assert!(
+        pair.pooled.is_some(),
+        "released once the message was accepted"
+    );
+    assert!(!pair.ds_open);
+    pair.send(message);
+    assert_eq!(pair.reuses, 1);
+    assert_eq!(
+        pair.connects.len(),
+        1,
+        "one connection for both transactions"
+    );
+    assert_eq!(pair.downstream.delivered.len(), 2);
+    let xclient =
+        "XCLIENT ADDR=192.0.2.7 PORT=53211 NAME=[UNAVAILABLE] PROTO=ESMTP HELO=client.example";
+    assert_eq!(
+        pair.downstream.commands,
+        [
+            "EHLO mx.test",
+            xclient,
+            "EHLO mx.test",
+            "MAIL FROM:<a@example.org>",
+            "RCPT TO:<b@example.net>",
+            "DATA",
+            xclient,
+            "EHLO mx.test",
+            "MAIL FROM:<a@example.org>",
+            "RCPT TO:<b@example.net>",
+            "DATA",
+        ]
+    );
+    pair.send(b"QUIT\r\n");
+    assert!(
+        pair.take_output()
+            .ends_with("250 2.0.0 Ok: queued as 1\r\n221 2.0.0 Bye\r\n")
+    );
+    assert_eq!(
+        pair.downstream_closes, 0,
+        "the pooled connection outlives the client"
+    );
+}
+
+#[test]
+fn multiplexing_resets_an_abandoned_transaction_before_releasing() {
+    let mut pair = Pair::new(multiplexing());
+    pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n");
+    assert!(
+        pair.ds_open && pair.pooled.is_none(),
+        "held during the transaction"
+    );
+    pair.send(b"RSET\r\n");
+    assert_eq!(pair.downstream.commands.last().unwrap(), "RSET");
+    assert!(pair.pooled.is_some(), "released once the RSET was answered");
+    // A rejected MAIL leaves nothing open either.
+    pair.send(b"MAIL FROM:<tempfail@example.org>\r\n");
+    assert!(pair.take_output().ends_with("451 4.3.0 Try later\r\n"));
+    assert!(pair.pooled.is_some());
+    assert_eq!(pair.reuses, 1);
+}
+
+#[test]
+fn multiplexing_never_pools_a_connection_mid_transaction() {
+    let mut pair = Pair::new(multiplexing());
+    pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nQUIT\r\n");
+    assert!(pair.pooled.is_none());
+    assert_eq!(pair.downstream_closes, 1);
+    assert_eq!(pair.downstream.commands.last().unwrap(), "QUIT");
+
+    let mut pair = Pair::new(multiplexing());
+    pair.send(
+        b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\npartial\r\n",
+    );
+    pair.session.handle_client_eof(pair.now);
+    pair.pump();
+    assert!(pair.pooled.is_none(), "a half-sent body is never reused");
+    assert_eq!(pair.downstream_closes, 1);
+    assert!(pair.downstream.delivered.is_empty());
 }
