@@ -24,7 +24,7 @@ use super::slab::{ConnKey, Slab};
 use super::timer::TimerHeap;
 use super::token::{self, Source};
 use crate::config::{Config, DownstreamMode};
-use crate::smtp::{Peer, Session, Shutdown};
+use crate::smtp::{Peer, Session, Shutdown, too_many_connections};
 
 /// Events taken from the kernel per poll; more wait for the next turn.
 const EVENTS_PER_TURN: usize = 1024;
@@ -329,12 +329,11 @@ impl Worker {
         {
             Ok(guard) => guard,
             Err(refusal) => {
-                let reply = format!(
-                    "421 4.7.0 {} Too many connections, try again later\r\n",
-                    self.config.server.hostname
-                );
+                // The reply is the session's wording; the refusal happens before any session.
+                let mut reply = Vec::new();
+                too_many_connections(&self.config.server.hostname).write_to(&mut reply);
                 // One nonblocking write into an empty send buffer; best effort.
-                let _ = (&stream).write(reply.as_bytes());
+                let _ = (&stream).write(&reply);
                 log::info!("refused connection from {addr}: {refusal}");
                 return;
             }

@@ -12,4 +12,6 @@ pub mod session;
 pub use command::{Command, CommandError};
 pub use data::{DataDecoder, DataViolation};
 pub use reply::{EnhancedCode, Reply};
-pub use session::{Action, DownstreamEvent, Peer, Report, Session, Shutdown, Side};
+pub use session::{
+    Action, DownstreamEvent, Peer, Report, Session, Shutdown, Side, too_many_connections,
+};

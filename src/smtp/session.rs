@@ -448,11 +448,8 @@ impl Session {
             self.timers.idle = Some(now + self.config.timeouts.idle);
             self.greet();
         } else {
-            let text = format!(
-                "{} Too many connections, try again later",
-                self.config.server.hostname
-            );
-            self.close(CloseReason::Refused, Some(Reply::new(421, "4.7.0", text)));
+            let reply = too_many_connections(&self.config.server.hostname);
+            self.close(CloseReason::Refused, Some(reply));
         }
     }
 
@@ -1188,6 +1185,13 @@ fn identity<'a>(peer: &Peer, helo: Option<&'a [u8]>, esmtp: bool) -> ClientIdent
         helo: helo.unwrap_or_default(),
         esmtp,
     }
+}
+
+/// The refusal for a client over a connection cap (DESIGN.md §1.1), whether the driver gives
+/// it at accept, before any session exists, or the session after a PROXY header.
+pub fn too_many_connections(hostname: &str) -> Reply {
+    let text = format!("{hostname} Too many connections, try again later");
+    Reply::new(421, "4.7.0", text)
 }
 
 fn downstream_lost() -> Reply {
