@@ -67,9 +67,7 @@ fn xclient_tells_the_downstream_who_the_client_is() {
     let sink = sink(Behaviour::Normal);
     let server = Server::start(test_config(sink.local_addr()));
     let mut client = Client::connect(server.addr);
-    client.start_message("a@example.org", &["b@example.net"]);
-    client.send(b"hi\r\n.\r\n");
-    assert!(client.reply().starts_with("250 "));
+    assert!(client.send_message().starts_with("250 "));
     let m = &sink.wait_for_messages(1, WAIT)[0];
     let xclient = m.xclient.as_deref().expect("XCLIENT sent");
     assert!(xclient.starts_with("ADDR=127.0.0.1 PORT="), "{xclient}");
@@ -103,9 +101,7 @@ fn proxy_headers_reach_the_downstream() {
         config.downstream.announce_client = mode;
         let server = Server::start(config);
         let mut client = Client::connect(server.addr);
-        client.start_message("a@example.org", &["b@example.net"]);
-        client.send(b"hi\r\n.\r\n");
-        assert!(client.reply().starts_with("250 "), "{mode:?}");
+        assert!(client.send_message().starts_with("250 "), "{mode:?}");
         let m = &sink.wait_for_messages(1, WAIT)[0];
         let header = m.proxy_header.as_deref().expect("PROXY header");
         assert!(header.starts_with(prefix), "{mode:?}: {header:?}");
@@ -160,9 +156,7 @@ fn downstream_replies_are_passed_back() {
             client.command("EHLO c");
             assert_eq!(client.command("MAIL FROM:<a@example.org>"), expect);
         } else {
-            client.start_message("a@example.org", &["b@example.net"]);
-            client.send(b"hi\r\n.\r\n");
-            assert_eq!(client.reply(), expect);
+            assert_eq!(client.send_message(), expect);
         }
     }
 }
@@ -191,10 +185,8 @@ fn downstream_failures_are_451_and_nothing_is_acknowledged() {
         config.timeouts.command = Duration::from_millis(500);
         let server = Server::start(config);
         let mut client = Client::connect(server.addr);
-        client.start_message("a@example.org", &["b@example.net"]);
-        client.send(b"hi\r\n.\r\n");
         assert_eq!(
-            client.reply(),
+            client.send_message(),
             "451 4.4.2 Error: downstream server unavailable, please try again later\r\n",
             "{behaviour:?}"
         );
@@ -213,9 +205,7 @@ fn servers_are_tried_in_order() {
     config.downstream.servers.push(sink.local_addr());
     let server = Server::start(config);
     let mut client = Client::connect(server.addr);
-    client.start_message("a@example.org", &["b@example.net"]);
-    client.send(b"hi\r\n.\r\n");
-    assert!(client.reply().starts_with("250 "));
+    assert!(client.send_message().starts_with("250 "));
 
     let server = Server::start(test_config(dead));
     let mut client = Client::connect(server.addr);

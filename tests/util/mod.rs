@@ -197,6 +197,15 @@ impl Client {
         }
     }
 
+    /// One short message from `a@example.org` to `b@example.net` (banner to the final dot);
+    /// returns the reply to the dot.
+    #[track_caller]
+    pub fn send_message(&mut self) -> String {
+        self.start_message("a@example.org", &["b@example.net"]);
+        self.send(b"hi\r\n.\r\n");
+        self.reply()
+    }
+
     /// Banner, EHLO, MAIL, RCPT...; asserts each succeeds, returns at the 354.
     #[track_caller]
     pub fn start_message(&mut self, from: &str, to: &[&str]) {
