@@ -15,6 +15,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The whole validated configuration. Cheap to share behind an `Arc`; a reload builds a new one.
@@ -215,7 +216,7 @@ pub struct Dns {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Dnsbl {
     /// The zone queried, e.g. `zen.spamhaus.org`.
-    pub zone: String,
+    pub zone: Arc<str>,
     /// Added to the score when listed; negative = allowlist.
     pub weight: i32,
     /// Which answers count, as inclusive ranges; empty = any 127.0.0.0/8 answer.
@@ -832,13 +833,13 @@ mod tests {
             config.dnsbl,
             [
                 Dnsbl {
-                    zone: "zen.spamhaus.org".to_owned(),
+                    zone: "zen.spamhaus.org".into(),
                     weight: 3,
                     codes: vec![(Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 11))],
                     reply: Some("client listed, see https://example.org/lookup".to_owned()),
                 },
                 Dnsbl {
-                    zone: "list.dnswl.org".to_owned(),
+                    zone: "list.dnswl.org".into(),
                     weight: -2,
                     codes: Vec::new(),
                     reply: None,
@@ -1056,7 +1057,7 @@ weight = -2
         let config = parse(text).unwrap();
         let ip = |d| Ipv4Addr::new(127, 0, 0, d);
         assert_eq!(config.dnsbl.len(), 2);
-        assert_eq!(config.dnsbl[0].zone, "zen.spamhaus.org");
+        assert_eq!(&*config.dnsbl[0].zone, "zen.spamhaus.org");
         assert_eq!(config.dnsbl[0].codes, [(ip(2), ip(2)), (ip(10), ip(11))]);
         assert_eq!(config.dnsbl[0].reply.as_deref(), Some("listed"));
         assert_eq!(config.dnsbl[1].weight, -2);

@@ -21,10 +21,12 @@
 
 pub mod config;
 pub mod demo;
+pub mod dns;
 pub mod downstream;
 // Public only so the `fuzz/` crate and the corpus replay test can call the fuzz bodies.
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod policy;
 pub mod server;
 pub mod sink;
 pub mod smtp;

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use toml::Spanned;
@@ -469,7 +470,7 @@ impl<'p> Reader<'p> {
             let (mut zone, mut weight) = (None, None);
             let (mut zone_given, mut weight_given) = (false, false);
             let mut dnsbl = Dnsbl {
-                zone: String::new(),
+                zone: Arc::from(""),
                 weight: 0,
                 codes: Vec::new(),
                 reply: None,
@@ -514,7 +515,7 @@ impl<'p> Reader<'p> {
                 continue;
             }
             seen.insert(zone.to_ascii_lowercase(), i);
-            dnsbl.zone = zone;
+            dnsbl.zone = Arc::from(zone);
             dnsbl.weight = weight;
             out.push(dnsbl);
         }
