@@ -4,8 +4,9 @@
 //! [`Config::load`] reads a file, [`Config::from_toml`] parses text (no I/O, so tests need no
 //! files); both start from [`Config::default`] and overwrite what the file sets, so an empty file
 //! is a valid config. The value syntaxes (durations, sizes, rates, addresses, CIDRs) live in
-//! `syntax`, the walk over the TOML tree in `document`. Loading never opens the files a config
-//! names (lists, rules, certificates): their loaders report their own errors.
+//! `syntax`, the walk over the TOML tree in `document`. [`Config::from_toml`] never opens the
+//! files a config names; [`Config::load`] then reads the list files (`[lists]`) into the config,
+//! so a running server and `tarmac check` see the same entries and the same errors.
 
 mod document;
 mod syntax;
@@ -17,6 +18,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
+
+use crate::policy::{List, ListSet};
 
 /// The whole validated configuration. Cheap to share behind an `Arc`; a reload builds a new one.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -210,6 +213,9 @@ pub struct Dns {
     pub cache_ttl: Duration,
     /// PTR plus forward confirmation for every client.
     pub rdns: bool,
+    /// How often each zone's test points are queried (an addition to DESIGN.md §3): a zone that
+    /// answers them wrongly is set aside until it answers right again.
+    pub health_interval: Duration,
 }
 
 /// One `[[dnsbl]]` table.
@@ -352,6 +358,9 @@ pub struct Lists {
     pub allow: Vec<PathBuf>,
     /// Deny-list files.
     pub deny: Vec<PathBuf>,
+    /// Their entries, read by [`Config::load`] (or [`Config::load_lists`]); empty after
+    /// [`Config::from_toml`], which reads no file.
+    pub entries: ListSet,
 }
 
 /// `[rules]`
@@ -448,18 +457,71 @@ impl Config {
         self.downstream.tls == DownstreamTls::Required
     }
 
-    /// Reads the file at `path` and parses it with [`Config::from_toml`]. An unreadable file is a
-    /// single error, `path: cannot read: <reason>`.
+    /// Reads the file at `path`, parses it with [`Config::from_toml`] and reads the list files it
+    /// names ([`Config::load_lists`]). An unreadable file is a single error, `path: cannot read:
+    /// <reason>`.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => Config::from_toml(&text, path),
-            Err(e) => Err(ConfigErrors(vec![ConfigError {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
                 path: path.to_path_buf(),
                 line: None,
                 key: String::new(),
                 message: format!("cannot read: {e}"),
-            }])),
+            }])
+        })?;
+        let mut config = Config::from_toml(&text, path)?;
+        config.load_lists()?;
+        Ok(config)
+    }
+
+    /// Reads the `[lists]` files into `lists.entries`, collecting every bad line as
+    /// `file:line: message`. A missing file is an error, except the default
+    /// `blocklists/allow.txt` and `blocklists/deny.txt` beside the config: an empty config stays
+    /// valid where nobody created them.
+    pub fn load_lists(&mut self) -> Result<(), ConfigErrors> {
+        let defaults = Lists::default();
+        let base = self.path.as_deref().and_then(Path::parent);
+        let is_default = |file: &Path, defaults: &[PathBuf]| {
+            defaults
+                .iter()
+                .any(|d| base.map_or(d.clone(), |b| b.join(d)) == file)
+        };
+        let mut errors = Vec::new();
+        let mut read = |files: &[PathBuf], defaults: &[PathBuf]| {
+            let mut texts = Vec::with_capacity(files.len());
+            for file in files {
+                match std::fs::read_to_string(file) {
+                    Ok(text) => texts.push((file.clone(), text)),
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::NotFound
+                            && is_default(file, defaults) => {}
+                    Err(e) => errors.push(ConfigError {
+                        path: file.clone(),
+                        line: None,
+                        key: String::new(),
+                        message: format!("cannot read list file: {e}"),
+                    }),
+                }
+            }
+            texts
+        };
+        let allow = read(&self.lists.allow, &defaults.allow);
+        let deny = read(&self.lists.deny, &defaults.deny);
+        let mut parse = |texts: &[(PathBuf, String)]| {
+            List::parse(texts).unwrap_or_else(|mut bad| {
+                errors.append(&mut bad);
+                List::default()
+            })
+        };
+        let entries = ListSet {
+            allow: parse(&allow),
+            deny: parse(&deny),
+        };
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
         }
+        self.lists.entries = entries;
+        Ok(())
     }
 }
 
@@ -565,6 +627,7 @@ impl Default for Dns {
             timeout: Duration::from_secs(2),
             cache_ttl: Duration::from_secs(3600),
             rdns: true,
+            health_interval: Duration::from_secs(300),
         }
     }
 }
@@ -634,6 +697,7 @@ impl Default for Lists {
         Lists {
             allow: vec![PathBuf::from("blocklists/allow.txt")],
             deny: vec![PathBuf::from("blocklists/deny.txt")],
+            entries: ListSet::default(),
         }
     }
 }

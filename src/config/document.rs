@@ -70,7 +70,7 @@ const DOWNSTREAM_KEYS: &[&str] = &[
     "tls_verify",
 ];
 const TLS_KEYS: &[&str] = &["cert", "key"];
-const DNS_KEYS: &[&str] = &["servers", "timeout", "cache_ttl", "rdns"];
+const DNS_KEYS: &[&str] = &["servers", "timeout", "cache_ttl", "rdns", "health_interval"];
 const DNSBL_KEYS: &[&str] = &["zone", "weight", "codes", "reply"];
 const SCORING_KEYS: &[&str] = &["allow_at", "tarpit_at", "reject_at", "reject_mode"];
 const TARPIT_KEYS: &[&str] = &[
@@ -426,6 +426,7 @@ impl<'p> Reader<'p> {
                 "timeout" => r.set(&mut d.timeout, key, v, positive_duration),
                 "cache_ttl" => r.set(&mut d.cache_ttl, key, v, positive_duration),
                 "rdns" => r.set(&mut d.rdns, key, v, boolean),
+                "health_interval" => r.set(&mut d.health_interval, key, v, positive_duration),
                 _ => return false,
             }
             true

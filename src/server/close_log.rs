@@ -5,22 +5,16 @@
 //! ```
 //!
 //! It is logged at info level with target `tarmac::conn`, so operators can route or filter it
-//! (`RUST_LOG=tarmac::conn=info`). Client-supplied text goes through [`escape`]: a HELO argument
+//! (`RUST_LOG=tarmac::conn=info`). Client-supplied text goes through
+//! [`escape`]: a HELO argument
 //! can hold spaces, `=`, quotes or control bytes that would forge fields or lines if logged raw.
 //! `score`, `dnsbl`, `pregreet` and `tls` are fixed until the DNS, tarpit and TLS work fills them.
 
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::time::Duration;
 
 use crate::smtp::Report;
-
-/// Longest escaped client text in a log line, in output characters, `...` included: long enough
-/// for any real host name's first 60 characters, short enough that a hostile HELO cannot bloat
-/// the log.
-const ESCAPED_MAX: usize = 64;
-
-/// Marks text cut at [`ESCAPED_MAX`].
-const TRUNCATED: &str = "...";
+use crate::smtp::log_text::escape;
 
 /// A connection's id in logs: unique per process, printed as hex.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,38 +57,6 @@ pub(crate) fn close_line(conn: ConnId, report: &Report<'_>, dur: Duration) -> St
         result = report.result,
         dur = dur.as_secs_f64(),
     )
-}
-
-/// Client text made safe for a key=value log line: printable ASCII except space, `\`, `"` and
-/// `=` is kept; every other byte becomes `\xHH` (lowercase hex). Output longer than
-/// [`ESCAPED_MAX`] characters is cut after a whole byte's escape and ends in `...`, the whole
-/// staying within [`ESCAPED_MAX`].
-pub(crate) fn escape(raw: &[u8]) -> String {
-    let mut out = String::with_capacity(raw.len().min(ESCAPED_MAX));
-    let mut fits = 0;
-    for &byte in raw {
-        if is_plain(byte) {
-            out.push(char::from(byte));
-        } else {
-            // Writing to a String cannot fail.
-            let _ = write!(out, "\\x{byte:02x}");
-        }
-        if out.len() <= ESCAPED_MAX - TRUNCATED.len() {
-            fits = out.len();
-        }
-        if out.len() > ESCAPED_MAX {
-            // `fits` ends on a byte's boundary, so no escape is split.
-            out.truncate(fits);
-            out.push_str(TRUNCATED);
-            return out;
-        }
-    }
-    out
-}
-
-/// Bytes logged as themselves.
-fn is_plain(byte: u8) -> bool {
-    byte.is_ascii_graphic() && !matches!(byte, b'\\' | b'"' | b'=')
 }
 
 #[cfg(test)]
@@ -154,44 +116,6 @@ mod tests {
             line.starts_with("conn=2 client=127.0.0.1:1 helo=x\\x20result\\x3dok\\x0d\\x0aconn\\x3d1 verdict=pass"),
             "{line}"
         );
-    }
-
-    #[test]
-    fn escape_keeps_printable_ascii_and_hex_escapes_the_rest() {
-        assert_eq!(escape(b"mx.example.org"), "mx.example.org");
-        assert_eq!(escape(b"[192.0.2.1]"), "[192.0.2.1]");
-        assert_eq!(escape(b"a b"), "a\\x20b");
-        assert_eq!(escape(b"a\\b"), "a\\x5cb");
-        assert_eq!(escape(b"\"q\""), "\\x22q\\x22");
-        assert_eq!(escape(b"k=v"), "k\\x3dv");
-        assert_eq!(escape(b"\x00\x7f\xff\t"), "\\x00\\x7f\\xff\\x09");
-        assert_eq!(escape("é".as_bytes()), "\\xc3\\xa9");
-    }
-
-    #[test]
-    fn escape_of_exactly_64_chars_is_not_truncated() {
-        let raw = [b'a'; 64];
-        assert_eq!(escape(&raw), "a".repeat(64));
-    }
-
-    #[test]
-    fn escape_truncates_to_64_chars_with_dots() {
-        let raw = [b'a'; 65];
-        assert_eq!(escape(&raw), format!("{}...", "a".repeat(61)));
-        assert_eq!(escape(&[b'b'; 10_000]).len(), 64);
-    }
-
-    #[test]
-    fn truncation_never_splits_an_escape() {
-        // 15 escapes = 60 chars, the 16th would end at 64 but more follows: cut before it.
-        let raw = [b' '; 20];
-        assert_eq!(escape(&raw), format!("{}...", "\\x20".repeat(15)));
-        // 'a' + 15 escapes = 61 chars, then '...'.
-        let mut raw = vec![b'a'];
-        raw.extend([0u8; 20]);
-        assert_eq!(escape(&raw), format!("a{}...", "\\x00".repeat(15)));
-        // Exactly 16 escapes fit in 64 chars.
-        assert_eq!(escape(&[b' '; 16]), "\\x20".repeat(16));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod command;
 pub mod data;
+pub mod log_text;
 pub mod proxy;
 pub mod received;
 pub mod reply;
