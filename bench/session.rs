@@ -27,6 +27,8 @@ fn config() -> Arc<Config> {
     config.downstream.servers = vec!["127.0.0.1:10025".parse().unwrap()];
     config.downstream.announce_client = AnnounceClient::None;
     config.limits.max_unknown_commands = 1000;
+    // DNS costs are measured in bench/dns.rs; here the session goes straight to its banner.
+    config.dns.rdns = false;
     Arc::new(config)
 }
 
@@ -139,7 +141,10 @@ fn transactions(n: usize) {
                     Action::ConnectDownstream(_) => {
                         session.handle_downstream(now, DownstreamEvent::Connected);
                     }
-                    Action::CloseDownstream | Action::Close | Action::ReleaseDownstream(_) => {}
+                    Action::CloseDownstream
+                    | Action::Close
+                    | Action::ReleaseDownstream(_)
+                    | Action::Lookup(_) => {}
                     Action::Admit(_) => session.handle_admission(now, true),
                 }
             }

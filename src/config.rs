@@ -420,8 +420,8 @@ impl Config {
         let mut note = |key: &str, what: &str| notes.push(format!("{key}: {what}"));
         if !self.dnsbl.is_empty() {
             note(
-                "dnsbl",
-                "DNS checks are not in this version yet; the zones are not queried",
+                "scoring.tarpit_at",
+                "tarpitting is not in this version yet; a tarpit verdict is logged and relayed without delays",
             );
         }
         if self.downstream.tls == DownstreamTls::Required {

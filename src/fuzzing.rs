@@ -26,6 +26,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use crate::config::{AnnounceClient, BareNewline, Config, DownstreamMode};
+use crate::dns::{Answer as DnsAnswer, DnsblAnswer, Query, RdnsAnswer};
 use crate::downstream::dialog::Capabilities;
 use crate::smtp::command::{Body, Command, MailParams, parse_command};
 use crate::smtp::data::{DataDecoder, DataViolation};
@@ -1223,6 +1224,14 @@ impl Harness {
                 }
                 // No scenario configures `proxy_protocol_from`; admit like an uncapped driver.
                 Action::Admit(_) => self.session.handle_admission(self.now, true),
+                // No scenario configures zones; the rDNS lookup finds no name, as from a cache.
+                Action::Lookup(query) => {
+                    let answer = match query {
+                        Query::Rdns(_) => DnsAnswer::Rdns(RdnsAnswer::NoName),
+                        Query::Dnsbl { .. } => DnsAnswer::Dnsbl(DnsblAnswer::NotListed),
+                    };
+                    self.session.handle_lookup(self.now, &query, answer);
+                }
                 Action::ReleaseDownstream(caps) => {
                     assert_eq!(
                         self.config.downstream.mode,

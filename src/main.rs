@@ -111,11 +111,13 @@ fn check(path: PathBuf) -> ExitCode {
         return ExitCode::FAILURE;
     }
     println!(
-        "{}: ok: {} listener(s), {} downstream server(s), {} DNS zone(s)",
+        "{}: ok: {} listener(s), {} downstream server(s), {} DNS zone(s), {} allow and {} deny list entries",
         path.display(),
         config.server.listen.len(),
         config.downstream.servers.len(),
-        config.dnsbl.len()
+        config.dnsbl.len(),
+        config.lists.entries.allow.len(),
+        config.lists.entries.deny.len(),
     );
     ExitCode::SUCCESS
 }

@@ -235,7 +235,7 @@ fn settings_for_later_features_are_named_and_required_tls_is_refused() {
     assert!(out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains("note: dnsbl: DNS checks are not in this version yet"),
+        stdout.contains("note: scoring.tarpit_at: tarpitting is not in this version yet"),
         "{stdout}"
     );
 

@@ -69,6 +69,9 @@ pub struct ClientIdentity<'a> {
     pub helo: &'a [u8],
     /// Whether it said EHLO.
     pub esmtp: bool,
+    /// XCLIENT's NAME: the forward-confirmed rDNS name, or Postfix's `[UNAVAILABLE]` (none)
+    /// or `[TEMPUNAVAIL]` (the lookup failed).
+    pub name: &'a str,
 }
 
 /// Where the handshake stands.
@@ -272,8 +275,7 @@ fn xtext(value: &[u8], out: &mut String) {
     }
 }
 
-/// One XCLIENT command with every attribute the downstream accepts. NAME is
-/// `[UNAVAILABLE]` until tarmac looks up rDNS. HELO goes last and is cut (on an xtext
+/// One XCLIENT command with every attribute the downstream accepts. HELO goes last and is cut (on an xtext
 /// boundary) so the line stays within [`MAX_XCLIENT_LINE`].
 fn xclient_command(attrs: XclientAttrs, who: &ClientIdentity<'_>) -> Vec<u8> {
     let mut line = String::from("XCLIENT");
@@ -284,7 +286,8 @@ fn xclient_command(attrs: XclientAttrs, who: &ClientIdentity<'_>) -> Vec<u8> {
         let _ = write!(line, " PORT={}", who.client.port());
     }
     if attrs.name {
-        line.push_str(" NAME=[UNAVAILABLE]");
+        line.push_str(" NAME=");
+        xtext(who.name.as_bytes(), &mut line);
     }
     if attrs.proto {
         line.push_str(if who.esmtp {
@@ -371,6 +374,7 @@ mod tests {
             local: "198.51.100.1:25".parse().unwrap(),
             helo: b"mail.example.com",
             esmtp: true,
+            name: "[UNAVAILABLE]",
         }
     }
 
@@ -461,6 +465,7 @@ mod tests {
             local: "[2001:db8::1]:25".parse().unwrap(),
             helo: b"a+b=c d",
             esmtp: false,
+            name: "host-7.example.net",
         };
         let attrs = XclientAttrs {
             addr: true,

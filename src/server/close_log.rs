@@ -1,14 +1,17 @@
 //! The one place that builds the per-connection close line (DESIGN.md §4):
 //!
 //! ```text
-//! conn=7f3a client=192.0.2.7:53211 helo=mail.example.com verdict=pass score=0 dnsbl= pregreet=no tls=no msgs=1 rcpts=2 result=delivered dur=14.2s
+//! conn=7f3a client=192.0.2.7:53211 rdns=mail.example.com helo=mail.example.com verdict=tarpit score=2 dnsbl=zen.spamhaus.org:2 list=- pregreet=no tls=no msgs=1 rcpts=2 result=delivered dur=14.2s
 //! ```
 //!
 //! It is logged at info level with target `tarmac::conn`, so operators can route or filter it
 //! (`RUST_LOG=tarmac::conn=info`). Client-supplied text goes through
 //! [`escape`]: a HELO argument
 //! can hold spaces, `=`, quotes or control bytes that would forge fields or lines if logged raw.
-//! `score`, `dnsbl`, `pregreet` and `tls` are fixed until the DNS, tarpit and TLS work fills them.
+//! `rdns` and `list` are additions to DESIGN.md §4's example: the forward-confirmed name (or
+//! `unverified`, `unknown`, `tempfail`, `-`) and which local list matched what (`deny:helo`).
+//! `dnsbl` (zones are operator text, not client text) is printed as the policy formats it.
+//! `pregreet` and `tls` are fixed until the tarpit and TLS work fills them.
 
 use std::fmt;
 use std::time::Duration;
@@ -48,10 +51,15 @@ pub(crate) fn close_line(conn: ConnId, report: &Report<'_>, dur: Duration) -> St
         _ => "-".to_owned(),
     };
     format!(
-        "conn={conn} client={client} helo={helo} verdict={verdict} score=0 dnsbl= pregreet=no \
-         tls=no msgs={msgs} rcpts={rcpts} result={result} dur={dur:.1}s",
+        "conn={conn} client={client} rdns={rdns} helo={helo} verdict={verdict} score={score} \
+         dnsbl={dnsbl} list={list} pregreet=no tls=no msgs={msgs} rcpts={rcpts} \
+         result={result} dur={dur:.1}s",
         client = report.client,
+        rdns = escape(report.rdns.as_bytes()),
         verdict = report.verdict,
+        score = report.score,
+        dnsbl = report.dnsbl,
+        list = report.list,
         msgs = report.msgs,
         rcpts = report.rcpts,
         result = report.result,
@@ -69,7 +77,11 @@ mod tests {
         Report {
             client,
             helo,
-            verdict: "pass",
+            rdns: "mail.example.com",
+            verdict: "tarpit",
+            score: 2,
+            dnsbl: "zen.spamhaus.org:2".to_owned(),
+            list: "-",
             msgs: 1,
             rcpts: 2,
             result: "delivered",
@@ -86,8 +98,9 @@ mod tests {
         );
         assert_eq!(
             line,
-            "conn=7f3a client=192.0.2.7:53211 helo=mail.example.com verdict=pass score=0 \
-             dnsbl= pregreet=no tls=no msgs=1 rcpts=2 result=delivered dur=14.2s"
+            "conn=7f3a client=192.0.2.7:53211 rdns=mail.example.com helo=mail.example.com \
+             verdict=tarpit score=2 dnsbl=zen.spamhaus.org:2 list=- pregreet=no tls=no msgs=1 \
+             rcpts=2 result=delivered dur=14.2s"
         );
     }
 
@@ -97,8 +110,9 @@ mod tests {
         let line = close_line(ConnId(1), &report(client, None), Duration::ZERO);
         assert_eq!(
             line,
-            "conn=1 client=[::1]:25 helo=- verdict=pass score=0 dnsbl= pregreet=no tls=no \
-             msgs=1 rcpts=2 result=delivered dur=0.0s"
+            "conn=1 client=[::1]:25 rdns=mail.example.com helo=- verdict=tarpit score=2 \
+             dnsbl=zen.spamhaus.org:2 list=- pregreet=no tls=no msgs=1 rcpts=2 \
+             result=delivered dur=0.0s"
         );
         let empty = close_line(ConnId(1), &report(client, Some(b"")), Duration::ZERO);
         assert!(empty.contains(" helo=- "), "{empty}");
@@ -113,7 +127,10 @@ mod tests {
             Duration::from_secs(3),
         );
         assert!(
-            line.starts_with("conn=2 client=127.0.0.1:1 helo=x\\x20result\\x3dok\\x0d\\x0aconn\\x3d1 verdict=pass"),
+            line.starts_with(
+                "conn=2 client=127.0.0.1:1 rdns=mail.example.com \
+                 helo=x\\x20result\\x3dok\\x0d\\x0aconn\\x3d1 verdict=tarpit"
+            ),
             "{line}"
         );
     }

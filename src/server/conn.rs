@@ -30,9 +30,10 @@ use super::limits::LimitGuard;
 use super::pool::{Idle, Pool, Ticket};
 use super::slab::ConnKey;
 use super::token;
+use crate::dns::{Answer, Query, ResolverHandle, Waiter};
 use crate::downstream::connect;
 use crate::downstream::dialog::Capabilities;
-use crate::smtp::{Action, DownstreamEvent, Session, Shutdown, Side};
+use crate::smtp::{Action, DownstreamEvent, Session, Shutdown, Side, unanswerable};
 
 /// Bytes read per socket per turn: one read of this size, then the other connections get their
 /// turn; more starves neighbours, less costs syscalls. It is also the worker's scratch size.
@@ -77,6 +78,10 @@ pub(crate) struct Io<'a> {
     pub(crate) pool: &'a mut Pool,
     /// `[downstream] mode = "multiplexing"`.
     pub(crate) multiplexing: bool,
+    /// The resolver, when the config needs lookups.
+    pub(crate) resolver: Option<&'a ResolverHandle>,
+    /// This worker's index, for the resolver to send answers back.
+    pub(crate) worker: usize,
 }
 
 /// A client connection and, while relaying, its downstream connection.
@@ -201,6 +206,11 @@ impl Conn {
     /// the flush deadline passed (the next [`Conn::drive`] closes then).
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
         self.session.handle_timeout(now);
+    }
+
+    /// A DNS answer the connection waited for.
+    pub(crate) fn handle_lookup(&mut self, now: Instant, query: &Query, answer: Answer) {
+        self.session.handle_lookup(now, query, answer);
     }
 
     /// Passes SIGTERM/SIGINT on to the session.
@@ -420,6 +430,21 @@ impl Conn {
                     self.drop_downstream(io.registry);
                 }
                 Action::Close => self.start_closing(now),
+                Action::Lookup(query) => {
+                    let waiter = Waiter {
+                        worker: io.worker,
+                        key: key.to_u64(),
+                    };
+                    // A cache hit answers at once; otherwise the answer comes through the
+                    // worker's inbox (`Worker::take_dns_answers`).
+                    let answer = match io.resolver {
+                        Some(resolver) => resolver.lookup(&query, waiter),
+                        None => Some(unanswerable(&query)),
+                    };
+                    if let Some(answer) = answer {
+                        self.session.handle_lookup(now, &query, answer);
+                    }
+                }
                 Action::Admit(client) => {
                     let admitted = match self.guard.rekey(client.ip()) {
                         Ok(()) => true,

@@ -82,6 +82,17 @@ impl Limits {
         })
     }
 
+    /// Counts a connection from an allow-listed client: it is in the open count (so drain and
+    /// logs see it) but no cap refuses it (DESIGN.md §1.1: allow-listed clients skip these
+    /// checks).
+    pub(crate) fn acquire_exempt(self: &Arc<Self>) -> LimitGuard {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        LimitGuard {
+            limits: Arc::clone(self),
+            ip: None,
+        }
+    }
+
     /// One more connection from `ip`, if under the per-IP cap.
     fn count_ip(&self, ip: IpAddr) -> bool {
         // The shard lock is held only for this update; no I/O happens under it.

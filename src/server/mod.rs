@@ -50,6 +50,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use self::limits::Limits;
 use self::worker::Worker;
 use crate::config::Config;
+use crate::dns::Resolver;
 
 /// Pending connections the kernel queues per listener socket before refusing more.
 const LISTEN_BACKLOG: i32 = 1024;
@@ -60,13 +61,15 @@ pub struct ServerHandle {
     control: Arc<Control>,
     local_addrs: Vec<SocketAddr>,
     workers: Vec<JoinHandle<io::Result<()>>>,
+    /// The resolver thread, when the config needs lookups; stopped after the workers.
+    resolver: Option<Resolver>,
 }
 
 /// What another thread needs to stop the workers.
 #[derive(Debug)]
 struct Control {
     stopping: Arc<AtomicBool>,
-    wakers: Vec<Waker>,
+    wakers: Vec<Arc<Waker>>,
     limits: Arc<Limits>,
     drain: Duration,
 }
@@ -98,10 +101,15 @@ impl ServerHandle {
             config.server.max_connections,
             config.limits.max_connections_per_ip,
         ));
+        let mut resolver = if config.dns.rdns || !config.dnsbl.is_empty() {
+            Some(Resolver::start(&config.dns, &config.dnsbl)?)
+        } else {
+            None
+        };
         let mut built = Vec::with_capacity(workers);
         let mut wakers = Vec::with_capacity(workers);
         for (index, worker_sockets) in sockets.into_iter().enumerate() {
-            let (worker, waker) = Worker::new(
+            let (mut worker, waker) = Worker::new(
                 index,
                 workers,
                 worker_sockets,
@@ -109,6 +117,10 @@ impl ServerHandle {
                 Arc::clone(&limits),
                 Arc::clone(&stopping),
             )?;
+            if let Some(resolver) = resolver.as_mut() {
+                let (id, inbox) = resolver.add_worker(Arc::clone(&waker));
+                worker.attach_resolver(resolver.handle(), id, inbox);
+            }
             built.push(worker);
             wakers.push(waker);
         }
@@ -123,6 +135,7 @@ impl ServerHandle {
             control,
             local_addrs,
             workers: Vec::with_capacity(workers),
+            resolver,
         };
         for (index, worker) in built.into_iter().enumerate() {
             let spawned = thread::Builder::new()
@@ -154,7 +167,8 @@ impl ServerHandle {
     }
 
     /// Waits for every worker to exit; the first worker error (a failing poll) is returned.
-    pub fn join(self) -> io::Result<()> {
+    pub fn join(mut self) -> io::Result<()> {
+        let resolver = self.resolver.take();
         let mut result = Ok(());
         for thread in self.workers {
             let outcome = thread
@@ -167,6 +181,8 @@ impl ServerHandle {
                 }
             }
         }
+        // No worker is left to ask it anything.
+        drop(resolver);
         result
     }
 }

@@ -17,6 +17,21 @@ pub(crate) struct ConnKey {
     pub(crate) generation: u32,
 }
 
+impl ConnKey {
+    /// The key as one number, for carrying through another thread (the resolver's waiters).
+    pub(crate) fn to_u64(self) -> u64 {
+        (u64::from(self.generation) << 32) | u64::from(self.slot)
+    }
+
+    /// The key [`ConnKey::to_u64`] packed.
+    pub(crate) fn from_u64(packed: u64) -> ConnKey {
+        ConnKey {
+            slot: packed as u32,
+            generation: (packed >> 32) as u32,
+        }
+    }
+}
+
 impl fmt::Display for ConnKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}#{}", self.slot, self.generation)

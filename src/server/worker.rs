@@ -24,6 +24,8 @@ use super::slab::{ConnKey, Slab};
 use super::timer::TimerHeap;
 use super::token::{self, Source};
 use crate::config::{Config, DownstreamMode};
+use crate::dns::{Inbox, ResolverHandle};
+use crate::policy::ListMatch;
 use crate::smtp::{Peer, Session, Shutdown, too_many_connections};
 
 /// Events taken from the kernel per poll; more wait for the next turn.
@@ -70,6 +72,16 @@ pub(crate) struct Worker {
     phase: Phase,
     /// This worker's share of the downstream pool (`mode = "multiplexing"`).
     pool: Pool,
+    /// The resolver and this worker's inbox for its answers, when the config needs lookups.
+    dns: Option<WorkerDns>,
+}
+
+/// A worker's end of the resolver thread.
+struct WorkerDns {
+    resolver: ResolverHandle,
+    /// The index the resolver knows this worker by.
+    id: usize,
+    inbox: Inbox,
 }
 
 struct Listener {
@@ -93,7 +105,7 @@ enum Phase {
 
 impl Worker {
     /// Sets up worker `index` of `workers` with its listeners; returns it and the waker that
-    /// asks it to look at the stop flag.
+    /// asks it to look at the stop flag and its DNS inbox.
     pub(crate) fn new(
         index: usize,
         workers: usize,
@@ -101,9 +113,9 @@ impl Worker {
         config: Arc<Config>,
         limits: Arc<Limits>,
         stopping: Arc<AtomicBool>,
-    ) -> io::Result<(Worker, Waker)> {
+    ) -> io::Result<(Worker, Arc<Waker>)> {
         let poll = Poll::new()?;
-        let waker = Waker::new(poll.registry(), token::WAKER)?;
+        let waker = Arc::new(Waker::new(poll.registry(), token::WAKER)?);
         let mut listeners = Vec::with_capacity(sockets.len());
         for (n, mut socket) in sockets.into_iter().enumerate() {
             poll.registry()
@@ -135,8 +147,19 @@ impl Worker {
             accept_error_logged: false,
             phase: Phase::Running,
             pool: Pool::new(config.downstream.pool_size, workers),
+            dns: None,
         };
         Ok((worker, waker))
+    }
+
+    /// Connects the worker to the resolver: lookups go to `resolver`, answers come to `inbox`
+    /// (followed by a wake), addressed to worker `id`.
+    pub(crate) fn attach_resolver(&mut self, resolver: ResolverHandle, id: usize, inbox: Inbox) {
+        self.dns = Some(WorkerDns {
+            resolver,
+            id,
+            inbox,
+        });
     }
 
     /// The event loop; returns once shutdown was asked for and every connection is closed, or
@@ -203,6 +226,9 @@ impl Worker {
         if woken && self.phase == Phase::Running && self.stopping.load(Ordering::Acquire) {
             self.begin_shutdown(now);
         }
+        if woken {
+            self.take_dns_answers(now);
+        }
         self.advance_phase(now);
         self.fire_timers(now);
         self.accept(now);
@@ -225,6 +251,21 @@ impl Worker {
         self.phase = Phase::Draining {
             until: now + self.config.timeouts.drain,
         };
+    }
+
+    /// Hands every answer in the inbox to the connection waiting for it; answers for
+    /// connections that closed meanwhile find a stale key and are dropped.
+    fn take_dns_answers(&mut self, now: Instant) {
+        let Some(dns) = &self.dns else {
+            return;
+        };
+        while let Some(delivery) = dns.inbox.try_recv() {
+            let key = ConnKey::from_u64(delivery.key);
+            if let Some(conn) = self.conns.get_mut(key) {
+                conn.handle_lookup(now, &delivery.query, delivery.answer);
+                queue(&mut self.pending, conn, key);
+            }
+        }
     }
 
     fn advance_phase(&mut self, now: Instant) {
@@ -323,10 +364,16 @@ impl Worker {
         // A load balancer's connections carry the real client only in their PROXY header,
         // so its own address is not what the per-IP cap is about.
         let behind_proxy = self.config.server.expects_proxy_header(addr.ip());
-        let guard = match self
-            .limits
-            .try_acquire((!behind_proxy).then_some(addr.ip()))
-        {
+        let allowed = !behind_proxy
+            && self.config.lists.entries.check_ip(addr.ip().to_canonical())
+                == Some(ListMatch::Allow);
+        let acquired = if allowed {
+            Ok(self.limits.acquire_exempt())
+        } else {
+            self.limits
+                .try_acquire((!behind_proxy).then_some(addr.ip()))
+        };
+        let guard = match acquired {
             Ok(guard) => guard,
             Err(refusal) => {
                 // The reply is the session's wording; the refusal happens before any session.
@@ -378,6 +425,8 @@ impl Worker {
             max_input,
             pool: &mut self.pool,
             multiplexing: self.config.downstream.mode == DownstreamMode::Multiplexing,
+            resolver: self.dns.as_ref().map(|dns| &dns.resolver),
+            worker: self.dns.as_ref().map_or(0, |dns| dns.id),
         };
         for key in self.pending.drain(..) {
             let Some(conn) = self.conns.get_mut(key) else {
@@ -404,6 +453,8 @@ impl Worker {
             max_input: 0,
             pool: &mut self.pool,
             multiplexing: false,
+            resolver: None,
+            worker: 0,
         };
         for key in self.closing.drain(..) {
             if let Some(conn) = self.conns.remove(key) {
@@ -425,6 +476,8 @@ impl Worker {
             max_input: 0,
             pool: &mut self.pool,
             multiplexing: true,
+            resolver: self.dns.as_ref().map(|dns| &dns.resolver),
+            worker: self.dns.as_ref().map_or(0, |dns| dns.id),
         };
         while let Some((key, addr)) = io.pool.next_waiter(now) {
             // A waiter that timed out, moved on to another server or closed is skipped.

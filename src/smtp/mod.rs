@@ -2,6 +2,7 @@
 //! machine. Nothing in here touches a socket or reads a clock: bytes and `Instant`s come in,
 //! replies, relayed bytes, actions and deadlines come out (DESIGN.md §5).
 
+mod checks;
 pub mod command;
 pub mod data;
 pub mod log_text;
@@ -10,6 +11,7 @@ pub mod received;
 pub mod reply;
 pub mod session;
 
+pub use checks::unanswerable;
 pub use command::{Command, CommandError};
 pub use data::{DataDecoder, DataViolation};
 pub use reply::{EnhancedCode, Reply};

@@ -12,6 +12,7 @@
 //!
 //! # Lifecycle
 //! ```text
+//! [Proxy ──header──▶ Admitting ──▶] Checking ──answers or dns.timeout──▶ verdict ──▶ Command
 //! Command ──MAIL/RCPT/DATA──▶ Waiting(pending) ──downstream reply──▶ Command
 //!                              Waiting(Data) ──354──▶ Data ──CRLF.CRLF──▶ Waiting(EndOfData)
 //! any ──QUIT / EOF / timeout / too many errors / shutdown──▶ Closed (sticky)
@@ -20,16 +21,28 @@
 //! wait in the driver's bounded buffer and are answered in order. The downstream is opened at the
 //! first MAIL, never for local commands, and tarmac answers 250 to end-of-data only after the
 //! downstream's 250. Any failure on the relay path is a 4xx so the sender retries.
+//!
+//! # Checks and verdict
+//! Before the banner the session asks for its DNS lookups (`Action::Lookup`, answered through
+//! `handle_lookup`) and waits for them, at most `[dns] timeout`; the local lists can decide
+//! sooner (`checks.rs`). The verdict then shapes the dialog: `reject` with `reject_mode =
+//! "immediate"` (or a deny-list entry) makes the greeting `554 5.7.1` and only QUIT is answered;
+//! `"enforce"` greets normally, answers `550 5.7.1` to every RCPT and logs who was sending to
+//! whom, and closes after DATA. `tarpit` is only reported until tarpitting exists.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::{Config, DownstreamMode};
+use crate::config::{Config, DownstreamMode, RejectMode};
+use crate::dns::{Answer, Query};
 use crate::downstream::dialog::{Capabilities, ClientIdentity, Handshake, Step};
+use crate::policy::{ListMatch, Verdict};
+use crate::smtp::checks::{Checks, ListedBy};
 use crate::smtp::command::{Body, Command, CommandError, MailParams, parse_command};
 use crate::smtp::data::{DataDecoder, DataViolation};
+use crate::smtp::log_text::escape;
 use crate::smtp::proxy::parse_proxy_header;
 use crate::smtp::received::{Trace, write_received};
 use crate::smtp::reply::{EnhancedCode, Reply, Status, parse_reply};
@@ -66,8 +79,11 @@ pub struct Peer {
 }
 
 /// I/O the driver must perform for the session.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
+    /// Look this up (through the resolver's cache) and report the answer with
+    /// `handle_lookup`, now or when it arrives. The banner waits for the answers.
+    Lookup(Query),
     /// Open a TCP connection to this downstream server, then report
     /// `DownstreamEvent::Connected` or `ConnectFailed`.
     ConnectDownstream(SocketAddr),
@@ -119,8 +135,16 @@ pub struct Report<'a> {
     pub client: SocketAddr,
     /// The HELO/EHLO argument as sent (raw: the log line escapes and truncates it).
     pub helo: Option<&'a [u8]>,
-    /// `pass` until the DNS issue adds verdicts.
+    /// `rdns=`: the forward-confirmed name, `unverified`, `unknown`, `tempfail` or `-`.
+    pub rdns: &'a str,
+    /// `allow`, `pass`, `tarpit` or `reject`.
     pub verdict: &'static str,
+    /// Sum of the weights of the zones listing the client.
+    pub score: i32,
+    /// `dnsbl=`: `zone:weight` per listing zone, `zone:tempfail|error|off`, or `-`.
+    pub dnsbl: String,
+    /// `list=`: `-`, or which list matched what (`deny:helo`).
+    pub list: &'static str,
     /// Messages the downstream accepted.
     pub msgs: u32,
     /// Recipients the downstream accepted.
@@ -137,6 +161,8 @@ enum Phase {
     Proxy,
     /// The header named the client; the driver is checking its per-IP cap.
     Admitting,
+    /// DNS lookups are out; the banner waits for their answers or `[dns] timeout`.
+    Checking,
     /// Reading commands.
     Command,
     /// A relayed command waits for the downstream's reply; client input waits too.
@@ -166,6 +192,8 @@ enum CloseReason {
     Shutdown,
     BadProxy,
     Refused,
+    /// A rejected client's session ended by tarmac (enforce mode after DATA).
+    Blocked,
 }
 
 /// One timer per kind; `poll_timeout` is the earliest.
@@ -180,6 +208,8 @@ struct Timers {
     data: Option<Instant>,
     /// Fires when the downstream connect (`timeouts.connect`) or reply (`timeouts.command`) is late.
     downstream: Option<Instant>,
+    /// Fires when the DNS answers are not all in within `[dns] timeout`.
+    lookup: Option<Instant>,
 }
 
 impl Timers {
@@ -190,6 +220,7 @@ impl Timers {
         let client = match phase {
             Phase::Command => [self.command, self.idle],
             Phase::Proxy => [self.command, None],
+            Phase::Checking => [self.lookup, None],
             Phase::Admitting => [None, None],
             Phase::Data(_) => [self.data, None],
             Phase::Waiting(_) | Phase::Closed => [None, None],
@@ -239,6 +270,15 @@ struct Relay {
     mid_data: bool,
 }
 
+/// A verdict of reject (or a deny-list entry), as the dialog applies it.
+#[derive(Debug)]
+enum Blocked {
+    /// The greeting (or the HELO reply) was `554`: every command but QUIT gets `503`.
+    Immediate,
+    /// `reject_mode = "enforce"`: RCPT gets `550 5.7.1` with this text, DATA `554` and a close.
+    Enforce(Box<str>),
+}
+
 /// One client connection's SMTP state.
 #[derive(Debug)]
 pub struct Session {
@@ -264,6 +304,8 @@ pub struct Session {
     last_failure: Option<&'static str>,
     closed: Option<CloseReason>,
     shutting_down: bool,
+    checks: Checks,
+    blocked: Option<Blocked>,
 }
 
 impl Session {
@@ -298,13 +340,15 @@ impl Session {
             last_failure: None,
             closed: None,
             shutting_down: false,
+            checks: Checks::new(),
+            blocked: None,
             config,
         };
         if behind_proxy {
             session.timers.idle = None;
             session.timers.command = Some(now + PROXY_HEADER_TIMEOUT);
         } else {
-            session.greet();
+            session.start_checks(now);
         }
         session
     }
@@ -317,7 +361,7 @@ impl Session {
             let rest = bytes.get(consumed..).unwrap_or_default();
             let used = match &mut self.phase {
                 Phase::Closed => return bytes.len(),
-                Phase::Waiting(_) | Phase::Admitting => break,
+                Phase::Waiting(_) | Phase::Admitting | Phase::Checking => break,
                 Phase::Command if self.to_client.len() >= OUTBOX_CAP => break,
                 Phase::Command => self.read_command(now, rest),
                 Phase::Proxy => self.read_proxy_header(now, rest),
@@ -359,7 +403,7 @@ impl Session {
         }
         let used = match event {
             DownstreamEvent::Connected => {
-                let who = identity(&self.peer, self.helo.as_deref(), self.esmtp);
+                let who = identity(&self.peer, self.helo.as_deref(), self.esmtp, &self.checks);
                 if let Some(relay) = self.relay.as_deref_mut() {
                     relay.link = Link::Handshaking;
                     relay
@@ -371,7 +415,7 @@ impl Session {
             }
             DownstreamEvent::Reused(caps) => {
                 let config = Arc::clone(&self.config);
-                let who = identity(&self.peer, self.helo.as_deref(), self.esmtp);
+                let who = identity(&self.peer, self.helo.as_deref(), self.esmtp, &self.checks);
                 let (handshake, step) = Handshake::resume(
                     &config.server.hostname,
                     config.downstream.announce_client,
@@ -429,7 +473,14 @@ impl Session {
                 // No banner was sent: nothing to say, as postscreen.
                 return self.close(CloseReason::Timeout, None);
             }
-            Phase::Proxy | Phase::Admitting | Phase::Waiting(_) | Phase::Closed => false,
+            Phase::Checking if expired(self.timers.lookup, now) => {
+                self.timers.lookup = None;
+                self.checks.give_up();
+                self.finish_checks(now);
+                false
+            }
+            Phase::Proxy | Phase::Admitting | Phase::Checking | Phase::Waiting(_) => false,
+            Phase::Closed => false,
         };
         if client_late {
             let text = format!("{} Error: timeout exceeded", self.config.server.hostname);
@@ -437,16 +488,27 @@ impl Session {
         }
     }
 
-    /// The driver's answer to `Action::Admit`: the banner, or (over the per-IP cap) the same
-    /// `421` a directly connected client gets, and a close.
+    /// The answer to an `Action::Lookup`. Once every answer is in, the verdict is made and the
+    /// banner (or the `554`) goes out. Late answers, after `[dns] timeout`, are ignored.
+    pub fn handle_lookup(&mut self, now: Instant, query: &Query, answer: Answer) {
+        if !matches!(self.phase, Phase::Checking) {
+            return;
+        }
+        let config = Arc::clone(&self.config);
+        if self.checks.answer(&config, query, answer) {
+            self.timers.lookup = None;
+            self.finish_checks(now);
+        }
+    }
+
+    /// The driver's answer to `Action::Admit`: the checks (then the banner), or (over the
+    /// per-IP cap) the same `421` a directly connected client gets, and a close.
     pub fn handle_admission(&mut self, now: Instant, admitted: bool) {
         if !matches!(self.phase, Phase::Admitting | Phase::Proxy) {
             return;
         }
         if admitted {
-            self.phase = Phase::Command;
-            self.timers.idle = Some(now + self.config.timeouts.idle);
-            self.greet();
+            self.start_checks(now);
         } else {
             let reply = too_many_connections(&self.config.server.hostname);
             self.close(CloseReason::Refused, Some(reply));
@@ -497,7 +559,7 @@ impl Session {
         match self.phase {
             Phase::Command | Phase::Proxy => self.to_client.len() < OUTBOX_CAP,
             Phase::Data(_) => self.to_downstream.len() < OUTBOX_CAP,
-            Phase::Waiting(_) | Phase::Admitting | Phase::Closed => false,
+            Phase::Waiting(_) | Phase::Admitting | Phase::Checking | Phase::Closed => false,
         }
     }
 
@@ -516,12 +578,17 @@ impl Session {
                 Some(CloseReason::Shutdown) => "shutdown",
                 Some(CloseReason::BadProxy) => "bad-proxy",
                 Some(CloseReason::Refused) => "refused",
+                Some(CloseReason::Blocked) => "rejected",
             }
         };
         Report {
             client: self.peer.client,
             helo: self.helo.as_deref(),
-            verdict: "pass",
+            rdns: self.checks.rdns_field(),
+            verdict: self.checks.verdict().as_str(),
+            score: self.checks.score(),
+            dnsbl: self.checks.dnsbl_field(&self.config),
+            list: self.checks.list_field(),
             msgs: self.msgs,
             rcpts: self.rcpts,
             result,
@@ -540,6 +607,53 @@ impl Session {
         self.reply(Reply::without_enhanced(220, banner));
     }
 
+    /// The client's address is known (accept, or the PROXY header): start its lookups, or
+    /// decide at once when a list knows the address or there is nothing to look up.
+    fn start_checks(&mut self, now: Instant) {
+        let config = Arc::clone(&self.config);
+        let queries = self.checks.start(&config, self.peer.client.ip());
+        self.phase = Phase::Checking;
+        if queries.is_empty() {
+            return self.finish_checks(now);
+        }
+        self.timers.lookup = Some(now + config.dns.timeout);
+        self.actions.extend(queries.into_iter().map(Action::Lookup));
+    }
+
+    /// Every answer is in, or `[dns] timeout` passed: the verdict, then the greeting it calls
+    /// for.
+    fn finish_checks(&mut self, now: Instant) {
+        let config = Arc::clone(&self.config);
+        let verdict = self.checks.decide(&config);
+        self.phase = Phase::Command;
+        self.timers.lookup = None;
+        self.timers.idle = Some(now + config.timeouts.idle);
+        if self.shutting_down {
+            return self.close_for_shutdown();
+        }
+        if verdict != Verdict::Reject {
+            return self.greet();
+        }
+        let ip = self.peer.client.ip().to_canonical();
+        let text = match (self.checks.list_match(), self.checks.blocking_zone(&config)) {
+            (Some(ListMatch::Deny), _) | (_, None) => {
+                format!("Service unavailable; client [{ip}] blocked by local policy")
+            }
+            (_, Some(zone)) => format!("Service unavailable; client [{ip}] blocked using {zone}"),
+        };
+        self.last_failure = Some("rejected");
+        if self.checks.list_match() == Some(ListMatch::Deny)
+            || config.scoring.reject_mode == RejectMode::Immediate
+        {
+            // RFC 5321 §3.1: a 554 greeting; the client should QUIT, other commands get 503.
+            self.blocked = Some(Blocked::Immediate);
+            self.reply(Reply::new(554, "5.7.1", text));
+        } else {
+            self.blocked = Some(Blocked::Enforce(text.into_boxed_str()));
+            self.greet();
+        }
+    }
+
     /// Collects the PROXY header (DESIGN.md §1.4): once whole, the client is the address in
     /// it and gets the banner; malformed, too long or late, the connection closes without a
     /// banner and nothing is accepted. Returns bytes used (the header's, no more).
@@ -554,8 +668,19 @@ impl Session {
                 match client {
                     Some(client) => {
                         self.peer.client = client;
-                        self.phase = Phase::Admitting;
-                        self.actions.push_back(Action::Admit(client));
+                        let allowed = self
+                            .config
+                            .lists
+                            .entries
+                            .check_ip(client.ip().to_canonical())
+                            == Some(ListMatch::Allow);
+                        if allowed {
+                            // Allow-listed: no per-IP cap (DESIGN.md §1.1).
+                            self.handle_admission(now, true);
+                        } else {
+                            self.phase = Phase::Admitting;
+                            self.actions.push_back(Action::Admit(client));
+                        }
                     }
                     // A health check (UNKNOWN, LOCAL) is the balancer itself.
                     None => self.handle_admission(now, true),
@@ -638,12 +763,29 @@ impl Session {
     }
 
     fn handle_command(&mut self, now: Instant, command: Command<'_>) {
+        if matches!(self.blocked, Some(Blocked::Immediate)) && !matches!(command, Command::Quit) {
+            return self.line_error(Reply::new(
+                503,
+                "5.7.1",
+                "Error: service unavailable; only QUIT is accepted",
+            ));
+        }
         match command {
             Command::Ehlo(name) | Command::Helo(name) => {
                 let esmtp = matches!(command, Command::Ehlo(_));
                 self.reset_transaction();
                 self.helo = Some(name.as_bytes().into());
                 self.esmtp = esmtp;
+                let config = Arc::clone(&self.config);
+                match self.checks.check_name(&config, name, ListedBy::Helo) {
+                    Some(ListMatch::Deny) => {
+                        self.blocked = Some(Blocked::Immediate);
+                        let text = format!("<{name}>: Helo command rejected: Access denied");
+                        return self.reply(Reply::new(554, "5.7.1", text));
+                    }
+                    Some(ListMatch::Allow) => self.blocked = None,
+                    None => {}
+                }
                 let hostname = &self.config.server.hostname;
                 let reply = if esmtp {
                     let lines = vec![
@@ -731,6 +873,17 @@ impl Session {
                 "Error: non-ASCII sender address needs SMTPUTF8",
             ));
         }
+        let config = Arc::clone(&self.config);
+        let domain = from.rsplit_once('@').map_or("", |(_, domain)| domain);
+        match self.checks.check_name(&config, domain, ListedBy::Sender) {
+            Some(ListMatch::Deny) => {
+                self.last_failure = Some("rejected");
+                let text = format!("<{from}>: Sender address rejected: Access denied");
+                return self.reply(Reply::new(554, "5.7.1", text));
+            }
+            Some(ListMatch::Allow) => self.blocked = None,
+            None => {}
+        }
         self.tx = Some(Box::new(Transaction {
             from: from.to_owned(),
             params,
@@ -738,6 +891,11 @@ impl Session {
             accepted: 0,
             broken: false,
         }));
+        if matches!(self.blocked, Some(Blocked::Enforce(_))) {
+            // Enforce mode: the sender is taken so the recipients show in the log; nothing goes
+            // downstream.
+            return self.reply(Reply::new(250, "2.1.0", "Ok"));
+        }
         self.phase = Phase::Waiting(Pending::Mail);
         match self.relay.as_deref() {
             Some(relay) if relay.link == Link::Ready => self.send_mail(now),
@@ -765,6 +923,19 @@ impl Session {
             ));
         }
         tx.attempted += 1;
+        if let Some(Blocked::Enforce(text)) = &self.blocked {
+            // postscreen's enforce log line: who was sending to whom, refused.
+            log::info!(
+                "reject: RCPT from [{}]: 550 5.7.1 {text}; from=<{}> to=<{}> helo=<{}>",
+                self.peer.client.ip().to_canonical(),
+                escape(tx.from.as_bytes()),
+                escape(to.as_bytes()),
+                escape(self.helo.as_deref().unwrap_or_default()),
+            );
+            self.last_failure = Some("rejected");
+            let reply = Reply::new(550, "5.7.1", text.to_string());
+            return self.reply(reply);
+        }
         let command = format!("RCPT TO:<{to}>\r\n");
         self.send_downstream(now, command.as_bytes(), Pending::Rcpt);
     }
@@ -773,6 +944,11 @@ impl Session {
         let Some(tx) = self.tx.as_deref() else {
             return self.reply(Reply::new(503, "5.5.1", "Error: need MAIL command"));
         };
+        if matches!(self.blocked, Some(Blocked::Enforce(_))) {
+            // Every recipient was refused and logged; nothing more can come of this session.
+            let reply = Reply::new(554, "5.5.1", "Error: no valid recipients");
+            return self.close(CloseReason::Blocked, Some(reply));
+        }
         if tx.broken {
             return self.reply(downstream_lost());
         }
@@ -885,7 +1061,7 @@ impl Session {
             return;
         };
         if relay.link == Link::Handshaking {
-            let who = identity(&self.peer, self.helo.as_deref(), self.esmtp);
+            let who = identity(&self.peer, self.helo.as_deref(), self.esmtp, &self.checks);
             match relay
                 .handshake
                 .handle_reply(reply, &who, &mut self.to_downstream)
@@ -1057,7 +1233,7 @@ impl Session {
                     tx.broken = true;
                 }
             }
-            Phase::Proxy | Phase::Admitting | Phase::Closed => {}
+            Phase::Proxy | Phase::Admitting | Phase::Checking | Phase::Closed => {}
         }
     }
 
@@ -1178,12 +1354,18 @@ impl Session {
 }
 
 /// Who the client is, for XCLIENT and PROXY (a free function so it borrows fields, not `self`).
-fn identity<'a>(peer: &Peer, helo: Option<&'a [u8]>, esmtp: bool) -> ClientIdentity<'a> {
+fn identity<'a>(
+    peer: &Peer,
+    helo: Option<&'a [u8]>,
+    esmtp: bool,
+    checks: &'a Checks,
+) -> ClientIdentity<'a> {
     ClientIdentity {
         client: peer.client,
         local: peer.local,
         helo: helo.unwrap_or_default(),
         esmtp,
+        name: checks.xclient_name(),
     }
 }
 

@@ -126,6 +126,23 @@ impl Client {
         }
     }
 
+    /// Connects from the loopback address `source` (any of 127.0.0.0/8 works on Linux), so a
+    /// test can be a client that a DNS list or a local list knows.
+    #[track_caller]
+    pub fn connect_from(addr: SocketAddr, source: std::net::IpAddr) -> Client {
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
+        socket.bind(&SocketAddr::new(source, 0).into()).unwrap();
+        socket.connect_timeout(&addr.into(), WAIT).unwrap();
+        let stream: TcpStream = socket.into();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        stream.set_write_timeout(Some(WAIT)).unwrap();
+        Client {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+        }
+    }
+
     /// One line, CRLF included; fails on EOF, error or timeout.
     #[track_caller]
     pub fn line(&mut self) -> String {

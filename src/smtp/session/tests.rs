@@ -13,6 +13,8 @@ fn config() -> Config {
     config.server.hostname = "mx.test".to_owned();
     config.downstream.servers = vec!["127.0.0.1:10025".parse().unwrap()];
     config.downstream.announce_client = AnnounceClient::None;
+    // Lookups are tested on their own (see the checks tests below).
+    config.dns.rdns = false;
     config
 }
 
@@ -121,10 +123,19 @@ struct Pair {
     pooled: Option<crate::downstream::dialog::Capabilities>,
     /// Times a pooled connection was handed back to the session.
     reuses: usize,
+    /// Scripted DNS: lookups with an answer here are answered at once, like a cache hit;
+    /// others stay unanswered (the test answers them, or lets `[dns] timeout` pass).
+    dns: Vec<(Query, Answer)>,
+    /// Every lookup the session asked for, in order.
+    lookups: Vec<Query>,
 }
 
 impl Pair {
     fn new(config: Config) -> Pair {
+        Pair::with_dns(config, Vec::new())
+    }
+
+    fn with_dns(config: Config, dns: Vec<(Query, Answer)>) -> Pair {
         let now = Instant::now();
         let peer = Peer {
             client: "192.0.2.7:53211".parse().unwrap(),
@@ -146,6 +157,8 @@ impl Pair {
             admit: true,
             pooled: None,
             reuses: 0,
+            dns,
+            lookups: Vec::new(),
         };
         pair.pump();
         pair
@@ -236,6 +249,14 @@ impl Pair {
                         self.closed = true;
                     }
                     Action::Admit(_) => self.session.handle_admission(self.now, self.admit),
+                    Action::Lookup(query) => {
+                        self.lookups.push(query.clone());
+                        let known = self.dns.iter().find(|(q, _)| *q == query);
+                        if let Some((_, answer)) = known {
+                            let answer = answer.clone();
+                            self.session.handle_lookup(self.now, &query, answer);
+                        }
+                    }
                 }
             }
             // Like the real driver: what was transmitted goes out before the actions that
@@ -1017,3 +1038,6 @@ fn multiplexing_never_pools_a_connection_mid_transaction() {
     assert_eq!(pair.downstream_closes, 1);
     assert!(pair.downstream.delivered.is_empty());
 }
+
+// The pre-greet checks and the verdict's effect on the dialog.
+mod checks;

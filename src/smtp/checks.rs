@@ -1,0 +1,260 @@
+//! One client's checks (DESIGN.md §1 steps 2–3): the lookups it needs, the answers as they
+//! arrive, the local lists, and the verdict they add up to.
+//!
+//! Sans-IO like the session that owns it: lookups go out as [`Query`] values, answers come back
+//! through [`Checks::answer`], and the decisions themselves are `policy` calls. What a verdict
+//! means for the dialog (a `554` greeting, `550` on RCPT) is the session's business.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::dns::{Answer, DnsblAnswer, Query, RdnsAnswer};
+use crate::policy::dnsbl::{self, ZoneOutcome};
+use crate::policy::{ListMatch, Verdict};
+
+/// The checks' state for one client.
+#[derive(Debug)]
+pub(crate) struct Checks {
+    /// One slot per `[[dnsbl]]` zone, in config order; `None` while its answer is awaited.
+    zones: Box<[Option<ZoneOutcome>]>,
+    rdns: Rdns,
+    /// The local list that matched, and what it matched.
+    list: Option<(ListMatch, ListedBy)>,
+    score: i32,
+    verdict: Verdict,
+}
+
+/// Where the rDNS lookup stands.
+#[derive(Debug)]
+enum Rdns {
+    /// `[dns] rdns = false`, or the client was decided by a list before any lookup.
+    NotAsked,
+    Awaiting,
+    Answered(RdnsAnswer),
+}
+
+/// What a local list entry matched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ListedBy {
+    /// The client's address.
+    Address,
+    /// Its forward-confirmed rDNS name.
+    Rdns,
+    /// Its HELO/EHLO name.
+    Helo,
+    /// The domain of a MAIL FROM address.
+    Sender,
+}
+
+impl Checks {
+    /// No lookups asked yet; the verdict is `pass` until they are answered.
+    pub(crate) fn new() -> Checks {
+        Checks {
+            zones: Box::default(),
+            rdns: Rdns::NotAsked,
+            list: None,
+            score: 0,
+            verdict: Verdict::Pass,
+        }
+    }
+
+    /// Starts the checks for the client at `ip`: a list entry for the address decides at once
+    /// (an allowed client waits for no lookup, a denied one gets no more of our attention), else
+    /// the lookups to make come back: one per zone, plus rDNS when configured. An empty result
+    /// means the verdict is already known.
+    pub(crate) fn start(&mut self, config: &Config, ip: IpAddr) -> Vec<Query> {
+        let ip = ip.to_canonical();
+        if let Some(found) = config.lists.entries.check_ip(ip) {
+            self.list_matched(found, ListedBy::Address);
+            return Vec::new();
+        }
+        let mut queries: Vec<Query> = config
+            .dnsbl
+            .iter()
+            .map(|zone| Query::Dnsbl {
+                zone: Arc::clone(&zone.zone),
+                ip,
+            })
+            .collect();
+        self.zones = vec![None; config.dnsbl.len()].into_boxed_slice();
+        if config.dns.rdns {
+            self.rdns = Rdns::Awaiting;
+            queries.push(Query::Rdns(ip));
+        }
+        queries
+    }
+
+    /// Records an answer; returns whether every awaited answer is in. Answers nobody waits
+    /// for (a zone removed by a reload, a late duplicate) are ignored.
+    pub(crate) fn answer(&mut self, config: &Config, query: &Query, answer: Answer) -> bool {
+        match (query, answer) {
+            (Query::Dnsbl { zone, .. }, Answer::Dnsbl(answer)) => {
+                let slot = config
+                    .dnsbl
+                    .iter()
+                    .zip(self.zones.iter_mut())
+                    .find(|(cfg, slot)| cfg.zone == *zone && slot.is_none());
+                if let Some((cfg, slot)) = slot {
+                    *slot = Some(dnsbl::classify(cfg, &answer));
+                }
+            }
+            (Query::Rdns(_), Answer::Rdns(answer)) => {
+                if matches!(self.rdns, Rdns::Awaiting) {
+                    self.rdns = Rdns::Answered(answer);
+                }
+            }
+            // A mismatched pair is a driver bug; waiting on is the safe reaction (the lookup
+            // timer still bounds it).
+            _ => {}
+        }
+        self.is_complete()
+    }
+
+    /// `[dns] timeout` passed: whatever has not answered counts as a temporary failure, which
+    /// scores as not listed (DNS trouble never rejects anyone).
+    pub(crate) fn give_up(&mut self) {
+        for slot in self.zones.iter_mut().filter(|slot| slot.is_none()) {
+            *slot = Some(ZoneOutcome::TempFail);
+        }
+        if matches!(self.rdns, Rdns::Awaiting) {
+            self.rdns = Rdns::Answered(RdnsAnswer::TempFail);
+        }
+    }
+
+    /// Every answer is in (or given up on): scores the zones, consults the lists for the
+    /// verified rDNS name, and returns the verdict.
+    pub(crate) fn decide(&mut self, config: &Config) -> Verdict {
+        if self.list.is_some() {
+            return self.verdict;
+        }
+        let outcomes: Vec<ZoneOutcome> = self.outcomes().collect();
+        self.score = dnsbl::score(&outcomes);
+        self.verdict = Verdict::from_score(self.score, &config.scoring);
+        if let Some(name) = self.rdns_name()
+            && let Some(found) = config.lists.entries.check_domain(name)
+        {
+            self.list_matched(found, ListedBy::Rdns);
+        }
+        self.verdict
+    }
+
+    /// A later name the lists may know (HELO, sender domain). Allow lifts every restriction
+    /// but an immediate reject already given; deny is for the caller to answer. Returns the
+    /// match, if any. Ignored once a list has decided.
+    pub(crate) fn check_name(
+        &mut self,
+        config: &Config,
+        name: &str,
+        by: ListedBy,
+    ) -> Option<ListMatch> {
+        if self.list.is_some() || name.is_empty() {
+            return None;
+        }
+        let found = config.lists.entries.check_domain(name)?;
+        self.list_matched(found, by);
+        Some(found)
+    }
+
+    /// Whether every awaited answer is in.
+    pub(crate) fn is_complete(&self) -> bool {
+        self.zones.iter().all(Option::is_some) && !matches!(self.rdns, Rdns::Awaiting)
+    }
+
+    /// The verdict so far.
+    pub(crate) fn verdict(&self) -> Verdict {
+        self.verdict
+    }
+
+    /// The score so far (sum of listed zones' weights).
+    pub(crate) fn score(&self) -> i32 {
+        self.score
+    }
+
+    /// The zone a DNSBL reject names (its `reply` text or its name).
+    pub(crate) fn blocking_zone<'c>(&self, config: &'c Config) -> Option<&'c str> {
+        let outcomes: Vec<ZoneOutcome> = self.outcomes().collect();
+        dnsbl::blocking_zone(&config.dnsbl, &outcomes)
+    }
+
+    /// The close log's `dnsbl=` field.
+    pub(crate) fn dnsbl_field(&self, config: &Config) -> String {
+        let outcomes: Vec<ZoneOutcome> = self.outcomes().collect();
+        dnsbl::log_field(&config.dnsbl, &outcomes)
+    }
+
+    /// The forward-confirmed rDNS name, if one was found.
+    pub(crate) fn rdns_name(&self) -> Option<&str> {
+        match &self.rdns {
+            Rdns::Answered(RdnsAnswer::Verified(name)) => Some(name),
+            _ => None,
+        }
+    }
+
+    /// The close log's `rdns=` field: the verified name, `unverified` (PTR names that do not
+    /// resolve back), `unknown` (no PTR; Postfix's word), `tempfail`, or `-` (not looked up).
+    pub(crate) fn rdns_field(&self) -> &str {
+        match &self.rdns {
+            Rdns::NotAsked | Rdns::Awaiting => "-",
+            Rdns::Answered(RdnsAnswer::Verified(name)) => name,
+            Rdns::Answered(RdnsAnswer::Unverified) => "unverified",
+            Rdns::Answered(RdnsAnswer::NoName) => "unknown",
+            Rdns::Answered(RdnsAnswer::TempFail) => "tempfail",
+        }
+    }
+
+    /// XCLIENT's NAME (Postfix's values): the verified name, `[TEMPUNAVAIL]` when the lookup
+    /// failed, else `[UNAVAILABLE]`.
+    pub(crate) fn xclient_name(&self) -> &str {
+        match &self.rdns {
+            Rdns::Answered(RdnsAnswer::Verified(name)) => name,
+            Rdns::Answered(RdnsAnswer::TempFail) => "[TEMPUNAVAIL]",
+            _ => "[UNAVAILABLE]",
+        }
+    }
+
+    /// The close log's `list=` field: `-`, or `allow:`/`deny:` and what matched
+    /// (`address`, `rdns`, `helo`, `sender`).
+    pub(crate) fn list_field(&self) -> &'static str {
+        let Some((found, by)) = self.list else {
+            return "-";
+        };
+        match (found, by) {
+            (ListMatch::Allow, ListedBy::Address) => "allow:address",
+            (ListMatch::Allow, ListedBy::Rdns) => "allow:rdns",
+            (ListMatch::Allow, ListedBy::Helo) => "allow:helo",
+            (ListMatch::Allow, ListedBy::Sender) => "allow:sender",
+            (ListMatch::Deny, ListedBy::Address) => "deny:address",
+            (ListMatch::Deny, ListedBy::Rdns) => "deny:rdns",
+            (ListMatch::Deny, ListedBy::Helo) => "deny:helo",
+            (ListMatch::Deny, ListedBy::Sender) => "deny:sender",
+        }
+    }
+
+    /// What the lists decided, if they did.
+    pub(crate) fn list_match(&self) -> Option<ListMatch> {
+        self.list.map(|(found, _)| found)
+    }
+
+    fn list_matched(&mut self, found: ListMatch, by: ListedBy) {
+        self.list = Some((found, by));
+        self.verdict = match found {
+            ListMatch::Allow => Verdict::Allow,
+            ListMatch::Deny => Verdict::Reject,
+        };
+    }
+
+    fn outcomes(&self) -> impl Iterator<Item = ZoneOutcome> + '_ {
+        self.zones
+            .iter()
+            .map(|slot| slot.unwrap_or(ZoneOutcome::TempFail))
+    }
+}
+
+/// The answer a lookup gets when there is no resolver to ask (none was started).
+pub fn unanswerable(query: &Query) -> Answer {
+    match query {
+        Query::Dnsbl { .. } => Answer::Dnsbl(DnsblAnswer::TempFail),
+        Query::Rdns(_) => Answer::Rdns(RdnsAnswer::TempFail),
+    }
+}
