@@ -1,5 +1,5 @@
 //! Interop with real peers: swaks and Python's smtplib as clients, Postfix's smtp-source as a
-//! load client and smtp-sink as the downstream. Each test skips with a note where its peer is
+//! load client and smtp-sink as the downstream, rbldnsd as a DNS block list. Each test skips with a note where its peer is
 //! not installed, except under `CI=true` (see `util::require_program`).
 
 use std::process::{Child, Command, Stdio};
@@ -231,4 +231,107 @@ fn postfix_smtp_source_load_through_tarmac() {
     let (ok, output) = run_bounded(command);
     assert!(ok, "smtp-source failed:\n{output}");
     assert_eq!(sink.wait_for_messages(40, WAIT).len(), 40);
+}
+
+/// rbldnsd, killed (by its own PID) when the test ends.
+struct Rbldnsd {
+    child: Child,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Rbldnsd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Starts rbldnsd on a free loopback UDP port serving `zone` as an `ip4set` with `data`, and
+/// waits until it answers.
+fn rbldnsd(program: &std::path::Path, zone: &str, data: &str) -> (Rbldnsd, u16) {
+    let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = probe.local_addr().unwrap().port();
+    drop(probe);
+    let dir = std::env::temp_dir().join(format!("tarmac-rbldnsd-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("zone.txt"), data).unwrap();
+    let mut command = Command::new(program);
+    // -n: stay in the foreground, so the PID is the server's; -a: minimal answers.
+    command.args(["-n", "-a", "-b", &format!("127.0.0.1/{port}"), "-w"]);
+    command.arg(&dir);
+    if std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0) {
+        // rbldnsd drops root; the zone file in the temp dir is world-readable.
+        command.args(["-u", "nobody"]);
+    }
+    command
+        .arg(format!("{zone}:ip4set:zone.txt"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let server = Rbldnsd {
+        child: command.spawn().expect("start rbldnsd"),
+        dir,
+    };
+    wait_until("rbldnsd to answer", || dns_answers(port, zone));
+    (server, port)
+}
+
+/// Whether a DNS server on loopback `port` answers an A query for `2.0.0.127.<zone>` (one
+/// hand-built UDP query; any reply with our id counts).
+fn dns_answers(port: u16, zone: &str) -> bool {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut query = vec![0x4a, 0x17, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in format!("2.0.0.127.{zone}").split('.') {
+        query.push(label.len() as u8);
+        query.extend_from_slice(label.as_bytes());
+    }
+    query.extend_from_slice(&[0, 0, 1, 0, 1]);
+    if socket.send_to(&query, ("127.0.0.1", port)).is_err() {
+        return false;
+    }
+    let mut reply = [0; 512];
+    matches!(socket.recv(&mut reply), Ok(n) if n >= 12 && reply[..2] == [0x4a, 0x17])
+}
+
+#[test]
+fn rbldnsd_zone_decides_who_is_rejected() {
+    let Some(program) = require_program("rbldnsd") else {
+        return;
+    };
+    // An ip4set: the default value line, then the listed addresses and ranges. The zone lists
+    // 127.0.0.2 and not 127.0.0.1, as a real list's test points, so its health check passes.
+    let (_rbldnsd, port) = rbldnsd(
+        &program,
+        "bl.test",
+        ":127.0.0.2:Listed, see https://bl.test/lookup\n127.0.0.2\n127.0.0.10-127.0.0.11\n",
+    );
+    let sink = sink(Behaviour::Normal);
+    let mut config = test_config(sink.local_addr());
+    config.dns.servers = vec![format!("127.0.0.1:{port}").parse().unwrap()];
+    config.dnsbl = vec![tarmac::config::Dnsbl {
+        zone: "bl.test".into(),
+        weight: 3,
+        codes: vec![],
+        reply: None,
+    }];
+    let server = Server::start(config);
+
+    let mut listed = Client::connect_from(server.addr, "127.0.0.10".parse().unwrap());
+    assert_eq!(
+        listed.reply(),
+        "554 5.7.1 Service unavailable; client [127.0.0.10] blocked using bl.test\r\n"
+    );
+    assert_eq!(
+        listed.command("EHLO c"),
+        "503 5.7.1 Error: service unavailable; only QUIT is accepted\r\n"
+    );
+    assert_eq!(listed.command("QUIT"), "221 2.0.0 Bye\r\n");
+
+    let mut clean = Client::connect_from(server.addr, "127.0.0.3".parse().unwrap());
+    let reply = clean.send_message();
+    assert!(reply.starts_with("250 "), "{reply}");
+    wait_until("the message at the sink", || sink.messages().len() == 1);
 }
