@@ -16,13 +16,14 @@ const RANDOM_LEN: usize = 400;
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 6] = [
+const TARGETS: [(&str, Target); 7] = [
     ("command", fuzzing::command),
     ("reply", fuzzing::reply),
     ("data", fuzzing::data),
     ("config", fuzzing::config),
     ("session", fuzzing::session),
     ("proxy", fuzzing::proxy),
+    ("list_file", fuzzing::list_file),
 ];
 
 #[test]
@@ -48,6 +49,11 @@ fn corpus_data() {
 #[test]
 fn corpus_config() {
     replay("config", fuzzing::config);
+}
+
+#[test]
+fn corpus_list_file() {
+    replay("list_file", fuzzing::list_file);
 }
 
 #[test]

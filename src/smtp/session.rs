@@ -877,6 +877,9 @@ impl Session {
         let domain = from.rsplit_once('@').map_or("", |(_, domain)| domain);
         match self.checks.check_name(&config, domain, ListedBy::Sender) {
             Some(ListMatch::Deny) => {
+                // Like a deny-listed HELO: the session is refused, not just this sender, so a
+                // second MAIL with another sender gets no further.
+                self.blocked = Some(Blocked::Immediate);
                 self.last_failure = Some("rejected");
                 let text = format!("<{from}>: Sender address rejected: Access denied");
                 return self.reply(Reply::new(554, "5.7.1", text));
