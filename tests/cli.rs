@@ -166,7 +166,10 @@ fn run_relays_logs_and_drains_on_sigterm() {
     let (code, stderr) = wait_exit(child);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
-        stderr.contains("helo=client.example verdict=pass score=0 dnsbl= pregreet=no tls=no msgs=1 rcpts=1 result=delivered dur="),
+        stderr.contains(
+            " rdns=- helo=client.example verdict=pass score=0 dnsbl=- list=- pregreet=no tls=no \
+             msgs=1 rcpts=1 result=delivered dur="
+        ),
         "{stderr}"
     );
     assert!(stderr.contains("result=shutdown"), "{stderr}");

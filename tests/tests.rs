@@ -13,3 +13,5 @@ mod cli;
 mod server;
 // Fuzz corpus replay and pseudo-random inputs through `tarmac::fuzzing`, on stable.
 mod corpus;
+// The resolver thread against a real DNS server on loopback: DNSBL, rDNS, cache, zone health.
+mod dns;

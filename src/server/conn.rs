@@ -33,7 +33,7 @@ use super::token;
 use crate::dns::{Answer, Query, ResolverHandle, Waiter};
 use crate::downstream::connect;
 use crate::downstream::dialog::Capabilities;
-use crate::smtp::{Action, DownstreamEvent, Session, Shutdown, Side, unanswerable};
+use crate::smtp::{Action, DownstreamEvent, Session, Shutdown, Side};
 
 /// Bytes read per socket per turn: one read of this size, then the other connections get their
 /// turn; more starves neighbours, less costs syscalls. It is also the worker's scratch size.
@@ -439,7 +439,7 @@ impl Conn {
                     // worker's inbox (`Worker::take_dns_answers`).
                     let answer = match io.resolver {
                         Some(resolver) => resolver.lookup(&query, waiter),
-                        None => Some(unanswerable(&query)),
+                        None => Some(Answer::temp_fail(&query)),
                     };
                     if let Some(answer) = answer {
                         self.session.handle_lookup(now, &query, answer);

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::config::Config;
-use crate::dns::{Answer, DnsblAnswer, Query, RdnsAnswer};
+use crate::dns::{Answer, Query, RdnsAnswer};
 use crate::policy::dnsbl::{self, ZoneOutcome};
 use crate::policy::{ListMatch, Verdict};
 
@@ -248,13 +248,5 @@ impl Checks {
         self.zones
             .iter()
             .map(|slot| slot.unwrap_or(ZoneOutcome::TempFail))
-    }
-}
-
-/// The answer a lookup gets when there is no resolver to ask (none was started).
-pub fn unanswerable(query: &Query) -> Answer {
-    match query {
-        Query::Dnsbl { .. } => Answer::Dnsbl(DnsblAnswer::TempFail),
-        Query::Rdns(_) => Answer::Rdns(RdnsAnswer::TempFail),
     }
 }

@@ -11,7 +11,6 @@ pub mod received;
 pub mod reply;
 pub mod session;
 
-pub use checks::unanswerable;
 pub use command::{Command, CommandError};
 pub use data::{DataDecoder, DataViolation};
 pub use reply::{EnhancedCode, Reply};

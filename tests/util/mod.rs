@@ -13,6 +13,9 @@ use tarmac::config::{AnnounceClient, Config, DownstreamTls};
 use tarmac::server::ServerHandle;
 use tarmac::sink::{Behaviour, Sink, SinkConfig};
 
+// A real DNS server on loopback (hickory-server) for the DNS tests; benches include it by path.
+pub mod dns_server;
+
 /// How long any single wait in a test may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(10);
 
