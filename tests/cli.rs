@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use tarmac::sink::Behaviour;
 
+use crate::util::dns_server::{DnsServer, Zone};
 use crate::util::{Client, WAIT, sink, wait_until};
 
 fn tarmac() -> Command {
@@ -252,5 +253,117 @@ fn settings_for_later_features_are_named_and_required_tls_is_refused() {
         "run must not relay in plain text"
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("not starting"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn run_rejects_a_listed_client_and_logs_the_verdict() {
+    let dns = DnsServer::start(vec![
+        Zone::new("bl.test")
+            .a("2.0.0.127", "127.0.0.2")
+            .a("10.0.0.127", "127.0.0.2"),
+    ]);
+    let sink = sink(Behaviour::Normal);
+    let dir = temp_dir("zones");
+    let port = free_port();
+    let path = dir.join("tarmac.toml");
+    // gone.test is in no zone the server knows: REFUSED, a temporary failure.
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nhostname = \"mx.test\"\nworkers = 1\n\n\
+             [downstream]\nservers = [\"{}\"]\n\n[timeouts]\ndrain = \"5s\"\n\n\
+             [dns]\nservers = [\"{}\"]\nrdns = false\n\n\
+             [[dnsbl]]\nzone = \"bl.test\"\nweight = 3\n\n\
+             [[dnsbl]]\nzone = \"gone.test\"\nweight = 1\n",
+            sink.local_addr(),
+            dns.addr()
+        ),
+    )
+    .unwrap();
+    let child = tarmac()
+        .args(["run", "-c"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_until("tarmac to listen", || {
+        std::net::TcpStream::connect(addr).is_ok()
+    });
+    let mut listed = Client::connect_from(addr, "127.0.0.10".parse().unwrap());
+    assert_eq!(
+        listed.reply(),
+        "554 5.7.1 Service unavailable; client [127.0.0.10] blocked using bl.test\r\n"
+    );
+    assert_eq!(listed.command("QUIT"), "221 2.0.0 Bye\r\n");
+    let mut clean = Client::connect_from(addr, "127.0.0.3".parse().unwrap());
+    assert!(clean.send_message().starts_with("250 "));
+    assert_eq!(clean.command("QUIT"), "221 2.0.0 Bye\r\n");
+    signal(&child, "TERM");
+    let (code, stderr) = wait_exit(child);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains(
+            " rdns=- helo=- verdict=reject score=3 dnsbl=bl.test:3,gone.test:tempfail list=- \
+             pregreet=no tls=no msgs=0 rcpts=0 result=rejected "
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(" verdict=pass score=0 dnsbl=gone.test:tempfail list=- "),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn check_names_every_bad_list_line() {
+    let dir = temp_dir("lists");
+    std::fs::write(
+        dir.join("deny.txt"),
+        "# spammers\n192.0.2.0/24\n192.0.2.1/24\nspam.example\nnot an entry\n",
+    )
+    .unwrap();
+    let path = dir.join("tarmac.toml");
+    std::fs::write(
+        &path,
+        "[lists]\nallow = []\ndeny = [\"deny.txt\", \"missing.txt\"]\n",
+    )
+    .unwrap();
+    let out = tarmac().args(["check", "-c"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let deny = dir.join("deny.txt");
+    assert!(
+        stderr.contains(&format!("{}:3: ", deny.display())),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{}:5: ", deny.display())),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "{}: cannot read list file: ",
+            dir.join("missing.txt").display()
+        )),
+        "{stderr}"
+    );
+
+    std::fs::write(&path, "[lists]\nallow = []\ndeny = [\"good.txt\"]\n").unwrap();
+    std::fs::write(dir.join("good.txt"), "192.0.2.0/24\nspam.example\n").unwrap();
+    let out = tarmac().args(["check", "-c"]).arg(&path).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("0 allow and 2 deny list entries"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

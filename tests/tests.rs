@@ -5,7 +5,7 @@ mod util;
 
 // The relay path end to end through the real server and the project's sink.
 mod relay;
-// Real peers: swaks, Python smtplib, Postfix smtp-sink/smtp-source.
+// Real peers: swaks, Python smtplib, Postfix smtp-sink/smtp-source, rbldnsd.
 mod interop;
 // The binary: --version, check, run with SIGTERM, demo.
 mod cli;
@@ -15,3 +15,5 @@ mod server;
 mod corpus;
 // The resolver thread against a real DNS server on loopback: DNSBL, rDNS, cache, zone health.
 mod dns;
+// DNS checks and verdicts end to end: zones on a loopback DNS server, lists, reject modes.
+mod checks;

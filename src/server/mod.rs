@@ -50,7 +50,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use self::limits::Limits;
 use self::worker::Worker;
 use crate::config::Config;
-use crate::dns::Resolver;
+use crate::dns::{Resolver, ResolverHandle};
 
 /// Pending connections the kernel queues per listener socket before refusing more.
 const LISTEN_BACKLOG: i32 = 1024;
@@ -152,6 +152,12 @@ impl ServerHandle {
             }
         }
         Ok(handle)
+    }
+
+    /// The resolver the workers use, when the config needs lookups: its zone health and
+    /// figures, for operators (logs, later metrics) and tests.
+    pub fn resolver(&self) -> Option<ResolverHandle> {
+        self.resolver.as_ref().map(Resolver::handle)
     }
 
     /// The addresses listened on, with the real port where the config said 0.
