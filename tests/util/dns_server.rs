@@ -7,8 +7,8 @@
 //! [`Behaviour::Silent`], [`Behaviour::Slow`] or [`Behaviour::Refused`], its zones replaced
 //! while it runs, and its received queries counted. It stops when dropped.
 //!
-//! Self-contained (hickory-server, its re-exports, tokio, std) so benches can include it with
-//! `#[path]`.
+//! Self-contained (hickory-server, its re-exports, tokio, socket2, std) so benches can include
+//! it with `#[path]`.
 
 #![allow(dead_code)] // each user takes its own subset
 
@@ -34,6 +34,9 @@ pub const DEFAULT_TTL: u32 = 300;
 
 /// Negative TTL (SOA minimum) of zones that do not set one.
 pub const DEFAULT_NEGATIVE_TTL: u32 = 300;
+
+/// The UDP socket's receive buffer, bytes.
+const UDP_RECV_BUFFER: usize = 1 << 20;
 
 /// How long dropping the server waits for its thread.
 const STOP_WAIT: Duration = Duration::from_secs(5);
@@ -451,6 +454,12 @@ fn bind_pair() -> (UdpSocket, TcpListener) {
             continue;
         };
         udp.set_nonblocking(true).expect("non-blocking UDP");
+        // As real servers do (unbound's so-rcvbuf): the default ~200 KB drops queries when a
+        // client bursts a few hundred at once (bench/dns.rs), and a lost query costs a
+        // resolver a retransmission or its whole timeout. The kernel caps it at rmem_max.
+        socket2::SockRef::from(&udp)
+            .set_recv_buffer_size(UDP_RECV_BUFFER)
+            .expect("UDP receive buffer");
         tcp.set_nonblocking(true).expect("non-blocking TCP");
         return (udp, tcp);
     }
