@@ -13,7 +13,7 @@
 //! resolver thread: semaphore permit → hickory lookup(s) bounded by [dns] timeout → classify
 //!            │ Ready slot (TTL-capped) + one Delivery per waiter
 //!            ▼
-//! worker ◀── std mpsc Inbox + Arc<mio::Waker>::wake(), once per worker per answer
+//! worker ◀── std mpsc Inbox + Arc<mio::Waker>::wake(), only when the worker drained the last one
 //! ```
 //!
 //! **Cache and merging** (`cache`): the key is the [`Query`]. A slot is `InFlight` (the waiters
@@ -39,7 +39,7 @@
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -173,6 +173,9 @@ pub struct Delivery {
 #[derive(Debug)]
 pub struct Inbox {
     rx: std::sync::mpsc::Receiver<Delivery>,
+    /// Set by the resolver when it wakes the worker, cleared here when the inbox runs dry:
+    /// while set, more answers need no wake of their own (see [`Inbox::try_recv`]).
+    woken: Arc<AtomicBool>,
 }
 
 /// One configured zone's health, for logs, metrics and tests.
@@ -228,8 +231,16 @@ pub struct ResolverHandle {
 }
 
 impl Inbox {
-    /// The next delivery, without blocking.
+    /// The next delivery, without blocking. The worker calls it until `None` after each wake.
+    ///
+    /// A burst of answers costs one wake: the resolver wakes only when the worker has drained
+    /// its inbox since the last wake. Running dry clears that mark and looks once more, so an
+    /// answer sent while the mark was still set is taken now rather than left without a wake.
     pub fn try_recv(&self) -> Option<Delivery> {
+        if let Ok(delivery) = self.rx.try_recv() {
+            return Some(delivery);
+        }
+        self.woken.store(false, Ordering::SeqCst);
         self.rx.try_recv().ok()
     }
 }
@@ -305,8 +316,13 @@ impl Resolver {
             .workers
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        workers.push(WorkerOut { tx, waker });
-        (workers.len().saturating_sub(1), Inbox { rx })
+        let woken = Arc::new(AtomicBool::new(false));
+        workers.push(WorkerOut {
+            tx,
+            waker,
+            woken: Arc::clone(&woken),
+        });
+        (workers.len().saturating_sub(1), Inbox { rx, woken })
     }
 
     /// Stops the thread, waiting at most [`STOP_WAIT`] (then it is left to end on its own).
@@ -458,6 +474,8 @@ struct Shared {
 struct WorkerOut {
     tx: std::sync::mpsc::Sender<Delivery>,
     waker: Arc<Waker>,
+    /// Shared with the worker's [`Inbox`]: a wake is outstanding.
+    woken: Arc<AtomicBool>,
 }
 
 /// The counters behind [`DnsStats`].
@@ -541,7 +559,8 @@ impl Shared {
                 // An error means the worker has gone (shutting down): nothing to do.
                 sent |= out.tx.send(delivery).is_ok();
             }
-            if !sent {
+            // Sent before the mark is tested, so a worker that cleared it finds the delivery.
+            if !sent || out.woken.swap(true, Ordering::SeqCst) {
                 continue;
             }
             if let Err(err) = out.waker.wake() {
