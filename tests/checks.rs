@@ -259,3 +259,24 @@ fn allow_listed_client_skips_dns_and_caps() {
         "no lookup for an allow-listed client"
     );
 }
+
+#[test]
+fn ipv6_client_is_looked_up_by_nibbles() {
+    let loopback6 = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0));
+    if std::net::TcpListener::bind(loopback6).is_err() {
+        println!("note: cannot bind [::1]:0 here; skipping the IPv6 DNSBL test");
+        return;
+    }
+    // ::1 reversed by nibbles: 1 then 31 zeros.
+    let label = format!("1{}", ".0".repeat(31));
+    let dns = DnsServer::start(vec![block_list().a(&label, "127.0.0.2")]);
+    let sink = sink(Behaviour::Normal);
+    let mut config = config_with(sink.local_addr(), &dns, vec![zone("bl.test", 3)]);
+    config.server.listen = vec![loopback6];
+    let server = Server::start(config);
+    let mut client = Client::connect(server.addr);
+    assert_eq!(
+        client.reply(),
+        "554 5.7.1 Service unavailable; client [::1] blocked using bl.test\r\n"
+    );
+}
