@@ -223,6 +223,8 @@ fn config(downstream: SocketAddr, workers: usize, mode: DownstreamMode) -> Confi
     config.downstream.announce_client = AnnounceClient::Xclient;
     config.dns.rdns = false;
     config.dnsbl.clear();
+    // Relay throughput is the figure; a greet pause would only add a fixed wait per session.
+    config.tarpit.greet_pause = Duration::ZERO;
     config
 }
 

@@ -29,6 +29,7 @@ fn config() -> Arc<Config> {
     config.limits.max_unknown_commands = 1000;
     // DNS costs are measured in bench/dns.rs; here the session goes straight to its banner.
     config.dns.rdns = false;
+    config.tarpit.greet_pause = Duration::ZERO;
     Arc::new(config)
 }
 
@@ -37,6 +38,7 @@ fn peer() -> Peer {
         client: "192.0.2.7:53211".parse().unwrap(),
         local: "198.51.100.1:25".parse().unwrap(),
         accepted_at: UNIX_EPOCH,
+        stressed: false,
     }
 }
 
@@ -144,7 +146,10 @@ fn transactions(n: usize) {
                     Action::CloseDownstream
                     | Action::Close
                     | Action::ReleaseDownstream(_)
-                    | Action::Lookup(_) => {}
+                    | Action::Lookup(_)
+                    | Action::CheckPass(_)
+                    | Action::RecordPass(_)
+                    | Action::EnterTarpit => {}
                     Action::Admit(_) => session.handle_admission(now, true),
                 }
             }

@@ -28,6 +28,9 @@ pub fn config() -> Config {
     // No DNS: the demo must never ask the system resolver (it points off the machine).
     config.dnsbl.clear();
     config.dns.rdns = false;
+    // The greet pause as an operator sees it (`220-` at once, the final line later), short
+    // enough for a demo; a client that waited it out skips it next time (PASS cache).
+    config.tarpit.greet_pause = std::time::Duration::from_secs(1);
     config
 }
 

@@ -1377,6 +1377,7 @@ impl Harness {
             client: SocketAddr::from(([192, 0, 2, 7], 53211)),
             local: SocketAddr::from(([198, 51, 100, 1], 25)),
             accepted_at: UNIX_EPOCH + Duration::from_secs(1_795_438_862),
+            stressed: false,
         };
         Harness {
             session: Session::new(Arc::clone(&config), peer, now),
@@ -1607,6 +1608,10 @@ impl Harness {
                 }
                 // No scenario configures `proxy_protocol_from`; admit like an uncapped driver.
                 Action::Admit(_) => self.session.handle_admission(self.now, true),
+                // No PASS is cached; a tarpit place is always free.
+                Action::CheckPass(_) => self.session.handle_pass(self.now, false),
+                Action::RecordPass(_) => {}
+                Action::EnterTarpit => self.session.handle_tarpit_slot(self.now, true),
                 // No scenario configures zones; the rDNS lookup finds no name, as from a cache.
                 Action::Lookup(query) => {
                     let answer = match query {
@@ -1995,6 +2000,9 @@ fn base_config() -> &'static Config {
         let mut config = Config::default();
         config.server.hostname = "mx.fuzz".to_owned();
         config.downstream.servers = vec![SocketAddr::from(([127, 0, 0, 1], 10025))];
+        // The dialog model here starts at the banner; the pre-greet stage and the tarpit
+        // schedule are covered by the session's unit tests on invented time.
+        config.tarpit.greet_pause = Duration::ZERO;
         config
     })
 }

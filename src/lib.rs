@@ -30,3 +30,4 @@ pub mod policy;
 pub mod server;
 pub mod sink;
 pub mod smtp;
+pub mod state;

@@ -132,7 +132,8 @@ fn run_relays_logs_and_drains_on_sigterm() {
         &path,
         format!(
             "[server]\nlisten = [\"127.0.0.1:{port}\"]\nhostname = \"mx.test\"\nworkers = 1\n\n\
-             [downstream]\nservers = [\"{}\"]\n\n[timeouts]\ndrain = \"5s\"\n\n[dns]\nrdns = false\n",
+             [downstream]\nservers = [\"{}\"]\n\n[timeouts]\ndrain = \"5s\"\n\n[dns]\nrdns = false\n\n\
+             [tarpit]\ngreet_pause = \"0s\"\n",
             sink.local_addr()
         ),
     )
@@ -273,7 +274,7 @@ fn run_rejects_a_listed_client_and_logs_the_verdict() {
         format!(
             "[server]\nlisten = [\"127.0.0.1:{port}\"]\nhostname = \"mx.test\"\nworkers = 1\n\n\
              [downstream]\nservers = [\"{}\"]\n\n[timeouts]\ndrain = \"5s\"\n\n\
-             [dns]\nservers = [\"{}\"]\nrdns = false\n\n\
+             [dns]\nservers = [\"{}\"]\nrdns = false\n\n[tarpit]\ngreet_pause = \"0s\"\n\n\
              [[dnsbl]]\nzone = \"bl.test\"\nweight = 3\n\n\
              [[dnsbl]]\nzone = \"gone.test\"\nweight = 1\n",
             sink.local_addr(),

@@ -288,7 +288,8 @@ fn binary_ignores_sighup_and_drains_on_sigterm() {
     std::fs::write(
         &config,
         "[server]\nlisten = [\"127.0.0.1:0\"]\nhostname = \"mx.test\"\nworkers = 2\n\
-         [timeouts]\ndrain = \"5s\"\n[dns]\nrdns = false\n",
+         [timeouts]\ndrain = \"5s\"\n[dns]\nrdns = false\n\
+         [tarpit]\ngreet_pause = \"0s\"\n",
     )
     .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_tarmac"))

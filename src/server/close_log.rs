@@ -11,7 +11,7 @@
 //! `rdns` and `list` are additions to DESIGN.md §4's example: the forward-confirmed name (or
 //! `unverified`, `unknown`, `tempfail`, `-`) and which local list matched what (`deny:helo`).
 //! `dnsbl` (zones are operator text, not client text) is printed as the policy formats it.
-//! `pregreet` and `tls` are fixed until the tarpit and TLS work fills them.
+//! `tls` is fixed until the TLS work fills it.
 
 use std::fmt;
 use std::time::Duration;
@@ -52,7 +52,7 @@ pub(crate) fn close_line(conn: ConnId, report: &Report<'_>, dur: Duration) -> St
     };
     format!(
         "conn={conn} client={client} rdns={rdns} helo={helo} verdict={verdict} score={score} \
-         dnsbl={dnsbl} list={list} pregreet=no tls=no msgs={msgs} rcpts={rcpts} \
+         dnsbl={dnsbl} list={list} pregreet={pregreet} tls=no msgs={msgs} rcpts={rcpts} \
          result={result} dur={dur:.1}s",
         client = report.client,
         rdns = escape(report.rdns.as_bytes()),
@@ -60,6 +60,7 @@ pub(crate) fn close_line(conn: ConnId, report: &Report<'_>, dur: Duration) -> St
         score = report.score,
         dnsbl = report.dnsbl,
         list = report.list,
+        pregreet = if report.pregreet { "yes" } else { "no" },
         msgs = report.msgs,
         rcpts = report.rcpts,
         result = report.result,
@@ -82,6 +83,7 @@ mod tests {
             score: 2,
             dnsbl: "zen.spamhaus.org:2".to_owned(),
             list: "-",
+            pregreet: false,
             msgs: 1,
             rcpts: 2,
             result: "delivered",

@@ -27,9 +27,11 @@ use mio::{Interest, Registry};
 
 use super::close_log::{self, ConnId};
 use super::limits::LimitGuard;
+use super::load::TarpitGuard;
 use super::pool::{Idle, Pool, Ticket};
 use super::slab::ConnKey;
 use super::token;
+use super::worker::Shared;
 use crate::dns::{Answer, Query, ResolverHandle, Waiter};
 use crate::downstream::connect;
 use crate::downstream::dialog::Capabilities;
@@ -82,6 +84,8 @@ pub(crate) struct Io<'a> {
     pub(crate) resolver: Option<&'a ResolverHandle>,
     /// This worker's index, for the resolver to send answers back.
     pub(crate) worker: usize,
+    /// Tarpit places and the PASS cache.
+    pub(crate) shared: &'a Shared,
 }
 
 /// A client connection and, while relaying, its downstream connection.
@@ -112,6 +116,8 @@ pub(crate) struct Conn {
     close_by: Option<Instant>,
     /// Released when the connection is dropped.
     guard: LimitGuard,
+    /// A tarpit place (`max_tarpitted`), held while the session is tarpitted.
+    tarpit_place: Option<TarpitGuard>,
 }
 
 /// The client's end of the stream.
@@ -170,6 +176,7 @@ impl Conn {
             accepted: now,
             close_by: None,
             guard,
+            tarpit_place: None,
         }
     }
 
@@ -211,6 +218,11 @@ impl Conn {
     /// A DNS answer the connection waited for.
     pub(crate) fn handle_lookup(&mut self, now: Instant, query: &Query, answer: Answer) {
         self.session.handle_lookup(now, query, answer);
+    }
+
+    /// The server entered or left stress mode.
+    pub(crate) fn handle_stress(&mut self, now: Instant, stressed: bool) {
+        self.session.handle_stress(now, stressed);
     }
 
     /// Passes SIGTERM/SIGINT on to the session.
@@ -430,6 +442,16 @@ impl Conn {
                     self.drop_downstream(io.registry);
                 }
                 Action::Close => self.start_closing(now),
+                Action::CheckPass(ip) => {
+                    let fresh = io.shared.passes.is_fresh(ip, now);
+                    self.session.handle_pass(now, fresh);
+                }
+                Action::RecordPass(ip) => io.shared.passes.record(ip, now),
+                Action::EnterTarpit => {
+                    self.tarpit_place = io.shared.load.try_tarpit();
+                    let granted = self.tarpit_place.is_some();
+                    self.session.handle_tarpit_slot(now, granted);
+                }
                 Action::Lookup(query) => {
                     let waiter = Waiter {
                         worker: io.worker,

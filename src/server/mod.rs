@@ -29,6 +29,7 @@
 mod close_log;
 mod conn;
 mod limits;
+mod load;
 mod pool;
 mod slab;
 mod timer;
@@ -48,9 +49,11 @@ use signal_hook::iterator::Signals;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use self::limits::Limits;
-use self::worker::Worker;
+use self::load::Load;
+use self::worker::{Shared, Worker};
 use crate::config::Config;
 use crate::dns::{Resolver, ResolverHandle};
+use crate::state::PassCache;
 
 /// Pending connections the kernel queues per listener socket before refusing more.
 const LISTEN_BACKLOG: i32 = 1024;
@@ -106,6 +109,15 @@ impl ServerHandle {
         } else {
             None
         };
+        let shared = Shared {
+            limits: Arc::clone(&limits),
+            load: Arc::new(Load::new(
+                config.server.max_connections,
+                config.server.max_tarpitted,
+            )),
+            passes: Arc::new(PassCache::new(config.tarpit.pass_ttl)),
+            stopping: Arc::clone(&stopping),
+        };
         let mut built = Vec::with_capacity(workers);
         let mut wakers = Vec::with_capacity(workers);
         for (index, worker_sockets) in sockets.into_iter().enumerate() {
@@ -114,8 +126,7 @@ impl ServerHandle {
                 workers,
                 worker_sockets,
                 Arc::clone(&config),
-                Arc::clone(&limits),
-                Arc::clone(&stopping),
+                shared.clone(),
             )?;
             if let Some(resolver) = resolver.as_mut() {
                 let (id, inbox) = resolver.add_worker(Arc::clone(&waker));

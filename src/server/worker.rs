@@ -19,6 +19,7 @@ use mio::{Events, Interest, Poll, Waker};
 use super::close_log::ConnId;
 use super::conn::{CLOSE_FLUSH_LIMIT, Conn, Io, Next, READ_CHUNK};
 use super::limits::Limits;
+use super::load::Load;
 use super::pool::Pool;
 use super::slab::{ConnKey, Slab};
 use super::timer::TimerHeap;
@@ -27,6 +28,7 @@ use crate::config::{Config, DownstreamMode};
 use crate::dns::{Inbox, ResolverHandle};
 use crate::policy::ListMatch;
 use crate::smtp::{Peer, Session, Shutdown, too_many_connections};
+use crate::state::PassCache;
 
 /// Events taken from the kernel per poll; more wait for the next turn.
 const EVENTS_PER_TURN: usize = 1024;
@@ -45,6 +47,19 @@ const TIMER_ENTRIES_PER_CONN: usize = 2;
 /// Timer-heap entries always allowed before pruning (pruning a small heap isn't worth it).
 const TIMER_ENTRIES_SLACK: usize = 1024;
 
+/// What every worker shares with the others (each holds clones of the `Arc`s).
+#[derive(Clone, Debug)]
+pub(crate) struct Shared {
+    /// The connection caps.
+    pub(crate) limits: Arc<Limits>,
+    /// Tarpit places and stress mode.
+    pub(crate) load: Arc<Load>,
+    /// Clients that passed the greet pause.
+    pub(crate) passes: Arc<PassCache>,
+    /// Set when the server is asked to stop.
+    pub(crate) stopping: Arc<AtomicBool>,
+}
+
 /// A worker, built on the starting thread (so setup errors reach `ServerHandle::start`) and then
 /// moved to its own thread by [`Worker::run`].
 pub(crate) struct Worker {
@@ -55,8 +70,9 @@ pub(crate) struct Worker {
     conns: Slab<Conn>,
     timers: TimerHeap,
     config: Arc<Config>,
-    limits: Arc<Limits>,
-    stopping: Arc<AtomicBool>,
+    shared: Shared,
+    /// Stress mode as this worker last told its sessions.
+    stressed: bool,
     scratch: Vec<u8>,
     /// Connections to drive this turn (each with `queued` set).
     pending: Vec<ConnKey>,
@@ -111,8 +127,7 @@ impl Worker {
         workers: usize,
         sockets: Vec<TcpListener>,
         config: Arc<Config>,
-        limits: Arc<Limits>,
-        stopping: Arc<AtomicBool>,
+        shared: Shared,
     ) -> io::Result<(Worker, Arc<Waker>)> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), token::WAKER)?);
@@ -135,8 +150,8 @@ impl Worker {
             conns: Slab::new(),
             timers: TimerHeap::new(),
             config: Arc::clone(&config),
-            limits,
-            stopping,
+            shared,
+            stressed: false,
             scratch: vec![0; READ_CHUNK],
             pending: Vec::new(),
             ready: Vec::new(),
@@ -223,7 +238,7 @@ impl Worker {
                 }
             }
         }
-        if woken && self.phase == Phase::Running && self.stopping.load(Ordering::Acquire) {
+        if woken && self.phase == Phase::Running && self.shared.stopping.load(Ordering::Acquire) {
             self.begin_shutdown(now);
         }
         if woken {
@@ -236,6 +251,23 @@ impl Worker {
         self.close_finished(now);
         self.serve_pool_waiters(now);
         self.prune_timers();
+        self.follow_stress(now);
+    }
+
+    /// Compares stress mode with the open-connection count; on a change, logs it (once for
+    /// the server) and tells this worker's sessions, whose stutter stops while it lasts.
+    fn follow_stress(&mut self, now: Instant) {
+        let open = self.shared.limits.open();
+        let stressed = self.shared.load.is_stressed(open);
+        if stressed == self.stressed {
+            return;
+        }
+        self.stressed = stressed;
+        self.shared.load.note_stress(stressed, open);
+        for (key, conn) in self.conns.iter_mut() {
+            conn.handle_stress(now, stressed);
+            queue(&mut self.ready, conn, key);
+        }
     }
 
     /// Stops accepting (closing the listeners, so new connects are refused) and asks every
@@ -368,9 +400,10 @@ impl Worker {
             && self.config.lists.entries.check_ip(addr.ip().to_canonical())
                 == Some(ListMatch::Allow);
         let acquired = if allowed {
-            Ok(self.limits.acquire_exempt())
+            Ok(self.shared.limits.acquire_exempt())
         } else {
-            self.limits
+            self.shared
+                .limits
                 .try_acquire((!behind_proxy).then_some(addr.ip()))
         };
         let guard = match acquired {
@@ -395,6 +428,7 @@ impl Worker {
             client: addr,
             local,
             accepted_at: SystemTime::now(),
+            stressed: self.stressed,
         };
         let session = Session::new(Arc::clone(&self.config), peer, now);
         let conn = Conn::new(id, stream, session, now, guard);
@@ -427,6 +461,7 @@ impl Worker {
             multiplexing: self.config.downstream.mode == DownstreamMode::Multiplexing,
             resolver: self.dns.as_ref().map(|dns| &dns.resolver),
             worker: self.dns.as_ref().map_or(0, |dns| dns.id),
+            shared: &self.shared,
         };
         for key in self.pending.drain(..) {
             let Some(conn) = self.conns.get_mut(key) else {
@@ -455,6 +490,7 @@ impl Worker {
             multiplexing: false,
             resolver: None,
             worker: 0,
+            shared: &self.shared,
         };
         for key in self.closing.drain(..) {
             if let Some(conn) = self.conns.remove(key) {
@@ -478,6 +514,7 @@ impl Worker {
             multiplexing: true,
             resolver: self.dns.as_ref().map(|dns| &dns.resolver),
             worker: self.dns.as_ref().map_or(0, |dns| dns.id),
+            shared: &self.shared,
         };
         while let Some((key, addr)) = io.pool.next_waiter(now) {
             // A waiter that timed out, moved on to another server or closed is skipped.

@@ -231,6 +231,13 @@ impl Checks {
         }
     }
 
+    /// The verdict was tarpit but no tarpit place is left (`max_tarpitted`): reject instead.
+    pub(crate) fn reject_instead_of_tarpit(&mut self) {
+        if self.verdict == Verdict::Tarpit {
+            self.verdict = Verdict::Reject;
+        }
+    }
+
     /// What the lists decided, if they did.
     pub(crate) fn list_match(&self) -> Option<ListMatch> {
         self.list.map(|(found, _)| found)

@@ -10,6 +10,7 @@ pub mod proxy;
 pub mod received;
 pub mod reply;
 pub mod session;
+mod tarpit;
 
 pub use command::{Command, CommandError};
 pub use data::{DataDecoder, DataViolation};

@@ -31,11 +31,11 @@
 //! whom, and closes after DATA. `tarpit` is only reported until tarpitting exists.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::{Config, DownstreamMode, RejectMode};
+use crate::config::{Config, DownstreamMode, Pregreet, RejectMode};
 use crate::dns::{Answer, Query};
 use crate::downstream::dialog::{Capabilities, ClientIdentity, Handshake, Step};
 use crate::policy::{ListMatch, Verdict};
@@ -46,6 +46,7 @@ use crate::smtp::log_text::escape;
 use crate::smtp::proxy::parse_proxy_header;
 use crate::smtp::received::{Trace, write_received};
 use crate::smtp::reply::{EnhancedCode, Reply, Status, parse_reply};
+use crate::smtp::tarpit::Tarpit;
 
 /// Bytes queued for one side before the session stops taking client input. Bounds what a client
 /// that pipelines without reading replies, or a slow downstream, can make us hold.
@@ -57,6 +58,16 @@ const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Outbox capacity kept after a flush; larger buffers are freed so idle sessions stay small.
 const KEEP_CAPACITY: usize = 4 * 1024;
+
+/// Greet pause in stress mode (postscreen's `postscreen_greet_wait` under stress: 2 s).
+const STRESS_GREET_PAUSE: Duration = Duration::from_secs(2);
+
+/// Command timeout in stress mode (postscreen's `smtpd_timeout` under stress: 10 s).
+const STRESS_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bytes of a pregreet talker's first burst kept for its log line (postscreen logs the start
+/// of what it sent; the log escapes and truncates it further).
+const PREGREET_KEEP: usize = 64;
 
 /// The two ends of a session's byte streams.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +87,10 @@ pub struct Peer {
     pub local: SocketAddr,
     /// Wall-clock time of the accept, for the `Received:` date (the core reads no clock).
     pub accepted_at: SystemTime,
+    /// The server was in stress mode at accept (above 80 % of `max_connections`): a shorter
+    /// greet pause and command timeout, and no stutter (postscreen's and spamd's answers to
+    /// overload).
+    pub stressed: bool,
 }
 
 /// I/O the driver must perform for the session.
@@ -84,6 +99,14 @@ pub enum Action {
     /// Look this up (through the resolver's cache) and report the answer with
     /// `handle_lookup`, now or when it arrives. The banner waits for the answers.
     Lookup(Query),
+    /// Is there a fresh PASS for this client (it passed the greet pause within `pass_ttl`)?
+    /// Answer with `handle_pass`; the greet pause waits for the answer.
+    CheckPass(IpAddr),
+    /// The client passed the greet pause: cache a PASS for it for `pass_ttl`.
+    RecordPass(IpAddr),
+    /// The verdict is tarpit: take one of the `max_tarpitted` places (held until the
+    /// connection is gone) and answer with `handle_tarpit_slot`.
+    EnterTarpit,
     /// Open a TCP connection to this downstream server, then report
     /// `DownstreamEvent::Connected` or `ConnectFailed`.
     ConnectDownstream(SocketAddr),
@@ -145,6 +168,8 @@ pub struct Report<'a> {
     pub dnsbl: String,
     /// `list=`: `-`, or which list matched what (`deny:helo`).
     pub list: &'static str,
+    /// The client talked before the final greeting line.
+    pub pregreet: bool,
     /// Messages the downstream accepted.
     pub msgs: u32,
     /// Recipients the downstream accepted.
@@ -161,7 +186,9 @@ enum Phase {
     Proxy,
     /// The header named the client; the driver is checking its per-IP cap.
     Admitting,
-    /// DNS lookups are out; the banner waits for their answers or `[dns] timeout`.
+    /// Before the final greeting line: DNS lookups are out, the greet pause runs, a client
+    /// that talks now is a pregreet talker. Ends when the answers are in (or `[dns] timeout`),
+    /// the pause is over and, for a tarpit verdict, a tarpit place was granted or refused.
     Checking,
     /// Reading commands.
     Command,
@@ -210,17 +237,21 @@ struct Timers {
     downstream: Option<Instant>,
     /// Fires when the DNS answers are not all in within `[dns] timeout`.
     lookup: Option<Instant>,
+    /// Fires when the greet pause is over.
+    greet: Option<Instant>,
 }
 
 impl Timers {
     /// The earliest deadline that can fire in `phase`: exactly the timers `handle_timeout`
     /// acts on there, so a deadline that is due is never reported without being handled (the
     /// driver would wake at once, again and again).
-    fn earliest(&self, phase: &Phase) -> Option<Instant> {
+    /// While a tarpitted reply is `holding`, the client owes us nothing: its timers wait.
+    fn earliest(&self, phase: &Phase, holding: bool) -> Option<Instant> {
         let client = match phase {
+            Phase::Command if holding => [None, None],
             Phase::Command => [self.command, self.idle],
             Phase::Proxy => [self.command, None],
-            Phase::Checking => [self.lookup, None],
+            Phase::Checking => [self.lookup, self.greet],
             Phase::Admitting => [None, None],
             Phase::Data(_) => [self.data, None],
             Phase::Waiting(_) | Phase::Closed => [None, None],
@@ -270,11 +301,14 @@ struct Relay {
     mid_data: bool,
 }
 
-/// A verdict of reject (or a deny-list entry), as the dialog applies it.
+/// A verdict of reject (or a deny-list entry, or a pregreet talker), as the dialog applies it.
 #[derive(Debug)]
 enum Blocked {
     /// The greeting (or the HELO reply) was `554`: every command but QUIT gets `503`.
     Immediate,
+    /// `pregreet = "reject"`: the client talked before the greeting; every command but QUIT
+    /// gets `554 5.5.1`.
+    Pregreet,
     /// `reject_mode = "enforce"`: RCPT gets `550 5.7.1` with this text, DATA `554` and a close.
     Enforce(Box<str>),
 }
@@ -306,6 +340,20 @@ pub struct Session {
     shutting_down: bool,
     checks: Checks,
     blocked: Option<Blocked>,
+    /// See [`Peer::stressed`]; updated by `handle_stress`.
+    stressed: bool,
+    /// A `CheckPass` is unanswered: the greet pause cannot start yet.
+    awaiting_pass: bool,
+    /// The greet pause was served (no cached PASS): passing it earns a PASS.
+    paused: bool,
+    /// What a pregreet talker sent first (at most [`PREGREET_KEEP`] bytes).
+    pregreet: Option<Box<[u8]>>,
+    /// An `EnterTarpit` is unanswered: the greeting waits.
+    awaiting_slot: bool,
+    /// Tarpit verdict with its place granted: replies are held and released on a schedule.
+    tarpit: Option<Box<Tarpit>>,
+    /// The session closed with a tarpitted reply still held: `Close` comes once it is out.
+    close_after_release: bool,
 }
 
 impl Session {
@@ -342,6 +390,13 @@ impl Session {
             shutting_down: false,
             checks: Checks::new(),
             blocked: None,
+            stressed: peer.stressed,
+            awaiting_pass: false,
+            paused: false,
+            pregreet: None,
+            awaiting_slot: false,
+            tarpit: None,
+            close_after_release: false,
             config,
         };
         if behind_proxy {
@@ -359,10 +414,17 @@ impl Session {
         let mut consumed = 0;
         while consumed < bytes.len() {
             let rest = bytes.get(consumed..).unwrap_or_default();
+            let holding = self.is_holding();
             let used = match &mut self.phase {
                 Phase::Closed => return bytes.len(),
-                Phase::Waiting(_) | Phase::Admitting | Phase::Checking => break,
-                Phase::Command if self.to_client.len() >= OUTBOX_CAP => break,
+                Phase::Waiting(_) | Phase::Admitting => break,
+                Phase::Checking => {
+                    // Bytes after a PROXY header in the same read talk before the greeting too.
+                    let used = self.detect_pregreet(now, rest);
+                    consumed += used;
+                    break;
+                }
+                Phase::Command if self.to_client.len() >= OUTBOX_CAP || holding => break,
                 Phase::Command => self.read_command(now, rest),
                 Phase::Proxy => self.read_proxy_header(now, rest),
                 Phase::Data(_) if self.to_downstream.len() >= OUTBOX_CAP => break,
@@ -468,19 +530,24 @@ impl Session {
         }
         let client_late = match self.phase {
             Phase::Data(_) => expired(self.timers.data, now),
+            Phase::Command if self.is_holding() => false,
             Phase::Command => expired(self.timers.command, now) || expired(self.timers.idle, now),
             Phase::Proxy if expired(self.timers.command, now) => {
                 // No banner was sent: nothing to say, as postscreen.
                 return self.close(CloseReason::Timeout, None);
             }
-            Phase::Checking if expired(self.timers.lookup, now) => {
-                self.timers.lookup = None;
-                self.checks.give_up();
-                self.finish_checks(now);
+            Phase::Checking => {
+                if expired(self.timers.lookup, now) {
+                    self.timers.lookup = None;
+                    self.checks.give_up();
+                }
+                if expired(self.timers.greet, now) {
+                    self.timers.greet = None;
+                }
+                self.try_greet(now);
                 false
             }
-            Phase::Proxy | Phase::Admitting | Phase::Checking | Phase::Waiting(_) => false,
-            Phase::Closed => false,
+            Phase::Proxy | Phase::Admitting | Phase::Waiting(_) | Phase::Closed => false,
         };
         if client_late {
             let text = format!("{} Error: timeout exceeded", self.config.server.hostname);
@@ -497,8 +564,52 @@ impl Session {
         let config = Arc::clone(&self.config);
         if self.checks.answer(&config, query, answer) {
             self.timers.lookup = None;
-            self.finish_checks(now);
+            self.try_greet(now);
         }
+    }
+
+    /// The answer to `Action::CheckPass`: a fresh PASS skips the greet pause; otherwise the
+    /// pause starts now, with the `220-` teaser when `banner_continuation` is on.
+    pub fn handle_pass(&mut self, now: Instant, cached: bool) {
+        if !self.awaiting_pass || !matches!(self.phase, Phase::Checking) {
+            return;
+        }
+        self.awaiting_pass = false;
+        if !cached {
+            self.paused = true;
+            self.timers.greet = Some(now + self.greet_pause());
+            if self.config.tarpit.banner_continuation {
+                let teaser = format!("220-{} ESMTP tarmac\r\n", self.config.server.hostname);
+                self.to_client.extend_from_slice(teaser.as_bytes());
+            }
+        }
+        self.try_greet(now);
+    }
+
+    /// The answer to `Action::EnterTarpit`: granted, every reply from the greeting on is
+    /// delayed (and stuttered); refused (`max_tarpitted` reached), the client is rejected
+    /// instead, as DESIGN.md §3 says.
+    pub fn handle_tarpit_slot(&mut self, now: Instant, granted: bool) {
+        if !self.awaiting_slot || !matches!(self.phase, Phase::Checking) {
+            return;
+        }
+        self.awaiting_slot = false;
+        if granted {
+            let tarpit = &self.config.tarpit;
+            self.tarpit = Some(Box::new(Tarpit::new(tarpit.reply_delay, tarpit.stutter)));
+        } else {
+            log::info!(
+                "max_tarpitted reached: rejecting {} instead of tarpitting it",
+                self.peer.client.ip().to_canonical()
+            );
+            self.checks.reject_instead_of_tarpit();
+        }
+        self.greet_final(now);
+    }
+
+    /// The server entered or left stress mode: stuttering stops while it lasts.
+    pub fn handle_stress(&mut self, _now: Instant, stressed: bool) {
+        self.stressed = stressed;
     }
 
     /// The driver's answer to `Action::Admit`: the checks (then the banner), or (over the
@@ -527,8 +638,26 @@ impl Session {
         }
     }
 
-    /// Appends the bytes due for `side` at `now` to `out`.
-    pub fn poll_transmit(&mut self, _now: Instant, side: Side, out: &mut Vec<u8>) {
+    /// Appends the bytes due for `side` at `now` to `out`: for a tarpitted client only what
+    /// its schedule releases by `now`.
+    pub fn poll_transmit(&mut self, now: Instant, side: Side, out: &mut Vec<u8>) {
+        if side == Side::Client
+            && let Some(tarpit) = self.tarpit.as_deref_mut()
+        {
+            let was_holding = tarpit.is_holding();
+            tarpit.hold(now, &mut self.to_client);
+            tarpit.release(now, self.stressed, out);
+            if was_holding && !tarpit.is_holding() {
+                if self.close_after_release {
+                    self.close_after_release = false;
+                    self.actions.push_back(Action::Close);
+                } else if self.closed.is_none() {
+                    // The client's idle time starts when it has our reply.
+                    self.timers.idle = Some(now + self.config.timeouts.idle);
+                }
+            }
+            return;
+        }
         let buf = match side {
             Side::Client => &mut self.to_client,
             Side::Downstream => &mut self.to_downstream,
@@ -547,19 +676,28 @@ impl Session {
 
     /// The earliest deadline, if any.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        let release = self.tarpit.as_deref().and_then(Tarpit::next_release);
         if self.closed.is_some() {
-            return None;
+            // Only a held last reply is still to go out.
+            return release.filter(|_| self.close_after_release);
         }
-        self.timers.earliest(&self.phase)
+        let holding = self.is_holding();
+        [self.timers.earliest(&self.phase, holding), release]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Whether the session takes client bytes now (false while a reply is pending from the
     /// downstream, while its outboxes are full, or once closed).
     pub fn wants_read(&self) -> bool {
         match self.phase {
-            Phase::Command | Phase::Proxy => self.to_client.len() < OUTBOX_CAP,
+            Phase::Command => self.to_client.len() < OUTBOX_CAP && !self.is_holding(),
+            Phase::Proxy => self.to_client.len() < OUTBOX_CAP,
+            // Read until the first pregreet byte: talking first is what is watched for here.
+            Phase::Checking => self.pregreet.is_none(),
             Phase::Data(_) => self.to_downstream.len() < OUTBOX_CAP,
-            Phase::Waiting(_) | Phase::Admitting | Phase::Checking | Phase::Closed => false,
+            Phase::Waiting(_) | Phase::Admitting | Phase::Closed => false,
         }
     }
 
@@ -589,6 +727,7 @@ impl Session {
             score: self.checks.score(),
             dnsbl: self.checks.dnsbl_field(&self.config),
             list: self.checks.list_field(),
+            pregreet: self.pregreet.is_some(),
             msgs: self.msgs,
             rcpts: self.rcpts,
             result,
@@ -611,30 +750,101 @@ impl Session {
     /// decide at once when a list knows the address or there is nothing to look up.
     fn start_checks(&mut self, now: Instant) {
         let config = Arc::clone(&self.config);
-        let queries = self.checks.start(&config, self.peer.client.ip());
+        let ip = self.peer.client.ip().to_canonical();
+        let queries = self.checks.start(&config, ip);
         self.phase = Phase::Checking;
-        if queries.is_empty() {
-            return self.finish_checks(now);
+        if !queries.is_empty() {
+            self.timers.lookup = Some(now + config.dns.timeout);
+            self.actions.extend(queries.into_iter().map(Action::Lookup));
         }
-        self.timers.lookup = Some(now + config.dns.timeout);
-        self.actions.extend(queries.into_iter().map(Action::Lookup));
+        // A client a list decided on needs no greet pause: allowed, it skips every check;
+        // denied, it is refused at once.
+        if !self.greet_pause().is_zero() && self.checks.list_match().is_none() {
+            self.awaiting_pass = true;
+            self.actions.push_back(Action::CheckPass(ip));
+        }
+        self.try_greet(now);
     }
 
-    /// Every answer is in, or `[dns] timeout` passed: the verdict, then the greeting it calls
-    /// for.
+    /// The greet pause for this client: `[tarpit] greet_pause`, shorter in stress mode.
+    fn greet_pause(&self) -> Duration {
+        let pause = self.config.tarpit.greet_pause;
+        if self.stressed {
+            pause.min(STRESS_GREET_PAUSE)
+        } else {
+            pause
+        }
+    }
+
+    /// `[timeouts] command`, shorter in stress mode.
+    fn command_timeout(&self) -> Duration {
+        let timeout = self.config.timeouts.command;
+        if self.stressed {
+            timeout.min(STRESS_COMMAND_TIMEOUT)
+        } else {
+            timeout
+        }
+    }
+
+    /// Whether a tarpitted reply is held (produced, not yet all sent): the client reads, we
+    /// wait, and nothing else is read from it.
+    fn is_holding(&self) -> bool {
+        self.tarpit
+            .as_deref()
+            .is_some_and(|tarpit| tarpit.is_holding() || !self.to_client.is_empty())
+    }
+
+    /// Ends the pre-greet stage once nothing is pending: every answer in (or given up on),
+    /// the PASS question answered, the greet pause over.
+    fn try_greet(&mut self, now: Instant) {
+        if matches!(self.phase, Phase::Checking)
+            && self.checks.is_complete()
+            && !self.awaiting_pass
+            && !self.awaiting_slot
+            && self.timers.greet.is_none()
+        {
+            self.finish_checks(now);
+        }
+    }
+
+    /// Every answer is in and the pause is over: the verdict. A tarpit verdict first asks
+    /// for one of the `max_tarpitted` places; the others greet at once.
     fn finish_checks(&mut self, now: Instant) {
         let config = Arc::clone(&self.config);
-        let verdict = self.checks.decide(&config);
-        self.phase = Phase::Command;
         self.timers.lookup = None;
+        let verdict = self.checks.decide(&config);
+        let tarpit = &config.tarpit;
+        if verdict == Verdict::Tarpit
+            && (!tarpit.reply_delay.is_zero() || !tarpit.stutter.is_zero())
+            && !self.shutting_down
+        {
+            self.awaiting_slot = true;
+            self.actions.push_back(Action::EnterTarpit);
+            return;
+        }
+        self.greet_final(now);
+    }
+
+    /// The final greeting line the verdict calls for, then the command phase.
+    fn greet_final(&mut self, now: Instant) {
+        let config = Arc::clone(&self.config);
+        let verdict = self.checks.verdict();
+        self.phase = Phase::Command;
         self.timers.idle = Some(now + config.timeouts.idle);
         if self.shutting_down {
             return self.close_for_shutdown();
         }
+        let ip = self.peer.client.ip().to_canonical();
+        if self.paused && self.pregreet.is_none() && verdict != Verdict::Reject {
+            self.actions.push_back(Action::RecordPass(ip));
+        }
         if verdict != Verdict::Reject {
+            if self.pregreet.is_some() && config.tarpit.pregreet == Pregreet::Reject {
+                self.blocked = Some(Blocked::Pregreet);
+                self.last_failure = Some("rejected");
+            }
             return self.greet();
         }
-        let ip = self.peer.client.ip().to_canonical();
         let text = match (self.checks.list_match(), self.checks.blocking_zone(&config)) {
             (Some(ListMatch::Deny), _) | (_, None) => {
                 format!("Service unavailable; client [{ip}] blocked by local policy")
@@ -646,12 +856,42 @@ impl Session {
             || config.scoring.reject_mode == RejectMode::Immediate
         {
             // RFC 5321 §3.1: a 554 greeting; the client should QUIT, other commands get 503.
+            // After a `220-` teaser this is the greeting's final line, as postscreen does.
             self.blocked = Some(Blocked::Immediate);
             self.reply(Reply::new(554, "5.7.1", text));
         } else {
             self.blocked = Some(Blocked::Enforce(text.into_boxed_str()));
             self.greet();
         }
+    }
+
+    /// Bytes before the final greeting line: the client is a pregreet talker (DESIGN.md §1.2).
+    /// The first burst is kept for the log; `drop` ends the session with `521` at once, the
+    /// other modes read nothing more until the greeting (the bytes wait in the driver's
+    /// buffer and are answered as commands after it). Returns bytes consumed.
+    fn detect_pregreet(&mut self, now: Instant, bytes: &[u8]) -> usize {
+        if self.pregreet.is_some() || bytes.is_empty() {
+            return 0;
+        }
+        let kept = bytes.get(..PREGREET_KEEP).unwrap_or(bytes);
+        self.pregreet = Some(kept.into());
+        log::info!(
+            "pregreet: {} bytes after {:.2}s from {}: {}",
+            bytes.len(),
+            now.saturating_duration_since(self.started).as_secs_f64(),
+            self.peer.client,
+            escape(kept)
+        );
+        if self.config.tarpit.pregreet == Pregreet::Drop {
+            let text = format!(
+                "{} Protocol error: talked before the greeting",
+                self.config.server.hostname
+            );
+            self.last_failure = Some("rejected");
+            self.close(CloseReason::Blocked, Some(Reply::new(521, "5.5.1", text)));
+            return bytes.len();
+        }
+        0
     }
 
     /// Collects the PROXY header (DESIGN.md §1.4): once whole, the client is the address in
@@ -710,7 +950,7 @@ impl Session {
             return at + 1;
         }
         if self.line.is_empty() && self.timers.command.is_none() {
-            self.timers.command = Some(now + self.config.timeouts.command);
+            self.timers.command = Some(now + self.command_timeout());
         }
         let take = newline.map_or(input.len(), |at| at + 1);
         if self.line.len() + take > max {
@@ -763,12 +1003,23 @@ impl Session {
     }
 
     fn handle_command(&mut self, now: Instant, command: Command<'_>) {
-        if matches!(self.blocked, Some(Blocked::Immediate)) && !matches!(command, Command::Quit) {
-            return self.line_error(Reply::new(
-                503,
-                "5.7.1",
-                "Error: service unavailable; only QUIT is accepted",
-            ));
+        match self.blocked {
+            _ if matches!(command, Command::Quit) => {}
+            Some(Blocked::Immediate) => {
+                return self.line_error(Reply::new(
+                    503,
+                    "5.7.1",
+                    "Error: service unavailable; only QUIT is accepted",
+                ));
+            }
+            Some(Blocked::Pregreet) => {
+                return self.line_error(Reply::new(
+                    554,
+                    "5.5.1",
+                    "Error: you talked before the greeting; no mail accepted",
+                ));
+            }
+            Some(Blocked::Enforce(_)) | None => {}
         }
         match command {
             Command::Ehlo(name) | Command::Helo(name) => {
@@ -1330,6 +1581,9 @@ impl Session {
     }
 
     fn close_for_shutdown(&mut self) {
+        // No tarpit for the goodbye: shutting down is bounded by the drain time.
+        self.tarpit = None;
+        self.close_after_release = false;
         let text = format!(
             "{} Service shutting down, please try again later",
             self.config.server.hostname
@@ -1352,6 +1606,17 @@ impl Session {
         self.closed = Some(reason);
         self.timers = Timers::default();
         self.line = Vec::new();
+        if reason == CloseReason::Disconnect {
+            // Nobody is left to read what the tarpit holds.
+            if let Some(tarpit) = self.tarpit.as_deref_mut() {
+                tarpit.discard();
+            }
+            self.to_client.clear();
+        } else if self.is_holding() {
+            // The last reply goes out on its schedule; `poll_transmit` sends `Close` after it.
+            self.close_after_release = true;
+            return;
+        }
         self.actions.push_back(Action::Close);
     }
 }

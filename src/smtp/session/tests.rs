@@ -1,7 +1,7 @@
 //! Session tests on invented time: a shared driver jumps between inputs, records each side's
 //! output and plays a scripted downstream (a tiny sans-IO SMTP server), like quinn's `Pair`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -13,8 +13,9 @@ fn config() -> Config {
     config.server.hostname = "mx.test".to_owned();
     config.downstream.servers = vec!["127.0.0.1:10025".parse().unwrap()];
     config.downstream.announce_client = AnnounceClient::None;
-    // Lookups are tested on their own (see the checks tests below).
+    // Lookups and the greet pause are tested on their own (see the checks and pregreet tests).
     config.dns.rdns = false;
+    config.tarpit.greet_pause = Duration::ZERO;
     config
 }
 
@@ -128,6 +129,12 @@ struct Pair {
     dns: Vec<(Query, Answer)>,
     /// Every lookup the session asked for, in order.
     lookups: Vec<Query>,
+    /// The answer to `CheckPass`.
+    pass_cached: bool,
+    /// PASSes the session recorded.
+    passes: Vec<IpAddr>,
+    /// The answer to `EnterTarpit`.
+    tarpit_free: bool,
 }
 
 impl Pair {
@@ -136,13 +143,38 @@ impl Pair {
     }
 
     fn with_dns(config: Config, dns: Vec<(Query, Answer)>) -> Pair {
+        Pair::build(config, dns, false)
+    }
+
+    /// A pair whose session was accepted in stress mode.
+    fn stressed(config: Config) -> Pair {
+        Pair::build(config, Vec::new(), true)
+    }
+
+    /// A pair whose driver has no tarpit place left.
+    fn build_refusing_tarpit(config: Config, dns: Vec<(Query, Answer)>) -> Pair {
+        let mut pair = Pair::build_quiet(config, dns, false);
+        pair.tarpit_free = false;
+        pair.pump();
+        pair
+    }
+
+    fn build(config: Config, dns: Vec<(Query, Answer)>, stressed: bool) -> Pair {
+        let mut pair = Pair::build_quiet(config, dns, stressed);
+        pair.pump();
+        pair
+    }
+
+    /// A pair not yet pumped: the test can still change how its driver answers.
+    fn build_quiet(config: Config, dns: Vec<(Query, Answer)>, stressed: bool) -> Pair {
         let now = Instant::now();
         let peer = Peer {
             client: "192.0.2.7:53211".parse().unwrap(),
             local: "198.51.100.1:25".parse().unwrap(),
             accepted_at: UNIX_EPOCH + Duration::from_secs(1_795_438_862),
+            stressed,
         };
-        let mut pair = Pair {
+        Pair {
             session: Session::new(Arc::new(config), peer, now),
             now,
             client_out: Vec::new(),
@@ -159,9 +191,10 @@ impl Pair {
             reuses: 0,
             dns,
             lookups: Vec::new(),
-        };
-        pair.pump();
-        pair
+            pass_cached: false,
+            passes: Vec::new(),
+            tarpit_free: true,
+        }
     }
 
     /// Client sends bytes (kept and re-offered while the session does not want them).
@@ -183,6 +216,8 @@ impl Pair {
             }
             let mut out = Vec::new();
             self.session.poll_transmit(self.now, Side::Client, &mut out);
+            // Like the driver: output released (a tarpit's held reply) may let input in.
+            progress |= !out.is_empty();
             self.client_out.extend_from_slice(&out);
             let mut ds = Vec::new();
             self.session
@@ -249,6 +284,11 @@ impl Pair {
                         self.closed = true;
                     }
                     Action::Admit(_) => self.session.handle_admission(self.now, self.admit),
+                    Action::CheckPass(_) => self.session.handle_pass(self.now, self.pass_cached),
+                    Action::RecordPass(ip) => self.passes.push(ip),
+                    Action::EnterTarpit => {
+                        self.session.handle_tarpit_slot(self.now, self.tarpit_free)
+                    }
                     Action::Lookup(query) => {
                         self.lookups.push(query.clone());
                         let known = self.dns.iter().find(|(q, _)| *q == query);
@@ -1041,3 +1081,5 @@ fn multiplexing_never_pools_a_connection_mid_transaction() {
 
 // The pre-greet checks and the verdict's effect on the dialog.
 mod checks;
+// Greet pause, pregreet talkers, the PASS cache, tarpit delays and stutter, stress mode.
+mod tarpit;
