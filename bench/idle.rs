@@ -22,7 +22,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tarmac::config::Config;
+use tarmac::config::{Config, Rate};
 use tarmac::server::ServerHandle;
 
 /// Set in the child's environment to `addr,N`: open N connections to addr and hold them.
@@ -97,7 +97,7 @@ fn main() {
     stop(server);
 }
 
-/// A loopback server whose caps are above `n`; no DNS, and the downstream is never reached
+/// A loopback server whose caps and rates are above `n`; no DNS, and the downstream is never reached
 /// (idle clients never send MAIL).
 fn config(n: usize) -> Config {
     let mut config = Config::default();
@@ -106,6 +106,14 @@ fn config(n: usize) -> Config {
     config.server.workers = WORKERS;
     config.server.max_connections = 2 * n + WARM_UP;
     config.limits.max_connections_per_ip = u32::try_from(n).expect("n fits u32");
+    // Every client comes from 127.0.0.0/24 at once, thousands a second: rates out of reach, so
+    // the bench measures held connections, not refusals.
+    let unlimited = Rate {
+        count: u32::MAX,
+        per: Duration::from_secs(1),
+    };
+    config.limits.connection_rate_per_ip = unlimited;
+    config.limits.connection_rate_per_subnet = unlimited;
     config.downstream.servers = vec!["127.0.0.1:9".parse().expect("address")];
     config.dns.rdns = false;
     config.dnsbl.clear();

@@ -24,7 +24,7 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use tarmac::config::{AnnounceClient, Config, DownstreamMode};
+use tarmac::config::{AnnounceClient, Config, DownstreamMode, Rate};
 use tarmac::server::ServerHandle;
 use tarmac::sink::{Sink, SinkConfig, SinkMessage};
 
@@ -211,13 +211,21 @@ fn run_tarmac(body: &[u8], per_client: usize, workers: usize, mode: DownstreamMo
 }
 
 /// A loopback tarmac relaying to `downstream`, every check that needs DNS off, and the
-/// per-IP cap above the client count (every client comes from 127.0.0.1).
+/// per-IP cap and the connection rates above what the clients do (all come from 127.0.0.1).
 fn config(downstream: SocketAddr, workers: usize, mode: DownstreamMode) -> Config {
     let mut config = Config::default();
     config.server.listen = vec!["127.0.0.1:0".parse().expect("address")];
     config.server.hostname = "mx.bench".to_owned();
     config.server.workers = workers;
     config.limits.max_connections_per_ip = 10 * CLIENTS as u32;
+    // One session per message, all from 127.0.0.1: rates out of reach, so the bench measures
+    // relaying, not refusals.
+    let unlimited = Rate {
+        count: u32::MAX,
+        per: Duration::from_secs(1),
+    };
+    config.limits.connection_rate_per_ip = unlimited;
+    config.limits.connection_rate_per_subnet = unlimited;
     config.downstream.servers = vec![downstream];
     config.downstream.mode = mode;
     config.downstream.announce_client = AnnounceClient::Xclient;

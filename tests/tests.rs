@@ -11,6 +11,8 @@ mod interop;
 mod cli;
 // The runtime end to end: limits, shutdown, signals, hostile input, many connections.
 mod server;
+// Connection rates per address and per /24 at accept, allow-list exemption, PROXY clients.
+mod rates;
 // Fuzz corpus replay and pseudo-random inputs through `tarmac::fuzzing`, on stable.
 mod corpus;
 // The resolver thread against a real DNS server on loopback: DNSBL, rDNS, cache, zone health.

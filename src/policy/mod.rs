@@ -1,19 +1,25 @@
-//! Pure decisions (DESIGN.md §5): DNSBL scoring, local lists, the verdict. No I/O, no clock:
-//! callers pass what they know and get a decision back.
+//! Pure decisions (DESIGN.md §5): DNSBL scoring, local lists, connection rates, the verdict. No
+//! I/O, no clock of their own (the rate buckets read governor's, which tests replace): callers
+//! pass what they know and get a decision back.
 //!
 //! - [`dnsbl`]: the name to query for a client in a zone, what a zone's answer is worth
 //!   ([`ZoneOutcome`]), the summed score, the zone a reject reply names, the close log's
 //!   `dnsbl=` field.
 //! - [`lists`]: the operator's allow and deny list files, parsed with `path:line` errors and
 //!   matched against addresses and names ([`ListSet`]; allow wins).
+//! - [`rates`]: the connection-rate token buckets per address and per /24 or /64
+//!   ([`ConnectionRates`]), checked at accept; [`RateRefusal`] says which one was empty.
 //! - [`verdict`]: the score placed against `[scoring]`'s thresholds ([`Verdict`]).
 //!
-//! The session (`crate::smtp`) calls these as answers arrive; the server never decides.
+//! The session (`crate::smtp`) calls these as answers arrive; the server never decides, it only
+//! applies: at accept it asks [`ConnectionRates`] and answers a refusal with the `421`.
 
 pub mod dnsbl;
 pub mod lists;
+pub mod rates;
 pub mod verdict;
 
 pub use dnsbl::ZoneOutcome;
 pub use lists::{List, ListMatch, ListSet};
+pub use rates::{ConnectionRates, RateRefusal};
 pub use verdict::Verdict;

@@ -1,18 +1,31 @@
-//! Connection caps shared by every worker: the global open-connection count against
+//! Connection limits shared by every worker: the connection-rate buckets of `[limits]
+//! connection_rate_per_ip` and `connection_rate_per_subnet` (decided by
+//! [`ConnectionRates`](crate::policy::ConnectionRates)), the global open-connection count against
 //! `[server] max_connections` and the concurrent connections per client address against
 //! `[limits] max_connections_per_ip`.
 //!
-//! A slot is taken at accept and given back by dropping its [`LimitGuard`], which the connection
-//! owns, so every way a connection can end releases it. Over either cap the worker answers
-//! DESIGN.md §1.1's `421 4.7.0` and closes without creating a session.
+//! The rates are checked first, so a client over its rate is refused without touching the
+//! counts. A slot is then taken at accept and given back by dropping its [`LimitGuard`], which
+//! the connection owns, so every way a connection can end releases it. Over any limit the worker
+//! answers DESIGN.md §1.1's `421 4.7.0` and closes without creating a session. The rate buckets'
+//! stale keys are dropped by [`Limits::sweep_rates`], which the workers call every turn and
+//! which does the work at most once per [`RATE_SWEEP_INTERVAL`] across all of them.
 
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
+
+use crate::policy::{ConnectionRates, RateRefusal};
+
+/// How often the rate buckets' stale keys are dropped: often enough that their memory follows
+/// the addresses of the last `per` closely, rare enough that the pass over every key (each
+/// shard lock taken in turn) costs the accept path nothing noticeable.
+pub(crate) const RATE_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The counters; one per server, behind an `Arc`.
 #[derive(Debug)]
@@ -23,6 +36,12 @@ pub(crate) struct Limits {
     /// Addresses with at least one open connection; an entry is removed when it drops to 0, so
     /// the map is as large as the set of connected clients, not of every client ever seen.
     per_ip: DashMap<IpAddr, u32>,
+    /// Checked before the counts, for every client not exempt.
+    rates: ConnectionRates,
+    /// When the next sweep of `rates` is due, in milliseconds after `epoch`; the worker that
+    /// moves it on does the sweep.
+    next_sweep: AtomicU64,
+    epoch: Instant,
 }
 
 /// Why a connection was refused at accept.
@@ -32,14 +51,17 @@ pub(crate) enum Refusal {
     GlobalCap,
     /// `[limits] max_connections_per_ip` connections are open from this address.
     PerIpCap,
+    /// The address or its network connected faster than `[limits] connection_rate_per_*`.
+    Rate(RateRefusal),
 }
 
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Refusal::GlobalCap => "max_connections reached",
-            Refusal::PerIpCap => "max_connections_per_ip reached",
-        })
+        match self {
+            Refusal::GlobalCap => f.write_str("max_connections reached"),
+            Refusal::PerIpCap => f.write_str("max_connections_per_ip reached"),
+            Refusal::Rate(rate) => rate.fmt(f),
+        }
     }
 }
 
@@ -51,20 +73,29 @@ pub(crate) struct LimitGuard {
 }
 
 impl Limits {
-    /// Counters for these caps.
-    pub(crate) fn new(max_connections: usize, max_per_ip: u32) -> Limits {
+    /// Counters for these caps, and these rate buckets.
+    pub(crate) fn new(max_connections: usize, max_per_ip: u32, rates: ConnectionRates) -> Limits {
         Limits {
             max_connections,
             max_per_ip,
             open: AtomicUsize::new(0),
             per_ip: DashMap::new(),
+            rates,
+            next_sweep: AtomicU64::new(0),
+            epoch: Instant::now(),
         }
     }
 
-    /// Counts a new connection from `ip`, or says which cap it is over (then nothing is
-    /// counted). `None` counts it against the global cap only: a load balancer from
-    /// `proxy_protocol_from` carries everyone's connections under its one address.
+    /// Takes a token from `ip`'s rate buckets and counts a new connection from it, or says
+    /// which limit it is over (then nothing is counted; a refusal by the network's bucket has
+    /// still taken the address's token, see [`ConnectionRates::check`]). `None` skips the rates
+    /// and counts the connection against the global cap only: a load balancer from
+    /// `proxy_protocol_from` carries everyone's connections under its one address, and its
+    /// clients are checked by [`LimitGuard::rekey`] once their header names them.
     pub(crate) fn try_acquire(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<LimitGuard, Refusal> {
+        if let Some(ip) = ip {
+            self.rates.check(ip).map_err(Refusal::Rate)?;
+        }
         let before = self.open.fetch_add(1, Ordering::AcqRel);
         if before >= self.max_connections {
             self.open.fetch_sub(1, Ordering::AcqRel);
@@ -83,8 +114,8 @@ impl Limits {
     }
 
     /// Counts a connection from an allow-listed client: it is in the open count (so drain and
-    /// logs see it) but no cap refuses it (DESIGN.md §1.1: allow-listed clients skip these
-    /// checks).
+    /// logs see it) but no cap or rate refuses it, and it takes no rate token (DESIGN.md §1.1:
+    /// allow-listed clients skip these checks).
     pub(crate) fn acquire_exempt(self: &Arc<Self>) -> LimitGuard {
         self.open.fetch_add(1, Ordering::AcqRel);
         LimitGuard {
@@ -108,6 +139,29 @@ impl Limits {
             }
             Entry::Vacant(_) => false,
         }
+    }
+
+    /// Drops the rate buckets' stale keys if [`RATE_SWEEP_INTERVAL`] has passed since the last
+    /// sweep by any worker; otherwise one atomic load. Returns whether this call swept. A
+    /// worker calls it every turn, so an idle server (no turns) keeps its keys until the next
+    /// connection, but nothing adds keys meanwhile either.
+    pub(crate) fn sweep_rates(&self, now: Instant) -> bool {
+        let at = millis(now.saturating_duration_since(self.epoch));
+        let due = self.next_sweep.load(Ordering::Relaxed);
+        if at < due {
+            return false;
+        }
+        let next = at.saturating_add(millis(RATE_SWEEP_INTERVAL));
+        // Whoever moves the deadline on sweeps; a worker that lost the race goes on serving.
+        if self
+            .next_sweep
+            .compare_exchange(due, next, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+        self.rates.sweep();
+        true
     }
 
     /// Connections open now, across workers.
@@ -136,13 +190,15 @@ impl Limits {
 }
 
 impl LimitGuard {
-    /// Counts a connection that came in unkeyed (from a balancer) against the per-IP cap of
-    /// the client its PROXY header named. On refusal the guard stays unkeyed: its connection
-    /// is about to be closed.
+    /// Checks a connection that came in unkeyed (from a balancer) against the rate buckets and
+    /// the per-IP cap of the client its PROXY header named, as [`Limits::try_acquire`] checks
+    /// a direct one (rates first). On refusal the guard stays unkeyed: its connection is about
+    /// to be closed.
     pub(crate) fn rekey(&mut self, ip: IpAddr) -> Result<(), Refusal> {
         if self.ip.is_some() {
             return Ok(());
         }
+        self.limits.rates.check(ip).map_err(Refusal::Rate)?;
         if !self.limits.count_ip(ip) {
             return Err(Refusal::PerIpCap);
         }
@@ -157,18 +213,98 @@ impl Drop for LimitGuard {
     }
 }
 
+/// Whole milliseconds in `d`, saturating (a `u64` of them outlasts any uptime).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     use super::*;
+    use crate::config::Rate;
 
     const A: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
     const B: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1));
 
+    fn rate(count: u32) -> Rate {
+        Rate {
+            count,
+            per: Duration::from_secs(3600),
+        }
+    }
+
+    /// Caps as given; rates no test here reaches.
+    fn limits(max_connections: usize, max_per_ip: u32) -> Arc<Limits> {
+        let rates = ConnectionRates::new(rate(u32::MAX), rate(u32::MAX));
+        Arc::new(Limits::new(max_connections, max_per_ip, rates))
+    }
+
+    #[test]
+    fn over_the_rate_is_refused_before_anything_is_counted() {
+        let rates = ConnectionRates::new(rate(2), rate(3));
+        let limits = Arc::new(Limits::new(100, 100, rates));
+        let first = limits.try_acquire(Some(A)).unwrap();
+        drop(first);
+        let _second = limits.try_acquire(Some(A)).unwrap();
+        // Closing a connection gives no token back: the rate counts connections made.
+        assert_eq!(
+            limits.try_acquire(Some(A)).unwrap_err(),
+            Refusal::Rate(RateRefusal::PerIp)
+        );
+        assert_eq!(limits.open(), 1);
+        assert_eq!(limits.open_from(A), 1);
+        // A neighbour in the same /24 takes the network's last token, the next is refused.
+        let neighbour = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2));
+        let _third = limits.try_acquire(Some(neighbour)).unwrap();
+        let last = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 3));
+        let refusal = limits.try_acquire(Some(last)).unwrap_err();
+        assert_eq!(refusal, Refusal::Rate(RateRefusal::PerSubnet));
+        assert_eq!(refusal.to_string(), "connection_rate_per_subnet exceeded");
+        assert_eq!(limits.open(), 2);
+        // Unkeyed (a balancer) and exempt (allow-listed) connections take no token.
+        let _balancer = limits.try_acquire(None).unwrap();
+        let _allowed = limits.acquire_exempt();
+        assert_eq!(limits.open(), 4);
+    }
+
+    #[test]
+    fn rekeying_checks_the_proxied_clients_rate() {
+        let rates = ConnectionRates::new(rate(1), rate(100));
+        let limits = Arc::new(Limits::new(100, 100, rates));
+        let mut first = limits.try_acquire(None).unwrap();
+        first.rekey(A).unwrap();
+        let mut second = limits.try_acquire(None).unwrap();
+        assert_eq!(
+            second.rekey(A).unwrap_err(),
+            Refusal::Rate(RateRefusal::PerIp)
+        );
+        assert_eq!(limits.open_from(A), 1);
+        // Another client behind the same balancer has its own bucket.
+        second.rekey(B).unwrap();
+        assert_eq!(limits.open_from(B), 1);
+    }
+
+    #[test]
+    fn rate_sweeps_happen_at_most_once_an_interval() {
+        let limits = limits(10, 10);
+        let t0 = limits.epoch;
+        assert!(limits.sweep_rates(t0), "the first sweep is due at once");
+        assert!(!limits.sweep_rates(t0));
+        assert!(!limits.sweep_rates(t0 + RATE_SWEEP_INTERVAL - Duration::from_millis(1)));
+        assert!(limits.sweep_rates(t0 + RATE_SWEEP_INTERVAL));
+        assert!(!limits.sweep_rates(t0 + RATE_SWEEP_INTERVAL));
+        // A late turn sweeps once, then waits a whole interval from then.
+        let late = t0 + 10 * RATE_SWEEP_INTERVAL;
+        assert!(limits.sweep_rates(late));
+        assert!(!limits.sweep_rates(late + RATE_SWEEP_INTERVAL / 2));
+        assert!(limits.sweep_rates(late + RATE_SWEEP_INTERVAL));
+    }
+
     #[test]
     fn unkeyed_connections_count_only_globally() {
-        let limits = Arc::new(Limits::new(2, 1));
+        let limits = limits(2, 1);
         let _a = limits.try_acquire(None).unwrap();
         let b = limits.try_acquire(None).unwrap();
         assert_eq!(limits.try_acquire(None).unwrap_err(), Refusal::GlobalCap);
@@ -179,7 +315,7 @@ mod tests {
 
     #[test]
     fn rekeying_counts_the_proxied_client() {
-        let limits = Arc::new(Limits::new(10, 1));
+        let limits = limits(10, 1);
         let mut first = limits.try_acquire(None).unwrap();
         first.rekey(A).unwrap();
         assert_eq!(limits.open_from(A), 1);
@@ -193,7 +329,7 @@ mod tests {
 
     #[test]
     fn per_ip_cap_refuses_the_next_and_release_makes_room() {
-        let limits = Arc::new(Limits::new(100, 2));
+        let limits = limits(100, 2);
         let first = limits.try_acquire(Some(A)).unwrap();
         let _second = limits.try_acquire(Some(A)).unwrap();
         assert_eq!(limits.try_acquire(Some(A)).unwrap_err(), Refusal::PerIpCap);
@@ -210,7 +346,7 @@ mod tests {
 
     #[test]
     fn global_cap_refuses_and_counts_nothing() {
-        let limits = Arc::new(Limits::new(2, 10));
+        let limits = limits(2, 10);
         let _a = limits.try_acquire(Some(A)).unwrap();
         let _b = limits.try_acquire(Some(B)).unwrap();
         assert_eq!(limits.try_acquire(Some(A)).unwrap_err(), Refusal::GlobalCap);
@@ -220,7 +356,7 @@ mod tests {
 
     #[test]
     fn entry_is_removed_when_the_last_connection_goes() {
-        let limits = Arc::new(Limits::new(10, 10));
+        let limits = limits(10, 10);
         let a = limits.try_acquire(Some(A)).unwrap();
         let b = limits.try_acquire(Some(A)).unwrap();
         drop(a);
@@ -231,7 +367,7 @@ mod tests {
 
     #[test]
     fn per_ip_refusal_leaves_no_trace() {
-        let limits = Arc::new(Limits::new(10, 0));
+        let limits = limits(10, 0);
         assert_eq!(limits.try_acquire(Some(A)).unwrap_err(), Refusal::PerIpCap);
         assert!(limits.per_ip.is_empty());
         assert_eq!(limits.open(), 0);
@@ -239,7 +375,7 @@ mod tests {
 
     #[test]
     fn counts_stay_exact_under_concurrent_use() {
-        let limits = Arc::new(Limits::new(1000, 1000));
+        let limits = limits(1000, 1000);
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let limits = Arc::clone(&limits);

@@ -3,11 +3,12 @@
 //! Threads: `[server] workers` event loops (`worker.rs`), each with its own listener socket per
 //! listen address (SO_REUSEPORT, so the kernel spreads connections over them), its own
 //! connection slab and timer heap; plus, under [`run`], one thread waiting for signals. Workers
-//! share only the connection limits (`limits.rs`) and a stop flag; each has a `mio::Waker` so
-//! another thread can make it look at the flag.
+//! share only the connection limits and rate buckets (`limits.rs`) and a stop flag; each has a
+//! `mio::Waker` so another thread can make it look at the flag.
 //!
 //! Life of a connection:
-//! 1. **Accept** (`Worker::accept`): until `WouldBlock`, a bounded number per turn. Over
+//! 1. **Accept** (`Worker::accept`): until `WouldBlock`, a bounded number per turn. Over its
+//!    connection rates (per address, per /24 or /64; [`ConnectionRates`] decides),
 //!    `max_connections` or `max_connections_per_ip` the client gets `421 4.7.0 <hostname> Too
 //!    many connections, try again later` and is closed without a session. Otherwise a
 //!    [`Session`](crate::smtp::Session) is created and the socket registered once for
@@ -53,6 +54,7 @@ use self::load::Load;
 use self::worker::{Shared, Worker};
 use crate::config::Config;
 use crate::dns::{Resolver, ResolverHandle};
+use crate::policy::ConnectionRates;
 use crate::state::PassCache;
 
 /// Pending connections the kernel queues per listener socket before refusing more.
@@ -103,6 +105,10 @@ impl ServerHandle {
         let limits = Arc::new(Limits::new(
             config.server.max_connections,
             config.limits.max_connections_per_ip,
+            ConnectionRates::new(
+                config.limits.connection_rate_per_ip,
+                config.limits.connection_rate_per_subnet,
+            ),
         ));
         let mut resolver = if config.dns.rdns || !config.dnsbl.is_empty() {
             Some(Resolver::start(&config.dns, &config.dnsbl)?)

@@ -1,11 +1,11 @@
 //! One worker: a mio event loop on its own thread with its own listeners (SO_REUSEPORT: the
 //! kernel spreads new connections over the workers), connection slab and timer heap. Workers
-//! share only the connection limits and the stop flag.
+//! share only the connection limits (rate buckets included) and the stop flag.
 //!
 //! A turn: poll (zero timeout when work was left over, else until the earliest deadline); note
 //! readiness from the events; on the waker, start shutting down if asked; fire expired timers;
-//! accept; drive every connection that was ready or touched, the ones left over from the last
-//! turn first; close the connections that finished.
+//! accept; sweep the rate buckets when due; drive every connection that was ready or touched,
+//! the ones left over from the last turn first; close the connections that finished.
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
@@ -247,6 +247,8 @@ impl Worker {
         self.advance_phase(now);
         self.fire_timers(now);
         self.accept(now);
+        // Usually one atomic load: at most one worker a second does the sweep.
+        self.shared.limits.sweep_rates(now);
         self.drive_pending(now);
         self.close_finished(now);
         self.serve_pool_waiters(now);
@@ -391,10 +393,12 @@ impl Worker {
         }
     }
 
-    /// Counts the connection against the limits and starts its session, or refuses it.
+    /// Checks the connection against the rates and counts it against the caps, then starts its
+    /// session, or refuses it.
     fn admit(&mut self, stream: TcpStream, addr: SocketAddr, local: SocketAddr, now: Instant) {
         // A load balancer's connections carry the real client only in their PROXY header,
-        // so its own address is not what the per-IP cap is about.
+        // so its own address is not what the per-IP cap and the rates are about: the client
+        // is checked when the header names it (`Action::Admit` in conn.rs).
         let behind_proxy = self.config.server.expects_proxy_header(addr.ip());
         let allowed = !behind_proxy
             && self.config.lists.entries.check_ip(addr.ip().to_canonical())

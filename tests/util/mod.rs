@@ -9,7 +9,7 @@ use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use tarmac::config::{AnnounceClient, Config, DownstreamTls};
+use tarmac::config::{AnnounceClient, Config, DownstreamTls, Rate};
 use tarmac::server::ServerHandle;
 use tarmac::sink::{Behaviour, Sink, SinkConfig};
 
@@ -23,7 +23,8 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub const DRAIN: Duration = Duration::from_secs(5);
 
 /// A config for tests: a loopback listener on a free port, two workers, a known hostname, no
-/// DNS, XCLIENT towards the downstream (default `127.0.0.1:10025`, nothing listening).
+/// DNS, XCLIENT towards the downstream (default `127.0.0.1:10025`, nothing listening), and
+/// connection rates out of reach.
 pub fn config() -> Config {
     let mut config = Config::default();
     config.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
@@ -36,8 +37,18 @@ pub fn config() -> Config {
     // Most tests are about what follows the banner; the greet pause has tests of its own.
     config.tarpit.greet_pause = Duration::ZERO;
     config.timeouts.drain = DRAIN;
+    // Most tests open many connections from 127.0.0.1 in well under a minute, far past the
+    // default 30/min per address; `tests/rates.rs` sets the rates it tests.
+    config.limits.connection_rate_per_ip = UNLIMITED_RATE;
+    config.limits.connection_rate_per_subnet = UNLIMITED_RATE;
     config
 }
+
+/// A connection rate no test reaches (the bucket refills once a nanosecond).
+pub const UNLIMITED_RATE: Rate = Rate {
+    count: u32::MAX,
+    per: Duration::from_secs(1),
+};
 
 /// [`config`] relaying to `downstream`.
 pub fn test_config(downstream: SocketAddr) -> Config {
