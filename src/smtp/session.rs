@@ -116,8 +116,8 @@ pub enum Action {
     /// Flush what `poll_transmit(Client)` handed out, then close the client connection. Comes
     /// out exactly once.
     Close,
-    /// A balancer's PROXY header named this client: count it against the per-IP cap and
-    /// answer with `handle_admission`. The banner waits for the answer.
+    /// A balancer's PROXY header named this client: count it against the per-IP cap and the
+    /// connection rates and answer with `handle_admission`. The banner waits for the answer.
     Admit(SocketAddr),
     /// `mode = "multiplexing"`: the downstream connection is idle and clean (no transaction
     /// open, no reply outstanding, everything handed out): put it back in the pool with what
