@@ -19,3 +19,5 @@ mod corpus;
 mod dns;
 // DNS checks and verdicts end to end: zones on a loopback DNS server, lists, reject modes.
 mod checks;
+// Greet pause, pregreet talkers, the PASS cache and tarpitting end to end.
+mod tarpit;
