@@ -418,12 +418,6 @@ impl Config {
     pub fn not_yet_effective(&self) -> Vec<String> {
         let mut notes = Vec::new();
         let mut note = |key: &str, what: &str| notes.push(format!("{key}: {what}"));
-        if !self.dnsbl.is_empty() {
-            note(
-                "scoring.tarpit_at",
-                "tarpitting is not in this version yet; a tarpit verdict is logged and relayed without delays",
-            );
-        }
         if self.downstream.tls == DownstreamTls::Required {
             note(
                 "downstream.tls",

@@ -235,12 +235,12 @@ fn demo_writes_accepted_mail_to_demo_mail() {
 fn settings_for_later_features_are_named_and_required_tls_is_refused() {
     let dir = temp_dir("later");
     let path = dir.join("later.toml");
-    std::fs::write(&path, "[[dnsbl]]\nzone = \"zen.example.org\"\nweight = 3\n").unwrap();
+    std::fs::write(&path, "[metrics]\nlisten = \"127.0.0.1:9425\"\n").unwrap();
     let out = tarmac().args(["check", "-c"]).arg(&path).output().unwrap();
     assert!(out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains("note: scoring.tarpit_at: tarpitting is not in this version yet"),
+        stdout.contains("note: metrics.listen: metrics are not in this version yet"),
         "{stdout}"
     );
 
