@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use crate::config::{AnnounceClient, BareNewline, Cidr, Config, DownstreamMode};
+use crate::config::{AnnounceClient, BareNewline, Cidr, Config, Dnsbl, DownstreamMode};
 use crate::dns::{Answer as DnsAnswer, DnsblAnswer, Query, RdnsAnswer};
 use crate::downstream::dialog::Capabilities;
 use crate::policy::List;
@@ -178,6 +178,11 @@ pub fn list_file(data: &[u8]) {
 /// | 6    | downstream: 0 normal, 1 rejects every RCPT,  | connect: 0 ok, 1 first server       |
 /// | 7    | 2 closes on its `k`-th read, 3 silent after  | refuses, 2 first never completes,   |
 /// |      | `k` replies                                  | 3 every server refuses              |
+///
+/// With byte 0 bits 6–7 at 0 or 1 (where `k` is unused), `k`'s bit 3 puts the client in the
+/// tarpit instead: a 6 s greet pause with the `220-` teaser, a zone listing the client with
+/// weight 2, replies held 10 s and, with `k`'s bit 2, stuttered one byte per second; bytes
+/// before the banner then make it a pregreet talker.
 ///
 /// The rest is client bytes, except: `0xF0..=0xFF` advance the clock by `(b & 0x0F) × 37 s`
 /// and call `handle_timeout` (so `0xF0` just cuts a chunk), `0xEE` is a graceful shutdown and
@@ -1306,6 +1311,12 @@ struct ClientView {
     got_354: u32,
     got_mail_250: u32,
     got_rcpt_250: u32,
+    /// Tarpit scenario: output may stop mid-reply (a `220-` teaser, stuttered bytes); only
+    /// whole replies are checked, as they complete.
+    partial_ok: bool,
+    /// The `220-` greeting teaser was seen; its final line may carry another code (a 554,
+    /// 521 or 421 instead of the 220), as DESIGN.md §1.3 and postscreen have it.
+    teaser_seen: bool,
 }
 
 impl Harness {
@@ -1353,6 +1364,18 @@ impl Harness {
             config.downstream.mode = DownstreamMode::Multiplexing;
         }
         let k = u32::from(details & 0x0f);
+        let tarpit = scenario >> 6 <= 1 && k & 8 != 0;
+        if tarpit {
+            config.tarpit.greet_pause = Duration::from_secs(6);
+            config.tarpit.reply_delay = Duration::from_secs(10);
+            config.tarpit.stutter = Duration::from_secs(u64::from(k >> 2 & 1));
+            config.dnsbl = vec![Dnsbl {
+                zone: "bl.fuzz".into(),
+                weight: 2,
+                codes: Vec::new(),
+                reply: None,
+            }];
+        }
         let behaviour = match scenario >> 6 {
             0 => Behaviour::Normal,
             1 => Behaviour::RejectRcpt,
@@ -1394,7 +1417,10 @@ impl Harness {
             generation: 0,
             ds_unread: Vec::new(),
             client_pending: Vec::new(),
-            client_seen: ClientView::default(),
+            client_seen: ClientView {
+                partial_ok: tarpit,
+                ..ClientView::default()
+            },
             closed: false,
             totals: Totals::default(),
         }
@@ -1612,12 +1638,16 @@ impl Harness {
                 Action::CheckPass(_) => self.session.handle_pass(self.now, false),
                 Action::RecordPass(_) => {}
                 Action::EnterTarpit => self.session.handle_tarpit_slot(self.now, true),
-                // No scenario configures zones; the rDNS lookup finds no name, as from a cache.
+                // Only the tarpit scenario has a zone, and it lists the client; the rDNS lookup
+                // finds no name. Both answer at once, as from the cache.
                 Action::Lookup(query) => {
-                    let answer = match query {
-                        Query::Rdns(_) => DnsAnswer::Rdns(RdnsAnswer::NoName),
-                        Query::Dnsbl { .. } => DnsAnswer::Dnsbl(DnsblAnswer::NotListed),
-                    };
+                    let answer =
+                        match query {
+                            Query::Rdns(_) => DnsAnswer::Rdns(RdnsAnswer::NoName),
+                            Query::Dnsbl { .. } => DnsAnswer::Dnsbl(DnsblAnswer::Listed(vec![
+                                std::net::Ipv4Addr::new(127, 0, 0, 2),
+                            ])),
+                        };
                     self.session.handle_lookup(self.now, &query, answer);
                 }
                 Action::ReleaseDownstream(caps) => {
@@ -1676,13 +1706,24 @@ impl ClientView {
     fn receive(&mut self, bytes: &[u8], totals: &Totals) {
         self.bytes.extend_from_slice(bytes);
         assert!(
-            self.bytes.ends_with(b"\r\n"),
+            self.partial_ok || self.bytes.ends_with(b"\r\n"),
             "client output not ending in CRLF: {}",
             escape(&self.bytes)
         );
         while let Some(rest) = self.bytes.get(self.checked..).filter(|r| !r.is_empty()) {
-            let Ok(Status::Complete((reply, used))) = parse_reply(rest) else {
-                panic!("client got a malformed reply: {}", escape(rest));
+            if self.partial_ok && !self.teaser_seen && rest.starts_with(b"220-") {
+                let Some(end) = find(rest, b"\r\n") else {
+                    return;
+                };
+                check_client_lines(rest.get(..end + 2).unwrap_or_default());
+                self.teaser_seen = true;
+                self.checked += end + 2;
+                continue;
+            }
+            let (reply, used) = match parse_reply(rest) {
+                Ok(Status::Complete(done)) => done,
+                Ok(Status::Partial) if self.partial_ok => return,
+                _ => panic!("client got a malformed reply: {}", escape(rest)),
             };
             let wire = rest.get(..used).unwrap_or_default().to_vec();
             check_client_lines(&wire);

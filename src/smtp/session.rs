@@ -452,6 +452,14 @@ impl Session {
     pub fn handle_client_eof(&mut self, _now: Instant) {
         if self.closed.is_none() {
             self.close(CloseReason::Disconnect, None);
+        } else if self.close_after_release {
+            // Closed with its last reply held in the tarpit: nobody is left to read it.
+            self.close_after_release = false;
+            if let Some(tarpit) = self.tarpit.as_deref_mut() {
+                tarpit.discard();
+            }
+            self.to_client.clear();
+            self.actions.push_back(Action::Close);
         }
     }
 
@@ -629,6 +637,12 @@ impl Session {
     /// SIGTERM/SIGINT.
     pub fn handle_shutdown(&mut self, now: Instant, how: Shutdown) {
         if self.closed.is_some() {
+            if how == Shutdown::Now && self.close_after_release {
+                // Its last reply is still trickling out: out with it now, then close.
+                self.close_after_release = false;
+                self.leave_tarpit();
+                self.actions.push_back(Action::Close);
+            }
             return;
         }
         self.shutting_down = true;
@@ -1582,13 +1596,23 @@ impl Session {
 
     fn close_for_shutdown(&mut self) {
         // No tarpit for the goodbye: shutting down is bounded by the drain time.
-        self.tarpit = None;
-        self.close_after_release = false;
+        self.leave_tarpit();
         let text = format!(
             "{} Service shutting down, please try again later",
             self.config.server.hostname
         );
         self.close(CloseReason::Shutdown, Some(Reply::new(421, "4.3.2", text)));
+    }
+
+    /// Ends tarpitting: what is held goes out at once, whole, ahead of anything newer, so the
+    /// client reads complete lines.
+    fn leave_tarpit(&mut self) {
+        if let Some(mut tarpit) = self.tarpit.take() {
+            let mut held = Vec::new();
+            tarpit.release_all(&mut held);
+            held.append(&mut self.to_client);
+            self.to_client = held;
+        }
     }
 
     /// Enters the sticky closed state: final reply queued, downstream dropped, `Close` once.

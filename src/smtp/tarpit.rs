@@ -76,7 +76,14 @@ impl Tarpit {
         self.release_at
     }
 
-    /// Drops what is held: the client is gone, or the session must answer at once (shutdown).
+    /// Hands out everything held at once (shutdown: the rest of a stuttered reply must still
+    /// go before the `421`, or the client would read a garbled line).
+    pub(crate) fn release_all(&mut self, out: &mut Vec<u8>) {
+        out.extend(self.held.drain(..));
+        self.release_at = None;
+    }
+
+    /// Drops what is held: the client is gone.
     pub(crate) fn discard(&mut self) {
         self.held = VecDeque::new();
         self.release_at = None;

@@ -265,7 +265,62 @@ fn shutdown_skips_the_tarpit() {
     pair.pump();
     assert_eq!(
         pair.take_output(),
-        "421 4.3.2 mx.test Service shutting down, please try again later\r\n"
+        format!("{BANNER}421 4.3.2 mx.test Service shutting down, please try again later\r\n"),
+        "the held banner goes out whole, then the 421"
+    );
+    assert!(pair.closed);
+}
+
+#[test]
+fn shutdown_mid_stutter_finishes_the_line_before_the_421() {
+    // Found by the session fuzz target: the client had read "22" of the banner, then "421".
+    let (config, dns) = tarpitted(0, 1);
+    let mut pair = Pair::with_dns(config, dns);
+    pair.advance(SECOND);
+    assert_eq!(pair.take_output(), "22");
+    pair.session.handle_shutdown(pair.now, Shutdown::Graceful);
+    pair.pump();
+    assert_eq!(
+        pair.take_output(),
+        format!(
+            "{}421 4.3.2 mx.test Service shutting down, please try again later\r\n",
+            &BANNER[2..]
+        )
+    );
+    assert!(pair.closed);
+}
+
+#[test]
+fn a_held_goodbye_ends_at_once_on_eof_or_forced_shutdown() {
+    // Found by the session fuzz target: EOF after QUIT left `Close` waiting for the 221.
+    let (config, dns) = tarpitted(5, 1);
+    let mut pair = Pair::with_dns(config, dns);
+    pair.advance(5 * SECOND);
+    for _ in 1..BANNER.len() {
+        pair.advance(SECOND);
+    }
+    assert_eq!(pair.take_output(), BANNER);
+    pair.send(b"QUIT\r\n");
+    assert!(pair.session.is_closed() && !pair.closed);
+    pair.session.handle_client_eof(pair.now);
+    pair.pump();
+    assert!(pair.closed, "the client left: nothing to wait for");
+    assert_eq!(pair.take_output(), "");
+
+    let (config, dns) = tarpitted(5, 1);
+    let mut pair = Pair::with_dns(config, dns);
+    pair.advance(5 * SECOND);
+    for _ in 1..BANNER.len() {
+        pair.advance(SECOND);
+    }
+    pair.take_output();
+    pair.send(b"QUIT\r\n");
+    pair.session.handle_shutdown(pair.now, Shutdown::Now);
+    pair.pump();
+    assert_eq!(
+        pair.take_output(),
+        "221 2.0.0 Bye\r\n",
+        "the goodbye, whole and at once"
     );
     assert!(pair.closed);
 }
