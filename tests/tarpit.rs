@@ -166,3 +166,26 @@ fn over_max_tarpitted_the_client_is_rejected_instead() {
         "554 5.7.1 Service unavailable; client [127.0.0.22] blocked using bl.test\r\n"
     );
 }
+
+#[test]
+fn stress_mode_shortens_the_greet_pause() {
+    let sink = sink(Behaviour::Normal);
+    let mut config = paused(sink.local_addr());
+    // A pause no test waits for: only stress mode's 2 s lets a banner through in time.
+    config.tarpit.greet_pause = Duration::from_secs(60);
+    config.server.max_connections = 5;
+    config.server.workers = 1;
+    let server = Server::start(config);
+    // Four of five connections open: 80 %, stress mode.
+    let mut held: Vec<Client> = (40..44)
+        .map(|n| Client::connect_from(server.addr, from(&format!("127.0.0.{n}"))))
+        .collect();
+    for client in &mut held {
+        assert_eq!(client.line(), TEASER);
+    }
+    let started = Instant::now();
+    let mut late = Client::connect_from(server.addr, from("127.0.0.45"));
+    assert_eq!(late.line(), TEASER);
+    assert_eq!(late.line(), BANNER, "the pause shrank to 2 s");
+    assert!(started.elapsed() >= Duration::from_secs(2));
+}
