@@ -276,7 +276,7 @@ fn wait_for_log(lines: &mpsc::Receiver<String>, needle: &str) -> String {
 }
 
 #[test]
-fn binary_ignores_sighup_and_drains_on_sigterm() {
+fn binary_reloads_on_sighup_and_drains_on_sigterm() {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -289,9 +289,11 @@ fn binary_ignores_sighup_and_drains_on_sigterm() {
         &config,
         "[server]\nlisten = [\"127.0.0.1:0\"]\nhostname = \"mx.test\"\nworkers = 2\n\
          [timeouts]\ndrain = \"5s\"\n[dns]\nrdns = false\n\
-         [tarpit]\ngreet_pause = \"0s\"\n",
+         [tarpit]\ngreet_pause = \"0s\"\n[lists]\nallow = []\ndeny = [\"deny.txt\"]\n",
     )
     .unwrap();
+    let deny = dir.join("deny.txt");
+    std::fs::write(&deny, "# nobody yet\n").unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_tarmac"))
         .args(["run", "-c"])
         .arg(&config)
@@ -332,12 +334,43 @@ fn binary_ignores_sighup_and_drains_on_sigterm() {
     let mut client = Client::connect(addr);
     assert_eq!(client.reply(), BANNER);
 
+    // A new deny list: new clients are checked against it at once, and the session opened
+    // before the reload lives on and meets it at its next decision.
+    std::fs::write(&deny, "127.0.0.50\nspam.example\n").unwrap();
     kill("HUP", pid);
-    wait_for_log(&lines, "reload is not supported yet; ignoring SIGHUP");
-    assert_eq!(client.command("NOOP"), "250 2.0.0 Ok\r\n");
+    wait_for_log(&lines, "reloaded ");
+    let mut denied = Client::connect_from(addr, "127.0.0.50".parse().unwrap());
+    assert_eq!(
+        denied.reply(),
+        "554 5.7.1 Service unavailable; client [127.0.0.50] blocked by local policy\r\n"
+    );
+    assert_eq!(client.command("NOOP"), "250 2.0.0 Ok\r\n", "not dropped");
+    assert_eq!(
+        client.command("EHLO mail.spam.example"),
+        "554 5.7.1 <mail.spam.example>: Helo command rejected: Access denied\r\n"
+    );
+
+    // A broken list: the whole reload is refused with the file and line, the old set stays.
+    std::fs::write(&deny, "127.0.0.50\nnot an entry\n").unwrap();
+    kill("HUP", pid);
+    let refused = wait_for_log(&lines, "reload refused");
+    assert!(
+        refused.contains(&format!("{}:2: ", deny.display())),
+        "{refused}"
+    );
+    let mut still = Client::connect_from(addr, "127.0.0.50".parse().unwrap());
+    assert!(
+        still.reply().starts_with("554 5.7.1 "),
+        "the old list is in force"
+    );
+    assert_eq!(still.command("QUIT"), "221 2.0.0 Bye\r\n");
+    assert_eq!(denied.command("QUIT"), "221 2.0.0 Bye\r\n");
+    still.expect_eof();
+    denied.expect_eof();
 
     kill("TERM", pid);
-    wait_for_log(&lines, "shutting down: draining 1 connections for up to 5s");
+    // The two denied clients are gone, but their slots may be freed a moment after their EOF.
+    wait_for_log(&lines, "shutting down: draining ");
     assert_eq!(client.reply(), SHUTTING_DOWN);
     client.expect_eof();
     let status = exited.recv_timeout(DRAIN).unwrap().unwrap();

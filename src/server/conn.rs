@@ -19,6 +19,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown as NetShutdown, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::event::Event;
@@ -32,6 +33,7 @@ use super::pool::{Idle, Pool, Ticket};
 use super::slab::ConnKey;
 use super::token;
 use super::worker::Shared;
+use crate::config::Config;
 use crate::dns::{Answer, Query, ResolverHandle, Waiter};
 use crate::downstream::connect;
 use crate::downstream::dialog::Capabilities;
@@ -218,6 +220,11 @@ impl Conn {
     /// A DNS answer the connection waited for.
     pub(crate) fn handle_lookup(&mut self, now: Instant, query: &Query, answer: Answer) {
         self.session.handle_lookup(now, query, answer);
+    }
+
+    /// A reloaded configuration, for the session's next decision.
+    pub(crate) fn handle_reload(&mut self, _now: Instant, config: Arc<Config>) {
+        self.session.handle_reload(config);
     }
 
     /// The server entered or left stress mode.

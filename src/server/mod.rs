@@ -32,6 +32,7 @@ mod conn;
 mod limits;
 mod load;
 mod pool;
+mod reload;
 mod slab;
 mod timer;
 mod token;
@@ -51,6 +52,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use self::limits::Limits;
 use self::load::Load;
+use self::reload::Reloads;
 use self::worker::{Shared, Worker};
 use crate::config::Config;
 use crate::dns::{Resolver, ResolverHandle};
@@ -77,6 +79,7 @@ struct Control {
     wakers: Vec<Arc<Waker>>,
     limits: Arc<Limits>,
     drain: Duration,
+    reloads: Arc<Reloads>,
 }
 
 impl ServerHandle {
@@ -123,6 +126,7 @@ impl ServerHandle {
             )),
             passes: Arc::new(PassCache::new(config.tarpit.pass_ttl)),
             stopping: Arc::clone(&stopping),
+            reloads: Arc::new(Reloads::new(Arc::clone(&config))),
         };
         let mut built = Vec::with_capacity(workers);
         let mut wakers = Vec::with_capacity(workers);
@@ -146,6 +150,7 @@ impl ServerHandle {
             wakers,
             limits,
             drain: config.timeouts.drain,
+            reloads: Arc::clone(&shared.reloads),
         });
 
         let mut handle = ServerHandle {
@@ -175,6 +180,12 @@ impl ServerHandle {
     /// figures, for operators (logs, later metrics) and tests.
     pub fn resolver(&self) -> Option<ResolverHandle> {
         self.resolver.as_ref().map(Resolver::handle)
+    }
+
+    /// Puts `config` in force (see `reload.rs`): new connections use it at once, live sessions
+    /// from their next decision. Returns the changed keys that wait for a restart.
+    pub fn reload(&self, config: Arc<Config>) -> Vec<&'static str> {
+        self.control.reload(config)
     }
 
     /// The addresses listened on, with the real port where the config said 0.
@@ -213,20 +224,71 @@ impl ServerHandle {
 impl Control {
     fn shutdown(&self) {
         self.stopping.store(true, Ordering::Release);
-        for waker in &self.wakers {
-            if let Err(e) = waker.wake() {
-                log::error!("cannot wake a worker to stop it: {e}");
-            }
-        }
+        self.wake_workers();
     }
 
     fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
     }
+
+    fn reload(&self, config: Arc<Config>) -> Vec<&'static str> {
+        let waiting = reload::restart_only_changes(&self.reloads.current(), &config);
+        self.reloads.publish(config);
+        self.wake_workers();
+        waiting
+    }
+
+    /// SIGHUP: reads the configuration file the server runs from (and every file it names)
+    /// again; all valid, it is put in force; any error, the whole reload is refused with one
+    /// log line and the running configuration stays.
+    fn reload_from_disk(&self) {
+        let current = self.reloads.current();
+        let Some(path) = current.path.clone() else {
+            log::warn!("SIGHUP: the built-in configuration has no file to reload from");
+            return;
+        };
+        match Config::load(&path) {
+            Err(errors) => {
+                let all: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+                log::error!(
+                    "reload refused ({} error{}), the running configuration stays: {}",
+                    all.len(),
+                    if all.len() == 1 { "" } else { "s" },
+                    all.join("; ")
+                );
+            }
+            Ok(config) => {
+                let summary = format!(
+                    "reloaded {}: {} DNS zone(s), {} allow and {} deny list entries",
+                    path.display(),
+                    config.dnsbl.len(),
+                    config.lists.entries.allow.len(),
+                    config.lists.entries.deny.len()
+                );
+                let waiting = self.reload(Arc::new(config));
+                if waiting.is_empty() {
+                    log::info!("{summary}");
+                } else {
+                    log::warn!(
+                        "{summary}; changes to {} take effect at the next restart",
+                        waiting.join(", ")
+                    );
+                }
+            }
+        }
+    }
+
+    fn wake_workers(&self) {
+        for waker in &self.wakers {
+            if let Err(e) = waker.wake() {
+                log::error!("cannot wake a worker: {e}");
+            }
+        }
+    }
 }
 
 /// Serves until SIGTERM or SIGINT, then drains and returns `Ok` once every connection is closed.
-/// SIGHUP is logged and ignored until reloading is implemented.
+/// SIGHUP reloads the configuration from its file (see `reload.rs`).
 pub fn run(config: Arc<Config>) -> io::Result<()> {
     // Registered before the workers start, so an early SIGTERM is a clean stop, not a kill.
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
@@ -241,7 +303,7 @@ pub fn run(config: Arc<Config>) -> io::Result<()> {
         .spawn(move || {
             for signal in signals.forever() {
                 if signal == SIGHUP {
-                    log::warn!("reload is not supported yet; ignoring SIGHUP");
+                    control.reload_from_disk();
                 } else if control.is_stopping() {
                     log::info!("already shutting down");
                 } else {

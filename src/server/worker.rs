@@ -21,6 +21,7 @@ use super::conn::{CLOSE_FLUSH_LIMIT, Conn, Io, Next, READ_CHUNK};
 use super::limits::Limits;
 use super::load::Load;
 use super::pool::Pool;
+use super::reload::Reloads;
 use super::slab::{ConnKey, Slab};
 use super::timer::TimerHeap;
 use super::token::{self, Source};
@@ -58,6 +59,8 @@ pub(crate) struct Shared {
     pub(crate) passes: Arc<PassCache>,
     /// Set when the server is asked to stop.
     pub(crate) stopping: Arc<AtomicBool>,
+    /// The configuration in force, replaced on SIGHUP.
+    pub(crate) reloads: Arc<Reloads>,
 }
 
 /// A worker, built on the starting thread (so setup errors reach `ServerHandle::start`) and then
@@ -73,6 +76,8 @@ pub(crate) struct Worker {
     shared: Shared,
     /// Stress mode as this worker last told its sessions.
     stressed: bool,
+    /// The reload generation `config` came from.
+    config_generation: u64,
     scratch: Vec<u8>,
     /// Connections to drive this turn (each with `queued` set).
     pending: Vec<ConnKey>,
@@ -152,6 +157,7 @@ impl Worker {
             config: Arc::clone(&config),
             shared,
             stressed: false,
+            config_generation: 0,
             scratch: vec![0; READ_CHUNK],
             pending: Vec::new(),
             ready: Vec::new(),
@@ -243,6 +249,7 @@ impl Worker {
         }
         if woken {
             self.take_dns_answers(now);
+            self.follow_reload(now);
         }
         self.advance_phase(now);
         self.fire_timers(now);
@@ -254,6 +261,21 @@ impl Worker {
         self.serve_pool_waiters(now);
         self.prune_timers();
         self.follow_stress(now);
+    }
+
+    /// A new configuration was published (SIGHUP): new connections get it, and live sessions
+    /// apply it at their next decision.
+    fn follow_reload(&mut self, now: Instant) {
+        let generation = self.shared.reloads.generation();
+        if generation == self.config_generation {
+            return;
+        }
+        self.config_generation = generation;
+        self.config = self.shared.reloads.current();
+        for (key, conn) in self.conns.iter_mut() {
+            conn.handle_reload(now, Arc::clone(&self.config));
+            queue(&mut self.ready, conn, key);
+        }
     }
 
     /// Compares stress mode with the open-connection count; on a change, logs it (once for

@@ -8,7 +8,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::config::Config;
+use crate::config::{Config, Dnsbl};
 use crate::dns::{Answer, Query, RdnsAnswer};
 use crate::policy::dnsbl::{self, ZoneOutcome};
 use crate::policy::{ListMatch, Verdict};
@@ -23,6 +23,9 @@ pub(crate) struct Checks {
     list: Option<(ListMatch, ListedBy)>,
     score: i32,
     verdict: Verdict,
+    /// The zones `zones` is parallel to: those of the config the checks started with (a
+    /// reload may change the session's config later; its answers stay theirs).
+    zone_list: Option<Arc<[Dnsbl]>>,
 }
 
 /// Where the rDNS lookup stands.
@@ -56,6 +59,7 @@ impl Checks {
             list: None,
             score: 0,
             verdict: Verdict::Pass,
+            zone_list: None,
         }
     }
 
@@ -78,6 +82,7 @@ impl Checks {
             })
             .collect();
         self.zones = vec![None; config.dnsbl.len()].into_boxed_slice();
+        self.zone_list = Some(config.dnsbl.clone().into());
         if config.dns.rdns {
             self.rdns = Rdns::Awaiting;
             queries.push(Query::Rdns(ip));
@@ -87,11 +92,11 @@ impl Checks {
 
     /// Records an answer; returns whether every awaited answer is in. Answers nobody waits
     /// for (a zone removed by a reload, a late duplicate) are ignored.
-    pub(crate) fn answer(&mut self, config: &Config, query: &Query, answer: Answer) -> bool {
+    pub(crate) fn answer(&mut self, query: &Query, answer: Answer) -> bool {
         match (query, answer) {
             (Query::Dnsbl { zone, .. }, Answer::Dnsbl(answer)) => {
-                let slot = config
-                    .dnsbl
+                let zones = self.zone_list.as_deref().unwrap_or_default();
+                let slot = zones
                     .iter()
                     .zip(self.zones.iter_mut())
                     .find(|(cfg, slot)| cfg.zone == *zone && slot.is_none());
@@ -172,15 +177,15 @@ impl Checks {
     }
 
     /// The zone a DNSBL reject names (its `reply` text or its name).
-    pub(crate) fn blocking_zone<'c>(&self, config: &'c Config) -> Option<&'c str> {
+    pub(crate) fn blocking_zone(&self) -> Option<&str> {
         let outcomes: Vec<ZoneOutcome> = self.outcomes().collect();
-        dnsbl::blocking_zone(&config.dnsbl, &outcomes)
+        dnsbl::blocking_zone(self.zone_list.as_deref().unwrap_or_default(), &outcomes)
     }
 
     /// The close log's `dnsbl=` field.
-    pub(crate) fn dnsbl_field(&self, config: &Config) -> String {
+    pub(crate) fn dnsbl_field(&self) -> String {
         let outcomes: Vec<ZoneOutcome> = self.outcomes().collect();
-        dnsbl::log_field(&config.dnsbl, &outcomes)
+        dnsbl::log_field(self.zone_list.as_deref().unwrap_or_default(), &outcomes)
     }
 
     /// The forward-confirmed rDNS name, if one was found.

@@ -354,6 +354,8 @@ pub struct Session {
     tarpit: Option<Box<Tarpit>>,
     /// The session closed with a tarpitted reply still held: `Close` comes once it is out.
     close_after_release: bool,
+    /// A reloaded configuration, put in force at the next decision (see `handle_reload`).
+    pending_config: Option<Arc<Config>>,
 }
 
 impl Session {
@@ -397,6 +399,7 @@ impl Session {
             awaiting_slot: false,
             tarpit: None,
             close_after_release: false,
+            pending_config: None,
             config,
         };
         if behind_proxy {
@@ -569,8 +572,7 @@ impl Session {
         if !matches!(self.phase, Phase::Checking) {
             return;
         }
-        let config = Arc::clone(&self.config);
-        if self.checks.answer(&config, query, answer) {
+        if self.checks.answer(query, answer) {
             self.timers.lookup = None;
             self.try_greet(now);
         }
@@ -613,6 +615,13 @@ impl Session {
             self.checks.reject_instead_of_tarpit();
         }
         self.greet_final(now);
+    }
+
+    /// SIGHUP put a new configuration in force. The session takes it at its next decision
+    /// (the next command, or the start of its checks after a PROXY header), not mid-command,
+    /// so a reply or a check in progress finishes under the rules it started with.
+    pub fn handle_reload(&mut self, config: Arc<Config>) {
+        self.pending_config = Some(config);
     }
 
     /// The server entered or left stress mode: stuttering stops while it lasts.
@@ -739,7 +748,7 @@ impl Session {
             rdns: self.checks.rdns_field(),
             verdict: self.checks.verdict().as_str(),
             score: self.checks.score(),
-            dnsbl: self.checks.dnsbl_field(&self.config),
+            dnsbl: self.checks.dnsbl_field(),
             list: self.checks.list_field(),
             pregreet: self.pregreet.is_some(),
             msgs: self.msgs,
@@ -763,6 +772,7 @@ impl Session {
     /// The client's address is known (accept, or the PROXY header): start its lookups, or
     /// decide at once when a list knows the address or there is nothing to look up.
     fn start_checks(&mut self, now: Instant) {
+        self.take_reload();
         let config = Arc::clone(&self.config);
         let ip = self.peer.client.ip().to_canonical();
         let queries = self.checks.start(&config, ip);
@@ -859,7 +869,7 @@ impl Session {
             }
             return self.greet();
         }
-        let text = match (self.checks.list_match(), self.checks.blocking_zone(&config)) {
+        let text = match (self.checks.list_match(), self.checks.blocking_zone()) {
             (Some(ListMatch::Deny), _) | (_, None) => {
                 format!("Service unavailable; client [{ip}] blocked by local policy")
             }
@@ -988,7 +998,15 @@ impl Session {
         take
     }
 
+    /// Puts a reloaded configuration in force (a decision point: see `handle_reload`).
+    fn take_reload(&mut self) {
+        if let Some(config) = self.pending_config.take() {
+            self.config = config;
+        }
+    }
+
     fn dispatch_line(&mut self, now: Instant, line: &[u8]) {
+        self.take_reload();
         let Some(text) = line.strip_suffix(b"\r\n") else {
             // Only CRLF ends a command line; a bare LF is refused, not guessed at.
             self.line_error(Reply::new(500, "5.5.2", "Error: bare <LF> received"));

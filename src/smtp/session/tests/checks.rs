@@ -386,3 +386,29 @@ fn proxied_client_is_checked_under_its_real_address() {
     pair.send(b"PROXY TCP4 203.0.113.9 198.51.100.1 40000 25\r\n");
     assert_eq!(pair.take_output(), BANNER);
 }
+
+#[test]
+fn a_reload_applies_at_the_next_command_not_mid_checks() {
+    let mut config = with_zones(vec![zone("bl.test", 3)]);
+    config.dns.timeout = Duration::from_secs(2);
+    let mut pair = Pair::new(config);
+    // A reload while the checks run: they finish under the rules they started with.
+    let mut reloaded = with_lists("", "spam.example\n");
+    reloaded.dnsbl = vec![zone("other.test", 9)];
+    pair.session.handle_reload(Arc::new(reloaded));
+    let (query, ans) = answer("bl.test", DnsblAnswer::NotListed);
+    pair.session.handle_lookup(pair.now, &query, ans);
+    pair.pump();
+    assert_eq!(pair.take_output(), BANNER);
+    assert_eq!(
+        pair.session.report().dnsbl,
+        "-",
+        "the answer counted for its own zone"
+    );
+    // The next command meets the new lists.
+    pair.send(b"EHLO mx.spam.example\r\n");
+    assert_eq!(
+        pair.take_output(),
+        "554 5.7.1 <mx.spam.example>: Helo command rejected: Access denied\r\n"
+    );
+}

@@ -1,0 +1,137 @@
+//! Live reload (DESIGN.md §2): on SIGHUP the control thread reads the whole configuration again
+//! (config file, list files, and later rule files and certificates) and, only if all of it is
+//! valid, publishes it here. Each worker notices the new generation on its next turn (the
+//! control thread wakes it), takes the new `Config` for the connections it accepts from then on,
+//! and hands it to its live sessions, which apply it at their next decision (the next command,
+//! or the end of their PROXY header): no live session is dropped. A reload with any error is
+//! refused as a whole and the running configuration stays.
+//!
+//! What was built from the configuration at start (listeners, workers, connection caps and
+//! rates, the resolver, the downstream pool, the PASS cache) keeps its start values; a reload
+//! that changes one of those keys says so in its log line.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use crate::config::Config;
+
+/// The configuration in force and how many times it was replaced.
+#[derive(Debug)]
+pub(crate) struct Reloads {
+    current: RwLock<Arc<Config>>,
+    generation: AtomicU64,
+}
+
+impl Reloads {
+    /// Starts at generation 0 with the configuration the server started with.
+    pub(crate) fn new(config: Arc<Config>) -> Reloads {
+        Reloads {
+            current: RwLock::new(config),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    /// Puts `config` in force; workers pick it up at their next turn.
+    pub(crate) fn publish(&self, config: Arc<Config>) {
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = config;
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// How many times the configuration was replaced.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The configuration in force.
+    pub(crate) fn current(&self) -> Arc<Config> {
+        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+/// The keys whose new values wait for a restart because something was built from them at
+/// start, where `new` differs from `old`.
+pub(crate) fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let checks: [(&'static str, bool); 12] = [
+        ("server.listen", old.server.listen != new.server.listen),
+        ("server.workers", old.server.workers != new.server.workers),
+        (
+            "server.max_connections",
+            old.server.max_connections != new.server.max_connections,
+        ),
+        (
+            "server.max_tarpitted",
+            old.server.max_tarpitted != new.server.max_tarpitted,
+        ),
+        (
+            "limits.max_connections_per_ip",
+            old.limits.max_connections_per_ip != new.limits.max_connections_per_ip,
+        ),
+        (
+            "limits.connection_rate_per_ip",
+            old.limits.connection_rate_per_ip != new.limits.connection_rate_per_ip,
+        ),
+        (
+            "limits.connection_rate_per_subnet",
+            old.limits.connection_rate_per_subnet != new.limits.connection_rate_per_subnet,
+        ),
+        ("dns", old.dns != new.dns),
+        (
+            "dnsbl (health checks)",
+            old.dnsbl
+                .iter()
+                .map(|z| &z.zone)
+                .ne(new.dnsbl.iter().map(|z| &z.zone)),
+        ),
+        (
+            "downstream.pool_size",
+            old.downstream.pool_size != new.downstream.pool_size,
+        ),
+        (
+            "downstream.mode",
+            old.downstream.mode != new.downstream.mode,
+        ),
+        (
+            "tarpit.pass_ttl",
+            old.tarpit.pass_ttl != new.tarpit.pass_ttl,
+        ),
+    ];
+    checks
+        .into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publishing_bumps_the_generation() {
+        let reloads = Reloads::new(Arc::new(Config::default()));
+        assert_eq!(reloads.generation(), 0);
+        let mut next = Config::default();
+        next.server.hostname = "mx2.test".to_owned();
+        reloads.publish(Arc::new(next));
+        assert_eq!(reloads.generation(), 1);
+        assert_eq!(reloads.current().server.hostname, "mx2.test");
+    }
+
+    #[test]
+    fn keys_built_at_start_are_named() {
+        let old = Config::default();
+        let mut new = old.clone();
+        assert!(restart_only_changes(&old, &new).is_empty());
+        new.scoring.reject_at = 9;
+        new.timeouts.idle = std::time::Duration::from_secs(1);
+        assert!(
+            restart_only_changes(&old, &new).is_empty(),
+            "these apply live"
+        );
+        new.server.max_connections = 7;
+        new.dns.timeout = std::time::Duration::from_secs(9);
+        assert_eq!(
+            restart_only_changes(&old, &new),
+            ["server.max_connections", "dns"]
+        );
+    }
+}
