@@ -213,15 +213,17 @@ impl RuleSet {
         for (path, text) in files {
             let text = text.strip_prefix('\u{feff}').unwrap_or(text);
             let mut reader = Reader::new(text, path);
-            for (rule, name_line) in reader.file(text) {
-                let lower = rule.name.to_ascii_lowercase();
+            for named in reader.file(text) {
+                // A rule with errors still claims its name, so a duplicate shows up in the
+                // same run, not after the first error is fixed.
+                let lower = named.name.to_ascii_lowercase();
                 if let Some(first) = names.get(&lower) {
-                    let message = format!("rule {:?} is already defined at {first}", rule.name);
-                    reader.push(name_line.1, &name_line.0, message);
+                    let message = format!("rule {:?} is already defined at {first}", named.name);
+                    reader.push(named.line, &named.key, message);
                     continue;
                 }
-                names.insert(lower, format!("{}:{}", path.display(), name_line.1));
-                set.rules.push(rule);
+                names.insert(lower, format!("{}:{}", path.display(), named.line));
+                set.rules.extend(named.rule);
             }
             errors.append(&mut reader.finish());
         }
@@ -566,6 +568,15 @@ struct Reader<'p> {
     errors: Vec<(usize, ConfigError)>,
 }
 
+/// A rule's name and where it is given, with the rule itself when it has no error.
+struct Named {
+    name: String,
+    /// `rule[i].name`
+    key: String,
+    line: usize,
+    rule: Option<Rule>,
+}
+
 /// A key given in a rule, with its value's line, for checks across keys.
 type Given<'v, 'i> = Option<(&'v Spanned<DeValue<'i>>, usize)>;
 
@@ -617,9 +628,9 @@ impl<'p> Reader<'p> {
         self.push_at(span.start, line, key, message);
     }
 
-    /// Every valid rule of the file, each with its `name` key and line (for duplicate errors);
-    /// the errors go into `self`.
-    fn file(&mut self, text: &str) -> Vec<(Rule, (String, usize))> {
+    /// Every rule of the file that has a valid name, compiled if it has no error; the errors
+    /// go into `self`.
+    fn file(&mut self, text: &str) -> Vec<Named> {
         let (doc, syntax_errors) = DeTable::parse_recoverable(text);
         if !syntax_errors.is_empty() {
             // As in the config reader: a patched-up tree would only add guessed errors, and
@@ -671,20 +682,15 @@ impl<'p> Reader<'p> {
                 }
             };
             for (i, item) in items.iter().enumerate() {
-                if let Some(rule) = self.rule(&format!("rule[{i}]"), item) {
-                    rules.push(rule);
-                }
+                rules.extend(self.rule(&format!("rule[{i}]"), item));
             }
         }
         rules
     }
 
-    /// One `[[rule]]` table, or `None` after recording why not.
-    fn rule(
-        &mut self,
-        prefix: &str,
-        item: &Spanned<DeValue<'_>>,
-    ) -> Option<(Rule, (String, usize))> {
+    /// One `[[rule]]` table: `None` without a valid name, else the name and, if it has no
+    /// error, the rule. Errors are recorded.
+    fn rule(&mut self, prefix: &str, item: &Spanned<DeValue<'_>>) -> Option<Named> {
         let Some(table) = item.get_ref().as_table() else {
             let found = item.get_ref().type_str();
             self.error(
@@ -831,28 +837,31 @@ impl<'p> Reader<'p> {
             }
         };
 
-        if self.errors.len() != before {
-            return None;
-        }
-        let (name, name_line) = name?;
-        let (action, _) = action?;
-        let mut conditions = conditions?;
-        conditions.sort_by_key(Condition::cost);
-        let stage = conditions
-            .iter()
-            .map(condition_stage)
-            .max()
-            .unwrap_or(Stage::Connect);
-        Some((
-            Rule {
-                name: name.into_boxed_str(),
-                stage,
-                conditions,
-                action,
-                reply,
-            },
-            (name_key, name_line),
-        ))
+        let (name, line) = name?;
+        let rule = match (action, conditions) {
+            (Some((action, _)), Some(mut conditions)) if self.errors.len() == before => {
+                conditions.sort_by_key(Condition::cost);
+                let stage = conditions
+                    .iter()
+                    .map(condition_stage)
+                    .max()
+                    .unwrap_or(Stage::Connect);
+                Some(Rule {
+                    name: name.clone().into_boxed_str(),
+                    stage,
+                    conditions,
+                    action,
+                    reply,
+                })
+            }
+            _ => None,
+        };
+        Some(Named {
+            name,
+            key: name_key,
+            line,
+            rule,
+        })
     }
 
     /// The `when` table.
