@@ -5,8 +5,9 @@
 //! files); both start from [`Config::default`] and overwrite what the file sets, so an empty file
 //! is a valid config. The value syntaxes (durations, sizes, rates, addresses, CIDRs) live in
 //! `syntax`, the walk over the TOML tree in `document`. [`Config::from_toml`] never opens the
-//! files a config names; [`Config::load`] then reads the list files (`[lists]`) into the config,
-//! so a running server and `tarmac check` see the same entries and the same errors.
+//! files a config names; [`Config::load`] then reads the list files (`[lists]`) and rule files
+//! (`[rules]`) into the config, so a running server and `tarmac check` see the same entries,
+//! rules and errors.
 
 mod document;
 mod syntax;
@@ -19,7 +20,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::policy::{List, ListSet};
+use crate::policy::{List, ListSet, RuleSet};
 
 /// The whole validated configuration. Cheap to share behind an `Arc`; a reload builds a new one.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -368,6 +369,9 @@ pub struct Lists {
 pub struct Rules {
     /// Rule files, evaluated in this order.
     pub files: Vec<PathBuf>,
+    /// Their rules, read by [`Config::load`] (or [`Config::load_rules`]); empty after
+    /// [`Config::from_toml`], which reads no file.
+    pub set: RuleSet,
 }
 
 /// Every error found in one config file, in line order; never empty when returned as an error.
@@ -451,9 +455,10 @@ impl Config {
         self.downstream.tls == DownstreamTls::Required
     }
 
-    /// Reads the file at `path`, parses it with [`Config::from_toml`] and reads the list files it
-    /// names ([`Config::load_lists`]). An unreadable file is a single error, `path: cannot read:
-    /// <reason>`.
+    /// Reads the file at `path`, parses it with [`Config::from_toml`] and reads the list and
+    /// rule files it names ([`Config::load_lists`], [`Config::load_rules`]), reporting the
+    /// errors of all of them together. An unreadable config file is a single error, `path:
+    /// cannot read: <reason>`.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigErrors(vec![ConfigError {
@@ -464,7 +469,17 @@ impl Config {
             }])
         })?;
         let mut config = Config::from_toml(&text, path)?;
-        config.load_lists()?;
+        // Both kinds of file are read before failing, so one `tarmac check` shows every error.
+        let mut errors = Vec::new();
+        if let Err(ConfigErrors(mut bad)) = config.load_lists() {
+            errors.append(&mut bad);
+        }
+        if let Err(ConfigErrors(mut bad)) = config.load_rules() {
+            errors.append(&mut bad);
+        }
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
         Ok(config)
     }
 
@@ -516,6 +531,45 @@ impl Config {
         }
         self.lists.entries = entries;
         Ok(())
+    }
+
+    /// Reads the `[rules]` files into `rules.set`, collecting every error of every file as
+    /// `file:line: key: message`. A missing file is an error, except the default
+    /// `rules/default.toml` beside the config: an empty config stays valid where nobody
+    /// installed the shipped rules.
+    pub fn load_rules(&mut self) -> Result<(), ConfigErrors> {
+        let base = self.path.as_deref().and_then(Path::parent);
+        let is_default = |file: &Path| {
+            Rules::default()
+                .files
+                .iter()
+                .any(|d| base.map_or(d.clone(), |b| b.join(d)) == file)
+        };
+        let mut errors = Vec::new();
+        let mut texts = Vec::with_capacity(self.rules.files.len());
+        for file in &self.rules.files {
+            match std::fs::read_to_string(file) {
+                Ok(text) => texts.push((file.clone(), text)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && is_default(file) => {}
+                Err(e) => errors.push(ConfigError {
+                    path: file.clone(),
+                    line: None,
+                    key: String::new(),
+                    message: format!("cannot read rule file: {e}"),
+                }),
+            }
+        }
+        match RuleSet::parse(&texts) {
+            Ok(set) if errors.is_empty() => {
+                self.rules.set = set;
+                Ok(())
+            }
+            Ok(_) => Err(ConfigErrors(errors)),
+            Err(mut bad) => {
+                errors.append(&mut bad);
+                Err(ConfigErrors(errors))
+            }
+        }
     }
 }
 
@@ -700,6 +754,7 @@ impl Default for Rules {
     fn default() -> Self {
         Rules {
             files: vec![PathBuf::from("rules/default.toml")],
+            set: RuleSet::default(),
         }
     }
 }

@@ -111,13 +111,14 @@ fn check(path: PathBuf) -> ExitCode {
         return ExitCode::FAILURE;
     }
     println!(
-        "{}: ok: {} listener(s), {} downstream server(s), {} DNS zone(s), {} allow and {} deny list entries",
+        "{}: ok: {} listener(s), {} downstream server(s), {} DNS zone(s), {} allow and {} deny list entries, {} rule(s)",
         path.display(),
         config.server.listen.len(),
         config.downstream.servers.len(),
         config.dnsbl.len(),
         config.lists.entries.allow.len(),
         config.lists.entries.deny.len(),
+        config.rules.set.len(),
     );
     ExitCode::SUCCESS
 }

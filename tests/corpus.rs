@@ -16,7 +16,7 @@ const RANDOM_LEN: usize = 400;
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 7] = [
+const TARGETS: [(&str, Target); 8] = [
     ("command", fuzzing::command),
     ("reply", fuzzing::reply),
     ("data", fuzzing::data),
@@ -24,6 +24,7 @@ const TARGETS: [(&str, Target); 7] = [
     ("session", fuzzing::session),
     ("proxy", fuzzing::proxy),
     ("list_file", fuzzing::list_file),
+    ("rule_file", fuzzing::rule_file),
 ];
 
 #[test]
@@ -54,6 +55,11 @@ fn corpus_config() {
 #[test]
 fn corpus_list_file() {
     replay("list_file", fuzzing::list_file);
+}
+
+#[test]
+fn corpus_rule_file() {
+    replay("rule_file", fuzzing::rule_file);
 }
 
 #[test]

@@ -21,3 +21,5 @@ mod dns;
 mod checks;
 // Greet pause, pregreet talkers, the PASS cache and tarpitting end to end.
 mod tarpit;
+// Rule files: `tarmac check` on bad and shipped rule files, `Config::load` reading them.
+mod rules;

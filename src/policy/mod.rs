@@ -7,6 +7,8 @@
 //!   `dnsbl=` field.
 //! - [`lists`]: the operator's allow and deny list files, parsed with `path:line` errors and
 //!   matched against addresses and names ([`ListSet`]; allow wins).
+//! - [`rules`]: the operator's rule files, parsed with `path:line: key: message` errors, and
+//!   the matcher run at each [`Stage`] of a connection ([`RuleSet::evaluate`]).
 //! - [`rates`]: the connection-rate token buckets per address and per /24 or /64
 //!   ([`ConnectionRates`]), checked at accept; [`RateRefusal`] says which one was empty.
 //! - [`verdict`]: the score placed against `[scoring]`'s thresholds ([`Verdict`]).
@@ -17,9 +19,11 @@
 pub mod dnsbl;
 pub mod lists;
 pub mod rates;
+pub mod rules;
 pub mod verdict;
 
 pub use dnsbl::ZoneOutcome;
 pub use lists::{List, ListMatch, ListSet};
 pub use rates::{ConnectionRates, RateRefusal};
+pub use rules::{Decision, Facts, RuleAction, RuleSet, Stage, default_reply};
 pub use verdict::Verdict;

@@ -1,0 +1,200 @@
+//! Rule files as an operator meets them: `tarmac check` on bad and on shipped rule files, and
+//! `Config::load` reading `[rules] files` next to the list files.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tarmac::config::Config;
+
+/// The shipped default rules, by absolute path, so the config may live anywhere.
+const SHIPPED_DEFAULT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/rules/default.toml");
+
+fn tarmac() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tarmac"))
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tarmac-rules-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn check_prints_every_rule_error_as_file_line_key_message() {
+    let dir = temp_dir("check-errors");
+    let config = write(
+        &dir,
+        "tarmac.toml",
+        "[lists]\nallow = []\ndeny = []\n[rules]\nfiles = [\"a.toml\", \"b.toml\", \"missing.toml\"]\n",
+    );
+    write(
+        &dir,
+        "a.toml",
+        r#"[[rule]]
+name = "bad-regex"
+when = { helo = "/([0-9]/" }
+action = "reject"
+
+[[rule]]
+name = "wrong-class"
+when = { client = "192.0.2.1/24", colour = "red" }
+action = "reject"
+reply = "451 4.7.1 Later"
+"#,
+    );
+    write(
+        &dir,
+        "b.toml",
+        r#"[[rule]]
+name = "tarpit-with-reply"
+when = { rdns = "*.dynamic.example.net" }
+action = "tarpit"
+reply = "550 5.7.1 No"
+
+[[rule]]
+name = "bad-regex"
+when = {}
+action = "allow"
+"#,
+    );
+    let out = tarmac()
+        .args(["check", "-c"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (a, b) = (dir.join("a.toml"), dir.join("b.toml"));
+    let (a, b) = (a.display(), b.display());
+    let expected = [
+        format!("{a}:3: rule[0].when.helo: invalid regex \"/([0-9]/\": unclosed group"),
+        format!(
+            "{a}:8: rule[1].when.client: invalid CIDR \"192.0.2.1/24\": host bits are set; did \
+             you mean 192.0.2.0/24?"
+        ),
+        format!(
+            "{a}:8: rule[1].when.colour: unknown condition; expected one of: client, helo, \
+             rdns, sender, recipient, dnsbl, score_at_least, no_rdns"
+        ),
+        format!(
+            "{a}:10: rule[1].reply: a reject rule needs a 5xx reply, got 451; use action = \
+             \"defer\" for a 4xx reply"
+        ),
+        format!(
+            "{b}:5: rule[0].reply: only reject (5xx) and defer (4xx) rules send a reply; a \
+             tarpit rule sends none"
+        ),
+        format!("{b}:8: rule[1].name: rule \"bad-regex\" is already defined at {a}:2"),
+        format!(
+            "{}: cannot read rule file: No such file or directory (os error 2)",
+            dir.join("missing.toml").display()
+        ),
+    ];
+    let lines: Vec<&str> = stderr.lines().collect();
+    for line in &expected {
+        assert!(
+            lines.contains(&line.as_str()),
+            "missing {line:?} in:\n{stderr}"
+        );
+    }
+    assert_eq!(lines.len(), expected.len(), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn check_accepts_the_shipped_rules() {
+    let dir = temp_dir("check-shipped");
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/rules/examples");
+    let config = write(
+        &dir,
+        "tarmac.toml",
+        &format!(
+            "[lists]\nallow = []\ndeny = []\n[rules]\nfiles = [{SHIPPED_DEFAULT:?}, \
+             \"{examples}/partners.toml\", \"{examples}/dynamic-pools.toml\", \
+             \"{examples}/senders.toml\"]\n"
+        ),
+    );
+    let out = tarmac()
+        .args(["check", "-c"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let loaded = Config::load(&config).unwrap();
+    assert!(loaded.rules.set.len() >= 10);
+    assert!(
+        stdout.contains(&format!("{} rule(s)", loaded.rules.set.len())),
+        "{stdout}"
+    );
+
+    // The default file alone.
+    let config = write(
+        &dir,
+        "default-only.toml",
+        &format!("[lists]\nallow = []\ndeny = []\n[rules]\nfiles = [{SHIPPED_DEFAULT:?}]\n"),
+    );
+    let out = tarmac()
+        .args(["check", "-c"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn missing_default_rule_file_is_not_an_error_but_a_named_one_is() {
+    let dir = temp_dir("load");
+    // Defaults everywhere: no blocklists/ and no rules/ beside the config.
+    let config = write(&dir, "tarmac.toml", "");
+    let loaded = Config::load(&config).unwrap();
+    assert!(loaded.rules.set.is_empty());
+    assert_eq!(loaded.rules.files, [dir.join("rules/default.toml")]);
+
+    // The default path, once it exists, is read.
+    std::fs::create_dir_all(dir.join("rules")).unwrap();
+    std::fs::copy(SHIPPED_DEFAULT, dir.join("rules/default.toml")).unwrap();
+    let loaded = Config::load(&config).unwrap();
+    assert!(!loaded.rules.set.is_empty());
+
+    // A file named on purpose must exist; list and rule errors come out together.
+    write(
+        &dir,
+        "tarmac.toml",
+        "[lists]\nallow = [\"allow.txt\"]\ndeny = []\n[rules]\nfiles = [\"mine.toml\"]\n",
+    );
+    write(&dir, "allow.txt", "192.0.2.1/24\n");
+    let errors = Config::load(&config).unwrap_err().0;
+    let shown: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        shown,
+        [
+            format!(
+                "{}:1: invalid CIDR \"192.0.2.1/24\": host bits are set; did you mean \
+                 192.0.2.0/24?",
+                dir.join("allow.txt").display()
+            ),
+            format!(
+                "{}: cannot read rule file: No such file or directory (os error 2)",
+                dir.join("mine.toml").display()
+            ),
+        ]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
