@@ -198,3 +198,90 @@ fn missing_default_rule_file_is_not_an_error_but_a_named_one_is() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A rule in a running server, then SIGHUP: the new rule applies to a new client at once and
+/// to a session opened before the reload at its next command, which still completes its mail;
+/// a broken rule file is refused with its file and line and the rules in force stay.
+#[test]
+fn sighup_switches_the_rules_without_dropping_a_session() {
+    let sink = crate::util::sink(tarmac::sink::Behaviour::Normal);
+    let dir = temp_dir("reload");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = write(
+        &dir,
+        "tarmac.toml",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nhostname = \"mx.test\"\nworkers = 1\n\
+             [downstream]\nservers = [\"{}\"]\n[dns]\nrdns = false\n[tarpit]\ngreet_pause = \"0s\"\n\
+             [lists]\nallow = []\ndeny = []\n[rules]\nfiles = [\"rules.toml\"]\n",
+            sink.local_addr()
+        ),
+    );
+    let rule = |helo: &str| {
+        format!(
+            "[[rule]]\nname = \"no-{helo}\"\nwhen = {{ helo = \"{helo}\" }}\naction = \"reject\"\n"
+        )
+    };
+    let rules = write(&dir, "rules.toml", &rule("old.example"));
+    let running = crate::util::Running::start(&config);
+    crate::util::wait_for_log(&running.lines, "listening on ");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let refusal = "554 5.7.1 Service unavailable; rejected by local policy\r\n";
+
+    let mut before = crate::util::Client::connect(addr);
+    assert!(before.reply().starts_with("220 "));
+    assert_eq!(before.command("EHLO old.example"), refusal);
+    let mut live = crate::util::Client::connect(addr);
+    assert!(live.reply().starts_with("220 "));
+    assert!(live.command("EHLO client.example").starts_with("250-"));
+    assert!(
+        live.command("MAIL FROM:<a@example.org>")
+            .starts_with("250 ")
+    );
+
+    std::fs::write(&rules, rule("new.example")).unwrap();
+    running.signal("HUP");
+    crate::util::wait_for_log(&running.lines, "reloaded ");
+    let mut fresh = crate::util::Client::connect(addr);
+    assert!(fresh.reply().starts_with("220 "));
+    assert_eq!(fresh.command("EHLO new.example"), refusal);
+    let mut other = crate::util::Client::connect(addr);
+    assert!(other.reply().starts_with("220 "));
+    assert!(
+        other.command("EHLO old.example").starts_with("250-"),
+        "the old rule is gone"
+    );
+
+    // The session opened before the reload completes its mail, and its next HELO meets the
+    // new rules.
+    assert!(live.command("RCPT TO:<b@example.net>").starts_with("250 "));
+    assert!(live.command("DATA").starts_with("354 "));
+    live.send("hi\r\n.\r\n");
+    assert!(live.reply().starts_with("250 "));
+    assert_eq!(live.command("EHLO new.example"), refusal);
+    assert_eq!(sink.wait_for_messages(1, crate::util::WAIT).len(), 1);
+
+    std::fs::write(
+        &rules,
+        "[[rule]]\nname = \"broken\"\nwhen = { helo = \"/(/\" }\naction = \"reject\"\n",
+    )
+    .unwrap();
+    running.signal("HUP");
+    let refused = crate::util::wait_for_log(&running.lines, "reload refused");
+    assert!(
+        refused.contains(&format!("{}:3: ", rules.display())),
+        "{refused}"
+    );
+    let mut after = crate::util::Client::connect(addr);
+    assert!(after.reply().starts_with("220 "));
+    assert_eq!(
+        after.command("EHLO new.example"),
+        refusal,
+        "the rules in force stay"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

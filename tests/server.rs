@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tarmac::sink::Behaviour;
 
-use crate::util::{Client, DRAIN, Server, WAIT, config, sink};
+use crate::util::{Client, DRAIN, Server, WAIT, config, sink, wait_for_log};
 
 const BANNER: &str = "220 mx.test ESMTP tarmac\r\n";
 
@@ -259,20 +259,6 @@ fn kill(signal: &str, pid: u32) {
         .status()
         .unwrap();
     assert!(status.success(), "kill -{signal} {pid}: {status}");
-}
-
-/// The next stderr line of the child containing `needle`, within [`WAIT`].
-#[track_caller]
-fn wait_for_log(lines: &mpsc::Receiver<String>, needle: &str) -> String {
-    let give_up = Instant::now() + WAIT;
-    loop {
-        let left = give_up.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(line) if line.contains(needle) => return line,
-            Ok(_) => {}
-            Err(e) => panic!("no log line containing {needle:?}: {e}"),
-        }
-    }
 }
 
 #[test]

@@ -243,6 +243,33 @@ impl Checks {
         }
     }
 
+    /// The zones listing the client (weight counted), for rules' `dnsbl` condition.
+    pub(crate) fn listed_zones(&self) -> Vec<&str> {
+        let zones = self.zone_list.as_deref().unwrap_or_default();
+        zones
+            .iter()
+            .zip(self.zones.iter())
+            .filter(|(_, outcome)| matches!(outcome, Some(ZoneOutcome::Listed(_))))
+            .map(|(zone, _)| &*zone.zone)
+            .collect()
+    }
+
+    /// Rules added `points` to the score. At connect, before a rule or a list decided, the
+    /// verdict follows the new score.
+    pub(crate) fn add_score(&mut self, config: &Config, points: i32, recompute: bool) {
+        self.score = self.score.saturating_add(points);
+        if recompute && self.list.is_none() {
+            self.verdict = Verdict::from_score(self.score, &config.scoring);
+        }
+    }
+
+    /// A rule decided the verdict (allow, tarpit, reject).
+    pub(crate) fn rule_decided(&mut self, verdict: Verdict) {
+        if self.list.is_none() {
+            self.verdict = verdict;
+        }
+    }
+
     /// What the lists decided, if they did.
     pub(crate) fn list_match(&self) -> Option<ListMatch> {
         self.list.map(|(found, _)| found)

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::config::{Config, DownstreamMode, Pregreet, RejectMode};
 use crate::dns::{Answer, Query};
 use crate::downstream::dialog::{Capabilities, ClientIdentity, Handshake, Step};
-use crate::policy::{ListMatch, Verdict};
+use crate::policy::{Facts, ListMatch, RuleAction, Stage, Verdict};
 use crate::smtp::checks::{Checks, ListedBy};
 use crate::smtp::command::{Body, Command, CommandError, MailParams, parse_command};
 use crate::smtp::data::{DataDecoder, DataViolation};
@@ -170,6 +170,8 @@ pub struct Report<'a> {
     pub list: &'static str,
     /// The client talked before the final greeting line.
     pub pregreet: bool,
+    /// `rule=`: the operator rule that decided last, or `-`.
+    pub rule: &'a str,
     /// Messages the downstream accepted.
     pub msgs: u32,
     /// Recipients the downstream accepted.
@@ -309,6 +311,9 @@ enum Blocked {
     /// `pregreet = "reject"`: the client talked before the greeting; every command but QUIT
     /// gets `554 5.5.1`.
     Pregreet,
+    /// A rule rejected or deferred the client at connect or HELO: every command but QUIT gets
+    /// the rule's reply (DESIGN.md §3.2).
+    Rule(Box<Reply>),
     /// `reject_mode = "enforce"`: RCPT gets `550 5.7.1` with this text, DATA `554` and a close.
     Enforce(Box<str>),
 }
@@ -356,6 +361,14 @@ pub struct Session {
     close_after_release: bool,
     /// A reloaded configuration, put in force at the next decision (see `handle_reload`).
     pending_config: Option<Arc<Config>>,
+    /// The rule that decided last (`rule=` in the close line).
+    rule: Option<Box<str>>,
+}
+
+/// What a rule decided at a stage, owned (the rule set may be replaced by a reload).
+struct RuleOutcome {
+    action: RuleAction,
+    reply: Option<Reply>,
 }
 
 impl Session {
@@ -400,6 +413,7 @@ impl Session {
             tarpit: None,
             close_after_release: false,
             pending_config: None,
+            rule: None,
             config,
         };
         if behind_proxy {
@@ -600,10 +614,17 @@ impl Session {
     /// delayed (and stuttered); refused (`max_tarpitted` reached), the client is rejected
     /// instead, as DESIGN.md §3 says.
     pub fn handle_tarpit_slot(&mut self, now: Instant, granted: bool) {
-        if !self.awaiting_slot || !matches!(self.phase, Phase::Checking) {
+        if !self.awaiting_slot {
             return;
         }
         self.awaiting_slot = false;
+        if !matches!(self.phase, Phase::Checking) {
+            // A rule's tarpit after the greeting, already holding: no place, no tarpit.
+            if !granted {
+                self.leave_tarpit();
+            }
+            return;
+        }
         if granted {
             let tarpit = &self.config.tarpit;
             self.tarpit = Some(Box::new(Tarpit::new(tarpit.reply_delay, tarpit.stutter)));
@@ -751,6 +772,7 @@ impl Session {
             dnsbl: self.checks.dnsbl_field(),
             list: self.checks.list_field(),
             pregreet: self.pregreet.is_some(),
+            rule: self.rule.as_deref().unwrap_or("-"),
             msgs: self.msgs,
             rcpts: self.rcpts,
             result,
@@ -836,7 +858,16 @@ impl Session {
     fn finish_checks(&mut self, now: Instant) {
         let config = Arc::clone(&self.config);
         self.timers.lookup = None;
-        let verdict = self.checks.decide(&config);
+        self.checks.decide(&config);
+        if let Some(RuleOutcome {
+            action: RuleAction::Reject | RuleAction::Defer,
+            reply: Some(reply),
+        }) = self.run_rules(Stage::Connect, None)
+        {
+            // Greeted as usual; then every command but QUIT gets the rule's reply.
+            self.blocked = Some(Blocked::Rule(Box::new(reply)));
+        }
+        let verdict = self.checks.verdict();
         let tarpit = &config.tarpit;
         if verdict == Verdict::Tarpit
             && (!tarpit.reply_delay.is_zero() || !tarpit.stutter.is_zero())
@@ -861,6 +892,9 @@ impl Session {
         let ip = self.peer.client.ip().to_canonical();
         if self.paused && self.pregreet.is_none() && verdict != Verdict::Reject {
             self.actions.push_back(Action::RecordPass(ip));
+        }
+        if matches!(self.blocked, Some(Blocked::Rule(_))) {
+            return self.greet();
         }
         if verdict != Verdict::Reject {
             if self.pregreet.is_some() && config.tarpit.pregreet == Pregreet::Reject {
@@ -887,6 +921,68 @@ impl Session {
             self.blocked = Some(Blocked::Enforce(text.into_boxed_str()));
             self.greet();
         }
+    }
+
+    /// Runs the operator rules of `stage` (DESIGN.md §3.2) on what the session knows: score
+    /// rules add to the score (at connect the verdict follows it), then the first terminal rule
+    /// that matches decides; allow, tarpit and reject set the verdict, and its name goes to the
+    /// close line. Returns the decision, with the reply a reject or defer gives. An allow-listed
+    /// client skips the rules, as every other check.
+    fn run_rules(&mut self, stage: Stage, recipient: Option<&str>) -> Option<RuleOutcome> {
+        let config = Arc::clone(&self.config);
+        if config.rules.set.is_empty() || self.checks.list_match() == Some(ListMatch::Allow) {
+            return None;
+        }
+        let listed = self.checks.listed_zones();
+        let helo = self
+            .helo
+            .as_deref()
+            .and_then(|helo| std::str::from_utf8(helo).ok());
+        let facts = Facts {
+            client: self.peer.client.ip().to_canonical(),
+            helo,
+            rdns: self.checks.rdns_name(),
+            sender: self.tx.as_deref().map(|tx| tx.from.as_str()),
+            recipient,
+            listed_in: &listed,
+            score: self.checks.score(),
+        };
+        let (added, decision) = config.rules.set.evaluate(stage, &facts);
+        let decision = decision.map(|d| (d.rule.to_owned(), d.action, d.reply_at(stage)));
+        drop(listed);
+        if added != 0 {
+            self.checks
+                .add_score(&config, added, stage == Stage::Connect);
+        }
+        let (rule, action, reply) = decision?;
+        self.rule = Some(rule.into_boxed_str());
+        match action {
+            RuleAction::Allow => self.checks.rule_decided(Verdict::Allow),
+            RuleAction::Tarpit => {
+                self.checks.rule_decided(Verdict::Tarpit);
+                // After the greeting the tarpit holds this command's reply already; the place
+                // is asked for at once and, if none is free, what is held goes out (at
+                // connect, `finish_checks` asks for the place before the greeting).
+                let tarpit = &config.tarpit;
+                if stage != Stage::Connect
+                    && self.tarpit.is_none()
+                    && !self.awaiting_slot
+                    && (!tarpit.reply_delay.is_zero() || !tarpit.stutter.is_zero())
+                {
+                    self.tarpit = Some(Box::new(Tarpit::new(tarpit.reply_delay, tarpit.stutter)));
+                    self.awaiting_slot = true;
+                    self.actions.push_back(Action::EnterTarpit);
+                }
+            }
+            RuleAction::Reject => {
+                self.checks.rule_decided(Verdict::Reject);
+                self.last_failure = Some("rejected");
+            }
+            RuleAction::Defer => self.last_failure = Some("tempfail"),
+            // Until greylisting exists a greylist decision lets the client pass.
+            RuleAction::Greylist | RuleAction::Score(_) => {}
+        }
+        Some(RuleOutcome { action, reply })
     }
 
     /// Bytes before the final greeting line: the client is a pregreet talker (DESIGN.md §1.2).
@@ -1035,7 +1131,7 @@ impl Session {
     }
 
     fn handle_command(&mut self, now: Instant, command: Command<'_>) {
-        match self.blocked {
+        match &self.blocked {
             _ if matches!(command, Command::Quit) => {}
             Some(Blocked::Immediate) => {
                 return self.line_error(Reply::new(
@@ -1050,6 +1146,10 @@ impl Session {
                     "5.5.1",
                     "Error: you talked before the greeting; no mail accepted",
                 ));
+            }
+            Some(Blocked::Rule(reply)) => {
+                let reply = Reply::clone(reply);
+                return self.line_error(reply);
             }
             Some(Blocked::Enforce(_)) | None => {}
         }
@@ -1068,6 +1168,21 @@ impl Session {
                     }
                     Some(ListMatch::Allow) => self.blocked = None,
                     None => {}
+                }
+                match self.run_rules(Stage::Helo, None) {
+                    Some(RuleOutcome {
+                        action: RuleAction::Reject | RuleAction::Defer,
+                        reply: Some(reply),
+                    }) => {
+                        // The HELO gets the reply, and so does every command after it.
+                        self.blocked = Some(Blocked::Rule(Box::new(reply.clone())));
+                        return self.reply(reply);
+                    }
+                    Some(RuleOutcome {
+                        action: RuleAction::Allow,
+                        ..
+                    }) => self.blocked = None,
+                    _ => {}
                 }
                 let hostname = &self.config.server.hostname;
                 let reply = if esmtp {
@@ -1177,6 +1292,21 @@ impl Session {
             accepted: 0,
             broken: false,
         }));
+        match self.run_rules(Stage::Mail, None) {
+            Some(RuleOutcome {
+                action: RuleAction::Reject | RuleAction::Defer,
+                reply: Some(reply),
+            }) => {
+                // This MAIL only: another sender may still be fine.
+                self.tx = None;
+                return self.reply(reply);
+            }
+            Some(RuleOutcome {
+                action: RuleAction::Allow,
+                ..
+            }) => self.blocked = None,
+            _ => {}
+        }
         if matches!(self.blocked, Some(Blocked::Enforce(_))) {
             // Enforce mode: the sender is taken so the recipients show in the log; nothing goes
             // downstream.
@@ -1209,6 +1339,20 @@ impl Session {
             ));
         }
         tx.attempted += 1;
+        match self.run_rules(Stage::Rcpt, Some(to)) {
+            Some(RuleOutcome {
+                action: RuleAction::Reject | RuleAction::Defer,
+                reply: Some(reply),
+            }) => return self.reply(reply),
+            Some(RuleOutcome {
+                action: RuleAction::Allow,
+                ..
+            }) => self.blocked = None,
+            _ => {}
+        }
+        let Some(tx) = self.tx.as_deref() else {
+            return;
+        };
         if let Some(Blocked::Enforce(text)) = &self.blocked {
             // postscreen's enforce log line: who was sending to whom, refused.
             log::info!(

@@ -292,3 +292,74 @@ pub fn require_program(name: &str) -> Option<std::path::PathBuf> {
     }
     found
 }
+
+/// The next stderr line of a child containing `needle`, within [`WAIT`].
+#[track_caller]
+pub fn wait_for_log(lines: &mpsc::Receiver<String>, needle: &str) -> String {
+    let give_up = Instant::now() + WAIT;
+    loop {
+        let left = give_up.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => return line,
+            Ok(_) => {}
+            Err(e) => panic!("no log line containing {needle:?}: {e}"),
+        }
+    }
+}
+
+/// `tarmac run -c config` as a child whose stderr lines arrive on `lines`; killed (by its
+/// PID) when dropped, so a failing test leaves nothing running.
+pub struct Running {
+    pub pid: u32,
+    pub lines: mpsc::Receiver<String>,
+    child: std::process::Child,
+}
+
+impl Running {
+    #[track_caller]
+    pub fn start(config: &std::path::Path) -> Running {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tarmac"))
+            .args(["run", "-c"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Running {
+            pid: child.id(),
+            lines,
+            child,
+        }
+    }
+
+    /// Sends `signal` (`HUP`, `TERM`) to the child.
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([format!("-{signal}"), self.pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1083,3 +1083,5 @@ fn multiplexing_never_pools_a_connection_mid_transaction() {
 mod checks;
 // Greet pause, pregreet talkers, the PASS cache, tarpit delays and stutter, stress mode.
 mod tarpit;
+// Operator rules at each stage.
+mod rules;
