@@ -285,3 +285,77 @@ fn sighup_switches_the_rules_without_dropping_a_session() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn rule_set(text: &str) -> tarmac::policy::RuleSet {
+    tarmac::policy::RuleSet::parse(&[(PathBuf::from("rules.toml"), text.to_owned())]).unwrap()
+}
+
+#[test]
+fn sender_glob_rule_refuses_that_mail_with_its_text_through_the_server() {
+    let sink = crate::util::sink(tarmac::sink::Behaviour::Normal);
+    let mut config = crate::util::test_config(sink.local_addr());
+    config.rules.set = rule_set(
+        "[[rule]]\nname = \"no-spam-example\"\nwhen = { sender = \"*@spam.example\" }\n\
+         action = \"reject\"\nreply = \"550 5.7.1 We take no mail from spam.example\"\n",
+    );
+    let server = crate::util::Server::start(config);
+    let mut client = crate::util::Client::connect(server.addr);
+    assert!(client.reply().starts_with("220 "));
+    assert!(client.command("EHLO client.example").starts_with("250-"));
+    assert_eq!(
+        client.command("MAIL FROM:<bulk@Spam.Example>"),
+        "550 5.7.1 We take no mail from spam.example\r\n"
+    );
+    assert_eq!(
+        client.command("MAIL FROM:<a@example.org>"),
+        "250 2.1.0 Ok\r\n"
+    );
+    assert_eq!(
+        sink.connections(),
+        1,
+        "only the good sender reached the downstream"
+    );
+}
+
+#[test]
+fn score_rule_pushes_a_listed_client_without_rdns_to_reject_through_the_server() {
+    use crate::util::dns_server::{DnsServer, Zone};
+    let dns = DnsServer::start(vec![
+        Zone::new("bl.test")
+            .a("2.0.0.127", "127.0.0.2")
+            .a("60.0.0.127", "127.0.0.2"),
+    ]);
+    let sink = crate::util::sink(tarmac::sink::Behaviour::Normal);
+    let mut config = crate::util::test_config(sink.local_addr());
+    config.dns.servers = vec![dns.addr()];
+    config.dnsbl = vec![tarmac::config::Dnsbl {
+        zone: "bl.test".into(),
+        weight: 1,
+        codes: Vec::new(),
+        reply: None,
+    }];
+    // The shipped default: no verified rDNS and already a positive score adds 1. With a
+    // second rule adding 1 for this zone, the client reaches reject_at (3).
+    let shipped = std::fs::read_to_string(SHIPPED_DEFAULT).unwrap();
+    config.rules.set = tarmac::policy::RuleSet::parse(&[
+        (PathBuf::from(SHIPPED_DEFAULT), shipped),
+        (
+            PathBuf::from("local.toml"),
+            "[[rule]]\nname = \"bl-test-extra\"\nwhen = { dnsbl = \"bl.test\" }\n\
+             action = \"score\"\nscore = 1\n"
+                .to_owned(),
+        ),
+    ])
+    .unwrap();
+    let server = crate::util::Server::start(config);
+    let mut listed = crate::util::Client::connect_from(server.addr, "127.0.0.60".parse().unwrap());
+    assert_eq!(
+        listed.reply(),
+        "554 5.7.1 Service unavailable; client [127.0.0.60] blocked using bl.test\r\n"
+    );
+    let mut clean = crate::util::Client::connect_from(server.addr, "127.0.0.61".parse().unwrap());
+    assert!(
+        clean.reply().starts_with("220 "),
+        "score 0: no rule adds anything"
+    );
+}
