@@ -14,16 +14,18 @@
 //! --all-targets` runs it, in a debug build) 200, to check the mechanics, not to measure.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Protocol, Socket, Type};
 use tarmac::config::{Config, Rate};
 use tarmac::server::ServerHandle;
+
+#[path = "support.rs"]
+mod support;
 
 /// Set in the child's environment to `addr,N`: open N connections to addr and hold them.
 const CHILD_ENV: &str = "TARMAC_BENCH_IDLE_CLIENTS";
@@ -61,7 +63,7 @@ fn main() {
     }
     let full = std::env::args().any(|a| a == "--bench");
     let wanted = if full { 10_000 } else { 200 };
-    let n = fit_fd_limit(wanted);
+    let n = support::fit_fd_limit("idle", wanted, FD_RESERVE + WARM_UP);
 
     let config = config(n);
     let server = ServerHandle::start(Arc::new(config)).expect("tarmac starts");
@@ -70,9 +72,9 @@ fn main() {
     let warm_up = Clients::open(addr, WARM_UP);
     warm_up.close();
 
-    let before = rss_kb();
+    let before = support::rss_kb();
     let clients = Clients::open(addr, n);
-    let after = rss_kb();
+    let after = support::rss_kb();
 
     let per_conn = (after.saturating_sub(before) * 1024) as f64 / n as f64;
     let note = if full {
@@ -94,7 +96,7 @@ fn main() {
     );
 
     clients.close();
-    stop(server);
+    support::stop(server, STOP_DEADLINE);
 }
 
 /// A loopback server whose caps and rates are above `n`; no DNS, and the downstream is never reached
@@ -120,40 +122,6 @@ fn config(n: usize) -> Config {
     // Idle after the banner is what is measured; the pause would only delay it.
     config.tarpit.greet_pause = Duration::ZERO;
     config
-}
-
-/// `wanted`, or fewer if the open-files soft limit cannot hold that many connections per
-/// process (server side here, client side in the child, which inherits the limit). std cannot
-/// raise the limit, and the run needs no more than the usual 20,000, so no crate is added for
-/// it: the bench says what it did instead.
-fn fit_fd_limit(wanted: usize) -> usize {
-    let limits = std::fs::read_to_string("/proc/self/limits").expect("/proc/self/limits");
-    let soft = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| l.split_whitespace().nth(3))
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(usize::MAX); // "unlimited"
-    let room = soft.saturating_sub(FD_RESERVE + WARM_UP);
-    if room < wanted {
-        println!(
-            "idle/note: open-files soft limit is {soft}: holding {room} connections instead of \
-             {wanted} (raise it with `ulimit -n`)"
-        );
-        return room;
-    }
-    wanted
-}
-
-/// VmRSS of this process, in KB.
-fn rss_kb() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS in /proc/self/status")
 }
 
 /// A child process holding connections to the server.
@@ -224,19 +192,6 @@ impl Clients {
     }
 }
 
-/// Graceful stop, bounded: idle sessions close at once, so the join is quick.
-fn stop(server: ServerHandle) {
-    server.shutdown();
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let _ = tx.send(server.join());
-    });
-    match rx.recv_timeout(STOP_DEADLINE) {
-        Ok(result) => result.expect("tarmac stops cleanly"),
-        Err(_) => panic!("tarmac did not stop within {STOP_DEADLINE:?}"),
-    }
-}
-
 /// The child: opens the connections `spec` asks for, reads each banner, prints `ready N` and
 /// holds them until stdin closes. Errors go to stderr with a failing exit status.
 fn hold_connections(spec: &str) {
@@ -267,11 +222,7 @@ fn hold_connections(spec: &str) {
 
 /// One connection from `source` to `addr`, returned once its `220 ` banner line was read.
 fn connect_from(source: Ipv4Addr, addr: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-    socket.bind(&SocketAddr::V4(SocketAddrV4::new(source, 0)).into())?;
-    socket.connect_timeout(&addr.into(), IO_TIMEOUT)?;
-    let mut stream = TcpStream::from(socket);
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    let mut stream = support::connect_from(source, addr, IO_TIMEOUT)?;
     let mut banner = Vec::new();
     let mut chunk = [0u8; 256];
     while !banner.ends_with(b"\r\n") && banner.len() < 512 {

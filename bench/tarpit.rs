@@ -37,17 +37,19 @@
 mod dns_server;
 
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Protocol, Socket, Type};
 use tarmac::config::{self, Config, Rate};
 use tarmac::policy::dnsbl::query_name;
 use tarmac::server::ServerHandle;
+
+#[path = "support.rs"]
+mod support;
 
 use dns_server::{DnsServer, Zone};
 
@@ -120,7 +122,7 @@ fn main() {
     } else {
         (200, Duration::from_secs(2))
     };
-    let n = fit_fd_limit(wanted);
+    let n = support::fit_fd_limit("tarpit", wanted, FD_RESERVE + WARM_UP);
     let note = if full {
         ""
     } else {
@@ -143,13 +145,13 @@ fn main() {
 
     let mut clients = Clients::start(addr, n);
     clients.expect("warm", OPEN_DEADLINE + IO_TIMEOUT);
-    let before = rss_kb();
+    let before = support::rss_kb();
 
     clients.send("open");
     let opened = clients.expect("open", OPEN_DEADLINE + IO_TIMEOUT);
     let open_secs = field(&opened, 1);
     let one_byte = field(&opened, 2);
-    let open_rss = rss_kb();
+    let open_rss = support::rss_kb();
 
     let cpu_start = Cpu::now();
     let start = Instant::now();
@@ -158,7 +160,7 @@ fn main() {
     let cpu_end = Cpu::now();
     let elapsed = start.elapsed();
     let drained = clients.drain();
-    let end_rss = rss_kb();
+    let end_rss = support::rss_kb();
     let queries = dns.queries();
 
     let secs = elapsed.as_secs_f64();
@@ -218,7 +220,7 @@ fn main() {
     );
 
     clients.close();
-    stop(server);
+    support::stop(server, STOP_DEADLINE);
 }
 
 /// [`ZONE`]: its test point (127.0.0.2 listed, 127.0.0.1 not, as health checks want) and every
@@ -287,40 +289,6 @@ fn source_addr(index: usize) -> Ipv4Addr {
     let third = u8::try_from(index / 250).expect("at most 64,000 addresses");
     let fourth = u8::try_from(index % 250 + 1).expect("below 251");
     Ipv4Addr::new(127, 1, third, fourth)
-}
-
-/// `wanted`, or fewer if the open-files soft limit cannot hold that many connections per
-/// process (server side here, client side in the child, which inherits the limit). std cannot
-/// raise the limit, and the run needs no more than the usual 20,000, so no crate is added for
-/// it: the bench says what it did instead.
-fn fit_fd_limit(wanted: usize) -> usize {
-    let limits = std::fs::read_to_string("/proc/self/limits").expect("/proc/self/limits");
-    let soft = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| l.split_whitespace().nth(3))
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(usize::MAX); // "unlimited"
-    let room = soft.saturating_sub(FD_RESERVE + WARM_UP);
-    if room < wanted {
-        println!(
-            "tarpit/note: open-files soft limit is {soft}: holding {room} connections instead \
-             of {wanted} (raise it with `ulimit -n`)"
-        );
-        return room;
-    }
-    wanted
-}
-
-/// VmRSS of this process, in KB.
-fn rss_kb() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS in /proc/self/status")
 }
 
 /// CPU times of this process and of tarmac's worker threads, in clock ticks, and how often the
@@ -490,20 +458,6 @@ impl Clients {
     }
 }
 
-/// Graceful stop, bounded: the clients are gone by then, so each session ends at its next
-/// write or at the shutdown's goodbye.
-fn stop(server: ServerHandle) {
-    server.shutdown();
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let _ = tx.send(server.join());
-    });
-    match rx.recv_timeout(STOP_DEADLINE) {
-        Ok(result) => result.expect("tarmac stops cleanly"),
-        Err(_) => panic!("tarmac did not stop within {STOP_DEADLINE:?}"),
-    }
-}
-
 // ---- the child ----
 
 /// One tarpitted connection and how much of the banner it has received.
@@ -578,28 +532,9 @@ fn check_deadline(deadline: Instant, done: usize, of: usize) {
     }
 }
 
-fn say(line: &str) {
-    let mut stdout = io::stdout().lock();
-    if writeln!(stdout, "{line}")
-        .and_then(|()| stdout.flush())
-        .is_err()
-    {
-        std::process::exit(1); // the parent is gone
-    }
-}
-
-fn connect_from(source: Ipv4Addr, addr: SocketAddr) -> io::Result<TcpStream> {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-    socket.bind(&SocketAddr::V4(SocketAddrV4::new(source, 0)).into())?;
-    socket.connect_timeout(&addr.into(), IO_TIMEOUT)?;
-    let stream = TcpStream::from(socket);
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    Ok(stream)
-}
-
 /// An unlisted connection, returned once its whole `220 ` line was read.
 fn connect_whole_banner(source: Ipv4Addr, addr: SocketAddr) -> io::Result<TcpStream> {
-    let mut stream = connect_from(source, addr)?;
+    let mut stream = support::connect_from(source, addr, IO_TIMEOUT)?;
     let mut banner = Vec::new();
     let mut chunk = [0u8; 256];
     while !banner.ends_with(b"\r\n") && banner.len() < 512 {
@@ -627,7 +562,7 @@ fn connect_tarpitted(
     addr: SocketAddr,
     banner: &[u8],
 ) -> io::Result<(TcpStream, usize)> {
-    let mut stream = connect_from(source, addr)?;
+    let mut stream = support::connect_from(source, addr, IO_TIMEOUT)?;
     let mut chunk = [0u8; 256];
     let got = stream.read(&mut chunk)?;
     let first = &chunk[..got];
@@ -679,4 +614,15 @@ fn drain(conns: &mut [Tarpitted], banner: &[u8]) -> String {
 fn child_fail(why: &str) -> ! {
     eprintln!("tarpit bench client: {why}");
     std::process::exit(1);
+}
+
+/// A line to the parent on stdout; a parent that went away ends the child.
+fn say(line: &str) {
+    let mut stdout = io::stdout().lock();
+    if writeln!(stdout, "{line}")
+        .and_then(|()| stdout.flush())
+        .is_err()
+    {
+        std::process::exit(1); // the parent is gone
+    }
 }

@@ -1,25 +1,14 @@
 //! The binary as an operator runs it: `--version`, `check`, `run` with SIGTERM, `demo`.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tarmac::sink::Behaviour;
 
 use crate::util::dns_server::{DnsServer, Zone};
-use crate::util::{Client, WAIT, sink, wait_until};
-
-fn tarmac() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tarmac"))
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tarmac-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use crate::util::{Client, WAIT, sink, tarmac, temp_dir, wait_until};
 
 /// Waits for the child to exit within [`WAIT`]; returns its exit code and stderr.
 #[track_caller]

@@ -2,23 +2,13 @@
 //! `Config::load` reading `[rules] files` next to the list files.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use tarmac::config::Config;
 
+use crate::util::{tarmac, temp_dir};
+
 /// The shipped default rules, by absolute path, so the config may live anywhere.
 const SHIPPED_DEFAULT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/rules/default.toml");
-
-fn tarmac() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tarmac"))
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tarmac-rules-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);

@@ -363,3 +363,16 @@ impl Drop for Running {
         let _ = self.child.wait();
     }
 }
+
+/// The tarmac binary, ready for arguments.
+pub fn tarmac() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tarmac"))
+}
+
+/// An empty directory for one test's files (the name tells the tests apart, the pid the runs).
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tarmac-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
