@@ -420,6 +420,13 @@ impl ResolverHandle {
         }
     }
 
+    /// A reload's zones: those already known keep their health and figures, and every zone's
+    /// test points are queried at once (DESIGN.md: "at start and reload").
+    pub fn set_zones(&self, zones: &[config::Dnsbl]) {
+        self.shared.zones.replace(zones);
+        self.shared.recheck.notify_one();
+    }
+
     /// Each configured zone's health, in configuration order.
     pub fn zone_health(&self) -> Vec<ZoneHealth> {
         self.shared.zones.report()
@@ -461,6 +468,8 @@ struct Request {
 struct Shared {
     cache: Cache,
     zones: Zones,
+    /// Signalled by [`ResolverHandle::set_zones`]: check the zones now.
+    recheck: tokio::sync::Notify,
     stats: Stats,
     /// Registered by [`Resolver::add_worker`], indexed by [`Waiter::worker`].
     workers: RwLock<Vec<WorkerOut>>,
@@ -493,6 +502,7 @@ impl Shared {
         Shared {
             cache: Cache::new(MAX_ENTRIES),
             zones: Zones::new(zones),
+            recheck: tokio::sync::Notify::new(),
             stats: Stats::default(),
             workers: RwLock::new(Vec::new()),
             overload_logged: AtomicU64::new(0),

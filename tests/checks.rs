@@ -280,3 +280,36 @@ fn ipv6_client_is_looked_up_by_nibbles() {
         "554 5.7.1 Service unavailable; client [::1] blocked using bl.test\r\n"
     );
 }
+
+#[test]
+fn a_reload_adds_a_zone_and_checks_its_health_at_once() {
+    let dns = DnsServer::start(vec![
+        block_list(),
+        Zone::new("bl2.test")
+            .a("2.0.0.127", "127.0.0.2")
+            .a("70.0.0.127", "127.0.0.2"),
+    ]);
+    let sink = sink(Behaviour::Normal);
+    let mut config = config_with(sink.local_addr(), &dns, vec![zone("bl.test", 3)]);
+    // A health interval no test waits for: only the reload can trigger the new zone's check.
+    config.dns.health_interval = Duration::from_secs(3600);
+    let server = Server::start(config.clone());
+    let mut before = Client::connect_from(server.addr, from("127.0.0.70"));
+    assert!(before.reply().starts_with("220 "), "not listed in bl.test");
+
+    config.dnsbl.push(zone("bl2.test", 3));
+    let waiting = server.handle().reload(std::sync::Arc::new(config));
+    assert!(waiting.is_empty(), "{waiting:?}");
+    let resolver = server.handle().resolver().unwrap();
+    wait_until("bl2.test's health check", || {
+        resolver
+            .zone_health()
+            .iter()
+            .any(|z| &*z.zone == "bl2.test" && z.checks > 0 && !z.set_aside)
+    });
+    let mut after = Client::connect_from(server.addr, from("127.0.0.70"));
+    assert_eq!(
+        after.reply(),
+        "554 5.7.1 Service unavailable; client [127.0.0.70] blocked using bl2.test\r\n"
+    );
+}

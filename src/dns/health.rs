@@ -6,16 +6,20 @@
 //! each is counted. A check that finds it right again puts it back. A check that could not
 //! conclude (a test point timed out or failed) changes nothing. Each transition is logged
 //! once; the check itself runs on the resolver thread (`thread::check_zone`).
+//!
+//! A reload replaces the zone list ([`Zones::replace`]): zones that stay keep their state and
+//! figures, new ones start in use and are checked at once.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use super::{DnsblAnswer, ZoneHealth};
 use crate::config;
 
-/// The configured zones' states, in configuration order.
+/// The configured zones' states, in configuration order. Read by the workers (a short read
+/// lock per lookup), replaced by a reload.
 pub(super) struct Zones {
-    zones: Box<[ZoneState]>,
+    zones: RwLock<Arc<[Arc<ZoneState>]>>,
 }
 
 /// One zone's state, shared by the workers (reading) and the resolver thread (checking).
@@ -84,23 +88,40 @@ pub(super) fn judge(listed: &DnsblAnswer, unlisted: &DnsblAnswer) -> Verdict {
 impl Zones {
     pub(super) fn new(zones: &[config::Dnsbl]) -> Zones {
         Zones {
-            zones: zones
-                .iter()
-                .map(|dnsbl| ZoneState {
-                    zone: Arc::clone(&dnsbl.zone),
-                    set_aside: AtomicBool::new(false),
-                    skipped: AtomicU64::new(0),
-                    checks: AtomicU64::new(0),
-                    checking: AtomicBool::new(false),
-                })
-                .collect(),
+            zones: RwLock::new(
+                zones
+                    .iter()
+                    .map(|dnsbl| ZoneState::new(&dnsbl.zone))
+                    .collect(),
+            ),
         }
+    }
+
+    /// The zones of a reloaded configuration: those already known keep their state and
+    /// figures, new ones start in use.
+    pub(super) fn replace(&self, zones: &[config::Dnsbl]) {
+        let old = self.snapshot();
+        let new: Arc<[Arc<ZoneState>]> = zones
+            .iter()
+            .map(|dnsbl| {
+                old.iter()
+                    .find(|state| state.zone == dnsbl.zone)
+                    .map_or_else(|| ZoneState::new(&dnsbl.zone), Arc::clone)
+            })
+            .collect();
+        *self.zones.write().unwrap_or_else(PoisonError::into_inner) = new;
+    }
+
+    /// The zones now, for the checker to walk without holding the lock.
+    pub(super) fn snapshot(&self) -> Arc<[Arc<ZoneState>]> {
+        Arc::clone(&self.zones.read().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Whether `zone` is set aside; if so, counts the lookup skipped. A zone not configured
     /// (no health state) is never set aside.
     pub(super) fn skip_if_set_aside(&self, zone: &str) -> bool {
-        let Some(state) = self.zones.iter().find(|state| &*state.zone == zone) else {
+        let zones = self.snapshot();
+        let Some(state) = zones.iter().find(|state| &*state.zone == zone) else {
             return false;
         };
         if !state.set_aside.load(Ordering::Relaxed) {
@@ -111,7 +132,7 @@ impl Zones {
     }
 
     pub(super) fn report(&self) -> Vec<ZoneHealth> {
-        self.zones
+        self.snapshot()
             .iter()
             .map(|state| ZoneHealth {
                 zone: Arc::clone(&state.zone),
@@ -121,17 +142,19 @@ impl Zones {
             })
             .collect()
     }
-
-    pub(super) fn len(&self) -> usize {
-        self.zones.len()
-    }
-
-    pub(super) fn get(&self, index: usize) -> Option<&ZoneState> {
-        self.zones.get(index)
-    }
 }
 
 impl ZoneState {
+    fn new(zone: &Arc<str>) -> Arc<ZoneState> {
+        Arc::new(ZoneState {
+            zone: Arc::clone(zone),
+            set_aside: AtomicBool::new(false),
+            skipped: AtomicU64::new(0),
+            checks: AtomicU64::new(0),
+            checking: AtomicBool::new(false),
+        })
+    }
+
     /// Marks a check as started; false if one is already running.
     pub(super) fn start_check(&self) -> bool {
         !self.checking.swap(true, Ordering::AcqRel)
@@ -226,7 +249,7 @@ mod tests {
             codes: Vec::new(),
             reply: None,
         }]);
-        let state = zones.get(0).unwrap();
+        let state = Arc::clone(&zones.snapshot()[0]);
         assert!(!zones.skip_if_set_aside("bl.test"));
         assert!(state.start_check());
         assert!(!state.start_check(), "one check at a time");
@@ -248,6 +271,30 @@ mod tests {
                 skipped: 2,
                 checks: 4,
             }]
+        );
+    }
+
+    #[test]
+    fn a_reload_keeps_known_zones_and_adds_new_ones_in_use() {
+        let dnsbl = |zone: &str| config::Dnsbl {
+            zone: Arc::from(zone),
+            weight: 1,
+            codes: Vec::new(),
+            reply: None,
+        };
+        let zones = Zones::new(&[dnsbl("bl.test"), dnsbl("gone.test")]);
+        let state = Arc::clone(&zones.snapshot()[0]);
+        assert!(state.start_check());
+        state.finish_check(&Verdict::Wrong("x".to_owned()));
+        zones.replace(&[dnsbl("new.test"), dnsbl("bl.test")]);
+        let report = zones.report();
+        let names: Vec<&str> = report.iter().map(|z| &*z.zone).collect();
+        assert_eq!(names, ["new.test", "bl.test"]);
+        assert!(!report[0].set_aside, "a new zone starts in use");
+        assert!(report[1].set_aside, "a known zone keeps its state");
+        assert!(
+            !zones.skip_if_set_aside("gone.test"),
+            "a dropped zone is not consulted"
         );
     }
 }

@@ -21,7 +21,7 @@ use hickory_resolver::system_conf;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::MissedTickBehavior;
 
-use super::health::{self, LISTED_TEST_POINT, UNLISTED_TEST_POINT};
+use super::health::{self, LISTED_TEST_POINT, UNLISTED_TEST_POINT, ZoneState};
 use super::lookup::{Classified, Lookups};
 use super::{Answer, DnsblAnswer, MAX_IN_FLIGHT, Query, Request, Shared, TEMPFAIL_TTL};
 use crate::config;
@@ -126,11 +126,9 @@ pub(super) async fn run(
         tokio::select! {
             biased;
             _ = &mut stop => break,
-            _ = health.tick() => {
-                for index in 0..context.shared.zones.len() {
-                    tokio::spawn(check_zone(Arc::clone(&context), index));
-                }
-            }
+            _ = health.tick() => check_zones(&context),
+            // A reload replaced the zones: the new ones are checked now, not at the next tick.
+            () = context.shared.recheck.notified() => check_zones(&context),
             _ = sweep.tick() => context.shared.cache.sweep(Instant::now()),
             next = next_request(&permits, &mut requests) => {
                 let Some((permit, request)) = next else {
@@ -216,11 +214,15 @@ impl Drop for Pending {
     }
 }
 
-/// Queries zone `index`'s test points (bypassing the cache) and records the verdict.
-async fn check_zone(context: Arc<Context>, index: usize) {
-    let Some(state) = context.shared.zones.get(index) else {
-        return;
-    };
+/// Starts a health check of every configured zone (one already running is not doubled).
+fn check_zones(context: &Arc<Context>) {
+    for state in context.shared.zones.snapshot().iter() {
+        tokio::spawn(check_zone(Arc::clone(context), Arc::clone(state)));
+    }
+}
+
+/// Queries a zone's test points (bypassing the cache) and records the verdict.
+async fn check_zone(context: Arc<Context>, state: Arc<ZoneState>) {
     if !state.start_check() {
         return;
     }

@@ -80,6 +80,8 @@ struct Control {
     limits: Arc<Limits>,
     drain: Duration,
     reloads: Arc<Reloads>,
+    /// The resolver, for a reload's zones.
+    resolver: Option<ResolverHandle>,
 }
 
 impl ServerHandle {
@@ -151,6 +153,7 @@ impl ServerHandle {
             limits,
             drain: config.timeouts.drain,
             reloads: Arc::clone(&shared.reloads),
+            resolver: resolver.as_ref().map(Resolver::handle),
         });
 
         let mut handle = ServerHandle {
@@ -232,7 +235,11 @@ impl Control {
     }
 
     fn reload(&self, config: Arc<Config>) -> Vec<&'static str> {
-        let waiting = reload::restart_only_changes(&self.reloads.current(), &config);
+        let waiting =
+            reload::restart_only_changes(&self.reloads.current(), &config, self.resolver.is_some());
+        if let Some(resolver) = &self.resolver {
+            resolver.set_zones(&config.dnsbl);
+        }
         self.reloads.publish(config);
         self.wake_workers();
         waiting

@@ -49,8 +49,15 @@ impl Reloads {
 }
 
 /// The keys whose new values wait for a restart because something was built from them at
-/// start, where `new` differs from `old`.
-pub(crate) fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+/// start, where `new` differs from `old`. Zones apply live (the resolver checks new ones at
+/// once), but only if a resolver runs: one that was not needed at start is not started by a
+/// reload.
+pub(crate) fn restart_only_changes(
+    old: &Config,
+    new: &Config,
+    resolver_running: bool,
+) -> Vec<&'static str> {
+    let needs_resolver = new.dns.rdns || !new.dnsbl.is_empty();
     let checks: [(&'static str, bool); 12] = [
         ("server.listen", old.server.listen != new.server.listen),
         ("server.workers", old.server.workers != new.server.workers),
@@ -76,11 +83,8 @@ pub(crate) fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static s
         ),
         ("dns", old.dns != new.dns),
         (
-            "dnsbl (health checks)",
-            old.dnsbl
-                .iter()
-                .map(|z| &z.zone)
-                .ne(new.dnsbl.iter().map(|z| &z.zone)),
+            "dnsbl and dns.rdns (no resolver was started)",
+            needs_resolver && !resolver_running,
         ),
         (
             "downstream.pool_size",
@@ -120,17 +124,27 @@ mod tests {
     fn keys_built_at_start_are_named() {
         let old = Config::default();
         let mut new = old.clone();
-        assert!(restart_only_changes(&old, &new).is_empty());
+        assert!(restart_only_changes(&old, &new, true).is_empty());
         new.scoring.reject_at = 9;
         new.timeouts.idle = std::time::Duration::from_secs(1);
+        new.dnsbl = vec![crate::config::Dnsbl {
+            zone: "bl.test".into(),
+            weight: 1,
+            codes: Vec::new(),
+            reply: None,
+        }];
+        assert_eq!(
+            restart_only_changes(&old, &new, false),
+            ["dnsbl and dns.rdns (no resolver was started)"]
+        );
         assert!(
-            restart_only_changes(&old, &new).is_empty(),
+            restart_only_changes(&old, &new, true).is_empty(),
             "these apply live"
         );
         new.server.max_connections = 7;
         new.dns.timeout = std::time::Duration::from_secs(9);
         assert_eq!(
-            restart_only_changes(&old, &new),
+            restart_only_changes(&old, &new, true),
             ["server.max_connections", "dns"]
         );
     }
