@@ -233,6 +233,8 @@ fn config(downstream: SocketAddr, workers: usize, mode: DownstreamMode) -> Confi
     config.dnsbl.clear();
     // Relay throughput is the figure; a greet pause would only add a fixed wait per session.
     config.tarpit.greet_pause = Duration::ZERO;
+    // Every message is a first attempt here: greylisting would defer them all.
+    config.greylist.enabled = false;
     config
 }
 

@@ -30,6 +30,7 @@ fn config() -> Arc<Config> {
     // DNS costs are measured in bench/dns.rs; here the session goes straight to its banner.
     config.dns.rdns = false;
     config.tarpit.greet_pause = Duration::ZERO;
+    config.greylist.enabled = false;
     Arc::new(config)
 }
 
@@ -149,7 +150,8 @@ fn transactions(n: usize) {
                     | Action::Lookup(_)
                     | Action::CheckPass(_)
                     | Action::RecordPass(_)
-                    | Action::EnterTarpit => {}
+                    | Action::EnterTarpit
+                    | Action::CheckGreylist(_) => {}
                     Action::Admit(_) => session.handle_admission(now, true),
                 }
             }

@@ -31,6 +31,8 @@ pub fn config() -> Config {
     // The greet pause as an operator sees it (`220-` at once, the final line later), short
     // enough for a demo; a client that waited it out skips it next time (PASS cache).
     config.tarpit.greet_pause = std::time::Duration::from_secs(1);
+    // Greylisting would defer the demo's first message for 5 minutes.
+    config.greylist.enabled = false;
     config
 }
 

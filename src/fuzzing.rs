@@ -39,6 +39,7 @@ use crate::smtp::reply::{
     EnhancedCode, MAX_REPLY_LINE, MAX_REPLY_LINES, Reply, Status, parse_reply,
 };
 use crate::smtp::session::{Action, DownstreamEvent, Peer, Session, Shutdown, Side};
+use crate::state::GreylistOutcome;
 
 /// Bytes that make up SMTP commands, replies and bodies, including every line-ending byte
 /// and a two-byte UTF-8 character; raw input is mapped onto it byte by byte.
@@ -1654,6 +1655,11 @@ impl Harness {
                 // No PASS is cached; a tarpit place is always free.
                 Action::CheckPass(_) => self.session.handle_pass(self.now, false),
                 Action::RecordPass(_) => {}
+                // Greylisting is off in every scenario (its model is the unit tests').
+                Action::CheckGreylist(_) => {
+                    self.session
+                        .handle_greylist(self.now, GreylistOutcome::Pass);
+                }
                 Action::EnterTarpit => self.session.handle_tarpit_slot(self.now, true),
                 // Only the tarpit scenario has a zone, and it lists the client; the rDNS lookup
                 // finds no name. Both answer at once, as from the cache.
@@ -2061,6 +2067,7 @@ fn base_config() -> &'static Config {
         // The dialog model here starts at the banner; the pre-greet stage and the tarpit
         // schedule are covered by the session's unit tests on invented time.
         config.tarpit.greet_pause = Duration::ZERO;
+        config.greylist.enabled = false;
         config
     })
 }

@@ -122,7 +122,7 @@ fn run_relays_logs_and_drains_on_sigterm() {
         format!(
             "[server]\nlisten = [\"127.0.0.1:{port}\"]\nhostname = \"mx.test\"\nworkers = 1\n\n\
              [downstream]\nservers = [\"{}\"]\n\n[timeouts]\ndrain = \"5s\"\n\n[dns]\nrdns = false\n\n\
-             [tarpit]\ngreet_pause = \"0s\"\n",
+             [tarpit]\ngreet_pause = \"0s\"\n[greylist]\nenabled = false\n",
             sink.local_addr()
         ),
     )
@@ -158,8 +158,8 @@ fn run_relays_logs_and_drains_on_sigterm() {
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
         stderr.contains(
-            " rdns=- helo=client.example verdict=pass score=0 dnsbl=- list=- rule=- pregreet=no \
-             tls=no msgs=1 rcpts=1 result=delivered dur="
+            " rdns=- helo=client.example verdict=pass score=0 dnsbl=- list=- rule=- \
+             greylist=skip pregreet=no tls=no msgs=1 rcpts=1 result=delivered dur="
         ),
         "{stderr}"
     );
@@ -263,7 +263,7 @@ fn run_rejects_a_listed_client_and_logs_the_verdict() {
         format!(
             "[server]\nlisten = [\"127.0.0.1:{port}\"]\nhostname = \"mx.test\"\nworkers = 1\n\n\
              [downstream]\nservers = [\"{}\"]\n\n[timeouts]\ndrain = \"5s\"\n\n\
-             [dns]\nservers = [\"{}\"]\nrdns = false\n\n[tarpit]\ngreet_pause = \"0s\"\n\n\
+             [dns]\nservers = [\"{}\"]\nrdns = false\n\n[tarpit]\ngreet_pause = \"0s\"\n[greylist]\nenabled = false\n\n\
              [[dnsbl]]\nzone = \"bl.test\"\nweight = 3\n\n\
              [[dnsbl]]\nzone = \"gone.test\"\nweight = 1\n",
             sink.local_addr(),
@@ -296,8 +296,8 @@ fn run_rejects_a_listed_client_and_logs_the_verdict() {
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
         stderr.contains(
-            " rdns=- helo=- verdict=reject score=3 dnsbl=bl.test:3,gone.test:tempfail list=- rule=- \
-             pregreet=no tls=no msgs=0 rcpts=0 result=rejected "
+            " rdns=- helo=- verdict=reject score=3 dnsbl=bl.test:3,gone.test:tempfail list=- \
+             rule=- greylist=- pregreet=no tls=no msgs=0 rcpts=0 result=rejected "
         ),
         "{stderr}"
     );

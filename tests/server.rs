@@ -275,7 +275,7 @@ fn binary_reloads_on_sighup_and_drains_on_sigterm() {
         &config,
         "[server]\nlisten = [\"127.0.0.1:0\"]\nhostname = \"mx.test\"\nworkers = 2\n\
          [timeouts]\ndrain = \"5s\"\n[dns]\nrdns = false\n\
-         [tarpit]\ngreet_pause = \"0s\"\n[lists]\nallow = []\ndeny = [\"deny.txt\"]\n",
+         [tarpit]\ngreet_pause = \"0s\"\n[greylist]\nenabled = false\n[lists]\nallow = []\ndeny = [\"deny.txt\"]\n",
     )
     .unwrap();
     let deny = dir.join("deny.txt");

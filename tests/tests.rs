@@ -23,3 +23,5 @@ mod checks;
 mod tarpit;
 // Rule files: `tarmac check` on bad and shipped rule files, `Config::load` reading them.
 mod rules;
+// Greylisting at RCPT through the server.
+mod greylist;

@@ -1,7 +1,7 @@
 //! The one place that builds the per-connection close line (DESIGN.md §4):
 //!
 //! ```text
-//! conn=7f3a client=192.0.2.7:53211 rdns=mail.example.com helo=mail.example.com verdict=tarpit score=2 dnsbl=zen.spamhaus.org:2 list=- rule=- pregreet=no tls=no msgs=1 rcpts=2 result=delivered dur=14.2s
+//! conn=7f3a client=192.0.2.7:53211 rdns=mail.example.com helo=mail.example.com verdict=tarpit score=2 dnsbl=zen.spamhaus.org:2 list=- rule=- greylist=pass pregreet=no tls=no msgs=1 rcpts=2 result=delivered dur=14.2s
 //! ```
 //!
 //! It is logged at info level with target `tarmac::conn`, so operators can route or filter it
@@ -52,8 +52,8 @@ pub(crate) fn close_line(conn: ConnId, report: &Report<'_>, dur: Duration) -> St
     };
     format!(
         "conn={conn} client={client} rdns={rdns} helo={helo} verdict={verdict} score={score} \
-         dnsbl={dnsbl} list={list} rule={rule} pregreet={pregreet} tls=no msgs={msgs} \
-         rcpts={rcpts} \
+         dnsbl={dnsbl} list={list} rule={rule} greylist={greylist} pregreet={pregreet} tls=no \
+         msgs={msgs} rcpts={rcpts} \
          result={result} dur={dur:.1}s",
         client = report.client,
         rdns = escape(report.rdns.as_bytes()),
@@ -62,6 +62,7 @@ pub(crate) fn close_line(conn: ConnId, report: &Report<'_>, dur: Duration) -> St
         dnsbl = report.dnsbl,
         list = report.list,
         rule = report.rule,
+        greylist = report.greylist,
         pregreet = if report.pregreet { "yes" } else { "no" },
         msgs = report.msgs,
         rcpts = report.rcpts,
@@ -87,6 +88,7 @@ mod tests {
             list: "-",
             pregreet: false,
             rule: "-",
+            greylist: "pass",
             msgs: 1,
             rcpts: 2,
             result: "delivered",
@@ -104,7 +106,7 @@ mod tests {
         assert_eq!(
             line,
             "conn=7f3a client=192.0.2.7:53211 rdns=mail.example.com helo=mail.example.com \
-             verdict=tarpit score=2 dnsbl=zen.spamhaus.org:2 list=- rule=- pregreet=no tls=no msgs=1 \
+             verdict=tarpit score=2 dnsbl=zen.spamhaus.org:2 list=- rule=- greylist=pass pregreet=no tls=no msgs=1 \
              rcpts=2 result=delivered dur=14.2s"
         );
     }
@@ -116,7 +118,7 @@ mod tests {
         assert_eq!(
             line,
             "conn=1 client=[::1]:25 rdns=mail.example.com helo=- verdict=tarpit score=2 \
-             dnsbl=zen.spamhaus.org:2 list=- rule=- pregreet=no tls=no msgs=1 rcpts=2 \
+             dnsbl=zen.spamhaus.org:2 list=- rule=- greylist=pass pregreet=no tls=no msgs=1 rcpts=2 \
              result=delivered dur=0.0s"
         );
         let empty = close_line(ConnId(1), &report(client, Some(b"")), Duration::ZERO);

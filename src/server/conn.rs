@@ -86,8 +86,10 @@ pub(crate) struct Io<'a> {
     pub(crate) resolver: Option<&'a ResolverHandle>,
     /// This worker's index, for the resolver to send answers back.
     pub(crate) worker: usize,
-    /// Tarpit places and the PASS cache.
+    /// Tarpit places, the PASS cache and the greylist.
     pub(crate) shared: &'a Shared,
+    /// The configuration in force (the greylist's times).
+    pub(crate) config: &'a Config,
 }
 
 /// A client connection and, while relaying, its downstream connection.
@@ -454,6 +456,10 @@ impl Conn {
                     self.session.handle_pass(now, fresh);
                 }
                 Action::RecordPass(ip) => io.shared.passes.record(ip, now),
+                Action::CheckGreylist(key) => {
+                    let outcome = io.shared.greylist.check(&key, now, &io.config.greylist);
+                    self.session.handle_greylist(now, outcome);
+                }
                 Action::EnterTarpit => {
                     self.tarpit_place = io.shared.load.try_tarpit();
                     let granted = self.tarpit_place.is_some();

@@ -57,7 +57,7 @@ use self::worker::{Shared, Worker};
 use crate::config::Config;
 use crate::dns::{Resolver, ResolverHandle};
 use crate::policy::ConnectionRates;
-use crate::state::PassCache;
+use crate::state::{Greylist, PassCache};
 
 /// Pending connections the kernel queues per listener socket before refusing more.
 const LISTEN_BACKLOG: i32 = 1024;
@@ -127,6 +127,7 @@ impl ServerHandle {
                 config.server.max_tarpitted,
             )),
             passes: Arc::new(PassCache::new(config.tarpit.pass_ttl)),
+            greylist: Arc::new(Greylist::new(std::time::Instant::now())),
             stopping: Arc::clone(&stopping),
             reloads: Arc::new(Reloads::new(Arc::clone(&config))),
         };

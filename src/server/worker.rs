@@ -29,7 +29,7 @@ use crate::config::{Config, DownstreamMode};
 use crate::dns::{Inbox, ResolverHandle};
 use crate::policy::ListMatch;
 use crate::smtp::{Peer, Session, Shutdown, too_many_connections};
-use crate::state::PassCache;
+use crate::state::{Greylist, PassCache};
 
 /// Events taken from the kernel per poll; more wait for the next turn.
 const EVENTS_PER_TURN: usize = 1024;
@@ -57,6 +57,8 @@ pub(crate) struct Shared {
     pub(crate) load: Arc<Load>,
     /// Clients that passed the greet pause.
     pub(crate) passes: Arc<PassCache>,
+    /// Greylisting triplets.
+    pub(crate) greylist: Arc<Greylist>,
     /// Set when the server is asked to stop.
     pub(crate) stopping: Arc<AtomicBool>,
     /// The configuration in force, replaced on SIGHUP.
@@ -488,6 +490,7 @@ impl Worker {
             resolver: self.dns.as_ref().map(|dns| &dns.resolver),
             worker: self.dns.as_ref().map_or(0, |dns| dns.id),
             shared: &self.shared,
+            config: &self.config,
         };
         for key in self.pending.drain(..) {
             let Some(conn) = self.conns.get_mut(key) else {
@@ -517,6 +520,7 @@ impl Worker {
             resolver: None,
             worker: 0,
             shared: &self.shared,
+            config: &self.config,
         };
         for key in self.closing.drain(..) {
             if let Some(conn) = self.conns.remove(key) {
@@ -541,6 +545,7 @@ impl Worker {
             resolver: self.dns.as_ref().map(|dns| &dns.resolver),
             worker: self.dns.as_ref().map_or(0, |dns| dns.id),
             shared: &self.shared,
+            config: &self.config,
         };
         while let Some((key, addr)) = io.pool.next_waiter(now) {
             // A waiter that timed out, moved on to another server or closed is skipped.

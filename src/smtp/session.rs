@@ -47,6 +47,7 @@ use crate::smtp::proxy::parse_proxy_header;
 use crate::smtp::received::{Trace, write_received};
 use crate::smtp::reply::{EnhancedCode, Reply, Status, parse_reply};
 use crate::smtp::tarpit::Tarpit;
+use crate::state::greylist::{self, GreylistOutcome, KeyFacts};
 
 /// Bytes queued for one side before the session stops taking client input. Bounds what a client
 /// that pipelines without reading replies, or a slow downstream, can make us hold.
@@ -104,6 +105,9 @@ pub enum Action {
     CheckPass(IpAddr),
     /// The client passed the greet pause: cache a PASS for it for `pass_ttl`.
     RecordPass(IpAddr),
+    /// Is this RCPT's triplet (the key, built from `[greylist] key`) deferred or passed? Answer
+    /// with `handle_greylist`; the RCPT waits for the answer.
+    CheckGreylist(String),
     /// The verdict is tarpit: take one of the `max_tarpitted` places (held until the
     /// connection is gone) and answer with `handle_tarpit_slot`.
     EnterTarpit,
@@ -172,6 +176,9 @@ pub struct Report<'a> {
     pub pregreet: bool,
     /// `rule=`: the operator rule that decided last, or `-`.
     pub rule: &'a str,
+    /// `greylist=`: the last recipient's greylisting, `new`, `early`, `pass`, `skip` (not
+    /// greylisted: allowed, a negative score, or greylisting off) or `-` (no RCPT).
+    pub greylist: &'static str,
     /// Messages the downstream accepted.
     pub msgs: u32,
     /// Recipients the downstream accepted.
@@ -209,6 +216,8 @@ enum Pending {
     Rcpt,
     Data,
     EndOfData,
+    /// Not the downstream: the greylist's answer for a RCPT (`Action::CheckGreylist`).
+    Greylist,
 }
 
 /// Why the session closed; becomes `result=` unless a message was delivered.
@@ -277,6 +286,8 @@ struct Transaction {
     accepted: u32,
     /// The downstream went away mid-transaction: RCPT/DATA get 451 until RSET or a new MAIL.
     broken: bool,
+    /// The recipient waiting for the greylist's answer.
+    greylisting: Option<Box<str>>,
 }
 
 /// Where the downstream connection stands.
@@ -363,6 +374,8 @@ pub struct Session {
     pending_config: Option<Arc<Config>>,
     /// The rule that decided last (`rule=` in the close line).
     rule: Option<Box<str>>,
+    /// The last recipient's greylisting, for `greylist=` in the close line.
+    greylisted: &'static str,
 }
 
 /// What a rule decided at a stage, owned (the rule set may be replaced by a reload).
@@ -414,6 +427,7 @@ impl Session {
             close_after_release: false,
             pending_config: None,
             rule: None,
+            greylisted: "-",
             config,
         };
         if behind_proxy {
@@ -645,6 +659,38 @@ impl Session {
         self.pending_config = Some(config);
     }
 
+    /// The answer to `Action::CheckGreylist`: a new or early triplet gets `451 4.7.1
+    /// Greylisted, please try again in N seconds` and is not relayed; a passing one is.
+    pub fn handle_greylist(&mut self, now: Instant, outcome: GreylistOutcome) {
+        if !matches!(self.phase, Phase::Waiting(Pending::Greylist)) {
+            return;
+        }
+        self.phase = Phase::Command;
+        let Some(to) = self.tx.as_deref_mut().and_then(|tx| tx.greylisting.take()) else {
+            return;
+        };
+        let wait = match outcome {
+            GreylistOutcome::Pass => {
+                self.greylisted = "pass";
+                let command = format!("RCPT TO:<{to}>\r\n");
+                return self.send_downstream(now, command.as_bytes(), Pending::Rcpt);
+            }
+            GreylistOutcome::New => {
+                self.greylisted = "new";
+                self.config.greylist.delay
+            }
+            GreylistOutcome::Early(left) => {
+                self.greylisted = "early";
+                left
+            }
+        };
+        self.last_failure = Some("tempfail");
+        // Whole seconds, rounded up: "try again in 0 seconds" would be a lie.
+        let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        let text = format!("Greylisted, please try again in {seconds} seconds");
+        self.reply(Reply::new(451, "4.7.1", text));
+    }
+
     /// The server entered or left stress mode: stuttering stops while it lasts.
     pub fn handle_stress(&mut self, _now: Instant, stressed: bool) {
         self.stressed = stressed;
@@ -773,6 +819,7 @@ impl Session {
             list: self.checks.list_field(),
             pregreet: self.pregreet.is_some(),
             rule: self.rule.as_deref().unwrap_or("-"),
+            greylist: self.greylisted,
             msgs: self.msgs,
             rcpts: self.rcpts,
             result,
@@ -1291,6 +1338,7 @@ impl Session {
             attempted: 0,
             accepted: 0,
             broken: false,
+            greylisting: None,
         }));
         match self.run_rules(Stage::Mail, None) {
             Some(RuleOutcome {
@@ -1366,8 +1414,43 @@ impl Session {
             let reply = Reply::new(550, "5.7.1", text.to_string());
             return self.reply(reply);
         }
+        if let Some(key) = self.greylist_key(to) {
+            if let Some(tx) = self.tx.as_deref_mut() {
+                tx.greylisting = Some(to.into());
+            }
+            self.phase = Phase::Waiting(Pending::Greylist);
+            self.actions.push_back(Action::CheckGreylist(key));
+            return;
+        }
+        self.greylisted = "skip";
         let command = format!("RCPT TO:<{to}>\r\n");
         self.send_downstream(now, command.as_bytes(), Pending::Rcpt);
+    }
+
+    /// The greylist key for recipient `to`, when greylisting applies: it is on, and the
+    /// verdict is pass or tarpit with a score not below zero (DNSWL-listed and allowed clients
+    /// are never greylisted).
+    fn greylist_key(&self, to: &str) -> Option<String> {
+        let config = &self.config.greylist;
+        let verdict = self.checks.verdict();
+        if !config.enabled
+            || !matches!(verdict, Verdict::Pass | Verdict::Tarpit)
+            || self.checks.score() < 0
+        {
+            return None;
+        }
+        let facts = KeyFacts {
+            client: self.peer.client.ip(),
+            helo: self
+                .helo
+                .as_deref()
+                .and_then(|helo| std::str::from_utf8(helo).ok())
+                .unwrap_or_default(),
+            rdns: self.checks.rdns_name(),
+            sender: self.tx.as_deref().map_or("", |tx| tx.from.as_str()),
+            recipient: to,
+        };
+        Some(greylist::key(&config.key, &facts))
     }
 
     fn handle_data(&mut self, now: Instant) {
@@ -1528,6 +1611,10 @@ impl Session {
             // Unsolicited: typically the downstream's own 421 before it hangs up.
             return self.downstream_failed(now, "unexpected reply");
         };
+        if pending == Pending::Greylist {
+            // Nothing was sent downstream for this command.
+            return self.downstream_failed(now, "unexpected reply");
+        }
         self.timers.downstream = None;
         // The relayed command is complete: the client's idle time starts again.
         self.timers.idle = Some(now + self.config.timeouts.idle);
@@ -1569,6 +1656,7 @@ impl Session {
                 self.start_body(now);
             }
             Pending::Data => self.relay_reply(reply),
+            Pending::Greylist => {}
             Pending::EndOfData => {
                 if positive {
                     self.msgs += 1;

@@ -16,6 +16,7 @@ fn config() -> Config {
     // Lookups and the greet pause are tested on their own (see the checks and pregreet tests).
     config.dns.rdns = false;
     config.tarpit.greet_pause = Duration::ZERO;
+    config.greylist.enabled = false;
     config
 }
 
@@ -135,6 +136,11 @@ struct Pair {
     passes: Vec<IpAddr>,
     /// The answer to `EnterTarpit`.
     tarpit_free: bool,
+    /// A real greylist table answering `CheckGreylist` on the pair's clock.
+    greylist: crate::state::Greylist,
+    greylist_config: crate::config::Greylist,
+    /// The keys asked about, in order.
+    greylist_keys: Vec<String>,
 }
 
 impl Pair {
@@ -174,6 +180,7 @@ impl Pair {
             accepted_at: UNIX_EPOCH + Duration::from_secs(1_795_438_862),
             stressed,
         };
+        let greylist_config = config.greylist.clone();
         Pair {
             session: Session::new(Arc::new(config), peer, now),
             now,
@@ -194,6 +201,9 @@ impl Pair {
             pass_cached: false,
             passes: Vec::new(),
             tarpit_free: true,
+            greylist: crate::state::Greylist::new(now),
+            greylist_config,
+            greylist_keys: Vec::new(),
         }
     }
 
@@ -286,6 +296,11 @@ impl Pair {
                     Action::Admit(_) => self.session.handle_admission(self.now, self.admit),
                     Action::CheckPass(_) => self.session.handle_pass(self.now, self.pass_cached),
                     Action::RecordPass(ip) => self.passes.push(ip),
+                    Action::CheckGreylist(key) => {
+                        let outcome = self.greylist.check(&key, self.now, &self.greylist_config);
+                        self.greylist_keys.push(key);
+                        self.session.handle_greylist(self.now, outcome);
+                    }
                     Action::EnterTarpit => {
                         self.session.handle_tarpit_slot(self.now, self.tarpit_free)
                     }
@@ -1085,3 +1100,5 @@ mod checks;
 mod tarpit;
 // Operator rules at each stage.
 mod rules;
+// Greylisting at RCPT.
+mod greylist;
