@@ -12,7 +12,8 @@ use crate::util::{Client, WAIT, sink, tarmac, temp_dir, wait_until};
 
 /// Waits for the child to exit within [`WAIT`]; returns its exit code and stderr.
 #[track_caller]
-fn wait_exit(mut child: Child) -> (Option<i32>, String) {
+fn wait_exit(mut spawned: Spawned) -> (Option<i32>, String) {
+    let mut child = spawned.0.take().expect("a running child");
     let deadline = Instant::now() + WAIT;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -28,6 +29,27 @@ fn wait_exit(mut child: Child) -> (Option<i32>, String) {
             panic!("tarmac did not exit within {WAIT:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A tarmac this test started, killed (by its PID) if the test ends before it exits, so a
+/// failing test leaves nothing running.
+struct Spawned(Option<Child>);
+
+impl std::ops::Deref for Spawned {
+    type Target = Child;
+
+    fn deref(&self) -> &Child {
+        self.0.as_ref().expect("a running child")
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -127,14 +149,16 @@ fn run_relays_logs_and_drains_on_sigterm() {
         ),
     )
     .unwrap();
-    let child = tarmac()
-        .args(["run", "-c"])
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = Spawned(Some(
+        tarmac()
+            .args(["run", "-c"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     wait_until("tarmac to listen", || {
         std::net::TcpStream::connect(addr).is_ok()
@@ -177,13 +201,15 @@ fn demo_writes_accepted_mail_to_demo_mail() {
         return;
     }
     let dir = temp_dir("demo");
-    let child = tarmac()
-        .arg("demo")
-        .current_dir(&dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = Spawned(Some(
+        tarmac()
+            .arg("demo")
+            .current_dir(&dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
     let addr = "127.0.0.1:2525".parse().unwrap();
     wait_until("the demo to listen", || {
         std::net::TcpStream::connect(addr).is_ok()
@@ -271,13 +297,15 @@ fn run_rejects_a_listed_client_and_logs_the_verdict() {
         ),
     )
     .unwrap();
-    let child = tarmac()
-        .args(["run", "-c"])
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = Spawned(Some(
+        tarmac()
+            .args(["run", "-c"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     wait_until("tarmac to listen", || {
         std::net::TcpStream::connect(addr).is_ok()
