@@ -434,6 +434,12 @@ impl Config {
                 "inbound STARTTLS is not in this version yet; it is not offered",
             );
         }
+        if self.server.state_dir != Server::default().state_dir {
+            note(
+                "server.state_dir",
+                "state snapshots are not in this version yet; greylist and PASS cache live in memory only",
+            );
+        }
         if self.state.backend == StateBackend::Redis {
             note(
                 "state.backend",

@@ -376,6 +376,8 @@ pub struct Session {
     rule: Option<Box<str>>,
     /// The last recipient's greylisting, for `greylist=` in the close line.
     greylisted: &'static str,
+    /// A `greylist` rule matched: every recipient is greylisted.
+    forced_greylist: bool,
 }
 
 /// What a rule decided at a stage, owned (the rule set may be replaced by a reload).
@@ -428,6 +430,7 @@ impl Session {
             pending_config: None,
             rule: None,
             greylisted: "-",
+            forced_greylist: false,
             config,
         };
         if behind_proxy {
@@ -1026,8 +1029,9 @@ impl Session {
                 self.last_failure = Some("rejected");
             }
             RuleAction::Defer => self.last_failure = Some("tempfail"),
-            // Until greylisting exists a greylist decision lets the client pass.
-            RuleAction::Greylist | RuleAction::Score(_) => {}
+            // Greylisted whatever the verdict or `[greylist] enabled` say: the rule is explicit.
+            RuleAction::Greylist => self.forced_greylist = true,
+            RuleAction::Score(_) => {}
         }
         Some(RuleOutcome { action, reply })
     }
@@ -1427,16 +1431,16 @@ impl Session {
         self.send_downstream(now, command.as_bytes(), Pending::Rcpt);
     }
 
-    /// The greylist key for recipient `to`, when greylisting applies: it is on, and the
-    /// verdict is pass or tarpit with a score not below zero (DNSWL-listed and allowed clients
-    /// are never greylisted).
+    /// The greylist key for recipient `to`, when greylisting applies: a `greylist` rule
+    /// matched, or greylisting is on and the verdict is pass or tarpit with a score not below
+    /// zero (DNSWL-listed and allowed clients are never greylisted).
     fn greylist_key(&self, to: &str) -> Option<String> {
         let config = &self.config.greylist;
         let verdict = self.checks.verdict();
-        if !config.enabled
-            || !matches!(verdict, Verdict::Pass | Verdict::Tarpit)
-            || self.checks.score() < 0
-        {
+        let applies = config.enabled
+            && matches!(verdict, Verdict::Pass | Verdict::Tarpit)
+            && self.checks.score() >= 0;
+        if !applies && !self.forced_greylist {
             return None;
         }
         let facts = KeyFacts {

@@ -158,3 +158,22 @@ fn a_tarpit_rule_at_helo_delays_the_replies_after_it() {
     assert!(pair.take_output().starts_with("250-mx.test"));
     assert_eq!(pair.session.report().verdict, "tarpit");
 }
+
+#[test]
+fn a_greylist_rule_greylists_even_with_greylisting_off() {
+    let mut config = with_rules(
+        "[[rule]]\nname = \"grey-new-domains\"\nwhen = { sender = \"*@fresh.example\" }\n\
+         action = \"greylist\"\n",
+    );
+    assert!(!config.greylist.enabled);
+    config.greylist.delay = Duration::from_secs(60);
+    let mut pair = Pair::new(config);
+    pair.take_output();
+    pair.send(b"EHLO c\r\nMAIL FROM:<a@fresh.example>\r\nRCPT TO:<b@example.net>\r\n");
+    assert!(
+        pair.take_output()
+            .ends_with("451 4.7.1 Greylisted, please try again in 60 seconds\r\n")
+    );
+    let report = pair.session.report();
+    assert_eq!((report.rule, report.greylist), ("grey-new-domains", "new"));
+}
