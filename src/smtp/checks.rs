@@ -23,9 +23,10 @@ pub(crate) struct Checks {
     list: Option<(ListMatch, ListedBy)>,
     score: i32,
     verdict: Verdict,
-    /// The zones `zones` is parallel to: those of the config the checks started with (a
-    /// reload may change the session's config later; its answers stay theirs).
-    zone_list: Option<Arc<[Dnsbl]>>,
+    /// The config the checks started with: `zones` is parallel to its `[[dnsbl]]` list (a
+    /// reload may change the session's config later; the answers stay those zones'). Shared,
+    /// not copied: a connection costs one reference count here.
+    started_with: Option<Arc<Config>>,
 }
 
 /// Where the rDNS lookup stands.
@@ -59,7 +60,7 @@ impl Checks {
             list: None,
             score: 0,
             verdict: Verdict::Pass,
-            zone_list: None,
+            started_with: None,
         }
     }
 
@@ -67,7 +68,7 @@ impl Checks {
     /// (an allowed client waits for no lookup, a denied one gets no more of our attention), else
     /// the lookups to make come back: one per zone, plus rDNS when configured. An empty result
     /// means the verdict is already known.
-    pub(crate) fn start(&mut self, config: &Config, ip: IpAddr) -> Vec<Query> {
+    pub(crate) fn start(&mut self, config: &Arc<Config>, ip: IpAddr) -> Vec<Query> {
         let ip = ip.to_canonical();
         if let Some(found) = config.lists.entries.check_ip(ip) {
             self.list_matched(found, ListedBy::Address);
@@ -82,7 +83,7 @@ impl Checks {
             })
             .collect();
         self.zones = vec![None; config.dnsbl.len()].into_boxed_slice();
-        self.zone_list = Some(config.dnsbl.clone().into());
+        self.started_with = Some(Arc::clone(config));
         if config.dns.rdns {
             self.rdns = Rdns::Awaiting;
             queries.push(Query::Rdns(ip));
@@ -95,7 +96,10 @@ impl Checks {
     pub(crate) fn answer(&mut self, query: &Query, answer: Answer) -> bool {
         match (query, answer) {
             (Query::Dnsbl { zone, .. }, Answer::Dnsbl(answer)) => {
-                let zones = self.zone_list.as_deref().unwrap_or_default();
+                let zones = self
+                    .started_with
+                    .as_deref()
+                    .map_or(&[][..], |config| config.dnsbl.as_slice());
                 let slot = zones
                     .iter()
                     .zip(self.zones.iter_mut())
@@ -179,13 +183,13 @@ impl Checks {
     /// The zone a DNSBL reject names (its `reply` text or its name).
     pub(crate) fn blocking_zone(&self) -> Option<&str> {
         let outcomes: Vec<ZoneOutcome> = self.outcomes().collect();
-        dnsbl::blocking_zone(self.zone_list.as_deref().unwrap_or_default(), &outcomes)
+        dnsbl::blocking_zone(self.zone_list(), &outcomes)
     }
 
     /// The close log's `dnsbl=` field.
     pub(crate) fn dnsbl_field(&self) -> String {
         let outcomes: Vec<ZoneOutcome> = self.outcomes().collect();
-        dnsbl::log_field(self.zone_list.as_deref().unwrap_or_default(), &outcomes)
+        dnsbl::log_field(self.zone_list(), &outcomes)
     }
 
     /// The forward-confirmed rDNS name, if one was found.
@@ -245,7 +249,7 @@ impl Checks {
 
     /// The zones listing the client (weight counted), for rules' `dnsbl` condition.
     pub(crate) fn listed_zones(&self) -> Vec<&str> {
-        let zones = self.zone_list.as_deref().unwrap_or_default();
+        let zones = self.zone_list();
         zones
             .iter()
             .zip(self.zones.iter())
@@ -281,6 +285,13 @@ impl Checks {
             ListMatch::Allow => Verdict::Allow,
             ListMatch::Deny => Verdict::Reject,
         };
+    }
+
+    /// The zones the answers belong to.
+    fn zone_list(&self) -> &[Dnsbl] {
+        self.started_with
+            .as_deref()
+            .map_or(&[], |config| config.dnsbl.as_slice())
     }
 
     fn outcomes(&self) -> impl Iterator<Item = ZoneOutcome> + '_ {
