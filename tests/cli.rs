@@ -1,66 +1,11 @@
 //! The binary as an operator runs it: `--version`, `check`, `run` with SIGTERM, `demo`.
 
-use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use tarmac::sink::Behaviour;
 
 use crate::util::dns_server::{DnsServer, Zone};
-use crate::util::{Client, WAIT, sink, tarmac, temp_dir, wait_until};
-
-/// Waits for the child to exit within [`WAIT`]; returns its exit code and stderr.
-#[track_caller]
-fn wait_exit(mut spawned: Spawned) -> (Option<i32>, String) {
-    let mut child = spawned.0.take().expect("a running child");
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut stderr = String::new();
-            if let Some(mut pipe) = child.stderr.take() {
-                pipe.read_to_string(&mut stderr).unwrap();
-            }
-            return (status.code(), stderr);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("tarmac did not exit within {WAIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A tarmac this test started, killed (by its PID) if the test ends before it exits, so a
-/// failing test leaves nothing running.
-struct Spawned(Option<Child>);
-
-impl std::ops::Deref for Spawned {
-    type Target = Child;
-
-    fn deref(&self) -> &Child {
-        self.0.as_ref().expect("a running child")
-    }
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// Sends a signal to a process this test started.
-fn signal(child: &Child, name: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{name}"), &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
+use crate::util::{Client, Running, WAIT, sink, tarmac, temp_dir, wait_until};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -149,16 +94,7 @@ fn run_relays_logs_and_drains_on_sigterm() {
         ),
     )
     .unwrap();
-    let child = Spawned(Some(
-        tarmac()
-            .args(["run", "-c"])
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    ));
+    let child = Running::start(&path);
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     wait_until("tarmac to listen", || {
         std::net::TcpStream::connect(addr).is_ok()
@@ -173,12 +109,12 @@ fn run_relays_logs_and_drains_on_sigterm() {
     // An idle session is told to go away when tarmac stops.
     let mut idle = Client::connect(addr);
     assert!(idle.reply().starts_with("220 "));
-    signal(&child, "TERM");
+    child.signal("TERM");
     assert_eq!(
         idle.reply(),
         "421 4.3.2 mx.test Service shutting down, please try again later\r\n"
     );
-    let (code, stderr) = wait_exit(child);
+    let (code, stderr) = child.wait_exit();
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
         stderr.contains(
@@ -201,15 +137,9 @@ fn demo_writes_accepted_mail_to_demo_mail() {
         return;
     }
     let dir = temp_dir("demo");
-    let child = Spawned(Some(
-        tarmac()
-            .arg("demo")
-            .current_dir(&dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    ));
+    let mut demo = tarmac();
+    demo.arg("demo").current_dir(&dir);
+    let child = Running::spawn(demo);
     let addr = "127.0.0.1:2525".parse().unwrap();
     wait_until("the demo to listen", || {
         std::net::TcpStream::connect(addr).is_ok()
@@ -240,8 +170,8 @@ fn demo_writes_accepted_mail_to_demo_mail() {
         eml.ends_with("Subject: demo\r\n\r\nhello demo\r\n"),
         "{eml}"
     );
-    signal(&child, "INT");
-    let (code, stderr) = wait_exit(child);
+    child.signal("INT");
+    let (code, stderr) = child.wait_exit();
     assert_eq!(code, Some(0), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -297,15 +227,7 @@ fn run_rejects_a_listed_client_and_logs_the_verdict() {
         ),
     )
     .unwrap();
-    let child = Spawned(Some(
-        tarmac()
-            .args(["run", "-c"])
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    ));
+    let child = Running::start(&path);
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     wait_until("tarmac to listen", || {
         std::net::TcpStream::connect(addr).is_ok()
@@ -319,8 +241,8 @@ fn run_rejects_a_listed_client_and_logs_the_verdict() {
     let mut clean = Client::connect_from(addr, "127.0.0.3".parse().unwrap());
     assert!(clean.send_message().starts_with("250 "));
     assert_eq!(clean.command("QUIT"), "221 2.0.0 Bye\r\n");
-    signal(&child, "TERM");
-    let (code, stderr) = wait_exit(child);
+    child.signal("TERM");
+    let (code, stderr) = child.wait_exit();
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
         stderr.contains(

@@ -1,15 +1,13 @@
 //! The real server on loopback (two workers) with the project's SMTP sink as the downstream.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tarmac::sink::Behaviour;
 
-use crate::util::{Client, DRAIN, Server, WAIT, config, sink, wait_for_log};
+use crate::util::{Client, DRAIN, Running, Server, WAIT, config, sink, wait_for_log};
 
 const BANNER: &str = "220 mx.test ESMTP tarmac\r\n";
 
@@ -250,17 +248,6 @@ fn shutdown_lets_a_transaction_run_until_the_drain_time() {
     assert!(sink.messages().is_empty());
 }
 
-/// Sends `signal` (a name for kill(1), e.g. "TERM") to process `pid`.
-#[track_caller]
-fn kill(signal: &str, pid: u32) {
-    let status = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{signal} {pid}: {status}");
-}
-
 #[test]
 fn binary_reloads_on_sighup_and_drains_on_sigterm() {
     let nanos = SystemTime::now()
@@ -280,42 +267,11 @@ fn binary_reloads_on_sighup_and_drains_on_sigterm() {
     .unwrap();
     let deny = dir.join("deny.txt");
     std::fs::write(&deny, "# nobody yet\n").unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tarmac"))
-        .args(["run", "-c"])
-        .arg(&config)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let stderr = child.stderr.take().unwrap();
-    let (line_tx, lines) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line_tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let (exit_tx, exited) = mpsc::channel();
-    thread::spawn(move || {
-        let _ = exit_tx.send(child.wait());
-    });
-    // Whatever happens below, the child must not outlive the test.
-    struct KillOnDrop(u32);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            let _ = Command::new("kill")
-                .arg("-KILL")
-                .arg(self.0.to_string())
-                .status();
-        }
-    }
-    let _guard = KillOnDrop(pid);
+    // Killed by its PID if the test fails before it exits.
+    let child = Running::start(&config);
+    let lines = &child.lines;
 
-    let listening = wait_for_log(&lines, "listening on ");
+    let listening = wait_for_log(lines, "listening on ");
     let addr: SocketAddr = listening.rsplit(' ').next().unwrap().parse().unwrap();
     let mut client = Client::connect(addr);
     assert_eq!(client.reply(), BANNER);
@@ -323,8 +279,8 @@ fn binary_reloads_on_sighup_and_drains_on_sigterm() {
     // A new deny list: new clients are checked against it at once, and the session opened
     // before the reload lives on and meets it at its next decision.
     std::fs::write(&deny, "127.0.0.50\nspam.example\n").unwrap();
-    kill("HUP", pid);
-    wait_for_log(&lines, "reloaded ");
+    child.signal("HUP");
+    wait_for_log(lines, "reloaded ");
     let mut denied = Client::connect_from(addr, "127.0.0.50".parse().unwrap());
     assert_eq!(
         denied.reply(),
@@ -338,8 +294,8 @@ fn binary_reloads_on_sighup_and_drains_on_sigterm() {
 
     // A broken list: the whole reload is refused with the file and line, the old set stays.
     std::fs::write(&deny, "127.0.0.50\nnot an entry\n").unwrap();
-    kill("HUP", pid);
-    let refused = wait_for_log(&lines, "reload refused");
+    child.signal("HUP");
+    let refused = wait_for_log(lines, "reload refused");
     assert!(
         refused.contains(&format!("{}:2: ", deny.display())),
         "{refused}"
@@ -354,13 +310,13 @@ fn binary_reloads_on_sighup_and_drains_on_sigterm() {
     still.expect_eof();
     denied.expect_eof();
 
-    kill("TERM", pid);
+    child.signal("TERM");
     // The two denied clients are gone, but their slots may be freed a moment after their EOF.
-    wait_for_log(&lines, "shutting down: draining ");
+    wait_for_log(lines, "shutting down: draining ");
     assert_eq!(client.reply(), SHUTTING_DOWN);
     client.expect_eof();
-    let status = exited.recv_timeout(DRAIN).unwrap().unwrap();
-    assert!(status.success(), "{status}");
+    let (code, _) = child.wait_exit();
+    assert_eq!(code, Some(0));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -309,22 +309,31 @@ pub fn wait_for_log(lines: &mpsc::Receiver<String>, needle: &str) -> String {
     }
 }
 
-/// `tarmac run -c config` as a child whose stderr lines arrive on `lines`; killed (by its
-/// PID) when dropped, so a failing test leaves nothing running.
+/// A tarmac child whose stderr lines arrive on `lines`; killed (by its PID) when dropped, so
+/// a failing test leaves nothing running.
 pub struct Running {
     pub pid: u32,
     pub lines: mpsc::Receiver<String>,
-    child: std::process::Child,
+    child: Option<std::process::Child>,
 }
 
 impl Running {
+    /// `tarmac run -c config`, logging at info.
     #[track_caller]
     pub fn start(config: &std::path::Path) -> Running {
-        use std::io::BufRead;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tarmac"))
+        let mut command = tarmac();
+        command
             .args(["run", "-c"])
             .arg(config)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info");
+        Running::spawn(command)
+    }
+
+    /// Any tarmac command line (`demo`, ...), stdin and stdout closed, stderr read.
+    #[track_caller]
+    pub fn spawn(mut command: std::process::Command) -> Running {
+        use std::io::BufRead;
+        let mut child = command
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -345,11 +354,11 @@ impl Running {
         Running {
             pid: child.id(),
             lines,
-            child,
+            child: Some(child),
         }
     }
 
-    /// Sends `signal` (`HUP`, `TERM`) to the child.
+    /// Sends `signal` (`HUP`, `TERM`, `INT`) to the child.
     pub fn signal(&self, signal: &str) {
         let status = std::process::Command::new("kill")
             .args([format!("-{signal}"), self.pid.to_string()])
@@ -357,12 +366,36 @@ impl Running {
             .unwrap();
         assert!(status.success());
     }
+
+    /// Waits for the child to exit within [`WAIT`] (failing the test otherwise); returns its
+    /// exit code and the stderr lines not yet taken from `lines`.
+    #[track_caller]
+    pub fn wait_exit(mut self) -> (Option<i32>, String) {
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + WAIT;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("tarmac did not exit within {WAIT:?}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        // The reader thread ends at the pipe's EOF, which the exit brings.
+        let rest: Vec<String> = self.lines.iter().collect();
+        (status.code(), rest.join("\n"))
+    }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
