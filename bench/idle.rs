@@ -27,6 +27,8 @@ use tarmac::server::ServerHandle;
 #[path = "support.rs"]
 mod support;
 
+use support::{IO_TIMEOUT, OPEN_DEADLINE, STOP_DEADLINE};
+
 /// Set in the child's environment to `addr,N`: open N connections to addr and hold them.
 const CHILD_ENV: &str = "TARMAC_BENCH_IDLE_CLIENTS";
 
@@ -40,19 +42,6 @@ const SOURCES: usize = 250;
 /// the first slab and heap allocations, lazily paged code) are not counted per connection.
 const WARM_UP: usize = 100;
 
-/// File descriptors each process needs besides the connections (std streams, epoll, the
-/// listeners, /proc reads, the sink-less server's internals), with room to spare.
-const FD_RESERVE: usize = 256;
-
-/// Longest one connect or banner read may take in the child.
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Longest the whole opening of N connections may take before the bench fails.
-const OPEN_DEADLINE: Duration = Duration::from_secs(60);
-
-/// Longest the child and the server may take to finish at the end.
-const STOP_DEADLINE: Duration = Duration::from_secs(30);
-
 /// The target from the issue, bytes of RSS per idle connection.
 const TARGET: f64 = 8192.0;
 
@@ -63,7 +52,7 @@ fn main() {
     }
     let full = std::env::args().any(|a| a == "--bench");
     let wanted = if full { 10_000 } else { 200 };
-    let n = support::fit_fd_limit("idle", wanted, FD_RESERVE + WARM_UP);
+    let n = support::fit_fd_limit("idle", wanted, WARM_UP);
 
     let config = config(n);
     let server = ServerHandle::start(Arc::new(config)).expect("tarmac starts");

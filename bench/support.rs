@@ -11,6 +11,19 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 use tarmac::server::ServerHandle;
 
+/// File descriptors each process needs besides the connections (std streams, epoll, the
+/// listeners, DNS sockets, /proc reads), with room to spare.
+pub const FD_RESERVE: usize = 256;
+
+/// Longest one connect or read may take in a client.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest the opening of all connections may take before the bench fails.
+pub const OPEN_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Longest the child and the server may take to finish at the end.
+pub const STOP_DEADLINE: Duration = Duration::from_secs(30);
+
 /// VmRSS of this process, in KB.
 pub fn rss_kb() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
@@ -23,8 +36,8 @@ pub fn rss_kb() -> u64 {
 }
 
 /// `wanted`, or fewer if the open-files soft limit cannot hold that many connections plus
-/// `reserved` other descriptors; says so on a `<bench>/note:` line.
-pub fn fit_fd_limit(bench: &str, wanted: usize, reserved: usize) -> usize {
+/// `extra` more (warm-up connections) and [`FD_RESERVE`]; says so on a `<bench>/note:` line.
+pub fn fit_fd_limit(bench: &str, wanted: usize, extra: usize) -> usize {
     let limits = std::fs::read_to_string("/proc/self/limits").expect("/proc/self/limits");
     let soft = limits
         .lines()
@@ -32,7 +45,7 @@ pub fn fit_fd_limit(bench: &str, wanted: usize, reserved: usize) -> usize {
         .and_then(|l| l.split_whitespace().nth(3))
         .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or(usize::MAX); // "unlimited"
-    let room = soft.saturating_sub(reserved);
+    let room = soft.saturating_sub(FD_RESERVE + extra);
     if room < wanted {
         println!(
             "{bench}/note: open-files soft limit is {soft}: holding {room} connections instead \

@@ -51,6 +51,8 @@ use tarmac::server::ServerHandle;
 #[path = "support.rs"]
 mod support;
 
+use support::{IO_TIMEOUT, OPEN_DEADLINE, STOP_DEADLINE};
+
 use dns_server::{DnsServer, Zone};
 
 /// Set in the child's environment to `addr,N,W`: W warm-up and N tarpitted connections to addr.
@@ -80,21 +82,8 @@ const SOURCES: usize = 1000;
 /// Unlisted connections opened first and held as part of the baseline.
 const WARM_UP: usize = 100;
 
-/// File descriptors each process needs besides the connections (std streams, epoll, the
-/// listeners, the DNS server and resolver sockets, /proc reads), with room to spare.
-const FD_RESERVE: usize = 256;
-
-/// Longest one connect or first read may take in the child.
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Longest the opening of all connections may take before the bench fails.
-const OPEN_DEADLINE: Duration = Duration::from_secs(60);
-
 /// Longest a drain (one pass over every connection) may take.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
-
-/// Longest the child and the server may take to finish at the end.
-const STOP_DEADLINE: Duration = Duration::from_secs(30);
 
 /// `[dns] timeout`: generous, so a loaded machine slows the opening rather than turning answers
 /// into `TempFail` (an untarpitted client, which the first-byte check would report).
@@ -122,7 +111,7 @@ fn main() {
     } else {
         (200, Duration::from_secs(2))
     };
-    let n = support::fit_fd_limit("tarpit", wanted, FD_RESERVE + WARM_UP);
+    let n = support::fit_fd_limit("tarpit", wanted, WARM_UP);
     let note = if full {
         ""
     } else {
