@@ -15,6 +15,8 @@ use tarmac::sink::{Behaviour, Sink, SinkConfig};
 
 // A real DNS server on loopback (hickory-server) for the DNS tests; benches include it by path.
 pub mod dns_server;
+// Test CA and loopback leaf certificates for the TLS tests.
+pub mod certs;
 
 /// How long any single wait in a test may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(10);
