@@ -51,6 +51,7 @@ pub fn run() -> io::Result<()> {
         maildir: Some(PathBuf::from(DEMO_MAILDIR)),
         offer_xclient: true,
         expect_proxy: None,
+        tls: None,
         behaviour: Behaviour::Normal,
         max_message_size: config.limits.max_message_size * 2,
         record: false,

@@ -3,7 +3,8 @@
 //! Integration tests, benchmarks and `tarmac demo` need something on the other side of the relay
 //! that speaks SMTP the way Postfix does (DESIGN.md §1.5, §1.6): a banner, EHLO, optionally an
 //! XCLIENT command or a PROXY v1/v2 header announcing the real client, then MAIL, RCPT, DATA and
-//! QUIT or RSET. The sink records what every client did ([`SinkSession`]) and every message it
+//! QUIT or RSET, and STARTTLS when given a certificate ([`SinkConfig::tls`]). The sink records what
+//! every client did ([`SinkSession`]) and every message it
 //! accepted ([`SinkMessage`], optionally also written to a directory as `.eml` files), and can be
 //! told to misbehave ([`Behaviour`]) so tests can check how tarmac handles a failing downstream.
 //!
@@ -12,7 +13,11 @@
 //! where tarmac could get things wrong: commands and data must use CRLF (a bare LF in a command
 //! line gets `521` and a close, like Postfix with `smtpd_forbid_bare_newline = yes`; a bare CR or
 //! LF in the data is recorded in [`SinkMessage::bare_newline_seen`]), only `CRLF . CRLF` ends the
-//! data, XCLIENT values must be valid xtext, and MAIL needs a HELO/EHLO first, also after XCLIENT.
+//! data, XCLIENT values must be valid xtext, and MAIL needs a HELO/EHLO first, also after XCLIENT
+//! and after STARTTLS. Like a correct server (RFC 3207 §4.2, CVE-2011-0411), it throws away
+//! whatever the client pipelined after STARTTLS and forgets the EHLO it had, so a client that
+//! does not start over after the TLS handshake is caught; how many bytes it threw away is in
+//! [`SinkSession::starttls_discarded`].
 //! Everything it accepted is kept in memory for the life of the [`Sink`]: it is a peer for tests,
 //! demos and bounded benchmark runs, not a mail store.
 
@@ -24,6 +29,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ProtocolVersion, ServerConfig, ServerConnection, StreamOwned};
 
 /// Where and how the sink listens, and how it behaves.
 #[derive(Clone, Debug)]
@@ -41,6 +50,10 @@ pub struct SinkConfig {
     /// Read a PROXY header of this version before sending the banner; a missing or malformed
     /// header closes the connection without a banner, as Postfix's postscreen does.
     pub expect_proxy: Option<ProxyVersion>,
+    /// Offer STARTTLS in the EHLO reply and answer it with a TLS handshake using this
+    /// configuration (see [`tls_server_config`]); `None` (the default): STARTTLS is an unknown
+    /// command (`502`), unless a STARTTLS [`Behaviour`] makes the sink offer it anyway.
+    pub tls: Option<Arc<ServerConfig>>,
     /// How the sink misbehaves; [`Behaviour::Normal`] by default.
     pub behaviour: Behaviour,
     /// Advertised as `SIZE` and enforced: a bigger `SIZE=` on MAIL or a bigger message gets
@@ -61,6 +74,7 @@ impl Default for SinkConfig {
             maildir: None,
             offer_xclient: false,
             expect_proxy: None,
+            tls: None,
             behaviour: Behaviour::Normal,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             record: true,
@@ -101,6 +115,42 @@ pub enum Behaviour {
     /// Answer an accepted RCPT with three lines:
     /// `250-2.1.5 first`, `250-2.1.5 second`, `250 2.1.5 Ok`.
     MultilineRcpt,
+    /// Offer STARTTLS (even without [`SinkConfig::tls`]) and answer it with
+    /// `454 4.7.0 TLS not available due to local problem` (Postfix's text when its certificate
+    /// cannot be loaded); the session goes on in plain text.
+    RefuseStartTls,
+    /// Offer STARTTLS (even without [`SinkConfig::tls`]), answer it `220`, then close instead of
+    /// handshaking: the client's TLS handshake fails.
+    CloseAfterStartTls,
+    /// Answer STARTTLS with `220` followed, in the same write and before the handshake, by
+    /// [`INJECTED_AFTER_STARTTLS`], as a man in the middle would (CVE-2011-0411's mirror image):
+    /// a client that reads that line as the reply to its next command trusted plain text after
+    /// STARTTLS. Then the handshake goes on as usual; needs [`SinkConfig::tls`].
+    InjectAfterStartTls,
+}
+
+/// The plain-text reply [`Behaviour::InjectAfterStartTls`] sends right after its `220`: a
+/// rejection, so a client fooled into taking it as the reply to its EHLO inside TLS fails
+/// visibly instead of going on by luck.
+pub const INJECTED_AFTER_STARTTLS: &str = "554 5.7.0 injected before the TLS handshake\r\n";
+
+/// Builds a TLS server configuration for [`SinkConfig::tls`] from PEM files: `chain` holds the
+/// leaf certificate first, then any intermediates; `key` its private key. Any TLS version rustls
+/// supports by default (1.2 and 1.3), no client certificates. Errors name the file.
+pub fn tls_server_config(chain: &Path, key: &Path) -> io::Result<Arc<ServerConfig>> {
+    let named = |path: &Path, e: rustls::pki_types::pem::Error| {
+        io::Error::other(format!("{}: {e}", path.display()))
+    };
+    let certs = CertificateDer::pem_file_iter(chain)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(|e| named(chain, e))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| named(key, e))?;
+    let config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .and_then(|builder| builder.with_no_client_auth().with_single_cert(certs, key))
+            .map_err(io::Error::other)?;
+    Ok(Arc::new(config))
 }
 
 /// A running sink. Dropping it (or [`Sink::stop`]) stops accepting new connections.
@@ -221,6 +271,9 @@ pub struct SinkMessage {
     /// The data contained a bare LF (not after CR) or a bare CR (not before LF). tarmac must
     /// never pass one on (SMTP smuggling), so tests assert this is false.
     pub bare_newline_seen: bool,
+    /// The TLS version the message came over, `None` for plain text: tests of downstream
+    /// STARTTLS assert that the message itself, not only the session, was encrypted.
+    pub tls: Option<ProtocolVersion>,
 }
 
 /// What one client connection did, recorded as it happens.
@@ -230,8 +283,15 @@ pub struct SinkSession {
     pub proxy_header: Option<Vec<u8>>,
     /// The raw arguments of the last accepted XCLIENT command.
     pub xclient: Option<String>,
-    /// Every command line received, without its line end, in order (data lines excluded).
+    /// Every command line received, without its line end, in order (data lines excluded),
+    /// before and after STARTTLS alike.
     pub commands: Vec<String>,
+    /// The TLS version negotiated after STARTTLS, once the handshake completed; `None` while
+    /// the session is plain text.
+    pub tls: Option<ProtocolVersion>,
+    /// Bytes the client had sent after its STARTTLS line before the sink's `220`, thrown away
+    /// unread (RFC 3207 §4.2); a correct client sends nothing there, so tests expect 0.
+    pub starttls_discarded: usize,
     /// The connection has ended and its thread is done.
     pub closed: bool,
 }
@@ -382,13 +442,64 @@ fn serve(stream: TcpStream, shared: &Shared, index: usize) {
     shared.update_session(index, |session| session.closed = true);
 }
 
+/// A connection's byte stream: plain TCP until STARTTLS, then TLS over the same socket.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<StreamOwned<ServerConnection, TcpStream>>),
+}
+
+impl Stream {
+    fn tls_version(&self) -> Option<ProtocolVersion> {
+        match self {
+            Stream::Plain(_) => None,
+            Stream::Tls(tls) => tls.conn.protocol_version(),
+        }
+    }
+
+    /// Ends TLS politely (close_notify) before the socket closes; nothing to do in plain text.
+    fn finish(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(_) => Ok(()),
+            Stream::Tls(tls) => {
+                tls.conn.send_close_notify();
+                tls.flush()
+            }
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(tcp) => tcp.read(buf),
+            Stream::Tls(tls) => tls.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(tcp) => tcp.write(buf),
+            Stream::Tls(tls) => tls.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(tcp) => tcp.flush(),
+            Stream::Tls(tls) => tls.flush(),
+        }
+    }
+}
+
 /// One client connection, driven by its own thread.
 struct Connection<'a> {
     shared: &'a Shared,
     index: usize,
     /// Commands are read through this buffer, so pipelined commands are answered in order;
     /// replies are written to the stream inside it.
-    reader: BufReader<TcpStream>,
+    reader: BufReader<Stream>,
     helo: Option<String>,
     xclient: Option<String>,
     proxy_header: Option<Vec<u8>>,
@@ -439,7 +550,7 @@ impl<'a> Connection<'a> {
         Ok(Self {
             shared,
             index,
-            reader: BufReader::new(stream),
+            reader: BufReader::new(Stream::Plain(stream)),
             helo: None,
             xclient: None,
             proxy_header: None,
@@ -479,6 +590,12 @@ impl<'a> Connection<'a> {
                 "EHLO" => self.handle_helo(arg, true),
                 "HELO" => self.handle_helo(arg, false),
                 "XCLIENT" if self.shared.config.offer_xclient => self.handle_xclient(arg),
+                "STARTTLS" if self.offers_starttls() || self.is_tls() => {
+                    match self.handle_starttls(arg)? {
+                        Next::Continue => continue,
+                        Next::Close => return Ok(()),
+                    }
+                }
                 "MAIL" => self.handle_mail(arg),
                 "RCPT" => self.handle_rcpt(arg),
                 "DATA" => match self.handle_data(arg)? {
@@ -490,7 +607,10 @@ impl<'a> Connection<'a> {
                     "250 2.0.0 Ok\r\n".to_owned()
                 }
                 "NOOP" => "250 2.0.0 Ok\r\n".to_owned(),
-                "QUIT" => return self.send("221 2.0.0 Bye\r\n"),
+                "QUIT" => {
+                    self.send("221 2.0.0 Bye\r\n")?;
+                    return self.reader.get_mut().finish();
+                }
                 _ => "502 5.5.2 Error: command not recognized\r\n".to_owned(),
             };
             self.send(&reply)?;
@@ -516,8 +636,88 @@ impl<'a> Connection<'a> {
         if config.offer_xclient {
             reply.push_str("250-XCLIENT ADDR NAME PORT HELO PROTO\r\n");
         }
+        if self.offers_starttls() {
+            reply.push_str("250-STARTTLS\r\n");
+        }
         reply.push_str("250 SMTPUTF8\r\n");
         reply
+    }
+
+    /// STARTTLS is offered in plain text when a certificate is configured, or when a behaviour
+    /// fails it on purpose; never again inside TLS (RFC 3207 §4.2).
+    fn offers_starttls(&self) -> bool {
+        let config = &self.shared.config;
+        !self.is_tls()
+            && (config.tls.is_some()
+                || matches!(
+                    config.behaviour,
+                    Behaviour::RefuseStartTls | Behaviour::CloseAfterStartTls
+                ))
+    }
+
+    fn is_tls(&self) -> bool {
+        matches!(self.reader.get_ref(), Stream::Tls(_))
+    }
+
+    /// STARTTLS (RFC 3207): `220`, then whatever the client pipelined after the command is
+    /// thrown away unread (a client must wait for the `220`, and bytes sent in plain text must
+    /// never count as sent inside TLS, CVE-2011-0411), the handshake runs within the socket's
+    /// 30 s timeouts, and the session starts over without HELO/EHLO or transaction. A failed
+    /// handshake ends the connection (an error for the thread's debug log).
+    fn handle_starttls(&mut self, arg: &str) -> io::Result<Next> {
+        if self.is_tls() {
+            // Postfix's reply to a second STARTTLS.
+            self.send("554 5.5.1 Error: TLS already active\r\n")?;
+            return Ok(Next::Continue);
+        }
+        if !arg.is_empty() {
+            self.send("501 5.5.4 Syntax: STARTTLS\r\n")?;
+            return Ok(Next::Continue);
+        }
+        let tls = match (&self.shared.config.behaviour, &self.shared.config.tls) {
+            (Behaviour::CloseAfterStartTls, _) => {
+                self.send("220 2.0.0 Ready to start TLS\r\n")?;
+                return Ok(Next::Close);
+            }
+            (Behaviour::RefuseStartTls, _) | (_, None) => {
+                self.send("454 4.7.0 TLS not available due to local problem\r\n")?;
+                return Ok(Next::Continue);
+            }
+            (Behaviour::InjectAfterStartTls, Some(tls)) => {
+                let tls = Arc::clone(tls);
+                self.send(&format!(
+                    "220 2.0.0 Ready to start TLS\r\n{INJECTED_AFTER_STARTTLS}"
+                ))?;
+                tls
+            }
+            (_, Some(tls)) => {
+                let tls = Arc::clone(tls);
+                self.send("220 2.0.0 Ready to start TLS\r\n")?;
+                tls
+            }
+        };
+        let discarded = self.reader.buffer().len();
+        let Stream::Plain(tcp) = self.reader.get_ref() else {
+            return Ok(Next::Close);
+        };
+        // A second handle on the same socket (same timeouts); replacing the reader below drops
+        // the buffered bytes and the first handle, not the socket.
+        let mut stream = StreamOwned::new(
+            ServerConnection::new(tls).map_err(io::Error::other)?,
+            tcp.try_clone()?,
+        );
+        while stream.conn.is_handshaking() {
+            stream.conn.complete_io(&mut stream.sock)?;
+        }
+        let version = stream.conn.protocol_version();
+        self.reader = BufReader::new(Stream::Tls(Box::new(stream)));
+        self.helo = None;
+        self.transaction = None;
+        self.shared.update_session(self.index, |session| {
+            session.tls = version;
+            session.starttls_discarded = discarded;
+        });
+        Ok(Next::Continue)
     }
 
     /// Postfix's XCLIENT: attributes replace what the server knows about the client and the
@@ -681,6 +881,7 @@ impl<'a> Connection<'a> {
             raw,
             content,
             bare_newline_seen: bare_newline,
+            tls: self.reader.get_ref().tls_version(),
         };
         if self.shared.config.record {
             self.shared.update(|state| state.messages.push(message));
@@ -758,8 +959,8 @@ impl<'a> Connection<'a> {
         format!("220 {} ESMTP tarmac-sink\r\n", self.shared.config.hostname)
     }
 
-    fn send(&self, reply: &str) -> io::Result<()> {
-        let mut stream = self.reader.get_ref();
+    fn send(&mut self, reply: &str) -> io::Result<()> {
+        let stream = self.reader.get_mut();
         stream.write_all(reply.as_bytes())?;
         stream.flush()
     }
@@ -1106,6 +1307,7 @@ mod tests {
                 raw: b"Subject: dots\r\n\r\n..leading dot\r\n..\r\n...\r\nend.\r\n".to_vec(),
                 content: b"Subject: dots\r\n\r\n.leading dot\r\n.\r\n..\r\nend.\r\n".to_vec(),
                 bare_newline_seen: false,
+                tls: None,
             }]
         );
         assert_eq!(sink.connections(), 1);
@@ -1122,6 +1324,8 @@ mod tests {
                     "DATA",
                     "QUIT",
                 ]),
+                tls: None,
+                starttls_discarded: 0,
                 closed: true,
             }]
         );
@@ -1599,6 +1803,57 @@ mod tests {
         client.send(b"hi\r\n.\r\n");
         assert_eq!(client.reply(), "250 2.0.0 Ok: queued as 1\r\n");
         assert_eq!(sink.messages()[0].rcpt_to, vec!["b@y".to_owned()]);
+    }
+
+    #[test]
+    fn starttls_is_an_unknown_command_without_a_certificate() {
+        let sink = start(|_| {});
+        // EHLO_REPLY (checked by `greeted`) lists no STARTTLS.
+        let mut client = Client::greeted(sink.local_addr());
+        assert_eq!(
+            client.command("STARTTLS"),
+            "502 5.5.2 Error: command not recognized\r\n"
+        );
+    }
+
+    #[test]
+    fn refuse_starttls_offers_it_answers_454_and_stays_in_plain_text() {
+        let sink = start(|config| config.behaviour = Behaviour::RefuseStartTls);
+        let mut client = Client::connect(sink.local_addr());
+        assert_eq!(client.reply(), BANNER);
+        let ehlo = client.command("EHLO client.test");
+        assert!(ehlo.contains("250-STARTTLS\r\n"), "{ehlo}");
+        assert_eq!(
+            client.command("STARTTLS now"),
+            "501 5.5.4 Syntax: STARTTLS\r\n"
+        );
+        assert_eq!(
+            client.command("STARTTLS"),
+            "454 4.7.0 TLS not available due to local problem\r\n"
+        );
+        // The EHLO still counts: nothing was reset.
+        assert_eq!(
+            client.transaction("a@x", "b@y", b"hi\r\n.\r\n"),
+            "250 2.0.0 Ok: queued as 1\r\n"
+        );
+        assert_eq!(sink.messages()[0].tls, None);
+        client.command("QUIT");
+        let session = &closed_sessions(&sink, 1)[0];
+        assert_eq!(session.tls, None);
+        assert_eq!(session.starttls_discarded, 0);
+    }
+
+    #[test]
+    fn close_after_starttls_answers_220_then_closes() {
+        let sink = start(|config| config.behaviour = Behaviour::CloseAfterStartTls);
+        let mut client = Client::connect(sink.local_addr());
+        assert_eq!(client.reply(), BANNER);
+        assert!(client.command("EHLO c").contains("250-STARTTLS\r\n"));
+        assert_eq!(
+            client.command("STARTTLS"),
+            "220 2.0.0 Ready to start TLS\r\n"
+        );
+        client.assert_closed();
     }
 
     #[test]

@@ -25,3 +25,5 @@ mod tarpit;
 mod rules;
 // Greylisting at RCPT through the server.
 mod greylist;
+// STARTTLS towards the downstream: the sink's side, with a real rustls client.
+mod downstream_tls;
