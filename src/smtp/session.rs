@@ -1598,6 +1598,11 @@ impl Session {
                     );
                     self.downstream_failed(now, "handshake refused");
                 }
+                // The session builds its handshakes with `Handshake::new` (no STARTTLS) until
+                // the driver can switch a downstream socket to TLS, so these never come yet.
+                Step::StartTls | Step::RetryWithoutTls | Step::TlsFailed(_) => {
+                    self.downstream_failed(now, "STARTTLS not wired");
+                }
             }
             return;
         }
