@@ -5,9 +5,9 @@
 //! files); both start from [`Config::default`] and overwrite what the file sets, so an empty file
 //! is a valid config. The value syntaxes (durations, sizes, rates, addresses, CIDRs) live in
 //! `syntax`, the walk over the TOML tree in `document`. [`Config::from_toml`] never opens the
-//! files a config names; [`Config::load`] then reads the list files (`[lists]`) and rule files
-//! (`[rules]`) into the config, so a running server and `tarmac check` see the same entries,
-//! rules and errors.
+//! files a config names; [`Config::load`] then reads the list files (`[lists]`), rule files
+//! (`[rules]`) and the downstream CA file (`[downstream] tls_ca`) into the config, so a running
+//! server and `tarmac check` see the same entries, rules, certificates and errors.
 
 mod document;
 mod syntax;
@@ -19,6 +19,9 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
+
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject as _;
 
 use crate::policy::{List, ListSet, RuleSet};
 
@@ -159,6 +162,13 @@ pub struct Downstream {
     pub tls: DownstreamTls,
     /// Verify the downstream's certificate.
     pub tls_verify: bool,
+    /// A PEM file of CA certificates trusted, besides the built-in web roots, when
+    /// `tls_verify` is on (an addition to DESIGN.md §3: a downstream inside the operator's
+    /// network usually has a certificate from a private CA); `None` = built-in roots only.
+    pub tls_ca: Option<PathBuf>,
+    /// The certificates of `tls_ca`, read and checked by [`Config::load_tls_ca`]; empty
+    /// before that and when `tls_ca` is not set.
+    pub tls_ca_certs: Vec<CertificateDer<'static>>,
 }
 
 /// `[downstream] mode`
@@ -425,7 +435,12 @@ impl Config {
         if self.downstream.tls == DownstreamTls::Required {
             note(
                 "downstream.tls",
-                "STARTTLS to the downstream is not in this version yet; \"required\" cannot be met, so `run` refuses to start",
+                "the server does not switch downstream connections to TLS in this version yet; \"required\" cannot be met, so `run` refuses to start",
+            );
+        } else if self.downstream.tls_verify || self.downstream.tls_ca.is_some() {
+            note(
+                "downstream.tls_verify",
+                "the server does not switch downstream connections to TLS in this version yet; mail is relayed in plain text and no certificate is checked",
             );
         }
         if self.tls.cert.is_some() {
@@ -483,6 +498,9 @@ impl Config {
         if let Err(ConfigErrors(mut bad)) = config.load_rules() {
             errors.append(&mut bad);
         }
+        if let Err(ConfigErrors(mut bad)) = config.load_tls_ca() {
+            errors.append(&mut bad);
+        }
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
@@ -536,6 +554,48 @@ impl Config {
             return Err(ConfigErrors(errors));
         }
         self.lists.entries = entries;
+        Ok(())
+    }
+
+    /// Reads `[downstream] tls_ca` into `downstream.tls_ca_certs`: every `CERTIFICATE` block
+    /// of the PEM file, each checked to be usable as a trust anchor, so a garbled file fails
+    /// `tarmac check` (and a reload) rather than every downstream handshake. Errors read
+    /// `file: downstream.tls_ca: message`. Read even while `tls_verify` is off, so turning it
+    /// on later meets no surprise.
+    pub fn load_tls_ca(&mut self) -> Result<(), ConfigErrors> {
+        let Some(file) = &self.downstream.tls_ca else {
+            self.downstream.tls_ca_certs = Vec::new();
+            return Ok(());
+        };
+        let error = |message: String| {
+            ConfigErrors(vec![ConfigError {
+                path: file.clone(),
+                line: None,
+                key: "downstream.tls_ca".to_owned(),
+                message,
+            }])
+        };
+        let pem = std::fs::read(file).map_err(|e| error(format!("cannot read CA file: {e}")))?;
+        let certs = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| error(format!("not a PEM certificate file: {e}")))?;
+        if certs.is_empty() {
+            return Err(error(
+                "no certificate in it; expected PEM \"-----BEGIN CERTIFICATE-----\" blocks"
+                    .to_owned(),
+            ));
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        for (i, cert) in certs.iter().enumerate() {
+            if let Err(e) = roots.add(cert.clone()) {
+                return Err(error(format!(
+                    "certificate {} of {} is not usable as a CA: {e}",
+                    i + 1,
+                    certs.len()
+                )));
+            }
+        }
+        self.downstream.tls_ca_certs = certs;
         Ok(())
     }
 
@@ -670,6 +730,8 @@ impl Default for Downstream {
             announce_client: AnnounceClient::Xclient,
             tls: DownstreamTls::Opportunistic,
             tls_verify: false,
+            tls_ca: None,
+            tls_ca_certs: Vec::new(),
         }
     }
 }
@@ -1273,6 +1335,84 @@ files = ["rules/a.toml", "../shared/b.toml"]
         // A bare file name: relative to the working directory, where the file is.
         let config = Config::from_toml("", Path::new("tarmac.toml")).unwrap();
         assert_eq!(config.lists.deny, [PathBuf::from("blocklists/deny.txt")]);
+    }
+
+    #[test]
+    fn downstream_tls_ca_is_a_path_anchored_at_the_config_directory() {
+        let config = parse("[downstream]\ntls_verify = true\ntls_ca = \"ca/down.pem\"\n").unwrap();
+        assert_eq!(
+            config.downstream.tls_ca,
+            Some(PathBuf::from("/etc/tarmac/ca/down.pem"))
+        );
+        // Read only by `load`: `from_toml` does no I/O.
+        assert!(config.downstream.tls_ca_certs.is_empty());
+        assert_eq!(
+            parse("downstream.tls_ca = \"\"").unwrap().downstream.tls_ca,
+            None
+        );
+        assert_eq!(Config::default().downstream.tls_ca, None);
+        assert_eq!(
+            errors("[downstream]\ntls_ca = false\n"),
+            "/etc/tarmac/tarmac.toml:2: downstream.tls_ca: expected a file path, or \"\" for \
+             none, found boolean"
+        );
+    }
+
+    #[test]
+    fn unreadable_or_garbled_tls_ca_names_the_file() {
+        let dir = std::env::temp_dir().join(format!("tarmac-config-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let load = |ca: &str, contents: Option<&str>| {
+            let file = dir.join(ca);
+            if let Some(contents) = contents {
+                std::fs::write(&file, contents).unwrap();
+            }
+            let mut config = parse(&format!(
+                "downstream.tls_ca = {:?}",
+                file.display().to_string()
+            ))
+            .unwrap();
+            config.load_tls_ca().unwrap_err().to_string()
+        };
+        let path = |ca: &str| dir.join(ca).display().to_string();
+        assert_eq!(
+            load("missing.pem", None),
+            format!(
+                "{}: downstream.tls_ca: cannot read CA file: No such file or directory (os error 2)",
+                path("missing.pem")
+            )
+        );
+        assert_eq!(
+            load("empty.pem", Some("no PEM here\n")),
+            format!(
+                "{}: downstream.tls_ca: no certificate in it; expected PEM \
+                 \"-----BEGIN CERTIFICATE-----\" blocks",
+                path("empty.pem")
+            )
+        );
+        let broken = load(
+            "broken.pem",
+            Some("-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n"),
+        );
+        assert!(
+            broken.starts_with(&format!(
+                "{}: downstream.tls_ca: not a PEM certificate file: ",
+                path("broken.pem")
+            )),
+            "{broken}"
+        );
+        let not_der = load(
+            "junk.pem",
+            Some("-----BEGIN CERTIFICATE-----\naGVsbG8=\n-----END CERTIFICATE-----\n"),
+        );
+        assert!(
+            not_der.starts_with(&format!(
+                "{}: downstream.tls_ca: certificate 1 of 1 is not usable as a CA: ",
+                path("junk.pem")
+            )),
+            "{not_der}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -307,3 +307,63 @@ fn check_names_every_bad_list_line() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn check_names_an_unreadable_or_garbled_downstream_ca_file() {
+    let dir = temp_dir("tls-ca");
+    let path = dir.join("tarmac.toml");
+    std::fs::write(
+        &path,
+        "[downstream]\ntls_verify = true\ntls_ca = \"ca/missing.pem\"\n",
+    )
+    .unwrap();
+    let out = tarmac().args(["check", "-c"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let missing = dir.join("ca/missing.pem");
+    assert!(
+        stderr.contains(&format!(
+            "{}: downstream.tls_ca: cannot read CA file: ",
+            missing.display()
+        )),
+        "{stderr}"
+    );
+
+    std::fs::write(dir.join("garbled.pem"), "not a certificate\n").unwrap();
+    std::fs::write(
+        &path,
+        "[downstream]\ntls_verify = true\ntls_ca = \"garbled.pem\"\n",
+    )
+    .unwrap();
+    let out = tarmac().args(["check", "-c"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{}: downstream.tls_ca: no certificate in it",
+            dir.join("garbled.pem").display()
+        )),
+        "{stderr}"
+    );
+
+    // A real CA file checks; until the driver switches downstream connections to TLS, a note
+    // says no certificate is checked.
+    let certs = crate::util::certs::TestCerts::generate(&dir, "down");
+    std::fs::write(
+        &path,
+        format!(
+            "[downstream]\ntls_verify = true\ntls_ca = {:?}\n",
+            certs.ca.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = tarmac().args(["check", "-c"]).arg(&path).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("note: downstream.tls_verify: "), "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -68,6 +68,7 @@ const DOWNSTREAM_KEYS: &[&str] = &[
     "announce_client",
     "tls",
     "tls_verify",
+    "tls_ca",
 ];
 const TLS_KEYS: &[&str] = &["cert", "key"];
 const DNS_KEYS: &[&str] = &["servers", "timeout", "cache_ttl", "rdns", "health_interval"];
@@ -400,6 +401,7 @@ impl<'p> Reader<'p> {
                     )
                 }),
                 "tls_verify" => r.set(&mut d.tls_verify, key, v, boolean),
+                "tls_ca" => r.set(&mut d.tls_ca, key, v, optional_path),
                 _ => return false,
             }
             true
@@ -820,6 +822,7 @@ pub(super) fn resolve_paths(config: &mut Config, base: &Path) {
     resolve(&mut config.server.state_dir);
     config.tls.cert.iter_mut().for_each(resolve);
     config.tls.key.iter_mut().for_each(resolve);
+    config.downstream.tls_ca.iter_mut().for_each(resolve);
     config.lists.allow.iter_mut().for_each(resolve);
     config.lists.deny.iter_mut().for_each(resolve);
     config.rules.files.iter_mut().for_each(resolve);
