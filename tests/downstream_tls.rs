@@ -1,5 +1,7 @@
 //! TLS towards the downstream, with real rustls handshakes on loopback: the sink's STARTTLS
-//! (what tarmac's downstream tests rely on) and the sink's record of it.
+//! (what tarmac's downstream tests rely on) and the sink's record of it, and tarmac's client
+//! configuration (`downstream::tls`) from `[downstream] tls_verify` and `tls_ca` as
+//! `Config::load` reads them.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -9,6 +11,8 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, ProtocolVersion, RootCertStore, StreamOwned};
+use tarmac::config::Config;
+use tarmac::downstream::tls::{client_config, server_name};
 use tarmac::sink::{self, Behaviour, INJECTED_AFTER_STARTTLS, Sink, SinkConfig, SinkSession};
 
 use crate::util::WAIT;
@@ -287,4 +291,110 @@ fn sink_tls_server_config_errors_name_the_file() {
     // A certificate where the key should be: no private key in it.
     let error = sink::tls_server_config(&certs.chain, &certs.ca).unwrap_err();
     assert!(error.to_string().contains("sink-ca.pem"), "{error}");
+}
+
+/// tarmac's client configuration for `[downstream]` with `tls_verify` and, optionally, a
+/// `tls_ca` file, loaded from a config file the way `tarmac run` does.
+fn tarmac_client(dir: &Path, verify: bool, ca: Option<&Path>) -> Arc<ClientConfig> {
+    let path = dir.join("tarmac.toml");
+    let ca = ca.map_or(String::new(), |ca| ca.display().to_string());
+    std::fs::write(
+        &path,
+        format!("[downstream]\ntls_verify = {verify}\ntls_ca = {ca:?}\n"),
+    )
+    .unwrap();
+    let config = Config::load(&path).unwrap();
+    client_config(&config.downstream).unwrap()
+}
+
+/// STARTTLS with tarmac's client configuration against `sink`, named as tarmac names it.
+fn handshake(sink: &Sink, config: Arc<ClientConfig>) -> Result<(), rustls::Error> {
+    let (client, tcp) = up_to_starttls(sink.local_addr(), b"");
+    let (mut client, _) = client.start_tls(tcp, config, server_name(sink.local_addr()))?;
+    assert!(client.command("EHLO mx.test").starts_with("250-"));
+    assert_eq!(client.command("QUIT"), "221 2.0.0 Bye\r\n");
+    Ok(())
+}
+
+#[test]
+fn verify_with_the_tls_ca_accepts_a_loopback_leaf() {
+    let dir = crate::util::temp_dir("verify-ca");
+    let certs = TestCerts::generate(&dir, "down");
+    let sink = tls_sink(&certs, Behaviour::Normal);
+    handshake(&sink, tarmac_client(&dir, true, Some(&certs.ca))).unwrap();
+    assert_eq!(
+        closed_sessions(&sink, 1)[0].tls,
+        Some(ProtocolVersion::TLSv1_3)
+    );
+}
+
+#[test]
+fn verify_without_the_tls_ca_rejects_a_private_ca() {
+    let dir = crate::util::temp_dir("verify-no-ca");
+    let certs = TestCerts::generate(&dir, "down");
+    let sink = tls_sink(&certs, Behaviour::Normal);
+    let error = handshake(&sink, tarmac_client(&dir, true, None)).unwrap_err();
+    assert_eq!(
+        error,
+        rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)
+    );
+    // Another CA in tls_ca does not help either.
+    let other = TestCerts::generate(&dir, "other");
+    let error = handshake(&sink, tarmac_client(&dir, true, Some(&other.ca))).unwrap_err();
+    assert_eq!(
+        error,
+        rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)
+    );
+}
+
+#[test]
+fn verify_checks_the_servers_ip_address() {
+    // The leaf names 127.0.0.1, ::1 and localhost; the sink listens on 127.0.0.2.
+    let dir = crate::util::temp_dir("verify-name");
+    let certs = TestCerts::generate(&dir, "down");
+    let sink = Sink::start(SinkConfig {
+        listen: "127.0.0.2:0".parse().unwrap(),
+        tls: Some(sink::tls_server_config(&certs.chain, &certs.key).unwrap()),
+        ..SinkConfig::default()
+    })
+    .unwrap();
+    let error = handshake(&sink, tarmac_client(&dir, true, Some(&certs.ca))).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                    | rustls::CertificateError::NotValidForNameContext { .. }
+            )
+        ),
+        "{error:?}"
+    );
+    // Without verification the name does not matter.
+    handshake(&sink, tarmac_client(&dir, false, None)).unwrap();
+}
+
+#[test]
+fn no_verify_accepts_a_self_signed_certificate() {
+    let dir = crate::util::temp_dir("no-verify");
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["mx.elsewhere.example".to_owned()]).unwrap();
+    let (chain, key) = (dir.join("self.pem"), dir.join("self-key.pem"));
+    std::fs::write(&chain, cert.pem()).unwrap();
+    std::fs::write(&key, signing_key.serialize_pem()).unwrap();
+    let sink = Sink::start(SinkConfig {
+        tls: Some(sink::tls_server_config(&chain, &key).unwrap()),
+        ..SinkConfig::default()
+    })
+    .unwrap();
+    handshake(&sink, tarmac_client(&dir, false, None)).unwrap();
+    assert_eq!(
+        closed_sessions(&sink, 1)[0].tls,
+        Some(ProtocolVersion::TLSv1_3)
+    );
+    // The same certificate fails verification, so the acceptance above is the verifier's doing.
+    let error = handshake(&sink, tarmac_client(&dir, true, Some(&chain))).unwrap_err();
+    assert!(
+        matches!(error, rustls::Error::InvalidCertificate(_)),
+        "{error:?}"
+    );
 }
