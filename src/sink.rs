@@ -3,10 +3,10 @@
 //! Integration tests, benchmarks and `tarmac demo` need something on the other side of the relay
 //! that speaks SMTP the way Postfix does (DESIGN.md §1.5, §1.6): a banner, EHLO, optionally an
 //! XCLIENT command or a PROXY v1/v2 header announcing the real client, then MAIL, RCPT, DATA and
-//! QUIT or RSET, and STARTTLS when given a certificate ([`SinkConfig::tls`]). The sink records what
-//! every client did ([`SinkSession`]) and every message it
-//! accepted ([`SinkMessage`], optionally also written to a directory as `.eml` files), and can be
-//! told to misbehave ([`Behaviour`]) so tests can check how tarmac handles a failing downstream.
+//! QUIT or RSET, and STARTTLS when given a certificate ([`SinkConfig::tls`]). The sink records
+//! what every client did ([`SinkSession`]) and every message it accepted ([`SinkMessage`],
+//! optionally also written to a directory as `.eml` files), and can be told to misbehave
+//! ([`Behaviour`]) so tests can check how tarmac handles a failing downstream.
 //!
 //! It is deliberately plain: std sockets, one accept thread and one thread per connection, every
 //! read and write bounded by a 30 s timeout so connection threads end on their own. It is strict
@@ -289,8 +289,9 @@ pub struct SinkSession {
     /// The TLS version negotiated after STARTTLS, once the handshake completed; `None` while
     /// the session is plain text.
     pub tls: Option<ProtocolVersion>,
-    /// Bytes the client had sent after its STARTTLS line before the sink's `220`, thrown away
-    /// unread (RFC 3207 §4.2); a correct client sends nothing there, so tests expect 0.
+    /// Bytes that had arrived after the client's STARTTLS line by the time the sink answered
+    /// it, thrown away unread (RFC 3207 §4.2); a correct client sends nothing before the `220`,
+    /// so tests expect 0.
     pub starttls_discarded: usize,
     /// The connection has ended and its thread is done.
     pub closed: bool,
