@@ -1641,6 +1641,11 @@ impl Harness {
                         _ => self.events.push_back(Event::Connected(g)),
                     }
                 }
+                // The scripted downstream never lists STARTTLS (its branches are the session
+                // unit tests'), so asking for TLS is a bug.
+                Action::StartTlsDownstream => {
+                    panic!("STARTTLS to a downstream that never offered it")
+                }
                 Action::CloseDownstream => {
                     assert!(self.conn.is_some(), "CloseDownstream without a connection");
                     self.conn = None;

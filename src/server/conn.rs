@@ -450,6 +450,12 @@ impl Conn {
                     self.awaiting_pool = None;
                     self.drop_downstream(io.registry);
                 }
+                // Until the downstream socket can switch to TLS: a failed handshake, so
+                // `opportunistic` retries in plain text and `required` defers.
+                Action::StartTlsDownstream => {
+                    self.session
+                        .handle_downstream(now, DownstreamEvent::TlsFailed);
+                }
                 Action::Close => self.start_closing(now),
                 Action::CheckPass(ip) => {
                     let fresh = io.shared.passes.is_fresh(ip, now);

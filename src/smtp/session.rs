@@ -35,9 +35,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::{Config, DownstreamMode, Pregreet, RejectMode};
+use crate::config::{Config, DownstreamMode, DownstreamTls, Pregreet, RejectMode};
 use crate::dns::{Answer, Query};
-use crate::downstream::dialog::{Capabilities, ClientIdentity, Handshake, Step};
+use crate::downstream::dialog::{Capabilities, ClientIdentity, Handshake, Step, TlsFailure};
 use crate::policy::{Facts, ListMatch, RuleAction, Stage, Verdict};
 use crate::smtp::checks::{Checks, ListedBy};
 use crate::smtp::command::{Body, Command, CommandError, MailParams, parse_command};
@@ -114,6 +114,12 @@ pub enum Action {
     /// Open a TCP connection to this downstream server, then report
     /// `DownstreamEvent::Connected` or `ConnectFailed`.
     ConnectDownstream(SocketAddr),
+    /// The downstream said `220` to STARTTLS: drop every downstream byte not yet handed to
+    /// `handle_downstream` (anything after the 220 was sent in plain text and could be injected
+    /// by anyone on the path), start a TLS client handshake on the connection, and report
+    /// `DownstreamEvent::TlsEstablished` or `TlsFailed`. From then on every downstream byte in
+    /// either direction goes through TLS.
+    StartTlsDownstream,
     /// Close the downstream connection after writing what `poll_transmit(Downstream)` handed
     /// out before this; send nothing more.
     CloseDownstream,
@@ -143,6 +149,10 @@ pub enum DownstreamEvent<'a> {
     Data(&'a [u8]),
     /// The downstream closed or the connection broke.
     Closed,
+    /// The TLS handshake asked for by `Action::StartTlsDownstream` completed.
+    TlsEstablished,
+    /// That TLS handshake failed (alert, bad certificate with `tls_verify`, connection lost).
+    TlsFailed,
 }
 
 /// How the driver asks a session to end on SIGTERM/SIGINT.
@@ -295,6 +305,8 @@ struct Transaction {
 enum Link {
     Connecting,
     Handshaking,
+    /// `Action::StartTlsDownstream` is out: no reply is read until the driver reports.
+    StartingTls,
     Ready,
 }
 
@@ -312,6 +324,9 @@ struct Relay {
     in_transaction: bool,
     /// Part of a body was sent: closing now must not send anything (no dot, no QUIT).
     mid_data: bool,
+    /// A second connection after a failed TLS handshake under `opportunistic`: plain text, as
+    /// Postfix retries (`Step::RetryWithoutTls`).
+    plain_retry: bool,
 }
 
 /// A verdict of reject (or a deny-list entry, or a pregreet talker), as the dialog applies it.
@@ -547,6 +562,25 @@ impl Session {
                 0
             }
             DownstreamEvent::Data(bytes) => self.read_downstream(now, bytes),
+            DownstreamEvent::TlsEstablished => {
+                let step = self.relay.as_deref_mut().and_then(|relay| {
+                    (relay.link == Link::StartingTls).then(|| {
+                        relay.link = Link::Handshaking;
+                        relay
+                            .handshake
+                            .handle_tls_established(&mut self.to_downstream)
+                    })
+                });
+                match step {
+                    Some(step) => self.on_handshake_step(now, step),
+                    None => self.downstream_failed(now, "TLS reported without STARTTLS"),
+                }
+                0
+            }
+            DownstreamEvent::TlsFailed => {
+                self.downstream_tls_failed(now);
+                0
+            }
         };
         self.check_shutdown(now);
         used
@@ -559,13 +593,13 @@ impl Session {
         }
         if expired(self.timers.downstream, now) {
             self.timers.downstream = None;
-            if self
-                .relay
-                .as_ref()
-                .is_some_and(|r| r.link == Link::Connecting)
-            {
+            let link = self.relay.as_ref().map(|r| r.link);
+            if link == Some(Link::Connecting) {
                 self.actions.push_back(Action::CloseDownstream);
                 self.try_next_server(now);
+            } else if link == Some(Link::StartingTls) {
+                // Postfix counts a stalled handshake as a failed one.
+                self.downstream_tls_failed(now);
             } else {
                 self.downstream_failed(now, "timeout");
             }
@@ -1369,7 +1403,7 @@ impl Session {
             Some(relay) if relay.link == Link::Ready => self.send_mail(now),
             // Still connecting or handshaking: MAIL goes out when the handshake is done.
             Some(_) => {}
-            None => self.connect(now, 0),
+            None => self.connect(now, 0, false),
         }
     }
 
@@ -1523,19 +1557,27 @@ impl Session {
 
     // ---- downstream side ----
 
-    fn connect(&mut self, now: Instant, server: usize) {
+    /// Opens a downstream connection to `server`; `plain_retry` turns STARTTLS off for it.
+    fn connect(&mut self, now: Instant, server: usize, plain_retry: bool) {
         let Some(&addr) = self.config.downstream.servers.get(server) else {
             return self.downstream_failed(now, "no server reachable");
         };
         let hostname = &self.config.server.hostname;
+        let tls = if plain_retry {
+            DownstreamTls::None
+        } else {
+            self.config.downstream.tls
+        };
         self.relay = Some(Box::new(Relay {
             server,
             link: Link::Connecting,
-            handshake: Handshake::new(hostname, self.config.downstream.announce_client),
+            handshake: Handshake::new(hostname, self.config.downstream.announce_client)
+                .with_tls(tls),
             caps: Capabilities::default(),
             swallow: 0,
             in_transaction: false,
             mid_data: false,
+            plain_retry,
         }));
         self.actions.push_back(Action::ConnectDownstream(addr));
         self.timers.downstream = Some(now + self.config.timeouts.connect);
@@ -1547,7 +1589,7 @@ impl Session {
         self.relay = None;
         self.timers.downstream = None;
         if next < self.config.downstream.servers.len() {
-            self.connect(now, next);
+            self.connect(now, next, false);
         } else {
             self.downstream_failed(now, "no server reachable");
         }
@@ -1555,7 +1597,13 @@ impl Session {
 
     fn read_downstream(&mut self, now: Instant, bytes: &[u8]) -> usize {
         let mut consumed = 0;
-        while self.relay.is_some() && self.closed.is_none() {
+        while self.closed.is_none() {
+            match self.relay.as_deref() {
+                None => break,
+                // Whatever followed the 220 to STARTTLS came in plain text: never a reply.
+                Some(relay) if relay.link == Link::StartingTls => break,
+                Some(_) => {}
+            }
             let rest = bytes.get(consumed..).unwrap_or_default();
             match parse_reply(rest) {
                 Ok(Status::Complete((reply, used))) => {
@@ -1579,32 +1627,10 @@ impl Session {
         };
         if relay.link == Link::Handshaking {
             let who = identity(&self.peer, self.helo.as_deref(), self.esmtp, &self.checks);
-            match relay
+            let step = relay
                 .handshake
-                .handle_reply(reply, &who, &mut self.to_downstream)
-            {
-                Step::Continue => {
-                    self.timers.downstream = Some(now + self.config.timeouts.command);
-                }
-                Step::Ready => {
-                    relay.caps = relay.handshake.capabilities();
-                    self.relay_ready(now);
-                }
-                Step::Failed(reply) => {
-                    log::warn!(
-                        "downstream refused the handshake: {} {}",
-                        reply.code,
-                        reply.lines.first().map_or("", String::as_str)
-                    );
-                    self.downstream_failed(now, "handshake refused");
-                }
-                // The session builds its handshakes with `Handshake::new` (no STARTTLS) until
-                // the driver can switch a downstream socket to TLS, so these never come yet.
-                Step::StartTls | Step::RetryWithoutTls | Step::TlsFailed(_) => {
-                    self.downstream_failed(now, "STARTTLS not wired");
-                }
-            }
-            return;
+                .handle_reply(reply, &who, &mut self.to_downstream);
+            return self.on_handshake_step(now, step);
         }
         if relay.swallow > 0 {
             relay.swallow -= 1;
@@ -1738,6 +1764,11 @@ impl Session {
     /// The downstream failed (refused, broke, timed out, or said something unexpected): drop
     /// it; the command waiting for it gets `451 4.4.2`, and the transaction is marked broken.
     fn downstream_failed(&mut self, now: Instant, why: &str) {
+        self.downstream_failed_with(now, why, downstream_lost());
+    }
+
+    /// As `downstream_failed`, answering the waiting command with `reply` (a 4xx).
+    fn downstream_failed_with(&mut self, now: Instant, why: &str, reply: Reply) {
         log::debug!("downstream failed for {}: {why}", self.peer.client);
         self.drop_relay();
         self.timers.downstream = None;
@@ -1751,7 +1782,7 @@ impl Session {
                 } else if let Some(tx) = self.tx.as_deref_mut() {
                     tx.broken = true;
                 }
-                self.reply(downstream_lost());
+                self.reply(reply);
             }
             // Mid-body: keep reading it to its end, then answer 451 (see `end_of_data`).
             Phase::Data(_) => {}
@@ -1766,6 +1797,76 @@ impl Session {
 
     /// Closes the downstream connection: politely (QUIT) when between commands, abruptly
     /// (nothing more sent) when a body is half-sent so the partial message is never delivered.
+    /// Acts on what the downstream handshake asks for next.
+    fn on_handshake_step(&mut self, now: Instant, step: Step) {
+        match step {
+            Step::Continue => {
+                self.timers.downstream = Some(now + self.config.timeouts.command);
+            }
+            Step::Ready => {
+                if let Some(relay) = self.relay.as_deref_mut() {
+                    relay.caps = relay.handshake.capabilities();
+                }
+                self.relay_ready(now);
+            }
+            Step::Failed(reply) => {
+                log::warn!(
+                    "downstream refused the handshake: {} {}",
+                    reply.code,
+                    reply.lines.first().map_or("", String::as_str)
+                );
+                self.downstream_failed(now, "handshake refused");
+            }
+            Step::StartTls => {
+                if let Some(relay) = self.relay.as_deref_mut() {
+                    relay.link = Link::StartingTls;
+                }
+                self.actions.push_back(Action::StartTlsDownstream);
+                self.timers.downstream = Some(now + self.config.timeouts.command);
+            }
+            Step::RetryWithoutTls => {
+                let Some(relay) = self.relay.take() else {
+                    return;
+                };
+                log::info!(
+                    "downstream TLS handshake failed for {}; retrying in plain text",
+                    self.peer.client
+                );
+                // The TLS state is unknown: no QUIT, just close, and start over in plain text.
+                self.to_downstream.clear();
+                self.actions.push_back(Action::CloseDownstream);
+                self.timers.downstream = None;
+                if relay.plain_retry {
+                    self.downstream_failed(now, "TLS retry failed");
+                } else {
+                    self.connect(now, relay.server, true);
+                }
+            }
+            Step::TlsFailed(failure) => {
+                log::warn!(
+                    "downstream TLS required but failed for {}: {failure}",
+                    self.peer.client
+                );
+                if failure == TlsFailure::Handshake {
+                    // Nothing more may go out on a connection whose TLS state is unknown.
+                    self.to_downstream.clear();
+                }
+                self.downstream_failed_with(now, "TLS required", failure.client_reply());
+            }
+        }
+    }
+
+    /// The TLS handshake towards the downstream failed or stalled.
+    fn downstream_tls_failed(&mut self, now: Instant) {
+        let step = self.relay.as_deref_mut().and_then(|relay| {
+            (relay.link == Link::StartingTls).then(|| relay.handshake.handle_tls_failed())
+        });
+        match step {
+            Some(step) => self.on_handshake_step(now, step),
+            None => self.downstream_failed(now, "TLS failure without STARTTLS"),
+        }
+    }
+
     /// The handshake is done: MAIL goes out if the client is waiting for it.
     fn relay_ready(&mut self, now: Instant) {
         if let Some(relay) = self.relay.as_deref_mut() {

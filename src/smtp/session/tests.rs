@@ -32,6 +32,10 @@ struct FakeDownstream {
     final_reply: Option<&'static str>,
     /// Never answer the final dot.
     stall_after_dot: bool,
+    /// List STARTTLS in the EHLO reply and answer it with 220.
+    offer_starttls: bool,
+    /// Send a forged reply in the same write as the 220 to STARTTLS (a man in the middle).
+    inject_after_starttls: bool,
 }
 
 impl FakeDownstream {
@@ -74,6 +78,13 @@ impl FakeDownstream {
             let verb = line.split(' ').next().unwrap_or("").to_ascii_uppercase();
             self.commands.push(line.clone());
             let reply: &str = match verb.as_str() {
+                "EHLO" if self.offer_starttls => {
+                    "250-ds.test\r\n250-8BITMIME\r\n250-STARTTLS\r\n250 XCLIENT ADDR NAME PORT HELO PROTO"
+                }
+                "STARTTLS" if self.offer_starttls && self.inject_after_starttls => {
+                    "220 2.0.0 Ready\r\n250 2.1.0 forged"
+                }
+                "STARTTLS" if self.offer_starttls => "220 2.0.0 Ready",
                 "EHLO" => {
                     "250-ds.test\r\n250-8BITMIME\r\n250-SIZE 100000000\r\n250 XCLIENT ADDR NAME PORT HELO PROTO"
                 }
@@ -141,6 +152,11 @@ struct Pair {
     greylist_config: crate::config::Greylist,
     /// The keys asked about, in order.
     greylist_keys: Vec<String>,
+    /// How the driver's TLS handshake towards the downstream ends: `Some(true)` established,
+    /// `Some(false)` failed, `None` never (it stalls).
+    downstream_tls: Option<bool>,
+    /// `Action::StartTlsDownstream`s seen.
+    downstream_tls_starts: usize,
 }
 
 impl Pair {
@@ -204,6 +220,8 @@ impl Pair {
             greylist: crate::state::Greylist::new(now),
             greylist_config,
             greylist_keys: Vec::new(),
+            downstream_tls: Some(true),
+            downstream_tls_starts: 0,
         }
     }
 
@@ -274,6 +292,8 @@ impl Pair {
                         self.downstream = FakeDownstream {
                             final_reply: self.downstream.final_reply,
                             stall_after_dot: self.downstream.stall_after_dot,
+                            offer_starttls: self.downstream.offer_starttls,
+                            inject_after_starttls: self.downstream.inject_after_starttls,
                             delivered: std::mem::take(&mut self.downstream.delivered),
                             ..FakeDownstream::default()
                         };
@@ -283,6 +303,20 @@ impl Pair {
                             let banner = self.downstream.banner();
                             self.session
                                 .handle_downstream(self.now, DownstreamEvent::Data(&banner));
+                        }
+                    }
+                    Action::StartTlsDownstream => {
+                        assert!(self.ds_open, "TLS on a closed downstream");
+                        self.downstream_tls_starts += 1;
+                        // The driver drops what came after the 220, as a real one must.
+                        replies.clear();
+                        let event = match self.downstream_tls {
+                            Some(true) => Some(DownstreamEvent::TlsEstablished),
+                            Some(false) => Some(DownstreamEvent::TlsFailed),
+                            None => None,
+                        };
+                        if let Some(event) = event {
+                            self.session.handle_downstream(self.now, event);
                         }
                     }
                     Action::CloseDownstream => {
@@ -1102,3 +1136,5 @@ mod tarpit;
 mod rules;
 // Greylisting at RCPT.
 mod greylist;
+// STARTTLS towards the downstream: opportunistic, required, none.
+mod downstream_tls;
