@@ -151,7 +151,8 @@ fn transactions(n: usize) {
                     | Action::CheckPass(_)
                     | Action::RecordPass(_)
                     | Action::EnterTarpit
-                    | Action::CheckGreylist(_) => {}
+                    | Action::CheckGreylist(_)
+                    | Action::StartTlsDownstream => {}
                     Action::Admit(_) => session.handle_admission(now, true),
                 }
             }
