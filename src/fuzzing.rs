@@ -1655,6 +1655,9 @@ impl Harness {
                 // No PASS is cached; a tarpit place is always free.
                 Action::CheckPass(_) => self.session.handle_pass(self.now, false),
                 Action::RecordPass(_) => {}
+                // No history is kept: every client is new to its reputation.
+                Action::CheckReputation(_) => self.session.handle_reputation(self.now, None),
+                Action::RecordReputation(..) => {}
                 // Greylisting is off in every scenario (its model is the unit tests').
                 Action::CheckGreylist(_) => {
                     self.session

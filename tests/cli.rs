@@ -118,7 +118,7 @@ fn run_relays_logs_and_drains_on_sigterm() {
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
         stderr.contains(
-            " rdns=- helo=client.example verdict=pass score=0 dnsbl=- list=- rule=- \
+            " rdns=- helo=client.example verdict=pass score=0 rep=none dnsbl=- list=- rule=- \
              greylist=skip pregreet=no tls=no msgs=1 rcpts=1 result=delivered dur="
         ),
         "{stderr}"
@@ -246,13 +246,13 @@ fn run_rejects_a_listed_client_and_logs_the_verdict() {
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
         stderr.contains(
-            " rdns=- helo=- verdict=reject score=3 dnsbl=bl.test:3,gone.test:tempfail list=- \
+            " rdns=- helo=- verdict=reject score=3 rep=none dnsbl=bl.test:3,gone.test:tempfail list=- \
              rule=- greylist=- pregreet=no tls=no msgs=0 rcpts=0 result=rejected "
         ),
         "{stderr}"
     );
     assert!(
-        stderr.contains(" verdict=pass score=0 dnsbl=gone.test:tempfail list=- rule=- "),
+        stderr.contains(" verdict=pass score=0 rep=none dnsbl=gone.test:tempfail list=- rule=- "),
         "{stderr}"
     );
     let _ = std::fs::remove_dir_all(&dir);

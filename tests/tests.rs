@@ -25,3 +25,5 @@ mod tarpit;
 mod rules;
 // Greylisting at RCPT through the server.
 mod greylist;
+// Reputation end to end: misbehaving addresses get the weight, one with deliveries does not.
+mod reputation;

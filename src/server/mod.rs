@@ -57,7 +57,7 @@ use self::worker::{Shared, Worker};
 use crate::config::Config;
 use crate::dns::{Resolver, ResolverHandle};
 use crate::policy::ConnectionRates;
-use crate::state::{Greylist, PassCache};
+use crate::state::{Greylist, PassCache, ReputationTable};
 
 /// Pending connections the kernel queues per listener socket before refusing more.
 const LISTEN_BACKLOG: i32 = 1024;
@@ -128,6 +128,7 @@ impl ServerHandle {
             )),
             passes: Arc::new(PassCache::new(config.tarpit.pass_ttl)),
             greylist: Arc::new(Greylist::new(std::time::Instant::now())),
+            reputation: Arc::new(ReputationTable::new()),
             stopping: Arc::clone(&stopping),
             reloads: Arc::new(Reloads::new(Arc::clone(&config))),
         };

@@ -40,6 +40,9 @@ pub fn config() -> Config {
     config.tarpit.greet_pause = Duration::ZERO;
     // Greylisting defers every first attempt; its own tests turn it on.
     config.greylist.enabled = false;
+    // Many tests misbehave from 127.0.0.1 on purpose (pregreet, errors, rejects); a history
+    // of that would tarpit the next test's client. `tests/reputation.rs` turns it on.
+    config.reputation.enabled = false;
     config.timeouts.drain = DRAIN;
     // Most tests open many connections from 127.0.0.1 in well under a minute, far past the
     // default 30/min per address; `tests/rates.rs` sets the rates it tests.
