@@ -10,6 +10,9 @@
 //! once, so a flood of one-off addresses costs one sort per 100,000 of them and cannot push out
 //! the addresses with a real record, good or bad. An address that arrives while another thread
 //! is making room is not recorded.
+//!
+//! Snapshot entries (`reputation.state`, see `snapshot`): `KEY UPDATED_UNIX_MS BAD DELIVERED
+//! PASSES`, the counts as of the update time (decimal numbers).
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 
-use crate::policy::reputation::{self, Event, History};
+use super::snapshot::{self, Clocks, Kind, Restored, SnapshotError, Writer};
+use crate::policy::reputation::{self, Counts, Event, History};
 
 /// Most addresses remembered at once.
 pub const MAX_ENTRIES: usize = 200_000;
@@ -61,19 +65,77 @@ impl ReputationTable {
             .record(event, now, half_life);
     }
 
-    /// Puts a restored history in (a snapshot being loaded); ignored when the table is full.
-    pub fn restore(&self, ip: IpAddr, history: History) {
-        if self.entries.len() < MAX_ENTRIES {
-            self.entries.insert(reputation::key(ip), history);
+    /// The histories not yet decayed to nothing at `clocks.now()` as a snapshot file.
+    pub fn snapshot(&self, clocks: &Clocks, half_life: Duration) -> Vec<u8> {
+        let now = clocks.now();
+        let kept: Vec<(IpAddr, History)> = self
+            .entries
+            .iter()
+            .filter(|entry| !entry.value().is_forgotten(now, half_life))
+            .map(|entry| (*entry.key(), *entry.value()))
+            .collect();
+        let mut writer = Writer::new(Kind::Reputation);
+        for (ip, history) in kept {
+            // As of the last update: what was stored, so a save and a load change nothing.
+            let Counts {
+                bad,
+                delivered,
+                passes,
+            } = history.counts(history.updated(), half_life);
+            let updated = clocks.to_unix_ms(history.updated());
+            writer.entry(format_args!(
+                "{ip} {updated} {} {} {}",
+                bad as f32, delivered as f32, passes as f32
+            ));
         }
+        writer.finish()
     }
 
-    /// Every address and its history, copied out (no guard outlives the call), for snapshots.
-    pub fn entries(&self) -> Vec<(IpAddr, History)> {
-        self.entries
-            .iter()
-            .map(|entry| (*entry.key(), *entry.value()))
-            .collect()
+    /// Loads a snapshot file: all of it or, on any error, nothing. Histories that decayed to
+    /// nothing by now are dropped; an update time a clock set back put in the future counts
+    /// as now.
+    pub fn restore(
+        &self,
+        bytes: &[u8],
+        clocks: &Clocks,
+        half_life: Duration,
+    ) -> Result<Restored, SnapshotError> {
+        let now = clocks.now();
+        let mut kept = Vec::new();
+        let mut restored = Restored::default();
+        for (n, line) in snapshot::entries(Kind::Reputation, bytes)? {
+            let bad_line = SnapshotError::Entry(n);
+            let [ip, updated, bad, delivered, passes] =
+                snapshot::fields(line).ok_or(bad_line.clone())?;
+            let ip: IpAddr = ip.parse().map_err(|_| bad_line.clone())?;
+            let updated = snapshot::parse_ms(updated).ok_or(bad_line.clone())?;
+            let count = |field: &str| field.parse::<f64>().ok();
+            let counts = Counts {
+                bad: count(bad).ok_or(bad_line.clone())?,
+                delivered: count(delivered).ok_or(bad_line.clone())?,
+                passes: count(passes).ok_or(bad_line.clone())?,
+            };
+            // A time the monotonic clock cannot express is long past: decayed away.
+            let Some(updated) = clocks.to_instant(updated) else {
+                restored.dropped += 1;
+                continue;
+            };
+            let history = History::from_counts(counts, updated.min(now)).ok_or(bad_line)?;
+            if history.is_forgotten(now, half_life) {
+                restored.dropped += 1;
+            } else {
+                kept.push((ip, history));
+            }
+        }
+        for (ip, history) in kept {
+            if self.entries.len() >= MAX_ENTRIES {
+                restored.dropped += 1;
+                continue;
+            }
+            self.entries.insert(reputation::key(ip), history);
+            restored.kept += 1;
+        }
+        Ok(restored)
     }
 
     /// Addresses held.
@@ -147,7 +209,86 @@ mod tests {
         );
         table.record(ip(7), Event::Delivered, t0, HALF_LIFE);
         assert_eq!(table.len(), 2);
-        assert_eq!(table.entries().len(), 2);
+    }
+
+    #[test]
+    fn a_snapshot_keeps_histories_across_a_restart() {
+        use std::time::UNIX_EPOCH;
+        let t0 = Instant::now();
+        let wall = UNIX_EPOCH + Duration::from_secs(1_795_438_862);
+        let table = ReputationTable::new();
+        let bad: IpAddr = "2001:db8:1:2::9".parse().unwrap();
+        for n in 0..3 {
+            table.record(bad, Event::Pregreet, t0 + Duration::from_secs(n), HALF_LIFE);
+        }
+        table.record(ip(7), Event::Delivered, t0, HALF_LIFE);
+        table.record(ip(8), Event::Pregreet, t0, HALF_LIFE);
+        // Saved long after ip(8)'s one event decayed to nothing: left out.
+        let saved = t0 + 4 * HALF_LIFE;
+        table.record(bad, Event::Rejected, saved, HALF_LIFE);
+        table.record(ip(7), Event::Delivered, saved, HALF_LIFE);
+        let bytes = table.snapshot(&Clocks::new(saved, wall), HALF_LIFE);
+        assert_eq!(
+            String::from_utf8_lossy(&bytes).lines().count(),
+            4,
+            "header, 2, end"
+        );
+
+        let t1 = t0 + Duration::from_secs(1_000_000);
+        let day = Duration::from_secs(86_400);
+        let loaded = Clocks::new(t1, wall + day);
+        let restarted = ReputationTable::new();
+        let restored = restarted.restore(&bytes, &loaded, HALF_LIFE).unwrap();
+        assert_eq!(
+            restored,
+            Restored {
+                kept: 2,
+                dropped: 0
+            }
+        );
+        let before = table.history(bad).unwrap().counts(saved + day, HALF_LIFE);
+        let after = restarted.history(bad).unwrap().counts(t1, HALF_LIFE);
+        assert!(
+            (before.bad - after.bad).abs() < 1e-3,
+            "{before:?} {after:?}"
+        );
+        assert_eq!(
+            restarted.history(ip(7)).unwrap().standing(t1, HALF_LIFE),
+            crate::policy::Standing::Good
+        );
+        // Loaded a year later: everything decayed away.
+        let year = Clocks::new(t1, wall + 52 * 7 * day);
+        let restored = ReputationTable::new().restore(&bytes, &year, HALF_LIFE);
+        assert_eq!(
+            restored,
+            Ok(Restored {
+                kept: 0,
+                dropped: 2
+            })
+        );
+    }
+
+    #[test]
+    fn bad_counts_load_nothing() {
+        let clocks = Clocks::new(Instant::now(), std::time::SystemTime::now());
+        for line in [
+            "192.0.2.7 1 1 1",
+            "192.0.2.7 1 NaN 0 0",
+            "192.0.2.7 1 inf 0 0",
+            "192.0.2.7 1 -1 0 0",
+            "192.0.2.7 1 x 0 0",
+            "192.0.2.x 1 1 0 0",
+        ] {
+            let mut writer = Writer::new(Kind::Reputation);
+            writer.entry(format_args!("{line}"));
+            let table = ReputationTable::new();
+            assert_eq!(
+                table.restore(&writer.finish(), &clocks, HALF_LIFE),
+                Err(SnapshotError::Entry(2)),
+                "{line}"
+            );
+            assert!(table.is_empty());
+        }
     }
 
     #[test]
