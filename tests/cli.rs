@@ -87,7 +87,7 @@ fn run_relays_logs_and_drains_on_sigterm() {
     std::fs::write(
         &path,
         format!(
-            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nhostname = \"mx.test\"\nworkers = 1\n\n\
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nhostname = \"mx.test\"\nworkers = 1\nstate_dir = \"state\"\n\n\
              [downstream]\nservers = [\"{}\"]\n\n[timeouts]\ndrain = \"5s\"\n\n[dns]\nrdns = false\n\n\
              [tarpit]\ngreet_pause = \"0s\"\n[greylist]\nenabled = false\n",
             sink.local_addr()
@@ -173,6 +173,15 @@ fn demo_writes_accepted_mail_to_demo_mail() {
     child.signal("INT");
     let (code, stderr) = child.wait_exit();
     assert_eq!(code, Some(0), "{stderr}");
+    // The demo's state is saved in its own directory at exit: the delivery is remembered.
+    let reputation = std::fs::read_to_string(dir.join("demo-mail/state/reputation.state"));
+    assert!(
+        reputation
+            .as_deref()
+            .unwrap_or_default()
+            .contains("\n127.0.0.1 "),
+        "{reputation:?} {stderr}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -217,7 +226,7 @@ fn run_rejects_a_listed_client_and_logs_the_verdict() {
     std::fs::write(
         &path,
         format!(
-            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nhostname = \"mx.test\"\nworkers = 1\n\n\
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nhostname = \"mx.test\"\nworkers = 1\nstate_dir = \"state\"\n\n\
              [downstream]\nservers = [\"{}\"]\n\n[timeouts]\ndrain = \"5s\"\n\n\
              [dns]\nservers = [\"{}\"]\nrdns = false\n\n[tarpit]\ngreet_pause = \"0s\"\n[greylist]\nenabled = false\n\n\
              [[dnsbl]]\nzone = \"bl.test\"\nweight = 3\n\n\
