@@ -5,15 +5,7 @@ use std::path::Path;
 use tarmac::sink::Behaviour;
 
 use crate::util::dns_server::{DnsServer, Zone};
-use crate::util::{Client, Running, WAIT, sink, tarmac, temp_dir, wait_until};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use crate::util::{Client, Running, WAIT, free_port, sink, tarmac, temp_dir, wait_until};
 
 #[test]
 fn version_prints_the_crate_version() {

@@ -27,3 +27,5 @@ mod rules;
 mod greylist;
 // Reputation end to end: misbehaving addresses get the weight, one with deliveries does not.
 mod reputation;
+// State across restarts: snapshots in state_dir kept, damaged ones ignored, expired ones dropped.
+mod state;

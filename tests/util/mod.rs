@@ -450,6 +450,15 @@ pub fn tarmac() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_tarmac"))
 }
 
+/// A loopback port that was free a moment ago, for a `tarmac run` child's config file.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// An empty directory for one test's files (the name tells the tests apart, the pid the runs).
 pub fn temp_dir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("tarmac-test-{name}-{}", std::process::id()));
