@@ -208,7 +208,8 @@ fn damaged_truncated_and_foreign_files_are_logged_and_ignored() {
     child.signal("TERM");
     let (code, stderr) = child.wait_exit();
     assert_eq!(code, Some(0), "{stderr}");
-    // The next save replaced them with good ones.
+    assert!(stderr.contains("state: saved to "), "{stderr}");
+    // The shutdown save replaced them with good ones.
     let reputation = std::fs::read_to_string(state.join("reputation.state")).unwrap();
     assert!(
         reputation.starts_with("tarmac-state 1 reputation\n127.0.0.1 "),

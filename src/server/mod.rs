@@ -258,8 +258,10 @@ impl ServerHandle {
         if let Some(saver) = saver {
             saver.stop();
         }
-        if let Some(snapshots) = snapshots {
-            snapshots.save(&snapshots::clocks_now());
+        if let Some(snapshots) = snapshots
+            && snapshots.save(&snapshots::clocks_now())
+        {
+            log::info!("state: saved to {}", snapshots.dir().display());
         }
         result
     }

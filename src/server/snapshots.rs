@@ -116,8 +116,9 @@ impl Snapshots {
         }
     }
 
-    /// Writes every table's snapshot (each copied out of its map first, then written).
-    pub(crate) fn save(&self, clocks: &Clocks) {
+    /// Writes every table's snapshot (each copied out of its map first, then written);
+    /// returns whether all of them were written.
+    pub(crate) fn save(&self, clocks: &Clocks) -> bool {
         let config = self.reloads.current();
         let mut failed = false;
         for kind in Kind::ALL {
@@ -141,13 +142,19 @@ impl Snapshots {
             }
         }
         if failed {
-            return;
+            return false;
         }
         if self.failing.swap(false, Ordering::AcqRel) {
             log::info!("state: saved to {} again", self.dir.path().display());
         } else {
             log::debug!("state: saved to {}", self.dir.path().display());
         }
+        true
+    }
+
+    /// The directory saved to.
+    pub(crate) fn dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     fn restore(
@@ -180,7 +187,8 @@ impl Saver {
             .name("tarmac-state".to_owned())
             .spawn(move || {
                 while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
-                    snapshots.save(&clocks_now());
+                    // A failure is logged inside; the next round tries again.
+                    let _ = snapshots.save(&clocks_now());
                 }
             })?;
         Ok(Saver { stop, thread })
