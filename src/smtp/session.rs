@@ -29,7 +29,9 @@
 //! can decide sooner (`checks.rs`). A mostly bad history adds `[reputation] weight` to the score
 //! before the verdict. What the client does that its reputation remembers goes out as
 //! `Action::RecordReputation`, at most one bad event per session (the first: a pregreet, a
-//! reject, protocol abuse), one greylist pass per session, and every delivered message. The verdict then shapes the dialog: `reject` with `reject_mode =
+//! reject, protocol abuse), one greylist pass per session, and every delivered message.
+//!
+//! The verdict then shapes the dialog: `reject` with `reject_mode =
 //! "immediate"` (or a deny-list entry) makes the greeting `554 5.7.1` and only QUIT is answered;
 //! `"enforce"` greets normally, answers `550 5.7.1` to every RCPT and logs who was sending to
 //! whom, and closes after DATA. `tarpit` is only reported until tarpitting exists.
