@@ -76,7 +76,7 @@ pub struct Server {
     pub max_connections: usize,
     /// Cap on tarpitted sessions.
     pub max_tarpitted: usize,
-    /// Directory for state snapshots.
+    /// Directory for state snapshots (`backend = "local"`), created (mode 0700) if missing.
     pub state_dir: PathBuf,
     /// Peers that must send a PROXY header first.
     pub proxy_protocol_from: Vec<Cidr>,
@@ -447,12 +447,6 @@ impl Config {
             note(
                 "tls.cert",
                 "inbound STARTTLS is not in this version yet; it is not offered",
-            );
-        }
-        if self.server.state_dir != Server::default().state_dir {
-            note(
-                "server.state_dir",
-                "state snapshots are not in this version yet; greylist and PASS cache live in memory only",
             );
         }
         if self.state.backend == StateBackend::Redis {

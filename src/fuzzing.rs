@@ -19,6 +19,8 @@
 //! - `rule_file`: the input, as UTF-8 (lossy), is a rule file; its bytes also pick rule-file
 //!   tokens for a second one (see [`rule_file`]).
 //! - `session`: see [`session`].
+//! - `snapshot`: byte 0 picks the table and the framing, the rest is a state snapshot file
+//!   (see [`snapshot`]).
 
 // Fuzz bodies fail by panicking: a broken property must stop libFuzzer and the replay test.
 #![allow(clippy::panic, clippy::indexing_slicing)]
@@ -39,7 +41,8 @@ use crate::smtp::reply::{
     EnhancedCode, MAX_REPLY_LINE, MAX_REPLY_LINES, Reply, Status, parse_reply,
 };
 use crate::smtp::session::{Action, DownstreamEvent, Peer, Session, Shutdown, Side};
-use crate::state::GreylistOutcome;
+use crate::state::snapshot::{self as state_snapshot, Clocks, Kind, Writer};
+use crate::state::{Greylist, GreylistOutcome, PassCache, ReputationTable};
 
 /// Bytes that make up SMTP commands, replies and bodies, including every line-ending byte
 /// and a two-byte UTF-8 character; raw input is mapped onto it byte by byte.
@@ -229,6 +232,96 @@ pub fn session(data: &[u8]) {
     let words = keep_controls(&mut |b| vocabulary(&[b], SESSION_TOKENS).into_bytes());
     for script in [rest.to_vec(), alphabet, words] {
         Harness::run(*scenario, *details, &script);
+    }
+}
+
+/// Loads a state snapshot file into a fresh table.
+///
+/// Input: byte 0 bits 0–1 pick the table (0 PASS cache, 1 greylist, 2 and 3 reputation); with
+/// bit 7 clear the rest is the whole file, so the framing checks (header, end line, count,
+/// hash) are what is exercised; with it set, each line of the rest becomes an entry of a file
+/// framed correctly, so the entry parsers are reached.
+///
+/// Properties: no panic; a refused file leaves the table empty (all or nothing); a loaded one
+/// holds at most the entries it reported kept; saving what loaded and loading that again
+/// gives a table of the same size.
+pub fn snapshot(data: &[u8]) {
+    let Some((&selector, rest)) = data.split_first() else {
+        return;
+    };
+    let kind = match selector & 0x03 {
+        0 => Kind::Pass,
+        1 => Kind::Greylist,
+        _ => Kind::Reputation,
+    };
+    let bytes = if selector & 0x80 == 0 {
+        rest.to_vec()
+    } else {
+        let mut writer = Writer::new(kind);
+        for line in rest.split(|&b| b == b'\n') {
+            writer.entry(format_args!("{}", String::from_utf8_lossy(line)));
+        }
+        writer.finish()
+    };
+    let _ = state_snapshot::entries(kind, &bytes);
+    let clocks = Clocks::new(
+        Instant::now(),
+        UNIX_EPOCH + Duration::from_millis(1_795_438_862_000),
+    );
+    let config = base_config();
+    let sizes = |first: usize, kept: Option<usize>, second: Option<usize>| match kept {
+        None => assert_eq!(first, 0, "a refused {kind:?} snapshot loaded entries"),
+        Some(kept) => {
+            assert!(first <= kept, "{first} entries held, {kept} reported kept");
+            assert_eq!(
+                second,
+                Some(first),
+                "{kind:?}: save and load changed the table"
+            );
+        }
+    };
+    match kind {
+        Kind::Pass => {
+            let fresh = || PassCache::new(config.tarpit.pass_ttl);
+            let table = fresh();
+            let kept = table.restore(&bytes, &clocks).ok().map(|r| r.kept);
+            let again = fresh();
+            let second = again
+                .restore(&table.snapshot(&clocks), &clocks)
+                .ok()
+                .map(|_| again.len());
+            sizes(table.len(), kept, second);
+        }
+        Kind::Greylist => {
+            let greylist = &config.greylist;
+            let table = Greylist::new(clocks.now());
+            let kept = table
+                .restore(&bytes, &clocks, greylist)
+                .ok()
+                .map(|r| r.kept);
+            let again = Greylist::new(clocks.now());
+            let saved = table.snapshot(&clocks, greylist);
+            let second = again
+                .restore(&saved, &clocks, greylist)
+                .ok()
+                .map(|_| again.len());
+            sizes(table.len(), kept, second);
+        }
+        Kind::Reputation => {
+            let half_life = config.reputation.half_life;
+            let table = ReputationTable::new();
+            let kept = table
+                .restore(&bytes, &clocks, half_life)
+                .ok()
+                .map(|r| r.kept);
+            let again = ReputationTable::new();
+            let saved = table.snapshot(&clocks, half_life);
+            let second = again
+                .restore(&saved, &clocks, half_life)
+                .ok()
+                .map(|_| again.len());
+            sizes(table.len(), kept, second);
+        }
     }
 }
 
@@ -1655,6 +1748,9 @@ impl Harness {
                 // No PASS is cached; a tarpit place is always free.
                 Action::CheckPass(_) => self.session.handle_pass(self.now, false),
                 Action::RecordPass(_) => {}
+                // No history is kept: every client is new to its reputation.
+                Action::CheckReputation(_) => self.session.handle_reputation(self.now, None),
+                Action::RecordReputation(..) => {}
                 // Greylisting is off in every scenario (its model is the unit tests').
                 Action::CheckGreylist(_) => {
                     self.session

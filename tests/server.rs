@@ -260,7 +260,7 @@ fn binary_reloads_on_sighup_and_drains_on_sigterm() {
     let config = dir.join("tarmac.toml");
     std::fs::write(
         &config,
-        "[server]\nlisten = [\"127.0.0.1:0\"]\nhostname = \"mx.test\"\nworkers = 2\n\
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nhostname = \"mx.test\"\nworkers = 2\nstate_dir = \"state\"\n\
          [timeouts]\ndrain = \"5s\"\n[dns]\nrdns = false\n\
          [tarpit]\ngreet_pause = \"0s\"\n[greylist]\nenabled = false\n[lists]\nallow = []\ndeny = [\"deny.txt\"]\n",
     )

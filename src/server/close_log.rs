@@ -1,7 +1,7 @@
 //! The one place that builds the per-connection close line (DESIGN.md §4):
 //!
 //! ```text
-//! conn=7f3a client=192.0.2.7:53211 rdns=mail.example.com helo=mail.example.com verdict=tarpit score=2 dnsbl=zen.spamhaus.org:2 list=- rule=- greylist=pass pregreet=no tls=no msgs=1 rcpts=2 result=delivered dur=14.2s
+//! conn=7f3a client=192.0.2.7:53211 rdns=mail.example.com helo=mail.example.com verdict=tarpit score=2 rep=neutral dnsbl=zen.spamhaus.org:2 list=- rule=- greylist=pass pregreet=no tls=no msgs=1 rcpts=2 result=delivered dur=14.2s
 //! ```
 //!
 //! It is logged at info level with target `tarmac::conn`, so operators can route or filter it
@@ -10,6 +10,8 @@
 //! can hold spaces, `=`, quotes or control bytes that would forge fields or lines if logged raw.
 //! `rdns` and `list` are additions to DESIGN.md §4's example: the forward-confirmed name (or
 //! `unverified`, `unknown`, `tempfail`, `-`) and which local list matched what (`deny:helo`).
+//! `rep` is another: the client's reputation when it was checked (`none`, `neutral`, `good`,
+//! `bad`; `-` when not checked); `score` includes the weight a `bad` one adds.
 //! `dnsbl` (zones are operator text, not client text) is printed as the policy formats it.
 //! `tls` is fixed until the TLS work fills it.
 
@@ -52,13 +54,14 @@ pub(crate) fn close_line(conn: ConnId, report: &Report<'_>, dur: Duration) -> St
     };
     format!(
         "conn={conn} client={client} rdns={rdns} helo={helo} verdict={verdict} score={score} \
-         dnsbl={dnsbl} list={list} rule={rule} greylist={greylist} pregreet={pregreet} tls=no \
+         rep={rep} dnsbl={dnsbl} list={list} rule={rule} greylist={greylist} pregreet={pregreet} tls=no \
          msgs={msgs} rcpts={rcpts} \
          result={result} dur={dur:.1}s",
         client = report.client,
         rdns = escape(report.rdns.as_bytes()),
         verdict = report.verdict,
         score = report.score,
+        rep = report.reputation,
         dnsbl = report.dnsbl,
         list = report.list,
         rule = report.rule,
@@ -84,6 +87,7 @@ mod tests {
             rdns: "mail.example.com",
             verdict: "tarpit",
             score: 2,
+            reputation: "neutral",
             dnsbl: "zen.spamhaus.org:2".to_owned(),
             list: "-",
             pregreet: false,
@@ -106,7 +110,7 @@ mod tests {
         assert_eq!(
             line,
             "conn=7f3a client=192.0.2.7:53211 rdns=mail.example.com helo=mail.example.com \
-             verdict=tarpit score=2 dnsbl=zen.spamhaus.org:2 list=- rule=- greylist=pass pregreet=no tls=no msgs=1 \
+             verdict=tarpit score=2 rep=neutral dnsbl=zen.spamhaus.org:2 list=- rule=- greylist=pass pregreet=no tls=no msgs=1 \
              rcpts=2 result=delivered dur=14.2s"
         );
     }
@@ -117,7 +121,7 @@ mod tests {
         let line = close_line(ConnId(1), &report(client, None), Duration::ZERO);
         assert_eq!(
             line,
-            "conn=1 client=[::1]:25 rdns=mail.example.com helo=- verdict=tarpit score=2 \
+            "conn=1 client=[::1]:25 rdns=mail.example.com helo=- verdict=tarpit score=2 rep=neutral \
              dnsbl=zen.spamhaus.org:2 list=- rule=- greylist=pass pregreet=no tls=no msgs=1 rcpts=2 \
              result=delivered dur=0.0s"
         );

@@ -86,7 +86,7 @@ pub(crate) struct Io<'a> {
     pub(crate) resolver: Option<&'a ResolverHandle>,
     /// This worker's index, for the resolver to send answers back.
     pub(crate) worker: usize,
-    /// Tarpit places, the PASS cache and the greylist.
+    /// Tarpit places, the PASS cache, the greylist and the reputation table.
     pub(crate) shared: &'a Shared,
     /// The configuration in force (the greylist's times).
     pub(crate) config: &'a Config,
@@ -456,6 +456,14 @@ impl Conn {
                     self.session.handle_pass(now, fresh);
                 }
                 Action::RecordPass(ip) => io.shared.passes.record(ip, now),
+                Action::CheckReputation(ip) => {
+                    let history = io.shared.reputation.history(ip);
+                    self.session.handle_reputation(now, history);
+                }
+                Action::RecordReputation(ip, event) => {
+                    let half_life = io.config.reputation.half_life;
+                    io.shared.reputation.record(ip, event, now, half_life);
+                }
                 Action::CheckGreylist(key) => {
                     let outcome = io.shared.greylist.check(&key, now, &io.config.greylist);
                     self.session.handle_greylist(now, outcome);

@@ -29,7 +29,7 @@ use crate::config::{Config, DownstreamMode};
 use crate::dns::{Inbox, ResolverHandle};
 use crate::policy::ListMatch;
 use crate::smtp::{Peer, Session, Shutdown, too_many_connections};
-use crate::state::{Greylist, PassCache};
+use crate::state::{Greylist, PassCache, ReputationTable};
 
 /// Events taken from the kernel per poll; more wait for the next turn.
 const EVENTS_PER_TURN: usize = 1024;
@@ -59,6 +59,8 @@ pub(crate) struct Shared {
     pub(crate) passes: Arc<PassCache>,
     /// Greylisting triplets.
     pub(crate) greylist: Arc<Greylist>,
+    /// Per-address histories (`[reputation]`).
+    pub(crate) reputation: Arc<ReputationTable>,
     /// Set when the server is asked to stop.
     pub(crate) stopping: Arc<AtomicBool>,
     /// The configuration in force, replaced on SIGHUP.

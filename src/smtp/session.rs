@@ -24,8 +24,14 @@
 //!
 //! # Checks and verdict
 //! Before the banner the session asks for its DNS lookups (`Action::Lookup`, answered through
-//! `handle_lookup`) and waits for them, at most `[dns] timeout`; the local lists can decide
-//! sooner (`checks.rs`). The verdict then shapes the dialog: `reject` with `reject_mode =
+//! `handle_lookup`) and the client's reputation (`Action::CheckReputation`, answered through
+//! `handle_reputation`) and waits for them, the lookups at most `[dns] timeout`; the local lists
+//! can decide sooner (`checks.rs`). A mostly bad history adds `[reputation] weight` to the score
+//! before the verdict. What the client does that its reputation remembers goes out as
+//! `Action::RecordReputation`, at most one bad event per session (the first: a pregreet, a
+//! reject, protocol abuse), one greylist pass per session, and every delivered message.
+//!
+//! The verdict then shapes the dialog: `reject` with `reject_mode =
 //! "immediate"` (or a deny-list entry) makes the greeting `554 5.7.1` and only QUIT is answered;
 //! `"enforce"` greets normally, answers `550 5.7.1` to every RCPT and logs who was sending to
 //! whom, and closes after DATA. `tarpit` is only reported until tarpitting exists.
@@ -38,6 +44,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::config::{Config, DownstreamMode, Pregreet, RejectMode};
 use crate::dns::{Answer, Query};
 use crate::downstream::dialog::{Capabilities, ClientIdentity, Handshake, Step};
+use crate::policy::reputation::{self, Event, History};
 use crate::policy::{Facts, ListMatch, RuleAction, Stage, Verdict};
 use crate::smtp::checks::{Checks, ListedBy};
 use crate::smtp::command::{Body, Command, CommandError, MailParams, parse_command};
@@ -105,6 +112,11 @@ pub enum Action {
     CheckPass(IpAddr),
     /// The client passed the greet pause: cache a PASS for it for `pass_ttl`.
     RecordPass(IpAddr),
+    /// What does this client's history hold (`[reputation]`)? Answer with
+    /// `handle_reputation`; the verdict waits for the answer.
+    CheckReputation(IpAddr),
+    /// Add this event to the client's history (`[reputation] half_life` decays it).
+    RecordReputation(IpAddr, Event),
     /// Is this RCPT's triplet (the key, built from `[greylist] key`) deferred or passed? Answer
     /// with `handle_greylist`; the RCPT waits for the answer.
     CheckGreylist(String),
@@ -166,8 +178,12 @@ pub struct Report<'a> {
     pub rdns: &'a str,
     /// `allow`, `pass`, `tarpit` or `reject`.
     pub verdict: &'static str,
-    /// Sum of the weights of the zones listing the client.
+    /// Sum of the weights of the zones listing the client, the reputation weight and the
+    /// score rules' points.
     pub score: i32,
+    /// `rep=`: the client's reputation when it was checked (`none`, `neutral`, `good`,
+    /// `bad`), or `-` when it was not (reputation off, or a list decided).
+    pub reputation: &'static str,
     /// `dnsbl=`: `zone:weight` per listing zone, `zone:tempfail|error|off`, or `-`.
     pub dnsbl: String,
     /// `list=`: `-`, or which list matched what (`deny:helo`).
@@ -360,6 +376,12 @@ pub struct Session {
     stressed: bool,
     /// A `CheckPass` is unanswered: the greet pause cannot start yet.
     awaiting_pass: bool,
+    /// A `CheckReputation` is unanswered: the verdict waits.
+    awaiting_reputation: bool,
+    /// A bad event went to the client's reputation: one per session is enough.
+    bad_recorded: bool,
+    /// A greylist pass went to the client's reputation (once per session).
+    pass_recorded: bool,
     /// The greet pause was served (no cached PASS): passing it earns a PASS.
     paused: bool,
     /// What a pregreet talker sent first (at most [`PREGREET_KEEP`] bytes).
@@ -422,6 +444,9 @@ impl Session {
             blocked: None,
             stressed: peer.stressed,
             awaiting_pass: false,
+            awaiting_reputation: false,
+            bad_recorded: false,
+            pass_recorded: false,
             paused: false,
             pregreet: None,
             awaiting_slot: false,
@@ -627,6 +652,20 @@ impl Session {
         self.try_greet(now);
     }
 
+    /// The answer to `Action::CheckReputation`: the client's history (`None`: none kept). A
+    /// mostly bad one adds `[reputation] weight` to the score the verdict is made from.
+    pub fn handle_reputation(&mut self, now: Instant, history: Option<History>) {
+        if !self.awaiting_reputation || !matches!(self.phase, Phase::Checking) {
+            return;
+        }
+        self.awaiting_reputation = false;
+        let config = &self.config.reputation;
+        let standing = reputation::standing(history.as_ref(), now, config.half_life);
+        let weight = reputation::weight(standing, config);
+        self.checks.set_reputation(standing, weight);
+        self.try_greet(now);
+    }
+
     /// The answer to `Action::EnterTarpit`: granted, every reply from the greeting on is
     /// delayed (and stuttered); refused (`max_tarpitted` reached), the client is rejected
     /// instead, as DESIGN.md §3 says.
@@ -675,6 +714,7 @@ impl Session {
         let wait = match outcome {
             GreylistOutcome::Pass => {
                 self.greylisted = "pass";
+                self.record_reputation(Event::GreylistPass);
                 let command = format!("RCPT TO:<{to}>\r\n");
                 return self.send_downstream(now, command.as_bytes(), Pending::Rcpt);
             }
@@ -818,6 +858,7 @@ impl Session {
             rdns: self.checks.rdns_field(),
             verdict: self.checks.verdict().as_str(),
             score: self.checks.score(),
+            reputation: self.checks.reputation_field(),
             dnsbl: self.checks.dnsbl_field(),
             list: self.checks.list_field(),
             pregreet: self.pregreet.is_some(),
@@ -853,8 +894,12 @@ impl Session {
             self.timers.lookup = Some(now + config.dns.timeout);
             self.actions.extend(queries.into_iter().map(Action::Lookup));
         }
-        // A client a list decided on needs no greet pause: allowed, it skips every check;
-        // denied, it is refused at once.
+        // A client a list decided on needs neither its reputation nor a greet pause: allowed,
+        // it skips every check; denied, it is refused at once.
+        if config.reputation.enabled && self.checks.list_match().is_none() {
+            self.awaiting_reputation = true;
+            self.actions.push_back(Action::CheckReputation(ip));
+        }
         if !self.greet_pause().is_zero() && self.checks.list_match().is_none() {
             self.awaiting_pass = true;
             self.actions.push_back(Action::CheckPass(ip));
@@ -891,11 +936,12 @@ impl Session {
     }
 
     /// Ends the pre-greet stage once nothing is pending: every answer in (or given up on),
-    /// the PASS question answered, the greet pause over.
+    /// the PASS and reputation questions answered, the greet pause over.
     fn try_greet(&mut self, now: Instant) {
         if matches!(self.phase, Phase::Checking)
             && self.checks.is_complete()
             && !self.awaiting_pass
+            && !self.awaiting_reputation
             && !self.awaiting_slot
             && self.timers.greet.is_none()
         {
@@ -942,6 +988,10 @@ impl Session {
         let ip = self.peer.client.ip().to_canonical();
         if self.paused && self.pregreet.is_none() && verdict != Verdict::Reject {
             self.actions.push_back(Action::RecordPass(ip));
+        }
+        // A reject the client earned; not one forced by a full tarpit (`max_tarpitted`).
+        if verdict == Verdict::Reject && !self.checks.is_tarpit_refused() {
+            self.record_reputation(Event::Rejected);
         }
         if matches!(self.blocked, Some(Blocked::Rule(_))) {
             return self.greet();
@@ -1027,6 +1077,7 @@ impl Session {
             RuleAction::Reject => {
                 self.checks.rule_decided(Verdict::Reject);
                 self.last_failure = Some("rejected");
+                self.record_reputation(Event::Rejected);
             }
             RuleAction::Defer => self.last_failure = Some("tempfail"),
             // Greylisted whatever the verdict or `[greylist] enabled` say: the rule is explicit.
@@ -1034,6 +1085,27 @@ impl Session {
             RuleAction::Score(_) => {}
         }
         Some(RuleOutcome { action, reply })
+    }
+
+    /// Sends `event` to the client's reputation (`Action::RecordReputation`) when reputation
+    /// is on and no allow list exempts the client: each bad event only if none was sent in
+    /// this session (one misbehaving session is one mark, however many errors it made), a
+    /// greylist pass once per session, every delivery.
+    fn record_reputation(&mut self, event: Event) {
+        if !self.config.reputation.enabled || self.checks.list_match() == Some(ListMatch::Allow) {
+            return;
+        }
+        let mut every_time = false;
+        let seen = match event {
+            Event::Pregreet | Event::Rejected | Event::ProtocolAbuse => &mut self.bad_recorded,
+            Event::GreylistPass => &mut self.pass_recorded,
+            Event::Delivered => &mut every_time,
+        };
+        if std::mem::replace(seen, true) {
+            return;
+        }
+        let ip = self.peer.client.ip().to_canonical();
+        self.actions.push_back(Action::RecordReputation(ip, event));
     }
 
     /// Bytes before the final greeting line: the client is a pregreet talker (DESIGN.md §1.2).
@@ -1053,6 +1125,9 @@ impl Session {
             self.peer.client,
             escape(kept)
         );
+        if self.config.tarpit.pregreet != Pregreet::Ignore {
+            self.record_reputation(Event::Pregreet);
+        }
         if self.config.tarpit.pregreet == Pregreet::Drop {
             let text = format!(
                 "{} Protocol error: talked before the greeting",
@@ -1171,6 +1246,7 @@ impl Session {
     fn line_error(&mut self, reply: Reply) {
         self.errors += 1;
         if self.errors > self.config.limits.max_unknown_commands {
+            self.record_reputation(Event::ProtocolAbuse);
             let text = format!("{} Error: too many errors", self.config.server.hostname);
             self.close(
                 CloseReason::TooManyErrors,
@@ -1214,6 +1290,7 @@ impl Session {
                 match self.checks.check_name(&config, name, ListedBy::Helo) {
                     Some(ListMatch::Deny) => {
                         self.blocked = Some(Blocked::Immediate);
+                        self.record_reputation(Event::Rejected);
                         let text = format!("<{name}>: Helo command rejected: Access denied");
                         return self.reply(Reply::new(554, "5.7.1", text));
                     }
@@ -1330,6 +1407,7 @@ impl Session {
                 // second MAIL with another sender gets no further.
                 self.blocked = Some(Blocked::Immediate);
                 self.last_failure = Some("rejected");
+                self.record_reputation(Event::Rejected);
                 let text = format!("<{from}>: Sender address rejected: Access denied");
                 return self.reply(Reply::new(554, "5.7.1", text));
             }
@@ -1502,6 +1580,11 @@ impl Session {
             )),
             None => None,
         };
+        if violation == Some(DataViolation::BareNewline) {
+            // A bare CR or LF in a body is how SMTP smuggling starts; no MTA sends it by accident
+            // often enough to matter.
+            self.record_reputation(Event::ProtocolAbuse);
+        }
         if let Some(reply) = refusal {
             // Part of the body already went downstream: only dropping the connection without
             // the final dot guarantees nothing is delivered.
@@ -1668,6 +1751,7 @@ impl Session {
             Pending::Greylist => {}
             Pending::EndOfData => {
                 if positive {
+                    self.record_reputation(Event::Delivered);
                     self.msgs += 1;
                     self.rcpts += self.tx.as_deref().map_or(0, |tx| tx.accepted);
                     self.last_failure = None;

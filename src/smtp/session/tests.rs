@@ -17,6 +17,9 @@ fn config() -> Config {
     config.dns.rdns = false;
     config.tarpit.greet_pause = Duration::ZERO;
     config.greylist.enabled = false;
+    // Reputation has its own tests (`tests/reputation.rs` here); elsewhere it would only add
+    // actions.
+    config.reputation.enabled = false;
     config
 }
 
@@ -141,6 +144,11 @@ struct Pair {
     greylist_config: crate::config::Greylist,
     /// The keys asked about, in order.
     greylist_keys: Vec<String>,
+    /// A real reputation table answering `CheckReputation` and taking `RecordReputation` on
+    /// the pair's clock.
+    reputation: crate::state::ReputationTable,
+    /// The events recorded, in order.
+    reputation_events: Vec<(IpAddr, crate::policy::reputation::Event)>,
 }
 
 impl Pair {
@@ -204,6 +212,8 @@ impl Pair {
             greylist: crate::state::Greylist::new(now),
             greylist_config,
             greylist_keys: Vec::new(),
+            reputation: crate::state::ReputationTable::new(),
+            reputation_events: Vec::new(),
         }
     }
 
@@ -296,6 +306,15 @@ impl Pair {
                     Action::Admit(_) => self.session.handle_admission(self.now, self.admit),
                     Action::CheckPass(_) => self.session.handle_pass(self.now, self.pass_cached),
                     Action::RecordPass(ip) => self.passes.push(ip),
+                    Action::CheckReputation(ip) => {
+                        let history = self.reputation.history(ip);
+                        self.session.handle_reputation(self.now, history);
+                    }
+                    Action::RecordReputation(ip, event) => {
+                        let half_life = self.session.config.reputation.half_life;
+                        self.reputation.record(ip, event, self.now, half_life);
+                        self.reputation_events.push((ip, event));
+                    }
                     Action::CheckGreylist(key) => {
                         let outcome = self.greylist.check(&key, self.now, &self.greylist_config);
                         self.greylist_keys.push(key);
@@ -1102,3 +1121,5 @@ mod tarpit;
 mod rules;
 // Greylisting at RCPT.
 mod greylist;
+// Reputation: the weight before the verdict, the events a session records.
+mod reputation;
