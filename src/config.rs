@@ -443,12 +443,6 @@ impl Config {
                 "STARTTLS to the downstream is not in this version yet; \"required\" cannot be met, so `run` refuses to start",
             );
         }
-        if self.tls.cert.is_some() {
-            note(
-                "tls.cert",
-                "inbound STARTTLS is not in this version yet; it is not offered",
-            );
-        }
         if self.server.state_dir != Server::default().state_dir {
             note(
                 "server.state_dir",

@@ -25,3 +25,5 @@ mod tarpit;
 mod rules;
 // Greylisting at RCPT through the server.
 mod greylist;
+// Inbound STARTTLS: rustls and smtplib clients, injection, broken handshakes, reload, check.
+mod tls;
