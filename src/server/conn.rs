@@ -307,6 +307,13 @@ impl Conn {
     /// (FIN after whatever was written), read away a little unread input so the kernel does not
     /// answer it with an RST, and write the close log line.
     pub(crate) fn close(mut self, now: Instant, io: &mut Io<'_>) {
+        if self.tls.as_deref().is_some_and(TlsStream::is_handshaking) {
+            // Whatever ended it (garbage, an alert, the timeout, a hang-up), this client cannot
+            // do TLS with us now: its next connections are not offered STARTTLS. Recorded
+            // before the FIN, so a client that reconnects as soon as it sees it is covered.
+            let report = self.session.report();
+            remember_failed_handshake(&io.shared.tls_failures, report.client, report.result, now);
+        }
         self.drop_downstream(io.registry);
         // Errors below only mean the socket is already gone; the fd is closed on drop anyway.
         let _ = io.registry.deregister(&mut self.client);
@@ -330,15 +337,9 @@ impl Conn {
                 }
             }
         }
-        let report = self.session.report();
-        if self.tls.as_deref().is_some_and(TlsStream::is_handshaking) {
-            // Whatever ended it (garbage, an alert, the timeout, a hang-up), this client cannot
-            // do TLS with us now: its next connections are not offered STARTTLS.
-            remember_failed_handshake(&io.shared.tls_failures, report.client, report.result, now);
-        }
         close_log::log_close(
             self.id,
-            &report,
+            &self.session.report(),
             now.saturating_duration_since(self.accepted),
         );
     }
