@@ -451,6 +451,7 @@ fn greetings_ns(
             local,
             accepted_at: UNIX_EPOCH,
             stressed: false,
+            starttls: false,
         };
         let mut session = Session::new(Arc::clone(config), peer, now);
         while let Some(action) = session.poll_action() {

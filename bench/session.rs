@@ -43,6 +43,7 @@ fn peer() -> Peer {
         local: "198.51.100.1:25".parse().unwrap(),
         accepted_at: UNIX_EPOCH,
         stressed: false,
+        starttls: false,
     }
 }
 
@@ -158,6 +159,7 @@ fn transactions(n: usize) {
                     | Action::CheckGreylist(_) => {}
                     Action::Admit(_) => session.handle_admission(now, true),
                     Action::CheckReputation(_) => session.handle_reputation(now, None),
+                    Action::StartTls => unreachable!("STARTTLS is not offered here"),
                 }
             }
             session.poll_transmit(now, Side::Downstream, &mut to_downstream);

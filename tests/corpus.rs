@@ -16,7 +16,7 @@ const RANDOM_LEN: usize = 400;
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 9] = [
+const TARGETS: [(&str, Target); 10] = [
     ("command", fuzzing::command),
     ("reply", fuzzing::reply),
     ("data", fuzzing::data),
@@ -26,6 +26,7 @@ const TARGETS: [(&str, Target); 9] = [
     ("list_file", fuzzing::list_file),
     ("rule_file", fuzzing::rule_file),
     ("snapshot", fuzzing::snapshot),
+    ("tls_files", fuzzing::tls_files),
 ];
 
 #[test]
@@ -66,6 +67,11 @@ fn corpus_rule_file() {
 #[test]
 fn corpus_snapshot() {
     replay("snapshot", fuzzing::snapshot);
+}
+
+#[test]
+fn corpus_tls_files() {
+    replay("tls_files", fuzzing::tls_files);
 }
 
 #[test]

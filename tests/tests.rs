@@ -31,3 +31,5 @@ mod downstream_tls;
 mod reputation;
 // State across restarts: snapshots in state_dir kept, damaged ones ignored, expired ones dropped.
 mod state;
+// Inbound STARTTLS: rustls and smtplib clients, injection, broken handshakes, reload, check.
+mod tls;

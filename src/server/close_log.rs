@@ -13,7 +13,9 @@
 //! `rep` is another: the client's reputation when it was checked (`none`, `neutral`, `good`,
 //! `bad`; `-` when not checked); `score` includes the weight a `bad` one adds.
 //! `dnsbl` (zones are operator text, not client text) is printed as the policy formats it.
-//! `tls` is fixed until the TLS work fills it.
+//! `tls` names the version a STARTTLS handshake agreed (`TLSv1.3`, `TLSv1.2`) or is `no`, where
+//! DESIGN.md §4's example has `yes`: the version is what an operator greps for when deciding
+//! whether TLS 1.2 can be turned off, and `no` stays `no`, so `tls=no` filters still work.
 
 use std::fmt;
 use std::time::Duration;
@@ -54,7 +56,7 @@ pub(crate) fn close_line(conn: ConnId, report: &Report<'_>, dur: Duration) -> St
     };
     format!(
         "conn={conn} client={client} rdns={rdns} helo={helo} verdict={verdict} score={score} \
-         rep={rep} dnsbl={dnsbl} list={list} rule={rule} greylist={greylist} pregreet={pregreet} tls=no \
+         rep={rep} dnsbl={dnsbl} list={list} rule={rule} greylist={greylist} pregreet={pregreet} tls={tls} \
          msgs={msgs} rcpts={rcpts} \
          result={result} dur={dur:.1}s",
         client = report.client,
@@ -67,6 +69,7 @@ pub(crate) fn close_line(conn: ConnId, report: &Report<'_>, dur: Duration) -> St
         rule = report.rule,
         greylist = report.greylist,
         pregreet = if report.pregreet { "yes" } else { "no" },
+        tls = report.tls,
         msgs = report.msgs,
         rcpts = report.rcpts,
         result = report.result,
@@ -95,6 +98,7 @@ mod tests {
             greylist: "pass",
             msgs: 1,
             rcpts: 2,
+            tls: "no",
             result: "delivered",
         }
     }
@@ -144,6 +148,15 @@ mod tests {
             ),
             "{line}"
         );
+    }
+
+    #[test]
+    fn tls_names_the_version() {
+        let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 1);
+        let mut over_tls = report(client, None);
+        over_tls.tls = "TLSv1.3";
+        let line = close_line(ConnId(3), &over_tls, Duration::ZERO);
+        assert!(line.contains(" pregreet=no tls=TLSv1.3 msgs=1 "), "{line}");
     }
 
     #[test]

@@ -14,8 +14,9 @@
 //!    [`Session`](crate::smtp::Session) is created and the socket registered once for
 //!    `READABLE | WRITABLE`.
 //! 2. **Drive** (`Conn::drive`): after every event or timer, one bounded read per socket feeds
-//!    the session, then output, actions (downstream connect and close, close) and writes go
-//!    round until nothing moves, and the connection's deadline is re-armed.
+//!    the session, then output, actions (downstream connect and close, the switch to TLS after
+//!    STARTTLS, close) and writes go round until nothing moves, and the connection's deadline is
+//!    re-armed.
 //! 3. **Close**, in two steps: the connection is marked closing (the session's `Action::Close`,
 //!    the client gone after the session ended, a socket error) and flushes what was handed out,
 //!    for at most 5 s (`conn.rs`); after the event batch it is deregistered, shut
@@ -38,6 +39,8 @@ mod reload;
 mod slab;
 mod snapshots;
 mod timer;
+mod tls_failures;
+mod tls_stream;
 mod token;
 mod worker;
 
@@ -57,6 +60,7 @@ use self::limits::Limits;
 use self::load::Load;
 use self::reload::Reloads;
 use self::snapshots::{Saver, Snapshots, Tables};
+use self::tls_failures::TlsFailures;
 use self::worker::{Shared, Worker};
 use crate::config::Config;
 use crate::dns::{Resolver, ResolverHandle};
@@ -140,6 +144,7 @@ impl ServerHandle {
             passes: Arc::new(PassCache::new(config.tarpit.pass_ttl)),
             greylist: Arc::new(Greylist::new(std::time::Instant::now())),
             reputation: Arc::new(ReputationTable::new()),
+            tls_failures: Arc::new(TlsFailures::default()),
             stopping: Arc::clone(&stopping),
             reloads: Arc::new(Reloads::new(Arc::clone(&config))),
         };
@@ -309,11 +314,16 @@ impl Control {
             }
             Ok(config) => {
                 let summary = format!(
-                    "reloaded {}: {} DNS zone(s), {} allow and {} deny list entries",
+                    "reloaded {}: {} DNS zone(s), {} allow and {} deny list entries, STARTTLS {}",
                     path.display(),
                     config.dnsbl.len(),
                     config.lists.entries.allow.len(),
-                    config.lists.entries.deny.len()
+                    config.lists.entries.deny.len(),
+                    if config.tls.loaded.is_some() {
+                        "offered with the certificate just read"
+                    } else {
+                        "off"
+                    }
                 );
                 let waiting = self.reload(Arc::new(config));
                 if waiting.is_empty() {

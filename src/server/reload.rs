@@ -1,5 +1,5 @@
 //! Live reload (DESIGN.md §2): on SIGHUP the control thread reads the whole configuration again
-//! (config file, list files, and later rule files and certificates) and, only if all of it is
+//! (config file, list files, rule files, the TLS certificate and key) and, only if all of it is
 //! valid, publishes it here. Each worker notices the new generation on its next turn (the
 //! control thread wakes it), takes the new `Config` for the connections it accepts from then on,
 //! and hands it to its live sessions, which apply it at their next decision (the next command,

@@ -23,6 +23,17 @@ fn config() -> Config {
     config
 }
 
+/// The client every pair's session serves.
+fn peer(stressed: bool, starttls: bool) -> Peer {
+    Peer {
+        client: "192.0.2.7:53211".parse().unwrap(),
+        local: "198.51.100.1:25".parse().unwrap(),
+        accepted_at: UNIX_EPOCH + Duration::from_secs(1_795_438_862),
+        stressed,
+        starttls,
+    }
+}
+
 /// A scripted downstream MTA: answers whatever the session sends, records delivered bodies.
 #[derive(Default)]
 struct FakeDownstream {
@@ -149,6 +160,8 @@ struct Pair {
     reputation: crate::state::ReputationTable,
     /// The events recorded, in order.
     reputation_events: Vec<(IpAddr, crate::policy::reputation::Event)>,
+    /// Times the session asked for a TLS handshake (`Action::StartTls`).
+    tls_switches: usize,
 }
 
 impl Pair {
@@ -179,15 +192,21 @@ impl Pair {
         pair
     }
 
+    /// A pair whose driver may offer STARTTLS (it has a certificate, and no failed handshake
+    /// from this client on record).
+    fn offering_starttls(config: Config) -> Pair {
+        let mut pair = Pair::from_peer(config, Vec::new(), peer(false, true));
+        pair.pump();
+        pair
+    }
+
     /// A pair not yet pumped: the test can still change how its driver answers.
     fn build_quiet(config: Config, dns: Vec<(Query, Answer)>, stressed: bool) -> Pair {
+        Pair::from_peer(config, dns, peer(stressed, false))
+    }
+
+    fn from_peer(config: Config, dns: Vec<(Query, Answer)>, peer: Peer) -> Pair {
         let now = Instant::now();
-        let peer = Peer {
-            client: "192.0.2.7:53211".parse().unwrap(),
-            local: "198.51.100.1:25".parse().unwrap(),
-            accepted_at: UNIX_EPOCH + Duration::from_secs(1_795_438_862),
-            stressed,
-        };
         let greylist_config = config.greylist.clone();
         Pair {
             session: Session::new(Arc::new(config), peer, now),
@@ -214,6 +233,7 @@ impl Pair {
             greylist_keys: Vec::new(),
             reputation: crate::state::ReputationTable::new(),
             reputation_events: Vec::new(),
+            tls_switches: 0,
         }
     }
 
@@ -303,6 +323,8 @@ impl Pair {
                         assert!(!self.closed, "Close came out twice");
                         self.closed = true;
                     }
+                    // The test plays the handshake (`handle_tls_established` or `_failed`).
+                    Action::StartTls => self.tls_switches += 1,
                     Action::Admit(_) => self.session.handle_admission(self.now, self.admit),
                     Action::CheckPass(_) => self.session.handle_pass(self.now, self.pass_cached),
                     Action::RecordPass(ip) => self.passes.push(ip),
@@ -1123,3 +1145,5 @@ mod rules;
 mod greylist;
 // Reputation: the weight before the verdict, the events a session records.
 mod reputation;
+// STARTTLS: the offer, the switch, discarded pipelining, the reset after the handshake.
+mod starttls;

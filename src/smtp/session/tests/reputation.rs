@@ -47,6 +47,7 @@ fn the_verdict_waits_for_the_answer() {
         local: "198.51.100.1:25".parse().unwrap(),
         accepted_at: UNIX_EPOCH,
         stressed: false,
+        starttls: false,
     };
     let mut session = Session::new(Arc::new(remembering()), peer, now);
     assert_eq!(session.poll_action(), Some(Action::CheckReputation(CLIENT)));
