@@ -24,6 +24,10 @@
 
 #[path = "../tests/util/dns_server.rs"]
 mod dns_server;
+// Only `state_dir` is used here; the rest serves the benches that hold connections.
+#[allow(dead_code)]
+#[path = "support.rs"]
+mod support;
 
 use std::collections::VecDeque;
 use std::hint::black_box;
@@ -447,6 +451,7 @@ fn greetings_ns(
             local,
             accepted_at: UNIX_EPOCH,
             stressed: false,
+            starttls: false,
         };
         let mut session = Session::new(Arc::clone(config), peer, now);
         while let Some(action) = session.poll_action() {
@@ -481,6 +486,8 @@ fn session_config(server: &DnsServer, zones: bool) -> Arc<Config> {
     config.dnsbl = if zones { zone_configs() } else { Vec::new() };
     // The greet pause is a wait, not work: it would only hide the checks' cost.
     config.tarpit.greet_pause = Duration::ZERO;
+    // The DNS checks' cost alone: no reputation question for this loop to answer.
+    config.reputation.enabled = false;
     Arc::new(config)
 }
 
@@ -498,6 +505,7 @@ fn merge(full: bool, note: &str) {
     config.server.listen = vec!["127.0.0.1:0".parse().expect("address")];
     config.server.hostname = "mx.bench".to_owned();
     config.server.workers = 2;
+    config.server.state_dir = support::state_dir("dns");
     // Connections per second is the figure: no greet pause (a wait, not work).
     config.tarpit.greet_pause = Duration::ZERO;
     // Caps and rates far above the run's: per address, at most `per_address` are open at once.

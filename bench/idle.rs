@@ -95,6 +95,7 @@ fn config(n: usize) -> Config {
     config.server.listen = vec!["127.0.0.1:0".parse().expect("address")];
     config.server.hostname = "mx.bench".to_owned();
     config.server.workers = WORKERS;
+    config.server.state_dir = support::state_dir("idle");
     config.server.max_connections = 2 * n + WARM_UP;
     config.limits.max_connections_per_ip = u32::try_from(n).expect("n fits u32");
     // Every client comes from 127.0.0.0/24 at once, thousands a second: rates out of reach, so

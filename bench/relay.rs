@@ -18,6 +18,11 @@
 //! `cargo bench --bench relay` runs the full size; without `--bench` (as `cargo test
 //! --all-targets` runs it, in a debug build) one small round checks correctness only.
 
+// Only `state_dir` is used here; the rest serves the benches that hold connections.
+#[allow(dead_code)]
+#[path = "support.rs"]
+mod support;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Barrier};
@@ -217,6 +222,7 @@ fn config(downstream: SocketAddr, workers: usize, mode: DownstreamMode) -> Confi
     config.server.listen = vec!["127.0.0.1:0".parse().expect("address")];
     config.server.hostname = "mx.bench".to_owned();
     config.server.workers = workers;
+    config.server.state_dir = support::state_dir("relay");
     config.limits.max_connections_per_ip = 10 * CLIENTS as u32;
     // One session per message, all from 127.0.0.1: rates out of reach, so the bench measures
     // relaying, not refusals.

@@ -31,6 +31,9 @@ fn config() -> Arc<Config> {
     config.dns.rdns = false;
     config.tarpit.greet_pause = Duration::ZERO;
     config.greylist.enabled = false;
+    // No state to ask: the banner goes out at once (the driver answers `CheckReputation` in the
+    // same turn anyway).
+    config.reputation.enabled = false;
     Arc::new(config)
 }
 
@@ -40,6 +43,7 @@ fn peer() -> Peer {
         local: "198.51.100.1:25".parse().unwrap(),
         accepted_at: UNIX_EPOCH,
         stressed: false,
+        starttls: false,
     }
 }
 
@@ -150,10 +154,13 @@ fn transactions(n: usize) {
                     | Action::Lookup(_)
                     | Action::CheckPass(_)
                     | Action::RecordPass(_)
+                    | Action::RecordReputation(..)
                     | Action::EnterTarpit
                     | Action::CheckGreylist(_)
                     | Action::StartTlsDownstream => {}
                     Action::Admit(_) => session.handle_admission(now, true),
+                    Action::CheckReputation(_) => session.handle_reputation(now, None),
+                    Action::StartTls => unreachable!("STARTTLS is not offered here"),
                 }
             }
             session.poll_transmit(now, Side::Downstream, &mut to_downstream);

@@ -1,9 +1,11 @@
-//! What the benches that hold many connections share (`idle`, `tarpit`): reading this process's
-//! RSS, fitting the connection count to the open-files limit, connecting from a chosen loopback
-//! source address, and a bounded server stop. Included with `#[path]`, one copy per bench.
+//! What the benches share: for those that hold many connections (`idle`, `tarpit`) reading this
+//! process's RSS, fitting the connection count to the open-files limit, connecting from a
+//! chosen loopback source address and a bounded server stop; for every bench that starts a
+//! server, its state directory. Included with `#[path]`, one copy per bench.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
@@ -23,6 +25,15 @@ pub const OPEN_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Longest the child and the server may take to finish at the end.
 pub const STOP_DEADLINE: Duration = Duration::from_secs(30);
+
+/// `bench`'s state directory under cargo's scratch directory, emptied: a bench never writes
+/// the real /var/lib/tarmac, and state left by an earlier run (PASS entries, reputation) must
+/// not change this run's figures.
+pub fn state_dir(bench: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{bench}-state"));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
 
 /// VmRSS of this process, in KB.
 pub fn rss_kb() -> u64 {

@@ -234,6 +234,7 @@ fn config(dns: &DnsServer, n: usize) -> Config {
     config.server.listen = vec!["127.0.0.1:0".parse().expect("address")];
     config.server.hostname = HOSTNAME.to_owned();
     config.server.workers = WORKERS;
+    config.server.state_dir = support::state_dir("tarpit");
     // Stress mode starts at 80 % of this: out of reach at four times what is opened.
     config.server.max_connections = 4 * (n + WARM_UP);
     config.server.max_tarpitted = 2 * n;

@@ -6,8 +6,9 @@
 //! is a valid config. The value syntaxes (durations, sizes, rates, addresses, CIDRs) live in
 //! `syntax`, the walk over the TOML tree in `document`. [`Config::from_toml`] never opens the
 //! files a config names; [`Config::load`] then reads the list files (`[lists]`), rule files
-//! (`[rules]`) and the downstream CA file (`[downstream] tls_ca`) into the config, so a running
-//! server and `tarmac check` see the same entries, rules, certificates and errors.
+//! (`[rules]`), the TLS certificate and key (`[tls]`) and the downstream CA file
+//! (`[downstream] tls_ca`) into the config, so a running server and `tarmac check` see the same
+//! entries, rules, certificates and errors.
 
 mod document;
 mod syntax;
@@ -24,6 +25,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject as _;
 
 use crate::policy::{List, ListSet, RuleSet};
+use crate::tls::{ServerTls, TlsFile};
 
 /// The whole validated configuration. Cheap to share behind an `Arc`; a reload builds a new one.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,7 +78,7 @@ pub struct Server {
     pub max_connections: usize,
     /// Cap on tarpitted sessions.
     pub max_tarpitted: usize,
-    /// Directory for state snapshots.
+    /// Directory for state snapshots (`backend = "local"`), created (mode 0700) if missing.
     pub state_dir: PathBuf,
     /// Peers that must send a PROXY header first.
     pub proxy_protocol_from: Vec<Cidr>,
@@ -205,12 +207,26 @@ pub enum DownstreamTls {
 }
 
 /// `[tls]`
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Eq)]
 pub struct Tls {
     /// PEM certificate chain; `None` (empty in the file) = STARTTLS not offered.
     pub cert: Option<PathBuf>,
     /// PEM private key.
     pub key: Option<PathBuf>,
+    /// The pair read from `cert` and `key` by [`Config::load_tls`] (which [`Config::load`]
+    /// calls): STARTTLS is offered only when this is set, and every handshake uses it.
+    /// [`Config::from_toml`] reads no files, so it leaves this `None`.
+    pub loaded: Option<ServerTls>,
+    /// Lines of `cert` and `key` in the config file, so that an error found when reading the
+    /// files names the line like any other config error.
+    pub(crate) lines: [Option<usize>; 2],
+}
+
+impl PartialEq for Tls {
+    /// What the section says and what was loaded; where the keys were written is not part of it.
+    fn eq(&self, other: &Tls) -> bool {
+        (&self.cert, &self.key, &self.loaded) == (&other.cert, &other.key, &other.loaded)
+    }
 }
 
 /// `[dns]`
@@ -443,18 +459,6 @@ impl Config {
                 "the server does not switch downstream connections to TLS in this version yet; mail is relayed in plain text and no certificate is checked",
             );
         }
-        if self.tls.cert.is_some() {
-            note(
-                "tls.cert",
-                "inbound STARTTLS is not in this version yet; it is not offered",
-            );
-        }
-        if self.server.state_dir != Server::default().state_dir {
-            note(
-                "server.state_dir",
-                "state snapshots are not in this version yet; greylist and PASS cache live in memory only",
-            );
-        }
         if self.state.backend == StateBackend::Redis {
             note(
                 "state.backend",
@@ -476,9 +480,9 @@ impl Config {
         self.downstream.tls == DownstreamTls::Required
     }
 
-    /// Reads the file at `path`, parses it with [`Config::from_toml`] and reads the list and
-    /// rule files it names ([`Config::load_lists`], [`Config::load_rules`]), reporting the
-    /// errors of all of them together. An unreadable config file is a single error, `path:
+    /// Reads the file at `path`, parses it with [`Config::from_toml`] and reads the list, rule
+    /// and certificate files it names ([`Config::load_lists`], [`Config::load_rules`],
+    /// [`Config::load_tls`]), reporting the errors of all of them together. An unreadable config file is a single error, `path:
     /// cannot read: <reason>`.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
@@ -501,10 +505,44 @@ impl Config {
         if let Err(ConfigErrors(mut bad)) = config.load_tls_ca() {
             errors.append(&mut bad);
         }
+        if let Err(ConfigErrors(mut bad)) = config.load_tls() {
+            errors.append(&mut bad);
+        }
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
         Ok(config)
+    }
+
+    /// Reads `[tls] cert` and `key` into `tls.loaded`, or clears it when no pair is set. An
+    /// unreadable file, a file without its PEM item, broken PEM, a certificate that does not
+    /// parse or a key that is not the certificate's is one error, `config:line: tls.cert: file:
+    /// message` (or `tls.key`), on the line of the key naming the file at fault.
+    pub fn load_tls(&mut self) -> Result<(), ConfigErrors> {
+        let (Some(cert), Some(key)) = (&self.tls.cert, &self.tls.key) else {
+            self.tls.loaded = None;
+            return Ok(());
+        };
+        match ServerTls::load(cert, key) {
+            Ok(loaded) => {
+                self.tls.loaded = Some(loaded);
+                Ok(())
+            }
+            Err(error) => {
+                let [cert_line, key_line] = self.tls.lines;
+                let line = match error.file() {
+                    TlsFile::Cert => cert_line,
+                    TlsFile::Key => key_line,
+                };
+                Err(ConfigErrors(vec![ConfigError {
+                    // A config built in code has no file; the key still says what is wrong.
+                    path: self.path.clone().unwrap_or_else(|| PathBuf::from("[tls]")),
+                    line,
+                    key: error.file().key().to_owned(),
+                    message: error.to_string(),
+                }]))
+            }
+        }
     }
 
     /// Reads the `[lists]` files into `lists.entries`, collecting every bad line as

@@ -1,6 +1,8 @@
 //! `tarmac demo`: the gateway on 127.0.0.1:2525 relaying to the built-in sink on 127.0.0.1:2526,
 //! which writes each accepted message to `./demo-mail/*.eml`. Everything stays on loopback and no
-//! DNS query is made (the demo configures no DNS zones and no resolver use).
+//! DNS query is made (the demo configures no DNS zones and no resolver use). The demo's state
+//! (PASS cache, greylist, reputation) is saved in `./demo-mail/state/`, never in the real
+//! `/var/lib/tarmac`.
 
 use std::io;
 use std::path::PathBuf;
@@ -15,6 +17,9 @@ pub const DEMO_LISTEN: &str = "127.0.0.1:2525";
 pub const DEMO_SINK: &str = "127.0.0.1:2526";
 /// Where the sink writes messages, relative to the working directory.
 pub const DEMO_MAILDIR: &str = "demo-mail";
+/// Where the demo keeps its state snapshots, relative to the working directory: inside the
+/// demo's own directory, so trying the demo leaves nothing elsewhere.
+pub const DEMO_STATE_DIR: &str = "demo-mail/state";
 
 /// The demo's configuration: defaults, on loopback, relaying to the sink with XCLIENT so the
 /// sink's `.eml` files show who the real client was.
@@ -23,6 +28,7 @@ pub fn config() -> Config {
     config.server.listen = vec![parse(DEMO_LISTEN)];
     config.server.hostname = "tarmac.demo".to_owned();
     config.server.workers = 1;
+    config.server.state_dir = PathBuf::from(DEMO_STATE_DIR);
     config.downstream.servers = vec![parse(DEMO_SINK)];
     config.downstream.announce_client = AnnounceClient::Xclient;
     // No DNS: the demo must never ask the system resolver (it points off the machine).

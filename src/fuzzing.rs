@@ -18,7 +18,10 @@
 //!   spell out addresses and blocks for a second list (see [`list_file`]).
 //! - `rule_file`: the input, as UTF-8 (lossy), is a rule file; its bytes also pick rule-file
 //!   tokens for a second one (see [`rule_file`]).
+//! - `tls_files`: a certificate chain and key for `[tls]`, see [`tls_files`].
 //! - `session`: see [`session`].
+//! - `snapshot`: byte 0 picks the table and the framing, the rest is a state snapshot file
+//!   (see [`snapshot`]).
 
 // Fuzz bodies fail by panicking: a broken property must stop libFuzzer and the replay test.
 #![allow(clippy::panic, clippy::indexing_slicing)]
@@ -38,8 +41,9 @@ use crate::smtp::data::{DataDecoder, DataViolation};
 use crate::smtp::reply::{
     EnhancedCode, MAX_REPLY_LINE, MAX_REPLY_LINES, Reply, Status, parse_reply,
 };
-use crate::smtp::session::{Action, DownstreamEvent, Peer, Session, Shutdown, Side};
-use crate::state::GreylistOutcome;
+use crate::smtp::session::{Action, DownstreamEvent, Peer, Session, Shutdown, Side, TlsVersion};
+use crate::state::snapshot::{self as state_snapshot, Clocks, Kind, Writer};
+use crate::state::{Greylist, GreylistOutcome, PassCache, ReputationTable};
 
 /// Bytes that make up SMTP commands, replies and bodies, including every line-ending byte
 /// and a two-byte UTF-8 character; raw input is mapped onto it byte by byte.
@@ -139,6 +143,55 @@ fn proxy_header(input: &[u8]) {
     }
 }
 
+/// Loads a certificate chain and key the way `[tls]` does, with the input split at its first
+/// NUL byte into the two files' contents (all of it as both when there is none), and again
+/// with the halves joined to the PEM headers, so the parser gets past `BEGIN` lines.
+///
+/// Properties: no panic; an error names one of the two files, with its path first, on one
+/// line; a success only with a `CERTIFICATE` section in the chain and a key in the key file.
+pub fn tls_files(data: &[u8]) {
+    let (cert, key) = match data.iter().position(|&b| b == 0) {
+        Some(at) => (&data[..at], &data[at + 1..]),
+        None => (data, data),
+    };
+    tls_pair(cert, key);
+    let mut cert_pem = b"-----BEGIN CERTIFICATE-----\n".to_vec();
+    cert_pem.extend_from_slice(cert);
+    cert_pem.extend_from_slice(b"\n-----END CERTIFICATE-----\n");
+    let mut key_pem = b"-----BEGIN PRIVATE KEY-----\n".to_vec();
+    key_pem.extend_from_slice(key);
+    key_pem.extend_from_slice(b"\n-----END PRIVATE KEY-----\n");
+    tls_pair(&cert_pem, &key_pem);
+}
+
+fn tls_pair(cert: &[u8], key: &[u8]) {
+    let (cert_path, key_path) = (Path::new("/tls/chain.pem"), Path::new("/tls/key.pem"));
+    match crate::tls::ServerTls::from_pem(cert, cert_path, key, key_path) {
+        Ok(_) => {
+            assert!(
+                find(cert, b"CERTIFICATE").is_some(),
+                "a chain without a certificate"
+            );
+            assert!(
+                find(key, b"PRIVATE KEY").is_some(),
+                "a key file without a key"
+            );
+        }
+        Err(error) => {
+            let text = error.to_string();
+            let path = match error.file() {
+                crate::tls::TlsFile::Cert => cert_path,
+                crate::tls::TlsFile::Key => key_path,
+            };
+            assert!(
+                text.starts_with(&format!("{}: ", path.display())),
+                "error does not start with its file: {text:?}"
+            );
+            assert!(!text.contains('\n'), "error on two lines: {text:?}");
+        }
+    }
+}
+
 /// Loads the input as a config file, and again built from config keys and values.
 ///
 /// Properties: no panic; an error list is non-empty, each error has a non-empty message, the
@@ -207,12 +260,19 @@ pub fn rule_file(data: &[u8]) {
 /// `0xEF` an immediate one. At the end the client hangs up. The rest is run as is, mapped into
 /// the SMTP alphabet, and mapped onto whole commands and body lines.
 ///
+/// STARTTLS is always offered. After `Action::StartTls` the next chunk plays the handshake: its
+/// first byte is the outcome (even: done, bit 1 picks TLS 1.2 over 1.3; odd: failed) and the
+/// rest is what the client sends over TLS.
+///
 /// Properties: every line to the client is `ddd[ -]text` with CRLF; a `250` to end-of-data is
 /// one the downstream gave to a final dot, each used once and in order; a client `354` or a
 /// relayed `250` to MAIL or RCPT is never more frequent than the downstream's; `Close` comes
 /// out once and nothing follows it; each drained outbox stays under 1 MB;
 /// `handle_client_data` consumes at most what it is given and nothing while it does not want
-/// to read; after `handle_timeout(now)` no deadline is due at `now`. Downstream side: bytes go
+/// to read; after `handle_timeout(now)` no deadline is due at `now`; `StartTls` comes once per
+/// `220 Ready to start TLS`, after it, and nothing reaches the client between it and the end
+/// of the handshake (no answer to bytes sent before the handshake, CVE-2011-0411); a failed
+/// handshake closes the session. Downstream side: bytes go
 /// only to an open connection, commands are CRLF-terminated lines of the verbs tarmac sends,
 /// no nested MAIL, RCPTs within `max_recipients`, DATA only after an accepted RCPT, XCLIENT
 /// and PROXY only as configured, and no bare CR or LF in a body.
@@ -229,6 +289,96 @@ pub fn session(data: &[u8]) {
     let words = keep_controls(&mut |b| vocabulary(&[b], SESSION_TOKENS).into_bytes());
     for script in [rest.to_vec(), alphabet, words] {
         Harness::run(*scenario, *details, &script);
+    }
+}
+
+/// Loads a state snapshot file into a fresh table.
+///
+/// Input: byte 0 bits 0–1 pick the table (0 PASS cache, 1 greylist, 2 and 3 reputation); with
+/// bit 7 clear the rest is the whole file, so the framing checks (header, end line, count,
+/// hash) are what is exercised; with it set, each line of the rest becomes an entry of a file
+/// framed correctly, so the entry parsers are reached.
+///
+/// Properties: no panic; a refused file leaves the table empty (all or nothing); a loaded one
+/// holds at most the entries it reported kept; saving what loaded and loading that again
+/// gives a table of the same size.
+pub fn snapshot(data: &[u8]) {
+    let Some((&selector, rest)) = data.split_first() else {
+        return;
+    };
+    let kind = match selector & 0x03 {
+        0 => Kind::Pass,
+        1 => Kind::Greylist,
+        _ => Kind::Reputation,
+    };
+    let bytes = if selector & 0x80 == 0 {
+        rest.to_vec()
+    } else {
+        let mut writer = Writer::new(kind);
+        for line in rest.split(|&b| b == b'\n') {
+            writer.entry(format_args!("{}", String::from_utf8_lossy(line)));
+        }
+        writer.finish()
+    };
+    let _ = state_snapshot::entries(kind, &bytes);
+    let clocks = Clocks::new(
+        Instant::now(),
+        UNIX_EPOCH + Duration::from_millis(1_795_438_862_000),
+    );
+    let config = base_config();
+    let sizes = |first: usize, kept: Option<usize>, second: Option<usize>| match kept {
+        None => assert_eq!(first, 0, "a refused {kind:?} snapshot loaded entries"),
+        Some(kept) => {
+            assert!(first <= kept, "{first} entries held, {kept} reported kept");
+            assert_eq!(
+                second,
+                Some(first),
+                "{kind:?}: save and load changed the table"
+            );
+        }
+    };
+    match kind {
+        Kind::Pass => {
+            let fresh = || PassCache::new(config.tarpit.pass_ttl);
+            let table = fresh();
+            let kept = table.restore(&bytes, &clocks).ok().map(|r| r.kept);
+            let again = fresh();
+            let second = again
+                .restore(&table.snapshot(&clocks), &clocks)
+                .ok()
+                .map(|_| again.len());
+            sizes(table.len(), kept, second);
+        }
+        Kind::Greylist => {
+            let greylist = &config.greylist;
+            let table = Greylist::new(clocks.now());
+            let kept = table
+                .restore(&bytes, &clocks, greylist)
+                .ok()
+                .map(|r| r.kept);
+            let again = Greylist::new(clocks.now());
+            let saved = table.snapshot(&clocks, greylist);
+            let second = again
+                .restore(&saved, &clocks, greylist)
+                .ok()
+                .map(|_| again.len());
+            sizes(table.len(), kept, second);
+        }
+        Kind::Reputation => {
+            let half_life = config.reputation.half_life;
+            let table = ReputationTable::new();
+            let kept = table
+                .restore(&bytes, &clocks, half_life)
+                .ok()
+                .map(|r| r.kept);
+            let again = ReputationTable::new();
+            let saved = table.snapshot(&clocks, half_life);
+            let second = again
+                .restore(&saved, &clocks, half_life)
+                .ok()
+                .map(|_| again.len());
+            sizes(table.len(), kept, second);
+        }
     }
 }
 
@@ -1303,6 +1453,8 @@ struct Harness {
     client_pending: Vec<u8>,
     client_seen: ClientView,
     closed: bool,
+    /// `Action::StartTls` came out: the next client chunk plays the handshake.
+    handshaking: bool,
     /// Counts across all downstream connections.
     totals: Totals,
 }
@@ -1419,6 +1571,7 @@ impl Harness {
             local: SocketAddr::from(([198, 51, 100, 1], 25)),
             accepted_at: UNIX_EPOCH + Duration::from_secs(1_795_438_862),
             stressed: false,
+            starttls: true,
         };
         Harness {
             session: Session::new(Arc::clone(&config), peer, now),
@@ -1440,6 +1593,7 @@ impl Harness {
                 ..ClientView::default()
             },
             closed: false,
+            handshaking: false,
             totals: Totals::default(),
         }
     }
@@ -1447,6 +1601,35 @@ impl Harness {
     fn client_send(&mut self, bytes: &[u8]) {
         if self.closed {
             return;
+        }
+        let mut bytes = bytes;
+        if self.handshaking {
+            // The chunk's first byte is the handshake's outcome (even: done, with TLS 1.3 or
+            // 1.2 by the next bit; odd: failed); the rest was sent over TLS.
+            let Some((&outcome, rest)) = bytes.split_first() else {
+                return;
+            };
+            assert!(
+                self.client_pending.is_empty(),
+                "plain bytes kept for after TLS"
+            );
+            self.handshaking = false;
+            if outcome & 1 == 0 {
+                let version = if outcome & 2 == 0 {
+                    TlsVersion::Tls13
+                } else {
+                    TlsVersion::Tls12
+                };
+                self.session.handle_tls_established(self.now, version);
+                assert_eq!(self.session.report().tls, version.as_str());
+            } else {
+                self.session.handle_tls_failed(self.now);
+                self.settle();
+                assert!(self.closed, "a failed handshake left the session open");
+                return;
+            }
+            self.settle();
+            bytes = rest;
         }
         self.client_pending.extend_from_slice(bytes);
         self.pump();
@@ -1580,6 +1763,13 @@ impl Harness {
                 "bytes for the client after Close: {}",
                 escape(&out)
             );
+            // Nothing is said between the switch and the end of the handshake, in plain text
+            // or otherwise: in particular no answer to bytes pipelined after STARTTLS.
+            assert!(
+                !self.handshaking,
+                "bytes for the client during the TLS handshake: {}",
+                escape(&out)
+            );
             self.client_seen.receive(&out, &self.totals);
         }
         let mut ds = Vec::new();
@@ -1655,11 +1845,24 @@ impl Harness {
                     assert!(!self.closed, "Close came out twice");
                     self.closed = true;
                 }
+                Action::StartTls => {
+                    assert!(!self.handshaking, "StartTls came out twice");
+                    assert!(
+                        self.client_seen
+                            .bytes
+                            .ends_with(b"220 2.0.0 Ready to start TLS\r\n"),
+                        "StartTls before its 220 was out"
+                    );
+                    self.handshaking = true;
+                }
                 // No scenario configures `proxy_protocol_from`; admit like an uncapped driver.
                 Action::Admit(_) => self.session.handle_admission(self.now, true),
                 // No PASS is cached; a tarpit place is always free.
                 Action::CheckPass(_) => self.session.handle_pass(self.now, false),
                 Action::RecordPass(_) => {}
+                // No history is kept: every client is new to its reputation.
+                Action::CheckReputation(_) => self.session.handle_reputation(self.now, None),
+                Action::RecordReputation(..) => {}
                 // Greylisting is off in every scenario (its model is the unit tests').
                 Action::CheckGreylist(_) => {
                     self.session

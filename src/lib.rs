@@ -2,7 +2,8 @@
 //!
 //! The crate is a library with a thin binary (`src/main.rs`). `smtp` is the sans-IO protocol
 //! core; `server` is the only module that does I/O on client sockets; `downstream` speaks to the
-//! real MTA; `config` is the operator contract of DESIGN.md §3.
+//! real MTA; `tls` loads the certificates for inbound STARTTLS; `config` is the operator contract
+//! of DESIGN.md §3.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, clippy::manual_let_else)]
@@ -31,3 +32,4 @@ pub mod server;
 pub mod sink;
 pub mod smtp;
 pub mod state;
+pub mod tls;

@@ -111,7 +111,7 @@ fn check(path: PathBuf) -> ExitCode {
         return ExitCode::FAILURE;
     }
     println!(
-        "{}: ok: {} listener(s), {} downstream server(s), {} DNS zone(s), {} allow and {} deny list entries, {} rule(s)",
+        "{}: ok: {} listener(s), {} downstream server(s), {} DNS zone(s), {} allow and {} deny list entries, {} rule(s), STARTTLS {}",
         path.display(),
         config.server.listen.len(),
         config.downstream.servers.len(),
@@ -119,6 +119,11 @@ fn check(path: PathBuf) -> ExitCode {
         config.lists.entries.allow.len(),
         config.lists.entries.deny.len(),
         config.rules.set.len(),
+        if config.tls.loaded.is_some() {
+            "offered"
+        } else {
+            "off"
+        },
     );
     ExitCode::SUCCESS
 }

@@ -5,15 +5,7 @@ use std::path::Path;
 use tarmac::sink::Behaviour;
 
 use crate::util::dns_server::{DnsServer, Zone};
-use crate::util::{Client, Running, WAIT, sink, tarmac, temp_dir, wait_until};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use crate::util::{Client, Running, WAIT, free_port, sink, tarmac, temp_dir, wait_until};
 
 #[test]
 fn version_prints_the_crate_version() {
@@ -87,7 +79,7 @@ fn run_relays_logs_and_drains_on_sigterm() {
     std::fs::write(
         &path,
         format!(
-            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nhostname = \"mx.test\"\nworkers = 1\n\n\
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nhostname = \"mx.test\"\nworkers = 1\nstate_dir = \"state\"\n\n\
              [downstream]\nservers = [\"{}\"]\n\n[timeouts]\ndrain = \"5s\"\n\n[dns]\nrdns = false\n\n\
              [tarpit]\ngreet_pause = \"0s\"\n[greylist]\nenabled = false\n",
             sink.local_addr()
@@ -118,7 +110,7 @@ fn run_relays_logs_and_drains_on_sigterm() {
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
         stderr.contains(
-            " rdns=- helo=client.example verdict=pass score=0 dnsbl=- list=- rule=- \
+            " rdns=- helo=client.example verdict=pass score=0 rep=none dnsbl=- list=- rule=- \
              greylist=skip pregreet=no tls=no msgs=1 rcpts=1 result=delivered dur="
         ),
         "{stderr}"
@@ -173,6 +165,15 @@ fn demo_writes_accepted_mail_to_demo_mail() {
     child.signal("INT");
     let (code, stderr) = child.wait_exit();
     assert_eq!(code, Some(0), "{stderr}");
+    // The demo's state is saved in its own directory at exit: the delivery is remembered.
+    let reputation = std::fs::read_to_string(dir.join("demo-mail/state/reputation.state"));
+    assert!(
+        reputation
+            .as_deref()
+            .unwrap_or_default()
+            .contains("\n127.0.0.1 "),
+        "{reputation:?} {stderr}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -217,7 +218,7 @@ fn run_rejects_a_listed_client_and_logs_the_verdict() {
     std::fs::write(
         &path,
         format!(
-            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nhostname = \"mx.test\"\nworkers = 1\n\n\
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nhostname = \"mx.test\"\nworkers = 1\nstate_dir = \"state\"\n\n\
              [downstream]\nservers = [\"{}\"]\n\n[timeouts]\ndrain = \"5s\"\n\n\
              [dns]\nservers = [\"{}\"]\nrdns = false\n\n[tarpit]\ngreet_pause = \"0s\"\n[greylist]\nenabled = false\n\n\
              [[dnsbl]]\nzone = \"bl.test\"\nweight = 3\n\n\
@@ -246,13 +247,13 @@ fn run_rejects_a_listed_client_and_logs_the_verdict() {
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
         stderr.contains(
-            " rdns=- helo=- verdict=reject score=3 dnsbl=bl.test:3,gone.test:tempfail list=- \
+            " rdns=- helo=- verdict=reject score=3 rep=none dnsbl=bl.test:3,gone.test:tempfail list=- \
              rule=- greylist=- pregreet=no tls=no msgs=0 rcpts=0 result=rejected "
         ),
         "{stderr}"
     );
     assert!(
-        stderr.contains(" verdict=pass score=0 dnsbl=gone.test:tempfail list=- rule=- "),
+        stderr.contains(" verdict=pass score=0 rep=none dnsbl=gone.test:tempfail list=- rule=- "),
         "{stderr}"
     );
     let _ = std::fs::remove_dir_all(&dir);

@@ -16,7 +16,7 @@ const RANDOM_LEN: usize = 400;
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 8] = [
+const TARGETS: [(&str, Target); 10] = [
     ("command", fuzzing::command),
     ("reply", fuzzing::reply),
     ("data", fuzzing::data),
@@ -25,6 +25,8 @@ const TARGETS: [(&str, Target); 8] = [
     ("proxy", fuzzing::proxy),
     ("list_file", fuzzing::list_file),
     ("rule_file", fuzzing::rule_file),
+    ("snapshot", fuzzing::snapshot),
+    ("tls_files", fuzzing::tls_files),
 ];
 
 #[test]
@@ -60,6 +62,16 @@ fn corpus_list_file() {
 #[test]
 fn corpus_rule_file() {
     replay("rule_file", fuzzing::rule_file);
+}
+
+#[test]
+fn corpus_snapshot() {
+    replay("snapshot", fuzzing::snapshot);
+}
+
+#[test]
+fn corpus_tls_files() {
+    replay("tls_files", fuzzing::tls_files);
 }
 
 #[test]

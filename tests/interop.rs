@@ -3,36 +3,13 @@
 //! not installed, except under `CI=true` (see `util::require_program`).
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tarmac::sink::Behaviour;
 
-use crate::util::{Client, Server, WAIT, require_program, sink, test_config, wait_until};
-
-/// Runs a peer to completion within [`WAIT`] (killed otherwise); returns (success, output).
-#[track_caller]
-fn run_bounded(mut command: Command) -> (bool, String) {
-    let mut child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn peer");
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait peer") {
-            let output = child.wait_with_output().expect("peer output");
-            let text = String::from_utf8_lossy(&output.stdout).into_owned()
-                + &String::from_utf8_lossy(&output.stderr);
-            return (status.success(), text);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{command:?} did not finish within {WAIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use crate::util::{
+    Client, Server, WAIT, require_program, run_bounded, sink, test_config, wait_until,
+};
 
 #[test]
 fn swaks_delivers_through_tarmac() {

@@ -205,7 +205,7 @@ fn sighup_switches_the_rules_without_dropping_a_session() {
         &dir,
         "tarmac.toml",
         &format!(
-            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nhostname = \"mx.test\"\nworkers = 1\n\
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nhostname = \"mx.test\"\nworkers = 1\nstate_dir = \"state\"\n\
              [downstream]\nservers = [\"{}\"]\n[dns]\nrdns = false\n[tarpit]\ngreet_pause = \"0s\"\n[greylist]\nenabled = false\n\
              [lists]\nallow = []\ndeny = []\n[rules]\nfiles = [\"rules.toml\"]\n",
             sink.local_addr()

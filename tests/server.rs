@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tarmac::sink::Behaviour;
 
-use crate::util::{Client, DRAIN, Running, Server, WAIT, config, sink, wait_for_log};
+use crate::util::{Client, DRAIN, Running, Server, WAIT, config, noise, sink, wait_for_log};
 
 const BANNER: &str = "220 mx.test ESMTP tarmac\r\n";
 
@@ -26,18 +26,6 @@ fn assert_serves(addr: SocketAddr) {
     assert_eq!(client.command("EHLO other.example"), EHLO_REPLY);
     assert_eq!(client.command("QUIT"), "221 2.0.0 Bye\r\n");
     client.expect_eof();
-}
-
-/// Bytes that look like noise: xorshift64, deterministic per seed.
-fn noise(len: usize, mut seed: u64) -> Vec<u8> {
-    (0..len)
-        .map(|_| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed as u8
-        })
-        .collect()
 }
 
 #[test]
@@ -260,7 +248,7 @@ fn binary_reloads_on_sighup_and_drains_on_sigterm() {
     let config = dir.join("tarmac.toml");
     std::fs::write(
         &config,
-        "[server]\nlisten = [\"127.0.0.1:0\"]\nhostname = \"mx.test\"\nworkers = 2\n\
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nhostname = \"mx.test\"\nworkers = 2\nstate_dir = \"state\"\n\
          [timeouts]\ndrain = \"5s\"\n[dns]\nrdns = false\n\
          [tarpit]\ngreet_pause = \"0s\"\n[greylist]\nenabled = false\n[lists]\nallow = []\ndeny = [\"deny.txt\"]\n",
     )

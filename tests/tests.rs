@@ -27,3 +27,9 @@ mod rules;
 mod greylist;
 // STARTTLS towards the downstream: the sink's side, with a real rustls client.
 mod downstream_tls;
+// Reputation end to end: misbehaving addresses get the weight, one with deliveries does not.
+mod reputation;
+// State across restarts: snapshots in state_dir kept, damaged ones ignored, expired ones dropped.
+mod state;
+// Inbound STARTTLS: rustls and smtplib clients, injection, broken handshakes, reload, check.
+mod tls;

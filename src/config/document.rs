@@ -418,6 +418,11 @@ impl<'p> Reader<'p> {
             }
             true
         });
+        // Kept for `Config::load_tls`, which reads the files after this walk is over.
+        t.lines = [
+            self.lines.get("tls.cert").copied(),
+            self.lines.get("tls.key").copied(),
+        ];
     }
 
     fn dns(&mut self, table: &DeTable<'_>, config: &mut Config) {

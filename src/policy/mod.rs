@@ -11,6 +11,8 @@
 //!   the matcher run at each [`Stage`] of a connection ([`RuleSet::evaluate`]).
 //! - [`rates`]: the connection-rate token buckets per address and per /24 or /64
 //!   ([`ConnectionRates`]), checked at accept; [`RateRefusal`] says which one was empty.
+//! - [`reputation`]: an address's decayed history of bad and good events, and whether it is
+//!   mostly bad ([`Standing`]), which adds `[reputation] weight` to its score.
 //! - [`verdict`]: the score placed against `[scoring]`'s thresholds ([`Verdict`]).
 //!
 //! The session (`crate::smtp`) calls these as answers arrive; the server never decides, it only
@@ -19,11 +21,13 @@
 pub mod dnsbl;
 pub mod lists;
 pub mod rates;
+pub mod reputation;
 pub mod rules;
 pub mod verdict;
 
 pub use dnsbl::ZoneOutcome;
 pub use lists::{List, ListMatch, ListSet};
 pub use rates::{ConnectionRates, RateRefusal};
+pub use reputation::Standing;
 pub use rules::{Decision, Facts, RuleAction, RuleSet, Stage, default_reply};
 pub use verdict::Verdict;

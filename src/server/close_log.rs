@@ -1,7 +1,7 @@
 //! The one place that builds the per-connection close line (DESIGN.md §4):
 //!
 //! ```text
-//! conn=7f3a client=192.0.2.7:53211 rdns=mail.example.com helo=mail.example.com verdict=tarpit score=2 dnsbl=zen.spamhaus.org:2 list=- rule=- greylist=pass pregreet=no tls=no msgs=1 rcpts=2 result=delivered dur=14.2s
+//! conn=7f3a client=192.0.2.7:53211 rdns=mail.example.com helo=mail.example.com verdict=tarpit score=2 rep=neutral dnsbl=zen.spamhaus.org:2 list=- rule=- greylist=pass pregreet=no tls=no msgs=1 rcpts=2 result=delivered dur=14.2s
 //! ```
 //!
 //! It is logged at info level with target `tarmac::conn`, so operators can route or filter it
@@ -10,8 +10,12 @@
 //! can hold spaces, `=`, quotes or control bytes that would forge fields or lines if logged raw.
 //! `rdns` and `list` are additions to DESIGN.md §4's example: the forward-confirmed name (or
 //! `unverified`, `unknown`, `tempfail`, `-`) and which local list matched what (`deny:helo`).
+//! `rep` is another: the client's reputation when it was checked (`none`, `neutral`, `good`,
+//! `bad`; `-` when not checked); `score` includes the weight a `bad` one adds.
 //! `dnsbl` (zones are operator text, not client text) is printed as the policy formats it.
-//! `tls` is fixed until the TLS work fills it.
+//! `tls` names the version a STARTTLS handshake agreed (`TLSv1.3`, `TLSv1.2`) or is `no`, where
+//! DESIGN.md §4's example has `yes`: the version is what an operator greps for when deciding
+//! whether TLS 1.2 can be turned off, and `no` stays `no`, so `tls=no` filters still work.
 
 use std::fmt;
 use std::time::Duration;
@@ -52,18 +56,20 @@ pub(crate) fn close_line(conn: ConnId, report: &Report<'_>, dur: Duration) -> St
     };
     format!(
         "conn={conn} client={client} rdns={rdns} helo={helo} verdict={verdict} score={score} \
-         dnsbl={dnsbl} list={list} rule={rule} greylist={greylist} pregreet={pregreet} tls=no \
+         rep={rep} dnsbl={dnsbl} list={list} rule={rule} greylist={greylist} pregreet={pregreet} tls={tls} \
          msgs={msgs} rcpts={rcpts} \
          result={result} dur={dur:.1}s",
         client = report.client,
         rdns = escape(report.rdns.as_bytes()),
         verdict = report.verdict,
         score = report.score,
+        rep = report.reputation,
         dnsbl = report.dnsbl,
         list = report.list,
         rule = report.rule,
         greylist = report.greylist,
         pregreet = if report.pregreet { "yes" } else { "no" },
+        tls = report.tls,
         msgs = report.msgs,
         rcpts = report.rcpts,
         result = report.result,
@@ -84,6 +90,7 @@ mod tests {
             rdns: "mail.example.com",
             verdict: "tarpit",
             score: 2,
+            reputation: "neutral",
             dnsbl: "zen.spamhaus.org:2".to_owned(),
             list: "-",
             pregreet: false,
@@ -91,6 +98,7 @@ mod tests {
             greylist: "pass",
             msgs: 1,
             rcpts: 2,
+            tls: "no",
             result: "delivered",
         }
     }
@@ -106,7 +114,7 @@ mod tests {
         assert_eq!(
             line,
             "conn=7f3a client=192.0.2.7:53211 rdns=mail.example.com helo=mail.example.com \
-             verdict=tarpit score=2 dnsbl=zen.spamhaus.org:2 list=- rule=- greylist=pass pregreet=no tls=no msgs=1 \
+             verdict=tarpit score=2 rep=neutral dnsbl=zen.spamhaus.org:2 list=- rule=- greylist=pass pregreet=no tls=no msgs=1 \
              rcpts=2 result=delivered dur=14.2s"
         );
     }
@@ -117,7 +125,7 @@ mod tests {
         let line = close_line(ConnId(1), &report(client, None), Duration::ZERO);
         assert_eq!(
             line,
-            "conn=1 client=[::1]:25 rdns=mail.example.com helo=- verdict=tarpit score=2 \
+            "conn=1 client=[::1]:25 rdns=mail.example.com helo=- verdict=tarpit score=2 rep=neutral \
              dnsbl=zen.spamhaus.org:2 list=- rule=- greylist=pass pregreet=no tls=no msgs=1 rcpts=2 \
              result=delivered dur=0.0s"
         );
@@ -140,6 +148,15 @@ mod tests {
             ),
             "{line}"
         );
+    }
+
+    #[test]
+    fn tls_names_the_version() {
+        let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 1);
+        let mut over_tls = report(client, None);
+        over_tls.tls = "TLSv1.3";
+        let line = close_line(ConnId(3), &over_tls, Duration::ZERO);
+        assert!(line.contains(" pregreet=no tls=TLSv1.3 msgs=1 "), "{line}");
     }
 
     #[test]

@@ -12,6 +12,17 @@
 //! buffer is therefore bounded, and an empty one gives its memory back when it grew past
 //! [`SHRINK_ABOVE`], so an idle connection costs its struct, its session and its sockets.
 //!
+//! TLS: on `Action::StartTls` the client socket gets a [`TlsStream`] (boxed, so a plain
+//! connection pays one pointer), with what was already handed out (the `220`) as its plain-text
+//! preamble; bytes read before the switch and not yet consumed are dropped (CVE-2011-0411).
+//! From then on reads are socket → rustls → decrypted input → session, gated by rustls'
+//! `wants_read` (the handshake needs reading whatever the session wants) and, for the decrypted
+//! input, by the session's `wants_read` and the `input` bound; writes are outbox → rustls →
+//! socket while rustls `wants_write`. rustls' own buffers are bounded (`tls_stream.rs`). A TLS
+//! failure closes only this connection; a connection that ends mid-handshake (garbage, an
+//! alert, the command timeout, a hang-up) puts its client on the worker's [`TlsFailures`]
+//! record, and STARTTLS is not offered to it for an hour.
+//!
 //! Closing is two steps: [`Conn::drive`] returns [`Next::Close`] once the connection is done
 //! (session closed and flushed, the client gone, or the flush deadline passed); the worker then
 //! calls [`Conn::close`] after the event batch, which deregisters, shuts down and writes the one
@@ -31,13 +42,15 @@ use super::limits::LimitGuard;
 use super::load::TarpitGuard;
 use super::pool::{Idle, Pool, Ticket};
 use super::slab::ConnKey;
+use super::tls_failures::{TlsFailures, WITHHOLD_FOR};
+use super::tls_stream::{TlsFailure, TlsRead, TlsStream};
 use super::token;
 use super::worker::Shared;
 use crate::config::Config;
 use crate::dns::{Answer, Query, ResolverHandle, Waiter};
 use crate::downstream::connect;
 use crate::downstream::dialog::Capabilities;
-use crate::smtp::{Action, DownstreamEvent, Session, Shutdown, Side};
+use crate::smtp::{Action, DownstreamEvent, Session, Shutdown, Side, TlsVersion};
 
 /// Bytes read per socket per turn: one read of this size, then the other connections get their
 /// turn; more starves neighbours, less costs syscalls. It is also the worker's scratch size.
@@ -86,7 +99,7 @@ pub(crate) struct Io<'a> {
     pub(crate) resolver: Option<&'a ResolverHandle>,
     /// This worker's index, for the resolver to send answers back.
     pub(crate) worker: usize,
-    /// Tarpit places, the PASS cache and the greylist.
+    /// Tarpit places, the PASS cache, the greylist and the reputation table.
     pub(crate) shared: &'a Shared,
     /// The configuration in force (the greylist's times).
     pub(crate) config: &'a Config,
@@ -104,8 +117,11 @@ pub(crate) struct Conn {
     broken: bool,
     /// Client bytes the session has not consumed yet.
     input: Vec<u8>,
-    /// Bytes from `poll_transmit(Client)` not yet written.
+    /// Bytes from `poll_transmit(Client)` not yet written (or, over TLS, not yet encrypted).
     to_client: Vec<u8>,
+    /// The client connection's TLS layer after STARTTLS; boxed, as most connections never
+    /// have one.
+    tls: Option<Box<TlsStream>>,
     /// Boxed: most connections never get one, so they don't pay for its size.
     downstream: Option<Box<DownstreamConn>>,
     /// Multiplexing: the session waits in the pool's line for a connection to this server.
@@ -172,6 +188,7 @@ impl Conn {
             broken: false,
             input: Vec::new(),
             to_client: Vec::new(),
+            tls: None,
             downstream: None,
             awaiting_pool: None,
             session,
@@ -262,7 +279,7 @@ impl Conn {
             return Next::Close;
         }
         match self.close_by {
-            Some(by) if self.to_client.is_empty() || now >= by => Next::Close,
+            Some(by) if self.client_flushed() || now >= by => Next::Close,
             _ => Next::Keep,
         }
     }
@@ -290,10 +307,27 @@ impl Conn {
     /// (FIN after whatever was written), read away a little unread input so the kernel does not
     /// answer it with an RST, and write the close log line.
     pub(crate) fn close(mut self, now: Instant, io: &mut Io<'_>) {
+        if self.tls.as_deref().is_some_and(TlsStream::is_handshaking) {
+            // Whatever ended it (garbage, an alert, the timeout, a hang-up), this client cannot
+            // do TLS with us now: its next connections are not offered STARTTLS. Recorded
+            // before the FIN, so a client that reconnects as soon as it sees it is covered.
+            let report = self.session.report();
+            remember_failed_handshake(&io.shared.tls_failures, report.client, report.result, now);
+        }
         self.drop_downstream(io.registry);
         // Errors below only mean the socket is already gone; the fd is closed on drop anyway.
         let _ = io.registry.deregister(&mut self.client);
         if !self.broken {
+            if let Some(tls) = self.tls.as_deref_mut().filter(|tls| !tls.is_handshaking()) {
+                // A clean TLS end, best effort: the client knows no truncation happened.
+                tls.send_close_notify();
+                while tls.wants_write() {
+                    match tls.write_tls(&mut &self.client) {
+                        Ok(n) if n > 0 => {}
+                        _ => break,
+                    }
+                }
+            }
             let _ = self.client.shutdown(NetShutdown::Write);
             let mut drained = 0;
             while drained < CLOSE_DRAIN {
@@ -316,17 +350,30 @@ impl Conn {
     }
 
     fn may_read_client(&self, max_input: usize) -> bool {
-        self.readable
-            && !self.broken
-            && self.eof == Eof::Open
-            && self.close_by.is_none()
-            && self.input.len() < max_input
-            && self.session.wants_read()
+        let open = !self.broken && self.eof == Eof::Open && self.close_by.is_none();
+        let session_reads = self.input.len() < max_input && self.session.wants_read();
+        match self.tls.as_deref() {
+            None => open && self.readable && session_reads,
+            // The socket when rustls wants it (the handshake reads whatever the session
+            // wants); decrypted input when the session does.
+            Some(tls) => {
+                open && ((self.readable && tls.wants_read())
+                    || (tls.has_plaintext() && session_reads))
+            }
+        }
+    }
+
+    /// Whether everything for the client was written, TLS records included.
+    fn client_flushed(&self) -> bool {
+        self.to_client.is_empty() && !self.tls.as_deref().is_some_and(TlsStream::wants_write)
     }
 
     /// One read of at most [`READ_CHUNK`] bytes, fed to the session at once when nothing older
     /// is waiting (the common case needs no copy into `input`).
     fn read_client(&mut self, now: Instant, io: &mut Io<'_>) {
+        if self.tls.is_some() {
+            return self.read_client_tls(now, io);
+        }
         if !self.may_read_client(io.max_input) {
             return;
         }
@@ -349,7 +396,62 @@ impl Conn {
             self.eof = Eof::Seen;
             return;
         }
-        let bytes = io.scratch.get(..n).unwrap_or_default();
+        self.feed_client(now, io.scratch, n);
+    }
+
+    /// Over TLS: TLS records from the socket into rustls, up to [`READ_CHUNK`] bytes, while it
+    /// wants them; the end of the handshake to the session; then one bounded read of decrypted
+    /// input, fed like plain input.
+    fn read_client_tls(&mut self, now: Instant, io: &mut Io<'_>) {
+        if self.broken || self.eof != Eof::Open || self.close_by.is_some() {
+            return;
+        }
+        let Some(tls) = self.tls.as_deref_mut() else {
+            return;
+        };
+        let mut total = 0;
+        while self.readable && tls.wants_read() && total < READ_CHUNK {
+            match tls.read_tls(&mut &self.client) {
+                Ok(TlsRead::Data(n)) => total += n,
+                Ok(TlsRead::WouldBlock) => self.readable = false,
+                Ok(TlsRead::Closed | TlsRead::Full) => break,
+                Err(TlsFailure::Io(e)) => {
+                    log::debug!("conn={} client read failed: {e}", self.id);
+                    return self.fail_client(now);
+                }
+                Err(TlsFailure::Tls(e)) => return self.fail_tls(now, &e),
+            }
+        }
+        if let Some(version) = tls.take_established() {
+            let suite = tls.cipher_suite();
+            let Some(version) = tls_version(version) else {
+                let error = rustls::Error::General(format!("unexpected version {version:?}"));
+                return self.fail_tls(now, &error);
+            };
+            log::debug!(
+                "conn={} TLS established with {}: {} {suite:?}",
+                self.id,
+                self.session.report().client,
+                version.as_str()
+            );
+            self.session.handle_tls_established(now, version);
+        }
+        let Some(tls) = self.tls.as_deref_mut() else {
+            return;
+        };
+        if tls.has_plaintext() && self.input.len() < io.max_input && self.session.wants_read() {
+            let n = tls.read_plaintext(io.scratch);
+            self.feed_client(now, io.scratch, n);
+        }
+        if self.tls.as_deref().is_some_and(TlsStream::is_finished) {
+            self.eof = Eof::Seen;
+        }
+    }
+
+    /// Gives the first `n` bytes of `scratch` (just read) to the session, keeping what it does
+    /// not take behind anything older in `input`.
+    fn feed_client(&mut self, now: Instant, scratch: &[u8], n: usize) {
+        let bytes = scratch.get(..n).unwrap_or_default();
         if self.input.is_empty() {
             let used = self.session.handle_client_data(now, bytes);
             self.input
@@ -357,6 +459,57 @@ impl Conn {
         } else {
             self.input.extend_from_slice(bytes);
         }
+    }
+
+    /// The client broke the TLS protocol (or the handshake could not start): logged with its
+    /// address and rustls' reason, the alert rustls queued sent once, nothing more read, and
+    /// the session closed without a reply.
+    fn fail_tls(&mut self, now: Instant, error: &rustls::Error) {
+        let client = self.session.report().client;
+        match self.tls.as_deref_mut() {
+            Some(tls) if tls.is_handshaking() => {
+                log::info!(
+                    "conn={} TLS handshake with {client} failed: {error}",
+                    self.id
+                );
+            }
+            _ => log::info!("conn={} TLS error from {client}: {error}", self.id),
+        }
+        if let Some(tls) = self.tls.as_deref_mut() {
+            let _ = tls.write_tls(&mut &self.client);
+        }
+        self.eof = Eof::Delivered;
+        self.session.handle_tls_failed(now);
+    }
+
+    /// `Action::StartTls`: the `220` and anything else handed out goes first in plain text,
+    /// then the handshake. Bytes read before the switch that the session did not consume were
+    /// sent before the handshake: they are dropped, never offered as if sent over TLS.
+    fn start_tls(&mut self, now: Instant, io: &Io<'_>) {
+        let started = match io.config.tls.loaded.as_ref() {
+            Some(server) => server.start(),
+            None => Err(rustls::Error::General(
+                "no certificate: a reload removed [tls]".to_owned(),
+            )),
+        };
+        let connection = match started {
+            Ok(connection) => connection,
+            Err(e) => {
+                log::warn!("conn={} cannot start TLS: {e}", self.id);
+                self.eof = Eof::Delivered;
+                return self.session.handle_tls_failed(now);
+            }
+        };
+        if !self.input.is_empty() {
+            log::info!(
+                "conn={} discarded {} bytes read after STARTTLS, before the TLS handshake",
+                self.id,
+                self.input.len()
+            );
+            self.input = Vec::new();
+        }
+        let preamble = std::mem::take(&mut self.to_client);
+        self.tls = Some(Box::new(TlsStream::new(connection, preamble)));
     }
 
     /// Offers buffered client bytes while the session takes them, then the end of the stream
@@ -457,11 +610,20 @@ impl Conn {
                         .handle_downstream(now, DownstreamEvent::TlsFailed);
                 }
                 Action::Close => self.start_closing(now),
+                Action::StartTls => self.start_tls(now, io),
                 Action::CheckPass(ip) => {
                     let fresh = io.shared.passes.is_fresh(ip, now);
                     self.session.handle_pass(now, fresh);
                 }
                 Action::RecordPass(ip) => io.shared.passes.record(ip, now),
+                Action::CheckReputation(ip) => {
+                    let history = io.shared.reputation.history(ip);
+                    self.session.handle_reputation(now, history);
+                }
+                Action::RecordReputation(ip, event) => {
+                    let half_life = io.config.reputation.half_life;
+                    io.shared.reputation.record(ip, event, now, half_life);
+                }
                 Action::CheckGreylist(key) => {
                     let outcome = io.shared.greylist.check(&key, now, &io.config.greylist);
                     self.session.handle_greylist(now, outcome);
@@ -494,6 +656,13 @@ impl Conn {
                             false
                         }
                     };
+                    // The balancer's address was checked at accept; the client's is known now.
+                    if io.config.tls.loaded.is_some()
+                        && io.shared.tls_failures.failed_recently(client.ip(), now)
+                    {
+                        log_withheld(client);
+                        self.session.handle_starttls_withheld();
+                    }
                     self.session.handle_admission(now, admitted);
                 }
             }
@@ -745,7 +914,13 @@ impl Conn {
     /// Writes the client outbox until it is empty or the socket would block. Returns whether
     /// anything was written (room for more output) or the socket failed.
     fn write_client(&mut self, now: Instant) -> bool {
-        if self.broken || !self.writable || self.to_client.is_empty() {
+        if self.broken || !self.writable {
+            return false;
+        }
+        if self.tls.is_some() {
+            return self.write_client_tls(now);
+        }
+        if self.to_client.is_empty() {
             return false;
         }
         match write_out(&self.client, &mut self.to_client) {
@@ -758,6 +933,52 @@ impl Conn {
                 log::debug!("conn={} client write failed: {e}", self.id);
                 self.fail_client(now);
                 true
+            }
+        }
+    }
+
+    /// Over TLS: the outbox into rustls (as much as its bounded buffer takes), rustls' records
+    /// (and first the plain-text preamble) to the socket, until both are empty or the socket
+    /// would block.
+    fn write_client_tls(&mut self, now: Instant) -> bool {
+        let Some(tls) = self.tls.as_deref_mut() else {
+            return false;
+        };
+        let mut moved = false;
+        loop {
+            if !self.to_client.is_empty() {
+                match tls.write_plaintext(&self.to_client) {
+                    Ok(n) => {
+                        self.to_client.drain(..n.min(self.to_client.len()));
+                        moved |= n > 0;
+                    }
+                    Err(e) => {
+                        log::debug!("conn={} TLS write failed: {e}", self.id);
+                        self.fail_client(now);
+                        return true;
+                    }
+                }
+            }
+            if !tls.wants_write() {
+                return moved;
+            }
+            match tls.write_tls(&mut &self.client) {
+                Ok(0) => {
+                    log::debug!("conn={} client write failed: wrote nothing", self.id);
+                    self.fail_client(now);
+                    return true;
+                }
+                Ok(_) => moved = true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.writable = false;
+                    return moved;
+                }
+                Err(e) => {
+                    log::debug!("conn={} client write failed: {e}", self.id);
+                    self.fail_client(now);
+                    return true;
+                }
             }
         }
     }
@@ -798,6 +1019,40 @@ impl DownstreamConn {
     fn may_read(&self, max_input: usize) -> bool {
         !self.connecting && self.readable && !self.eof && self.input.len() < max_input
     }
+}
+
+/// The session's name for a version rustls agreed; `None` for one it cannot agree with the
+/// provider tarmac configures (TLS 1.2 and 1.3 only).
+fn tls_version(version: rustls::ProtocolVersion) -> Option<TlsVersion> {
+    match version {
+        rustls::ProtocolVersion::TLSv1_3 => Some(TlsVersion::Tls13),
+        rustls::ProtocolVersion::TLSv1_2 => Some(TlsVersion::Tls12),
+        _ => None,
+    }
+}
+
+/// Puts `client` on the failed-handshake record and says so (with how the connection ended).
+fn remember_failed_handshake(
+    failures: &TlsFailures,
+    client: SocketAddr,
+    result: &str,
+    now: Instant,
+) {
+    failures.record(client.ip(), now);
+    log::info!(
+        "STARTTLS from {client} did not complete (result={result}); not offering STARTTLS to {} for {} s",
+        client.ip().to_canonical(),
+        WITHHOLD_FOR.as_secs()
+    );
+}
+
+/// Says that `client` is not offered STARTTLS because of an earlier failed handshake.
+pub(crate) fn log_withheld(client: SocketAddr) {
+    log::info!(
+        "not offering STARTTLS to {client}: a TLS handshake from {} failed within the last {} s",
+        client.ip().to_canonical(),
+        WITHHOLD_FOR.as_secs()
+    );
 }
 
 /// How far [`write_out`] got.

@@ -14,8 +14,9 @@
 //!    [`Session`](crate::smtp::Session) is created and the socket registered once for
 //!    `READABLE | WRITABLE`.
 //! 2. **Drive** (`Conn::drive`): after every event or timer, one bounded read per socket feeds
-//!    the session, then output, actions (downstream connect and close, close) and writes go
-//!    round until nothing moves, and the connection's deadline is re-armed.
+//!    the session, then output, actions (downstream connect and close, the switch to TLS after
+//!    STARTTLS, close) and writes go round until nothing moves, and the connection's deadline is
+//!    re-armed.
 //! 3. **Close**, in two steps: the connection is marked closing (the session's `Action::Close`,
 //!    the client gone after the session ended, a socket error) and flushes what was handed out,
 //!    for at most 5 s (`conn.rs`); after the event batch it is deregistered, shut
@@ -23,7 +24,9 @@
 //!
 //! Shutdown ([`ServerHandle::shutdown`]): every worker closes its listeners at once (new
 //! connects are refused), tells each session `Shutdown::Graceful`, after `[timeouts] drain`
-//! `Shutdown::Now`, and exits when its last connection is gone.
+//! `Shutdown::Now`, and exits when its last connection is gone; then [`ServerHandle::join`]
+//! saves the state (`snapshots.rs`), which was loaded before the first accept and is saved
+//! every minute meanwhile.
 //!
 //! Nothing here decides policy: every protocol decision is the session's.
 
@@ -34,7 +37,10 @@ mod load;
 mod pool;
 mod reload;
 mod slab;
+mod snapshots;
 mod timer;
+mod tls_failures;
+mod tls_stream;
 mod token;
 mod worker;
 
@@ -53,11 +59,13 @@ use socket2::{Domain, Protocol, Socket, Type};
 use self::limits::Limits;
 use self::load::Load;
 use self::reload::Reloads;
+use self::snapshots::{Saver, Snapshots, Tables};
+use self::tls_failures::TlsFailures;
 use self::worker::{Shared, Worker};
 use crate::config::Config;
 use crate::dns::{Resolver, ResolverHandle};
 use crate::policy::ConnectionRates;
-use crate::state::{Greylist, PassCache};
+use crate::state::{Greylist, PassCache, ReputationTable};
 
 /// Pending connections the kernel queues per listener socket before refusing more.
 const LISTEN_BACKLOG: i32 = 1024;
@@ -70,6 +78,11 @@ pub struct ServerHandle {
     workers: Vec<JoinHandle<io::Result<()>>>,
     /// The resolver thread, when the config needs lookups; stopped after the workers.
     resolver: Option<Resolver>,
+    /// Where the state is saved, unless `state_dir` is unusable or the backend is not local.
+    snapshots: Option<Arc<Snapshots>>,
+    /// The thread saving the state every minute; stopped after the workers, before the
+    /// final save.
+    saver: Option<Saver>,
 }
 
 /// What another thread needs to stop the workers.
@@ -85,9 +98,11 @@ struct Control {
 }
 
 impl ServerHandle {
-    /// Binds every `[server] listen` address once per worker and starts the workers. A port 0 is
-    /// bound by the first worker and the others join the port the kernel chose. Errors (an
-    /// address in use, no permission) name the address and leave nothing running.
+    /// Binds every `[server] listen` address once per worker, loads the saved state from
+    /// `[server] state_dir` (an unusable directory or a damaged file is a warning, never an
+    /// error) and starts the workers. A port 0 is bound by the first worker and the others
+    /// join the port the kernel chose. Errors (an address in use, no permission) name the
+    /// address and leave nothing running.
     pub fn start(config: Arc<Config>) -> io::Result<ServerHandle> {
         let workers = config.server.workers.max(1);
         let mut sockets: Vec<Vec<mio::net::TcpListener>> =
@@ -128,9 +143,20 @@ impl ServerHandle {
             )),
             passes: Arc::new(PassCache::new(config.tarpit.pass_ttl)),
             greylist: Arc::new(Greylist::new(std::time::Instant::now())),
+            reputation: Arc::new(ReputationTable::new()),
+            tls_failures: Arc::new(TlsFailures::default()),
             stopping: Arc::clone(&stopping),
             reloads: Arc::new(Reloads::new(Arc::clone(&config))),
         };
+        let tables = Tables {
+            passes: Arc::clone(&shared.passes),
+            greylist: Arc::clone(&shared.greylist),
+            reputation: Arc::clone(&shared.reputation),
+        };
+        let snapshots = Snapshots::open(&config, tables, Arc::clone(&shared.reloads)).map(Arc::new);
+        if let Some(snapshots) = &snapshots {
+            snapshots.load(&snapshots::clocks_now());
+        }
         let mut built = Vec::with_capacity(workers);
         let mut wakers = Vec::with_capacity(workers);
         for (index, worker_sockets) in sockets.into_iter().enumerate() {
@@ -157,11 +183,20 @@ impl ServerHandle {
             resolver: resolver.as_ref().map(Resolver::handle),
         });
 
+        let saver = snapshots.as_ref().and_then(|snapshots| {
+            Saver::start(Arc::clone(snapshots), snapshots::SAVE_EVERY)
+                .inspect_err(|e| {
+                    log::warn!("state: no periodic snapshots ({e}); saved at shutdown only");
+                })
+                .ok()
+        });
         let mut handle = ServerHandle {
             control,
             local_addrs,
             workers: Vec::with_capacity(workers),
             resolver,
+            snapshots,
+            saver,
         };
         for (index, worker) in built.into_iter().enumerate() {
             let spawned = thread::Builder::new()
@@ -204,9 +239,12 @@ impl ServerHandle {
         self.control.shutdown();
     }
 
-    /// Waits for every worker to exit; the first worker error (a failing poll) is returned.
+    /// Waits for every worker to exit, then saves the state (see `snapshots.rs`); the first
+    /// worker error (a failing poll) is returned.
     pub fn join(mut self) -> io::Result<()> {
         let resolver = self.resolver.take();
+        let saver = self.saver.take();
+        let snapshots = self.snapshots.take();
         let mut result = Ok(());
         for thread in self.workers {
             let outcome = thread
@@ -221,6 +259,15 @@ impl ServerHandle {
         }
         // No worker is left to ask it anything.
         drop(resolver);
+        // No session is left to change the state: the last save has everything.
+        if let Some(saver) = saver {
+            saver.stop();
+        }
+        if let Some(snapshots) = snapshots
+            && snapshots.save(&snapshots::clocks_now())
+        {
+            log::info!("state: saved to {}", snapshots.dir().display());
+        }
         result
     }
 }
@@ -267,11 +314,16 @@ impl Control {
             }
             Ok(config) => {
                 let summary = format!(
-                    "reloaded {}: {} DNS zone(s), {} allow and {} deny list entries",
+                    "reloaded {}: {} DNS zone(s), {} allow and {} deny list entries, STARTTLS {}",
                     path.display(),
                     config.dnsbl.len(),
                     config.lists.entries.allow.len(),
-                    config.lists.entries.deny.len()
+                    config.lists.entries.deny.len(),
+                    if config.tls.loaded.is_some() {
+                        "offered with the certificate just read"
+                    } else {
+                        "off"
+                    }
                 );
                 let waiting = self.reload(Arc::new(config));
                 if waiting.is_empty() {

@@ -1,5 +1,5 @@
 //! Live reload (DESIGN.md §2): on SIGHUP the control thread reads the whole configuration again
-//! (config file, list files, and later rule files and certificates) and, only if all of it is
+//! (config file, list files, rule files, the TLS certificate and key) and, only if all of it is
 //! valid, publishes it here. Each worker notices the new generation on its next turn (the
 //! control thread wakes it), takes the new `Config` for the connections it accepts from then on,
 //! and hands it to its live sessions, which apply it at their next decision (the next command,
@@ -7,7 +7,8 @@
 //! refused as a whole and the running configuration stays.
 //!
 //! What was built from the configuration at start (listeners, workers, connection caps and
-//! rates, the resolver, the downstream pool, the PASS cache) keeps its start values; a reload
+//! rates, the resolver, the downstream pool, the PASS cache, the state directory) keeps its
+//! start values; a reload
 //! that changes one of those keys says so in its log line.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,7 +59,7 @@ pub(crate) fn restart_only_changes(
     resolver_running: bool,
 ) -> Vec<&'static str> {
     let needs_resolver = new.dns.rdns || !new.dnsbl.is_empty();
-    let checks: [(&'static str, bool); 12] = [
+    let checks: [(&'static str, bool); 13] = [
         ("server.listen", old.server.listen != new.server.listen),
         ("server.workers", old.server.workers != new.server.workers),
         (
@@ -68,6 +69,10 @@ pub(crate) fn restart_only_changes(
         (
             "server.max_tarpitted",
             old.server.max_tarpitted != new.server.max_tarpitted,
+        ),
+        (
+            "server.state_dir",
+            old.server.state_dir != new.server.state_dir,
         ),
         (
             "limits.max_connections_per_ip",

@@ -17,19 +17,20 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Waker};
 
 use super::close_log::ConnId;
-use super::conn::{CLOSE_FLUSH_LIMIT, Conn, Io, Next, READ_CHUNK};
+use super::conn::{self, CLOSE_FLUSH_LIMIT, Conn, Io, Next, READ_CHUNK};
 use super::limits::Limits;
 use super::load::Load;
 use super::pool::Pool;
 use super::reload::Reloads;
 use super::slab::{ConnKey, Slab};
 use super::timer::TimerHeap;
+use super::tls_failures::TlsFailures;
 use super::token::{self, Source};
 use crate::config::{Config, DownstreamMode};
 use crate::dns::{Inbox, ResolverHandle};
 use crate::policy::ListMatch;
 use crate::smtp::{Peer, Session, Shutdown, too_many_connections};
-use crate::state::{Greylist, PassCache};
+use crate::state::{Greylist, PassCache, ReputationTable};
 
 /// Events taken from the kernel per poll; more wait for the next turn.
 const EVENTS_PER_TURN: usize = 1024;
@@ -59,6 +60,10 @@ pub(crate) struct Shared {
     pub(crate) passes: Arc<PassCache>,
     /// Greylisting triplets.
     pub(crate) greylist: Arc<Greylist>,
+    /// Per-address histories (`[reputation]`).
+    pub(crate) reputation: Arc<ReputationTable>,
+    /// Clients whose STARTTLS handshake failed recently: not offered STARTTLS.
+    pub(crate) tls_failures: Arc<TlsFailures>,
     /// Set when the server is asked to stop.
     pub(crate) stopping: Arc<AtomicBool>,
     /// The configuration in force, replaced on SIGHUP.
@@ -452,11 +457,19 @@ impl Worker {
         let local = stream.local_addr().unwrap_or(local);
         let id = ConnId::new(self.index, self.workers, self.next_seq);
         self.next_seq = self.next_seq.wrapping_add(1);
+        // A balancer's clients are looked up when their PROXY header names them.
+        let withheld = self.config.tls.loaded.is_some()
+            && !behind_proxy
+            && self.shared.tls_failures.failed_recently(addr.ip(), now);
+        if withheld {
+            conn::log_withheld(addr);
+        }
         let peer = Peer {
             client: addr,
             local,
             accepted_at: SystemTime::now(),
             stressed: self.stressed,
+            starttls: self.config.tls.loaded.is_some() && !withheld,
         };
         let session = Session::new(Arc::clone(&self.config), peer, now);
         let conn = Conn::new(id, stream, session, now, guard);

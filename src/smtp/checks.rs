@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::config::{Config, Dnsbl};
 use crate::dns::{Answer, Query, RdnsAnswer};
 use crate::policy::dnsbl::{self, ZoneOutcome};
-use crate::policy::{ListMatch, Verdict};
+use crate::policy::{ListMatch, Standing, Verdict};
 
 /// The checks' state for one client.
 #[derive(Debug)]
@@ -23,6 +23,13 @@ pub(crate) struct Checks {
     list: Option<(ListMatch, ListedBy)>,
     score: i32,
     verdict: Verdict,
+    /// The client's reputation, once the driver answered (`None`: not asked).
+    reputation: Option<Standing>,
+    /// What the reputation adds to the score (`[reputation] weight` for a bad one, else 0).
+    reputation_weight: i32,
+    /// The verdict was tarpit, but no tarpit place was free: rejected for the server's load,
+    /// not for anything more the client did.
+    tarpit_refused: bool,
     /// The config the checks started with: `zones` is parallel to its `[[dnsbl]]` list (a
     /// reload may change the session's config later; the answers stay those zones'). Shared,
     /// not copied: a connection costs one reference count here.
@@ -60,6 +67,9 @@ impl Checks {
             list: None,
             score: 0,
             verdict: Verdict::Pass,
+            reputation: None,
+            reputation_weight: 0,
+            tarpit_refused: false,
             started_with: None,
         }
     }
@@ -131,14 +141,20 @@ impl Checks {
         }
     }
 
-    /// Every answer is in (or given up on): scores the zones, consults the lists for the
-    /// verified rDNS name, and returns the verdict.
+    /// The client's reputation and what it adds to the score (counted by `decide`).
+    pub(crate) fn set_reputation(&mut self, standing: Standing, weight: i32) {
+        self.reputation = Some(standing);
+        self.reputation_weight = weight;
+    }
+
+    /// Every answer is in (or given up on): scores the zones plus the reputation weight,
+    /// consults the lists for the verified rDNS name, and returns the verdict.
     pub(crate) fn decide(&mut self, config: &Config) -> Verdict {
         if self.list.is_some() {
             return self.verdict;
         }
         let outcomes: Vec<ZoneOutcome> = self.outcomes().collect();
-        self.score = dnsbl::score(&outcomes);
+        self.score = dnsbl::score(&outcomes).saturating_add(self.reputation_weight);
         self.verdict = Verdict::from_score(self.score, &config.scoring);
         if let Some(name) = self.rdns_name()
             && let Some(found) = config.lists.entries.check_domain(name)
@@ -175,7 +191,7 @@ impl Checks {
         self.verdict
     }
 
-    /// The score so far (sum of listed zones' weights).
+    /// The score so far: listed zones' weights, the reputation weight, score rules' points.
     pub(crate) fn score(&self) -> i32 {
         self.score
     }
@@ -244,7 +260,18 @@ impl Checks {
     pub(crate) fn reject_instead_of_tarpit(&mut self) {
         if self.verdict == Verdict::Tarpit {
             self.verdict = Verdict::Reject;
+            self.tarpit_refused = true;
         }
+    }
+
+    /// Whether the reject is one a full tarpit forced (see `reject_instead_of_tarpit`).
+    pub(crate) fn is_tarpit_refused(&self) -> bool {
+        self.tarpit_refused
+    }
+
+    /// The close log's `rep=` field: the standing, or `-` when reputation was not asked.
+    pub(crate) fn reputation_field(&self) -> &'static str {
+        self.reputation.map_or("-", Standing::as_str)
     }
 
     /// The zones listing the client (weight counted), for rules' `dnsbl` condition.

@@ -2,9 +2,10 @@
 //! downstream relay it drives.
 //!
 //! # Roles
-//! - Inputs (`handle_*`): client bytes, client EOF, downstream events, timer expiry, shutdown.
+//! - Inputs (`handle_*`): client bytes, client EOF, downstream events, timer expiry, shutdown,
+//!   the end of a STARTTLS handshake.
 //! - Outputs (`poll_*`): bytes for each side (`poll_transmit`), I/O steps (`poll_action`:
-//!   connect/close downstream, close), the next deadline (`poll_timeout`).
+//!   connect/close downstream, switch to TLS, close), the next deadline (`poll_timeout`).
 //! - Queries (`wants_read`, `is_closed`, `report`).
 //!
 //! After every `handle_*` the driver calls `poll_transmit` for both sides, then `poll_action`
@@ -15,7 +16,8 @@
 //! [Proxy ──header──▶ Admitting ──▶] Checking ──answers or dns.timeout──▶ verdict ──▶ Command
 //! Command ──MAIL/RCPT/DATA──▶ Waiting(pending) ──downstream reply──▶ Command
 //!                              Waiting(Data) ──354──▶ Data ──CRLF.CRLF──▶ Waiting(EndOfData)
-//! any ──QUIT / EOF / timeout / too many errors / shutdown──▶ Closed (sticky)
+//! Command ──STARTTLS──▶ StartingTls ──handle_tls_established──▶ Command (before EHLO again)
+//! any ──QUIT / EOF / timeout / too many errors / shutdown / TLS failure──▶ Closed (sticky)
 //! ```
 //! While `Waiting`, client bytes are not consumed (`wants_read()` is false): pipelined commands
 //! wait in the driver's bounded buffer and are answered in order. The downstream is opened at the
@@ -24,11 +26,28 @@
 //!
 //! # Checks and verdict
 //! Before the banner the session asks for its DNS lookups (`Action::Lookup`, answered through
-//! `handle_lookup`) and waits for them, at most `[dns] timeout`; the local lists can decide
-//! sooner (`checks.rs`). The verdict then shapes the dialog: `reject` with `reject_mode =
+//! `handle_lookup`) and the client's reputation (`Action::CheckReputation`, answered through
+//! `handle_reputation`) and waits for them, the lookups at most `[dns] timeout`; the local lists
+//! can decide sooner (`checks.rs`). A mostly bad history adds `[reputation] weight` to the score
+//! before the verdict. What the client does that its reputation remembers goes out as
+//! `Action::RecordReputation`, at most one bad event per session (the first: a pregreet, a
+//! reject, protocol abuse), one greylist pass per session, and every delivered message.
+//!
+//! The verdict then shapes the dialog: `reject` with `reject_mode =
 //! "immediate"` (or a deny-list entry) makes the greeting `554 5.7.1` and only QUIT is answered;
 //! `"enforce"` greets normally, answers `550 5.7.1` to every RCPT and logs who was sending to
 //! whom, and closes after DATA. `tarpit` is only reported until tarpitting exists.
+//!
+//! # STARTTLS (RFC 3207)
+//! EHLO offers STARTTLS when the driver said it may ([`Peer::starttls`]) and TLS is not on
+//! yet. `STARTTLS` is answered `220 2.0.0 Ready to start TLS`, and whatever the client sent
+//! after it in the same stream is discarded, never answered (CVE-2011-0411: bytes injected
+//! before the handshake must not be taken as commands sent over TLS). Once the `220` has been
+//! handed out by `poll_transmit` (a tarpit may hold it a while), `Action::StartTls` tells the
+//! driver to start the handshake; `handle_tls_established` then puts the session back before
+//! EHLO (what the client said in plain text is forgotten; MAIL before a new EHLO gets `503`).
+//! The handshake must finish within `timeouts.command`; a failed or late one closes the
+//! session without a reply (nothing can be said in plain text mid-handshake).
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
@@ -38,6 +57,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::config::{Config, DownstreamMode, DownstreamTls, Pregreet, RejectMode};
 use crate::dns::{Answer, Query};
 use crate::downstream::dialog::{Capabilities, ClientIdentity, Handshake, Step, TlsFailure};
+use crate::policy::reputation::{self, Event, History};
 use crate::policy::{Facts, ListMatch, RuleAction, Stage, Verdict};
 use crate::smtp::checks::{Checks, ListedBy};
 use crate::smtp::command::{Body, Command, CommandError, MailParams, parse_command};
@@ -92,6 +112,19 @@ pub struct Peer {
     /// greet pause and command timeout, and no stutter (postscreen's and spamd's answers to
     /// overload).
     pub stressed: bool,
+    /// STARTTLS may be offered: `[tls]` has a certificate and this client's last handshake
+    /// did not fail recently (the driver keeps that record, so a sender whose TLS is broken
+    /// can still deliver in plain text).
+    pub starttls: bool,
+}
+
+/// The TLS version a STARTTLS handshake agreed, for the close line and the `Received:` header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsVersion {
+    /// TLS 1.2.
+    Tls12,
+    /// TLS 1.3.
+    Tls13,
 }
 
 /// I/O the driver must perform for the session.
@@ -105,6 +138,11 @@ pub enum Action {
     CheckPass(IpAddr),
     /// The client passed the greet pause: cache a PASS for it for `pass_ttl`.
     RecordPass(IpAddr),
+    /// What does this client's history hold (`[reputation]`)? Answer with
+    /// `handle_reputation`; the verdict waits for the answer.
+    CheckReputation(IpAddr),
+    /// Add this event to the client's history (`[reputation] half_life` decays it).
+    RecordReputation(IpAddr, Event),
     /// Is this RCPT's triplet (the key, built from `[greylist] key`) deferred or passed? Answer
     /// with `handle_greylist`; the RCPT waits for the answer.
     CheckGreylist(String),
@@ -133,6 +171,12 @@ pub enum Action {
     /// open, no reply outstanding, everything handed out): put it back in the pool with what
     /// its EHLO offered. The session no longer uses it.
     ReleaseDownstream(Capabilities),
+    /// The client asked for STARTTLS and its `220` was handed out: write what
+    /// `poll_transmit(Client)` gave before this in plain text, then run the server side of a
+    /// TLS handshake on the client connection. Report `handle_tls_established` when it is done
+    /// or `handle_tls_failed` if it fails; client bytes from then on are the decrypted stream.
+    /// Bytes read from the socket before the switch must not be offered afterwards.
+    StartTls,
 }
 
 /// What happened on the downstream connection.
@@ -176,8 +220,12 @@ pub struct Report<'a> {
     pub rdns: &'a str,
     /// `allow`, `pass`, `tarpit` or `reject`.
     pub verdict: &'static str,
-    /// Sum of the weights of the zones listing the client.
+    /// Sum of the weights of the zones listing the client, the reputation weight and the
+    /// score rules' points.
     pub score: i32,
+    /// `rep=`: the client's reputation when it was checked (`none`, `neutral`, `good`,
+    /// `bad`), or `-` when it was not (reputation off, or a list decided).
+    pub reputation: &'static str,
     /// `dnsbl=`: `zone:weight` per listing zone, `zone:tempfail|error|off`, or `-`.
     pub dnsbl: String,
     /// `list=`: `-`, or which list matched what (`deny:helo`).
@@ -193,8 +241,11 @@ pub struct Report<'a> {
     pub msgs: u32,
     /// Recipients the downstream accepted.
     pub rcpts: u32,
+    /// `tls=`: the TLS version in use (`TLSv1.3`, `TLSv1.2`), or `no` for a plain session.
+    pub tls: &'static str,
     /// How the session ended: `delivered` (at least one message), `quit`, `disconnect`,
-    /// `timeout`, `rejected`, `tempfail`, `too-many-errors`, `shutdown`, `bad-proxy`.
+    /// `timeout`, `rejected`, `tempfail`, `too-many-errors`, `shutdown`, `bad-proxy`,
+    /// `tls-failed` (a TLS handshake or record failed).
     pub result: &'static str,
 }
 
@@ -215,6 +266,9 @@ enum Phase {
     Waiting(Pending),
     /// Streaming a message body to the downstream.
     Data(Box<DataDecoder>),
+    /// After `220 Ready to start TLS`: waiting for the handshake. Client bytes offered now are
+    /// discarded (they were sent before the handshake, whatever they claim to be).
+    StartingTls,
     /// Terminal; the outbox may still hold the last reply.
     Closed,
 }
@@ -242,13 +296,32 @@ enum CloseReason {
     Refused,
     /// A rejected client's session ended by tarmac (enforce mode after DATA).
     Blocked,
+    /// The TLS handshake failed, or a TLS record after it.
+    TlsFailed,
+}
+
+/// Where the session stands with STARTTLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TlsStage {
+    /// Not offered: no certificate, or the client's last handshake failed recently.
+    Unavailable,
+    /// Offered in EHLO, not asked for yet.
+    Offered,
+    /// `220 Ready to start TLS` is queued (or held by the tarpit); `Action::StartTls` comes
+    /// once it is all handed out.
+    Requested,
+    /// `Action::StartTls` came out; the handshake runs.
+    Handshaking,
+    /// The handshake is done; everything from here on is encrypted.
+    Active(TlsVersion),
 }
 
 /// One timer per kind; `poll_timeout` is the earliest.
 #[derive(Clone, Copy, Debug, Default)]
 struct Timers {
-    /// Fires when a started command line is not complete within `timeouts.command`, or when
-    /// a PROXY header is not complete within [`PROXY_HEADER_TIMEOUT`].
+    /// Fires when a started command line is not complete within `timeouts.command`, when
+    /// a PROXY header is not complete within [`PROXY_HEADER_TIMEOUT`], or when a STARTTLS
+    /// handshake is not done within `timeouts.command`.
     command: Option<Instant>,
     /// Fires when no command completed within `timeouts.idle` (not while in DATA or waiting).
     idle: Option<Instant>,
@@ -271,7 +344,7 @@ impl Timers {
         let client = match phase {
             Phase::Command if holding => [None, None],
             Phase::Command => [self.command, self.idle],
-            Phase::Proxy => [self.command, None],
+            Phase::Proxy | Phase::StartingTls => [self.command, None],
             Phase::Checking => [self.lookup, self.greet],
             Phase::Admitting => [None, None],
             Phase::Data(_) => [self.data, None],
@@ -375,6 +448,12 @@ pub struct Session {
     stressed: bool,
     /// A `CheckPass` is unanswered: the greet pause cannot start yet.
     awaiting_pass: bool,
+    /// A `CheckReputation` is unanswered: the verdict waits.
+    awaiting_reputation: bool,
+    /// A bad event went to the client's reputation: one per session is enough.
+    bad_recorded: bool,
+    /// A greylist pass went to the client's reputation (once per session).
+    pass_recorded: bool,
     /// The greet pause was served (no cached PASS): passing it earns a PASS.
     paused: bool,
     /// What a pregreet talker sent first (at most [`PREGREET_KEEP`] bytes).
@@ -393,6 +472,7 @@ pub struct Session {
     greylisted: &'static str,
     /// A `greylist` rule matched: every recipient is greylisted.
     forced_greylist: bool,
+    tls: TlsStage,
 }
 
 /// What a rule decided at a stage, owned (the rule set may be replaced by a reload).
@@ -437,6 +517,9 @@ impl Session {
             blocked: None,
             stressed: peer.stressed,
             awaiting_pass: false,
+            awaiting_reputation: false,
+            bad_recorded: false,
+            pass_recorded: false,
             paused: false,
             pregreet: None,
             awaiting_slot: false,
@@ -446,6 +529,11 @@ impl Session {
             rule: None,
             greylisted: "-",
             forced_greylist: false,
+            tls: if peer.starttls {
+                TlsStage::Offered
+            } else {
+                TlsStage::Unavailable
+            },
             config,
         };
         if behind_proxy {
@@ -476,6 +564,25 @@ impl Session {
                 Phase::Command if self.to_client.len() >= OUTBOX_CAP || holding => break,
                 Phase::Command => self.read_command(now, rest),
                 Phase::Proxy => self.read_proxy_header(now, rest),
+                Phase::StartingTls => {
+                    // CVE-2011-0411: sent after STARTTLS in plain text; answered after the
+                    // handshake it would pass for a command sent over TLS. Pipelined with the
+                    // STARTTLS itself (this call consumed it) is the injection the CVE is about.
+                    if consumed > 0 {
+                        log::info!(
+                            "discarded {} bytes pipelined after STARTTLS by {}",
+                            rest.len(),
+                            self.peer.client
+                        );
+                    } else {
+                        log::debug!(
+                            "discarded {} bytes from {} before its TLS handshake",
+                            rest.len(),
+                            self.peer.client
+                        );
+                    }
+                    rest.len()
+                }
                 Phase::Data(_) if self.to_downstream.len() >= OUTBOX_CAP => break,
                 Phase::Data(decoder) => {
                     let before = self.to_downstream.len();
@@ -612,6 +719,10 @@ impl Session {
                 // No banner was sent: nothing to say, as postscreen.
                 return self.close(CloseReason::Timeout, None);
             }
+            Phase::StartingTls if expired(self.timers.command, now) => {
+                // Mid-handshake: nothing can be said in plain text any more.
+                return self.close(CloseReason::Timeout, None);
+            }
             Phase::Checking => {
                 if expired(self.timers.lookup, now) {
                     self.timers.lookup = None;
@@ -623,7 +734,11 @@ impl Session {
                 self.try_greet(now);
                 false
             }
-            Phase::Proxy | Phase::Admitting | Phase::Waiting(_) | Phase::Closed => false,
+            Phase::Proxy
+            | Phase::Admitting
+            | Phase::StartingTls
+            | Phase::Waiting(_)
+            | Phase::Closed => false,
         };
         if client_late {
             let text = format!("{} Error: timeout exceeded", self.config.server.hostname);
@@ -658,6 +773,20 @@ impl Session {
                 self.to_client.extend_from_slice(teaser.as_bytes());
             }
         }
+        self.try_greet(now);
+    }
+
+    /// The answer to `Action::CheckReputation`: the client's history (`None`: none kept). A
+    /// mostly bad one adds `[reputation] weight` to the score the verdict is made from.
+    pub fn handle_reputation(&mut self, now: Instant, history: Option<History>) {
+        if !self.awaiting_reputation || !matches!(self.phase, Phase::Checking) {
+            return;
+        }
+        self.awaiting_reputation = false;
+        let config = &self.config.reputation;
+        let standing = reputation::standing(history.as_ref(), now, config.half_life);
+        let weight = reputation::weight(standing, config);
+        self.checks.set_reputation(standing, weight);
         self.try_greet(now);
     }
 
@@ -709,6 +838,7 @@ impl Session {
         let wait = match outcome {
             GreylistOutcome::Pass => {
                 self.greylisted = "pass";
+                self.record_reputation(Event::GreylistPass);
                 let command = format!("RCPT TO:<{to}>\r\n");
                 return self.send_downstream(now, command.as_bytes(), Pending::Rcpt);
             }
@@ -726,6 +856,43 @@ impl Session {
         let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
         let text = format!("Greylisted, please try again in {seconds} seconds");
         self.reply(Reply::new(451, "4.7.1", text));
+    }
+
+    /// The TLS handshake `Action::StartTls` started is done (RFC 3207 §4.2): the session starts
+    /// over before EHLO, forgetting the HELO name and anything else the client said in plain
+    /// text, and no longer offers STARTTLS. Ignored unless a handshake was asked for.
+    pub fn handle_tls_established(&mut self, now: Instant, version: TlsVersion) {
+        if self.tls != TlsStage::Handshaking || !matches!(self.phase, Phase::StartingTls) {
+            return;
+        }
+        self.tls = TlsStage::Active(version);
+        self.helo = None;
+        self.esmtp = false;
+        self.tx = None;
+        self.phase = Phase::Command;
+        self.timers.command = None;
+        self.timers.idle = Some(now + self.config.timeouts.idle);
+        self.check_shutdown(now);
+    }
+
+    /// The TLS layer failed: the handshake (a bad or hostile client, no common version or
+    /// cipher) or a record after it. Nothing more can be said to the client, so the session
+    /// closes without a reply; a half-sent body is not delivered.
+    pub fn handle_tls_failed(&mut self, _now: Instant) {
+        if self.closed.is_some() || !matches!(self.tls, TlsStage::Handshaking | TlsStage::Active(_))
+        {
+            return;
+        }
+        self.close(CloseReason::TlsFailed, None);
+    }
+
+    /// The driver learned the client's address from its PROXY header, and that client's last
+    /// STARTTLS handshake failed recently: EHLO no longer offers STARTTLS (see
+    /// [`Peer::starttls`]).
+    pub fn handle_starttls_withheld(&mut self) {
+        if self.tls == TlsStage::Offered {
+            self.tls = TlsStage::Unavailable;
+        }
     }
 
     /// The server entered or left stress mode: stuttering stops while it lasts.
@@ -778,11 +945,12 @@ impl Session {
                 if self.close_after_release {
                     self.close_after_release = false;
                     self.actions.push_back(Action::Close);
-                } else if self.closed.is_none() {
+                } else if self.closed.is_none() && self.tls != TlsStage::Requested {
                     // The client's idle time starts when it has our reply.
                     self.timers.idle = Some(now + self.config.timeouts.idle);
                 }
             }
+            self.start_tls_when_announced(now);
             return;
         }
         let buf = match side {
@@ -793,6 +961,9 @@ impl Session {
         buf.clear();
         if buf.capacity() > KEEP_CAPACITY {
             *buf = Vec::new();
+        }
+        if side == Side::Client {
+            self.start_tls_when_announced(now);
         }
     }
 
@@ -824,6 +995,9 @@ impl Session {
             // Read until the first pregreet byte: talking first is what is watched for here.
             Phase::Checking => self.pregreet.is_none(),
             Phase::Data(_) => self.to_downstream.len() < OUTBOX_CAP,
+            // Until the switch, bytes are taken only to be discarded; during the handshake the
+            // driver has no plaintext to offer.
+            Phase::StartingTls => self.tls == TlsStage::Requested,
             Phase::Waiting(_) | Phase::Admitting | Phase::Closed => false,
         }
     }
@@ -844,6 +1018,7 @@ impl Session {
                 Some(CloseReason::BadProxy) => "bad-proxy",
                 Some(CloseReason::Refused) => "refused",
                 Some(CloseReason::Blocked) => "rejected",
+                Some(CloseReason::TlsFailed) => "tls-failed",
             }
         };
         Report {
@@ -852,6 +1027,7 @@ impl Session {
             rdns: self.checks.rdns_field(),
             verdict: self.checks.verdict().as_str(),
             score: self.checks.score(),
+            reputation: self.checks.reputation_field(),
             dnsbl: self.checks.dnsbl_field(),
             list: self.checks.list_field(),
             pregreet: self.pregreet.is_some(),
@@ -859,6 +1035,10 @@ impl Session {
             greylist: self.greylisted,
             msgs: self.msgs,
             rcpts: self.rcpts,
+            tls: match self.tls {
+                TlsStage::Active(version) => version.as_str(),
+                _ => "no",
+            },
             result,
         }
     }
@@ -887,8 +1067,12 @@ impl Session {
             self.timers.lookup = Some(now + config.dns.timeout);
             self.actions.extend(queries.into_iter().map(Action::Lookup));
         }
-        // A client a list decided on needs no greet pause: allowed, it skips every check;
-        // denied, it is refused at once.
+        // A client a list decided on needs neither its reputation nor a greet pause: allowed,
+        // it skips every check; denied, it is refused at once.
+        if config.reputation.enabled && self.checks.list_match().is_none() {
+            self.awaiting_reputation = true;
+            self.actions.push_back(Action::CheckReputation(ip));
+        }
         if !self.greet_pause().is_zero() && self.checks.list_match().is_none() {
             self.awaiting_pass = true;
             self.actions.push_back(Action::CheckPass(ip));
@@ -925,11 +1109,12 @@ impl Session {
     }
 
     /// Ends the pre-greet stage once nothing is pending: every answer in (or given up on),
-    /// the PASS question answered, the greet pause over.
+    /// the PASS and reputation questions answered, the greet pause over.
     fn try_greet(&mut self, now: Instant) {
         if matches!(self.phase, Phase::Checking)
             && self.checks.is_complete()
             && !self.awaiting_pass
+            && !self.awaiting_reputation
             && !self.awaiting_slot
             && self.timers.greet.is_none()
         {
@@ -976,6 +1161,10 @@ impl Session {
         let ip = self.peer.client.ip().to_canonical();
         if self.paused && self.pregreet.is_none() && verdict != Verdict::Reject {
             self.actions.push_back(Action::RecordPass(ip));
+        }
+        // A reject the client earned; not one forced by a full tarpit (`max_tarpitted`).
+        if verdict == Verdict::Reject && !self.checks.is_tarpit_refused() {
+            self.record_reputation(Event::Rejected);
         }
         if matches!(self.blocked, Some(Blocked::Rule(_))) {
             return self.greet();
@@ -1061,6 +1250,7 @@ impl Session {
             RuleAction::Reject => {
                 self.checks.rule_decided(Verdict::Reject);
                 self.last_failure = Some("rejected");
+                self.record_reputation(Event::Rejected);
             }
             RuleAction::Defer => self.last_failure = Some("tempfail"),
             // Greylisted whatever the verdict or `[greylist] enabled` say: the rule is explicit.
@@ -1068,6 +1258,27 @@ impl Session {
             RuleAction::Score(_) => {}
         }
         Some(RuleOutcome { action, reply })
+    }
+
+    /// Sends `event` to the client's reputation (`Action::RecordReputation`) when reputation
+    /// is on and no allow list exempts the client: each bad event only if none was sent in
+    /// this session (one misbehaving session is one mark, however many errors it made), a
+    /// greylist pass once per session, every delivery.
+    fn record_reputation(&mut self, event: Event) {
+        if !self.config.reputation.enabled || self.checks.list_match() == Some(ListMatch::Allow) {
+            return;
+        }
+        let mut every_time = false;
+        let seen = match event {
+            Event::Pregreet | Event::Rejected | Event::ProtocolAbuse => &mut self.bad_recorded,
+            Event::GreylistPass => &mut self.pass_recorded,
+            Event::Delivered => &mut every_time,
+        };
+        if std::mem::replace(seen, true) {
+            return;
+        }
+        let ip = self.peer.client.ip().to_canonical();
+        self.actions.push_back(Action::RecordReputation(ip, event));
     }
 
     /// Bytes before the final greeting line: the client is a pregreet talker (DESIGN.md §1.2).
@@ -1087,6 +1298,9 @@ impl Session {
             self.peer.client,
             escape(kept)
         );
+        if self.config.tarpit.pregreet != Pregreet::Ignore {
+            self.record_reputation(Event::Pregreet);
+        }
         if self.config.tarpit.pregreet == Pregreet::Drop {
             let text = format!(
                 "{} Protocol error: talked before the greeting",
@@ -1205,6 +1419,7 @@ impl Session {
     fn line_error(&mut self, reply: Reply) {
         self.errors += 1;
         if self.errors > self.config.limits.max_unknown_commands {
+            self.record_reputation(Event::ProtocolAbuse);
             let text = format!("{} Error: too many errors", self.config.server.hostname);
             self.close(
                 CloseReason::TooManyErrors,
@@ -1248,6 +1463,7 @@ impl Session {
                 match self.checks.check_name(&config, name, ListedBy::Helo) {
                     Some(ListMatch::Deny) => {
                         self.blocked = Some(Blocked::Immediate);
+                        self.record_reputation(Event::Rejected);
                         let text = format!("<{name}>: Helo command rejected: Access denied");
                         return self.reply(Reply::new(554, "5.7.1", text));
                     }
@@ -1271,14 +1487,15 @@ impl Session {
                 }
                 let hostname = &self.config.server.hostname;
                 let reply = if esmtp {
-                    let lines = vec![
+                    let mut lines = vec![
                         hostname.clone(),
                         "PIPELINING".to_owned(),
                         format!("SIZE {}", self.config.limits.max_message_size),
-                        "ENHANCEDSTATUSCODES".to_owned(),
-                        "8BITMIME".to_owned(),
-                        "SMTPUTF8".to_owned(),
                     ];
+                    if self.tls == TlsStage::Offered {
+                        lines.push("STARTTLS".to_owned());
+                    }
+                    lines.extend(["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8"].map(String::from));
                     Reply::multiline(250, None, lines)
                 } else {
                     Reply::without_enhanced(250, hostname.clone())
@@ -1309,9 +1526,7 @@ impl Session {
                 "Cannot VRFY user, but will accept message and attempt delivery",
             )),
             Command::Expn => self.reply(Reply::new(502, "5.5.1", "Error: EXPN not available")),
-            Command::StartTls => {
-                self.reply(Reply::new(502, "5.5.1", "Error: STARTTLS not available"))
-            }
+            Command::StartTls => self.handle_starttls(),
             // Client-sent identity is never trusted or passed on (DESIGN.md §1.4).
             Command::Xclient | Command::Xforward => self.line_error(Reply::new(
                 550,
@@ -1329,6 +1544,36 @@ impl Session {
                 "Error: CHUNKING not available, use DATA",
             )),
         }
+    }
+
+    /// `STARTTLS` (RFC 3207 §4): `220`, then the switch once the reply is out.
+    fn handle_starttls(&mut self) {
+        match self.tls {
+            TlsStage::Offered => {}
+            TlsStage::Unavailable => {
+                return self.reply(Reply::new(502, "5.5.1", "Error: STARTTLS not available"));
+            }
+            TlsStage::Requested | TlsStage::Handshaking | TlsStage::Active(_) => {
+                return self.reply(Reply::new(503, "5.5.1", "Error: TLS already active"));
+            }
+        }
+        if self.tx.is_some() {
+            // As Postfix: the transaction would straddle the switch; RSET first.
+            return self.reply(Reply::new(
+                503,
+                "5.5.1",
+                "Error: MAIL transaction in progress",
+            ));
+        }
+        // The downstream session announced the client's plain-text HELO; the next transaction
+        // gets a fresh one after the new EHLO.
+        if !self.release_relay_if_clean() {
+            self.drop_relay();
+        }
+        self.reply(Reply::new(220, "2.0.0", "Ready to start TLS"));
+        self.tls = TlsStage::Requested;
+        self.phase = Phase::StartingTls;
+        self.timers.idle = None;
     }
 
     fn handle_mail(&mut self, now: Instant, from: &str, params: MailParams) {
@@ -1364,6 +1609,7 @@ impl Session {
                 // second MAIL with another sender gets no further.
                 self.blocked = Some(Blocked::Immediate);
                 self.last_failure = Some("rejected");
+                self.record_reputation(Event::Rejected);
                 let text = format!("<{from}>: Sender address rejected: Access denied");
                 return self.reply(Reply::new(554, "5.7.1", text));
             }
@@ -1536,6 +1782,11 @@ impl Session {
             )),
             None => None,
         };
+        if violation == Some(DataViolation::BareNewline) {
+            // A bare CR or LF in a body is how SMTP smuggling starts; no MTA sends it by accident
+            // often enough to matter.
+            self.record_reputation(Event::ProtocolAbuse);
+        }
         if let Some(reply) = refusal {
             // Part of the body already went downstream: only dropping the connection without
             // the final dot guarantees nothing is delivered.
@@ -1694,6 +1945,7 @@ impl Session {
             Pending::Greylist => {}
             Pending::EndOfData => {
                 if positive {
+                    self.record_reputation(Event::Delivered);
                     self.msgs += 1;
                     self.rcpts += self.tx.as_deref().map_or(0, |tx| tx.accepted);
                     self.last_failure = None;
@@ -1722,7 +1974,13 @@ impl Session {
             helo: self.helo.as_deref().unwrap_or_default(),
             client: self.peer.client.ip(),
             by: &self.config.server.hostname,
-            with: if self.esmtp { "ESMTP" } else { "SMTP" },
+            // RFC 3848: the `S` says the message came over TLS.
+            with: match (self.esmtp, self.tls) {
+                (true, TlsStage::Active(_)) => "ESMTPS",
+                (false, TlsStage::Active(_)) => "SMTPS",
+                (true, _) => "ESMTP",
+                (false, _) => "SMTP",
+            },
             at: self.peer.accepted_at + now.saturating_duration_since(self.started),
         };
         write_received(&trace, &mut self.to_downstream);
@@ -1791,7 +2049,11 @@ impl Session {
                     tx.broken = true;
                 }
             }
-            Phase::Proxy | Phase::Admitting | Phase::Checking | Phase::Closed => {}
+            Phase::Proxy
+            | Phase::Admitting
+            | Phase::Checking
+            | Phase::StartingTls
+            | Phase::Closed => {}
         }
     }
 
@@ -1975,12 +2237,28 @@ impl Session {
         }
     }
 
+    /// Once the `220 Ready to start TLS` is all handed out (a tarpit may have held it), asks
+    /// the driver for the handshake, which must be done within `timeouts.command`.
+    fn start_tls_when_announced(&mut self, now: Instant) {
+        let held = self.tarpit.as_deref().is_some_and(Tarpit::is_holding);
+        if self.tls == TlsStage::Requested
+            && self.closed.is_none()
+            && self.to_client.is_empty()
+            && !held
+        {
+            self.tls = TlsStage::Handshaking;
+            self.timers.command = Some(now + self.command_timeout());
+            self.actions.push_back(Action::StartTls);
+        }
+    }
+
     /// Enters the sticky closed state: final reply queued, downstream dropped, `Close` once.
+    /// While a handshake is due or running, no reply: the client expects TLS records.
     fn close(&mut self, reason: CloseReason, reply: Option<Reply>) {
         if self.closed.is_some() {
             return;
         }
-        if let Some(reply) = reply {
+        if let Some(reply) = reply.filter(|_| !matches!(self.phase, Phase::StartingTls)) {
             self.reply(reply);
         }
         if !self.release_relay_if_clean() {
@@ -2002,6 +2280,16 @@ impl Session {
             return;
         }
         self.actions.push_back(Action::Close);
+    }
+}
+
+impl TlsVersion {
+    /// The name operators know from OpenSSL and Postfix logs: `TLSv1.2`, `TLSv1.3`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsVersion::Tls12 => "TLSv1.2",
+            TlsVersion::Tls13 => "TLSv1.3",
+        }
     }
 }
 

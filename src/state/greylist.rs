@@ -6,6 +6,10 @@
 //! Memory is bounded: past [`MAX_ENTRIES`] expired entries are swept; if the table is still
 //! full, new triplets are not recorded and pass (greylisting fails open, as it does when its
 //! store is unreachable), with a warning at most once a minute.
+//!
+//! Snapshot entries (`greylist.state`, see `snapshot`): `KEY FIRST_SEEN_UNIX_MS
+//! PASSED_UNTIL_UNIX_MS` with the key [`snapshot::escape`]d and `-` for a triplet not passed
+//! yet.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +18,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as MapEntry;
 
+use super::snapshot::{self, Clocks, Kind, Restored, SnapshotError, Writer};
 use crate::config::{Greylist as GreylistConfig, GreylistKey};
 
 /// Most triplets remembered at once (about 100 MB at worst with long addresses).
@@ -111,6 +116,86 @@ impl Greylist {
         }
     }
 
+    /// The triplets that still decide something at `clocks.now()` as a snapshot file.
+    pub fn snapshot(&self, clocks: &Clocks, config: &GreylistConfig) -> Vec<u8> {
+        let now = clocks.now();
+        let live: Vec<(Box<str>, Triplet)> = self
+            .entries
+            .iter()
+            .filter(|entry| is_live(entry.value(), now, config.retry_window))
+            .map(|entry| (entry.key().clone(), *entry.value()))
+            .collect();
+        let mut writer = Writer::new(Kind::Greylist);
+        for (key, triplet) in live {
+            let first_seen = clocks.to_unix_ms(triplet.first_seen);
+            let key = snapshot::escape(&key);
+            match triplet.passed_until {
+                Some(until) => {
+                    let until = clocks.to_unix_ms(until);
+                    writer.entry(format_args!("{key} {first_seen} {until}"));
+                }
+                None => writer.entry(format_args!("{key} {first_seen} -")),
+            }
+        }
+        writer.finish()
+    }
+
+    /// Loads a snapshot file: all of it or, on any error, nothing. Triplets that no longer
+    /// decide anything under `config` are dropped; times a clock set back put in the future
+    /// are cut to now (first attempt) and `pass_ttl` from now (pass).
+    pub fn restore(
+        &self,
+        bytes: &[u8],
+        clocks: &Clocks,
+        config: &GreylistConfig,
+    ) -> Result<Restored, SnapshotError> {
+        let now = clocks.now();
+        let latest_pass = now.checked_add(config.pass_ttl).unwrap_or(now);
+        let mut live = Vec::new();
+        let mut restored = Restored::default();
+        for (n, line) in snapshot::entries(Kind::Greylist, bytes)? {
+            let bad = SnapshotError::Entry(n);
+            let [key, first_seen, passed_until] = snapshot::fields(line).ok_or(bad.clone())?;
+            let key = snapshot::unescape(key).ok_or(bad.clone())?;
+            let first_seen = snapshot::parse_ms(first_seen).ok_or(bad.clone())?;
+            let passed_until = match passed_until {
+                "-" => None,
+                ms => Some(snapshot::parse_ms(ms).ok_or(bad)?),
+            };
+            // A time the monotonic clock cannot express is long past.
+            let Some(first_seen) = clocks.to_instant(first_seen) else {
+                restored.dropped += 1;
+                continue;
+            };
+            let passed_until = match passed_until.map(|ms| clocks.to_instant(ms)) {
+                Some(None) => {
+                    restored.dropped += 1;
+                    continue;
+                }
+                Some(Some(until)) => Some(until.min(latest_pass)),
+                None => None,
+            };
+            let triplet = Triplet {
+                first_seen: first_seen.min(now),
+                passed_until,
+            };
+            if is_live(&triplet, now, config.retry_window) {
+                live.push((key, triplet));
+            } else {
+                restored.dropped += 1;
+            }
+        }
+        for (key, triplet) in live {
+            if self.entries.len() >= MAX_ENTRIES {
+                restored.dropped += 1;
+                continue;
+            }
+            self.entries.insert(key.into_boxed_str(), triplet);
+            restored.kept += 1;
+        }
+        Ok(restored)
+    }
+
     /// Triplets held.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -125,10 +210,7 @@ impl Greylist {
     /// retry window.
     fn sweep(&self, now: Instant, retry_window: Duration) {
         self.entries
-            .retain(|_, triplet| match triplet.passed_until {
-                Some(until) => until >= now,
-                None => now.saturating_duration_since(triplet.first_seen) <= retry_window,
-            });
+            .retain(|_, triplet| is_live(triplet, now, retry_window));
     }
 
     fn warn_full(&self, now: Instant) {
@@ -148,6 +230,15 @@ impl Greylist {
                  unrecorded until some expire"
             );
         }
+    }
+}
+
+/// Whether a triplet still decides anything at `now`: a pass not past its time, or an
+/// attempt still within the retry window.
+fn is_live(triplet: &Triplet, now: Instant, retry_window: Duration) -> bool {
+    match triplet.passed_until {
+        Some(until) => until >= now,
+        None => now.saturating_duration_since(triplet.first_seen) <= retry_window,
     }
 }
 
@@ -328,6 +419,100 @@ mod tests {
             ..facts
         };
         assert_eq!(key(&[Subnet], &mapped), "192.0.2.0/24");
+    }
+
+    #[test]
+    fn a_snapshot_keeps_triplets_across_a_restart_and_drops_expired_ones() {
+        use std::time::UNIX_EPOCH;
+        let t0 = Instant::now();
+        let g = greylist(t0);
+        let odd_key = "192.0.2.0/24\u{1f}\"a b\"@example.org\u{1f}δ@example.net";
+        assert_eq!(g.check(odd_key, t0), GreylistOutcome::New);
+        assert_eq!(g.check("passed", t0), GreylistOutcome::New);
+        assert_eq!(
+            g.check("passed", t0 + Duration::from_secs(300)),
+            GreylistOutcome::Pass
+        );
+        assert_eq!(g.check("stale", t0), GreylistOutcome::New);
+        let wall = UNIX_EPOCH + Duration::from_secs(1_795_438_862);
+        let saved_at = Clocks::new(t0 + Duration::from_secs(301), wall);
+        let bytes = g.0.snapshot(&saved_at, &g.1);
+        assert!(!bytes.contains(&b'\x1f'), "keys are escaped");
+
+        // Restarted a minute later: the new triplet passes once its delay is over, as if
+        // tarmac had never stopped, and the passed one still passes.
+        let t1 = t0 + Duration::from_secs(10_000);
+        let loaded_at = Clocks::new(t1, wall + Duration::from_secs(60));
+        let restarted = greylist(t1);
+        let restored = restarted.0.restore(&bytes, &loaded_at, &restarted.1);
+        assert_eq!(
+            restored,
+            Ok(Restored {
+                kept: 3,
+                dropped: 0
+            })
+        );
+        // first_seen was 361 s before t1: the 300 s delay is over.
+        assert_eq!(restarted.check(odd_key, t1), GreylistOutcome::Pass);
+        assert_eq!(restarted.check("passed", t1), GreylistOutcome::Pass);
+
+        // Loaded past the retry window: the unpassed attempts are gone, the pass stays.
+        let late = Clocks::new(t1, wall + Duration::from_secs(5 * 3600));
+        let later = greylist(t1);
+        assert_eq!(
+            later.0.restore(&bytes, &late, &later.1),
+            Ok(Restored {
+                kept: 1,
+                dropped: 2
+            })
+        );
+        assert_eq!(later.check("stale", t1), GreylistOutcome::New);
+        assert_eq!(later.check("passed", t1), GreylistOutcome::Pass);
+    }
+
+    #[test]
+    fn times_in_the_future_are_cut_to_now() {
+        let t0 = Instant::now();
+        let clocks = Clocks::new(t0, std::time::SystemTime::now());
+        let mut writer = Writer::new(Kind::Greylist);
+        let future = clocks.to_unix_ms(t0 + Duration::from_secs(86_400));
+        writer.entry(format_args!("early {future} -"));
+        writer.entry(format_args!("passed 0 {}", u64::MAX / 2));
+        let g = greylist(t0);
+        g.0.restore(&writer.finish(), &clocks, &g.1).unwrap();
+        // The attempt counts from now, not from tomorrow.
+        assert_eq!(
+            g.check("early", t0 + Duration::from_secs(300)),
+            GreylistOutcome::Pass
+        );
+        // A pass for centuries is a pass for pass_ttl.
+        let after_ttl = t0 + Duration::from_secs(36 * 86_400 + 1);
+        assert_eq!(g.check("passed", after_ttl), GreylistOutcome::New);
+    }
+
+    #[test]
+    fn a_bad_entry_loads_nothing() {
+        let t0 = Instant::now();
+        let clocks = Clocks::new(t0, std::time::SystemTime::now());
+        let now = clocks.to_unix_ms(t0);
+        for line in [
+            format!("k {now}"),
+            format!("k {now} x"),
+            format!("k%zz {now} -"),
+            format!("k {now} - extra"),
+            "k -1 -".to_owned(),
+        ] {
+            let mut writer = Writer::new(Kind::Greylist);
+            writer.entry(format_args!("good {now} -"));
+            writer.entry(format_args!("{line}"));
+            let g = greylist(t0);
+            assert_eq!(
+                g.0.restore(&writer.finish(), &clocks, &g.1),
+                Err(SnapshotError::Entry(3)),
+                "{line}"
+            );
+            assert!(g.0.is_empty(), "all or nothing");
+        }
     }
 
     #[test]

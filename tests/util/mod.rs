@@ -25,10 +25,13 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub const DRAIN: Duration = Duration::from_secs(5);
 
 /// A config for tests: a loopback listener on a free port, two workers, a known hostname, no
-/// DNS, XCLIENT towards the downstream (default `127.0.0.1:10025`, nothing listening), and
-/// connection rates out of reach.
+/// DNS, XCLIENT towards the downstream (default `127.0.0.1:10025`, nothing listening),
+/// connection rates out of reach, and a state directory of its own ([`auto_state_dir`]).
 pub fn config() -> Config {
     let mut config = Config::default();
+    // Never the default /var/lib/tarmac: the tests may run as root, and one test's state must
+    // not leak into another's.
+    config.server.state_dir = auto_state_dir();
     config.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
     config.server.hostname = "mx.test".to_owned();
     config.server.workers = 2;
@@ -40,12 +43,29 @@ pub fn config() -> Config {
     config.tarpit.greet_pause = Duration::ZERO;
     // Greylisting defers every first attempt; its own tests turn it on.
     config.greylist.enabled = false;
+    // Many tests misbehave from 127.0.0.1 on purpose (pregreet, errors, rejects); a history
+    // of that would tarpit the next test's client. `tests/reputation.rs` turns it on.
+    config.reputation.enabled = false;
     config.timeouts.drain = DRAIN;
     // Most tests open many connections from 127.0.0.1 in well under a minute, far past the
     // default 30/min per address; `tests/rates.rs` sets the rates it tests.
     config.limits.connection_rate_per_ip = UNLIMITED_RATE;
     config.limits.connection_rate_per_subnet = UNLIMITED_RATE;
     config
+}
+
+/// Name prefix of the state directories [`config`] makes; a [`Server`] removes its own when it
+/// stops (a test that restarts on the same state sets its own directory).
+const AUTO_STATE: &str = "auto-state-";
+
+/// A state directory no other server uses, under cargo's scratch directory for tests; not
+/// created (the server creates it).
+pub fn auto_state_dir() -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{AUTO_STATE}{}-{n}", std::process::id()))
 }
 
 /// A connection rate no test reaches (the bucket refills once a nanosecond).
@@ -75,6 +95,8 @@ pub fn sink(behaviour: Behaviour) -> Sink {
 pub struct Server {
     handle: Option<ServerHandle>,
     pub addr: SocketAddr,
+    /// The [`auto_state_dir`] to remove once stopped.
+    auto_state: Option<std::path::PathBuf>,
 }
 
 impl Server {
@@ -82,12 +104,24 @@ impl Server {
     pub fn start(config: Config) -> Server {
         // RUST_LOG=debug shows the server's side, close lines included, for a failing test.
         let _ = env_logger::builder().is_test(true).try_init();
+        let state_dir = &config.server.state_dir;
+        assert_ne!(
+            state_dir,
+            &Config::default().server.state_dir,
+            "tests never use the real state directory"
+        );
+        let auto_state = state_dir
+            .file_name()
+            .and_then(|name| name.to_str())
+            .is_some_and(|name| name.starts_with(AUTO_STATE))
+            .then(|| state_dir.clone());
         let handle = ServerHandle::start(Arc::new(config)).unwrap();
         let addr = handle.local_addrs()[0];
         assert_ne!(addr.port(), 0);
         Server {
             handle: Some(handle),
             addr,
+            auto_state,
         }
     }
 
@@ -116,6 +150,9 @@ impl Drop for Server {
             handle.shutdown();
             // Bounded: a hung server must not hang the test run, and a panic here would abort.
             let _ = join_within(handle, WAIT);
+        }
+        if let Some(dir) = self.auto_state.take() {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }
@@ -275,6 +312,43 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Runs a peer to completion within [`WAIT`] (killed otherwise); returns (success, output).
+#[track_caller]
+pub fn run_bounded(mut command: std::process::Command) -> (bool, String) {
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn peer");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait peer") {
+            let output = child.wait_with_output().expect("peer output");
+            let text = String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr);
+            return (status.success(), text);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{command:?} did not finish within {WAIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Bytes that look like noise: xorshift64, deterministic per seed.
+pub fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u8
+        })
+        .collect()
+}
+
 /// Where a program is on PATH (or in /usr/sbin for Postfix's tools).
 pub fn find_program(name: &str) -> Option<std::path::PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -320,9 +394,16 @@ pub struct Running {
 }
 
 impl Running {
-    /// `tarmac run -c config`, logging at info.
+    /// `tarmac run -c config`, logging at info. The file must set `state_dir` (to a test
+    /// directory): the default, /var/lib/tarmac, is the real one, and tests may run as root.
     #[track_caller]
     pub fn start(config: &std::path::Path) -> Running {
+        let text = std::fs::read_to_string(config).unwrap();
+        assert!(
+            text.contains("\nstate_dir = "),
+            "{}: a test's config must set [server] state_dir",
+            config.display()
+        );
         let mut command = tarmac();
         command
             .args(["run", "-c"])
@@ -404,6 +485,15 @@ impl Drop for Running {
 /// The tarmac binary, ready for arguments.
 pub fn tarmac() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_tarmac"))
+}
+
+/// A loopback port that was free a moment ago, for a `tarmac run` child's config file.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// An empty directory for one test's files (the name tells the tests apart, the pid the runs).

@@ -17,7 +17,21 @@ fn config() -> Config {
     config.dns.rdns = false;
     config.tarpit.greet_pause = Duration::ZERO;
     config.greylist.enabled = false;
+    // Reputation has its own tests (`tests/reputation.rs` here); elsewhere it would only add
+    // actions.
+    config.reputation.enabled = false;
     config
+}
+
+/// The client every pair's session serves.
+fn peer(stressed: bool, starttls: bool) -> Peer {
+    Peer {
+        client: "192.0.2.7:53211".parse().unwrap(),
+        local: "198.51.100.1:25".parse().unwrap(),
+        accepted_at: UNIX_EPOCH + Duration::from_secs(1_795_438_862),
+        stressed,
+        starttls,
+    }
 }
 
 /// A scripted downstream MTA: answers whatever the session sends, records delivered bodies.
@@ -157,6 +171,13 @@ struct Pair {
     downstream_tls: Option<bool>,
     /// `Action::StartTlsDownstream`s seen.
     downstream_tls_starts: usize,
+    /// A real reputation table answering `CheckReputation` and taking `RecordReputation` on
+    /// the pair's clock.
+    reputation: crate::state::ReputationTable,
+    /// The events recorded, in order.
+    reputation_events: Vec<(IpAddr, crate::policy::reputation::Event)>,
+    /// Times the session asked for a TLS handshake (`Action::StartTls`).
+    tls_switches: usize,
 }
 
 impl Pair {
@@ -187,15 +208,21 @@ impl Pair {
         pair
     }
 
+    /// A pair whose driver may offer STARTTLS (it has a certificate, and no failed handshake
+    /// from this client on record).
+    fn offering_starttls(config: Config) -> Pair {
+        let mut pair = Pair::from_peer(config, Vec::new(), peer(false, true));
+        pair.pump();
+        pair
+    }
+
     /// A pair not yet pumped: the test can still change how its driver answers.
     fn build_quiet(config: Config, dns: Vec<(Query, Answer)>, stressed: bool) -> Pair {
+        Pair::from_peer(config, dns, peer(stressed, false))
+    }
+
+    fn from_peer(config: Config, dns: Vec<(Query, Answer)>, peer: Peer) -> Pair {
         let now = Instant::now();
-        let peer = Peer {
-            client: "192.0.2.7:53211".parse().unwrap(),
-            local: "198.51.100.1:25".parse().unwrap(),
-            accepted_at: UNIX_EPOCH + Duration::from_secs(1_795_438_862),
-            stressed,
-        };
         let greylist_config = config.greylist.clone();
         Pair {
             session: Session::new(Arc::new(config), peer, now),
@@ -222,6 +249,9 @@ impl Pair {
             greylist_keys: Vec::new(),
             downstream_tls: Some(true),
             downstream_tls_starts: 0,
+            reputation: crate::state::ReputationTable::new(),
+            reputation_events: Vec::new(),
+            tls_switches: 0,
         }
     }
 
@@ -327,9 +357,20 @@ impl Pair {
                         assert!(!self.closed, "Close came out twice");
                         self.closed = true;
                     }
+                    // The test plays the handshake (`handle_tls_established` or `_failed`).
+                    Action::StartTls => self.tls_switches += 1,
                     Action::Admit(_) => self.session.handle_admission(self.now, self.admit),
                     Action::CheckPass(_) => self.session.handle_pass(self.now, self.pass_cached),
                     Action::RecordPass(ip) => self.passes.push(ip),
+                    Action::CheckReputation(ip) => {
+                        let history = self.reputation.history(ip);
+                        self.session.handle_reputation(self.now, history);
+                    }
+                    Action::RecordReputation(ip, event) => {
+                        let half_life = self.session.config.reputation.half_life;
+                        self.reputation.record(ip, event, self.now, half_life);
+                        self.reputation_events.push((ip, event));
+                    }
                     Action::CheckGreylist(key) => {
                         let outcome = self.greylist.check(&key, self.now, &self.greylist_config);
                         self.greylist_keys.push(key);
@@ -1138,3 +1179,7 @@ mod rules;
 mod greylist;
 // STARTTLS towards the downstream: opportunistic, required, none.
 mod downstream_tls;
+// Reputation: the weight before the verdict, the events a session records.
+mod reputation;
+// STARTTLS: the offer, the switch, discarded pipelining, the reset after the handshake.
+mod starttls;

@@ -100,6 +100,7 @@ fn a_cached_pass_skips_the_pause() {
         local: "198.51.100.1:25".parse().unwrap(),
         accepted_at: UNIX_EPOCH,
         stressed: false,
+        starttls: false,
     };
     let mut session = Session::new(Arc::new(paused(6)), peer, now);
     assert_eq!(session.poll_action(), Some(Action::CheckPass(CLIENT)));
