@@ -448,17 +448,6 @@ impl Config {
     pub fn not_yet_effective(&self) -> Vec<String> {
         let mut notes = Vec::new();
         let mut note = |key: &str, what: &str| notes.push(format!("{key}: {what}"));
-        if self.downstream.tls == DownstreamTls::Required {
-            note(
-                "downstream.tls",
-                "the server does not switch downstream connections to TLS in this version yet; \"required\" cannot be met, so `run` refuses to start",
-            );
-        } else if self.downstream.tls_verify || self.downstream.tls_ca.is_some() {
-            note(
-                "downstream.tls_verify",
-                "the server does not switch downstream connections to TLS in this version yet; mail is relayed in plain text and no certificate is checked",
-            );
-        }
         if self.state.backend == StateBackend::Redis {
             note(
                 "state.backend",
@@ -472,12 +461,6 @@ impl Config {
             );
         }
         notes
-    }
-
-    /// Whether the configuration asks for something this version cannot honour safely:
-    /// `downstream.tls = "required"` would otherwise relay in plain text.
-    pub fn refuses_to_run(&self) -> bool {
-        self.downstream.tls == DownstreamTls::Required
     }
 
     /// Reads the file at `path`, parses it with [`Config::from_toml`] and reads the list, rule

@@ -80,13 +80,6 @@ fn run(path: PathBuf) -> ExitCode {
     for note in config.not_yet_effective() {
         log::warn!("{}: {note}", path.display());
     }
-    if config.refuses_to_run() {
-        log::error!(
-            "{}: not starting: the configuration cannot be honoured",
-            path.display()
-        );
-        return ExitCode::FAILURE;
-    }
     match tarmac::server::run(Arc::new(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -102,13 +95,6 @@ fn check(path: PathBuf) -> ExitCode {
     };
     for note in config.not_yet_effective() {
         println!("{}: note: {note}", path.display());
-    }
-    if config.refuses_to_run() {
-        eprintln!(
-            "{}: error: `tarmac run` would refuse this configuration",
-            path.display()
-        );
-        return ExitCode::FAILURE;
     }
     println!(
         "{}: ok: {} listener(s), {} downstream server(s), {} DNS zone(s), {} allow and {} deny list entries, {} rule(s), STARTTLS {}",

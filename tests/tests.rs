@@ -27,6 +27,8 @@ mod rules;
 mod greylist;
 // STARTTLS towards the downstream: the sink's side, with a real rustls client.
 mod downstream_tls;
+// STARTTLS towards the downstream through the server: opportunistic, required, verify, pool.
+mod relay_tls;
 // Reputation end to end: misbehaving addresses get the weight, one with deliveries does not.
 mod reputation;
 // State across restarts: snapshots in state_dir kept, damaged ones ignored, expired ones dropped.

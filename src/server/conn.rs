@@ -103,6 +103,8 @@ pub(crate) struct Io<'a> {
     pub(crate) shared: &'a Shared,
     /// The configuration in force (the greylist's times).
     pub(crate) config: &'a Config,
+    /// The client side of downstream STARTTLS, built by the worker from `config`.
+    pub(crate) client_tls: Option<&'a Arc<rustls::ClientConfig>>,
 }
 
 /// A client connection and, while relaying, its downstream connection.
@@ -166,6 +168,9 @@ struct DownstreamConn {
     eof: bool,
     input: Vec<u8>,
     to_downstream: Vec<u8>,
+    /// The TLS layer after STARTTLS (`Action::StartTlsDownstream`); `input` and
+    /// `to_downstream` then hold plaintext.
+    tls: Option<Box<TlsStream>>,
 }
 
 impl Conn {
@@ -597,18 +602,13 @@ impl Conn {
                                     &mut ds.to_downstream,
                                 );
                             }
-                            let _ = write_out(&ds.stream, &mut ds.to_downstream);
+                            ds.flush_before_close();
                         }
                     }
                     self.awaiting_pool = None;
                     self.drop_downstream(io.registry);
                 }
-                // Until the downstream socket can switch to TLS: a failed handshake, so
-                // `opportunistic` retries in plain text and `required` defers.
-                Action::StartTlsDownstream => {
-                    self.session
-                        .handle_downstream(now, DownstreamEvent::TlsFailed);
-                }
+                Action::StartTlsDownstream => self.start_downstream_tls(now, io),
                 Action::Close => self.start_closing(now),
                 Action::StartTls => self.start_tls(now, io),
                 Action::CheckPass(ip) => {
@@ -713,6 +713,7 @@ impl Conn {
             mut stream,
             caps,
             ticket,
+            tls,
             ..
         } = idle;
         let registered = registry.register(
@@ -737,6 +738,7 @@ impl Conn {
             eof: false,
             input: Vec::new(),
             to_downstream: Vec::new(),
+            tls,
         }));
         self.session
             .handle_downstream(now, DownstreamEvent::Reused(caps));
@@ -756,12 +758,22 @@ impl Conn {
             eof,
             input,
             to_downstream,
+            tls,
             ..
         } = *ds;
         let _ = io.registry.deregister(&mut stream);
+        let tls_clean = tls
+            .as_deref()
+            .is_none_or(|tls| !tls.is_handshaking() && !tls.wants_write() && !tls.has_plaintext());
         match ticket {
-            Some(ticket) if !connecting && !eof && input.is_empty() && to_downstream.is_empty() => {
-                io.pool.park(addr, stream, caps, ticket, now);
+            Some(ticket)
+                if !connecting
+                    && !eof
+                    && input.is_empty()
+                    && to_downstream.is_empty()
+                    && tls_clean =>
+            {
+                io.pool.park(addr, stream, tls, caps, ticket, now);
             }
             _ => log::debug!("conn={} closes a downstream it could not pool", self.id),
         }
@@ -798,6 +810,7 @@ impl Conn {
                     eof: false,
                     input: Vec::new(),
                     to_downstream: Vec::new(),
+                    tls: None,
                 }));
             }
             Err(e) => {
@@ -841,6 +854,9 @@ impl Conn {
         let Some(ds) = self.downstream.as_deref_mut() else {
             return;
         };
+        if ds.tls.is_some() {
+            return self.read_downstream_tls(now, io);
+        }
         if !ds.may_read(io.max_input) {
             return;
         }
@@ -873,6 +889,140 @@ impl Conn {
         } else {
             ds.input.extend_from_slice(bytes);
         }
+    }
+
+    /// Over TLS: records into rustls while it wants them (up to [`READ_CHUNK`] bytes), the end of
+    /// the handshake to the session, then one bounded read of plaintext, fed like plain input.
+    /// A handshake that fails (an alert, a certificate `tls_verify` refuses, the connection
+    /// lost) drops the connection here and tells the session `TlsFailed`; after the handshake
+    /// a TLS error is a broken downstream (`Closed`).
+    fn read_downstream_tls(&mut self, now: Instant, io: &mut Io<'_>) {
+        let Some(ds) = self.downstream.as_deref_mut() else {
+            return;
+        };
+        let Some(tls) = ds.tls.as_deref_mut() else {
+            return;
+        };
+        if ds.connecting || ds.eof {
+            return;
+        }
+        let mut total = 0;
+        let mut failure = None;
+        while ds.readable && tls.wants_read() && total < READ_CHUNK {
+            match tls.read_tls(&mut &ds.stream) {
+                Ok(TlsRead::Data(n)) => total += n,
+                Ok(TlsRead::WouldBlock) => ds.readable = false,
+                Ok(TlsRead::Closed | TlsRead::Full) => break,
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        let handshaking = tls.is_handshaking();
+        if failure.is_none() && handshaking && tls.is_finished() {
+            failure = Some(TlsFailure::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+        if let Some(failure) = failure {
+            if let TlsFailure::Tls(_) = failure {
+                // The alert rustls queued for the peer, once.
+                let _ = tls.write_tls(&mut &ds.stream);
+            }
+            let addr = ds.addr;
+            self.drop_downstream(io.registry);
+            if handshaking {
+                log::info!(
+                    "conn={} TLS handshake with downstream {addr} failed: {failure}",
+                    self.id
+                );
+                self.session
+                    .handle_downstream(now, DownstreamEvent::TlsFailed);
+            } else {
+                log::info!(
+                    "conn={} TLS error from downstream {addr}: {failure}",
+                    self.id
+                );
+                self.session.handle_downstream(now, DownstreamEvent::Closed);
+            }
+            return;
+        }
+        if let Some(version) = tls.take_established() {
+            log::debug!(
+                "conn={} TLS with downstream {}: {version:?} {:?}",
+                self.id,
+                ds.addr,
+                tls.cipher_suite()
+            );
+            self.session
+                .handle_downstream(now, DownstreamEvent::TlsEstablished);
+        }
+        let Some(ds) = self.downstream.as_deref_mut() else {
+            return;
+        };
+        let Some(tls) = ds.tls.as_deref_mut() else {
+            return;
+        };
+        if tls.has_plaintext() && ds.input.len() < io.max_input {
+            let n = tls.read_plaintext(io.scratch);
+            let bytes = io.scratch.get(..n).unwrap_or_default();
+            if ds.input.is_empty() {
+                let used = self
+                    .session
+                    .handle_downstream(now, DownstreamEvent::Data(bytes));
+                ds.input
+                    .extend_from_slice(bytes.get(used..).unwrap_or_default());
+            } else {
+                ds.input.extend_from_slice(bytes);
+            }
+        }
+        if let Some(ds) = self.downstream.as_deref_mut()
+            && ds.tls.as_deref().is_some_and(TlsStream::is_finished)
+        {
+            ds.eof = true;
+        }
+    }
+
+    /// `Action::StartTlsDownstream`: the downstream said 220 to STARTTLS. Bytes it sent after
+    /// the 220 and the session did not take came in plain text: dropped, never parsed as a
+    /// reply. The handshake starts with the worker's client configuration; its end comes back
+    /// through `read_downstream_tls`.
+    fn start_downstream_tls(&mut self, now: Instant, io: &Io<'_>) {
+        let Some(ds) = self.downstream.as_deref_mut() else {
+            self.session
+                .handle_downstream(now, DownstreamEvent::TlsFailed);
+            return;
+        };
+        let started = match io.client_tls {
+            Some(config) => rustls::ClientConnection::new(
+                Arc::clone(config),
+                crate::downstream::tls::server_name(ds.addr),
+            ),
+            None => Err(rustls::Error::General(
+                "no client TLS configuration".to_owned(),
+            )),
+        };
+        let connection = match started {
+            Ok(connection) => connection,
+            Err(e) => {
+                log::warn!("conn={} cannot start TLS to {}: {e}", self.id, ds.addr);
+                self.drop_downstream(io.registry);
+                self.session
+                    .handle_downstream(now, DownstreamEvent::TlsFailed);
+                return;
+            }
+        };
+        if !ds.input.is_empty() {
+            log::info!(
+                "conn={} discarded {} bytes downstream {} sent after its 220 to STARTTLS",
+                self.id,
+                ds.input.len(),
+                ds.addr
+            );
+            ds.input = Vec::new();
+        }
+        let preamble = std::mem::take(&mut ds.to_downstream);
+        ds.tls = Some(Box::new(TlsStream::new(connection, preamble)));
+        // The ClientHello is waiting: the write pass sends it this turn.
     }
 
     /// Offers buffered downstream bytes, then `Closed` once the downstream's end was read and
@@ -988,7 +1138,20 @@ impl Conn {
         let Some(ds) = self.downstream.as_deref_mut() else {
             return false;
         };
-        if ds.connecting || !ds.writable || ds.to_downstream.is_empty() {
+        if ds.connecting || !ds.writable {
+            return false;
+        }
+        if ds.tls.is_some() {
+            return match ds.write_tls() {
+                Ok(moved) => moved,
+                Err(e) => {
+                    log::debug!("conn={} downstream write failed: {e}", self.id);
+                    self.fail_downstream(now, registry);
+                    true
+                }
+            };
+        }
+        if ds.to_downstream.is_empty() {
             return false;
         }
         match write_out(&ds.stream, &mut ds.to_downstream) {
@@ -1017,7 +1180,60 @@ impl Conn {
 
 impl DownstreamConn {
     fn may_read(&self, max_input: usize) -> bool {
-        !self.connecting && self.readable && !self.eof && self.input.len() < max_input
+        let open = !self.connecting && !self.eof && self.input.len() < max_input;
+        match self.tls.as_deref() {
+            None => open && self.readable,
+            Some(tls) => open && ((self.readable && tls.wants_read()) || tls.has_plaintext()),
+        }
+    }
+
+    /// Over TLS: the outbox into rustls (as much as its bounded buffer takes) and rustls'
+    /// records to the socket, until both are empty or the socket would block. Returns whether
+    /// anything moved.
+    fn write_tls(&mut self) -> io::Result<bool> {
+        let Some(tls) = self.tls.as_deref_mut() else {
+            return Ok(false);
+        };
+        let mut moved = false;
+        loop {
+            if !self.to_downstream.is_empty() {
+                let n = tls.write_plaintext(&self.to_downstream)?;
+                self.to_downstream.drain(..n.min(self.to_downstream.len()));
+                moved |= n > 0;
+            }
+            if !tls.wants_write() {
+                return Ok(moved);
+            }
+            match tls.write_tls(&mut &self.stream) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(_) => moved = true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.writable = false;
+                    return Ok(moved);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The session closes this connection: what it queued last (a QUIT) goes out in one
+    /// nonblocking attempt, over TLS followed by `close_notify` once the handshake is done
+    /// (a connection still handshaking gets nothing more: its TLS state is unknown).
+    fn flush_before_close(&mut self) {
+        match self.tls.as_deref_mut() {
+            None => {
+                let _ = write_out(&self.stream, &mut self.to_downstream);
+            }
+            Some(tls) if tls.is_handshaking() => {}
+            Some(tls) => {
+                if let Ok(n) = tls.write_plaintext(&self.to_downstream) {
+                    self.to_downstream.drain(..n.min(self.to_downstream.len()));
+                }
+                tls.send_close_notify();
+                let _ = self.write_tls();
+            }
+        }
     }
 }
 

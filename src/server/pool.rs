@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 
 use super::slab::ConnKey;
+use super::tls_stream::TlsStream;
 use crate::downstream::dialog::Capabilities;
 
 /// Longest a connection stays idle in the pool before it is closed rather than reused: well
@@ -53,6 +54,8 @@ impl Drop for Ticket {
 pub(crate) struct Idle {
     pub(crate) addr: SocketAddr,
     pub(crate) stream: TcpStream,
+    /// The connection's TLS layer, when STARTTLS was done on it: it stays with the socket.
+    pub(crate) tls: Option<Box<TlsStream>>,
     pub(crate) caps: Capabilities,
     pub(crate) ticket: Ticket,
     since: Instant,
@@ -97,6 +100,7 @@ impl Pool {
         &mut self,
         addr: SocketAddr,
         stream: TcpStream,
+        tls: Option<Box<TlsStream>>,
         caps: Capabilities,
         ticket: Ticket,
         now: Instant,
@@ -104,6 +108,7 @@ impl Pool {
         self.idle.push(Idle {
             addr,
             stream,
+            tls,
             caps,
             ticket,
             since: now,
@@ -145,8 +150,22 @@ impl Drop for Pool {
     /// The worker is stopping: idle connections say QUIT (one nonblocking write each, best
     /// effort) so the downstream logs a clean end rather than a lost connection.
     fn drop(&mut self) {
-        for idle in &self.idle {
-            let _ = (&idle.stream).write(b"QUIT\r\n");
+        for idle in &mut self.idle {
+            match idle.tls.as_deref_mut() {
+                None => {
+                    let _ = (&idle.stream).write(b"QUIT\r\n");
+                }
+                Some(tls) => {
+                    let _ = tls.write_plaintext(b"QUIT\r\n");
+                    tls.send_close_notify();
+                    while tls.wants_write() {
+                        match tls.write_tls(&mut &idle.stream) {
+                            Ok(n) if n > 0 => {}
+                            _ => break,
+                        }
+                    }
+                }
+            }
         }
     }
 }
@@ -197,7 +216,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         for stream in [alive, closed, chatty] {
             let ticket = pool.ticket().unwrap();
-            pool.park(addr, stream, Capabilities::default(), ticket, now);
+            pool.park(addr, stream, None, Capabilities::default(), ticket, now);
         }
         assert_eq!(pool.open.load(Ordering::Acquire), 3);
         let other: SocketAddr = "127.0.0.1:1".parse().unwrap();
@@ -212,7 +231,7 @@ mod tests {
 
         let (fresh, _peer) = connect();
         let ticket = pool.ticket().unwrap();
-        pool.park(addr, fresh, Capabilities::default(), ticket, now);
+        pool.park(addr, fresh, None, Capabilities::default(), ticket, now);
         assert!(pool.checkout(addr, now + IDLE_MAX).is_none(), "too old");
     }
 

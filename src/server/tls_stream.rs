@@ -65,6 +65,15 @@ pub(crate) enum TlsFailure {
     Tls(rustls::Error),
 }
 
+impl std::fmt::Display for TlsFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TlsFailure::Io(e) => write!(f, "{e}"),
+            TlsFailure::Tls(e) => write!(f, "{e}"),
+        }
+    }
+}
+
 impl TlsStream {
     /// Wraps a fresh rustls connection (`ServerConnection` or `ClientConnection`); `preamble`
     /// goes out in plain text before its first record.

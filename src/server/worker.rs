@@ -26,7 +26,7 @@ use super::slab::{ConnKey, Slab};
 use super::timer::TimerHeap;
 use super::tls_failures::TlsFailures;
 use super::token::{self, Source};
-use crate::config::{Config, DownstreamMode};
+use crate::config::{Config, DownstreamMode, DownstreamTls};
 use crate::dns::{Inbox, ResolverHandle};
 use crate::policy::ListMatch;
 use crate::smtp::{Peer, Session, Shutdown, too_many_connections};
@@ -102,6 +102,9 @@ pub(crate) struct Worker {
     pool: Pool,
     /// The resolver and this worker's inbox for its answers, when the config needs lookups.
     dns: Option<WorkerDns>,
+    /// The client side of downstream STARTTLS for `config`, rebuilt when it is reloaded;
+    /// `None` when `[downstream] tls = "none"` (or it could not be built: handshakes fail).
+    client_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// A worker's end of the resolver thread.
@@ -176,6 +179,7 @@ impl Worker {
             phase: Phase::Running,
             pool: Pool::new(config.downstream.pool_size, workers),
             dns: None,
+            client_tls: client_tls(&config),
         };
         Ok((worker, waker))
     }
@@ -279,6 +283,7 @@ impl Worker {
         }
         self.config_generation = generation;
         self.config = self.shared.reloads.current();
+        self.client_tls = client_tls(&self.config);
         for (key, conn) in self.conns.iter_mut() {
             conn.handle_reload(now, Arc::clone(&self.config));
             queue(&mut self.ready, conn, key);
@@ -504,6 +509,7 @@ impl Worker {
             worker: self.dns.as_ref().map_or(0, |dns| dns.id),
             shared: &self.shared,
             config: &self.config,
+            client_tls: self.client_tls.as_ref(),
         };
         for key in self.pending.drain(..) {
             let Some(conn) = self.conns.get_mut(key) else {
@@ -534,6 +540,7 @@ impl Worker {
             worker: 0,
             shared: &self.shared,
             config: &self.config,
+            client_tls: self.client_tls.as_ref(),
         };
         for key in self.closing.drain(..) {
             if let Some(conn) = self.conns.remove(key) {
@@ -559,6 +566,7 @@ impl Worker {
             worker: self.dns.as_ref().map_or(0, |dns| dns.id),
             shared: &self.shared,
             config: &self.config,
+            client_tls: self.client_tls.as_ref(),
         };
         while let Some((key, addr)) = io.pool.next_waiter(now) {
             // A waiter that timed out, moved on to another server or closed is skipped.
@@ -593,5 +601,23 @@ fn queue(list: &mut Vec<ConnKey>, conn: &mut Conn, key: ConnKey) {
     if !conn.queued {
         conn.queued = true;
         list.push(key);
+    }
+}
+
+/// The rustls client configuration for downstream STARTTLS under `config`, built once per
+/// loaded configuration (it carries the root store and the session cache every connection to
+/// the downstream shares). `Config::load` checked the CA file, so this fails only on a
+/// configuration built by hand with a bad certificate; then every handshake fails and is
+/// logged, which `opportunistic` survives in plain text.
+fn client_tls(config: &Config) -> Option<Arc<rustls::ClientConfig>> {
+    if config.downstream.tls == DownstreamTls::None {
+        return None;
+    }
+    match crate::downstream::tls::client_config(&config.downstream) {
+        Ok(tls) => Some(tls),
+        Err(e) => {
+            log::warn!("downstream TLS cannot be configured: {e}");
+            None
+        }
     }
 }

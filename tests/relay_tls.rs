@@ -1,0 +1,220 @@
+//! STARTTLS towards the downstream through the server (`[downstream] tls`, `tls_verify`,
+//! `tls_ca`): a plain client relays through tarmac to the sink, which offers STARTTLS with a
+//! certificate the test made, and records whether each message came over TLS.
+
+use std::path::Path;
+
+use rustls::ProtocolVersion;
+use tarmac::config::{Config, DownstreamMode, DownstreamTls};
+use tarmac::sink::{self, Behaviour, Sink, SinkConfig};
+
+use crate::util::certs::TestCerts;
+use crate::util::{Client, Server, WAIT, temp_dir, test_config};
+
+/// A sink offering XCLIENT and STARTTLS with a fresh certificate, behaving as told.
+fn tls_sink(dir: &Path, behaviour: Behaviour) -> (Sink, TestCerts) {
+    let certs = TestCerts::generate(dir, "sink");
+    let sink = Sink::start(SinkConfig {
+        offer_xclient: true,
+        tls: Some(sink::tls_server_config(&certs.chain, &certs.key).unwrap()),
+        behaviour,
+        ..SinkConfig::default()
+    })
+    .unwrap();
+    (sink, certs)
+}
+
+/// [`test_config`] towards `sink` with `tls`, its CA file read as `Config::load` would.
+fn relay_config(sink: &Sink, tls: DownstreamTls, verify: bool, ca: Option<&Path>) -> Config {
+    let mut config = test_config(sink.local_addr());
+    config.downstream.tls = tls;
+    config.downstream.tls_verify = verify;
+    config.downstream.tls_ca = ca.map(Path::to_path_buf);
+    config.load_tls_ca().unwrap();
+    config
+}
+
+/// Banner to MAIL: the reply to MAIL.
+fn mail_reply(server: &Server) -> String {
+    let mut client = Client::connect(server.addr);
+    client.reply();
+    client.command("EHLO client.example");
+    client.command("MAIL FROM:<a@example.org>")
+}
+
+#[test]
+fn opportunistic_relays_over_tls_and_announces_the_client_inside_it() {
+    let dir = temp_dir("relay-tls-opportunistic");
+    let (sink, _certs) = tls_sink(&dir, Behaviour::Normal);
+    let server = Server::start(relay_config(
+        &sink,
+        DownstreamTls::Opportunistic,
+        false,
+        None,
+    ));
+    let mut client = Client::connect(server.addr);
+    assert!(client.send_message().starts_with("250 "));
+    let messages = sink.wait_for_messages(1, WAIT);
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0].tls, Some(ProtocolVersion::TLSv1_3));
+    let session = &sink.sessions()[0];
+    let verbs: Vec<&str> = session
+        .commands
+        .iter()
+        .map(|c| c.split(' ').next().unwrap())
+        .collect();
+    assert_eq!(verbs[..5], ["EHLO", "STARTTLS", "EHLO", "XCLIENT", "EHLO"]);
+    assert_eq!(session.starttls_discarded, 0);
+    assert!(
+        session
+            .xclient
+            .as_deref()
+            .unwrap()
+            .contains("ADDR=127.0.0.1")
+    );
+}
+
+#[test]
+fn a_reply_injected_after_the_220_is_not_trusted_and_mail_still_goes_through() {
+    let dir = temp_dir("relay-tls-inject");
+    let (sink, _certs) = tls_sink(&dir, Behaviour::InjectAfterStartTls);
+    let server = Server::start(relay_config(&sink, DownstreamTls::Required, false, None));
+    let mut client = Client::connect(server.addr);
+    // Were the injected 554 read as the reply to the EHLO after STARTTLS, the handshake would
+    // fail and MAIL would get a 4xx.
+    assert!(client.send_message().starts_with("250 "));
+    let messages = sink.wait_for_messages(1, WAIT);
+    assert_eq!(messages[0].tls, Some(ProtocolVersion::TLSv1_3));
+}
+
+#[test]
+fn a_refused_starttls_relays_in_plain_text_unless_tls_is_required() {
+    let dir = temp_dir("relay-tls-refused");
+    let (sink, _certs) = tls_sink(&dir, Behaviour::RefuseStartTls);
+    let server = Server::start(relay_config(
+        &sink,
+        DownstreamTls::Opportunistic,
+        false,
+        None,
+    ));
+    assert!(
+        Client::connect(server.addr)
+            .send_message()
+            .starts_with("250 ")
+    );
+    let messages = sink.wait_for_messages(1, WAIT);
+    assert_eq!(messages[0].tls, None);
+    drop(server);
+
+    let server = Server::start(relay_config(&sink, DownstreamTls::Required, false, None));
+    let reply = mail_reply(&server);
+    assert!(reply.starts_with("451 4.7.4 "), "{reply}");
+    assert_eq!(sink.messages().len(), 1, "nothing more was delivered");
+}
+
+#[test]
+fn a_broken_handshake_retries_in_plain_text_unless_tls_is_required() {
+    let dir = temp_dir("relay-tls-broken");
+    let (sink, _certs) = tls_sink(&dir, Behaviour::CloseAfterStartTls);
+    let server = Server::start(relay_config(
+        &sink,
+        DownstreamTls::Opportunistic,
+        false,
+        None,
+    ));
+    assert!(
+        Client::connect(server.addr)
+            .send_message()
+            .starts_with("250 ")
+    );
+    let messages = sink.wait_for_messages(1, WAIT);
+    assert_eq!(messages[0].tls, None);
+    let sessions = sink.sessions();
+    assert_eq!(
+        sessions.len(),
+        2,
+        "the handshake's connection, then the plain one"
+    );
+    assert!(!sessions[1].commands.iter().any(|c| c == "STARTTLS"));
+    drop(server);
+
+    let server = Server::start(relay_config(&sink, DownstreamTls::Required, false, None));
+    let reply = mail_reply(&server);
+    assert!(reply.starts_with("451 4.7.5 "), "{reply}");
+    assert_eq!(sink.messages().len(), 1);
+}
+
+#[test]
+fn tls_verify_trusts_the_tls_ca_and_refuses_an_unknown_one() {
+    let dir = temp_dir("relay-tls-verify");
+    let (sink, certs) = tls_sink(&dir, Behaviour::Normal);
+    let server = Server::start(relay_config(
+        &sink,
+        DownstreamTls::Required,
+        true,
+        Some(&certs.ca),
+    ));
+    assert!(
+        Client::connect(server.addr)
+            .send_message()
+            .starts_with("250 ")
+    );
+    assert_eq!(
+        sink.wait_for_messages(1, WAIT)[0].tls,
+        Some(ProtocolVersion::TLSv1_3)
+    );
+    drop(server);
+
+    // The sink's CA is not among the web roots: without `tls_ca` its certificate is refused.
+    let server = Server::start(relay_config(&sink, DownstreamTls::Required, true, None));
+    let reply = mail_reply(&server);
+    assert!(reply.starts_with("451 4.7.5 "), "{reply}");
+    assert_eq!(sink.messages().len(), 1);
+}
+
+#[test]
+fn none_relays_in_plain_text_even_when_starttls_is_offered() {
+    let dir = temp_dir("relay-tls-none");
+    let (sink, _certs) = tls_sink(&dir, Behaviour::Normal);
+    let server = Server::start(relay_config(&sink, DownstreamTls::None, false, None));
+    assert!(
+        Client::connect(server.addr)
+            .send_message()
+            .starts_with("250 ")
+    );
+    assert_eq!(sink.wait_for_messages(1, WAIT)[0].tls, None);
+    assert!(!sink.sessions()[0].commands.iter().any(|c| c == "STARTTLS"));
+}
+
+#[test]
+fn a_pooled_connection_keeps_its_tls_for_the_next_transaction() {
+    let dir = temp_dir("relay-tls-pool");
+    let (sink, _certs) = tls_sink(&dir, Behaviour::Normal);
+    let mut config = relay_config(&sink, DownstreamTls::Required, false, None);
+    config.server.workers = 1;
+    config.downstream.mode = DownstreamMode::Multiplexing;
+    config.downstream.pool_size = 1;
+    let server = Server::start(config);
+    for _ in 0..3 {
+        assert!(
+            Client::connect(server.addr)
+                .send_message()
+                .starts_with("250 ")
+        );
+    }
+    let messages = sink.wait_for_messages(3, WAIT);
+    assert_eq!(messages.len(), 3);
+    assert!(
+        messages
+            .iter()
+            .all(|m| m.tls == Some(ProtocolVersion::TLSv1_3))
+    );
+    let sessions = sink.sessions();
+    assert_eq!(sessions.len(), 1, "one downstream connection, reused");
+    let starttls = sessions[0]
+        .commands
+        .iter()
+        .filter(|c| *c == "STARTTLS")
+        .count();
+    assert_eq!(starttls, 1);
+}
