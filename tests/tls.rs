@@ -190,7 +190,10 @@ fn rustls_client_delivers_over_starttls_and_the_close_line_names_the_version() {
     assert!(client.deliver("one").starts_with("250 "));
     assert_eq!(client.command("QUIT"), "221 2.0.0 Bye\r\n");
     let line = wait_for_log(&child.lines, "result=delivered");
-    assert!(line.contains(" tls=TLSv1.3 msgs=1 rcpts=1 "), "{line}");
+    assert!(
+        line.contains(" tls=yes tls_version=TLSv1.3 msgs=1 rcpts=1 "),
+        "{line}"
+    );
 
     let tls12 = client_config(&[&certs.ca], &[&rustls::version::TLS12]);
     let mut client = TlsClient::start(addr, tls12);
@@ -198,14 +201,14 @@ fn rustls_client_delivers_over_starttls_and_the_close_line_names_the_version() {
     assert!(client.deliver("two").starts_with("250 "));
     assert_eq!(client.command("QUIT"), "221 2.0.0 Bye\r\n");
     let line = wait_for_log(&child.lines, "result=delivered");
-    assert!(line.contains(" tls=TLSv1.2 "), "{line}");
+    assert!(line.contains(" tls=yes tls_version=TLSv1.2 "), "{line}");
 
     // A plain session says so.
     let mut plain = Client::connect(addr);
     assert_eq!(plain.send_message().get(..4), Some("250 "));
     assert_eq!(plain.command("QUIT"), "221 2.0.0 Bye\r\n");
     let line = wait_for_log(&child.lines, "result=delivered");
-    assert!(line.contains(" tls=no "), "{line}");
+    assert!(line.contains(" tls=no tls_version=- "), "{line}");
 
     let messages = sink.wait_for_messages(3, WAIT);
     assert_eq!(messages.len(), 3);

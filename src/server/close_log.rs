@@ -1,7 +1,7 @@
 //! The one place that builds the per-connection close line (DESIGN.md §4):
 //!
 //! ```text
-//! conn=7f3a client=192.0.2.7:53211 rdns=mail.example.com helo=mail.example.com verdict=tarpit score=2 rep=neutral dnsbl=zen.spamhaus.org:2 list=- rule=- greylist=pass pregreet=no tls=no msgs=1 rcpts=2 result=delivered dur=14.2s
+//! conn=7f3a client=192.0.2.7:53211 rdns=mail.example.com helo=mail.example.com verdict=tarpit score=2 rep=neutral dnsbl=zen.spamhaus.org:2 list=- rule=- greylist=pass pregreet=no tls=no tls_version=- msgs=1 rcpts=2 result=delivered dur=14.2s
 //! ```
 //!
 //! It is logged at info level with target `tarmac::conn`, so operators can route or filter it
@@ -13,9 +13,9 @@
 //! `rep` is another: the client's reputation when it was checked (`none`, `neutral`, `good`,
 //! `bad`; `-` when not checked); `score` includes the weight a `bad` one adds.
 //! `dnsbl` (zones are operator text, not client text) is printed as the policy formats it.
-//! `tls` names the version a STARTTLS handshake agreed (`TLSv1.3`, `TLSv1.2`) or is `no`, where
-//! DESIGN.md §4's example has `yes`: the version is what an operator greps for when deciding
-//! whether TLS 1.2 can be turned off, and `no` stays `no`, so `tls=no` filters still work.
+//! `tls` is `yes` after a STARTTLS handshake and `no` otherwise, as DESIGN.md §4 has it, and
+//! `tls_version`, another addition, names the version agreed (`TLSv1.3`, `TLSv1.2`; `-` when
+//! plain): what an operator greps for when deciding whether TLS 1.2 can be turned off.
 
 use std::fmt;
 use std::time::Duration;
@@ -57,6 +57,7 @@ pub(crate) fn close_line(conn: ConnId, report: &Report<'_>, dur: Duration) -> St
     format!(
         "conn={conn} client={client} rdns={rdns} helo={helo} verdict={verdict} score={score} \
          rep={rep} dnsbl={dnsbl} list={list} rule={rule} greylist={greylist} pregreet={pregreet} tls={tls} \
+         tls_version={tls_version} \
          msgs={msgs} rcpts={rcpts} \
          result={result} dur={dur:.1}s",
         client = report.client,
@@ -69,7 +70,8 @@ pub(crate) fn close_line(conn: ConnId, report: &Report<'_>, dur: Duration) -> St
         rule = report.rule,
         greylist = report.greylist,
         pregreet = if report.pregreet { "yes" } else { "no" },
-        tls = report.tls,
+        tls = if report.tls == "no" { "no" } else { "yes" },
+        tls_version = if report.tls == "no" { "-" } else { report.tls },
         msgs = report.msgs,
         rcpts = report.rcpts,
         result = report.result,
@@ -114,7 +116,7 @@ mod tests {
         assert_eq!(
             line,
             "conn=7f3a client=192.0.2.7:53211 rdns=mail.example.com helo=mail.example.com \
-             verdict=tarpit score=2 rep=neutral dnsbl=zen.spamhaus.org:2 list=- rule=- greylist=pass pregreet=no tls=no msgs=1 \
+             verdict=tarpit score=2 rep=neutral dnsbl=zen.spamhaus.org:2 list=- rule=- greylist=pass pregreet=no tls=no tls_version=- msgs=1 \
              rcpts=2 result=delivered dur=14.2s"
         );
     }
@@ -126,7 +128,7 @@ mod tests {
         assert_eq!(
             line,
             "conn=1 client=[::1]:25 rdns=mail.example.com helo=- verdict=tarpit score=2 rep=neutral \
-             dnsbl=zen.spamhaus.org:2 list=- rule=- greylist=pass pregreet=no tls=no msgs=1 rcpts=2 \
+             dnsbl=zen.spamhaus.org:2 list=- rule=- greylist=pass pregreet=no tls=no tls_version=- msgs=1 rcpts=2 \
              result=delivered dur=0.0s"
         );
         let empty = close_line(ConnId(1), &report(client, Some(b"")), Duration::ZERO);
@@ -156,7 +158,10 @@ mod tests {
         let mut over_tls = report(client, None);
         over_tls.tls = "TLSv1.3";
         let line = close_line(ConnId(3), &over_tls, Duration::ZERO);
-        assert!(line.contains(" pregreet=no tls=TLSv1.3 msgs=1 "), "{line}");
+        assert!(
+            line.contains(" pregreet=no tls=yes tls_version=TLSv1.3 msgs=1 "),
+            "{line}"
+        );
     }
 
     #[test]

@@ -241,7 +241,8 @@ pub struct Report<'a> {
     pub msgs: u32,
     /// Recipients the downstream accepted.
     pub rcpts: u32,
-    /// `tls=`: the TLS version in use (`TLSv1.3`, `TLSv1.2`), or `no` for a plain session.
+    /// The TLS version in use (`TLSv1.3`, `TLSv1.2`), or `no` for a plain session; the close
+    /// line prints it as `tls=yes tls_version=TLSv1.3` or `tls=no tls_version=-`.
     pub tls: &'static str,
     /// How the session ended: `delivered` (at least one message), `quit`, `disconnect`,
     /// `timeout`, `rejected`, `tempfail`, `too-many-errors`, `shutdown`, `bad-proxy`,
