@@ -27,7 +27,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry};
 
 use super::close_log::{self, ConnId};
-use super::limits::LimitGuard;
+use super::limits::{LimitGuard, Refusal};
 use super::load::TarpitGuard;
 use super::pool::{Idle, Pool, Ticket};
 use super::slab::ConnKey;
@@ -38,6 +38,7 @@ use crate::dns::{Answer, Query, ResolverHandle, Waiter};
 use crate::downstream::connect;
 use crate::downstream::dialog::Capabilities;
 use crate::smtp::{Action, DownstreamEvent, Session, Shutdown, Side};
+use crate::state::{GreylistTimes, StateAnswer, StateOp, Waiter as StateWaiter};
 
 /// Bytes read per socket per turn: one read of this size, then the other connections get their
 /// turn; more starves neighbours, less costs syscalls. It is also the worker's scratch size.
@@ -86,7 +87,9 @@ pub(crate) struct Io<'a> {
     pub(crate) resolver: Option<&'a ResolverHandle>,
     /// This worker's index, for the resolver to send answers back.
     pub(crate) worker: usize,
-    /// Tarpit places, the PASS cache and the greylist.
+    /// This worker's index for the state thread (`[state] backend = "redis"`).
+    pub(crate) state_worker: usize,
+    /// Tarpit places and the state front (PASS cache, greylist, rates).
     pub(crate) shared: &'a Shared,
     /// The configuration in force (the greylist's times).
     pub(crate) config: &'a Config,
@@ -222,6 +225,31 @@ impl Conn {
     /// A DNS answer the connection waited for.
     pub(crate) fn handle_lookup(&mut self, now: Instant, query: &Query, answer: Answer) {
         self.session.handle_lookup(now, query, answer);
+    }
+
+    /// A state answer the connection waited for (the Redis backend's, or its fallback's).
+    pub(crate) fn handle_state(&mut self, now: Instant, answer: StateAnswer) {
+        match answer {
+            StateAnswer::Pass(fresh) => self.session.handle_pass(now, fresh),
+            StateAnswer::Greylist(outcome) => self.session.handle_greylist(now, outcome),
+            StateAnswer::Rate { ip, verdict } => {
+                // Rates first, then the per-IP cap, as at accept.
+                let admitted = match verdict
+                    .map_err(Refusal::Rate)
+                    .and_then(|()| self.guard.rekey(ip))
+                {
+                    Ok(()) => true,
+                    Err(refusal) => {
+                        log::info!(
+                            "refused connection from {}: {refusal}",
+                            self.session.report().client
+                        );
+                        false
+                    }
+                };
+                self.session.handle_admission(now, admitted);
+            }
+        }
     }
 
     /// A reloaded configuration, for the session's next decision.
@@ -451,14 +479,15 @@ impl Conn {
                     self.drop_downstream(io.registry);
                 }
                 Action::Close => self.start_closing(now),
-                Action::CheckPass(ip) => {
-                    let fresh = io.shared.passes.is_fresh(ip, now);
-                    self.session.handle_pass(now, fresh);
-                }
-                Action::RecordPass(ip) => io.shared.passes.record(ip, now),
-                Action::CheckGreylist(key) => {
-                    let outcome = io.shared.greylist.check(&key, now, &io.config.greylist);
-                    self.session.handle_greylist(now, outcome);
+                Action::CheckPass(ip) => self.ask_state(StateOp::CheckPass(ip), key, now, io),
+                Action::RecordPass(ip) => self.ask_state(StateOp::RecordPass(ip), key, now, io),
+                Action::CheckGreylist(triplet) => {
+                    let times = GreylistTimes::of(&io.config.greylist);
+                    let op = StateOp::CheckGreylist {
+                        key: triplet,
+                        times,
+                    };
+                    self.ask_state(op, key, now, io);
                 }
                 Action::EnterTarpit => {
                     self.tarpit_place = io.shared.load.try_tarpit();
@@ -480,19 +509,25 @@ impl Conn {
                         self.session.handle_lookup(now, &query, answer);
                     }
                 }
+                // The rate first (`handle_state`), then the per-IP cap.
                 Action::Admit(client) => {
-                    let admitted = match self.guard.rekey(client.ip()) {
-                        Ok(()) => true,
-                        Err(refusal) => {
-                            log::info!("refused connection from {client}: {refusal}");
-                            false
-                        }
-                    };
-                    self.session.handle_admission(now, admitted);
+                    self.ask_state(StateOp::CheckRate(client.ip()), key, now, io);
                 }
             }
         }
         moved
+    }
+
+    /// Asks the state front; an answer now goes to the session at once, a later one comes
+    /// through the worker's inbox (`Worker::take_state_answers`).
+    fn ask_state(&mut self, op: StateOp, key: ConnKey, now: Instant, io: &Io<'_>) {
+        let waiter = StateWaiter {
+            worker: io.state_worker,
+            key: key.to_u64(),
+        };
+        if let Some(answer) = io.shared.store.ask(op, now, waiter) {
+            self.handle_state(now, answer);
+        }
     }
 
     /// The session wants a downstream connection: in multiplexing mode an idle pooled one, a

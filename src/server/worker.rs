@@ -1,9 +1,10 @@
 //! One worker: a mio event loop on its own thread with its own listeners (SO_REUSEPORT: the
 //! kernel spreads new connections over the workers), connection slab and timer heap. Workers
-//! share only the connection limits (rate buckets included) and the stop flag.
+//! share the connection limits (rate buckets included), the state front and the stop flag.
 //!
 //! A turn: poll (zero timeout when work was left over, else until the earliest deadline); note
-//! readiness from the events; on the waker, start shutting down if asked; fire expired timers;
+//! readiness from the events; on the waker, start shutting down if asked and hand out the
+//! answers in the DNS and state inboxes; fire expired timers;
 //! accept; sweep the rate buckets when due; drive every connection that was ready or touched,
 //! the ones left over from the last turn first; close the connections that finished.
 
@@ -29,7 +30,8 @@ use crate::config::{Config, DownstreamMode};
 use crate::dns::{Inbox, ResolverHandle};
 use crate::policy::ListMatch;
 use crate::smtp::{Peer, Session, Shutdown, too_many_connections};
-use crate::state::{Greylist, PassCache};
+use crate::state::Store;
+use crate::state::redis::Inbox as StateInbox;
 
 /// Events taken from the kernel per poll; more wait for the next turn.
 const EVENTS_PER_TURN: usize = 1024;
@@ -55,10 +57,8 @@ pub(crate) struct Shared {
     pub(crate) limits: Arc<Limits>,
     /// Tarpit places and stress mode.
     pub(crate) load: Arc<Load>,
-    /// Clients that passed the greet pause.
-    pub(crate) passes: Arc<PassCache>,
-    /// Greylisting triplets.
-    pub(crate) greylist: Arc<Greylist>,
+    /// The PASS cache, greylisting and (with Redis) connection rates: in process or shared.
+    pub(crate) store: Arc<Store>,
     /// Set when the server is asked to stop.
     pub(crate) stopping: Arc<AtomicBool>,
     /// The configuration in force, replaced on SIGHUP.
@@ -97,6 +97,15 @@ pub(crate) struct Worker {
     pool: Pool,
     /// The resolver and this worker's inbox for its answers, when the config needs lookups.
     dns: Option<WorkerDns>,
+    /// This worker's inbox for the state thread's answers (`[state] backend = "redis"`).
+    state: Option<WorkerState>,
+}
+
+/// A worker's end of the state thread.
+struct WorkerState {
+    /// The index the state thread knows this worker by.
+    id: usize,
+    inbox: StateInbox,
 }
 
 /// A worker's end of the resolver thread.
@@ -171,6 +180,7 @@ impl Worker {
             phase: Phase::Running,
             pool: Pool::new(config.downstream.pool_size, workers),
             dns: None,
+            state: None,
         };
         Ok((worker, waker))
     }
@@ -183,6 +193,12 @@ impl Worker {
             id,
             inbox,
         });
+    }
+
+    /// Connects the worker to the state thread: answers come to `inbox` (followed by a wake),
+    /// addressed to worker `id`.
+    pub(crate) fn attach_state(&mut self, id: usize, inbox: StateInbox) {
+        self.state = Some(WorkerState { id, inbox });
     }
 
     /// The event loop; returns once shutdown was asked for and every connection is closed, or
@@ -251,6 +267,7 @@ impl Worker {
         }
         if woken {
             self.take_dns_answers(now);
+            self.take_state_answers(now);
             self.follow_reload(now);
         }
         self.advance_phase(now);
@@ -321,6 +338,21 @@ impl Worker {
             let key = ConnKey::from_u64(delivery.key);
             if let Some(conn) = self.conns.get_mut(key) {
                 conn.handle_lookup(now, &delivery.query, delivery.answer);
+                queue(&mut self.pending, conn, key);
+            }
+        }
+    }
+
+    /// Hands every state answer in the inbox to the connection that asked, like
+    /// [`Worker::take_dns_answers`].
+    fn take_state_answers(&mut self, now: Instant) {
+        let Some(state) = &self.state else {
+            return;
+        };
+        while let Some(delivery) = state.inbox.try_recv() {
+            let key = ConnKey::from_u64(delivery.key);
+            if let Some(conn) = self.conns.get_mut(key) {
+                conn.handle_state(now, delivery.answer);
                 queue(&mut self.pending, conn, key);
             }
         }
@@ -422,17 +454,19 @@ impl Worker {
     fn admit(&mut self, stream: TcpStream, addr: SocketAddr, local: SocketAddr, now: Instant) {
         // A load balancer's connections carry the real client only in their PROXY header,
         // so its own address is not what the per-IP cap and the rates are about: the client
-        // is checked when the header names it (`Action::Admit` in conn.rs).
+        // is checked when the header names it (`Action::Admit` in conn.rs). With the rates in
+        // Redis every client is: its answer cannot be waited for here.
         let behind_proxy = self.config.server.expects_proxy_header(addr.ip());
         let allowed = !behind_proxy
             && self.config.lists.entries.check_ip(addr.ip().to_canonical())
                 == Some(ListMatch::Allow);
+        let rated_later = !allowed && self.shared.store.is_shared();
         let acquired = if allowed {
             Ok(self.shared.limits.acquire_exempt())
         } else {
             self.shared
                 .limits
-                .try_acquire((!behind_proxy).then_some(addr.ip()))
+                .try_acquire((!behind_proxy && !rated_later).then_some(addr.ip()))
         };
         let guard = match acquired {
             Ok(guard) => guard,
@@ -458,7 +492,11 @@ impl Worker {
             accepted_at: SystemTime::now(),
             stressed: self.stressed,
         };
-        let session = Session::new(Arc::clone(&self.config), peer, now);
+        let session = if rated_later {
+            Session::admitting(Arc::clone(&self.config), peer, now)
+        } else {
+            Session::new(Arc::clone(&self.config), peer, now)
+        };
         let conn = Conn::new(id, stream, session, now, guard);
         let Ok(key) = self.conns.insert(conn) else {
             log::warn!("conn={id} refused: connection table full");
@@ -489,6 +527,7 @@ impl Worker {
             multiplexing: self.config.downstream.mode == DownstreamMode::Multiplexing,
             resolver: self.dns.as_ref().map(|dns| &dns.resolver),
             worker: self.dns.as_ref().map_or(0, |dns| dns.id),
+            state_worker: self.state.as_ref().map_or(0, |state| state.id),
             shared: &self.shared,
             config: &self.config,
         };
@@ -519,6 +558,7 @@ impl Worker {
             multiplexing: false,
             resolver: None,
             worker: 0,
+            state_worker: 0,
             shared: &self.shared,
             config: &self.config,
         };
@@ -544,6 +584,7 @@ impl Worker {
             multiplexing: true,
             resolver: self.dns.as_ref().map(|dns| &dns.resolver),
             worker: self.dns.as_ref().map_or(0, |dns| dns.id),
+            state_worker: self.state.as_ref().map_or(0, |state| state.id),
             shared: &self.shared,
             config: &self.config,
         };
