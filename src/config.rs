@@ -1473,7 +1473,7 @@ pregreet = "drop"
             ),
             (
                 "redis://127.0.0.1:99999/0",
-                r#"invalid Redis URL "redis://127.0.0.1:99999/0": redis url did not parse"#,
+                r#"invalid Redis URL "redis://127.0.0.1:99999/0": redis URL did not parse"#,
             ),
             ("unix://", r#"invalid Redis URL "unix://": missing path"#),
             (
@@ -1486,7 +1486,7 @@ pregreet = "drop"
             ),
             (
                 "redis://:secret@/0",
-                "invalid Redis URL (with credentials, not shown): redis url did not parse",
+                "invalid Redis URL (with credentials, not shown): redis URL did not parse",
             ),
         ];
         for (url, message) in bad {

@@ -25,3 +25,5 @@ mod tarpit;
 mod rules;
 // Greylisting at RCPT through the server.
 mod greylist;
+// [state] backend = "redis": two servers sharing greylisting and rates through a real Redis.
+mod redis_state;

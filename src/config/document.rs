@@ -1036,12 +1036,18 @@ fn redis_url(v: &DeValue<'_>) -> Result<String, String> {
     }
 }
 
-/// The crate's description of a URL error as a lowercase fragment: its `Display` is
+/// The crate's description of a URL error as a fragment starting lowercase: its `Display` is
 /// "Description - KindName[: detail]", and the kind's name means nothing to an operator.
 fn redis_error_text(e: &redis::RedisError) -> String {
     let shown = e.to_string();
     let description = shown.split(" - ").next().unwrap_or(&shown);
-    let mut text = description.to_ascii_lowercase();
+    let mut chars = description.chars();
+    let mut text: String = chars
+        .next()
+        .map(|c| c.to_ascii_lowercase())
+        .into_iter()
+        .collect();
+    text.push_str(chars.as_str());
     if let Some(detail) = e.detail() {
         text.push_str(": ");
         text.push_str(detail);
