@@ -5,9 +5,10 @@
 //! `[limits] max_connections_per_ip`.
 //!
 //! The rates are checked first, so a client over its rate is refused without touching the
-//! counts. A client whose rate is asked elsewhere (a PROXY client, or any client when the
-//! rates live in Redis: `state::Store`) comes in unkeyed and is counted against its per-IP
-//! cap by [`LimitGuard::rekey`] once its rate allowed it. A slot is then taken at accept and given back by dropping its [`LimitGuard`], which
+//! counts. A PROXY client's rate is asked once its header names it (through `state::Store`):
+//! it comes in unkeyed and is counted against its per-IP cap by [`LimitGuard::rekey`] once its
+//! rate allowed it. With the rates in Redis a direct client is counted at accept
+//! ([`Limits::try_acquire_unrated`]) and its rate asked afterwards. A slot is then taken at accept and given back by dropping its [`LimitGuard`], which
 //! the connection owns, so every way a connection can end releases it. Over any limit the worker
 //! answers DESIGN.md §1.1's `421 4.7.0` and closes without creating a session. The rate buckets'
 //! stale keys are dropped by [`Limits::sweep_rates`], which the workers call every turn and
@@ -98,12 +99,24 @@ impl Limits {
     /// still taken the address's token, see [`ConnectionRates::check`]). `None` skips the rates
     /// and counts the connection against the global cap only: a load balancer from
     /// `proxy_protocol_from` carries everyone's connections under its one address, and its
-    /// clients are checked once their header names them; and with the rates in Redis, a
-    /// client's rate is answered later. [`LimitGuard::rekey`] then counts the client.
+    /// clients are checked once their header names them ([`LimitGuard::rekey`]).
     pub(crate) fn try_acquire(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<LimitGuard, Refusal> {
         if let Some(ip) = ip {
             self.rates.check(ip).map_err(Refusal::Rate)?;
         }
+        self.count(ip)
+    }
+
+    /// Counts a new connection from `ip` against both caps without taking a rate token: with
+    /// the rates in Redis the token is asked for afterwards, and dropping the guard undoes the
+    /// count if the rate refuses. Counting first keeps one address from holding more than
+    /// `max_connections_per_ip` places while its answers are on their way.
+    pub(crate) fn try_acquire_unrated(self: &Arc<Self>, ip: IpAddr) -> Result<LimitGuard, Refusal> {
+        self.count(Some(ip))
+    }
+
+    /// One more connection against the global cap and, with `ip`, against its per-IP cap.
+    fn count(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<LimitGuard, Refusal> {
         let before = self.open.fetch_add(1, Ordering::AcqRel);
         if before >= self.max_connections {
             self.open.fetch_sub(1, Ordering::AcqRel);
@@ -198,10 +211,11 @@ impl Limits {
 }
 
 impl LimitGuard {
-    /// Counts a connection that came in unkeyed (from a balancer, or with the rates in Redis)
-    /// against the per-IP cap of its client, whose rate the caller has already checked (the
-    /// order of [`Limits::try_acquire`]: rates first). On refusal the guard stays unkeyed: its
-    /// connection is about to be closed.
+    /// Counts a connection that came in unkeyed (from a balancer) against the per-IP cap of
+    /// its client, whose rate the caller has already checked (the order of
+    /// [`Limits::try_acquire`]: rates first). A guard already keyed (by
+    /// [`Limits::try_acquire_unrated`]) is counted already. On refusal the guard stays
+    /// unkeyed: its connection is about to be closed.
     pub(crate) fn rekey(&mut self, ip: IpAddr) -> Result<(), Refusal> {
         if self.ip.is_some() {
             return Ok(());
@@ -290,6 +304,26 @@ mod tests {
         assert!(limits.sweep_rates(late));
         assert!(!limits.sweep_rates(late + RATE_SWEEP_INTERVAL / 2));
         assert!(limits.sweep_rates(late + RATE_SWEEP_INTERVAL));
+    }
+
+    #[test]
+    fn unrated_connections_are_counted_and_take_no_token() {
+        let rates = ConnectionRates::new(rate(1), rate(1));
+        let limits = Arc::new(Limits::new(100, 2, Arc::new(rates)));
+        let mut first = limits.try_acquire_unrated(A).unwrap();
+        let _second = limits.try_acquire_unrated(A).unwrap();
+        assert_eq!(
+            limits.try_acquire_unrated(A).unwrap_err(),
+            Refusal::PerIpCap
+        );
+        assert_eq!(limits.open_from(A), 2);
+        // Counted already: rekeying (after the rate answered) counts nothing more.
+        first.rekey(A).unwrap();
+        assert_eq!(limits.open_from(A), 2);
+        drop(first);
+        assert_eq!(limits.open_from(A), 1);
+        // No token was taken: the one token of A's bucket is still there.
+        assert_eq!(limits.rates.check(A), Ok(()));
     }
 
     #[test]

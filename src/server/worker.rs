@@ -455,7 +455,8 @@ impl Worker {
         // A load balancer's connections carry the real client only in their PROXY header,
         // so its own address is not what the per-IP cap and the rates are about: the client
         // is checked when the header names it (`Action::Admit` in conn.rs). With the rates in
-        // Redis every client is: its answer cannot be waited for here.
+        // Redis every client's rate is: its answer cannot be waited for here, so only the caps
+        // are counted now.
         let behind_proxy = self.config.server.expects_proxy_header(addr.ip());
         let allowed = !behind_proxy
             && self.config.lists.entries.check_ip(addr.ip().to_canonical())
@@ -463,10 +464,12 @@ impl Worker {
         let rated_later = !allowed && self.shared.store.is_shared();
         let acquired = if allowed {
             Ok(self.shared.limits.acquire_exempt())
+        } else if rated_later && !behind_proxy {
+            self.shared.limits.try_acquire_unrated(addr.ip())
         } else {
             self.shared
                 .limits
-                .try_acquire((!behind_proxy && !rated_later).then_some(addr.ip()))
+                .try_acquire((!behind_proxy).then_some(addr.ip()))
         };
         let guard = match acquired {
             Ok(guard) => guard,
