@@ -14,7 +14,9 @@ use tarmac::config::{Config, Rate, StateBackend};
 use tarmac::policy::{ConnectionRates, RateRefusal};
 use tarmac::sink::Behaviour;
 use tarmac::state::redis::{Inbox, RedisState};
-use tarmac::state::{Greylist, Local, PassCache, StateAnswer, StateOp, Store, Waiter};
+use tarmac::state::{
+    Greylist, GreylistOutcome, GreylistTimes, Local, PassCache, StateAnswer, StateOp, Store, Waiter,
+};
 
 use crate::util::redis_server::RedisServer;
 use crate::util::{Client, Running, Server, WAIT, sink, tarmac, temp_dir, test_config};
@@ -347,6 +349,14 @@ impl Asker {
     #[track_caller]
     fn ask(&mut self, op: StateOp) -> StateAnswer {
         let before = self.store.stats().fallbacks;
+        let answer = self.ask_anyone(op);
+        assert_eq!(self.store.stats().fallbacks, before, "answered by Redis");
+        answer
+    }
+
+    /// The answer to `op`, from Redis or the fallback, waited for as a worker waits.
+    #[track_caller]
+    fn ask_anyone(&mut self, op: StateOp) -> StateAnswer {
         let waiter = Waiter {
             worker: self.id,
             key: 7,
@@ -357,7 +367,6 @@ impl Asker {
         loop {
             if let Some(delivery) = self.inbox.try_recv() {
                 assert_eq!(delivery.key, 7);
-                assert_eq!(self.store.stats().fallbacks, before, "answered by Redis");
                 return delivery.answer;
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -436,4 +445,55 @@ fn gcra_in_redis_bursts_then_refuses_then_refills_one_token_at_a_time() {
     assert_eq!(asker.rate("10.0.2.3"), Ok(()), "another network");
     let left = pttl(&redis, "tarmac:rate:net:10.0.1.0/24");
     assert!(left > 0 && left <= 60_000, "TTL {left}");
+}
+
+fn greylist(key: &str) -> StateOp {
+    StateOp::CheckGreylist {
+        key: key.to_owned(),
+        times: GreylistTimes::of(&Config::default().greylist),
+    }
+}
+
+#[test]
+fn a_stalled_redis_answers_from_local_state_within_the_timeout() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let timeout = Duration::from_millis(500);
+    let mut config = Config::default();
+    config.state.backend = StateBackend::Redis;
+    config.state.redis = redis.url();
+    config.state.timeout = timeout;
+    let mut asker = Asker::new(&config);
+    let new = StateAnswer::Greylist(GreylistOutcome::New);
+    assert_eq!(asker.ask(greylist("before")), new);
+
+    // Connections stay open, nothing is answered: slow is down.
+    redis.pause();
+    for n in 0..3 {
+        let asked = Instant::now();
+        assert_eq!(
+            asker.ask_anyone(greylist(&format!("stalled{n}"))),
+            StateAnswer::Greylist(GreylistOutcome::Pass),
+            "greylisting fails open"
+        );
+        let took = asked.elapsed();
+        // The first waits out the timeout; later ones need not. None waits much longer,
+        // however long connecting again takes (it runs on its own thread).
+        assert!(
+            took < timeout + Duration::from_millis(150),
+            "{n}: took {took:?}"
+        );
+    }
+    let stats = asker.store.stats();
+    assert_eq!(stats.fallbacks, 3, "{stats:?}");
+    assert!(!stats.redis_up, "{stats:?}");
+
+    redis.resume();
+    let deadline = Instant::now() + WAIT;
+    while !asker.store.stats().redis_up {
+        assert!(Instant::now() < deadline, "never reconnected");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(asker.ask(greylist("after")), new, "Redis decides again");
 }

@@ -20,8 +20,9 @@
 //!
 //! **Redis down** (connect refused, a timeout, a broken connection: slow counts as down): one
 //! warning, then every job gets the fallback at once while the thread tries to reconnect at most
-//! once per [`RECONNECT_EVERY`]; one info line when it is back. Nothing is replayed: jobs answered
-//! by the fallback stay answered.
+//! once per [`RECONNECT_EVERY`], each attempt on a short-lived connector thread so the state
+//! thread never blocks on a connect; one info line when it is back. Nothing is replayed: jobs
+//! answered by the fallback stay answered.
 //!
 //! **Time** is Redis's own (`TIME` inside the scripts, `scripts.rs`), one clock for every host.
 //! **Keys** all carry `[state] prefix` and a TTL, so nothing is ever swept.
@@ -119,6 +120,8 @@ struct Gcra {
 /// What goes through the queue.
 enum Message {
     Job(Job),
+    /// A connector thread's attempt (see `thread.rs`).
+    Connected(redis::RedisResult<redis::Connection>),
     /// Look at the stop flag now.
     Stop,
 }
@@ -202,12 +205,13 @@ impl RedisState {
         let (requests, request_rx) = mpsc::sync_channel(REQUEST_QUEUE);
         let (done_tx, done) = mpsc::channel::<()>();
         let thread_shared = Arc::clone(&shared);
+        let connectors = requests.clone();
         let thread = std::thread::Builder::new()
             .name("tarmac-state".to_owned())
             .spawn(move || {
                 // Dropped when the thread ends, however it ends: what `stop` waits for.
                 let _done = done_tx;
-                thread::run(client, settings, thread_shared, request_rx);
+                thread::run(client, settings, thread_shared, request_rx, connectors);
             })?;
         Ok(RedisState {
             handle: RedisHandle { shared, requests },
@@ -300,6 +304,7 @@ impl RedisHandle {
             }
             // The thread has stopped: the process is shutting down.
             Err(TrySendError::Disconnected(Message::Job(job))) => job,
+            // Only jobs are sent here.
             Err(_) => return None,
         };
         // Answered here, so its `Drop` delivers nothing.

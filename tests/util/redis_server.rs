@@ -64,12 +64,36 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
-    /// Kills the server (SIGKILL, by its PID) and waits for it: Redis gone without warning.
+    /// Kills the server (SIGKILL, by its PID, which also ends a paused one) and waits for it:
+    /// Redis gone without warning.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Stops the process without closing anything (SIGSTOP): connections stay open and
+    /// nothing is answered, as a Redis stuck on a slow command or a full disk.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, name: &str) {
+        let Some(child) = self.child.as_ref() else {
+            return;
+        };
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{name}");
     }
 
     /// Starts it again on the same port, empty (nothing was persisted).
