@@ -43,17 +43,19 @@ use crate::config::{Config, Rate};
 mod scripts;
 mod thread;
 
-/// Jobs that may wait for the state thread. At the default 250 ms timeout a full queue is far
-/// more than Redis can answer in time (see `bench/greylist.rs`); past it a job gets the
-/// fallback at once rather than an answer that would come too late.
+/// Jobs that may wait for the state thread: about 40 ms of Redis's work at the 100,000
+/// decisions a second `bench/greylist.rs` measures. A full queue means Redis is slower than
+/// the connections arriving; a new job then gets the fallback at once rather than waiting
+/// behind the others for an answer that would come too late.
 const REQUEST_QUEUE: usize = 4096;
 
 /// Most jobs sent to Redis as one pipeline: one write and one read for all of them, where
 /// one round trip each would cap the thread at a few tens of thousands a second.
 const MAX_BATCH: usize = 512;
 
-/// How often the thread tries to reconnect while Redis is down.
-pub const RECONNECT_EVERY: Duration = Duration::from_secs(1);
+/// How often the thread tries to reconnect while Redis is down: soon enough that shared state
+/// returns within a second, rare enough that a dead host costs one connect a second.
+const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 
 /// How long stopping waits for the thread (it may be inside a Redis call bounded by the
 /// timeout) before leaving it to end on its own.
