@@ -356,10 +356,14 @@ pub struct Reputation {
 pub struct State {
     /// Where shared state lives.
     pub backend: StateBackend,
-    /// Redis URL, used with `backend = "redis"`.
+    /// Redis URL, used with `backend = "redis"`; checked by the Redis client's own parser
+    /// when the file is read, so `tarmac check` refuses what the server could not connect to.
     pub redis: String,
     /// Key prefix in Redis.
     pub prefix: String,
+    /// Longest a Redis call may take, counted from when a worker asked; past it the answer
+    /// is the local fallback (DESIGN.md §5: Redis slow is Redis down).
+    pub timeout: Duration,
 }
 
 /// `[state] backend`
@@ -448,12 +452,6 @@ impl Config {
     pub fn not_yet_effective(&self) -> Vec<String> {
         let mut notes = Vec::new();
         let mut note = |key: &str, what: &str| notes.push(format!("{key}: {what}"));
-        if self.state.backend == StateBackend::Redis {
-            note(
-                "state.backend",
-                "shared state is not in this version yet; nothing is stored",
-            );
-        }
         if self.metrics.listen.is_some() {
             note(
                 "metrics.listen",
@@ -825,6 +823,7 @@ impl Default for State {
             backend: StateBackend::Local,
             redis: "redis://127.0.0.1:6379/0".to_owned(),
             prefix: "tarmac:".to_owned(),
+            timeout: Duration::from_millis(250),
         }
     }
 }
@@ -1579,7 +1578,7 @@ mode = "pooled"
         assert_eq!(
             errors(text),
             r#"/etc/tarmac/tarmac.toml:2: greylist.key[2]: listed twice
-/etc/tarmac/tarmac.toml:4: state.redis: invalid Redis URL "127.0.0.1:6379": expected redis://, rediss:// or unix://, such as "redis://127.0.0.1:6379/0"
+/etc/tarmac/tarmac.toml:4: state.redis: invalid Redis URL "127.0.0.1:6379": expected redis:// or unix://, such as "redis://127.0.0.1:6379/0"
 /etc/tarmac/tarmac.toml:6: server.hostname: invalid DNS name "mx1 example": ' ' is not allowed; use letters, digits, hyphens and dots
 /etc/tarmac/tarmac.toml:8: downstream.servers: must not be empty; give the MTA to relay to, such as "127.0.0.1:10025"
 /etc/tarmac/tarmac.toml:9: downstream.mode: unknown value "pooled"; expected one of: synchronous, multiplexing"#
@@ -1620,6 +1619,68 @@ pregreet = "drop"
         assert_eq!(config.tarpit.stutter, Duration::ZERO);
         assert_eq!(config.tarpit.greet_pause, Duration::from_millis(250));
         assert_eq!(config.tarpit.pregreet, Pregreet::Drop);
+    }
+
+    #[test]
+    fn redis_urls_are_checked_by_the_redis_client() {
+        let bad = [
+            (
+                "redis://",
+                r#"invalid Redis URL "redis://": missing hostname"#,
+            ),
+            (
+                "redis://127.0.0.1:6379/x",
+                r#"invalid Redis URL "redis://127.0.0.1:6379/x": invalid database number"#,
+            ),
+            (
+                "redis://127.0.0.1:99999/0",
+                r#"invalid Redis URL "redis://127.0.0.1:99999/0": redis URL did not parse"#,
+            ),
+            ("unix://", r#"invalid Redis URL "unix://": missing path"#),
+            (
+                "http://127.0.0.1:6379",
+                r#"invalid Redis URL "http://127.0.0.1:6379": expected redis:// or unix://, such as "redis://127.0.0.1:6379/0""#,
+            ),
+            (
+                "rediss://127.0.0.1:6379",
+                r#"invalid Redis URL "rediss://127.0.0.1:6379": TLS to Redis (rediss://) is not supported; use redis:// on a trusted network, or unix://"#,
+            ),
+            (
+                "redis://:secret@/0",
+                "invalid Redis URL (with credentials, not shown): redis URL did not parse",
+            ),
+        ];
+        for (url, message) in bad {
+            assert_eq!(
+                errors(&format!("[state]\nredis = \"{url}\"\n")),
+                format!("/etc/tarmac/tarmac.toml:2: state.redis: {message}"),
+                "{url}"
+            );
+        }
+        // Checked whatever the backend: a bad URL is found before someone switches to it.
+        assert!(
+            errors("[state]\nbackend = \"local\"\nredis = \"redis://\"\n")
+                .contains("state.redis: invalid Redis URL")
+        );
+        for good in [
+            "redis://127.0.0.1:6379/0",
+            "redis://[::1]:6380/3",
+            "redis://tarmac:secret@10.0.0.5/1",
+            "unix:///run/redis/redis.sock",
+        ] {
+            let config = parse(&format!(
+                "[state]\nbackend = \"redis\"\nredis = \"{good}\"\n"
+            ))
+            .unwrap();
+            assert_eq!(config.state.redis, good);
+        }
+        assert_eq!(
+            errors("[state]\ntimeout = \"0s\""),
+            "/etc/tarmac/tarmac.toml:2: state.timeout: must be longer than 0s"
+        );
+        let config = parse("[state]\ntimeout = \"100ms\"").unwrap();
+        assert_eq!(config.state.timeout, Duration::from_millis(100));
+        assert_eq!(Config::default().state.timeout, Duration::from_millis(250));
     }
 
     #[test]

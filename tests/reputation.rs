@@ -9,7 +9,7 @@ use tarmac::sink::Behaviour;
 
 use crate::util::{Client, Server, WAIT, sink, test_config, wait_until};
 
-const PAUSE: Duration = Duration::from_millis(200);
+pub(crate) const PAUSE: Duration = Duration::from_millis(200);
 const TEASER: &str = "220-mx.test ESMTP tarmac\r\n";
 const BANNER: &str = "220 mx.test ESMTP tarmac\r\n";
 const REFUSAL: &str = "554 5.5.1 Error: you talked before the greeting; no mail accepted\r\n";
@@ -27,10 +27,11 @@ fn from(addr: &str) -> IpAddr {
     addr.parse().unwrap()
 }
 
-/// One connection that talks before the greeting, is refused, and quits.
+/// One connection that talks before the greeting, is refused, and quits (also used by the
+/// Redis tests, with a server whose greet pause is [`PAUSE`]).
 #[track_caller]
-fn pregreet(server: &Server, ip: IpAddr) {
-    let mut client = Client::connect_from(server.addr, ip);
+pub(crate) fn pregreet(addr: std::net::SocketAddr, ip: IpAddr) {
+    let mut client = Client::connect_from(addr, ip);
     assert_eq!(client.line(), TEASER);
     client.send("EHLO early.example\r\n");
     assert_eq!(client.line(), BANNER);
@@ -55,8 +56,8 @@ fn three_pregreets_weigh_on_the_fourth_connection_a_delivery_record_cancels_them
 
     let bad = from("127.0.0.40");
     for _ in 0..3 {
-        pregreet(&server, bad);
-        pregreet(&server, good);
+        pregreet(server.addr, bad);
+        pregreet(server.addr, good);
     }
 
     let mut weighted = Client::connect_from(server.addr, bad);
@@ -85,7 +86,7 @@ fn a_weighted_client_is_tarpitted() {
     let server = Server::start(config);
     let bad = from("127.0.0.42");
     for _ in 0..3 {
-        pregreet(&server, bad);
+        pregreet(server.addr, bad);
     }
     let started = Instant::now();
     let mut client = Client::connect_from(server.addr, bad);

@@ -35,3 +35,5 @@ mod reputation;
 mod state;
 // Inbound STARTTLS: rustls and smtplib clients, injection, broken handshakes, reload, check.
 mod tls;
+// [state] backend = "redis": two servers sharing greylisting and rates through a real Redis.
+mod redis_state;

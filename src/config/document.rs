@@ -84,7 +84,7 @@ const TARPIT_KEYS: &[&str] = &[
 ];
 const GREYLIST_KEYS: &[&str] = &["enabled", "delay", "retry_window", "pass_ttl", "key"];
 const REPUTATION_KEYS: &[&str] = &["enabled", "half_life", "weight"];
-const STATE_KEYS: &[&str] = &["backend", "redis", "prefix"];
+const STATE_KEYS: &[&str] = &["backend", "redis", "prefix", "timeout"];
 const METRICS_KEYS: &[&str] = &["listen"];
 const LISTS_KEYS: &[&str] = &["allow", "deny"];
 const RULES_KEYS: &[&str] = &["files"];
@@ -661,6 +661,8 @@ impl<'p> Reader<'p> {
                     }
                     Ok(s.to_owned())
                 }),
+                // A zero timeout would answer every request from the fallback.
+                "timeout" => r.set(&mut s.timeout, key, v, positive_duration),
                 _ => return false,
             }
             true
@@ -1007,14 +1009,56 @@ fn optional_path(v: &DeValue<'_>) -> Result<Option<PathBuf>, String> {
     Ok((!s.is_empty()).then(|| PathBuf::from(s)))
 }
 
+/// A Redis URL the client can use: `redis://` or `unix://`, then whatever the `redis` crate's
+/// own parser accepts (host, port, database number, credentials), so nothing that passes
+/// `tarmac check` fails to parse when the server starts. A URL with credentials is not quoted
+/// back, so a password never reaches a terminal or a log.
 fn redis_url(v: &DeValue<'_>) -> Result<String, String> {
     let s = string(v, r#"a URL such as "redis://127.0.0.1:6379/0""#)?;
-    let schemes = ["redis://", "rediss://", "unix://"];
-    if !schemes.iter().any(|scheme| s.starts_with(scheme)) {
+    let shown = if s.contains('@') {
+        "(with credentials, not shown)".to_owned()
+    } else {
+        format!("{s:?}")
+    };
+    if s.starts_with("rediss://") {
         return Err(format!(
-            "invalid Redis URL {s:?}: expected redis://, rediss:// or unix://, such as \
+            "invalid Redis URL {shown}: TLS to Redis (rediss://) is not supported; use \
+             redis:// on a trusted network, or unix://"
+        ));
+    }
+    if !["redis://", "unix://"]
+        .iter()
+        .any(|scheme| s.starts_with(scheme))
+    {
+        return Err(format!(
+            "invalid Redis URL {shown}: expected redis:// or unix://, such as \
              \"redis://127.0.0.1:6379/0\""
         ));
     }
-    Ok(s.to_owned())
+    match redis::Client::open(s) {
+        Ok(_) => Ok(s.to_owned()),
+        Err(e) => Err(format!(
+            "invalid Redis URL {shown}: {}",
+            redis_error_text(&e)
+        )),
+    }
+}
+
+/// The crate's description of a URL error as a fragment starting lowercase: its `Display` is
+/// "Description - KindName[: detail]", and the kind's name means nothing to an operator.
+fn redis_error_text(e: &redis::RedisError) -> String {
+    let shown = e.to_string();
+    let description = shown.split(" - ").next().unwrap_or(&shown);
+    let mut chars = description.chars();
+    let mut text: String = chars
+        .next()
+        .map(|c| c.to_ascii_lowercase())
+        .into_iter()
+        .collect();
+    text.push_str(chars.as_str());
+    if let Some(detail) = e.detail() {
+        text.push_str(": ");
+        text.push_str(detail);
+    }
+    text
 }

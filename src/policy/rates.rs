@@ -155,6 +155,18 @@ fn quota(rate: Rate) -> Quota {
         .allow_burst(burst)
 }
 
+/// The network `ip` is counted in, as text (`192.0.2.0/24`, `2001:db8::/64`): the name of its
+/// per-subnet bucket where buckets are kept by name (the Redis backend, `state::redis`).
+pub fn network_name(ip: IpAddr) -> String {
+    let ip = ip.to_canonical();
+    let bits = if ip.is_ipv4() {
+        SUBNET_V4_PREFIX
+    } else {
+        SUBNET_V6_PREFIX
+    };
+    format!("{}/{bits}", subnet(ip))
+}
+
 /// The network `ip` (already canonical) belongs to: its first [`SUBNET_V4_PREFIX`] or
 /// [`SUBNET_V6_PREFIX`] bits.
 fn subnet(ip: IpAddr) -> IpAddr {
@@ -345,6 +357,16 @@ mod tests {
         clock.advance(Duration::from_secs(1));
         rates.sweep();
         assert_eq!(rates.keys(), 0);
+    }
+
+    #[test]
+    fn network_names_are_the_buckets_networks() {
+        assert_eq!(network_name(ip("192.0.2.77")), "192.0.2.0/24");
+        assert_eq!(network_name(ip("::ffff:192.0.2.77")), "192.0.2.0/24");
+        assert_eq!(
+            network_name(ip("2001:db8:0:1:1234::9")),
+            "2001:db8:0:1::/64"
+        );
     }
 
     #[test]

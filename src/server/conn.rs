@@ -38,7 +38,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry};
 
 use super::close_log::{self, ConnId};
-use super::limits::LimitGuard;
+use super::limits::{LimitGuard, Refusal};
 use super::load::TarpitGuard;
 use super::pool::{Idle, Pool, Ticket};
 use super::slab::ConnKey;
@@ -51,6 +51,7 @@ use crate::dns::{Answer, Query, ResolverHandle, Waiter};
 use crate::downstream::connect;
 use crate::downstream::dialog::Capabilities;
 use crate::smtp::{Action, DownstreamEvent, Session, Shutdown, Side, TlsVersion};
+use crate::state::{GreylistTimes, StateAnswer, StateOp, Waiter as StateWaiter};
 
 /// Bytes read per socket per turn: one read of this size, then the other connections get their
 /// turn; more starves neighbours, less costs syscalls. It is also the worker's scratch size.
@@ -99,7 +100,10 @@ pub(crate) struct Io<'a> {
     pub(crate) resolver: Option<&'a ResolverHandle>,
     /// This worker's index, for the resolver to send answers back.
     pub(crate) worker: usize,
-    /// Tarpit places, the PASS cache, the greylist and the reputation table.
+    /// This worker's index for the state thread (`[state] backend = "redis"`).
+    pub(crate) state_worker: usize,
+    /// Tarpit places, the state front (PASS cache, greylist, reputation, rates) and the
+    /// clients whose TLS handshake failed.
     pub(crate) shared: &'a Shared,
     /// The configuration in force (the greylist's times).
     pub(crate) config: &'a Config,
@@ -244,6 +248,32 @@ impl Conn {
     /// A DNS answer the connection waited for.
     pub(crate) fn handle_lookup(&mut self, now: Instant, query: &Query, answer: Answer) {
         self.session.handle_lookup(now, query, answer);
+    }
+
+    /// A state answer the connection waited for (the Redis backend's, or its fallback's).
+    pub(crate) fn handle_state(&mut self, now: Instant, answer: StateAnswer) {
+        match answer {
+            StateAnswer::Pass(fresh) => self.session.handle_pass(now, fresh),
+            StateAnswer::Greylist(outcome) => self.session.handle_greylist(now, outcome),
+            StateAnswer::Reputation(history) => self.session.handle_reputation(now, history),
+            StateAnswer::Rate { ip, verdict } => {
+                // Rates first, then the per-IP cap, as at accept.
+                let admitted = match verdict
+                    .map_err(Refusal::Rate)
+                    .and_then(|()| self.guard.rekey(ip))
+                {
+                    Ok(()) => true,
+                    Err(refusal) => {
+                        log::info!(
+                            "refused connection from {}: {refusal}",
+                            self.session.report().client
+                        );
+                        false
+                    }
+                };
+                self.session.handle_admission(now, admitted);
+            }
+        }
     }
 
     /// A reloaded configuration, for the session's next decision.
@@ -611,22 +641,28 @@ impl Conn {
                 Action::StartTlsDownstream => self.start_downstream_tls(now, io),
                 Action::Close => self.start_closing(now),
                 Action::StartTls => self.start_tls(now, io),
-                Action::CheckPass(ip) => {
-                    let fresh = io.shared.passes.is_fresh(ip, now);
-                    self.session.handle_pass(now, fresh);
-                }
-                Action::RecordPass(ip) => io.shared.passes.record(ip, now),
+                Action::CheckPass(ip) => self.ask_state(StateOp::CheckPass(ip), key, now, io),
+                Action::RecordPass(ip) => self.ask_state(StateOp::RecordPass(ip), key, now, io),
                 Action::CheckReputation(ip) => {
-                    let history = io.shared.reputation.history(ip);
-                    self.session.handle_reputation(now, history);
+                    let half_life = io.config.reputation.half_life;
+                    self.ask_state(StateOp::CheckReputation { ip, half_life }, key, now, io);
                 }
                 Action::RecordReputation(ip, event) => {
                     let half_life = io.config.reputation.half_life;
-                    io.shared.reputation.record(ip, event, now, half_life);
+                    let op = StateOp::RecordReputation {
+                        ip,
+                        event,
+                        half_life,
+                    };
+                    self.ask_state(op, key, now, io);
                 }
-                Action::CheckGreylist(key) => {
-                    let outcome = io.shared.greylist.check(&key, now, &io.config.greylist);
-                    self.session.handle_greylist(now, outcome);
+                Action::CheckGreylist(triplet) => {
+                    let times = GreylistTimes::of(&io.config.greylist);
+                    let op = StateOp::CheckGreylist {
+                        key: triplet,
+                        times,
+                    };
+                    self.ask_state(op, key, now, io);
                 }
                 Action::EnterTarpit => {
                     self.tarpit_place = io.shared.load.try_tarpit();
@@ -648,14 +684,8 @@ impl Conn {
                         self.session.handle_lookup(now, &query, answer);
                     }
                 }
+                // The rate first (`handle_state`), then the per-IP cap.
                 Action::Admit(client) => {
-                    let admitted = match self.guard.rekey(client.ip()) {
-                        Ok(()) => true,
-                        Err(refusal) => {
-                            log::info!("refused connection from {client}: {refusal}");
-                            false
-                        }
-                    };
                     // The balancer's address was checked at accept; the client's is known now.
                     if io.config.tls.loaded.is_some()
                         && io.shared.tls_failures.failed_recently(client.ip(), now)
@@ -663,11 +693,23 @@ impl Conn {
                         log_withheld(client);
                         self.session.handle_starttls_withheld();
                     }
-                    self.session.handle_admission(now, admitted);
+                    self.ask_state(StateOp::CheckRate(client.ip()), key, now, io);
                 }
             }
         }
         moved
+    }
+
+    /// Asks the state front; an answer now goes to the session at once, a later one comes
+    /// through the worker's inbox (`Worker::take_state_answers`).
+    fn ask_state(&mut self, op: StateOp, key: ConnKey, now: Instant, io: &Io<'_>) {
+        let waiter = StateWaiter {
+            worker: io.state_worker,
+            key: key.to_u64(),
+        };
+        if let Some(answer) = io.shared.store.ask(op, now, waiter) {
+            self.handle_state(now, answer);
+        }
     }
 
     /// The session wants a downstream connection: in multiplexing mode an idle pooled one, a

@@ -5,7 +5,10 @@
 //! `[limits] max_connections_per_ip`.
 //!
 //! The rates are checked first, so a client over its rate is refused without touching the
-//! counts. A slot is then taken at accept and given back by dropping its [`LimitGuard`], which
+//! counts. A PROXY client's rate is asked once its header names it (through `state::Store`):
+//! it comes in unkeyed and is counted against its per-IP cap by [`LimitGuard::rekey`] once its
+//! rate allowed it. With the rates in Redis a direct client is counted at accept
+//! ([`Limits::try_acquire_unrated`]) and its rate asked afterwards. A slot is then taken at accept and given back by dropping its [`LimitGuard`], which
 //! the connection owns, so every way a connection can end releases it. Over any limit the worker
 //! answers DESIGN.md §1.1's `421 4.7.0` and closes without creating a session. The rate buckets'
 //! stale keys are dropped by [`Limits::sweep_rates`], which the workers call every turn and
@@ -36,8 +39,9 @@ pub(crate) struct Limits {
     /// Addresses with at least one open connection; an entry is removed when it drops to 0, so
     /// the map is as large as the set of connected clients, not of every client ever seen.
     per_ip: DashMap<IpAddr, u32>,
-    /// Checked before the counts, for every client not exempt.
-    rates: ConnectionRates,
+    /// Checked before the counts, for every client not exempt; shared with the local state
+    /// store, which answers the rate question for clients checked after accept.
+    rates: Arc<ConnectionRates>,
     /// When the next sweep of `rates` is due, in milliseconds after `epoch`; the worker that
     /// moves it on does the sweep.
     next_sweep: AtomicU64,
@@ -74,7 +78,11 @@ pub(crate) struct LimitGuard {
 
 impl Limits {
     /// Counters for these caps, and these rate buckets.
-    pub(crate) fn new(max_connections: usize, max_per_ip: u32, rates: ConnectionRates) -> Limits {
+    pub(crate) fn new(
+        max_connections: usize,
+        max_per_ip: u32,
+        rates: Arc<ConnectionRates>,
+    ) -> Limits {
         Limits {
             max_connections,
             max_per_ip,
@@ -91,11 +99,24 @@ impl Limits {
     /// still taken the address's token, see [`ConnectionRates::check`]). `None` skips the rates
     /// and counts the connection against the global cap only: a load balancer from
     /// `proxy_protocol_from` carries everyone's connections under its one address, and its
-    /// clients are checked by [`LimitGuard::rekey`] once their header names them.
+    /// clients are checked once their header names them ([`LimitGuard::rekey`]).
     pub(crate) fn try_acquire(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<LimitGuard, Refusal> {
         if let Some(ip) = ip {
             self.rates.check(ip).map_err(Refusal::Rate)?;
         }
+        self.count(ip)
+    }
+
+    /// Counts a new connection from `ip` against both caps without taking a rate token: with
+    /// the rates in Redis the token is asked for afterwards, and dropping the guard undoes the
+    /// count if the rate refuses. Counting first keeps one address from holding more than
+    /// `max_connections_per_ip` places while its answers are on their way.
+    pub(crate) fn try_acquire_unrated(self: &Arc<Self>, ip: IpAddr) -> Result<LimitGuard, Refusal> {
+        self.count(Some(ip))
+    }
+
+    /// One more connection against the global cap and, with `ip`, against its per-IP cap.
+    fn count(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<LimitGuard, Refusal> {
         let before = self.open.fetch_add(1, Ordering::AcqRel);
         if before >= self.max_connections {
             self.open.fetch_sub(1, Ordering::AcqRel);
@@ -190,15 +211,15 @@ impl Limits {
 }
 
 impl LimitGuard {
-    /// Checks a connection that came in unkeyed (from a balancer) against the rate buckets and
-    /// the per-IP cap of the client its PROXY header named, as [`Limits::try_acquire`] checks
-    /// a direct one (rates first). On refusal the guard stays unkeyed: its connection is about
-    /// to be closed.
+    /// Counts a connection that came in unkeyed (from a balancer) against the per-IP cap of
+    /// its client, whose rate the caller has already checked (the order of
+    /// [`Limits::try_acquire`]: rates first). A guard already keyed (by
+    /// [`Limits::try_acquire_unrated`]) is counted already. On refusal the guard stays
+    /// unkeyed: its connection is about to be closed.
     pub(crate) fn rekey(&mut self, ip: IpAddr) -> Result<(), Refusal> {
         if self.ip.is_some() {
             return Ok(());
         }
-        self.limits.rates.check(ip).map_err(Refusal::Rate)?;
         if !self.limits.count_ip(ip) {
             return Err(Refusal::PerIpCap);
         }
@@ -238,13 +259,13 @@ mod tests {
     /// Caps as given; rates no test here reaches.
     fn limits(max_connections: usize, max_per_ip: u32) -> Arc<Limits> {
         let rates = ConnectionRates::new(rate(u32::MAX), rate(u32::MAX));
-        Arc::new(Limits::new(max_connections, max_per_ip, rates))
+        Arc::new(Limits::new(max_connections, max_per_ip, Arc::new(rates)))
     }
 
     #[test]
     fn over_the_rate_is_refused_before_anything_is_counted() {
         let rates = ConnectionRates::new(rate(2), rate(3));
-        let limits = Arc::new(Limits::new(100, 100, rates));
+        let limits = Arc::new(Limits::new(100, 100, Arc::new(rates)));
         let first = limits.try_acquire(Some(A)).unwrap();
         drop(first);
         let _second = limits.try_acquire(Some(A)).unwrap();
@@ -270,23 +291,6 @@ mod tests {
     }
 
     #[test]
-    fn rekeying_checks_the_proxied_clients_rate() {
-        let rates = ConnectionRates::new(rate(1), rate(100));
-        let limits = Arc::new(Limits::new(100, 100, rates));
-        let mut first = limits.try_acquire(None).unwrap();
-        first.rekey(A).unwrap();
-        let mut second = limits.try_acquire(None).unwrap();
-        assert_eq!(
-            second.rekey(A).unwrap_err(),
-            Refusal::Rate(RateRefusal::PerIp)
-        );
-        assert_eq!(limits.open_from(A), 1);
-        // Another client behind the same balancer has its own bucket.
-        second.rekey(B).unwrap();
-        assert_eq!(limits.open_from(B), 1);
-    }
-
-    #[test]
     fn rate_sweeps_happen_at_most_once_an_interval() {
         let limits = limits(10, 10);
         let t0 = limits.epoch;
@@ -300,6 +304,26 @@ mod tests {
         assert!(limits.sweep_rates(late));
         assert!(!limits.sweep_rates(late + RATE_SWEEP_INTERVAL / 2));
         assert!(limits.sweep_rates(late + RATE_SWEEP_INTERVAL));
+    }
+
+    #[test]
+    fn unrated_connections_are_counted_and_take_no_token() {
+        let rates = ConnectionRates::new(rate(1), rate(1));
+        let limits = Arc::new(Limits::new(100, 2, Arc::new(rates)));
+        let mut first = limits.try_acquire_unrated(A).unwrap();
+        let _second = limits.try_acquire_unrated(A).unwrap();
+        assert_eq!(
+            limits.try_acquire_unrated(A).unwrap_err(),
+            Refusal::PerIpCap
+        );
+        assert_eq!(limits.open_from(A), 2);
+        // Counted already: rekeying (after the rate answered) counts nothing more.
+        first.rekey(A).unwrap();
+        assert_eq!(limits.open_from(A), 2);
+        drop(first);
+        assert_eq!(limits.open_from(A), 1);
+        // No token was taken: the one token of A's bucket is still there.
+        assert_eq!(limits.rates.check(A), Ok(()));
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //!
 //! Threads: `[server] workers` event loops (`worker.rs`), each with its own listener socket per
 //! listen address (SO_REUSEPORT, so the kernel spreads connections over them), its own
-//! connection slab and timer heap; plus, under [`run`], one thread waiting for signals. Workers
-//! share only the connection limits and rate buckets (`limits.rs`) and a stop flag; each has a
-//! `mio::Waker` so another thread can make it look at the flag.
+//! connection slab and timer heap; plus, under [`run`], one thread waiting for signals, and the
+//! resolver and state (Redis) threads when the config needs them. Workers share the connection
+//! limits and rate buckets (`limits.rs`), the state front (`state::Store`) and a stop flag; each
+//! has a `mio::Waker` so another thread can make it look at the flag or its inboxes.
 //!
 //! Life of a connection:
 //! 1. **Accept** (`Worker::accept`): until `WouldBlock`, a bounded number per turn. Over its
@@ -12,7 +13,8 @@
 //!    `max_connections` or `max_connections_per_ip` the client gets `421 4.7.0 <hostname> Too
 //!    many connections, try again later` and is closed without a session. Otherwise a
 //!    [`Session`](crate::smtp::Session) is created and the socket registered once for
-//!    `READABLE | WRITABLE`.
+//!    `READABLE | WRITABLE`. With the rates in Redis the session is created at once and asks
+//!    (`Action::Admit`); the answer starts its checks or refuses it with the same `421`.
 //! 2. **Drive** (`Conn::drive`): after every event or timer, one bounded read per socket feeds
 //!    the session, then output, actions (downstream connect and close, the switch to TLS after
 //!    STARTTLS, close) and writes go round until nothing moves, and the connection's deadline is
@@ -62,10 +64,11 @@ use self::reload::Reloads;
 use self::snapshots::{Saver, Snapshots, Tables};
 use self::tls_failures::TlsFailures;
 use self::worker::{Shared, Worker};
-use crate::config::Config;
+use crate::config::{Config, StateBackend};
 use crate::dns::{Resolver, ResolverHandle};
 use crate::policy::ConnectionRates;
-use crate::state::{Greylist, PassCache, ReputationTable};
+use crate::state::redis::RedisState;
+use crate::state::{Greylist, Local, PassCache, ReputationTable, Store, StoreStats};
 
 /// Pending connections the kernel queues per listener socket before refusing more.
 const LISTEN_BACKLOG: i32 = 1024;
@@ -83,6 +86,10 @@ pub struct ServerHandle {
     /// The thread saving the state every minute; stopped after the workers, before the
     /// final save.
     saver: Option<Saver>,
+    /// The state thread, with `[state] backend = "redis"`; stopped after the workers.
+    redis: Option<RedisState>,
+    /// The workers' state front, for its figures.
+    store: Arc<Store>,
 }
 
 /// What another thread needs to stop the workers.
@@ -122,14 +129,31 @@ impl ServerHandle {
         }
 
         let stopping = Arc::new(AtomicBool::new(false));
+        let rates = Arc::new(ConnectionRates::new(
+            config.limits.connection_rate_per_ip,
+            config.limits.connection_rate_per_subnet,
+        ));
         let limits = Arc::new(Limits::new(
             config.server.max_connections,
             config.limits.max_connections_per_ip,
-            ConnectionRates::new(
-                config.limits.connection_rate_per_ip,
-                config.limits.connection_rate_per_subnet,
-            ),
+            Arc::clone(&rates),
         ));
+        let tables = Tables {
+            passes: Arc::new(PassCache::new(config.tarpit.pass_ttl)),
+            greylist: Arc::new(Greylist::new(std::time::Instant::now())),
+            reputation: Arc::new(ReputationTable::new()),
+        };
+        let local = Arc::new(Local::new(
+            Arc::clone(&tables.passes),
+            Arc::clone(&tables.greylist),
+            Arc::clone(&tables.reputation),
+            rates,
+        ));
+        let mut redis = match config.state.backend {
+            StateBackend::Redis => Some(RedisState::start(&config, Arc::clone(&local))?),
+            StateBackend::Local => None,
+        };
+        let store = Arc::new(Store::new(local, redis.as_ref().map(RedisState::handle)));
         let mut resolver = if config.dns.rdns || !config.dnsbl.is_empty() {
             Some(Resolver::start(&config.dns, &config.dnsbl)?)
         } else {
@@ -141,17 +165,10 @@ impl ServerHandle {
                 config.server.max_connections,
                 config.server.max_tarpitted,
             )),
-            passes: Arc::new(PassCache::new(config.tarpit.pass_ttl)),
-            greylist: Arc::new(Greylist::new(std::time::Instant::now())),
-            reputation: Arc::new(ReputationTable::new()),
+            store: Arc::clone(&store),
             tls_failures: Arc::new(TlsFailures::default()),
             stopping: Arc::clone(&stopping),
             reloads: Arc::new(Reloads::new(Arc::clone(&config))),
-        };
-        let tables = Tables {
-            passes: Arc::clone(&shared.passes),
-            greylist: Arc::clone(&shared.greylist),
-            reputation: Arc::clone(&shared.reputation),
         };
         let snapshots = Snapshots::open(&config, tables, Arc::clone(&shared.reloads)).map(Arc::new);
         if let Some(snapshots) = &snapshots {
@@ -170,6 +187,10 @@ impl ServerHandle {
             if let Some(resolver) = resolver.as_mut() {
                 let (id, inbox) = resolver.add_worker(Arc::clone(&waker));
                 worker.attach_resolver(resolver.handle(), id, inbox);
+            }
+            if let Some(redis) = redis.as_mut() {
+                let (id, inbox) = redis.add_worker(Arc::clone(&waker));
+                worker.attach_state(id, inbox);
             }
             built.push(worker);
             wakers.push(waker);
@@ -197,6 +218,8 @@ impl ServerHandle {
             resolver,
             snapshots,
             saver,
+            redis,
+            store,
         };
         for (index, worker) in built.into_iter().enumerate() {
             let spawned = thread::Builder::new()
@@ -219,6 +242,12 @@ impl ServerHandle {
     /// figures, for operators (logs, later metrics) and tests.
     pub fn resolver(&self) -> Option<ResolverHandle> {
         self.resolver.as_ref().map(Resolver::handle)
+    }
+
+    /// The state backend's figures: whether Redis is connected, answers from it and from the
+    /// local fallback (all zero with `backend = "local"`).
+    pub fn store_stats(&self) -> StoreStats {
+        self.store.stats()
     }
 
     /// Puts `config` in force (see `reload.rs`): new connections use it at once, live sessions
@@ -245,6 +274,7 @@ impl ServerHandle {
         let resolver = self.resolver.take();
         let saver = self.saver.take();
         let snapshots = self.snapshots.take();
+        let redis = self.redis.take();
         let mut result = Ok(());
         for thread in self.workers {
             let outcome = thread
@@ -257,7 +287,7 @@ impl ServerHandle {
                 }
             }
         }
-        // No worker is left to ask it anything.
+        // No worker is left to ask them anything.
         drop(resolver);
         // No session is left to change the state: the last save has everything.
         if let Some(saver) = saver {
@@ -268,6 +298,7 @@ impl ServerHandle {
         {
             log::info!("state: saved to {}", snapshots.dir().display());
         }
+        drop(redis);
         result
     }
 }

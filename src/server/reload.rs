@@ -7,9 +7,8 @@
 //! refused as a whole and the running configuration stays.
 //!
 //! What was built from the configuration at start (listeners, workers, connection caps and
-//! rates, the resolver, the downstream pool, the PASS cache, the state directory) keeps its
-//! start values; a reload
-//! that changes one of those keys says so in its log line.
+//! rates, the resolver, the downstream pool, the PASS cache, the state directory and backend)
+//! keeps its start values; a reload that changes one of those keys says so in its log line.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -59,7 +58,7 @@ pub(crate) fn restart_only_changes(
     resolver_running: bool,
 ) -> Vec<&'static str> {
     let needs_resolver = new.dns.rdns || !new.dnsbl.is_empty();
-    let checks: [(&'static str, bool); 13] = [
+    let checks: [(&'static str, bool); 14] = [
         ("server.listen", old.server.listen != new.server.listen),
         ("server.workers", old.server.workers != new.server.workers),
         (
@@ -103,6 +102,8 @@ pub(crate) fn restart_only_changes(
             "tarpit.pass_ttl",
             old.tarpit.pass_ttl != new.tarpit.pass_ttl,
         ),
+        // The backend, its connection and its key names are set up once, at start.
+        ("state", old.state != new.state),
     ];
     checks
         .into_iter()
@@ -148,9 +149,10 @@ mod tests {
         );
         new.server.max_connections = 7;
         new.dns.timeout = std::time::Duration::from_secs(9);
+        new.state.prefix = "mx2:".to_owned();
         assert_eq!(
             restart_only_changes(&old, &new, true),
-            ["server.max_connections", "dns"]
+            ["server.max_connections", "dns", "state"]
         );
     }
 }

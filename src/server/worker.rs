@@ -1,9 +1,10 @@
 //! One worker: a mio event loop on its own thread with its own listeners (SO_REUSEPORT: the
 //! kernel spreads new connections over the workers), connection slab and timer heap. Workers
-//! share only the connection limits (rate buckets included) and the stop flag.
+//! share the connection limits (rate buckets included), the state front and the stop flag.
 //!
 //! A turn: poll (zero timeout when work was left over, else until the earliest deadline); note
-//! readiness from the events; on the waker, start shutting down if asked; fire expired timers;
+//! readiness from the events; on the waker, start shutting down if asked and hand out the
+//! answers in the DNS and state inboxes; fire expired timers;
 //! accept; sweep the rate buckets when due; drive every connection that was ready or touched,
 //! the ones left over from the last turn first; close the connections that finished.
 
@@ -30,7 +31,8 @@ use crate::config::{Config, DownstreamMode, DownstreamTls};
 use crate::dns::{Inbox, ResolverHandle};
 use crate::policy::ListMatch;
 use crate::smtp::{Peer, Session, Shutdown, too_many_connections};
-use crate::state::{Greylist, PassCache, ReputationTable};
+use crate::state::Store;
+use crate::state::redis::Inbox as StateInbox;
 
 /// Events taken from the kernel per poll; more wait for the next turn.
 const EVENTS_PER_TURN: usize = 1024;
@@ -56,12 +58,9 @@ pub(crate) struct Shared {
     pub(crate) limits: Arc<Limits>,
     /// Tarpit places and stress mode.
     pub(crate) load: Arc<Load>,
-    /// Clients that passed the greet pause.
-    pub(crate) passes: Arc<PassCache>,
-    /// Greylisting triplets.
-    pub(crate) greylist: Arc<Greylist>,
-    /// Per-address histories (`[reputation]`).
-    pub(crate) reputation: Arc<ReputationTable>,
+    /// The PASS cache, greylisting, reputation and (with Redis) connection rates: in process
+    /// or shared.
+    pub(crate) store: Arc<Store>,
     /// Clients whose STARTTLS handshake failed recently: not offered STARTTLS.
     pub(crate) tls_failures: Arc<TlsFailures>,
     /// Set when the server is asked to stop.
@@ -105,6 +104,15 @@ pub(crate) struct Worker {
     /// The client side of downstream STARTTLS for `config`, rebuilt when it is reloaded;
     /// `None` when `[downstream] tls = "none"` (or it could not be built: handshakes fail).
     client_tls: Option<Arc<rustls::ClientConfig>>,
+    /// This worker's inbox for the state thread's answers (`[state] backend = "redis"`).
+    state: Option<WorkerState>,
+}
+
+/// A worker's end of the state thread.
+struct WorkerState {
+    /// The index the state thread knows this worker by.
+    id: usize,
+    inbox: StateInbox,
 }
 
 /// A worker's end of the resolver thread.
@@ -180,6 +188,7 @@ impl Worker {
             pool: Pool::new(config.downstream.pool_size, workers),
             dns: None,
             client_tls: client_tls(&config),
+            state: None,
         };
         Ok((worker, waker))
     }
@@ -192,6 +201,12 @@ impl Worker {
             id,
             inbox,
         });
+    }
+
+    /// Connects the worker to the state thread: answers come to `inbox` (followed by a wake),
+    /// addressed to worker `id`.
+    pub(crate) fn attach_state(&mut self, id: usize, inbox: StateInbox) {
+        self.state = Some(WorkerState { id, inbox });
     }
 
     /// The event loop; returns once shutdown was asked for and every connection is closed, or
@@ -260,6 +275,7 @@ impl Worker {
         }
         if woken {
             self.take_dns_answers(now);
+            self.take_state_answers(now);
             self.follow_reload(now);
         }
         self.advance_phase(now);
@@ -331,6 +347,21 @@ impl Worker {
             let key = ConnKey::from_u64(delivery.key);
             if let Some(conn) = self.conns.get_mut(key) {
                 conn.handle_lookup(now, &delivery.query, delivery.answer);
+                queue(&mut self.pending, conn, key);
+            }
+        }
+    }
+
+    /// Hands every state answer in the inbox to the connection that asked, like
+    /// [`Worker::take_dns_answers`].
+    fn take_state_answers(&mut self, now: Instant) {
+        let Some(state) = &self.state else {
+            return;
+        };
+        while let Some(delivery) = state.inbox.try_recv() {
+            let key = ConnKey::from_u64(delivery.key);
+            if let Some(conn) = self.conns.get_mut(key) {
+                conn.handle_state(now, delivery.answer);
                 queue(&mut self.pending, conn, key);
             }
         }
@@ -432,13 +463,18 @@ impl Worker {
     fn admit(&mut self, stream: TcpStream, addr: SocketAddr, local: SocketAddr, now: Instant) {
         // A load balancer's connections carry the real client only in their PROXY header,
         // so its own address is not what the per-IP cap and the rates are about: the client
-        // is checked when the header names it (`Action::Admit` in conn.rs).
+        // is checked when the header names it (`Action::Admit` in conn.rs). With the rates in
+        // Redis every client's rate is: its answer cannot be waited for here, so only the caps
+        // are counted now.
         let behind_proxy = self.config.server.expects_proxy_header(addr.ip());
         let allowed = !behind_proxy
             && self.config.lists.entries.check_ip(addr.ip().to_canonical())
                 == Some(ListMatch::Allow);
+        let rated_later = !allowed && self.shared.store.is_shared();
         let acquired = if allowed {
             Ok(self.shared.limits.acquire_exempt())
+        } else if rated_later && !behind_proxy {
+            self.shared.limits.try_acquire_unrated(addr.ip())
         } else {
             self.shared
                 .limits
@@ -476,7 +512,11 @@ impl Worker {
             stressed: self.stressed,
             starttls: self.config.tls.loaded.is_some() && !withheld,
         };
-        let session = Session::new(Arc::clone(&self.config), peer, now);
+        let session = if rated_later {
+            Session::admitting(Arc::clone(&self.config), peer, now)
+        } else {
+            Session::new(Arc::clone(&self.config), peer, now)
+        };
         let conn = Conn::new(id, stream, session, now, guard);
         let Ok(key) = self.conns.insert(conn) else {
             log::warn!("conn={id} refused: connection table full");
@@ -507,6 +547,7 @@ impl Worker {
             multiplexing: self.config.downstream.mode == DownstreamMode::Multiplexing,
             resolver: self.dns.as_ref().map(|dns| &dns.resolver),
             worker: self.dns.as_ref().map_or(0, |dns| dns.id),
+            state_worker: self.state.as_ref().map_or(0, |state| state.id),
             shared: &self.shared,
             config: &self.config,
             client_tls: self.client_tls.as_ref(),
@@ -538,6 +579,7 @@ impl Worker {
             multiplexing: false,
             resolver: None,
             worker: 0,
+            state_worker: 0,
             shared: &self.shared,
             config: &self.config,
             client_tls: self.client_tls.as_ref(),
@@ -564,6 +606,7 @@ impl Worker {
             multiplexing: true,
             resolver: self.dns.as_ref().map(|dns| &dns.resolver),
             worker: self.dns.as_ref().map_or(0, |dns| dns.id),
+            state_worker: self.state.as_ref().map_or(0, |state| state.id),
             shared: &self.shared,
             config: &self.config,
             client_tls: self.client_tls.as_ref(),

@@ -13,7 +13,7 @@
 //!
 //! # Lifecycle
 //! ```text
-//! [Proxy ──header──▶ Admitting ──▶] Checking ──answers or dns.timeout──▶ verdict ──▶ Command
+//! [[Proxy ──header──▶] Admitting ──▶] Checking ──answers or dns.timeout──▶ verdict ──▶ Command
 //! Command ──MAIL/RCPT/DATA──▶ Waiting(pending) ──downstream reply──▶ Command
 //!                              Waiting(Data) ──354──▶ Data ──CRLF.CRLF──▶ Waiting(EndOfData)
 //! Command ──STARTTLS──▶ StartingTls ──handle_tls_established──▶ Command (before EHLO again)
@@ -255,7 +255,8 @@ pub struct Report<'a> {
 enum Phase {
     /// A client from `proxy_protocol_from`: its PROXY header comes before the banner.
     Proxy,
-    /// The header named the client; the driver is checking its per-IP cap.
+    /// The header named the client (or, with `Session::admitting`, the client connected): the
+    /// driver is checking its connection rates and per-IP cap.
     Admitting,
     /// Before the final greeting line: DNS lookups are out, the greet pause runs, a client
     /// that talks now is a pregreet talker. Ends when the answers are in (or `[dns] timeout`),
@@ -486,15 +487,38 @@ impl Session {
     /// A new session for an accepted connection; queues the banner, or waits for the PROXY
     /// header first when the peer is a listed load balancer.
     pub fn new(config: Arc<Config>, peer: Peer, now: Instant) -> Session {
-        let behind_proxy = config.server.expects_proxy_header(peer.client.ip());
-        let mut session = Session {
+        if config.server.expects_proxy_header(peer.client.ip()) {
+            let mut session = Session::unstarted(config, peer, now, Phase::Proxy);
+            session.timers.idle = None;
+            session.timers.command = Some(now + PROXY_HEADER_TIMEOUT);
+            return session;
+        }
+        let mut session = Session::unstarted(config, peer, now, Phase::Command);
+        session.start_checks(now);
+        session
+    }
+
+    /// A new session whose client the driver could not admit on the spot (its connection
+    /// rates are shared through Redis, so the answer comes later): it asks first
+    /// (`Action::Admit` with the peer's address) and reads nothing until
+    /// [`Session::handle_admission`] starts the checks or refuses with DESIGN.md §1.1's `421`.
+    /// A listed load balancer's connection waits for its PROXY header as with
+    /// [`Session::new`], and asks for the client the header names.
+    pub fn admitting(config: Arc<Config>, peer: Peer, now: Instant) -> Session {
+        if config.server.expects_proxy_header(peer.client.ip()) {
+            return Session::new(config, peer, now);
+        }
+        let mut session = Session::unstarted(config, peer, now, Phase::Admitting);
+        session.actions.push_back(Action::Admit(peer.client));
+        session
+    }
+
+    /// A session in `phase` with nothing started.
+    fn unstarted(config: Arc<Config>, peer: Peer, now: Instant, phase: Phase) -> Session {
+        Session {
             peer,
             started: now,
-            phase: if behind_proxy {
-                Phase::Proxy
-            } else {
-                Phase::Command
-            },
+            phase,
             line: Vec::new(),
             discarding: false,
             to_client: Vec::new(),
@@ -536,14 +560,7 @@ impl Session {
                 TlsStage::Unavailable
             },
             config,
-        };
-        if behind_proxy {
-            session.timers.idle = None;
-            session.timers.command = Some(now + PROXY_HEADER_TIMEOUT);
-        } else {
-            session.start_checks(now);
         }
-        session
     }
 
     /// Feeds client bytes; returns how many were consumed. The driver keeps the rest and offers

@@ -1,14 +1,19 @@
 //! State shared by the workers that outlives a connection (DESIGN.md §5): the PASS cache, the
-//! greylist and the reputation table, in process, each bounded, and their crash-safe
-//! snapshots in `[server] state_dir` (`snapshot`), which the server writes now and then and
-//! on shutdown and reads at start. Redis comes with the rest of the state issue.
+//! greylist, the reputation table and the connection-rate buckets, in process or in Redis.
+//! Workers ask through the [`Store`] front (`store`), which answers from the in-process tables
+//! (`pass`, `greylist`, `reputation`) or hands the question to the Redis thread (`redis`). With
+//! the local backend the tables have crash-safe snapshots in `[server] state_dir`
+//! (`snapshot`), which the server writes now and then and on shutdown and reads at start.
 
 pub mod greylist;
 pub mod pass;
+pub mod redis;
 pub mod reputation;
 pub mod snapshot;
+pub mod store;
 
 pub use greylist::{Greylist, GreylistOutcome};
 pub use pass::PassCache;
 pub use reputation::ReputationTable;
 pub use snapshot::{Clocks, StateDir};
+pub use store::{GreylistTimes, Local, StateAnswer, StateOp, Store, StoreStats, Waiter};

@@ -17,6 +17,8 @@ use tarmac::sink::{Behaviour, Sink, SinkConfig};
 pub mod dns_server;
 // Test CA and loopback leaf certificates for the TLS tests.
 pub mod certs;
+// A real redis-server on loopback (no persistence) for the shared-state tests and bench.
+pub mod redis_server;
 
 /// How long any single wait in a test may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(10);

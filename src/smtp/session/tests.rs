@@ -1077,6 +1077,56 @@ fn proxied_client_over_its_per_ip_cap_gets_421_instead_of_the_banner() {
     assert_eq!(pair.session.report().result, "refused");
 }
 
+/// A session built with `Session::admitting` (rates answered later): it asks about the
+/// client it was accepted from, reads nothing and greets only once admitted.
+#[test]
+fn an_admitting_session_asks_first_and_greets_once_admitted() {
+    let now = Instant::now();
+    let client: SocketAddr = "192.0.2.7:53211".parse().unwrap();
+    let peer = Peer {
+        client,
+        local: "198.51.100.1:25".parse().unwrap(),
+        accepted_at: UNIX_EPOCH,
+        stressed: false,
+        starttls: false,
+    };
+    for admitted in [true, false] {
+        let mut session = Session::admitting(Arc::new(config()), peer, now);
+        assert_eq!(session.poll_action(), Some(Action::Admit(client)));
+        assert_eq!(session.poll_action(), None);
+        assert!(!session.wants_read(), "a talker waits unread");
+        assert_eq!(
+            session.poll_timeout(),
+            None,
+            "the driver's answer is bounded"
+        );
+        let mut out = Vec::new();
+        session.poll_transmit(now, Side::Client, &mut out);
+        assert!(out.is_empty(), "no banner before the answer");
+        session.handle_admission(now, admitted);
+        session.poll_transmit(now, Side::Client, &mut out);
+        if admitted {
+            assert_eq!(String::from_utf8_lossy(&out), BANNER);
+            assert!(session.wants_read());
+        } else {
+            assert_eq!(
+                String::from_utf8_lossy(&out),
+                "421 4.7.0 mx.test Too many connections, try again later\r\n"
+            );
+            assert_eq!(session.poll_action(), Some(Action::Close));
+            assert_eq!(session.report().result, "refused");
+        }
+    }
+    // A balancer's connection still waits for its header, then asks for the client in it.
+    let mut session = Session::admitting(Arc::new(behind_balancer()), peer, now);
+    assert_eq!(session.poll_action(), None);
+    session.handle_client_data(now, b"PROXY TCP4 203.0.113.9 198.51.100.1 40000 25\r\n");
+    assert_eq!(
+        session.poll_action(),
+        Some(Action::Admit("203.0.113.9:40000".parse().unwrap()))
+    );
+}
+
 fn multiplexing() -> Config {
     let mut config = config();
     config.downstream.mode = crate::config::DownstreamMode::Multiplexing;
