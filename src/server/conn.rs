@@ -356,12 +356,7 @@ impl Conn {
             if let Some(tls) = self.tls.as_deref_mut().filter(|tls| !tls.is_handshaking()) {
                 // A clean TLS end, best effort: the client knows no truncation happened.
                 tls.send_close_notify();
-                while tls.wants_write() {
-                    match tls.write_tls(&mut &self.client) {
-                        Ok(n) if n > 0 => {}
-                        _ => break,
-                    }
-                }
+                let _ = tls.flush(&mut Vec::new(), &mut &self.client);
             }
             let _ = self.client.shutdown(NetShutdown::Write);
             let mut drained = 0;
@@ -1136,41 +1131,15 @@ impl Conn {
         let Some(tls) = self.tls.as_deref_mut() else {
             return false;
         };
-        let mut moved = false;
-        loop {
-            if !self.to_client.is_empty() {
-                match tls.write_plaintext(&self.to_client) {
-                    Ok(n) => {
-                        self.to_client.drain(..n.min(self.to_client.len()));
-                        moved |= n > 0;
-                    }
-                    Err(e) => {
-                        log::debug!("conn={} TLS write failed: {e}", self.id);
-                        self.fail_client(now);
-                        return true;
-                    }
-                }
+        match tls.flush(&mut self.to_client, &mut &self.client) {
+            Ok(flush) => {
+                self.writable &= !flush.blocked;
+                flush.moved
             }
-            if !tls.wants_write() {
-                return moved;
-            }
-            match tls.write_tls(&mut &self.client) {
-                Ok(0) => {
-                    log::debug!("conn={} client write failed: wrote nothing", self.id);
-                    self.fail_client(now);
-                    return true;
-                }
-                Ok(_) => moved = true,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.writable = false;
-                    return moved;
-                }
-                Err(e) => {
-                    log::debug!("conn={} client write failed: {e}", self.id);
-                    self.fail_client(now);
-                    return true;
-                }
+            Err(e) => {
+                log::debug!("conn={} client write failed: {e}", self.id);
+                self.fail_client(now);
+                true
             }
         }
     }
@@ -1236,27 +1205,9 @@ impl DownstreamConn {
         let Some(tls) = self.tls.as_deref_mut() else {
             return Ok(false);
         };
-        let mut moved = false;
-        loop {
-            if !self.to_downstream.is_empty() {
-                let n = tls.write_plaintext(&self.to_downstream)?;
-                self.to_downstream.drain(..n.min(self.to_downstream.len()));
-                moved |= n > 0;
-            }
-            if !tls.wants_write() {
-                return Ok(moved);
-            }
-            match tls.write_tls(&mut &self.stream) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(_) => moved = true,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.writable = false;
-                    return Ok(moved);
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let flush = tls.flush(&mut self.to_downstream, &mut &self.stream)?;
+        self.writable &= !flush.blocked;
+        Ok(flush.moved)
     }
 
     /// The session closes this connection: what it queued last (a QUIT) goes out in one
@@ -1269,11 +1220,9 @@ impl DownstreamConn {
             }
             Some(tls) if tls.is_handshaking() => {}
             Some(tls) => {
-                if let Ok(n) = tls.write_plaintext(&self.to_downstream) {
-                    self.to_downstream.drain(..n.min(self.to_downstream.len()));
-                }
+                let _ = tls.flush(&mut self.to_downstream, &mut &self.stream);
                 tls.send_close_notify();
-                let _ = self.write_tls();
+                let _ = tls.flush(&mut Vec::new(), &mut &self.stream);
             }
         }
     }

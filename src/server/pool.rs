@@ -156,14 +156,9 @@ impl Drop for Pool {
                     let _ = (&idle.stream).write(b"QUIT\r\n");
                 }
                 Some(tls) => {
-                    let _ = tls.write_plaintext(b"QUIT\r\n");
+                    let _ = tls.flush(&mut b"QUIT\r\n".to_vec(), &mut &idle.stream);
                     tls.send_close_notify();
-                    while tls.wants_write() {
-                        match tls.write_tls(&mut &idle.stream) {
-                            Ok(n) if n > 0 => {}
-                            _ => break,
-                        }
-                    }
+                    let _ = tls.flush(&mut Vec::new(), &mut &idle.stream);
                 }
             }
         }

@@ -56,6 +56,15 @@ pub(crate) enum TlsRead {
     Full,
 }
 
+/// What one [`TlsStream::flush`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Flush {
+    /// Something was taken from the outbox or written to the socket (room for more output).
+    pub(crate) moved: bool,
+    /// The socket would block: clear its writable flag.
+    pub(crate) blocked: bool,
+}
+
 /// Why a TLS stream cannot go on.
 #[derive(Debug)]
 pub(crate) enum TlsFailure {
@@ -150,6 +159,42 @@ impl TlsStream {
             return Ok(n);
         }
         self.conn.write_tls(socket)
+    }
+
+    /// Moves `outbox` into rustls (as much as its bounded buffer takes) and rustls' records
+    /// (the preamble first) to `socket`, until both are empty or the socket would block. A
+    /// socket that takes nothing, or a connection rustls has failed, is an error.
+    pub(crate) fn flush(
+        &mut self,
+        outbox: &mut Vec<u8>,
+        socket: &mut dyn Write,
+    ) -> io::Result<Flush> {
+        let mut moved = false;
+        loop {
+            if !outbox.is_empty() {
+                let n = self.write_plaintext(outbox)?;
+                outbox.drain(..n.min(outbox.len()));
+                moved |= n > 0;
+            }
+            if !self.wants_write() {
+                return Ok(Flush {
+                    moved,
+                    blocked: false,
+                });
+            }
+            match self.write_tls(socket) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(_) => moved = true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok(Flush {
+                        moved,
+                        blocked: true,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Queues a `close_notify` alert (write it with [`TlsStream::write_tls`]).
@@ -338,6 +383,61 @@ mod tests {
         exchange(&mut client, &mut server);
         assert!(server.is_finished());
         assert!(!server.wants_read());
+    }
+
+    #[test]
+    fn flush_stops_at_a_full_socket_and_finishes_later() {
+        let (mut server, mut client) = streams();
+        let mut wire = Pipe::default();
+        server.write_tls(&mut wire).unwrap();
+        exchange(&mut client, &mut server);
+        let mut outbox = vec![b'z'; 6000];
+        let mut full = Pipe {
+            room: Some(1000),
+            ..Pipe::default()
+        };
+        let first = server.flush(&mut outbox, &mut full).unwrap();
+        assert_eq!(
+            first,
+            Flush {
+                moved: true,
+                blocked: false
+            },
+            "1000 bytes a write, but every write takes some"
+        );
+        assert!(outbox.is_empty(), "all of it was taken into rustls");
+        let mut none = Pipe {
+            room: Some(0),
+            ..Pipe::default()
+        };
+        server.write_plaintext(b"more").unwrap();
+        assert_eq!(
+            server.flush(&mut Vec::new(), &mut none).unwrap(),
+            Flush {
+                moved: false,
+                blocked: true
+            }
+        );
+        let mut wire = Pipe::default();
+        let last = server.flush(&mut Vec::new(), &mut wire).unwrap();
+        assert!(last.moved && !last.blocked);
+        // The client reads the 6000 bytes and the 4 after them.
+        wire.input = std::mem::take(&mut full.output);
+        wire.input.extend_from_slice(&wire.output);
+        while !wire.input.is_empty() {
+            client.read_tls(&mut wire).unwrap();
+        }
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = client.read_plaintext(&mut buf);
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got.len(), 6004);
+        assert!(got.ends_with(b"zzmore"));
     }
 
     #[test]
