@@ -39,7 +39,7 @@
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -48,6 +48,7 @@ use mio::Waker;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config;
+use crate::side_thread::{self, Outbox};
 
 mod cache;
 mod health;
@@ -169,14 +170,8 @@ pub struct Delivery {
     pub answer: Answer,
 }
 
-/// A worker's receiving end.
-#[derive(Debug)]
-pub struct Inbox {
-    rx: std::sync::mpsc::Receiver<Delivery>,
-    /// Set by the resolver when it wakes the worker, cleared here when the inbox runs dry:
-    /// while set, more answers need no wake of their own (see [`Inbox::try_recv`]).
-    woken: Arc<AtomicBool>,
-}
+/// A worker's receiving end: one wake per burst of answers (see `side_thread`).
+pub type Inbox = side_thread::Inbox<Delivery>;
 
 /// One configured zone's health, for logs, metrics and tests.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -228,21 +223,6 @@ pub struct Resolver {
 pub struct ResolverHandle {
     shared: Arc<Shared>,
     requests: mpsc::Sender<Request>,
-}
-
-impl Inbox {
-    /// The next delivery, without blocking. The worker calls it until `None` after each wake.
-    ///
-    /// A burst of answers costs one wake: the resolver wakes only when the worker has drained
-    /// its inbox since the last wake. Running dry clears that mark and looks once more, so an
-    /// answer sent while the mark was still set is taken now rather than left without a wake.
-    pub fn try_recv(&self) -> Option<Delivery> {
-        if let Ok(delivery) = self.rx.try_recv() {
-            return Some(delivery);
-        }
-        self.woken.store(false, Ordering::SeqCst);
-        self.rx.try_recv().ok()
-    }
 }
 
 impl Resolver {
@@ -309,20 +289,15 @@ impl Resolver {
 
     /// Registers a worker: answers for it go to the returned inbox, followed by a wake.
     pub fn add_worker(&mut self, waker: Arc<Waker>) -> (usize, Inbox) {
-        let (tx, rx) = std::sync::mpsc::channel();
+        let (outbox, inbox) = side_thread::channel(waker);
         let mut workers = self
             .handle
             .shared
             .workers
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        let woken = Arc::new(AtomicBool::new(false));
-        workers.push(WorkerOut {
-            tx,
-            waker,
-            woken: Arc::clone(&woken),
-        });
-        (workers.len().saturating_sub(1), Inbox { rx, woken })
+        workers.push(outbox);
+        (workers.len().saturating_sub(1), inbox)
     }
 
     /// Stops the thread, waiting at most [`STOP_WAIT`] (then it is left to end on its own).
@@ -342,19 +317,7 @@ impl Resolver {
         let Some(thread) = self.thread.take() else {
             return;
         };
-        match self.done.recv_timeout(STOP_WAIT) {
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                log::warn!(
-                    "dns: the resolver thread did not stop within {STOP_WAIT:?}; leaving it"
-                );
-            }
-            // Disconnected: the thread has ended (nothing is ever sent).
-            _ => {
-                if thread.join().is_err() {
-                    log::error!("dns: the resolver thread panicked");
-                }
-            }
-        }
+        side_thread::join_within(thread, &self.done, STOP_WAIT, "dns: the resolver thread");
     }
 }
 
@@ -472,19 +435,11 @@ struct Shared {
     recheck: tokio::sync::Notify,
     stats: Stats,
     /// Registered by [`Resolver::add_worker`], indexed by [`Waiter::worker`].
-    workers: RwLock<Vec<WorkerOut>>,
+    workers: RwLock<Vec<Outbox<Delivery>>>,
     /// Rate limit of the overload warning: ms after `epoch` of the last one, plus one (0 =
     /// never).
     overload_logged: AtomicU64,
     epoch: Instant,
-}
-
-/// The answer path to one worker.
-struct WorkerOut {
-    tx: std::sync::mpsc::Sender<Delivery>,
-    waker: Arc<Waker>,
-    /// Shared with the worker's [`Inbox`]: a wake is outstanding.
-    woken: Arc<AtomicBool>,
 }
 
 /// The counters behind [`DnsStats`].
@@ -566,14 +521,13 @@ impl Shared {
                     query: query.clone(),
                     answer: answer.clone(),
                 };
-                // An error means the worker has gone (shutting down): nothing to do.
-                sent |= out.tx.send(delivery).is_ok();
+                // Not sent: the worker has gone (shutting down), nothing to do.
+                sent |= out.send(delivery);
             }
-            // Sent before the mark is tested, so a worker that cleared it finds the delivery.
-            if !sent || out.woken.swap(true, Ordering::SeqCst) {
+            if !sent {
                 continue;
             }
-            if let Err(err) = out.waker.wake() {
+            if let Err(err) = out.wake() {
                 log::warn!("dns: waking worker {worker}: {err}");
             }
         }

@@ -29,6 +29,7 @@ pub mod downstream;
 pub mod fuzzing;
 pub mod policy;
 pub mod server;
+pub mod side_thread;
 pub mod sink;
 pub mod smtp;
 pub mod state;

@@ -39,6 +39,7 @@ use mio::Waker;
 
 use super::store::{Local, StateAnswer, StateOp, StoreStats, Waiter};
 use crate::config::{Config, Rate};
+use crate::side_thread::{self, Outbox};
 
 mod scripts;
 mod thread;
@@ -79,14 +80,8 @@ pub struct RedisHandle {
     requests: SyncSender<Message>,
 }
 
-/// A worker's receiving end.
-#[derive(Debug)]
-pub struct Inbox {
-    rx: Receiver<Delivery>,
-    /// Set by the state thread when it wakes the worker, cleared here when the inbox runs dry:
-    /// while set, more answers need no wake of their own.
-    woken: Arc<AtomicBool>,
-}
+/// A worker's receiving end: one wake per burst of answers (see `side_thread`).
+pub type Inbox = side_thread::Inbox<Delivery>;
 
 /// An answer for a waiter, read by its worker from its [`Inbox`] after a wake.
 #[derive(Clone, Debug, PartialEq)]
@@ -144,7 +139,7 @@ struct Shared {
     /// `[state] timeout`: a job's deadline is this long after it was asked.
     timeout: Duration,
     /// Registered by [`RedisState::add_worker`], indexed by [`Waiter::worker`].
-    workers: RwLock<Vec<WorkerOut>>,
+    workers: RwLock<Vec<Outbox<Delivery>>>,
     /// The thread holds a working connection.
     up: AtomicBool,
     stop: AtomicBool,
@@ -154,28 +149,6 @@ struct Shared {
     /// never).
     overload_logged: AtomicU64,
     epoch: Instant,
-}
-
-/// The answer path to one worker.
-struct WorkerOut {
-    tx: mpsc::Sender<Delivery>,
-    waker: Arc<Waker>,
-    /// Shared with the worker's [`Inbox`]: a wake is outstanding.
-    woken: Arc<AtomicBool>,
-}
-
-impl Inbox {
-    /// The next delivery, without blocking. The worker calls it until `None` after each wake.
-    ///
-    /// Running dry clears the wake mark and looks once more, so an answer sent while the mark
-    /// was still set is taken now rather than left without a wake (as `dns::Inbox`).
-    pub fn try_recv(&self) -> Option<Delivery> {
-        if let Ok(delivery) = self.rx.try_recv() {
-            return Some(delivery);
-        }
-        self.woken.store(false, Ordering::SeqCst);
-        self.rx.try_recv().ok()
-    }
 }
 
 impl RedisState {
@@ -225,20 +198,15 @@ impl RedisState {
     /// Registers a worker: answers for it go to the returned inbox, followed by a wake of
     /// `waker`. The index is what the worker puts in its [`Waiter`]s.
     pub fn add_worker(&mut self, waker: Arc<Waker>) -> (usize, Inbox) {
-        let (tx, rx) = mpsc::channel();
-        let woken = Arc::new(AtomicBool::new(false));
+        let (outbox, inbox) = side_thread::channel(waker);
         let mut workers = self
             .handle
             .shared
             .workers
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        workers.push(WorkerOut {
-            tx,
-            waker,
-            woken: Arc::clone(&woken),
-        });
-        (workers.len().saturating_sub(1), Inbox { rx, woken })
+        workers.push(outbox);
+        (workers.len().saturating_sub(1), inbox)
     }
 
     /// A handle for asking.
@@ -259,17 +227,7 @@ impl RedisState {
         self.handle.shared.stop.store(true, Ordering::SeqCst);
         // Full: the thread is busy and looks at the flag after its batch.
         let _ = self.handle.requests.try_send(Message::Stop);
-        match self.done.recv_timeout(STOP_WAIT) {
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                log::warn!("state: the Redis thread did not stop within {STOP_WAIT:?}; leaving it");
-            }
-            // Disconnected: the thread has ended (nothing is ever sent).
-            _ => {
-                if thread.join().is_err() {
-                    log::error!("state: the Redis thread panicked");
-                }
-            }
-        }
+        side_thread::join_within(thread, &self.done, STOP_WAIT, "state: the Redis thread");
     }
 }
 
@@ -398,12 +356,11 @@ impl Shared {
             key: waiter.key,
             answer,
         };
-        // An error means the worker has gone (shutting down): nothing to do. Sent before the
-        // mark is tested, so a worker that cleared it finds the delivery.
-        if out.tx.send(delivery).is_err() || out.woken.swap(true, Ordering::SeqCst) {
+        // Not sent: the worker has gone (shutting down), nothing to do.
+        if !out.send(delivery) {
             return;
         }
-        if let Err(e) = out.waker.wake() {
+        if let Err(e) = out.wake() {
             log::warn!("state: waking worker {}: {e}", waiter.worker);
         }
     }
