@@ -917,15 +917,7 @@ impl Conn {
             return;
         }
         let bytes = io.scratch.get(..n).unwrap_or_default();
-        if ds.input.is_empty() {
-            let used = self
-                .session
-                .handle_downstream(now, DownstreamEvent::Data(bytes));
-            ds.input
-                .extend_from_slice(bytes.get(used..).unwrap_or_default());
-        } else {
-            ds.input.extend_from_slice(bytes);
-        }
+        feed_downstream(&mut self.session, &mut ds.input, now, bytes);
     }
 
     /// Over TLS: records into rustls while it wants them (up to [`READ_CHUNK`] bytes), the end of
@@ -1002,15 +994,7 @@ impl Conn {
         if tls.has_plaintext() && ds.input.len() < io.max_input {
             let n = tls.read_plaintext(io.scratch);
             let bytes = io.scratch.get(..n).unwrap_or_default();
-            if ds.input.is_empty() {
-                let used = self
-                    .session
-                    .handle_downstream(now, DownstreamEvent::Data(bytes));
-                ds.input
-                    .extend_from_slice(bytes.get(used..).unwrap_or_default());
-            } else {
-                ds.input.extend_from_slice(bytes);
-            }
+            feed_downstream(&mut self.session, &mut ds.input, now, bytes);
         }
         if let Some(ds) = self.downstream.as_deref_mut()
             && ds.tls.as_deref().is_some_and(TlsStream::is_finished)
@@ -1225,6 +1209,17 @@ impl DownstreamConn {
                 let _ = tls.flush(&mut Vec::new(), &mut &self.stream);
             }
         }
+    }
+}
+
+/// Gives downstream `bytes` (just read) to the session, keeping what it does not take behind
+/// anything older in `input` (the common case needs no copy).
+fn feed_downstream(session: &mut Session, input: &mut Vec<u8>, now: Instant, bytes: &[u8]) {
+    if input.is_empty() {
+        let used = session.handle_downstream(now, DownstreamEvent::Data(bytes));
+        input.extend_from_slice(bytes.get(used..).unwrap_or_default());
+    } else {
+        input.extend_from_slice(bytes);
     }
 }
 
