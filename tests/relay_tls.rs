@@ -34,6 +34,34 @@ fn relay_config(sink: &Sink, tls: DownstreamTls, verify: bool, ca: Option<&Path>
     config
 }
 
+/// Relays one message through `server`, and returns the TLS version the sink received it
+/// over (`None`: plain text).
+#[track_caller]
+fn relay_one(server: &Server, sink: &Sink) -> Option<ProtocolVersion> {
+    let before = sink.messages().len();
+    let reply = Client::connect(server.addr).send_message();
+    assert!(reply.starts_with("250 "), "{reply}");
+    let messages = sink.wait_for_messages(before + 1, WAIT);
+    messages
+        .get(before)
+        .expect("the message reached the sink")
+        .tls
+}
+
+/// `required` under `relay_config`: the client's MAIL gets `code` and nothing is relayed.
+#[track_caller]
+fn required_defers(sink: &Sink, verify: bool, code: &str) {
+    let delivered = sink.messages().len();
+    let server = Server::start(relay_config(sink, DownstreamTls::Required, verify, None));
+    let reply = mail_reply(&server);
+    assert!(reply.starts_with(code), "{reply}");
+    assert_eq!(
+        sink.messages().len(),
+        delivered,
+        "nothing more was delivered"
+    );
+}
+
 /// Banner to MAIL: the reply to MAIL.
 fn mail_reply(server: &Server) -> String {
     let mut client = Client::connect(server.addr);
@@ -52,11 +80,7 @@ fn opportunistic_relays_over_tls_and_announces_the_client_inside_it() {
         false,
         None,
     ));
-    let mut client = Client::connect(server.addr);
-    assert!(client.send_message().starts_with("250 "));
-    let messages = sink.wait_for_messages(1, WAIT);
-    assert_eq!(messages.len(), 1);
-    assert_eq!(messages[0].tls, Some(ProtocolVersion::TLSv1_3));
+    assert_eq!(relay_one(&server, &sink), Some(ProtocolVersion::TLSv1_3));
     let session = &sink.sessions()[0];
     let verbs: Vec<&str> = session
         .commands
@@ -79,12 +103,9 @@ fn a_reply_injected_after_the_220_is_not_trusted_and_mail_still_goes_through() {
     let dir = temp_dir("relay-tls-inject");
     let (sink, _certs) = tls_sink(&dir, Behaviour::InjectAfterStartTls);
     let server = Server::start(relay_config(&sink, DownstreamTls::Required, false, None));
-    let mut client = Client::connect(server.addr);
     // Were the injected 554 read as the reply to the EHLO after STARTTLS, the handshake would
     // fail and MAIL would get a 4xx.
-    assert!(client.send_message().starts_with("250 "));
-    let messages = sink.wait_for_messages(1, WAIT);
-    assert_eq!(messages[0].tls, Some(ProtocolVersion::TLSv1_3));
+    assert_eq!(relay_one(&server, &sink), Some(ProtocolVersion::TLSv1_3));
 }
 
 #[test]
@@ -97,19 +118,9 @@ fn a_refused_starttls_relays_in_plain_text_unless_tls_is_required() {
         false,
         None,
     ));
-    assert!(
-        Client::connect(server.addr)
-            .send_message()
-            .starts_with("250 ")
-    );
-    let messages = sink.wait_for_messages(1, WAIT);
-    assert_eq!(messages[0].tls, None);
+    assert_eq!(relay_one(&server, &sink), None);
     drop(server);
-
-    let server = Server::start(relay_config(&sink, DownstreamTls::Required, false, None));
-    let reply = mail_reply(&server);
-    assert!(reply.starts_with("451 4.7.4 "), "{reply}");
-    assert_eq!(sink.messages().len(), 1, "nothing more was delivered");
+    required_defers(&sink, false, "451 4.7.4 ");
 }
 
 #[test]
@@ -122,13 +133,7 @@ fn a_broken_handshake_retries_in_plain_text_unless_tls_is_required() {
         false,
         None,
     ));
-    assert!(
-        Client::connect(server.addr)
-            .send_message()
-            .starts_with("250 ")
-    );
-    let messages = sink.wait_for_messages(1, WAIT);
-    assert_eq!(messages[0].tls, None);
+    assert_eq!(relay_one(&server, &sink), None);
     let sessions = sink.sessions();
     assert_eq!(
         sessions.len(),
@@ -137,11 +142,7 @@ fn a_broken_handshake_retries_in_plain_text_unless_tls_is_required() {
     );
     assert!(!sessions[1].commands.iter().any(|c| c == "STARTTLS"));
     drop(server);
-
-    let server = Server::start(relay_config(&sink, DownstreamTls::Required, false, None));
-    let reply = mail_reply(&server);
-    assert!(reply.starts_with("451 4.7.5 "), "{reply}");
-    assert_eq!(sink.messages().len(), 1);
+    required_defers(&sink, false, "451 4.7.5 ");
 }
 
 #[test]
@@ -154,22 +155,10 @@ fn tls_verify_trusts_the_tls_ca_and_refuses_an_unknown_one() {
         true,
         Some(&certs.ca),
     ));
-    assert!(
-        Client::connect(server.addr)
-            .send_message()
-            .starts_with("250 ")
-    );
-    assert_eq!(
-        sink.wait_for_messages(1, WAIT)[0].tls,
-        Some(ProtocolVersion::TLSv1_3)
-    );
+    assert_eq!(relay_one(&server, &sink), Some(ProtocolVersion::TLSv1_3));
     drop(server);
-
     // The sink's CA is not among the web roots: without `tls_ca` its certificate is refused.
-    let server = Server::start(relay_config(&sink, DownstreamTls::Required, true, None));
-    let reply = mail_reply(&server);
-    assert!(reply.starts_with("451 4.7.5 "), "{reply}");
-    assert_eq!(sink.messages().len(), 1);
+    required_defers(&sink, true, "451 4.7.5 ");
 }
 
 #[test]
@@ -177,12 +166,7 @@ fn none_relays_in_plain_text_even_when_starttls_is_offered() {
     let dir = temp_dir("relay-tls-none");
     let (sink, _certs) = tls_sink(&dir, Behaviour::Normal);
     let server = Server::start(relay_config(&sink, DownstreamTls::None, false, None));
-    assert!(
-        Client::connect(server.addr)
-            .send_message()
-            .starts_with("250 ")
-    );
-    assert_eq!(sink.wait_for_messages(1, WAIT)[0].tls, None);
+    assert_eq!(relay_one(&server, &sink), None);
     assert!(!sink.sessions()[0].commands.iter().any(|c| c == "STARTTLS"));
 }
 
@@ -196,19 +180,8 @@ fn a_pooled_connection_keeps_its_tls_for_the_next_transaction() {
     config.downstream.pool_size = 1;
     let server = Server::start(config);
     for _ in 0..3 {
-        assert!(
-            Client::connect(server.addr)
-                .send_message()
-                .starts_with("250 ")
-        );
+        assert_eq!(relay_one(&server, &sink), Some(ProtocolVersion::TLSv1_3));
     }
-    let messages = sink.wait_for_messages(3, WAIT);
-    assert_eq!(messages.len(), 3);
-    assert!(
-        messages
-            .iter()
-            .all(|m| m.tls == Some(ProtocolVersion::TLSv1_3))
-    );
     let sessions = sink.sessions();
     assert_eq!(sessions.len(), 1, "one downstream connection, reused");
     let starttls = sessions[0]
