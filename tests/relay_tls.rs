@@ -34,6 +34,11 @@ fn relay_config(sink: &Sink, tls: DownstreamTls, verify: bool, ca: Option<&Path>
     config
 }
 
+/// A server relaying to `sink` with `tls`, certificates not verified.
+fn relay(sink: &Sink, tls: DownstreamTls) -> Server {
+    Server::start(relay_config(sink, tls, false, None))
+}
+
 /// Relays one message through `server`, and returns the TLS version the sink received it
 /// over (`None`: plain text).
 #[track_caller]
@@ -74,12 +79,7 @@ fn mail_reply(server: &Server) -> String {
 fn opportunistic_relays_over_tls_and_announces_the_client_inside_it() {
     let dir = temp_dir("relay-tls-opportunistic");
     let (sink, _certs) = tls_sink(&dir, Behaviour::Normal);
-    let server = Server::start(relay_config(
-        &sink,
-        DownstreamTls::Opportunistic,
-        false,
-        None,
-    ));
+    let server = relay(&sink, DownstreamTls::Opportunistic);
     assert_eq!(relay_one(&server, &sink), Some(ProtocolVersion::TLSv1_3));
     let session = &sink.sessions()[0];
     let verbs: Vec<&str> = session
@@ -102,7 +102,7 @@ fn opportunistic_relays_over_tls_and_announces_the_client_inside_it() {
 fn a_reply_injected_after_the_220_is_not_trusted_and_mail_still_goes_through() {
     let dir = temp_dir("relay-tls-inject");
     let (sink, _certs) = tls_sink(&dir, Behaviour::InjectAfterStartTls);
-    let server = Server::start(relay_config(&sink, DownstreamTls::Required, false, None));
+    let server = relay(&sink, DownstreamTls::Required);
     // Were the injected 554 read as the reply to the EHLO after STARTTLS, the handshake would
     // fail and MAIL would get a 4xx.
     assert_eq!(relay_one(&server, &sink), Some(ProtocolVersion::TLSv1_3));
@@ -112,12 +112,7 @@ fn a_reply_injected_after_the_220_is_not_trusted_and_mail_still_goes_through() {
 fn a_refused_starttls_relays_in_plain_text_unless_tls_is_required() {
     let dir = temp_dir("relay-tls-refused");
     let (sink, _certs) = tls_sink(&dir, Behaviour::RefuseStartTls);
-    let server = Server::start(relay_config(
-        &sink,
-        DownstreamTls::Opportunistic,
-        false,
-        None,
-    ));
+    let server = relay(&sink, DownstreamTls::Opportunistic);
     assert_eq!(relay_one(&server, &sink), None);
     drop(server);
     required_defers(&sink, false, "451 4.7.4 ");
@@ -127,12 +122,7 @@ fn a_refused_starttls_relays_in_plain_text_unless_tls_is_required() {
 fn a_broken_handshake_retries_in_plain_text_unless_tls_is_required() {
     let dir = temp_dir("relay-tls-broken");
     let (sink, _certs) = tls_sink(&dir, Behaviour::CloseAfterStartTls);
-    let server = Server::start(relay_config(
-        &sink,
-        DownstreamTls::Opportunistic,
-        false,
-        None,
-    ));
+    let server = relay(&sink, DownstreamTls::Opportunistic);
     assert_eq!(relay_one(&server, &sink), None);
     let sessions = sink.sessions();
     assert_eq!(
@@ -165,7 +155,7 @@ fn tls_verify_trusts_the_tls_ca_and_refuses_an_unknown_one() {
 fn none_relays_in_plain_text_even_when_starttls_is_offered() {
     let dir = temp_dir("relay-tls-none");
     let (sink, _certs) = tls_sink(&dir, Behaviour::Normal);
-    let server = Server::start(relay_config(&sink, DownstreamTls::None, false, None));
+    let server = relay(&sink, DownstreamTls::None);
     assert_eq!(relay_one(&server, &sink), None);
     assert!(!sink.sessions()[0].commands.iter().any(|c| c == "STARTTLS"));
 }
