@@ -24,10 +24,16 @@
 
 #[path = "../tests/util/dns_server.rs"]
 mod dns_server;
-// Only `state_dir` is used here; the rest serves the benches that hold connections.
-#[allow(dead_code)]
-#[path = "support.rs"]
-mod support;
+/// What this bench shares with the others: whole files of `bench/support/`, only those whose
+/// every item it uses (see `bench/support/README.md`).
+mod support {
+    pub mod cpu;
+    pub mod dnsbl;
+    pub mod run;
+    pub mod server;
+    pub mod stats;
+    pub mod window;
+}
 
 use std::collections::VecDeque;
 use std::hint::black_box;
@@ -38,15 +44,20 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use mio::{Events, Poll, Token, Waker};
+use mio::{Poll, Token, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
-use tarmac::config::{self, Config, Rate};
+use tarmac::config::{self, Config};
 use tarmac::dns::{Answer, DnsblAnswer, Query, Resolver, ResolverHandle, Waiter};
 use tarmac::policy::dnsbl::query_name;
-use tarmac::server::ServerHandle;
 use tarmac::smtp::{Action, Peer, Session, Side};
 
 use dns_server::{DnsServer, Zone};
+use support::cpu;
+use support::dnsbl::{self, loopback_dns, source_addr};
+use support::run::Run;
+use support::server;
+use support::stats::{median, per_second};
+use support::window;
 
 /// Lookups kept in flight by the lookup bench, in both legs: below the resolver's 512 lookups
 /// in flight and 2048 queued requests, so none is answered `TempFail` for overload.
@@ -61,14 +72,6 @@ const SCORE_ZONE: &str = "score.bench";
 
 /// Every `LISTED_EVERY`th address (index 0, 10, 20, ...) is listed in [`REJECT_ZONE`].
 const LISTED_EVERY: usize = 10;
-
-/// `[dns] timeout` everywhere: generous, so a loaded machine slows the bench rather than turning
-/// answers into `TempFail` (which the checks would report as a failure).
-const DNS_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// `[dns] cache_ttl` and `health_interval`: longer than any run, so the cache keeps every answer
-/// and no health check lands inside a measurement.
-const LONG: Duration = Duration::from_secs(3600);
 
 /// How long the direct client waits before sending a query again: loopback UDP can drop when a
 /// socket buffer fills, and a lost query must not stall the round.
@@ -86,19 +89,11 @@ const ROUND_DEADLINE: Duration = Duration::from_secs(60);
 /// Client threads of the merge bench: at most this many connections are open at once.
 const CLIENT_THREADS: usize = 32;
 
-/// Kernel clock ticks per second in /proc stat times (USER_HZ, 100 on Linux).
-const TICKS_PER_SECOND: u64 = 100;
-
 /// The worker's waker token in the lookup bench.
 const WAKER: Token = Token(0);
 
 fn main() {
-    let full = std::env::args().any(|a| a == "--bench");
-    let note = if full {
-        ""
-    } else {
-        " (quick mode, debug build: not a measurement)"
-    };
+    let Run { full, note } = Run::from_args();
     lookups(full, note);
     cache_hits(full, note);
     merge(full, note);
@@ -127,8 +122,8 @@ fn lookups(full: bool, note: &str) {
         direct.push(direct_round(&server, &names));
         through.push(resolver_round(&server, &addrs));
     }
-    let direct_rate = median(direct.iter().map(|r| rate(n, r.elapsed)).collect());
-    let resolver_rate = median(through.iter().map(|r| rate(n, r.elapsed)).collect());
+    let direct_rate = median(direct.iter().map(|r| per_second(n, r.elapsed)).collect());
+    let resolver_rate = median(through.iter().map(|r| per_second(n, r.elapsed)).collect());
     let direct_cpu = median(direct.iter().map(|r| per_op_us(r.cpu, n)).collect());
     let resolver_cpu = median(through.iter().map(|r| per_op_us(r.cpu, n)).collect());
     let retransmits: u64 = direct.iter().map(|r| r.retransmits).sum();
@@ -180,11 +175,11 @@ fn resolver_round(server: &DnsServer, addrs: &[IpAddr]) -> LookupRound {
         .map(|&ip| dnsbl_query(REJECT_ZONE, ip))
         .collect();
     let before = server.queries();
-    let cpu_before = process_cpu();
+    let cpu_before = cpu::process();
     let started = Instant::now();
     let answers = worker.run(&handle, &queries);
     let elapsed = started.elapsed();
-    let cpu = process_cpu().saturating_sub(cpu_before);
+    let cpu = (cpu::process() - cpu_before).total();
     let server_queries = server.queries() - before;
     for (index, answer) in answers.iter().enumerate() {
         check_reject_answer(index, answer);
@@ -237,7 +232,7 @@ fn direct_round(server: &DnsServer, names: &[Vec<u8>]) -> LookupRound {
     let mut packet = Vec::with_capacity(512);
     let mut buf = [0u8; 512];
     let before = server.queries();
-    let cpu_before = process_cpu();
+    let cpu_before = cpu::process();
     let started = Instant::now();
     let deadline = started + ROUND_DEADLINE;
     while done < names.len() {
@@ -296,7 +291,7 @@ fn direct_round(server: &DnsServer, names: &[Vec<u8>]) -> LookupRound {
         server_queries: server.queries() - before,
         queries_sent: 0,
         retransmits,
-        cpu: process_cpu().saturating_sub(cpu_before),
+        cpu: (cpu::process() - cpu_before).total(),
     }
 }
 
@@ -482,7 +477,7 @@ fn session_config(server: &DnsServer, zones: bool) -> Arc<Config> {
     let mut config = Config::default();
     config.server.hostname = "mx.bench".to_owned();
     config.downstream.servers = vec!["127.0.0.1:9".parse().expect("address")];
-    config.dns = dns_config(server);
+    config.dns = loopback_dns(server);
     config.dnsbl = if zones { zone_configs() } else { Vec::new() };
     // The greet pause is a wait, not work: it would only hide the checks' cost.
     config.tarpit.greet_pause = Duration::ZERO;
@@ -501,39 +496,13 @@ fn merge(full: bool, note: &str) {
     let ips: Vec<IpAddr> = sources.iter().map(|&ip| IpAddr::V4(ip)).collect();
     let server = DnsServer::start(vec![reject_zone(&ips), score_zone(&[])]);
 
-    let mut config = Config::default();
-    config.server.listen = vec!["127.0.0.1:0".parse().expect("address")];
-    config.server.hostname = "mx.bench".to_owned();
-    config.server.workers = 2;
-    config.server.state_dir = support::state_dir("dns");
-    // Connections per second is the figure: no greet pause (a wait, not work).
-    config.tarpit.greet_pause = Duration::ZERO;
-    // Caps and rates far above the run's: per address, at most `per_address` are open at once.
+    let mut config = server::config("dns", 2);
+    // Caps far above the run's: per address, at most `per_address` are open at once.
     config.limits.max_connections_per_ip = 1000;
-    let unlimited = Rate {
-        count: u32::MAX,
-        per: Duration::from_secs(1),
-    };
-    config.limits.connection_rate_per_ip = unlimited;
-    config.limits.connection_rate_per_subnet = unlimited;
-    // Never reached: clients only read the greeting and QUIT.
-    config.downstream.servers = vec!["127.0.0.1:9".parse().expect("address")];
-    config.dns = dns_config(&server);
+    config.dns = loopback_dns(&server);
     config.dnsbl = zone_configs();
-    let tarmac = ServerHandle::start(Arc::new(config)).expect("tarmac starts");
-    let addr = tarmac.local_addrs()[0];
-
-    // The resolver checks each zone's two test points at start: wait for those four queries so
-    // they are not counted against the connections.
-    let health_queries = 2 * 2;
-    let deadline = Instant::now() + IO_TIMEOUT;
-    while server.queries() < health_queries {
-        assert!(
-            Instant::now() < deadline,
-            "no health checks within {IO_TIMEOUT:?}"
-        );
-        thread::sleep(Duration::from_millis(5));
-    }
+    let (tarmac, addr) = server::start(config);
+    dnsbl::wait_for_health_checks(&server, 2);
     let before = server.queries();
 
     let next = Arc::new(AtomicUsize::new(0));
@@ -570,8 +539,7 @@ fn merge(full: bool, note: &str) {
     let elapsed = started.elapsed();
     let queries = server.queries() - before;
 
-    tarmac.shutdown();
-    tarmac.join().expect("tarmac stops cleanly");
+    server::stop(tarmac);
 
     let limit = (addresses * 2) as u64;
     println!(
@@ -581,7 +549,7 @@ fn merge(full: bool, note: &str) {
     println!(
         "dns/connections: {:.0} connections/s (greeting and QUIT, {CLIENT_THREADS} client \
          threads, workers=2, {rejected} greeted 554, {} greeted 220){note}",
-        rate(connections, elapsed),
+        per_second(connections, elapsed),
         connections - rejected
     );
     assert!(
@@ -635,63 +603,22 @@ fn greet_and_quit(addr: SocketAddr, source: Ipv4Addr, listed: bool, started: Ins
     );
 }
 
-/// Client source addresses: 127.1.0.1 onwards, 250 per /24 (skipping .0 and the top).
-fn source_addr(index: usize) -> Ipv4Addr {
-    let third = u8::try_from(index / 250).expect("at most 64,000 addresses");
-    let fourth = u8::try_from(index % 250 + 1).expect("below 251");
-    Ipv4Addr::new(127, 1, third, fourth)
-}
-
 // ---- shared ----
 
-/// [`REJECT_ZONE`]: its test point (127.0.0.2 listed, 127.0.0.1 not, as health checks want)
-/// and every [`LISTED_EVERY`]th of `addrs`, all answering 127.0.0.2. Negative answers live
-/// for the default negative TTL (300 s), longer than any run.
+/// [`REJECT_ZONE`], listing every [`LISTED_EVERY`]th of `addrs`.
 fn reject_zone(addrs: &[IpAddr]) -> Zone {
     let listed = addrs.iter().step_by(LISTED_EVERY).copied();
-    zone_listing(REJECT_ZONE, listed)
+    dnsbl::zone(REJECT_ZONE, listed)
 }
 
-/// [`SCORE_ZONE`]: its test point and `addrs`.
+/// [`SCORE_ZONE`], listing `addrs`.
 fn score_zone(addrs: &[IpAddr]) -> Zone {
-    zone_listing(SCORE_ZONE, addrs.iter().copied())
-}
-
-fn zone_listing(origin: &str, addrs: impl Iterator<Item = IpAddr>) -> Zone {
-    let test_point = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
-    std::iter::once(test_point)
-        .chain(addrs)
-        .fold(Zone::new(origin), |zone, ip| {
-            let name = query_name(ip, origin);
-            let label = name
-                .strip_suffix(&format!(".{origin}."))
-                .expect("the name ends in the zone");
-            zone.a(label, "127.0.0.2")
-        })
+    dnsbl::zone(SCORE_ZONE, addrs.iter().copied())
 }
 
 /// The two `[[dnsbl]]` tables: [`REJECT_ZONE`] at weight 3, [`SCORE_ZONE`] at weight 1.
 fn zone_configs() -> Vec<config::Dnsbl> {
-    [(REJECT_ZONE, 3), (SCORE_ZONE, 1)]
-        .into_iter()
-        .map(|(zone, weight)| config::Dnsbl {
-            zone: Arc::from(zone),
-            weight,
-            codes: Vec::new(),
-            reply: None,
-        })
-        .collect()
-}
-
-/// `[dns]` aimed at the loopback server only; no rDNS (the server has no PTRs).
-fn dns_config(server: &DnsServer) -> config::Dns {
-    config::Dns {
-        servers: vec![server.addr()],
-        timeout: DNS_TIMEOUT,
-        cache_ttl: LONG,
-        rdns: false,
-        health_interval: LONG,
-    }
+    vec![dnsbl::dnsbl(REJECT_ZONE, 3), dnsbl::dnsbl(SCORE_ZONE, 1)]
 }
 
 fn dnsbl_query(zone: &str, ip: IpAddr) -> Query {
@@ -705,16 +632,11 @@ fn dnsbl_query(zone: &str, ip: IpAddr) -> Query {
 /// No zones are configured: lookups in any zone are still made, and no health check runs
 /// inside a measurement.
 fn start_resolver(server: &DnsServer) -> (Resolver, Worker) {
-    let mut resolver = Resolver::start(&dns_config(server), &[]).expect("resolver starts");
+    let mut resolver = Resolver::start(&loopback_dns(server), &[]).expect("resolver starts");
     let poll = Poll::new().expect("poll");
     let waker = Arc::new(Waker::new(poll.registry(), WAKER).expect("waker"));
     let (index, inbox) = resolver.add_worker(waker);
-    let worker = Worker {
-        poll,
-        events: Events::with_capacity(64),
-        inbox,
-        index,
-    };
+    let worker = Worker { poll, inbox, index };
     (resolver, worker)
 }
 
@@ -722,7 +644,6 @@ fn start_resolver(server: &DnsServer) -> (Resolver, Worker) {
 /// resolver thread, and the inbox it drains.
 struct Worker {
     poll: Poll,
-    events: Events,
     inbox: tarmac::dns::Inbox,
     index: usize,
 }
@@ -731,56 +652,25 @@ impl Worker {
     /// Looks every query up, at most [`WINDOW`] awaiting an answer at once, and returns the
     /// answers in query order. Waiter keys are query indexes.
     fn run(&mut self, handle: &ResolverHandle, queries: &[Query]) -> Vec<Answer> {
-        let mut answers: Vec<Option<Answer>> = vec![None; queries.len()];
-        let mut next = 0;
-        let mut done = 0;
-        let mut in_flight = 0;
-        let deadline = Instant::now() + ROUND_DEADLINE;
-        while done < queries.len() {
-            while in_flight < WINDOW && next < queries.len() {
-                let waiter = Waiter {
-                    worker: self.index,
-                    key: next as u64,
-                };
-                let query = queries.get(next).expect("query");
-                match handle.lookup(query, waiter) {
-                    Some(answer) => {
-                        *answers.get_mut(next).expect("slot") = Some(answer);
-                        done += 1;
-                    }
-                    None => in_flight += 1,
-                }
-                next += 1;
-            }
-            let now = Instant::now();
-            assert!(
-                now < deadline,
-                "lookups still running after {ROUND_DEADLINE:?}"
+        let (worker, inbox) = (self.index, &self.inbox);
+        let ask = |i: usize| {
+            let query = queries.get(i).expect("query");
+            let key = i as u64;
+            handle.lookup(query, Waiter { worker, key })
+        };
+        let delivered = || {
+            let delivery = inbox.try_recv()?;
+            let index = usize::try_from(delivery.key).expect("a query index");
+            assert_eq!(
+                queries.get(index),
+                Some(&delivery.query),
+                "delivery {index}"
             );
-            match self.poll.poll(&mut self.events, Some(deadline - now)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => panic!("poll: {e}"),
-            }
-            while let Some(delivery) = self.inbox.try_recv() {
-                let key = usize::try_from(delivery.key).expect("a query index");
-                assert_eq!(queries.get(key), Some(&delivery.query), "delivery {key}");
-                let slot = answers.get_mut(key).expect("slot");
-                assert!(slot.is_none(), "answer {key} delivered twice");
-                *slot = Some(delivery.answer);
-                in_flight -= 1;
-                done += 1;
-            }
-        }
-        answers
-            .into_iter()
-            .map(|answer| answer.expect("every query answered"))
-            .collect()
+            Some((delivery.key, delivery.answer))
+        };
+        let n = queries.len();
+        window::ask_all(n, WINDOW, ROUND_DEADLINE, &mut self.poll, ask, delivered)
     }
-}
-
-fn rate(n: usize, elapsed: Duration) -> f64 {
-    n as f64 / elapsed.as_secs_f64()
 }
 
 fn per_op_ns(elapsed: Duration, n: usize) -> f64 {
@@ -789,23 +679,4 @@ fn per_op_ns(elapsed: Duration, n: usize) -> f64 {
 
 fn per_op_us(elapsed: Duration, n: usize) -> f64 {
     elapsed.as_secs_f64() * 1e6 / n as f64
-}
-
-/// CPU time (user + system) of the whole process, every thread, from `/proc/self/stat`.
-fn process_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
-    // The name in parentheses may hold spaces: count from the closing one. After it, state
-    // is field 3, so utime (14) and stime (15) are at 11 and 12.
-    let (_, rest) = stat.rsplit_once(')').expect("a stat line");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = [11, 12]
-        .iter()
-        .map(|&i| fields[i].parse::<u64>().expect("CPU ticks"))
-        .sum();
-    Duration::from_millis(ticks * 1000 / TICKS_PER_SECOND)
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }

@@ -22,10 +22,18 @@
 #[path = "../tests/util/redis_server.rs"]
 mod redis_server;
 
+/// What this bench shares with the others: whole files of `bench/support/`, only those whose
+/// every item it uses (see `bench/support/README.md`).
+mod support {
+    pub mod run;
+    pub mod stats;
+    pub mod window;
+}
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mio::{Events, Poll, Token, Waker};
+use mio::{Poll, Token, Waker};
 use tarmac::config::{Config, StateBackend};
 use tarmac::policy::ConnectionRates;
 use tarmac::state::redis::{Inbox, RedisState};
@@ -35,6 +43,9 @@ use tarmac::state::{
 };
 
 use redis_server::RedisServer;
+use support::run::Run;
+use support::stats::{median, per_second};
+use support::window;
 
 /// Decisions awaiting an answer at once in the Redis leg: a few pipelined batches' worth,
 /// well below the state thread's queue of 4096, so nothing falls back for overload.
@@ -47,12 +58,7 @@ const ROUND_DEADLINE: Duration = Duration::from_secs(120);
 const ROUNDS: usize = 3;
 
 fn main() {
-    let full = std::env::args().any(|a| a == "--bench");
-    let note = if full {
-        ""
-    } else {
-        " (quick mode, debug build: not a measurement)"
-    };
+    let Run { full, note } = Run::from_args();
     let triplets = if full { 100_000 } else { 2_000 };
     let keys: Vec<String> = (0..triplets)
         .map(|n| format!("198.51.100.0/24\u{1f}sender{n}@example.org\u{1f}rcpt@example.net"))
@@ -61,31 +67,30 @@ fn main() {
     let times = GreylistTimes::of(&config.greylist);
 
     let redis = RedisServer::start();
+    let decisions = 2 * keys.len();
     let mut table = Vec::new();
     let mut local = Vec::new();
     let mut shared = Vec::new();
     let mut prefix_round = 0;
     for _ in 0..ROUNDS {
-        table.push(local_table(&keys, &config));
-        local.push(local_store(&keys, times));
+        table.push(per_second(decisions, local_table(&keys, &config)));
+        local.push(per_second(decisions, local_store(&keys, times)));
         if let Some(redis) = &redis {
             // A key prefix per round: each round's triplets are new to Redis.
             prefix_round += 1;
-            shared.push(through_redis(redis, &keys, times, prefix_round));
+            let elapsed = through_redis(redis, &keys, times, prefix_round);
+            shared.push(per_second(decisions, elapsed));
         }
     }
-    let decisions = 2 * keys.len();
     let table = median(table);
     let local = median(local);
     println!(
-        "greylist/local-table: {:.0} decisions/s (Greylist::check, {decisions} decisions over \
-         {triplets} triplets, one thread, median of {ROUNDS}){note}",
-        per_second(decisions, table)
+        "greylist/local-table: {table:.0} decisions/s (Greylist::check, {decisions} decisions \
+         over {triplets} triplets, one thread, median of {ROUNDS}){note}"
     );
     println!(
-        "greylist/local-store: {:.0} decisions/s (Store::ask, local backend, same decisions, \
-         median of {ROUNDS}){note}",
-        per_second(decisions, local)
+        "greylist/local-store: {local:.0} decisions/s (Store::ask, local backend, same \
+         decisions, median of {ROUNDS}){note}"
     );
     if shared.is_empty() {
         println!("greylist/redis: skipped (redis-server not installed)");
@@ -93,13 +98,12 @@ fn main() {
     }
     let shared = median(shared);
     println!(
-        "greylist/redis: {:.0} decisions/s (Store::ask, Redis backend on loopback: state thread, \
-         pipelined Lua script, window {WINDOW}, same decisions, median of {ROUNDS}){note}",
-        per_second(decisions, shared)
+        "greylist/redis: {shared:.0} decisions/s (Store::ask, Redis backend on loopback: state \
+         thread, pipelined Lua script, window {WINDOW}, same decisions, median of {ROUNDS}){note}"
     );
     println!(
         "greylist/ratio: {:.3} (Redis / local store){note}",
-        local.as_secs_f64() / shared.as_secs_f64()
+        shared / local
     );
 }
 
@@ -180,43 +184,24 @@ fn ask_all(
     keys: &[String],
     times: GreylistTimes,
 ) -> Vec<GreylistOutcome> {
-    let mut answers: Vec<Option<GreylistOutcome>> = vec![None; keys.len()];
-    let mut events = Events::with_capacity(64);
-    let (mut next, mut done, mut in_flight) = (0, 0, 0);
-    let deadline = Instant::now() + ROUND_DEADLINE;
-    while done < keys.len() {
-        while in_flight < WINDOW && next < keys.len() {
-            let op = StateOp::CheckGreylist {
-                key: keys.get(next).expect("key").clone(),
-                times,
-            };
-            let waiter = Waiter {
-                worker,
-                key: next as u64,
-            };
-            assert_eq!(store.ask(op, Instant::now(), waiter), None, "queued");
-            in_flight += 1;
-            next += 1;
-        }
-        let now = Instant::now();
-        assert!(now < deadline, "still deciding after {ROUND_DEADLINE:?}");
-        poll.poll(&mut events, Some(deadline - now)).expect("poll");
-        while let Some(delivery) = inbox.try_recv() {
-            let key = usize::try_from(delivery.key).expect("an index");
-            let StateAnswer::Greylist(outcome) = delivery.answer else {
-                panic!("not a greylist answer: {:?}", delivery.answer);
-            };
-            let slot = answers.get_mut(key).expect("slot");
-            assert!(slot.is_none(), "answer {key} delivered twice");
-            *slot = Some(outcome);
-            in_flight -= 1;
-            done += 1;
-        }
-    }
-    answers
-        .into_iter()
-        .map(|answer| answer.expect("every triplet answered"))
-        .collect()
+    let ask = |i: usize| {
+        let key = keys.get(i).expect("key").clone();
+        let op = StateOp::CheckGreylist { key, times };
+        let waiter = Waiter {
+            worker,
+            key: i as u64,
+        };
+        assert_eq!(store.ask(op, Instant::now(), waiter), None, "queued");
+        None
+    };
+    let delivered = || {
+        let delivery = inbox.try_recv()?;
+        let StateAnswer::Greylist(outcome) = delivery.answer else {
+            panic!("not a greylist answer: {:?}", delivery.answer);
+        };
+        Some((delivery.key, outcome))
+    };
+    window::ask_all(keys.len(), WINDOW, ROUND_DEADLINE, poll, ask, delivered)
 }
 
 /// The state thread connects at start, on its own: waits (bounded) until it has.
@@ -253,13 +238,4 @@ fn check(pass: usize, expected: &str, outcome: GreylistOutcome) {
         _ => false,
     };
     assert!(ok, "pass {pass}: expected {expected}, got {outcome:?}");
-}
-
-fn per_second(n: usize, elapsed: Duration) -> f64 {
-    n as f64 / elapsed.as_secs_f64()
-}
-
-fn median(mut rounds: Vec<Duration>) -> Duration {
-    rounds.sort_unstable();
-    rounds.get(rounds.len() / 2).copied().unwrap_or_default()
 }

@@ -18,10 +18,14 @@
 //! `cargo bench --bench relay` runs the full size; without `--bench` (as `cargo test
 //! --all-targets` runs it, in a debug build) one small round checks correctness only.
 
-// Only `state_dir` is used here; the rest serves the benches that hold connections.
-#[allow(dead_code)]
-#[path = "support.rs"]
-mod support;
+/// What this bench shares with the others: whole files of `bench/support/`, only those whose
+/// every item it uses (see `bench/support/README.md`).
+mod support {
+    pub mod cpu;
+    pub mod run;
+    pub mod server;
+    pub mod stats;
+}
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -29,9 +33,13 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use tarmac::config::{AnnounceClient, Config, DownstreamMode, Rate};
-use tarmac::server::ServerHandle;
+use tarmac::config::{AnnounceClient, Config, DownstreamMode};
 use tarmac::sink::{Sink, SinkConfig, SinkMessage};
+
+use support::cpu::{self, Cpu};
+use support::run::Run;
+use support::server;
+use support::stats::{median, per_second};
 
 /// Parallel clients, as the issue asks.
 const CLIENTS: usize = 50;
@@ -42,11 +50,8 @@ const MESSAGE_SIZE: usize = 4096;
 /// Longest any single connect, read or write may take before the bench fails.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Kernel clock ticks per second in /proc stat times (USER_HZ, 100 on Linux).
-const TICKS_PER_SECOND: f64 = 100.0;
-
 fn main() {
-    let full = std::env::args().any(|a| a == "--bench");
+    let Run { full, note } = Run::from_args();
     // (workers, downstream mode): the default synchronous relay on one and two event loops,
     // and the multiplexing pool (pool_size 50, shared by the workers).
     let variants: &[(usize, DownstreamMode)] = if full {
@@ -67,11 +72,6 @@ fn main() {
         "{CLIENTS} clients x {per_client} msgs per round, one message per session, \
          {MESSAGE_SIZE} B messages, median of {rounds} interleaved rounds"
     );
-    let note = if full {
-        ""
-    } else {
-        " (quick mode, debug build: not a measurement)"
-    };
 
     // Warm-up: thread stacks, allocator arenas, the listen path; not measured.
     run_direct(&body, 2);
@@ -115,57 +115,24 @@ fn main() {
 struct Round {
     messages: usize,
     elapsed: Duration,
-    /// Whole-process CPU time (all threads) during the round, seconds.
-    cpu: f64,
-    /// CPU time of the tarmac worker threads during the round, seconds (zero for direct).
+    /// Whole-process CPU time (all threads) during the round.
+    cpu: Duration,
+    /// CPU time of the tarmac worker threads during the round (zero for direct).
     tarmac_cpu: Cpu,
-}
-
-/// User and system CPU seconds.
-#[derive(Clone, Copy, Default)]
-struct Cpu {
-    user: f64,
-    system: f64,
-}
-
-impl Cpu {
-    fn total(self) -> f64 {
-        self.user + self.system
-    }
-}
-
-impl std::ops::Add for Cpu {
-    type Output = Cpu;
-    fn add(self, other: Cpu) -> Cpu {
-        Cpu {
-            user: self.user + other.user,
-            system: self.system + other.system,
-        }
-    }
-}
-
-impl std::ops::Sub for Cpu {
-    type Output = Cpu;
-    fn sub(self, other: Cpu) -> Cpu {
-        Cpu {
-            user: self.user - other.user,
-            system: self.system - other.system,
-        }
-    }
 }
 
 impl Round {
     fn rate(&self) -> f64 {
-        self.messages as f64 / self.elapsed.as_secs_f64()
+        per_second(self.messages, self.elapsed)
     }
 
     fn cpu_per_msg(&self) -> f64 {
-        self.cpu * 1e6 / self.messages as f64
+        self.cpu.as_secs_f64() * 1e6 / self.messages as f64
     }
 
     /// Tarmac workers' (user, system) CPU microseconds per message.
     fn tarmac_cpu_per_msg(&self) -> (f64, f64) {
-        let per = |s: f64| s * 1e6 / self.messages as f64;
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / self.messages as f64;
         (per(self.tarmac_cpu.user), per(self.tarmac_cpu.system))
     }
 }
@@ -181,9 +148,9 @@ fn start_sink() -> Sink {
 
 fn run_direct(body: &[u8], per_client: usize) -> Round {
     let sink = start_sink();
-    let cpu_before = process_cpu();
+    let cpu_before = cpu::process();
     let (messages, elapsed) = run_clients(sink.local_addr(), body, per_client);
-    let cpu = (process_cpu() - cpu_before).total();
+    let cpu = (cpu::process() - cpu_before).total();
     check_delivered(&sink, body, messages, false);
     Round {
         messages,
@@ -195,17 +162,14 @@ fn run_direct(body: &[u8], per_client: usize) -> Round {
 
 fn run_tarmac(body: &[u8], per_client: usize, workers: usize, mode: DownstreamMode) -> Round {
     let sink = start_sink();
-    let server = ServerHandle::start(Arc::new(config(sink.local_addr(), workers, mode)))
-        .expect("tarmac starts");
-    let addr = server.local_addrs()[0];
-    let cpu_before = process_cpu();
+    let (server, addr) = server::start(config(sink.local_addr(), workers, mode));
+    let cpu_before = cpu::process();
     let tarmac_before = tarmac_worker_cpu();
     let (messages, elapsed) = run_clients(addr, body, per_client);
-    let cpu = (process_cpu() - cpu_before).total();
+    let cpu = (cpu::process() - cpu_before).total();
     // Read before shutdown: a worker's /proc entry goes when its thread exits.
     let tarmac_cpu = tarmac_worker_cpu() - tarmac_before;
-    server.shutdown();
-    server.join().expect("tarmac stops cleanly");
+    server::stop(server);
     check_delivered(&sink, body, messages, true);
     Round {
         messages,
@@ -215,32 +179,14 @@ fn run_tarmac(body: &[u8], per_client: usize, workers: usize, mode: DownstreamMo
     }
 }
 
-/// A loopback tarmac relaying to `downstream`, every check that needs DNS off, and the
-/// per-IP cap and the connection rates above what the clients do (all come from 127.0.0.1).
+/// A loopback tarmac relaying to `downstream`, with the per-IP cap above what the clients do
+/// (all come from 127.0.0.1).
 fn config(downstream: SocketAddr, workers: usize, mode: DownstreamMode) -> Config {
-    let mut config = Config::default();
-    config.server.listen = vec!["127.0.0.1:0".parse().expect("address")];
-    config.server.hostname = "mx.bench".to_owned();
-    config.server.workers = workers;
-    config.server.state_dir = support::state_dir("relay");
+    let mut config = server::config("relay", workers);
     config.limits.max_connections_per_ip = 10 * CLIENTS as u32;
-    // One session per message, all from 127.0.0.1: rates out of reach, so the bench measures
-    // relaying, not refusals.
-    let unlimited = Rate {
-        count: u32::MAX,
-        per: Duration::from_secs(1),
-    };
-    config.limits.connection_rate_per_ip = unlimited;
-    config.limits.connection_rate_per_subnet = unlimited;
     config.downstream.servers = vec![downstream];
     config.downstream.mode = mode;
     config.downstream.announce_client = AnnounceClient::Xclient;
-    config.dns.rdns = false;
-    config.dnsbl.clear();
-    // Relay throughput is the figure; a greet pause would only add a fixed wait per session.
-    config.tarpit.greet_pause = Duration::ZERO;
-    // Every message is a first attempt here: greylisting would defer them all.
-    config.greylist.enabled = false;
     config
 }
 
@@ -359,47 +305,16 @@ fn message_body() -> Vec<u8> {
     body
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
-/// CPU time of the whole process (every thread, also those already exited).
-fn process_cpu() -> Cpu {
-    stat_cpu(&std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat"))
-}
-
-/// CPU time of the live threads named `tarmac-worker-*`.
+/// CPU time of the live threads named `tarmac-worker-*`; a thread that ends meanwhile counts
+/// as none.
 fn tarmac_worker_cpu() -> Cpu {
     let mut total = Cpu::default();
     for task in std::fs::read_dir("/proc/self/task").expect("/proc/self/task") {
         let path = task.expect("task entry").path();
         let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
         if comm.starts_with("tarmac-worker") {
-            total =
-                total + stat_cpu(&std::fs::read_to_string(path.join("stat")).unwrap_or_default());
+            total = total + cpu::read(&path.join("stat")).unwrap_or_default();
         }
     }
     total
-}
-
-/// utime and stime from a /proc `stat` line (fields 14 and 15; the name in parentheses may
-/// hold spaces, so count from the closing parenthesis).
-fn stat_cpu(stat: &str) -> Cpu {
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return Cpu::default();
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let seconds = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0) as f64
-            / TICKS_PER_SECOND
-    };
-    // After ")": state is field 3, so utime (14) and stime (15) are at 11 and 12.
-    Cpu {
-        user: seconds(11),
-        system: seconds(12),
-    }
 }

@@ -26,26 +26,35 @@
 #[path = "../tests/util/certs.rs"]
 mod certs;
 
-#[path = "support.rs"]
-mod support;
+/// What this bench shares with the others: whole files of `bench/support/`, only those whose
+/// every item it uses (see `bench/support/README.md`).
+mod support {
+    pub mod hold;
+    pub mod hold_idle;
+    pub mod run;
+    pub mod server;
+    pub mod stats;
+}
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, mpsc};
+use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rustls::client::Resumption;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
-use tarmac::config::{Config, Rate};
-use tarmac::server::ServerHandle;
+use tarmac::config::Config;
 
 use certs::TestCerts;
-use support::{IO_TIMEOUT, OPEN_DEADLINE, STOP_DEADLINE};
+use support::hold::{self, ClientProcess};
+use support::hold_idle;
+use support::run::Run;
+use support::server;
+use support::stats::{median, per_second};
 
 /// Set in a child's environment to `addr,N,plain|tls,ca-file`: hold N connections to addr.
 const CHILD_ENV: &str = "TARMAC_BENCH_TLS_CLIENTS";
@@ -55,9 +64,6 @@ const WORKERS: usize = 2;
 
 /// Client threads running sessions at once in the rate rounds.
 const CLIENT_THREADS: usize = 4;
-
-/// Source addresses 127.0.0.1 to 127.0.0.SOURCES the clients spread their connections over.
-const SOURCES: usize = 250;
 
 /// TLS connections opened and closed before the memory baseline, so first-use costs (rustls'
 /// and ring's lazily built tables, allocator arenas, slab growth) are not counted per
@@ -76,20 +82,14 @@ fn main() {
         hold_connections(&spec);
         return;
     }
-    let full = std::env::args().any(|a| a == "--bench");
+    let Run { full, note } = Run::from_args();
     let (rounds, sessions, wanted) = if full { (3, 1500, 2000) } else { (1, 8, 20) };
-    let held = support::fit_fd_limit("tls", 2 * wanted, WARM_UP) / 2;
-    let note = if full {
-        ""
-    } else {
-        " (quick mode, debug build: not a measurement)"
-    };
+    let held = hold::fit_fd_limit("tls", 2 * wanted, WARM_UP) / 2;
 
     let dir = std::env::temp_dir().join(format!("tarmac-bench-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let certs = TestCerts::generate(&dir, "bench");
-    let server = ServerHandle::start(Arc::new(config(&certs, held))).expect("tarmac starts");
-    let addr = server.local_addrs()[0];
+    let (server, addr) = server::start(config(&certs, held));
     let client = client_config(&certs.ca);
 
     let mut plain = Vec::with_capacity(rounds);
@@ -98,7 +98,7 @@ fn main() {
         plain.push(round(addr, sessions, Mode::Plain, &client));
         tls.push(round(addr, sessions, Mode::Tls, &client));
     }
-    let (plain, tls) = (median(&mut plain), median(&mut tls));
+    let (plain, tls) = (median(plain), median(tls));
     println!(
         "tls/plain-sessions: {plain:.0} sessions/s (connect, banner, EHLO, QUIT; \
          {CLIENT_THREADS} client threads, workers={WORKERS}, median of {rounds} rounds of \
@@ -110,15 +110,15 @@ fn main() {
     );
     println!("tls/ratio: {:.2} (STARTTLS / plain){note}", tls / plain);
 
-    let warm_up = Clients::open(addr, WARM_UP, Mode::Tls, &certs.ca);
+    let warm_up = open_clients(addr, WARM_UP, Mode::Tls, &certs.ca);
     warm_up.close();
-    let before = support::rss_kb();
-    let plain_clients = Clients::open(addr, held, Mode::Plain, &certs.ca);
-    let middle = support::rss_kb();
-    let tls_clients = Clients::open(addr, held, Mode::Tls, &certs.ca);
-    let after = support::rss_kb();
-    let per_conn = |from: u64, to: u64| (to.saturating_sub(from) * 1024) as f64 / held as f64;
-    let (plain_bytes, tls_bytes) = (per_conn(before, middle), per_conn(middle, after));
+    let before = hold::rss_kb();
+    let plain_clients = open_clients(addr, held, Mode::Plain, &certs.ca);
+    let middle = hold::rss_kb();
+    let tls_clients = open_clients(addr, held, Mode::Tls, &certs.ca);
+    let after = hold::rss_kb();
+    let plain_bytes = hold::bytes_per_connection(before, middle, held);
+    let tls_bytes = hold::bytes_per_connection(middle, after, held);
     println!(
         "tls/rss-per-connection: plain {plain_bytes:.0} bytes, after STARTTLS {tls_bytes:.0} \
          bytes ({held} idle connections of each, workers={WORKERS}, RSS {before} KB, \
@@ -130,31 +130,16 @@ fn main() {
     );
     tls_clients.close();
     plain_clients.close();
-    support::stop(server, STOP_DEADLINE);
+    server::stop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A loopback server with `certs` for STARTTLS, caps and rates above anything the bench does,
-/// no DNS, no greet pause, and a downstream that is never reached (nobody sends MAIL).
+/// A loopback server with `certs` for STARTTLS and caps above anything the bench does; the
+/// downstream is never reached (nobody sends MAIL).
 fn config(certs: &TestCerts, held: usize) -> Config {
-    let mut config = Config::default();
-    config.server.listen = vec!["127.0.0.1:0".parse().expect("address")];
-    config.server.hostname = "mx.bench".to_owned();
-    config.server.workers = WORKERS;
-    config.server.state_dir = support::state_dir("tls");
+    let mut config = server::config("tls", WORKERS);
     config.server.max_connections = 4 * held + WARM_UP + 1000;
     config.limits.max_connections_per_ip = u32::try_from(4 * held + 1000).expect("fits u32");
-    let unlimited = Rate {
-        count: u32::MAX,
-        per: Duration::from_secs(1),
-    };
-    config.limits.connection_rate_per_ip = unlimited;
-    config.limits.connection_rate_per_subnet = unlimited;
-    config.downstream.servers = vec!["127.0.0.1:9".parse().expect("address")];
-    config.dns.rdns = false;
-    config.dnsbl.clear();
-    config.tarpit.greet_pause = Duration::ZERO;
-    config.greylist.enabled = false;
     config.tls.cert = Some(certs.chain.clone());
     config.tls.key = Some(certs.key.clone());
     config.load_tls().expect("the test certificate loads");
@@ -186,8 +171,7 @@ fn round(addr: SocketAddr, sessions: usize, mode: Mode, client: &Arc<ClientConfi
             let count = sessions / CLIENT_THREADS + usize::from(t < sessions % CLIENT_THREADS);
             thread::spawn(move || {
                 for i in 0..count {
-                    let source =
-                        Ipv4Addr::new(127, 0, 0, 1 + ((t + i * CLIENT_THREADS) % SOURCES) as u8);
+                    let source = hold_idle::source(t + i * CLIENT_THREADS);
                     if let Err(e) = session(addr, source, mode, &client) {
                         panic!("{mode:?} session {i} on thread {t}: {e}");
                     }
@@ -198,7 +182,7 @@ fn round(addr: SocketAddr, sessions: usize, mode: Mode, client: &Arc<ClientConfi
     for thread in threads {
         thread.join().expect("client thread");
     }
-    sessions as f64 / started.elapsed().as_secs_f64()
+    per_second(sessions, started.elapsed())
 }
 
 /// One whole session; with `Mode::Tls` the handshake and the EHLO after it too.
@@ -224,10 +208,9 @@ fn session(
 
 /// Connects from `source`, reads the banner and says EHLO in plain text.
 fn greet(addr: SocketAddr, source: Ipv4Addr) -> io::Result<(TcpStream, BufReader<TcpStream>)> {
-    let stream = support::connect_from(source, addr, IO_TIMEOUT)?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut stream = hold::connect_from(source, addr)?;
+    hold::read_banner(&mut stream)?;
     let mut reader = BufReader::new(stream.try_clone()?);
-    expect(reply(&mut reader)?, "220 ")?;
     expect(command(&stream, &mut reader, "EHLO client.bench")?, "250-")?;
     Ok((stream, reader))
 }
@@ -296,81 +279,23 @@ fn expect(reply: String, start: &str) -> io::Result<()> {
     }
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
-/// A child process holding connections to the server.
-struct Clients {
-    child: Child,
-    /// Lines the child printed; the reader thread ends at the child's EOF.
-    lines: mpsc::Receiver<String>,
-}
-
-impl Clients {
-    /// Starts a child and waits until it holds `n` connections of `mode`, idle.
-    fn open(addr: SocketAddr, n: usize, mode: Mode, ca: &Path) -> Clients {
-        let mode_name = if mode == Mode::Tls { "tls" } else { "plain" };
-        let mut child = Command::new(std::env::current_exe().expect("own path"))
-            .env(
-                CHILD_ENV,
-                format!("{addr},{n},{mode_name},{}", ca.display()),
-            )
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("client process starts");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let clients = Clients { child, lines };
-        let expected = format!("ready {n}");
-        match clients.lines.recv_timeout(OPEN_DEADLINE + IO_TIMEOUT) {
-            Ok(line) if line == expected => clients,
-            Ok(line) => clients.fail(&format!("client process said {line:?}")),
-            Err(_) => clients.fail("client process not ready in time (see its error above)"),
-        }
-    }
-
-    /// Closes the child's stdin, which makes it close its connections and exit.
-    fn close(mut self) {
-        drop(self.child.stdin.take());
-        let deadline = Instant::now() + STOP_DEADLINE;
-        loop {
-            match self.child.try_wait().expect("wait for client process") {
-                Some(status) if status.success() => return,
-                Some(status) => self.fail(&format!("client process failed: {status}")),
-                None if Instant::now() >= deadline => self.fail("client process did not exit"),
-                None => thread::sleep(Duration::from_millis(10)),
-            }
-        }
-    }
-
-    fn fail(mut self, why: &str) -> ! {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        panic!("{why}");
-    }
+/// Starts a child and waits until it holds `n` connections of `mode`, idle.
+fn open_clients(addr: SocketAddr, n: usize, mode: Mode, ca: &Path) -> ClientProcess {
+    let mode_name = if mode == Mode::Tls { "tls" } else { "plain" };
+    let spec = format!("{addr},{n},{mode_name},{}", ca.display());
+    hold_idle::start(CHILD_ENV, spec, n)
 }
 
 /// The child: opens the connections `spec` asks for, each idle after its last EHLO reply,
 /// prints `ready N` and holds them until stdin closes.
 fn hold_connections(spec: &str) {
     let parts: Vec<&str> = spec.splitn(4, ',').collect();
+    let bad_spec = || hold::child_fail("tls", &format!("bad {CHILD_ENV}={spec:?}"));
     let [addr, n, mode, ca] = parts[..] else {
-        child_fail(&format!("bad {CHILD_ENV}={spec:?}"));
+        bad_spec()
     };
     let (Ok(addr), Ok(n)) = (addr.parse::<SocketAddr>(), n.parse::<usize>()) else {
-        child_fail(&format!("bad {CHILD_ENV}={spec:?}"));
+        bad_spec()
     };
     let mode = if mode == "tls" {
         Mode::Tls
@@ -378,38 +303,24 @@ fn hold_connections(spec: &str) {
         Mode::Plain
     };
     let client = client_config(&PathBuf::from(ca));
-    let deadline = Instant::now() + OPEN_DEADLINE;
     let mut plain = Vec::new();
     let mut tls = Vec::new();
-    for i in 0..n {
-        if Instant::now() >= deadline {
-            child_fail(&format!(
-                "only {i} of {n} connections open after {OPEN_DEADLINE:?}"
-            ));
-        }
-        let source = Ipv4Addr::new(127, 0, 0, 1 + (i % SOURCES) as u8);
-        let opened = greet(addr, source).and_then(|(stream, reader)| match mode {
-            Mode::Plain => {
-                plain.push((stream, reader));
-                Ok(())
-            }
-            Mode::Tls => {
-                let mut conn = starttls(stream, reader, &client)?;
-                expect(tls_command(&mut conn, "EHLO client.bench")?, "250-")?;
-                tls.push(conn);
-                Ok(())
-            }
-        });
-        if let Err(e) = opened {
-            child_fail(&format!("{mode:?} connection {i} from {source}: {e}"));
-        }
-    }
-    println!("ready {}", plain.len() + tls.len());
-    io::stdout().flush().expect("stdout");
-    let _ = io::stdin().read_to_end(&mut Vec::new());
-}
-
-fn child_fail(why: &str) -> ! {
-    eprintln!("tls bench client: {why}");
-    std::process::exit(1);
+    hold::open_all("tls", n, |i| {
+        let source = hold_idle::source(i);
+        greet(addr, source)
+            .and_then(|(stream, reader)| match mode {
+                Mode::Plain => {
+                    plain.push((stream, reader));
+                    Ok(())
+                }
+                Mode::Tls => {
+                    let mut conn = starttls(stream, reader, &client)?;
+                    expect(tls_command(&mut conn, "EHLO client.bench")?, "250-")?;
+                    tls.push(conn);
+                    Ok(())
+                }
+            })
+            .map_err(|e| format!("{mode:?} connection {i} from {source}: {e}"))
+    });
+    hold_idle::ready(plain.len() + tls.len());
 }
