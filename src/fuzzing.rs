@@ -32,7 +32,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use crate::config::{AnnounceClient, BareNewline, Cidr, Config, Dnsbl, DownstreamMode};
+use crate::config::{
+    AnnounceClient, BareNewline, Cidr, Config, Dnsbl, DownstreamMode, DownstreamTls,
+};
 use crate::dns::{Answer as DnsAnswer, DnsblAnswer, Query, RdnsAnswer};
 use crate::downstream::dialog::Capabilities;
 use crate::policy::{Facts, List, RuleAction, RuleSet, Stage};
@@ -264,6 +266,10 @@ pub fn rule_file(data: &[u8]) {
 /// first byte is the outcome (even: done, bit 1 picks TLS 1.2 over 1.3; odd: failed) and the
 /// rest is what the client sends over TLS.
 ///
+/// Outside the tarpit, with byte 0 bits 6–7 at 0 or 1, `k`'s bit 0 makes the downstream offer
+/// STARTTLS (`[downstream] tls` opportunistic, or required with `k`'s bit 1): it answers 220
+/// with a forged reply in the same write, and the driver's handshake fails with `k`'s bit 2.
+///
 /// Properties: every line to the client is `ddd[ -]text` with CRLF; a `250` to end-of-data is
 /// one the downstream gave to a final dot, each used once and in order; a client `354` or a
 /// relayed `250` to MAIL or RCPT is never more frequent than the downstream's; `Close` comes
@@ -272,7 +278,8 @@ pub fn rule_file(data: &[u8]) {
 /// to read; after `handle_timeout(now)` no deadline is due at `now`; `StartTls` comes once per
 /// `220 Ready to start TLS`, after it, and nothing reaches the client between it and the end
 /// of the handshake (no answer to bytes sent before the handshake, CVE-2011-0411); a failed
-/// handshake closes the session. Downstream side: bytes go
+/// handshake closes the session; the reply forged after the downstream's 220 to STARTTLS never
+/// reaches the client. Downstream side: bytes go
 /// only to an open connection, commands are CRLF-terminated lines of the verbs tarmac sends,
 /// no nested MAIL, RCPTs within `max_recipients`, DATA only after an accepted RCPT, XCLIENT
 /// and PROXY only as configured, and no bare CR or LF in a body.
@@ -1427,6 +1434,9 @@ enum Event {
     ConnectFailed(u32),
     Data(u32, Vec<u8>),
     Closed(u32),
+    /// The driver's TLS handshake on connection `g` completed, or failed.
+    TlsEstablished(u32),
+    TlsFailed(u32),
 }
 
 /// The session, a scripted downstream and the client's view, on invented time.
@@ -1455,6 +1465,10 @@ struct Harness {
     closed: bool,
     /// `Action::StartTls` came out: the next client chunk plays the handshake.
     handshaking: bool,
+    /// The downstream offers STARTTLS (`k`'s bit 0).
+    downstream_starttls: bool,
+    /// The driver's handshakes with the downstream fail (`k`'s bit 2).
+    downstream_tls_fails: bool,
     /// Counts across all downstream connections.
     totals: Totals,
 }
@@ -1546,6 +1560,14 @@ impl Harness {
                 reply: None,
             }];
         }
+        let downstream_starttls = !tarpit && scenario >> 6 <= 1 && k & 1 != 0;
+        if downstream_starttls {
+            config.downstream.tls = if k & 2 != 0 {
+                DownstreamTls::Required
+            } else {
+                DownstreamTls::Opportunistic
+            };
+        }
         let behaviour = match scenario >> 6 {
             0 => Behaviour::Normal,
             1 => Behaviour::RejectRcpt,
@@ -1594,6 +1616,8 @@ impl Harness {
             },
             closed: false,
             handshaking: false,
+            downstream_starttls,
+            downstream_tls_fails: k & 4 != 0,
             totals: Totals::default(),
         }
     }
@@ -1711,6 +1735,7 @@ impl Harness {
         match event {
             Event::Connected(g) if current == Some(g) => {
                 let mut fake = FakeDownstream::new(&self.config, self.behaviour);
+                fake.offer_starttls = self.downstream_starttls;
                 let banner = fake.connect();
                 self.conn = Some((g, Some(fake)));
                 self.session
@@ -1745,6 +1770,14 @@ impl Harness {
                 assert!(used <= buf.len(), "consumed {used} of {}", buf.len());
                 self.ds_unread = buf.get(used..).unwrap_or_default().to_vec();
             }
+            Event::TlsEstablished(g) if current == Some(g) => {
+                self.session
+                    .handle_downstream(self.now, DownstreamEvent::TlsEstablished);
+            }
+            Event::TlsFailed(g) if current == Some(g) => {
+                self.session
+                    .handle_downstream(self.now, DownstreamEvent::TlsFailed);
+            }
             // An event of a connection the session already closed: the driver dropped it.
             _ => return,
         }
@@ -1769,6 +1802,10 @@ impl Harness {
                 !self.handshaking,
                 "bytes for the client during the TLS handshake: {}",
                 escape(&out)
+            );
+            assert!(
+                find(&out, FORGED.as_bytes()).is_none(),
+                "a reply forged after the downstream's 220 to STARTTLS reached the client"
             );
             self.client_seen.receive(&out, &self.totals);
         }
@@ -1831,10 +1868,31 @@ impl Harness {
                         _ => self.events.push_back(Event::Connected(g)),
                     }
                 }
-                // The scripted downstream never lists STARTTLS (its branches are the session
-                // unit tests'), so asking for TLS is a bug.
                 Action::StartTlsDownstream => {
-                    panic!("STARTTLS to a downstream that never offered it")
+                    let Some((g, Some(fake))) = self.conn.as_mut() else {
+                        panic!("TLS for an unconnected downstream");
+                    };
+                    assert!(
+                        fake.awaiting_tls,
+                        "TLS before the downstream's 220 to STARTTLS"
+                    );
+                    let g = *g;
+                    let fails = self.downstream_tls_fails;
+                    if fails {
+                        fake.gone = true;
+                    } else {
+                        fake.start_tls();
+                    }
+                    // The driver drops what came after the 220: plain text anyone could forge.
+                    self.ds_unread.clear();
+                    let stale = |event: &Event| matches!(event, Event::Data(e, _) if *e == g);
+                    self.events.retain(|event| !stale(event));
+                    self.held.retain(|event| !stale(event));
+                    self.queue(if fails {
+                        Event::TlsFailed(g)
+                    } else {
+                        Event::TlsEstablished(g)
+                    });
                 }
                 Action::CloseDownstream => {
                     assert!(self.conn.is_some(), "CloseDownstream without a connection");
@@ -2039,6 +2097,12 @@ fn check_client_lines(wire: &[u8]) {
 /// The scripted downstream's EHLO reply: everything tarmac can use, XCLIENT included.
 const EHLO_REPLY: &str = "250-ds.fuzz\r\n250-8BITMIME\r\n250-SIZE 100000000\r\n250-SMTPUTF8\r\n250 XCLIENT ADDR NAME PORT HELO PROTO";
 
+/// The EHLO reply of a downstream offering STARTTLS (before TLS).
+const EHLO_STARTTLS_REPLY: &str = "250-ds.fuzz\r\n250-8BITMIME\r\n250-STARTTLS\r\n250-SIZE 100000000\r\n250-SMTPUTF8\r\n250 XCLIENT ADDR NAME PORT HELO PROTO";
+
+/// What the downstream's 220 to STARTTLS carries behind it, as if injected on the path.
+const FORGED: &str = "250 forged-after-starttls";
+
 /// What the scripted downstream does with bytes it read.
 enum Answer {
     Replies(Vec<u8>),
@@ -2065,6 +2129,11 @@ struct FakeDownstream {
     gone: bool,
     reads: u32,
     replies: u32,
+    /// Lists STARTTLS in its EHLO reply until TLS is on.
+    offer_starttls: bool,
+    /// It said 220 to STARTTLS: nothing may come until the driver's handshake is done.
+    awaiting_tls: bool,
+    tls: bool,
 }
 
 impl FakeDownstream {
@@ -2085,7 +2154,17 @@ impl FakeDownstream {
             gone: false,
             reads: 0,
             replies: 0,
+            offer_starttls: false,
+            awaiting_tls: false,
+            tls: false,
         }
+    }
+
+    /// The handshake is done: the session starts over with EHLO, inside TLS.
+    fn start_tls(&mut self) {
+        self.awaiting_tls = false;
+        self.tls = true;
+        self.input.clear();
     }
 
     fn connect(&mut self) -> Vec<u8> {
@@ -2099,6 +2178,11 @@ impl FakeDownstream {
             return Answer::Replies(Vec::new());
         }
         assert!(!self.quit, "bytes after QUIT: {}", escape(bytes));
+        assert!(
+            !self.awaiting_tls,
+            "plain bytes after the 220 to STARTTLS: {}",
+            escape(bytes)
+        );
         if let Behaviour::CloseOnRead(k) = self.behaviour {
             if self.reads == k {
                 self.gone = true;
@@ -2146,8 +2230,21 @@ impl FakeDownstream {
         }
         let verb = line.split(|&b| b == b' ').next().unwrap_or_default();
         match verb {
+            b"EHLO" if self.offer_starttls && !self.tls => {
+                self.reply(out, EHLO_STARTTLS_REPLY);
+            }
             b"EHLO" => {
                 self.reply(out, EHLO_REPLY);
+            }
+            b"STARTTLS" => {
+                assert!(self.offer_starttls && !self.tls, "STARTTLS not offered");
+                assert!(!self.in_transaction, "STARTTLS inside a transaction");
+                if self.reply(out, "220 2.0.0 Ready to start TLS") {
+                    self.awaiting_tls = true;
+                    // A man in the middle's reply, in the same write.
+                    out.extend_from_slice(FORGED.as_bytes());
+                    out.extend_from_slice(b"\r\n");
+                }
             }
             b"HELO" => {
                 self.reply(out, "250 ds.fuzz");
