@@ -223,6 +223,39 @@ fn rustls_client_delivers_over_starttls_and_the_close_line_names_the_version() {
 }
 
 #[test]
+fn swaks_starttls_verifies_the_certificate_and_delivers() {
+    let Some(swaks) = require_program("swaks") else {
+        return;
+    };
+    let sink = sink(Behaviour::Normal);
+    let dir = temp_dir("tls-swaks");
+    let certs = TestCerts::generate(&dir, "mx");
+    let server = Server::start(tls_config(&sink, &certs));
+    let mut command = Command::new(swaks);
+    command.args([
+        "--server",
+        "localhost",
+        "--port",
+        &server.addr.port().to_string(),
+        "--from",
+        "sender@example.org",
+        "--to",
+        "rcpt@example.net",
+        "--tls",
+        "--tls-verify",
+        "--tls-ca-path",
+        &certs.ca.display().to_string(),
+        "--timeout",
+        "10",
+    ]);
+    let (ok, output) = run_bounded(command);
+    assert!(ok, "swaks failed:\n{output}");
+    assert!(output.contains("TLS started"), "{output}");
+    assert!(output.contains("<~  250 2.0.0 Ok: queued as"), "{output}");
+    assert_eq!(sink.wait_for_messages(1, WAIT).len(), 1);
+}
+
+#[test]
 fn python_smtplib_starttls_delivers() {
     let Some(python) = require_program("python3") else {
         return;
