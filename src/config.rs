@@ -24,6 +24,7 @@ use std::time::Duration;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject as _;
 
+use crate::downstream::tls::ClientTls;
 use crate::policy::{List, ListSet, RuleSet};
 use crate::tls::{ServerTls, TlsFile};
 
@@ -171,6 +172,12 @@ pub struct Downstream {
     /// The certificates of `tls_ca`, read and checked by [`Config::load_tls_ca`]; empty
     /// before that and when `tls_ca` is not set.
     pub tls_ca_certs: Vec<CertificateDer<'static>>,
+    /// The rustls client configuration for STARTTLS towards the downstream, built once by
+    /// [`Config::load_tls_ca`] from `tls_verify` and `tls_ca_certs` and shared by every
+    /// downstream connection of every worker; `None` before that and with `tls = "none"`.
+    /// A configuration built by hand calls `load_tls_ca` for downstream TLS (until then a
+    /// downstream handshake fails, and `opportunistic` goes on in plain text).
+    pub client_tls: Option<ClientTls>,
 }
 
 /// `[downstream] mode`
@@ -580,8 +587,32 @@ impl Config {
     /// of the PEM file, each checked to be usable as a trust anchor, so a garbled file fails
     /// `tarmac check` (and a reload) rather than every downstream handshake. Errors read
     /// `file: downstream.tls_ca: message`. Read even while `tls_verify` is off, so turning it
-    /// on later meets no surprise.
+    /// on later meets no surprise. Then builds `downstream.client_tls` from them, once for the
+    /// whole server: at start, by `tarmac check` and on each reload.
     pub fn load_tls_ca(&mut self) -> Result<(), ConfigErrors> {
+        self.read_tls_ca()?;
+        self.downstream.client_tls = match self.downstream.tls {
+            DownstreamTls::None => None,
+            _ => {
+                let built = crate::downstream::tls::client_config(&self.downstream);
+                // The certificates were checked as trust anchors just now, so this fails only
+                // if rustls refuses its own defaults; name the key all the same.
+                let config = built.map_err(|e| {
+                    ConfigErrors(vec![ConfigError {
+                        path: self.path.clone().unwrap_or_default(),
+                        line: None,
+                        key: "downstream.tls".to_owned(),
+                        message: format!("cannot set up TLS towards the downstream: {e}"),
+                    }])
+                })?;
+                Some(ClientTls::new(config))
+            }
+        };
+        Ok(())
+    }
+
+    /// The `tls_ca` half of [`Config::load_tls_ca`]: the file's certificates, checked.
+    fn read_tls_ca(&mut self) -> Result<(), ConfigErrors> {
         let Some(file) = &self.downstream.tls_ca else {
             self.downstream.tls_ca_certs = Vec::new();
             return Ok(());
@@ -751,6 +782,7 @@ impl Default for Downstream {
             tls_verify: false,
             tls_ca: None,
             tls_ca_certs: Vec::new(),
+            client_tls: None,
         }
     }
 }

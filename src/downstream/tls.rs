@@ -19,6 +19,38 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme
 
 use crate::config::Downstream;
 
+/// The client configuration built from a loaded `[downstream]`, shared by every downstream
+/// connection (and so one session cache for resumption). Equality means "the same build", as
+/// for `tls::ServerTls`: `Config` needs it only for its own tests and reload comparisons.
+#[derive(Clone)]
+pub struct ClientTls(Arc<ClientConfig>);
+
+impl ClientTls {
+    /// Wraps a built configuration.
+    pub fn new(config: Arc<ClientConfig>) -> ClientTls {
+        ClientTls(config)
+    }
+
+    /// A client connection to the downstream at `addr`, named as [`server_name`] says.
+    pub fn start(&self, addr: SocketAddr) -> Result<rustls::ClientConnection, rustls::Error> {
+        rustls::ClientConnection::new(Arc::clone(&self.0), server_name(addr))
+    }
+}
+
+impl PartialEq for ClientTls {
+    fn eq(&self, other: &ClientTls) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for ClientTls {}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientTls")
+    }
+}
+
 /// Builds the client configuration for downstream STARTTLS from `downstream.tls_verify` and
 /// `downstream.tls_ca_certs` (filled by `Config::load`). TLS 1.2 and 1.3 (many MTAs still speak
 /// only 1.2), ring as the provider, no client certificate; rustls' in-memory session cache

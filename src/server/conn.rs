@@ -107,8 +107,6 @@ pub(crate) struct Io<'a> {
     pub(crate) shared: &'a Shared,
     /// The configuration in force (the greylist's times).
     pub(crate) config: &'a Config,
-    /// The client side of downstream STARTTLS, built by the worker from `config`.
-    pub(crate) client_tls: Option<&'a Arc<rustls::ClientConfig>>,
 }
 
 /// A client connection and, while relaying, its downstream connection.
@@ -1013,13 +1011,10 @@ impl Conn {
                 .handle_downstream(now, DownstreamEvent::TlsFailed);
             return;
         };
-        let started = match io.client_tls {
-            Some(config) => rustls::ClientConnection::new(
-                Arc::clone(config),
-                crate::downstream::tls::server_name(ds.addr),
-            ),
+        let started = match &io.config.downstream.client_tls {
+            Some(client) => client.start(ds.addr),
             None => Err(rustls::Error::General(
-                "no client TLS configuration".to_owned(),
+                "no client TLS configuration (Config::load_tls_ca)".to_owned(),
             )),
         };
         let connection = match started {

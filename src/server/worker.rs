@@ -27,7 +27,7 @@ use super::slab::{ConnKey, Slab};
 use super::timer::TimerHeap;
 use super::tls_failures::TlsFailures;
 use super::token::{self, Source};
-use crate::config::{Config, DownstreamMode, DownstreamTls};
+use crate::config::{Config, DownstreamMode};
 use crate::dns::{Inbox, ResolverHandle};
 use crate::policy::ListMatch;
 use crate::smtp::{Peer, Session, Shutdown, too_many_connections};
@@ -101,9 +101,6 @@ pub(crate) struct Worker {
     pool: Pool,
     /// The resolver and this worker's inbox for its answers, when the config needs lookups.
     dns: Option<WorkerDns>,
-    /// The client side of downstream STARTTLS for `config`, rebuilt when it is reloaded;
-    /// `None` when `[downstream] tls = "none"` (or it could not be built: handshakes fail).
-    client_tls: Option<Arc<rustls::ClientConfig>>,
     /// This worker's inbox for the state thread's answers (`[state] backend = "redis"`).
     state: Option<WorkerState>,
 }
@@ -187,7 +184,6 @@ impl Worker {
             phase: Phase::Running,
             pool: Pool::new(config.downstream.pool_size, workers),
             dns: None,
-            client_tls: client_tls(&config),
             state: None,
         };
         Ok((worker, waker))
@@ -299,7 +295,6 @@ impl Worker {
         }
         self.config_generation = generation;
         self.config = self.shared.reloads.current();
-        self.client_tls = client_tls(&self.config);
         for (key, conn) in self.conns.iter_mut() {
             conn.handle_reload(now, Arc::clone(&self.config));
             queue(&mut self.ready, conn, key);
@@ -550,7 +545,6 @@ impl Worker {
             state_worker: self.state.as_ref().map_or(0, |state| state.id),
             shared: &self.shared,
             config: &self.config,
-            client_tls: self.client_tls.as_ref(),
         };
         for key in self.pending.drain(..) {
             let Some(conn) = self.conns.get_mut(key) else {
@@ -582,7 +576,6 @@ impl Worker {
             state_worker: 0,
             shared: &self.shared,
             config: &self.config,
-            client_tls: self.client_tls.as_ref(),
         };
         for key in self.closing.drain(..) {
             if let Some(conn) = self.conns.remove(key) {
@@ -609,7 +602,6 @@ impl Worker {
             state_worker: self.state.as_ref().map_or(0, |state| state.id),
             shared: &self.shared,
             config: &self.config,
-            client_tls: self.client_tls.as_ref(),
         };
         while let Some((key, addr)) = io.pool.next_waiter(now) {
             // A waiter that timed out, moved on to another server or closed is skipped.
@@ -644,23 +636,5 @@ fn queue(list: &mut Vec<ConnKey>, conn: &mut Conn, key: ConnKey) {
     if !conn.queued {
         conn.queued = true;
         list.push(key);
-    }
-}
-
-/// The rustls client configuration for downstream STARTTLS under `config`, built once per
-/// loaded configuration (it carries the root store and the session cache every connection to
-/// the downstream shares). `Config::load` checked the CA file, so this fails only on a
-/// configuration built by hand with a bad certificate; then every handshake fails and is
-/// logged, which `opportunistic` survives in plain text.
-fn client_tls(config: &Config) -> Option<Arc<rustls::ClientConfig>> {
-    if config.downstream.tls == DownstreamTls::None {
-        return None;
-    }
-    match crate::downstream::tls::client_config(&config.downstream) {
-        Ok(tls) => Some(tls),
-        Err(e) => {
-            log::warn!("downstream TLS cannot be configured: {e}");
-            None
-        }
     }
 }
