@@ -45,7 +45,7 @@ use crate::smtp::reply::{
 };
 use crate::smtp::session::{Action, DownstreamEvent, Peer, Session, Shutdown, Side, TlsVersion};
 use crate::state::snapshot::{self as state_snapshot, Clocks, Kind, Writer};
-use crate::state::{Greylist, GreylistOutcome, PassCache, ReputationTable};
+use crate::state::{Greylist, GreylistOutcome, GreylistTimes, PassCache, ReputationTable};
 
 /// Bytes that make up SMTP commands, replies and bodies, including every line-ending byte
 /// and a two-byte UTF-8 character; raw input is mapped onto it byte by byte.
@@ -357,7 +357,7 @@ pub fn snapshot(data: &[u8]) {
             sizes(table.len(), kept, second);
         }
         Kind::Greylist => {
-            let greylist = &config.greylist;
+            let greylist = &GreylistTimes::of(&config.greylist);
             let table = Greylist::new(clocks.now());
             let kept = table
                 .restore(&bytes, &clocks, greylist)

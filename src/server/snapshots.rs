@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 use super::reload::Reloads;
 use crate::config::{Config, StateBackend};
 use crate::state::snapshot::{Kind, Restored, SnapshotError};
-use crate::state::{Clocks, Greylist, PassCache, ReputationTable, StateDir};
+use crate::state::{Clocks, Greylist, GreylistTimes, PassCache, ReputationTable, StateDir};
 
 /// How often the state is written while running: what a crash (or `kill -9`) can lose at
 /// most. The tables are copied out in well under a second even when full, so a minute costs
@@ -124,7 +124,10 @@ impl Snapshots {
         for kind in Kind::ALL {
             let bytes = match kind {
                 Kind::Pass => self.tables.passes.snapshot(clocks),
-                Kind::Greylist => self.tables.greylist.snapshot(clocks, &config.greylist),
+                Kind::Greylist => self
+                    .tables
+                    .greylist
+                    .snapshot(clocks, &GreylistTimes::of(&config.greylist)),
                 Kind::Reputation => self
                     .tables
                     .reputation
@@ -166,10 +169,11 @@ impl Snapshots {
     ) -> Result<Restored, SnapshotError> {
         match kind {
             Kind::Pass => self.tables.passes.restore(bytes, clocks),
-            Kind::Greylist => self
-                .tables
-                .greylist
-                .restore(bytes, clocks, &config.greylist),
+            Kind::Greylist => {
+                self.tables
+                    .greylist
+                    .restore(bytes, clocks, &GreylistTimes::of(&config.greylist))
+            }
             Kind::Reputation => {
                 self.tables
                     .reputation

@@ -27,6 +27,29 @@ pub const MAX_ENTRIES: usize = 500_000;
 /// How often a full table may warn.
 const FULL_WARNING_EVERY: Duration = Duration::from_secs(60);
 
+/// `[greylist]`'s times, all the table needs of the configuration; carried by each check so a
+/// reload changes them at once, on either backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GreylistTimes {
+    /// A retry passes this long after the first attempt...
+    pub delay: Duration,
+    /// ...and until this long after it.
+    pub retry_window: Duration,
+    /// A passed triplet keeps passing this long after its last use.
+    pub pass_ttl: Duration,
+}
+
+impl GreylistTimes {
+    /// The times in `config`.
+    pub fn of(config: &GreylistConfig) -> GreylistTimes {
+        GreylistTimes {
+            delay: config.delay,
+            retry_window: config.retry_window,
+            pass_ttl: config.pass_ttl,
+        }
+    }
+}
+
 /// What greylisting says about one recipient.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GreylistOutcome {
@@ -80,11 +103,10 @@ impl Greylist {
         }
     }
 
-    /// Decides one recipient's triplet at `now` under `config`'s times, and records the
-    /// attempt.
-    pub fn check(&self, key: &str, now: Instant, config: &GreylistConfig) -> GreylistOutcome {
+    /// Decides one recipient's triplet at `now` under `times`, and records the attempt.
+    pub fn check(&self, key: &str, now: Instant, times: &GreylistTimes) -> GreylistOutcome {
         if self.entries.len() >= MAX_ENTRIES && !self.entries.contains_key(key) {
-            self.sweep(now, config.retry_window);
+            self.sweep(now, times.retry_window);
             if self.entries.len() >= MAX_ENTRIES {
                 self.warn_full(now);
                 return GreylistOutcome::Pass;
@@ -100,9 +122,9 @@ impl Greylist {
             }
             MapEntry::Occupied(mut slot) => {
                 let triplet = slot.get_mut();
-                let outcome = judge(triplet, now, config);
+                let outcome = judge(triplet, now, times);
                 match outcome {
-                    GreylistOutcome::Pass => triplet.passed_until = Some(now + config.pass_ttl),
+                    GreylistOutcome::Pass => triplet.passed_until = Some(now + times.pass_ttl),
                     GreylistOutcome::New => {
                         *triplet = Triplet {
                             first_seen: now,
@@ -117,12 +139,12 @@ impl Greylist {
     }
 
     /// The triplets that still decide something at `clocks.now()` as a snapshot file.
-    pub fn snapshot(&self, clocks: &Clocks, config: &GreylistConfig) -> Vec<u8> {
+    pub fn snapshot(&self, clocks: &Clocks, times: &GreylistTimes) -> Vec<u8> {
         let now = clocks.now();
         let live: Vec<(Box<str>, Triplet)> = self
             .entries
             .iter()
-            .filter(|entry| is_live(entry.value(), now, config.retry_window))
+            .filter(|entry| is_live(entry.value(), now, times.retry_window))
             .map(|entry| (entry.key().clone(), *entry.value()))
             .collect();
         let mut writer = Writer::new(Kind::Greylist);
@@ -141,16 +163,16 @@ impl Greylist {
     }
 
     /// Loads a snapshot file: all of it or, on any error, nothing. Triplets that no longer
-    /// decide anything under `config` are dropped; times a clock set back put in the future
+    /// decide anything under `times` are dropped; times a clock set back put in the future
     /// are cut to now (first attempt) and `pass_ttl` from now (pass).
     pub fn restore(
         &self,
         bytes: &[u8],
         clocks: &Clocks,
-        config: &GreylistConfig,
+        times: &GreylistTimes,
     ) -> Result<Restored, SnapshotError> {
         let now = clocks.now();
-        let latest_pass = now.checked_add(config.pass_ttl).unwrap_or(now);
+        let latest_pass = now.checked_add(times.pass_ttl).unwrap_or(now);
         let mut live = Vec::new();
         let mut restored = Restored::default();
         for (n, line) in snapshot::entries(Kind::Greylist, bytes)? {
@@ -179,7 +201,7 @@ impl Greylist {
                 first_seen: first_seen.min(now),
                 passed_until,
             };
-            if is_live(&triplet, now, config.retry_window) {
+            if is_live(&triplet, now, times.retry_window) {
                 live.push((key, triplet));
             } else {
                 restored.dropped += 1;
@@ -243,7 +265,7 @@ fn is_live(triplet: &Triplet, now: Instant, retry_window: Duration) -> bool {
 }
 
 /// A known triplet's fate at `now`; an expired one counts as new.
-fn judge(triplet: &Triplet, now: Instant, config: &GreylistConfig) -> GreylistOutcome {
+fn judge(triplet: &Triplet, now: Instant, times: &GreylistTimes) -> GreylistOutcome {
     if let Some(until) = triplet.passed_until {
         return if now <= until {
             GreylistOutcome::Pass
@@ -252,9 +274,9 @@ fn judge(triplet: &Triplet, now: Instant, config: &GreylistConfig) -> GreylistOu
         };
     }
     let waited = now.saturating_duration_since(triplet.first_seen);
-    if waited < config.delay {
-        GreylistOutcome::Early(config.delay - waited)
-    } else if waited <= config.retry_window {
+    if waited < times.delay {
+        GreylistOutcome::Early(times.delay - waited)
+    } else if waited <= times.retry_window {
         GreylistOutcome::Pass
     } else {
         GreylistOutcome::New
@@ -306,7 +328,7 @@ mod tests {
     use super::*;
 
     /// DESIGN.md's defaults, checked through `g`.
-    struct Table(Greylist, GreylistConfig);
+    struct Table(Greylist, GreylistTimes);
 
     impl Table {
         fn check(&self, key: &str, now: Instant) -> GreylistOutcome {
@@ -319,18 +341,9 @@ mod tests {
     }
 
     fn greylist(now: Instant) -> Table {
-        let config = GreylistConfig {
-            enabled: true,
-            delay: Duration::from_secs(300),
-            retry_window: Duration::from_secs(4 * 3600),
-            pass_ttl: Duration::from_secs(36 * 86_400),
-            key: vec![
-                GreylistKey::Subnet,
-                GreylistKey::Sender,
-                GreylistKey::Recipient,
-            ],
-        };
-        Table(Greylist::new(now), config)
+        // DESIGN.md's defaults.
+        let times = GreylistTimes::of(&GreylistConfig::default());
+        Table(Greylist::new(now), times)
     }
 
     #[test]

@@ -12,8 +12,8 @@ pub mod reputation;
 pub mod snapshot;
 pub mod store;
 
-pub use greylist::{Greylist, GreylistOutcome};
+pub use greylist::{Greylist, GreylistOutcome, GreylistTimes};
 pub use pass::PassCache;
 pub use reputation::ReputationTable;
 pub use snapshot::{Clocks, StateDir};
-pub use store::{GreylistTimes, Local, StateAnswer, StateOp, Store, StoreStats, Waiter};
+pub use store::{Local, StateAnswer, StateOp, Store, StoreStats, Waiter};

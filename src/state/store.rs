@@ -23,11 +23,11 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::greylist::GreylistTimes;
 use super::greylist::{Greylist, GreylistOutcome};
 use super::pass::PassCache;
 use super::redis::RedisHandle;
 use super::reputation::ReputationTable;
-use crate::config::Greylist as GreylistConfig;
 use crate::policy::reputation::{Event, History};
 use crate::policy::{ConnectionRates, RateRefusal};
 
@@ -85,18 +85,6 @@ pub enum StateAnswer {
     Reputation(Option<History>),
 }
 
-/// `[greylist]`'s times, carried by each check so a reload changes them at once, on either
-/// backend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct GreylistTimes {
-    /// A retry passes this long after the first attempt...
-    pub delay: Duration,
-    /// ...and until this long after it.
-    pub retry_window: Duration,
-    /// A passed triplet keeps passing this long after its last use.
-    pub pass_ttl: Duration,
-}
-
 /// Who waits for an answer that comes later: a worker (the index the state thread gave it)
 /// and an opaque key that finds the connection (a generation-tagged slab key).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,17 +125,6 @@ pub struct Store {
     redis: Option<RedisHandle>,
 }
 
-impl GreylistTimes {
-    /// The times in `config`.
-    pub fn of(config: &GreylistConfig) -> GreylistTimes {
-        GreylistTimes {
-            delay: config.delay,
-            retry_window: config.retry_window,
-            pass_ttl: config.pass_ttl,
-        }
-    }
-}
-
 impl Local {
     /// The stores, empty or as given; the tables are shared with the snapshots
     /// (`server::snapshots`), which save and load them with the local backend.
@@ -175,15 +152,7 @@ impl Local {
                 return None;
             }
             StateOp::CheckGreylist { key, times } => {
-                let config = GreylistConfig {
-                    enabled: true,
-                    delay: times.delay,
-                    retry_window: times.retry_window,
-                    pass_ttl: times.pass_ttl,
-                    // The table takes only the times; an empty Vec allocates nothing.
-                    key: Vec::new(),
-                };
-                StateAnswer::Greylist(self.greylist.check(key, now, &config))
+                StateAnswer::Greylist(self.greylist.check(key, now, times))
             }
             StateOp::CheckRate(ip) => StateAnswer::Rate {
                 ip: *ip,

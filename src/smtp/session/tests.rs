@@ -163,7 +163,7 @@ struct Pair {
     tarpit_free: bool,
     /// A real greylist table answering `CheckGreylist` on the pair's clock.
     greylist: crate::state::Greylist,
-    greylist_config: crate::config::Greylist,
+    greylist_times: crate::state::GreylistTimes,
     /// The keys asked about, in order.
     greylist_keys: Vec<String>,
     /// How the driver's TLS handshake towards the downstream ends: `Some(true)` established,
@@ -223,7 +223,7 @@ impl Pair {
 
     fn from_peer(config: Config, dns: Vec<(Query, Answer)>, peer: Peer) -> Pair {
         let now = Instant::now();
-        let greylist_config = config.greylist.clone();
+        let greylist_times = crate::state::GreylistTimes::of(&config.greylist);
         Pair {
             session: Session::new(Arc::new(config), peer, now),
             now,
@@ -245,7 +245,7 @@ impl Pair {
             passes: Vec::new(),
             tarpit_free: true,
             greylist: crate::state::Greylist::new(now),
-            greylist_config,
+            greylist_times,
             greylist_keys: Vec::new(),
             downstream_tls: Some(true),
             downstream_tls_starts: 0,
@@ -372,7 +372,7 @@ impl Pair {
                         self.reputation_events.push((ip, event));
                     }
                     Action::CheckGreylist(key) => {
-                        let outcome = self.greylist.check(&key, self.now, &self.greylist_config);
+                        let outcome = self.greylist.check(&key, self.now, &self.greylist_times);
                         self.greylist_keys.push(key);
                         self.session.handle_greylist(self.now, outcome);
                     }

@@ -329,7 +329,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::state::store::GreylistTimes;
+    use crate::state::GreylistTimes;
 
     #[test]
     fn replies_read_back_into_answers() {
