@@ -39,16 +39,15 @@
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mio::Waker;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config;
-use crate::side_thread::{self, Outbox};
+use crate::side_thread::{self, Outboxes, Running};
 
 mod cache;
 mod health;
@@ -213,9 +212,7 @@ pub struct Resolver {
     handle: ResolverHandle,
     /// Dropped (or sent) to tell the thread to stop.
     stop: Option<oneshot::Sender<()>>,
-    /// Disconnects when the thread ends: a join with a bounded wait.
-    done: std::sync::mpsc::Receiver<()>,
-    thread: Option<JoinHandle<()>>,
+    thread: Running,
 }
 
 /// A cheap, cloneable handle for lookups.
@@ -242,7 +239,6 @@ impl Resolver {
         let (requests, request_rx) = mpsc::channel(REQUEST_QUEUE);
         let (stop, stop_rx) = oneshot::channel();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (done_tx, done) = std::sync::mpsc::channel::<()>();
         let settings = thread::Settings {
             name_servers,
             timeout: dns.timeout,
@@ -250,26 +246,20 @@ impl Resolver {
             health_interval: dns.health_interval,
         };
         let thread_shared = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
-            .name("tarmac-dns".to_owned())
-            .spawn(move || {
-                // Dropped when the thread ends, however it ends: what `stop` waits for. The
-                // runtime is declared after it so it is dropped (its tasks with it) first.
-                let _done = done_tx;
-                let runtime = runtime;
-                runtime.block_on(thread::run(
-                    settings,
-                    thread_shared,
-                    request_rx,
-                    stop_rx,
-                    ready_tx,
-                ));
-            })?;
+        let thread = side_thread::spawn("tarmac-dns", "dns: the resolver thread", move || {
+            // The runtime (its tasks with it) is dropped before the thread reports its end.
+            runtime.block_on(thread::run(
+                settings,
+                thread_shared,
+                request_rx,
+                stop_rx,
+                ready_tx,
+            ));
+        })?;
         let mut resolver = Resolver {
             handle: ResolverHandle { shared, requests },
             stop: Some(stop),
-            done,
-            thread: Some(thread),
+            thread,
         };
         match ready_rx.recv_timeout(START_WAIT) {
             Ok(Ok(())) => Ok(resolver),
@@ -289,15 +279,7 @@ impl Resolver {
 
     /// Registers a worker: answers for it go to the returned inbox, followed by a wake.
     pub fn add_worker(&mut self, waker: Arc<Waker>) -> (usize, Inbox) {
-        let (outbox, inbox) = side_thread::channel(waker);
-        let mut workers = self
-            .handle
-            .shared
-            .workers
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        workers.push(outbox);
-        (workers.len().saturating_sub(1), inbox)
+        self.handle.shared.workers.add(waker)
     }
 
     /// Stops the thread, waiting at most [`STOP_WAIT`] (then it is left to end on its own).
@@ -314,10 +296,7 @@ impl Resolver {
     fn shut_down(&mut self) {
         // Dropping the sender is the signal; the thread also ends if it is already gone.
         drop(self.stop.take());
-        let Some(thread) = self.thread.take() else {
-            return;
-        };
-        side_thread::join_within(thread, &self.done, STOP_WAIT, "dns: the resolver thread");
+        self.thread.join_within(STOP_WAIT);
     }
 }
 
@@ -331,7 +310,7 @@ impl fmt::Debug for Resolver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Resolver")
             .field("handle", &self.handle)
-            .field("running", &self.thread.is_some())
+            .field("running", &self.thread.is_running())
             .finish()
     }
 }
@@ -435,7 +414,7 @@ struct Shared {
     recheck: tokio::sync::Notify,
     stats: Stats,
     /// Registered by [`Resolver::add_worker`], indexed by [`Waiter::worker`].
-    workers: RwLock<Vec<Outbox<Delivery>>>,
+    workers: Outboxes<Delivery>,
     /// Rate limit of the overload warning: ms after `epoch` of the last one, plus one (0 =
     /// never).
     overload_logged: AtomicU64,
@@ -459,7 +438,7 @@ impl Shared {
             zones: Zones::new(zones),
             recheck: tokio::sync::Notify::new(),
             stats: Stats::default(),
-            workers: RwLock::new(Vec::new()),
+            workers: Outboxes::default(),
             overload_logged: AtomicU64::new(0),
             epoch: Instant::now(),
         }
@@ -505,7 +484,7 @@ impl Shared {
             return;
         }
         waiters.sort_unstable_by_key(|waiter| waiter.worker);
-        let workers = self.workers.read().unwrap_or_else(PoisonError::into_inner);
+        let workers = self.workers.read();
         for group in waiters.chunk_by(|a, b| a.worker == b.worker) {
             let Some(worker) = group.first().map(|waiter| waiter.worker) else {
                 continue;

@@ -12,14 +12,18 @@
 //!                                 yes ─▶ nothing (the worker will find them)
 //! ```
 //!
-//! **Stopping.** [`join_within`] waits a bounded time for the thread to end (it may be inside
-//! a call bounded by its own timeout) and leaves it to finish on its own otherwise, so a
+//! **Workers.** [`Outboxes`] holds one [`Outbox`] per registered worker, found by the index
+//! [`Outboxes::add`] gave it (the `worker` of a waiter).
+//!
+//! **Stopping.** [`spawn`] starts the thread and returns its [`Running`] owner, whose
+//! [`Running::join_within`] waits a bounded time for the thread to end (it may be inside a
+//! call bounded by its own timeout) and leaves it to finish on its own otherwise, so a
 //! shutdown cannot hang on a stuck resolver or Redis.
 
 use std::io;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -43,8 +47,91 @@ pub(crate) struct Outbox<T> {
     woken: Arc<AtomicBool>,
 }
 
+/// Every registered worker's [`Outbox`], by index.
+#[derive(Debug)]
+pub(crate) struct Outboxes<T>(RwLock<Vec<Outbox<T>>>);
+
+/// The owner of a running side thread.
+#[derive(Debug)]
+pub(crate) struct Running {
+    /// The thread, in log lines ("dns: the resolver thread").
+    what: &'static str,
+    thread: Option<JoinHandle<()>>,
+    /// Disconnects when the thread ends, however it ends: a join with a bounded wait.
+    done: Receiver<()>,
+}
+
+/// Starts `run` on a thread named `name`; `what` names it in log lines.
+pub(crate) fn spawn(
+    name: &str,
+    what: &'static str,
+    run: impl FnOnce() + Send + 'static,
+) -> io::Result<Running> {
+    let (done_tx, done) = mpsc::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            // Dropped when the thread ends, after whatever `run` owned: what the join waits for.
+            let _done = done_tx;
+            run();
+        })?;
+    Ok(Running {
+        what,
+        thread: Some(thread),
+        done,
+    })
+}
+
+impl Running {
+    /// Whether the thread has not been joined (or left) yet.
+    pub(crate) fn is_running(&self) -> bool {
+        self.thread.is_some()
+    }
+
+    /// Waits at most `wait` for the thread to end, then joins it; a thread still running after
+    /// `wait` is left to end on its own. Only the first call does anything.
+    pub(crate) fn join_within(&mut self, wait: Duration) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        let what = self.what;
+        match self.done.recv_timeout(wait) {
+            Err(RecvTimeoutError::Timeout) => {
+                log::warn!("{what} did not stop within {wait:?}; leaving it");
+            }
+            // Disconnected: the thread has ended (nothing is ever sent).
+            _ => {
+                if thread.join().is_err() {
+                    log::error!("{what} panicked");
+                }
+            }
+        }
+    }
+}
+
+impl<T> Default for Outboxes<T> {
+    fn default() -> Self {
+        Outboxes(RwLock::new(Vec::new()))
+    }
+}
+
+impl<T> Outboxes<T> {
+    /// Registers a worker whose `Poll` has `waker`: its index and its receiving end.
+    pub(crate) fn add(&self, waker: Arc<Waker>) -> (usize, Inbox<T>) {
+        let (outbox, inbox) = channel(waker);
+        let mut outboxes = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        outboxes.push(outbox);
+        (outboxes.len().saturating_sub(1), inbox)
+    }
+
+    /// Every worker's outbox, by index, for a round of deliveries.
+    pub(crate) fn read(&self) -> RwLockReadGuard<'_, Vec<Outbox<T>>> {
+        self.0.read().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// A connected pair for a worker whose `Poll` has `waker`.
-pub(crate) fn channel<T>(waker: Arc<Waker>) -> (Outbox<T>, Inbox<T>) {
+fn channel<T>(waker: Arc<Waker>) -> (Outbox<T>, Inbox<T>) {
     let (tx, rx) = mpsc::channel();
     let woken = Arc::new(AtomicBool::new(false));
     let outbox = Outbox {
@@ -85,23 +172,6 @@ impl<T> Outbox<T> {
     }
 }
 
-/// Waits at most `wait` for the thread whose end disconnects `done` (it holds the sender and
-/// drops it however it ends), then joins it; `what` names it in the log lines. A thread still
-/// running after `wait` is left to end on its own.
-pub(crate) fn join_within(thread: JoinHandle<()>, done: &Receiver<()>, wait: Duration, what: &str) {
-    match done.recv_timeout(wait) {
-        Err(RecvTimeoutError::Timeout) => {
-            log::warn!("{what} did not stop within {wait:?}; leaving it");
-        }
-        // Disconnected: the thread has ended (nothing is ever sent).
-        _ => {
-            if thread.join().is_err() {
-                log::error!("{what} panicked");
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Instant;
@@ -114,7 +184,11 @@ mod tests {
     fn a_burst_costs_one_wake_and_a_drained_inbox_is_woken_again() {
         let mut poll = Poll::new().unwrap();
         let waker = Arc::new(Waker::new(poll.registry(), Token(7)).unwrap());
-        let (outbox, inbox) = channel::<u32>(waker);
+        let outboxes = Outboxes::<u32>::default();
+        let (index, inbox) = outboxes.add(waker);
+        assert_eq!(index, 0);
+        let all = outboxes.read();
+        let outbox = &all[0];
         let mut events = Events::with_capacity(8);
         let wakes = |poll: &mut Poll, events: &mut Events| {
             poll.poll(events, Some(Duration::from_millis(50))).unwrap();
@@ -149,22 +223,20 @@ mod tests {
 
     #[test]
     fn join_within_leaves_a_stuck_thread_and_joins_a_finished_one() {
-        let (done_tx, done) = mpsc::channel::<()>();
         let (release_tx, release) = mpsc::channel::<()>();
-        let stuck = std::thread::spawn(move || {
-            let _done = done_tx;
+        let mut stuck = spawn("test-stuck", "test thread", move || {
             let _ = release.recv_timeout(Duration::from_secs(5));
-        });
+        })
+        .unwrap();
         let started = Instant::now();
-        join_within(stuck, &done, Duration::from_millis(50), "test thread");
+        stuck.join_within(Duration::from_millis(50));
         assert!(
             started.elapsed() < Duration::from_secs(2),
             "it did not wait for the thread"
         );
         drop(release_tx);
 
-        let (done_tx, done) = mpsc::channel::<()>();
-        let finished = std::thread::spawn(move || drop(done_tx));
-        join_within(finished, &done, Duration::from_secs(5), "test thread");
+        let mut finished = spawn("test-done", "test thread", || {}).unwrap();
+        finished.join_within(Duration::from_secs(5));
     }
 }

@@ -29,17 +29,16 @@
 
 use std::fmt;
 use std::io;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, PoisonError, RwLock};
-use std::thread::JoinHandle;
+use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
 use mio::Waker;
 
 use super::store::{Local, StateAnswer, StateOp, StoreStats, Waiter};
 use crate::config::{Config, Rate};
-use crate::side_thread::{self, Outbox};
+use crate::side_thread::{self, Outboxes, Running};
 
 mod scripts;
 mod thread;
@@ -68,9 +67,7 @@ const OVERLOAD_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// The state thread's owner: stops it when dropped.
 pub struct RedisState {
     handle: RedisHandle,
-    /// Disconnects when the thread ends: a join with a bounded wait.
-    done: Receiver<()>,
-    thread: Option<JoinHandle<()>>,
+    thread: Running,
 }
 
 /// A cheap, cloneable handle for asking.
@@ -139,7 +136,7 @@ struct Shared {
     /// `[state] timeout`: a job's deadline is this long after it was asked.
     timeout: Duration,
     /// Registered by [`RedisState::add_worker`], indexed by [`Waiter::worker`].
-    workers: RwLock<Vec<Outbox<Delivery>>>,
+    workers: Outboxes<Delivery>,
     /// The thread holds a working connection.
     up: AtomicBool,
     stop: AtomicBool,
@@ -169,7 +166,7 @@ impl RedisState {
         let shared = Arc::new(Shared {
             local,
             timeout: config.state.timeout,
-            workers: RwLock::new(Vec::new()),
+            workers: Outboxes::default(),
             up: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             redis_answers: AtomicU64::new(0),
@@ -178,35 +175,21 @@ impl RedisState {
             epoch: Instant::now(),
         });
         let (requests, request_rx) = mpsc::sync_channel(REQUEST_QUEUE);
-        let (done_tx, done) = mpsc::channel::<()>();
         let thread_shared = Arc::clone(&shared);
         let connectors = requests.clone();
-        let thread = std::thread::Builder::new()
-            .name("tarmac-state".to_owned())
-            .spawn(move || {
-                // Dropped when the thread ends, however it ends: what `stop` waits for.
-                let _done = done_tx;
-                thread::run(client, settings, thread_shared, request_rx, connectors);
-            })?;
+        let thread = side_thread::spawn("tarmac-state", "state: the Redis thread", move || {
+            thread::run(client, settings, thread_shared, request_rx, connectors);
+        })?;
         Ok(RedisState {
             handle: RedisHandle { shared, requests },
-            done,
-            thread: Some(thread),
+            thread,
         })
     }
 
     /// Registers a worker: answers for it go to the returned inbox, followed by a wake of
     /// `waker`. The index is what the worker puts in its [`Waiter`]s.
     pub fn add_worker(&mut self, waker: Arc<Waker>) -> (usize, Inbox) {
-        let (outbox, inbox) = side_thread::channel(waker);
-        let mut workers = self
-            .handle
-            .shared
-            .workers
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        workers.push(outbox);
-        (workers.len().saturating_sub(1), inbox)
+        self.handle.shared.workers.add(waker)
     }
 
     /// A handle for asking.
@@ -221,13 +204,13 @@ impl RedisState {
     }
 
     fn shut_down(&mut self) {
-        let Some(thread) = self.thread.take() else {
+        if !self.thread.is_running() {
             return;
-        };
+        }
         self.handle.shared.stop.store(true, Ordering::SeqCst);
         // Full: the thread is busy and looks at the flag after its batch.
         let _ = self.handle.requests.try_send(Message::Stop);
-        side_thread::join_within(thread, &self.done, STOP_WAIT, "state: the Redis thread");
+        self.thread.join_within(STOP_WAIT);
     }
 }
 
@@ -241,7 +224,7 @@ impl fmt::Debug for RedisState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisState")
             .field("handle", &self.handle)
-            .field("running", &self.thread.is_some())
+            .field("running", &self.thread.is_running())
             .finish()
     }
 }
@@ -347,7 +330,7 @@ impl Drop for Job {
 impl Shared {
     /// Sends one answer and wakes its worker, unless a wake is already outstanding.
     fn deliver(&self, waiter: Waiter, answer: StateAnswer) {
-        let workers = self.workers.read().unwrap_or_else(PoisonError::into_inner);
+        let workers = self.workers.read();
         let Some(out) = workers.get(waiter.worker) else {
             log::debug!("state: answer for unknown worker {} dropped", waiter.worker);
             return;
