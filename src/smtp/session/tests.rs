@@ -1082,14 +1082,8 @@ fn proxied_client_over_its_per_ip_cap_gets_421_instead_of_the_banner() {
 #[test]
 fn an_admitting_session_asks_first_and_greets_once_admitted() {
     let now = Instant::now();
-    let client: SocketAddr = "192.0.2.7:53211".parse().unwrap();
-    let peer = Peer {
-        client,
-        local: "198.51.100.1:25".parse().unwrap(),
-        accepted_at: UNIX_EPOCH,
-        stressed: false,
-        starttls: false,
-    };
+    let peer = peer(false, false);
+    let client = peer.client;
     for admitted in [true, false] {
         let mut session = Session::admitting(Arc::new(config()), peer, now);
         assert_eq!(session.poll_action(), Some(Action::Admit(client)));

@@ -42,13 +42,7 @@ fn pair_with(config: Config, table: ReputationTable) -> Pair {
 #[test]
 fn the_verdict_waits_for_the_answer() {
     let now = Instant::now();
-    let peer = Peer {
-        client: "192.0.2.7:53211".parse().unwrap(),
-        local: "198.51.100.1:25".parse().unwrap(),
-        accepted_at: UNIX_EPOCH,
-        stressed: false,
-        starttls: false,
-    };
+    let peer = peer(false, false);
     let mut session = Session::new(Arc::new(remembering()), peer, now);
     assert_eq!(session.poll_action(), Some(Action::CheckReputation(CLIENT)));
     let mut out = Vec::new();

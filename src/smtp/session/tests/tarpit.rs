@@ -95,13 +95,7 @@ fn the_banner_waits_for_the_later_of_pause_and_lookups() {
 #[test]
 fn a_cached_pass_skips_the_pause() {
     let now = Instant::now();
-    let peer = Peer {
-        client: "192.0.2.7:53211".parse().unwrap(),
-        local: "198.51.100.1:25".parse().unwrap(),
-        accepted_at: UNIX_EPOCH,
-        stressed: false,
-        starttls: false,
-    };
+    let peer = peer(false, false);
     let mut session = Session::new(Arc::new(paused(6)), peer, now);
     assert_eq!(session.poll_action(), Some(Action::CheckPass(CLIENT)));
     session.handle_pass(now, true);
