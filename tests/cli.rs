@@ -5,7 +5,9 @@ use std::path::Path;
 use tarmac::sink::Behaviour;
 
 use crate::util::dns_server::{DnsServer, Zone};
-use crate::util::{Client, Running, WAIT, free_port, sink, tarmac, temp_dir, wait_until};
+use crate::util::{
+    Client, Running, WAIT, free_port, sink, tarmac, tarmac_check, temp_dir, wait_until,
+};
 
 #[test]
 fn version_prints_the_crate_version() {
@@ -33,7 +35,7 @@ fn check_reports_every_error_as_file_line_key_and_exits_1() {
         "[server]\nlisten = [\"0.0.0.0:25\"]\nworkers = \"two\"\n\n[limits]\nmax_message_size = \"25XB\"\nfrobnicate = 1\n",
     )
     .unwrap();
-    let out = tarmac().args(["check", "-c"]).arg(&path).output().unwrap();
+    let out = tarmac_check(&path);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let p = path.display();
@@ -57,11 +59,7 @@ fn check_reports_every_error_as_file_line_key_and_exits_1() {
 #[test]
 fn check_accepts_the_shipped_example() {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tarmac.toml");
-    let out = tarmac()
-        .args(["check", "-c"])
-        .arg(&example)
-        .output()
-        .unwrap();
+    let out = tarmac_check(&example);
     assert!(
         out.status.success(),
         "{}",
@@ -182,7 +180,7 @@ fn settings_for_later_features_are_named_and_required_tls_is_not() {
     let dir = temp_dir("later");
     let path = dir.join("later.toml");
     std::fs::write(&path, "[metrics]\nlisten = \"127.0.0.1:9425\"\n").unwrap();
-    let out = tarmac().args(["check", "-c"]).arg(&path).output().unwrap();
+    let out = tarmac_check(&path);
     assert!(out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -196,7 +194,7 @@ fn settings_for_later_features_are_named_and_required_tls_is_not() {
         "[downstream]\ntls = \"required\"\ntls_verify = true\n",
     )
     .unwrap();
-    let out = tarmac().args(["check", "-c"]).arg(&path).output().unwrap();
+    let out = tarmac_check(&path);
     assert!(out.status.success());
     assert!(!String::from_utf8_lossy(&out.stdout).contains("note:"));
     let _ = std::fs::remove_dir_all(&dir);
@@ -272,7 +270,7 @@ fn check_names_every_bad_list_line() {
         "[lists]\nallow = []\ndeny = [\"deny.txt\", \"missing.txt\"]\n",
     )
     .unwrap();
-    let out = tarmac().args(["check", "-c"]).arg(&path).output().unwrap();
+    let out = tarmac_check(&path);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let deny = dir.join("deny.txt");
@@ -294,7 +292,7 @@ fn check_names_every_bad_list_line() {
 
     std::fs::write(&path, "[lists]\nallow = []\ndeny = [\"good.txt\"]\n").unwrap();
     std::fs::write(dir.join("good.txt"), "192.0.2.0/24\nspam.example\n").unwrap();
-    let out = tarmac().args(["check", "-c"]).arg(&path).output().unwrap();
+    let out = tarmac_check(&path);
     assert!(
         out.status.success(),
         "{}",
@@ -317,7 +315,7 @@ fn check_names_an_unreadable_or_garbled_downstream_ca_file() {
         "[downstream]\ntls_verify = true\ntls_ca = \"ca/missing.pem\"\n",
     )
     .unwrap();
-    let out = tarmac().args(["check", "-c"]).arg(&path).output().unwrap();
+    let out = tarmac_check(&path);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let missing = dir.join("ca/missing.pem");
@@ -335,7 +333,7 @@ fn check_names_an_unreadable_or_garbled_downstream_ca_file() {
         "[downstream]\ntls_verify = true\ntls_ca = \"garbled.pem\"\n",
     )
     .unwrap();
-    let out = tarmac().args(["check", "-c"]).arg(&path).output().unwrap();
+    let out = tarmac_check(&path);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -356,7 +354,7 @@ fn check_names_an_unreadable_or_garbled_downstream_ca_file() {
         ),
     )
     .unwrap();
-    let out = tarmac().args(["check", "-c"]).arg(&path).output().unwrap();
+    let out = tarmac_check(&path);
     assert!(
         out.status.success(),
         "{}",

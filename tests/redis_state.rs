@@ -20,7 +20,7 @@ use tarmac::state::{
 };
 
 use crate::util::redis_server::RedisServer;
-use crate::util::{Client, Running, Server, WAIT, sink, tarmac, temp_dir, test_config};
+use crate::util::{Client, Running, Server, WAIT, sink, tarmac_check, temp_dir, test_config};
 
 const DEFERRED: &str = "451 4.7.1 Greylisted, please try again in 1 seconds\r\n";
 
@@ -340,7 +340,7 @@ fn a_bad_redis_url_is_a_check_error() {
             format!("[state]\nbackend = \"{backend}\"\nredis = \"{url}\"\n"),
         )
         .unwrap();
-        let out = tarmac().args(["check", "-c"]).arg(&path).output().unwrap();
+        let out = tarmac_check(&path);
         assert_eq!(out.status.code(), Some(1), "{url}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         let expected = format!("{}:3: state.redis: {message}", path.display());

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use tarmac::config::Config;
 
-use crate::util::{tarmac, temp_dir};
+use crate::util::{tarmac_check, temp_dir};
 
 /// The shipped default rules, by absolute path, so the config may live anywhere.
 const SHIPPED_DEFAULT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/rules/default.toml");
@@ -54,11 +54,7 @@ when = {}
 action = "allow"
 "#,
     );
-    let out = tarmac()
-        .args(["check", "-c"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = tarmac_check(&config);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let (a, b) = (dir.join("a.toml"), dir.join("b.toml"));
@@ -111,11 +107,7 @@ fn check_accepts_the_shipped_rules() {
              \"{examples}/senders.toml\"]\n"
         ),
     );
-    let out = tarmac()
-        .args(["check", "-c"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = tarmac_check(&config);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -135,11 +127,7 @@ fn check_accepts_the_shipped_rules() {
         "default-only.toml",
         &format!("[lists]\nallow = []\ndeny = []\n[rules]\nfiles = [{SHIPPED_DEFAULT:?}]\n"),
     );
-    let out = tarmac()
-        .args(["check", "-c"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = tarmac_check(&config);
     assert!(
         out.status.success(),
         "{}",

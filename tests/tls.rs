@@ -18,8 +18,8 @@ use tarmac::sink::{Behaviour, Sink};
 
 use crate::util::certs::TestCerts;
 use crate::util::{
-    Client, Running, Server, WAIT, noise, require_program, run_bounded, sink, tarmac, temp_dir,
-    test_config, wait_for_log,
+    Client, Running, Server, WAIT, noise, require_program, run_bounded, sink, tarmac_check,
+    temp_dir, test_config, wait_for_log,
 };
 
 const READY: &str = "220 2.0.0 Ready to start TLS\r\n";
@@ -478,7 +478,7 @@ fn check_names_a_missing_or_garbled_certificate_file() {
     .unwrap();
     let check = |tls: &str| {
         let path = write_config(&dir, None, tls);
-        let out = tarmac().args(["check", "-c"]).arg(&path).output().unwrap();
+        let out = tarmac_check(&path);
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         (out.status.code(), stderr, path)
     };

@@ -489,6 +489,11 @@ pub fn tarmac() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_tarmac"))
 }
 
+/// `tarmac check -c path`, run to its end: its exit status, stdout and stderr.
+pub fn tarmac_check(path: &std::path::Path) -> std::process::Output {
+    tarmac().args(["check", "-c"]).arg(path).output().unwrap()
+}
+
 /// A loopback port that was free a moment ago, for a `tarmac run` child's config file.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
