@@ -49,7 +49,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tarmac::config::{self, Config};
 use tarmac::dns::{Answer, DnsblAnswer, Query, Resolver, ResolverHandle, Waiter};
 use tarmac::policy::dnsbl::query_name;
-use tarmac::smtp::{Action, Peer, Session, Side};
+use tarmac::smtp::{Action, Peer, Session};
 
 use dns_server::{DnsServer, Zone};
 use support::cpu;
@@ -459,7 +459,7 @@ fn greetings_ns(
             session.handle_lookup(now, &query, answer);
         }
         out.clear();
-        session.poll_transmit(now, Side::Client, &mut out);
+        session.poll_transmit(now, &mut out);
         let rejected = !config.dnsbl.is_empty() && index % LISTED_EVERY == 0;
         let code: &[u8] = if rejected { b"554 " } else { b"220 " };
         assert!(

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use tarmac::config::{AnnounceClient, BareNewline, Config};
 use tarmac::smtp::data::DataDecoder;
-use tarmac::smtp::{Action, DownstreamEvent, Peer, Session, Side};
+use tarmac::smtp::{Action, DownstreamEvent, LinkId, Peer, Session};
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
@@ -60,7 +60,7 @@ fn commands(n: usize) {
     for _ in 0..n / per_batch {
         let used = session.handle_client_data(now, batch);
         assert_eq!(used, batch.len());
-        session.poll_transmit(now, Side::Client, &mut out);
+        session.poll_transmit(now, &mut out);
         replies += out.iter().filter(|&&b| b == b'\n').count();
         out.clear();
     }
@@ -140,35 +140,37 @@ fn transactions(n: usize) {
         let mut session = Session::new(config.clone(), peer(), now);
         let mut input: &[u8] = &client_script;
         let mut replies = downstream.iter();
+        let mut link = LinkId(u32::MAX);
         for _ in 0..100 {
             let used = session.handle_client_data(now, input);
             input = &input[used..];
             while let Some(action) = session.poll_action() {
                 match action {
-                    Action::ConnectDownstream(_) => {
-                        session.handle_downstream(now, DownstreamEvent::Connected);
+                    Action::ConnectDownstream { link: new, .. } => {
+                        link = new;
+                        session.handle_downstream(now, link, DownstreamEvent::Connected);
                     }
-                    Action::CloseDownstream
+                    Action::CloseDownstream { .. }
                     | Action::Close
-                    | Action::ReleaseDownstream(_)
+                    | Action::ReleaseDownstream { .. }
                     | Action::Lookup(_)
                     | Action::CheckPass(_)
                     | Action::RecordPass(_)
                     | Action::RecordReputation(..)
                     | Action::EnterTarpit
                     | Action::CheckGreylist(_)
-                    | Action::StartTlsDownstream => {}
+                    | Action::StartTlsDownstream(_) => {}
                     Action::Admit(_) => session.handle_admission(now, true),
                     Action::CheckReputation(_) => session.handle_reputation(now, None),
                     Action::StartTls => unreachable!("STARTTLS is not offered here"),
                 }
             }
-            session.poll_transmit(now, Side::Downstream, &mut to_downstream);
-            session.poll_transmit(now, Side::Client, &mut to_client);
+            session.poll_transmit_downstream(link, &mut to_downstream);
+            session.poll_transmit(now, &mut to_client);
             if !to_downstream.is_empty() || (used == 0 && !input.is_empty()) {
                 to_downstream.clear();
                 if let Some(reply) = replies.next() {
-                    session.handle_downstream(now, DownstreamEvent::Data(reply));
+                    session.handle_downstream(now, link, DownstreamEvent::Data(reply));
                 }
             }
             if session.is_closed() {

@@ -56,6 +56,7 @@ pub fn run() -> io::Result<()> {
         hostname: "sink.demo".to_owned(),
         maildir: Some(PathBuf::from(DEMO_MAILDIR)),
         offer_xclient: true,
+        xclient_again: false,
         expect_proxy: None,
         tls: None,
         behaviour: Behaviour::Normal,

@@ -36,14 +36,14 @@ use crate::config::{
     AnnounceClient, BareNewline, Cidr, Config, Dnsbl, DownstreamMode, DownstreamTls,
 };
 use crate::dns::{Answer as DnsAnswer, DnsblAnswer, Query, RdnsAnswer};
-use crate::downstream::dialog::Capabilities;
+use crate::downstream::dialog::Carried;
 use crate::policy::{Facts, List, RuleAction, RuleSet, Stage};
 use crate::smtp::command::{Body, Command, MailParams, parse_command};
 use crate::smtp::data::{DataDecoder, DataViolation};
 use crate::smtp::reply::{
     EnhancedCode, MAX_REPLY_LINE, MAX_REPLY_LINES, Reply, Status, parse_reply,
 };
-use crate::smtp::session::{Action, DownstreamEvent, Peer, Session, Shutdown, Side, TlsVersion};
+use crate::smtp::session::{Action, DownstreamEvent, LinkId, Peer, Session, Shutdown, TlsVersion};
 use crate::state::snapshot::{self as state_snapshot, Clocks, Kind, Writer};
 use crate::state::{Greylist, GreylistOutcome, GreylistTimes, PassCache, ReputationTable};
 
@@ -1430,7 +1430,7 @@ enum ConnectMode {
 enum Event {
     Connected(u32),
     /// Multiplexing: the pooled connection `g` comes back for a new transaction.
-    Reused(u32, Capabilities),
+    Reused(u32, Carried),
     ConnectFailed(u32),
     Data(u32, Vec<u8>),
     Closed(u32),
@@ -1456,8 +1456,9 @@ struct Harness {
     /// the scripted server on it.
     conn: Option<(u32, Option<FakeDownstream>)>,
     /// Multiplexing: the connection the session released, with what its EHLO offered.
-    pooled: Option<(u32, FakeDownstream, Capabilities)>,
-    generation: u32,
+    pooled: Option<(FakeDownstream, Carried)>,
+    /// Connections the session closed or released: it must never hand out bytes for them.
+    closed_links: Vec<u32>,
     /// Downstream reply bytes the session left unconsumed (a partial reply).
     ds_unread: Vec<u8>,
     client_pending: Vec<u8>,
@@ -1607,7 +1608,7 @@ impl Harness {
             held: Vec::new(),
             conn: None,
             pooled: None,
-            generation: 0,
+            closed_links: Vec::new(),
             ds_unread: Vec::new(),
             client_pending: Vec::new(),
             client_seen: ClientView {
@@ -1739,18 +1740,18 @@ impl Harness {
                 let banner = fake.connect();
                 self.conn = Some((g, Some(fake)));
                 self.session
-                    .handle_downstream(self.now, DownstreamEvent::Connected);
+                    .handle_downstream(self.now, LinkId(g), DownstreamEvent::Connected);
                 self.settle();
                 self.queue_replies(g, banner);
             }
             Event::Reused(g, caps) if current == Some(g) => {
                 self.session
-                    .handle_downstream(self.now, DownstreamEvent::Reused(caps));
+                    .handle_downstream(self.now, LinkId(g), DownstreamEvent::Reused(caps));
             }
             Event::ConnectFailed(g) if current == Some(g) => {
                 self.conn = None;
                 self.session
-                    .handle_downstream(self.now, DownstreamEvent::ConnectFailed);
+                    .handle_downstream(self.now, LinkId(g), DownstreamEvent::ConnectFailed);
             }
             Event::Closed(g) if current == Some(g) => {
                 // The socket stays the driver's until the session says CloseDownstream; what
@@ -1759,24 +1760,29 @@ impl Harness {
                     fake.gone = true;
                 }
                 self.session
-                    .handle_downstream(self.now, DownstreamEvent::Closed);
+                    .handle_downstream(self.now, LinkId(g), DownstreamEvent::Closed);
             }
             Event::Data(g, bytes) if current == Some(g) => {
                 let mut buf = std::mem::take(&mut self.ds_unread);
                 buf.extend_from_slice(&bytes);
-                let used = self
-                    .session
-                    .handle_downstream(self.now, DownstreamEvent::Data(&buf));
+                let used = self.session.handle_downstream(
+                    self.now,
+                    LinkId(g),
+                    DownstreamEvent::Data(&buf),
+                );
                 assert!(used <= buf.len(), "consumed {used} of {}", buf.len());
                 self.ds_unread = buf.get(used..).unwrap_or_default().to_vec();
             }
             Event::TlsEstablished(g) if current == Some(g) => {
-                self.session
-                    .handle_downstream(self.now, DownstreamEvent::TlsEstablished);
+                self.session.handle_downstream(
+                    self.now,
+                    LinkId(g),
+                    DownstreamEvent::TlsEstablished,
+                );
             }
             Event::TlsFailed(g) if current == Some(g) => {
                 self.session
-                    .handle_downstream(self.now, DownstreamEvent::TlsFailed);
+                    .handle_downstream(self.now, LinkId(g), DownstreamEvent::TlsFailed);
             }
             // An event of a connection the session already closed: the driver dropped it.
             _ => return,
@@ -1788,7 +1794,7 @@ impl Harness {
     /// actions. Downstream replies and connect results become queued events.
     fn settle(&mut self) {
         let mut out = Vec::new();
-        self.session.poll_transmit(self.now, Side::Client, &mut out);
+        self.session.poll_transmit(self.now, &mut out);
         assert!(out.len() < MAX_OUTBOX_DRAIN, "client outbox {}", out.len());
         if !out.is_empty() {
             assert!(
@@ -1810,8 +1816,17 @@ impl Harness {
             self.client_seen.receive(&out, &self.totals);
         }
         let mut ds = Vec::new();
-        self.session
-            .poll_transmit(self.now, Side::Downstream, &mut ds);
+        for g in self.closed_links.clone() {
+            self.session.poll_transmit_downstream(LinkId(g), &mut ds);
+            assert!(
+                ds.is_empty(),
+                "bytes for a closed downstream: {}",
+                escape(&ds)
+            );
+        }
+        if let Some((g, _)) = self.conn {
+            self.session.poll_transmit_downstream(LinkId(g), &mut ds);
+        }
         assert!(
             ds.len() < MAX_OUTBOX_DRAIN,
             "downstream outbox {}",
@@ -1822,7 +1837,14 @@ impl Harness {
                 panic!("bytes for an unconnected downstream: {}", escape(&ds));
             };
             let g = *g;
-            let answer = fake.feed(&ds, &mut self.totals);
+            // Whom the session speaks for now: a MAIL may only reach a connection announced
+            // for exactly this client (DESIGN.md §6).
+            let report = self.session.report();
+            let client = Expected {
+                addr: Some(report.client),
+                helo: report.helo.map(<[u8]>::to_vec).unwrap_or_default(),
+            };
+            let answer = fake.feed(&ds, &client, &mut self.totals);
             match answer {
                 Answer::Replies(replies) => self.queue_replies(g, replies),
                 Answer::Close => self.queue(Event::Closed(g)),
@@ -1830,24 +1852,26 @@ impl Harness {
         }
         while let Some(action) = self.session.poll_action() {
             match action {
-                Action::ConnectDownstream(addr)
-                    if self.pooled.is_some() && addr == self.config.downstream.servers[0] =>
-                {
+                Action::ConnectDownstream {
+                    link,
+                    addr,
+                    pooled: true,
+                } if self.pooled.is_some() && addr == self.config.downstream.servers[0] => {
                     assert!(self.conn.is_none(), "second downstream while one is open");
-                    if let Some((g, fake, caps)) = self.pooled.take() {
+                    let g = link.0;
+                    if let Some((fake, carried)) = self.pooled.take() {
                         self.conn = Some((g, Some(fake)));
                         self.ds_unread.clear();
-                        self.events.push_back(Event::Reused(g, caps));
+                        self.events.push_back(Event::Reused(g, carried));
                     }
                 }
-                Action::ConnectDownstream(addr) => {
+                Action::ConnectDownstream { link, addr, .. } => {
                     assert!(self.conn.is_none(), "second downstream while one is open");
                     assert!(
                         self.config.downstream.servers.contains(&addr),
                         "connect to {addr}"
                     );
-                    self.generation += 1;
-                    let g = self.generation;
+                    let g = link.0;
                     self.conn = Some((g, None));
                     self.ds_unread.clear();
                     let first = addr
@@ -1868,10 +1892,11 @@ impl Harness {
                         _ => self.events.push_back(Event::Connected(g)),
                     }
                 }
-                Action::StartTlsDownstream => {
+                Action::StartTlsDownstream(link) => {
                     let Some((g, Some(fake))) = self.conn.as_mut() else {
                         panic!("TLS for an unconnected downstream");
                     };
+                    assert_eq!(*g, link.0, "TLS for another connection");
                     assert!(
                         fake.awaiting_tls,
                         "TLS before the downstream's 220 to STARTTLS"
@@ -1894,10 +1919,18 @@ impl Harness {
                         Event::TlsEstablished(g)
                     });
                 }
-                Action::CloseDownstream => {
-                    assert!(self.conn.is_some(), "CloseDownstream without a connection");
-                    self.conn = None;
-                    self.ds_unread.clear();
+                Action::CloseDownstream { link, quit } => {
+                    // A connection the driver already dropped (it reported `Closed` or a
+                    // failed connect) may be closed again: nothing happens.
+                    if let Some((g, fake)) = self.conn.take_if(|(g, _)| *g == link.0) {
+                        if quit && let Some(mut fake) = fake {
+                            assert!(fake.banner_was_sent(), "QUIT before the banner");
+                            let client = Expected::default();
+                            let _ = fake.feed(b"QUIT\r\n", &client, &mut self.totals);
+                        }
+                        self.closed_links.push(g);
+                        self.ds_unread.clear();
+                    }
                 }
                 Action::Close => {
                     assert!(!self.closed, "Close came out twice");
@@ -1939,7 +1972,7 @@ impl Harness {
                         };
                     self.session.handle_lookup(self.now, &query, answer);
                 }
-                Action::ReleaseDownstream(caps) => {
+                Action::ReleaseDownstream { link, carried } => {
                     assert_eq!(
                         self.config.downstream.mode,
                         DownstreamMode::Multiplexing,
@@ -1948,6 +1981,8 @@ impl Harness {
                     let Some((g, Some(fake))) = self.conn.take() else {
                         panic!("released a downstream that is not connected");
                     };
+                    assert_eq!(g, link.0, "released another connection");
+                    self.closed_links.push(g);
                     assert!(self.ds_unread.is_empty(), "released with replies unread");
                     let in_flight = self
                         .events
@@ -1955,12 +1990,13 @@ impl Harness {
                         .chain(&self.held)
                         .any(|event| matches!(event, Event::Data(e, _) if *e == g));
                     assert!(!in_flight, "released with replies still on the way");
-                    assert!(
-                        !fake.in_transaction && !fake.in_data,
-                        "released mid-transaction"
+                    assert!(!fake.in_data, "released mid-body");
+                    assert_eq!(
+                        fake.in_transaction, carried.dirty,
+                        "released with a transaction open but not marked for RSET"
                     );
                     if !fake.gone && !fake.quit {
-                        self.pooled = Some((g, fake, caps));
+                        self.pooled = Some((fake, carried));
                     }
                 }
             }
@@ -2098,6 +2134,10 @@ fn check_client_lines(wire: &[u8]) {
 const EHLO_REPLY: &str = "250-ds.fuzz\r\n250-8BITMIME\r\n250-SIZE 100000000\r\n250-SMTPUTF8\r\n250 XCLIENT ADDR NAME PORT HELO PROTO";
 
 /// The EHLO reply of a downstream offering STARTTLS (before TLS).
+/// Postfix's EHLO reply after XCLIENT: the new client address is not an xclient host.
+const EHLO_AFTER_XCLIENT_REPLY: &str =
+    "250-ds.fuzz\r\n250-8BITMIME\r\n250-SIZE 100000000\r\n250 SMTPUTF8";
+
 const EHLO_STARTTLS_REPLY: &str = "250-ds.fuzz\r\n250-8BITMIME\r\n250-STARTTLS\r\n250-SIZE 100000000\r\n250-SMTPUTF8\r\n250 XCLIENT ADDR NAME PORT HELO PROTO";
 
 /// What the downstream's 220 to STARTTLS carries behind it, as if injected on the path.
@@ -2111,8 +2151,29 @@ enum Answer {
 
 /// A tiny SMTP server on one downstream connection: answers what tarmac sends, and asserts
 /// that it is well-formed and in order.
+/// Who the session speaks for when its bytes reach the fake downstream.
+#[derive(Default)]
+struct Expected {
+    addr: Option<SocketAddr>,
+    helo: Vec<u8>,
+}
+
+/// A downstream that answers like Postfix's smtpd where it matters for the trust boundary:
+/// XCLIENT is offered and accepted once per connection (its EHLO after XCLIENT no longer lists
+/// it, and a second one gets `550 5.7.0`), and MAIL must come after the greeting that follows
+/// the last XCLIENT.
 struct FakeDownstream {
     behaviour: Behaviour,
+    /// The banner went out.
+    banner_sent: bool,
+    /// EHLO or HELO was answered since the banner or the last XCLIENT.
+    greeted: bool,
+    /// XCLIENT was accepted on this connection.
+    xclient_done: bool,
+    /// The ADDR of that XCLIENT, or the source of the PROXY header.
+    announced_addr: Option<String>,
+    /// The argument of the greeting after XCLIENT.
+    announced_helo: Option<Vec<u8>>,
     announce: AnnounceClient,
     max_recipients: usize,
     input: Vec<u8>,
@@ -2141,6 +2202,11 @@ impl FakeDownstream {
         let announce = config.downstream.announce_client;
         FakeDownstream {
             behaviour,
+            banner_sent: false,
+            greeted: false,
+            xclient_done: false,
+            announced_addr: None,
+            announced_helo: None,
             announce,
             max_recipients: config.limits.max_recipients,
             input: Vec::new(),
@@ -2167,13 +2233,19 @@ impl FakeDownstream {
         self.input.clear();
     }
 
+    /// Whether the downstream sent its banner (QUIT is in order from then on).
+    fn banner_was_sent(&self) -> bool {
+        self.banner_sent
+    }
+
     fn connect(&mut self) -> Vec<u8> {
+        self.banner_sent = true;
         let mut out = Vec::new();
         self.reply(&mut out, "220 ds.fuzz ESMTP");
         out
     }
 
-    fn feed(&mut self, bytes: &[u8], totals: &mut Totals) -> Answer {
+    fn feed(&mut self, bytes: &[u8], client: &Expected, totals: &mut Totals) -> Answer {
         if self.gone {
             return Answer::Replies(Vec::new());
         }
@@ -2208,12 +2280,12 @@ impl FakeDownstream {
                 break;
             };
             let line: Vec<u8> = self.input.drain(..end + 2).take(end).collect();
-            self.command(&line, &mut out, totals);
+            self.command(&line, client, &mut out, totals);
         }
         Answer::Replies(out)
     }
 
-    fn command(&mut self, line: &[u8], out: &mut Vec<u8>, totals: &mut Totals) {
+    fn command(&mut self, line: &[u8], client: &Expected, out: &mut Vec<u8>, totals: &mut Totals) {
         assert!(
             !line.contains(&b'\r') && !line.contains(&b'\n'),
             "line end inside a downstream command: {}",
@@ -2226,10 +2298,24 @@ impl FakeDownstream {
                 "not a PROXY header: {}",
                 escape(line)
             );
+            let source = line.split(|&b| b == b' ').nth(2).unwrap_or_default();
+            self.announced_addr = Some(String::from_utf8_lossy(source).into_owned());
             return;
         }
-        let verb = line.split(|&b| b == b' ').next().unwrap_or_default();
+        let mut words = line.split(|&b| b == b' ');
+        let verb = words.next().unwrap_or_default();
+        if matches!(verb, b"EHLO" | b"HELO") {
+            assert!(self.banner_sent, "greeting before the banner");
+            self.greeted = true;
+            if self.xclient_done {
+                self.announced_helo = Some(words.next().unwrap_or_default().to_vec());
+            }
+        }
         match verb {
+            // Postfix re-checks its xclient hosts against the address XCLIENT gave it.
+            b"EHLO" if self.xclient_done => {
+                self.reply(out, EHLO_AFTER_XCLIENT_REPLY);
+            }
             b"EHLO" if self.offer_starttls && !self.tls => {
                 self.reply(out, EHLO_STARTTLS_REPLY);
             }
@@ -2256,9 +2342,55 @@ impl FakeDownstream {
                     "XCLIENT not configured"
                 );
                 assert!(!self.in_transaction, "XCLIENT inside a transaction");
+                assert!(self.greeted, "XCLIENT before EHLO");
+                if self.xclient_done {
+                    self.reply(out, "550 5.7.0 Error: insufficient authorization");
+                    return;
+                }
+                self.xclient_done = true;
+                self.greeted = false;
+                self.announced_helo = None;
+                let addr = line
+                    .split(|&b| b == b' ')
+                    .find_map(|word| word.strip_prefix(b"ADDR="));
+                self.announced_addr = addr.map(|a| String::from_utf8_lossy(a).into_owned());
                 self.reply(out, "220 ds.fuzz ESMTP");
             }
             b"MAIL" => {
+                // Only over a ready connection, announced for exactly this client.
+                assert!(self.greeted, "MAIL before the handshake: {}", escape(line));
+                if let Some(addr) = client.addr {
+                    match self.announce {
+                        AnnounceClient::Xclient => {
+                            assert!(self.xclient_done, "MAIL without XCLIENT");
+                            assert_eq!(
+                                self.announced_addr.as_deref(),
+                                Some(addr.ip().to_canonical().to_string().as_str()),
+                                "MAIL under another client's address"
+                            );
+                            let helo = &client.helo;
+                            let expected: &[u8] = if !helo.is_empty()
+                                && helo.len() <= 255
+                                && helo.iter().all(u8::is_ascii_graphic)
+                            {
+                                helo
+                            } else {
+                                b"[UNAVAILABLE]"
+                            };
+                            assert_eq!(
+                                self.announced_helo.as_deref(),
+                                Some(expected),
+                                "MAIL under another HELO"
+                            );
+                        }
+                        AnnounceClient::ProxyV1 => assert_eq!(
+                            self.announced_addr.as_deref(),
+                            Some(addr.ip().to_string().as_str()),
+                            "MAIL under another client's PROXY header"
+                        ),
+                        _ => {}
+                    }
+                }
                 assert!(
                     matches!(parse_command(line), Ok(Command::Mail { .. })),
                     "bad MAIL relayed: {}",

@@ -45,8 +45,15 @@ pub struct SinkConfig {
     /// containing exactly [`SinkMessage::content`]; the directory is created by [`Sink::start`].
     pub maildir: Option<PathBuf>,
     /// Advertise `XCLIENT ADDR NAME PORT HELO PROTO` in the EHLO reply and accept the command;
-    /// without it XCLIENT is an unknown command (`502`).
+    /// without it XCLIENT is an unknown command (`502`). As Postfix out of the box, once
+    /// per connection: the EHLO after an XCLIENT no longer lists it and a second XCLIENT gets
+    /// `550 5.7.0 Error: insufficient authorization` (Postfix re-checks
+    /// `smtpd_authorized_xclient_hosts` against the address it was just given), unless
+    /// [`SinkConfig::xclient_again`].
     pub offer_xclient: bool,
+    /// Offer and accept XCLIENT again after an XCLIENT, as Postfix does with
+    /// `smtpd_authorized_xclient_hosts = static:all`.
+    pub xclient_again: bool,
     /// Read a PROXY header of this version before sending the banner; a missing or malformed
     /// header closes the connection without a banner, as Postfix's postscreen does.
     pub expect_proxy: Option<ProxyVersion>,
@@ -73,6 +80,7 @@ impl Default for SinkConfig {
             hostname: "tarmac-sink.localhost".to_owned(),
             maildir: None,
             offer_xclient: false,
+            xclient_again: false,
             expect_proxy: None,
             tls: None,
             behaviour: Behaviour::Normal,
@@ -634,7 +642,7 @@ impl<'a> Connection<'a> {
             "250-{}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n",
             config.hostname, config.max_message_size
         );
-        if config.offer_xclient {
+        if self.may_xclient() {
             reply.push_str("250-XCLIENT ADDR NAME PORT HELO PROTO\r\n");
         }
         if self.offers_starttls() {
@@ -721,11 +729,21 @@ impl<'a> Connection<'a> {
         Ok(Next::Continue)
     }
 
+    /// Whether XCLIENT is offered and accepted now: configured, and not used yet on this
+    /// connection (or [`SinkConfig::xclient_again`]).
+    fn may_xclient(&self) -> bool {
+        let config = &self.shared.config;
+        config.offer_xclient && (self.xclient.is_none() || config.xclient_again)
+    }
+
     /// Postfix's XCLIENT: attributes replace what the server knows about the client and the
     /// session starts over with a fresh banner, so the client has to send EHLO again.
     fn handle_xclient(&mut self, arg: &str) -> String {
         if self.transaction.is_some() {
             return "503 5.5.1 Error: MAIL transaction in progress\r\n".to_owned();
+        }
+        if !self.may_xclient() {
+            return "550 5.7.0 Error: insufficient authorization\r\n".to_owned();
         }
         if arg.is_empty() {
             return "501 5.5.4 Syntax: XCLIENT attribute=value...\r\n".to_owned();

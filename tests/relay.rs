@@ -75,7 +75,10 @@ fn xclient_tells_the_downstream_who_the_client_is() {
         xclient.ends_with("NAME=[UNAVAILABLE] PROTO=ESMTP HELO=client.example"),
         "{xclient}"
     );
-    assert_eq!(m.helo, "mx.test", "tarmac says EHLO with its own name");
+    assert_eq!(
+        m.helo, "client.example",
+        "after XCLIENT tarmac greets with the client's own name"
+    );
 }
 
 #[test]
@@ -314,7 +317,14 @@ fn second_transaction_reuses_the_downstream() {
 
 #[test]
 fn multiplexing_keeps_the_downstream_within_pool_size() {
-    let sink = sink(Behaviour::Normal);
+    // A downstream that takes XCLIENT again on a connection (Postfix with
+    // `smtpd_authorized_xclient_hosts = static:all`), so pooled connections are reused.
+    let sink = Sink::start(SinkConfig {
+        offer_xclient: true,
+        xclient_again: true,
+        ..SinkConfig::default()
+    })
+    .expect("sink starts");
     let mut config = test_config(sink.local_addr());
     config.downstream.mode = tarmac::config::DownstreamMode::Multiplexing;
     config.downstream.pool_size = 2;

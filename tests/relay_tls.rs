@@ -163,7 +163,15 @@ fn none_relays_in_plain_text_even_when_starttls_is_offered() {
 #[test]
 fn a_pooled_connection_keeps_its_tls_for_the_next_transaction() {
     let dir = temp_dir("relay-tls-pool");
-    let (sink, _certs) = tls_sink(&dir, Behaviour::Normal);
+    let certs = TestCerts::generate(&dir, "sink");
+    // XCLIENT again on one connection (Postfix's `static:all`), so the pool reuses it.
+    let sink = Sink::start(SinkConfig {
+        offer_xclient: true,
+        xclient_again: true,
+        tls: Some(sink::tls_server_config(&certs.chain, &certs.key).unwrap()),
+        ..SinkConfig::default()
+    })
+    .unwrap();
     let mut config = relay_config(&sink, DownstreamTls::Required, false, None);
     config.server.workers = 1;
     config.downstream.mode = DownstreamMode::Multiplexing;

@@ -215,7 +215,10 @@ fn rustls_client_delivers_over_starttls_and_the_close_line_names_the_version() {
     for message in &messages[..2] {
         let raw = String::from_utf8_lossy(&message.raw);
         assert!(raw.contains("(tarmac) with ESMTPS;"), "{raw}");
-        assert_eq!(message.helo, "mx.test");
+        assert_eq!(
+            message.helo, "client.example",
+            "the client's own name after XCLIENT"
+        );
     }
     assert!(String::from_utf8_lossy(&messages[2].raw).contains("(tarmac) with ESMTP;"));
     drop(child);

@@ -1,21 +1,31 @@
 //! The downstream handshake as a small sans-IO machine inside the session: PROXY header,
-//! banner, EHLO (HELO fallback), STARTTLS, XCLIENT and the EHLO after it. Relayed transaction
-//! commands (MAIL, RCPT, DATA, the body) are the session's business; this machine only gets the
-//! connection to the point where they can be sent, and remembers what the downstream offered.
-//! It never touches the socket: when TLS has to start it says so ([`Step::StartTls`]) and waits
-//! for the driver to report the outcome.
+//! banner, EHLO (HELO fallback), STARTTLS, XCLIENT and the client's own EHLO after it. Relayed
+//! transaction commands (MAIL, RCPT, DATA, the body) are the session's business; this machine
+//! only gets the connection to the point where they can be sent *for one client*, and remembers
+//! what the downstream offered and whom the connection speaks for. It never touches the
+//! socket: when TLS has to start it says so ([`Step::StartTls`]) and waits for the driver to
+//! report the outcome.
 //!
-//! Lifecycle (each arrow is one downstream reply, or a driver report in `[brackets]`):
+//! Lifecycle of a new connection (each arrow is one downstream reply, or a driver report in
+//! `[brackets]`):
 //! ```text
 //! Banner ─220─▶ Ehlo ─250─▶ (STARTTLS offered and wanted) StartTls ─220─▶ TlsHandshake
 //!                  │            [tls established] ─▶ Ehlo (inside TLS, capabilities read anew)
 //!                  │            [tls failed] ─▶ RetryWithoutTls (opportunistic) | TlsFailed (required)
 //!                  │         StartTls ─4xx/5xx─▶ as if not offered (opportunistic) | TlsFailed (required)
-//!                  ├─250─▶ (XCLIENT offered and wanted) Xclient ─220─▶ Ehlo ─250─▶ Ready
-//!                  ├─250─▶ Ready
-//!                  └─5xx─▶ Helo ─250─▶ Ready        (required: TlsFailed, HELO has no STARTTLS)
+//!                  ├─250─▶ (xclient) Xclient ─220─▶ Greeting (EHLO/HELO <client's name>) ─250─▶ Ready
+//!                  │       (xclient, not offered or refused) ─▶ AnnouncementRefused
+//!                  ├─250─▶ Ready                  (announce none, or PROXY sent at connect)
+//!                  └─5xx─▶ Helo ─250─▶ as after Ehlo (required: TlsFailed, HELO has no STARTTLS)
 //! anything unexpected, and any 421 ─▶ Failed
 //! ```
+//! A connection that already served a transaction (the same session's next one, or a pooled
+//! connection in `mode = "multiplexing"`) is [`Handshake::renew`]ed for the next client:
+//! `RSET` first when a transaction was left open, then nothing when it already speaks for this
+//! very client, else a fresh XCLIENT. Postfix refuses a second XCLIENT on one connection unless
+//! `smtpd_authorized_xclient_hosts` also matches the address it was just given (its EHLO after
+//! XCLIENT no longer lists XCLIENT): such a connection is [`Step::Retire`]d, never used for
+//! another client (DESIGN.md §6).
 //!
 //! STARTTLS policy (`[downstream] tls`): `none` never sends it; `opportunistic` sends it when
 //! the EHLO reply lists it and otherwise goes on in plain text; `required` fails the handshake
@@ -34,6 +44,13 @@ use crate::smtp::Reply;
 /// Longest XCLIENT command we send, CRLF included: Postfix's smtpd limits a command line, and
 /// XCLIENT_README says clients should keep each command within 512 bytes.
 const MAX_XCLIENT_LINE: usize = 512;
+
+/// Longest HELO or NAME value Postfix takes in XCLIENT (its `VALID_HOSTNAME_LEN`); a longer
+/// one is refused with `501`, so tarmac sends `[UNAVAILABLE]` instead.
+const MAX_NAME: usize = 255;
+
+/// Postfix's value for an attribute tarmac does not know or may not pass on.
+const UNAVAILABLE: &str = "[UNAVAILABLE]";
 
 /// What the downstream advertised in its EHLO reply.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -92,13 +109,60 @@ pub struct ClientIdentity<'a> {
     pub name: &'a str,
 }
 
+/// The identity a connection was announced with (XCLIENT accepted, or the PROXY header sent):
+/// the downstream applies this client's rights to everything on the connection until the next
+/// announcement, so a transaction of anyone else must not go there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Announced {
+    client: SocketAddr,
+    local: SocketAddr,
+    helo: Box<[u8]>,
+    esmtp: bool,
+    name: Box<str>,
+}
+
+impl ClientIdentity<'_> {
+    /// The owned record of this identity.
+    pub fn announced(&self) -> Announced {
+        Announced {
+            client: self.client,
+            local: self.local,
+            helo: self.helo.into(),
+            esmtp: self.esmtp,
+            name: self.name.into(),
+        }
+    }
+
+    /// Whether a connection announced as `announced` speaks for exactly this client.
+    pub fn is(&self, announced: &Announced) -> bool {
+        self.client == announced.client
+            && self.local == announced.local
+            && *self.helo == *announced.helo
+            && self.esmtp == announced.esmtp
+            && self.name == &*announced.name
+    }
+}
+
+/// What a connection carries from one transaction to the next (the session's next one, or,
+/// through the pool, another session's).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Carried {
+    /// What its last EHLO offered.
+    pub caps: Capabilities,
+    /// Whom the downstream believes it is talking to (`None`: nobody announced).
+    pub announced: Option<Announced>,
+    /// A transaction was left open (its client went away between commands): the next user
+    /// sends `RSET` first. No reply is outstanding on such a connection.
+    pub dirty: bool,
+}
+
 /// Where the handshake stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     /// Waiting for the 220 greeting.
     Banner,
-    /// EHLO sent; `after_xclient` marks the one after XCLIENT.
-    Ehlo { after_xclient: bool },
+    /// EHLO with tarmac's hostname sent.
+    Ehlo,
     /// EHLO was refused; HELO sent.
     Helo,
     /// STARTTLS sent, waiting for its 220.
@@ -106,8 +170,12 @@ enum Phase {
     /// The downstream said 220 to STARTTLS; the driver is switching the connection to TLS and
     /// no reply may arrive until it reports the outcome.
     TlsHandshake,
+    /// A renewed connection had a transaction left open: RSET sent.
+    Reset,
     /// XCLIENT sent, waiting for its 220.
     Xclient,
+    /// After XCLIENT: EHLO (or HELO) with the client's own name sent.
+    Greeting,
     /// Handshake done: transaction commands may be sent.
     Ready,
     /// The downstream refused or broke the handshake.
@@ -123,8 +191,9 @@ enum Encryption {
     Declined,
     /// The TLS handshake completed; everything from the second EHLO on is encrypted.
     Active,
+    /// The TLS handshake failed or was cut short: nothing more may be written.
+    Broken,
 }
-
 /// Result of feeding one downstream reply (or a driver report) to the handshake.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
@@ -152,6 +221,28 @@ pub enum Step {
     TlsFailed(TlsFailure),
     /// The handshake failed with this downstream reply.
     Failed(Reply),
+    /// `announce_client = "xclient"` on a new connection, and the downstream does not offer
+    /// XCLIENT (`None`) or refused it (its reply): tarmac is not in its
+    /// `smtpd_authorized_xclient_hosts`. The client's MAIL gets [`announcement_refused`];
+    /// relaying under tarmac's own address instead would hand the client tarmac's rights.
+    AnnouncementRefused(Option<Reply>),
+    /// A connection that served another transaction cannot speak for this client (no fresh
+    /// XCLIENT offered or accepted, a PROXY header naming someone else, a refused RSET): close
+    /// it (with QUIT) and open a new one for this client.
+    Retire,
+    /// After XCLIENT the downstream refused the client's own EHLO/HELO name with this reply:
+    /// its verdict on the client, passed back to the client's waiting command.
+    Refused(Reply),
+}
+
+/// The client's reply when the downstream will not take the client announcement (DESIGN.md
+/// §6): a 4xx, so the sender retries once the operator fixed the downstream's configuration.
+pub fn announcement_refused() -> Reply {
+    Reply::new(
+        451,
+        "4.3.5",
+        "Error: downstream server refuses the client announcement, please try again later",
+    )
 }
 
 /// Why `[downstream] tls = "required"` could not be met.
@@ -219,6 +310,13 @@ pub struct Handshake {
     tls: DownstreamTls,
     encryption: Encryption,
     caps: Capabilities,
+    /// The connection served a transaction before this handshake: a refusal retires it
+    /// rather than failing the client.
+    renewed: bool,
+    /// Whom the downstream takes this connection to speak for.
+    announced: Option<Announced>,
+    /// The downstream's banner was read: it expects a QUIT before we hang up.
+    greeted: bool,
 }
 
 impl Handshake {
@@ -232,6 +330,9 @@ impl Handshake {
             tls: DownstreamTls::None,
             encryption: Encryption::Plain,
             caps: Capabilities::default(),
+            renewed: false,
+            announced: None,
+            greeted: false,
         }
     }
 
@@ -243,12 +344,12 @@ impl Handshake {
     }
 
     /// A pooled connection's handshake for a new transaction (`mode = "multiplexing"`): the
-    /// connection is past its banner and EHLO; only the client changes. Returns `Ready` at once
-    /// or sends XCLIENT (with the EHLO it requires after it) for this transaction's client.
+    /// connection is past its banner and EHLO, with what it `carried` from its last
+    /// transaction. See [`Handshake::renew`] for what is sent.
     pub fn resume(
         hostname: &str,
         announce: AnnounceClient,
-        caps: Capabilities,
+        carried: Carried,
         who: &ClientIdentity<'_>,
         out: &mut Vec<u8>,
     ) -> (Self, Step) {
@@ -260,14 +361,31 @@ impl Handshake {
             // here sends STARTTLS again.
             tls: DownstreamTls::None,
             encryption: Encryption::Plain,
-            caps,
+            caps: carried.caps,
+            renewed: true,
+            announced: carried.announced,
+            greeted: true,
         };
-        if announce == AnnounceClient::Xclient && caps.xclient.any() {
-            out.extend_from_slice(&xclient_command(caps.xclient, who));
-            handshake.phase = Phase::Xclient;
-            return (handshake, Step::Continue);
+        let step = if carried.dirty {
+            out.extend_from_slice(b"RSET\r\n");
+            handshake.phase = Phase::Reset;
+            Step::Continue
+        } else {
+            handshake.announce_or_ready(who, out)
+        };
+        (handshake, step)
+    }
+
+    /// A ready connection is about to carry a new transaction for `who`: `Ready` at once when
+    /// it already speaks for exactly this client (or nobody is announced, `announce_client =
+    /// "none"`), else a fresh XCLIENT (and the client's EHLO after it) when the downstream
+    /// offers one, else [`Step::Retire`].
+    pub fn renew(&mut self, who: &ClientIdentity<'_>, out: &mut Vec<u8>) -> Step {
+        if self.phase != Phase::Ready {
+            return self.fail_internal("renewed before ready");
         }
-        (handshake, Step::Ready)
+        self.renewed = true;
+        self.announce_or_ready(who, out)
     }
 
     /// The connection is up: with PROXY announcement, the header goes first (before the
@@ -276,8 +394,9 @@ impl Handshake {
         match self.announce {
             AnnounceClient::ProxyV1 => out.extend_from_slice(proxy_v1(who).as_bytes()),
             AnnounceClient::ProxyV2 => out.extend_from_slice(&proxy_v2(who)),
-            AnnounceClient::Xclient | AnnounceClient::None => {}
+            AnnounceClient::Xclient | AnnounceClient::None => return,
         }
+        self.announced = Some(who.announced());
     }
 
     /// Feeds one downstream reply; the next command, if any, is appended to `out`.
@@ -288,21 +407,20 @@ impl Handshake {
         out: &mut Vec<u8>,
     ) -> Step {
         let ok = |code: u16| reply.code == code;
+        if self.phase == Phase::Banner && reply.code / 100 == 2 {
+            self.greeted = true;
+        }
         match self.phase {
             // The downstream is closing whatever we asked: no fallback can help.
             _ if ok(421) => self.fail(reply),
             Phase::Banner if ok(220) => {
-                self.send_ehlo(false, out);
+                self.send_ehlo(out);
                 Step::Continue
             }
-            Phase::Ehlo { after_xclient } if ok(250) => {
+            Phase::Ehlo if ok(250) => {
                 // Replaced, not merged: after STARTTLS only what was said inside TLS counts
                 // (RFC 3207 §4.2).
                 self.caps = parse_capabilities(&reply);
-                if after_xclient {
-                    self.phase = Phase::Ready;
-                    return Step::Ready;
-                }
                 if self.encryption == Encryption::Plain && self.tls != DownstreamTls::None {
                     if self.caps.starttls {
                         out.extend_from_slice(b"STARTTLS\r\n");
@@ -316,9 +434,7 @@ impl Handshake {
                 }
                 self.announce_or_ready(who, out)
             }
-            Phase::Ehlo {
-                after_xclient: false,
-            } if reply.code >= 500 => {
+            Phase::Ehlo if reply.code >= 500 => {
                 if self.tls == DownstreamTls::Required && self.encryption != Encryption::Active {
                     return self.fail_tls(TlsFailure::NotOffered);
                 }
@@ -328,8 +444,9 @@ impl Handshake {
                 Step::Continue
             }
             Phase::Helo if ok(250) => {
-                self.phase = Phase::Ready;
-                Step::Ready
+                // HELO offers no extensions, XCLIENT among them.
+                self.caps = Capabilities::default();
+                self.announce_or_ready(who, out)
             }
             Phase::StartTls if ok(220) => {
                 self.phase = Phase::TlsHandshake;
@@ -349,11 +466,34 @@ impl Handshake {
                 self.encryption = Encryption::Declined;
                 self.announce_or_ready(who, out)
             }
+            Phase::Reset if ok(250) => self.announce_or_ready(who, out),
+            // The connection's state is not known clean: not for this client.
+            Phase::Reset => self.retire(),
             // Postfix's smtpd answers XCLIENT with a new 220 greeting, its smtp-sink with 250;
-            // either way the session was reset and wants EHLO again.
+            // either way the session was reset and wants EHLO again, now with the client's
+            // own name, so its HELO checks, SPF-HELO and `Received:` see the client's.
             Phase::Xclient if reply.code / 100 == 2 => {
-                self.send_ehlo(true, out);
+                self.announced = Some(who.announced());
+                self.send_greeting(who, out);
                 Step::Continue
+            }
+            Phase::Xclient if self.renewed => self.retire(),
+            Phase::Xclient => {
+                self.phase = Phase::Failed;
+                Step::AnnouncementRefused(Some(reply))
+            }
+            Phase::Greeting if ok(250) => {
+                self.caps = if who.esmtp {
+                    parse_capabilities(&reply)
+                } else {
+                    Capabilities::default()
+                };
+                self.phase = Phase::Ready;
+                Step::Ready
+            }
+            Phase::Greeting if reply.code >= 400 => {
+                self.phase = Phase::Failed;
+                Step::Refused(reply)
             }
             // Includes any reply during `TlsHandshake`: plain text after the 220 must never be
             // taken as a reply (see `Step::StartTls`).
@@ -371,7 +511,7 @@ impl Handshake {
         }
         self.encryption = Encryption::Active;
         self.caps = Capabilities::default();
-        self.send_ehlo(false, out);
+        self.send_ehlo(out);
         Step::Continue
     }
 
@@ -382,6 +522,7 @@ impl Handshake {
         if self.phase != Phase::TlsHandshake {
             return self.fail_internal("TLS failure reported without STARTTLS");
         }
+        self.encryption = Encryption::Broken;
         if self.tls == DownstreamTls::Required {
             return self.fail_tls(TlsFailure::Handshake);
         }
@@ -394,24 +535,69 @@ impl Handshake {
         self.caps
     }
 
-    fn send_ehlo(&mut self, after_xclient: bool, out: &mut Vec<u8>) {
-        out.extend_from_slice(format!("EHLO {}\r\n", self.hostname).as_bytes());
-        self.phase = Phase::Ehlo { after_xclient };
+    /// What the connection carries into its next transaction; `dirty` when one was left open.
+    pub fn carried(&self, dirty: bool) -> Carried {
+        Carried {
+            caps: self.caps,
+            announced: self.announced.clone(),
+            dirty,
+        }
     }
 
-    /// After the (last plain-text or first encrypted) EHLO: XCLIENT when offered and wanted,
-    /// else ready.
+    /// Whether closing the connection should say QUIT first: the downstream greeted us, and
+    /// the connection is not between STARTTLS and a finished TLS handshake (the downstream
+    /// may be waiting for a ClientHello then, and after a failed handshake its state is
+    /// unknown: nothing more may be written).
+    pub fn may_quit(&self) -> bool {
+        self.greeted
+            && !matches!(self.phase, Phase::StartTls | Phase::TlsHandshake)
+            && self.encryption != Encryption::Broken
+    }
+
+    /// EHLO with tarmac's own name: the first greeting of a connection.
+    fn send_ehlo(&mut self, out: &mut Vec<u8>) {
+        out.extend_from_slice(format!("EHLO {}\r\n", self.hostname).as_bytes());
+        self.phase = Phase::Ehlo;
+    }
+
+    /// After XCLIENT: the client's own verb and name (Postfix takes this greeting's argument
+    /// as the client's HELO name and its verb as the protocol).
+    fn send_greeting(&mut self, who: &ClientIdentity<'_>, out: &mut Vec<u8>) {
+        let verb = if who.esmtp { "EHLO" } else { "HELO" };
+        let name = helo_name(who.helo).unwrap_or(UNAVAILABLE);
+        out.extend_from_slice(format!("{verb} {name}\r\n").as_bytes());
+        self.phase = Phase::Greeting;
+    }
+
+    /// After the greeting (and STARTTLS): announce `who` as `announce_client` says, unless
+    /// the connection already speaks for exactly this client, then ready. Never ready for a
+    /// client the connection cannot be announced for.
     fn announce_or_ready(&mut self, who: &ClientIdentity<'_>, out: &mut Vec<u8>) -> Step {
-        if self.announce == AnnounceClient::Xclient && self.caps.xclient.any() {
-            out.extend_from_slice(&xclient_command(self.caps.xclient, who));
-            self.phase = Phase::Xclient;
-            return Step::Continue;
-        }
-        if self.announce == AnnounceClient::Xclient {
-            log::debug!("downstream does not offer XCLIENT; client address not announced");
+        let speaks_for_who = self.announced.as_ref().is_some_and(|a| who.is(a));
+        match self.announce {
+            AnnounceClient::None => {}
+            _ if speaks_for_who => {}
+            AnnounceClient::Xclient if self.caps.xclient.any() => {
+                out.extend_from_slice(&xclient_command(self.caps.xclient, who));
+                self.phase = Phase::Xclient;
+                return Step::Continue;
+            }
+            AnnounceClient::Xclient if !self.renewed => {
+                self.phase = Phase::Failed;
+                return Step::AnnouncementRefused(None);
+            }
+            // No fresh XCLIENT offered, or a PROXY header that named someone else.
+            AnnounceClient::Xclient | AnnounceClient::ProxyV1 | AnnounceClient::ProxyV2 => {
+                return self.retire();
+            }
         }
         self.phase = Phase::Ready;
         Step::Ready
+    }
+
+    fn retire(&mut self) -> Step {
+        self.phase = Phase::Failed;
+        Step::Retire
     }
 
     fn fail(&mut self, reply: Reply) -> Step {
@@ -430,6 +616,38 @@ impl Handshake {
         log::warn!("downstream handshake: {what}");
         self.fail(Reply::new(451, "4.3.0", what))
     }
+}
+
+/// The client's HELO name as the downstream will take it in XCLIENT `HELO=` and in the EHLO
+/// after it: one word of printable ASCII, at most [`MAX_NAME`] bytes (Postfix refuses longer
+/// ones, and EHLO takes exactly one argument). `None`: send `[UNAVAILABLE]`, so such a client
+/// can still deliver.
+fn helo_name(helo: &[u8]) -> Option<&str> {
+    let printable = helo.iter().all(|b| b.is_ascii_graphic());
+    if helo.is_empty() || helo.len() > MAX_NAME || !printable {
+        return None;
+    }
+    std::str::from_utf8(helo).ok()
+}
+
+/// Whether `name` passes Postfix's `valid_hostname`: dot-separated labels of letters, digits,
+/// `-` and `_`, none empty, none over 63 bytes, no label starting or ending with `-`, at most
+/// [`MAX_NAME`] bytes, and not all digits and dots (that would be an address). XCLIENT `NAME=`
+/// with anything else gets `501 Bad NAME syntax`.
+fn valid_hostname(name: &str) -> bool {
+    if name.is_empty() || name.len() > MAX_NAME {
+        return false;
+    }
+    let labels_ok = name.trim_end_matches('.').split('.').all(|label| {
+        !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    });
+    labels_ok && !name.bytes().all(|b| b.is_ascii_digit() || b == b'.')
 }
 
 /// Reads the EHLO keywords (every line after the first).
@@ -487,8 +705,10 @@ fn xtext(value: &[u8], out: &mut String) {
     }
 }
 
-/// One XCLIENT command with every attribute the downstream accepts. HELO goes last and is cut (on an xtext
-/// boundary) so the line stays within [`MAX_XCLIENT_LINE`].
+/// One XCLIENT command with every attribute the downstream accepts. Values Postfix would
+/// refuse (a NAME that is no hostname, a HELO over 255 bytes or not one printable word) go as
+/// `[UNAVAILABLE]`, and so does a HELO that would take the line past [`MAX_XCLIENT_LINE`]: a
+/// refused XCLIENT would cost the client its delivery, a cut HELO would be a false one.
 fn xclient_command(attrs: XclientAttrs, who: &ClientIdentity<'_>) -> Vec<u8> {
     let mut line = String::from("XCLIENT");
     if attrs.addr {
@@ -498,8 +718,13 @@ fn xclient_command(attrs: XclientAttrs, who: &ClientIdentity<'_>) -> Vec<u8> {
         let _ = write!(line, " PORT={}", who.client.port());
     }
     if attrs.name {
+        let name = match who.name {
+            "[UNAVAILABLE]" | "[TEMPUNAVAIL]" => who.name,
+            name if valid_hostname(name) => name,
+            _ => UNAVAILABLE,
+        };
         line.push_str(" NAME=");
-        xtext(who.name.as_bytes(), &mut line);
+        xtext(name.as_bytes(), &mut line);
     }
     if attrs.proto {
         line.push_str(if who.esmtp {
@@ -514,21 +739,17 @@ fn xclient_command(attrs: XclientAttrs, who: &ClientIdentity<'_>) -> Vec<u8> {
     if attrs.destport {
         let _ = write!(line, " DESTPORT={}", who.local.port());
     }
-    if attrs.helo && !who.helo.is_empty() {
-        let room = MAX_XCLIENT_LINE.saturating_sub(line.len() + " HELO=".len() + 2);
+    if attrs.helo {
         let mut helo = String::new();
-        for &b in who.helo {
-            let before = helo.len();
-            xtext(&[b], &mut helo);
-            if helo.len() > room {
-                helo.truncate(before);
-                break;
-            }
+        xtext(
+            helo_name(who.helo).unwrap_or(UNAVAILABLE).as_bytes(),
+            &mut helo,
+        );
+        if line.len() + " HELO=".len() + helo.len() + 2 > MAX_XCLIENT_LINE {
+            helo = UNAVAILABLE.to_owned();
         }
-        if !helo.is_empty() {
-            line.push_str(" HELO=");
-            line.push_str(&helo);
-        }
+        line.push_str(" HELO=");
+        line.push_str(&helo);
     }
     line.push_str("\r\n");
     line.into_bytes()
@@ -623,22 +844,215 @@ mod tests {
             hs.handle_reply(reply(220, &["sink"]), &who(), &mut out),
             Step::Continue
         );
-        assert_eq!(out, b"EHLO mx.test\r\n");
+        // The client's own name, so the downstream's HELO checks and Received: see it.
+        assert_eq!(out, b"EHLO mail.example.com\r\n");
         out.clear();
-        assert_eq!(hs.handle_reply(ehlo, &who(), &mut out), Step::Ready);
+        // Postfix no longer offers XCLIENT after one.
+        let after = reply(250, &["sink", "PIPELINING", "8BITMIME"]);
+        assert_eq!(hs.handle_reply(after, &who(), &mut out), Step::Ready);
         assert!(out.is_empty());
-        assert!(hs.capabilities().xclient.addr);
+        assert!(hs.capabilities().eight_bit_mime);
+        assert!(!hs.capabilities().xclient.any());
+        assert!(hs.may_quit());
     }
 
     #[test]
-    fn no_xclient_offered_goes_ready_after_ehlo() {
+    fn a_client_that_said_helo_is_greeted_with_helo_after_xclient() {
+        let helo_client = ClientIdentity {
+            esmtp: false,
+            ..who()
+        };
+        let mut hs = after_banner(DownstreamTls::None, AnnounceClient::Xclient);
+        let mut out = Vec::new();
+        hs.handle_reply(reply(250, XCLIENT_ALL), &helo_client, &mut out);
+        assert!(String::from_utf8_lossy(&out).contains(" PROTO=SMTP"));
+        out.clear();
+        hs.handle_reply(reply(220, &["sink"]), &helo_client, &mut out);
+        assert_eq!(out, b"HELO mail.example.com\r\n");
+        out.clear();
+        let step = hs.handle_reply(reply(250, &["sink"]), &helo_client, &mut out);
+        assert_eq!(step, Step::Ready);
+        assert_eq!(
+            hs.capabilities(),
+            Capabilities::default(),
+            "HELO offers nothing"
+        );
+    }
+
+    #[test]
+    fn a_helo_name_the_downstream_would_refuse_goes_as_unavailable() {
+        for helo in [&b"two words"[..], &[b'a'; 256], b"caf\xc3\xa9"] {
+            let odd = ClientIdentity { helo, ..who() };
+            let mut hs = after_banner(DownstreamTls::None, AnnounceClient::Xclient);
+            let mut out = Vec::new();
+            hs.handle_reply(reply(250, XCLIENT_ALL), &odd, &mut out);
+            assert!(
+                String::from_utf8_lossy(&out).ends_with(" HELO=[UNAVAILABLE]\r\n"),
+                "{}",
+                String::from_utf8_lossy(&out)
+            );
+            out.clear();
+            hs.handle_reply(reply(220, &["sink"]), &odd, &mut out);
+            assert_eq!(out, b"EHLO [UNAVAILABLE]\r\n");
+        }
+    }
+
+    #[test]
+    fn a_name_that_is_no_hostname_goes_as_unavailable() {
+        let attrs = XclientAttrs {
+            name: true,
+            ..XclientAttrs::default()
+        };
+        for (name, sent) in [
+            ("mail.example.com", "mail.example.com"),
+            ("[TEMPUNAVAIL]", "[TEMPUNAVAIL]"),
+            ("bad name", "[UNAVAILABLE]"),
+            ("-lead.example", "[UNAVAILABLE]"),
+            ("192.0.2.7", "[UNAVAILABLE]"),
+        ] {
+            let who = ClientIdentity { name, ..who() };
+            let line = String::from_utf8(xclient_command(attrs, &who)).unwrap();
+            assert_eq!(line, format!("XCLIENT NAME={sent}\r\n"), "{name}");
+        }
+    }
+
+    #[test]
+    fn xclient_not_offered_refuses_instead_of_relaying_anonymously() {
         let mut hs = Handshake::new("mx.test", AnnounceClient::Xclient);
         let mut out = Vec::new();
         hs.handle_reply(reply(220, &["sink"]), &who(), &mut out);
         out.clear();
         let step = hs.handle_reply(reply(250, &["sink", "8BITMIME"]), &who(), &mut out);
+        assert_eq!(step, Step::AnnouncementRefused(None));
+        assert!(out.is_empty(), "nothing sent under tarmac's own address");
+        assert!(hs.may_quit(), "it greeted us: QUIT before hanging up");
+    }
+
+    #[test]
+    fn xclient_refused_on_a_new_connection_is_an_announcement_refusal() {
+        let mut hs = after_banner(DownstreamTls::None, AnnounceClient::Xclient);
+        feed(&mut hs, 250, EHLO_STARTTLS_XCLIENT);
+        let refusal = reply(550, &["5.7.0 Error: insufficient authorization"]);
+        let step = hs.handle_reply(refusal.clone(), &who(), &mut Vec::new());
+        assert_eq!(step, Step::AnnouncementRefused(Some(refusal)));
+    }
+
+    #[test]
+    fn the_downstream_refusing_the_clients_helo_is_the_clients_answer() {
+        let mut hs = after_banner(DownstreamTls::None, AnnounceClient::Xclient);
+        feed(&mut hs, 250, EHLO_STARTTLS_XCLIENT);
+        feed(&mut hs, 220, &["sink"]);
+        let refusal = reply(550, &["5.7.1 <bad>: Helo command rejected"]);
+        let step = hs.handle_reply(refusal.clone(), &who(), &mut Vec::new());
+        assert_eq!(step, Step::Refused(refusal));
+    }
+
+    /// A handshake through XCLIENT for `who()`, as Postfix answers it (no XCLIENT after).
+    fn ready_for_who(renewable: bool) -> Handshake {
+        let mut hs = after_banner(DownstreamTls::None, AnnounceClient::Xclient);
+        feed(&mut hs, 250, EHLO_STARTTLS_XCLIENT);
+        feed(&mut hs, 220, &["sink"]);
+        let after: &[&str] = if renewable {
+            &["sink", "XCLIENT ADDR NAME PORT HELO PROTO"]
+        } else {
+            &["sink", "8BITMIME"]
+        };
+        assert_eq!(feed(&mut hs, 250, after).0, Step::Ready);
+        hs
+    }
+
+    #[test]
+    fn renewing_for_the_same_client_sends_nothing() {
+        let mut hs = ready_for_who(false);
+        let mut out = Vec::new();
+        assert_eq!(hs.renew(&who(), &mut out), Step::Ready);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn renewing_for_another_client_announces_it_or_retires_the_connection() {
+        let stranger = ClientIdentity {
+            client: "198.51.100.9:4000".parse().unwrap(),
+            helo: b"stranger.example",
+            ..who()
+        };
+        // Postfix out of the box: no XCLIENT after XCLIENT, so the connection cannot serve
+        // the stranger; nothing is sent on it for the stranger.
+        let mut hs = ready_for_who(false);
+        let mut out = Vec::new();
+        assert_eq!(hs.renew(&stranger, &mut out), Step::Retire);
+        assert!(out.is_empty());
+        assert!(hs.may_quit());
+        // A downstream that offers XCLIENT again gets a fresh one, and the stranger's EHLO.
+        let mut hs = ready_for_who(true);
+        assert_eq!(hs.renew(&stranger, &mut out), Step::Continue);
+        assert!(
+            String::from_utf8_lossy(&out).starts_with("XCLIENT ADDR=198.51.100.9 PORT=4000 "),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+        out.clear();
+        let step = hs.handle_reply(reply(220, &["sink"]), &stranger, &mut out);
+        assert_eq!(
+            (step, out.as_slice()),
+            (Step::Continue, &b"EHLO stranger.example\r\n"[..])
+        );
+        let step = hs.handle_reply(reply(250, &["sink"]), &stranger, &mut Vec::new());
         assert_eq!(step, Step::Ready);
-        assert!(hs.capabilities().eight_bit_mime);
+        // One that offers it but refuses it (a 550) is retired too, not failed.
+        let mut hs = ready_for_who(true);
+        hs.renew(&stranger, &mut out);
+        let step = hs.handle_reply(reply(550, &["5.7.0 no"]), &stranger, &mut Vec::new());
+        assert_eq!(step, Step::Retire);
+    }
+
+    #[test]
+    fn a_pooled_connection_left_mid_transaction_is_reset_first() {
+        let hs = ready_for_who(true);
+        let carried = hs.carried(true);
+        assert!(carried.dirty);
+        let mut out = Vec::new();
+        let (mut hs, step) = Handshake::resume(
+            "mx.test",
+            AnnounceClient::Xclient,
+            carried,
+            &who(),
+            &mut out,
+        );
+        assert_eq!((step, out.as_slice()), (Step::Continue, &b"RSET\r\n"[..]));
+        out.clear();
+        // Same client: after the reset, nothing more.
+        assert_eq!(
+            hs.handle_reply(reply(250, &["2.0.0 Ok"]), &who(), &mut out),
+            Step::Ready
+        );
+        // A refused RSET leaves the state unknown: retired.
+        let carried = ready_for_who(true).carried(true);
+        let (mut hs, _) = Handshake::resume(
+            "mx.test",
+            AnnounceClient::Xclient,
+            carried,
+            &who(),
+            &mut out,
+        );
+        let step = hs.handle_reply(reply(503, &["5.5.1 no"]), &who(), &mut out);
+        assert_eq!(step, Step::Retire);
+    }
+
+    #[test]
+    fn a_proxy_header_names_one_client_per_connection() {
+        let mut hs = Handshake::new("mx.test", AnnounceClient::ProxyV1);
+        let mut out = Vec::new();
+        hs.handle_connected(&who(), &mut out);
+        hs.handle_reply(reply(220, &["sink"]), &who(), &mut out);
+        assert_eq!(feed(&mut hs, 250, &["sink"]).0, Step::Ready);
+        out.clear();
+        assert_eq!(hs.renew(&who(), &mut out), Step::Ready);
+        let stranger = ClientIdentity {
+            client: "198.51.100.9:4000".parse().unwrap(),
+            ..who()
+        };
+        assert_eq!(hs.renew(&stranger, &mut out), Step::Retire);
         assert!(out.is_empty());
     }
 
@@ -690,6 +1104,7 @@ mod tests {
     }
 
     const EHLO_STARTTLS_XCLIENT: &[&str] = &["sink", "PIPELINING", "STARTTLS", "XCLIENT ADDR"];
+    const XCLIENT_ALL: &[&str] = &["sink", "XCLIENT ADDR NAME PORT HELO PROTO"];
 
     #[test]
     fn capabilities_list_starttls() {
@@ -725,10 +1140,11 @@ mod tests {
         assert_eq!(hs.handle_tls_established(&mut out), Step::Continue);
         assert_eq!(out, b"EHLO mx.test\r\n");
         // Inside TLS the server offers neither XCLIENT nor STARTTLS: what it said in plain
-        // text is forgotten, so no XCLIENT goes out and no second STARTTLS.
+        // text is forgotten, so no XCLIENT goes out (the client's MAIL is refused rather than
+        // relayed anonymously) and no second STARTTLS.
         assert_eq!(
             feed(&mut hs, 250, &["sink", "PIPELINING", "8BITMIME"]),
-            (Step::Ready, String::new())
+            (Step::AnnouncementRefused(None), String::new())
         );
         let caps = hs.capabilities();
         assert!(caps.eight_bit_mime);
@@ -747,7 +1163,7 @@ mod tests {
         assert_eq!(out, "XCLIENT ADDR=192.0.2.7\r\n");
         assert_eq!(
             feed(&mut hs, 220, &["sink"]),
-            (Step::Continue, "EHLO mx.test\r\n".to_owned())
+            (Step::Continue, "EHLO mail.example.com\r\n".to_owned())
         );
         assert_eq!(feed(&mut hs, 250, EHLO_STARTTLS_XCLIENT).0, Step::Ready);
     }
@@ -910,7 +1326,7 @@ mod tests {
         let who = ClientIdentity {
             client: "[2001:db8::7]:4000".parse().unwrap(),
             local: "[2001:db8::1]:25".parse().unwrap(),
-            helo: b"a+b=c d",
+            helo: b"a+b=c",
             esmtp: false,
             name: "host-7.example.net",
         };
@@ -922,13 +1338,14 @@ mod tests {
         };
         assert_eq!(
             String::from_utf8(xclient_command(attrs, &who)).unwrap(),
-            "XCLIENT ADDR=IPV6:2001:db8::7 PROTO=SMTP HELO=a+2Bb+3Dc+20d\r\n"
+            "XCLIENT ADDR=IPV6:2001:db8::7 PROTO=SMTP HELO=a+2Bb+3Dc\r\n"
         );
     }
 
     #[test]
     fn xclient_line_is_capped_at_512_bytes() {
-        let helo = vec![b'='; 2000];
+        // Within Postfix's 255 bytes, but three times that as xtext.
+        let helo = vec![b'='; 255];
         let who = ClientIdentity {
             helo: &helo,
             ..who()
@@ -940,7 +1357,10 @@ mod tests {
         };
         let line = xclient_command(attrs, &who);
         assert!(line.len() <= MAX_XCLIENT_LINE, "{}", line.len());
-        assert!(line.ends_with(b"+3D\r\n"));
+        assert!(
+            line.ends_with(b" HELO=[UNAVAILABLE]\r\n"),
+            "never a cut name"
+        );
     }
 
     #[test]

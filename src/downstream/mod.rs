@@ -5,3 +5,4 @@
 pub mod connect;
 pub mod dialog;
 pub mod tls;
+pub mod warnings;

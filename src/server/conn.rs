@@ -49,8 +49,8 @@ use super::worker::Shared;
 use crate::config::Config;
 use crate::dns::{Answer, Query, ResolverHandle, Waiter};
 use crate::downstream::connect;
-use crate::downstream::dialog::Capabilities;
-use crate::smtp::{Action, DownstreamEvent, Session, Shutdown, Side, TlsVersion};
+use crate::downstream::dialog::Carried;
+use crate::smtp::{Action, DownstreamEvent, LinkId, Session, Shutdown, Side, TlsVersion};
 use crate::state::{GreylistTimes, StateAnswer, StateOp, Waiter as StateWaiter};
 
 /// Bytes read per socket per turn: one read of this size, then the other connections get their
@@ -128,8 +128,9 @@ pub(crate) struct Conn {
     tls: Option<Box<TlsStream>>,
     /// Boxed: most connections never get one, so they don't pay for its size.
     downstream: Option<Box<DownstreamConn>>,
-    /// Multiplexing: the session waits in the pool's line for a connection to this server.
-    awaiting_pool: Option<SocketAddr>,
+    /// Multiplexing: the session waits in the pool's line for a connection to this server,
+    /// to become this link.
+    awaiting_pool: Option<(SocketAddr, LinkId)>,
     session: Session,
     /// The deadline this connection has in the worker's timer heap (see `timer.rs`).
     pub(crate) armed: Option<Instant>,
@@ -157,6 +158,8 @@ enum Eof {
 
 #[derive(Debug)]
 struct DownstreamConn {
+    /// The session's name for this connection: only its bytes and events are this one's.
+    link: LinkId,
     stream: TcpStream,
     /// The server it is connected to (the pool's key).
     addr: SocketAddr,
@@ -589,15 +592,14 @@ impl Conn {
         let mut moved = false;
         if !self.broken && self.to_client.len() < OUTBOX_HIGH {
             let before = self.to_client.len();
-            self.session
-                .poll_transmit(now, Side::Client, &mut self.to_client);
+            self.session.poll_transmit(now, &mut self.to_client);
             moved |= self.to_client.len() > before;
         }
         if let Some(ds) = self.downstream.as_deref_mut() {
             if ds.to_downstream.len() < OUTBOX_HIGH {
                 let before = ds.to_downstream.len();
                 self.session
-                    .poll_transmit(now, Side::Downstream, &mut ds.to_downstream);
+                    .poll_transmit_downstream(ds.link, &mut ds.to_downstream);
                 moved |= ds.to_downstream.len() > before;
             }
         }
@@ -610,28 +612,32 @@ impl Conn {
         while let Some(action) = self.session.poll_action() {
             moved = true;
             match action {
-                Action::ConnectDownstream(addr) => self.connect_downstream(key, addr, now, io),
-                Action::ReleaseDownstream(caps) => self.release_downstream(caps, now, io),
-                Action::CloseDownstream => {
-                    // What the session queued before the action (a QUIT) goes first, in one
-                    // nonblocking attempt: the action may come out in the same loop as the
-                    // bytes, before `transmit` ran again.
-                    if let Some(ds) = self.downstream.as_deref_mut() {
+                Action::ConnectDownstream { link, addr, pooled } => {
+                    self.connect_downstream(key, link, addr, pooled, now, io);
+                }
+                Action::ReleaseDownstream { link, carried } => {
+                    self.release_downstream(link, carried, now, io);
+                }
+                Action::CloseDownstream { link, quit } => {
+                    if self
+                        .awaiting_pool
+                        .is_some_and(|(_, waiting)| waiting == link)
+                    {
+                        self.awaiting_pool = None;
+                    }
+                    if let Some(ds) = self.downstream.as_deref_mut().filter(|ds| ds.link == link) {
+                        // What was handed out for it goes first, then QUIT, in one nonblocking
+                        // attempt; the session has nothing more for this connection.
                         if !ds.connecting {
-                            if ds.to_downstream.len() < OUTBOX_HIGH {
-                                self.session.poll_transmit(
-                                    now,
-                                    Side::Downstream,
-                                    &mut ds.to_downstream,
-                                );
+                            if quit {
+                                ds.to_downstream.extend_from_slice(b"QUIT\r\n");
                             }
                             ds.flush_before_close();
                         }
+                        self.drop_downstream(io.registry);
                     }
-                    self.awaiting_pool = None;
-                    self.drop_downstream(io.registry);
                 }
-                Action::StartTlsDownstream => self.start_downstream_tls(now, io),
+                Action::StartTlsDownstream(link) => self.start_downstream_tls(link, now, io),
                 Action::Close => self.start_closing(now),
                 Action::StartTls => self.start_tls(now, io),
                 Action::CheckPass(ip) => self.ask_state(StateOp::CheckPass(ip), key, now, io),
@@ -705,27 +711,29 @@ impl Conn {
         }
     }
 
-    /// The session wants a downstream connection: in multiplexing mode an idle pooled one, a
-    /// new one while the worker is under its share of `pool_size`, or a place in line; else
-    /// always a new one.
-    pub(crate) fn connect_downstream(
+    /// The session wants downstream connection `link` to `addr`: in multiplexing mode an idle
+    /// pooled one (when `pooled` allows), a new one while the worker is under its share of
+    /// `pool_size`, or a place in line; else always a new one.
+    fn connect_downstream(
         &mut self,
         key: ConnKey,
+        link: LinkId,
         addr: SocketAddr,
+        pooled: bool,
         now: Instant,
         io: &mut Io<'_>,
     ) {
         if !io.multiplexing {
-            return self.open_downstream(key, addr, now, io.registry, None);
+            return self.open_downstream(key, link, addr, now, io.registry, None);
         }
-        if let Some(idle) = io.pool.checkout(addr, now) {
-            return self.attach_pooled(key, idle, now, io.registry);
+        if pooled && let Some(idle) = io.pool.checkout(addr, now) {
+            return self.attach_pooled(key, link, idle, now, io.registry);
         }
         match io.pool.ticket() {
-            Some(ticket) => self.open_downstream(key, addr, now, io.registry, Some(ticket)),
+            Some(ticket) => self.open_downstream(key, link, addr, now, io.registry, Some(ticket)),
             None => {
                 log::debug!("conn={} waits for a pooled downstream connection", self.id);
-                self.awaiting_pool = Some(addr);
+                self.awaiting_pool = Some((addr, link));
                 io.pool.wait(key, addr);
             }
         }
@@ -733,20 +741,31 @@ impl Conn {
 
     /// Whether the session still waits in the pool's line for a connection to `addr`.
     pub(crate) fn awaits_pool(&self, addr: SocketAddr) -> bool {
-        self.awaiting_pool == Some(addr)
+        self.awaiting_pool
+            .is_some_and(|(waits_for, _)| waits_for == addr)
     }
 
-    /// Its turn came: stop waiting and try again (`connect_downstream`).
-    pub(crate) fn leave_pool_line(&mut self) {
-        self.awaiting_pool = None;
+    /// Its turn in the pool's line came: stop waiting and try again (a pooled connection may
+    /// be used: the waiting link never had one).
+    pub(crate) fn take_pool_turn(&mut self, key: ConnKey, now: Instant, io: &mut Io<'_>) {
+        if let Some((addr, link)) = self.awaiting_pool.take() {
+            self.connect_downstream(key, link, addr, true, now, io);
+        }
     }
 
-    fn attach_pooled(&mut self, key: ConnKey, idle: Idle, now: Instant, registry: &Registry) {
+    fn attach_pooled(
+        &mut self,
+        key: ConnKey,
+        link: LinkId,
+        idle: Idle,
+        now: Instant,
+        registry: &Registry,
+    ) {
         self.drop_downstream(registry);
         let Idle {
             addr,
             mut stream,
-            caps,
+            carried,
             ticket,
             tls,
             ..
@@ -759,11 +778,12 @@ impl Conn {
         if let Err(e) = registered {
             log::debug!("conn={} pooled downstream {addr}: {e}", self.id);
             self.session
-                .handle_downstream(now, DownstreamEvent::ConnectFailed);
+                .handle_downstream(now, link, DownstreamEvent::ConnectFailed);
             return;
         }
         log::debug!("conn={} reuses a pooled connection to {addr}", self.id);
         self.downstream = Some(Box::new(DownstreamConn {
+            link,
             stream,
             addr,
             ticket: Some(ticket),
@@ -776,13 +796,20 @@ impl Conn {
             tls,
         }));
         self.session
-            .handle_downstream(now, DownstreamEvent::Reused(caps));
+            .handle_downstream(now, link, DownstreamEvent::Reused(carried));
     }
 
     /// The session is done with a clean connection: back to the pool, unless something about
-    /// it says otherwise (unread bytes, its end seen, not pooled), then it is closed.
-    fn release_downstream(&mut self, caps: Capabilities, now: Instant, io: &mut Io<'_>) {
-        let Some(ds) = self.downstream.take() else {
+    /// it says otherwise (unread bytes, its end seen, not pooled), then it is closed, with
+    /// QUIT unless it is broken.
+    fn release_downstream(
+        &mut self,
+        link: LinkId,
+        carried: Carried,
+        now: Instant,
+        io: &mut Io<'_>,
+    ) {
+        let Some(ds) = self.downstream.take_if(|ds| ds.link == link) else {
             return;
         };
         let DownstreamConn {
@@ -808,15 +835,21 @@ impl Conn {
                     && to_downstream.is_empty()
                     && tls_clean =>
             {
-                io.pool.park(addr, stream, tls, caps, ticket, now);
+                io.pool.park(addr, stream, tls, carried, ticket, now);
             }
-            _ => log::debug!("conn={} closes a downstream it could not pool", self.id),
+            _ => {
+                log::debug!("conn={} closes a downstream it could not pool", self.id);
+                if !eof && !connecting {
+                    super::pool::say_quit(&stream, tls);
+                }
+            }
         }
     }
 
     fn open_downstream(
         &mut self,
         key: ConnKey,
+        link: LinkId,
         addr: SocketAddr,
         now: Instant,
         registry: &Registry,
@@ -836,6 +869,7 @@ impl Conn {
             Ok(stream) => {
                 log::debug!("conn={} connecting to downstream {addr}", self.id);
                 self.downstream = Some(Box::new(DownstreamConn {
+                    link,
                     stream,
                     addr,
                     ticket,
@@ -851,7 +885,7 @@ impl Conn {
             Err(e) => {
                 log::debug!("conn={} downstream {addr}: connect failed: {e}", self.id);
                 self.session
-                    .handle_downstream(now, DownstreamEvent::ConnectFailed);
+                    .handle_downstream(now, link, DownstreamEvent::ConnectFailed);
             }
         }
     }
@@ -864,11 +898,12 @@ impl Conn {
         if !ds.connecting || !(ds.readable || ds.writable) {
             return;
         }
+        let link = ds.link;
         match connect::finish_connect(&ds.stream) {
             Ok(true) => {
                 ds.connecting = false;
                 self.session
-                    .handle_downstream(now, DownstreamEvent::Connected);
+                    .handle_downstream(now, link, DownstreamEvent::Connected);
             }
             Ok(false) => {
                 // Spurious: the connect's completion will be a new edge.
@@ -879,7 +914,7 @@ impl Conn {
                 log::debug!("conn={} downstream connect failed: {e}", self.id);
                 self.drop_downstream(registry);
                 self.session
-                    .handle_downstream(now, DownstreamEvent::ConnectFailed);
+                    .handle_downstream(now, link, DownstreamEvent::ConnectFailed);
             }
         }
     }
@@ -915,7 +950,7 @@ impl Conn {
             return;
         }
         let bytes = io.scratch.get(..n).unwrap_or_default();
-        feed_downstream(&mut self.session, &mut ds.input, now, bytes);
+        feed_downstream(&mut self.session, ds, now, bytes);
     }
 
     /// Over TLS: records into rustls while it wants them (up to [`READ_CHUNK`] bytes), the end of
@@ -955,7 +990,7 @@ impl Conn {
                 // The alert rustls queued for the peer, once.
                 let _ = tls.write_tls(&mut &ds.stream);
             }
-            let addr = ds.addr;
+            let (addr, link) = (ds.addr, ds.link);
             self.drop_downstream(io.registry);
             if handshaking {
                 log::info!(
@@ -963,13 +998,14 @@ impl Conn {
                     self.id
                 );
                 self.session
-                    .handle_downstream(now, DownstreamEvent::TlsFailed);
+                    .handle_downstream(now, link, DownstreamEvent::TlsFailed);
             } else {
                 log::info!(
                     "conn={} TLS error from downstream {addr}: {failure}",
                     self.id
                 );
-                self.session.handle_downstream(now, DownstreamEvent::Closed);
+                self.session
+                    .handle_downstream(now, link, DownstreamEvent::Closed);
             }
             return;
         }
@@ -981,7 +1017,7 @@ impl Conn {
                 tls.cipher_suite()
             );
             self.session
-                .handle_downstream(now, DownstreamEvent::TlsEstablished);
+                .handle_downstream(now, ds.link, DownstreamEvent::TlsEstablished);
         }
         let Some(ds) = self.downstream.as_deref_mut() else {
             return;
@@ -992,7 +1028,7 @@ impl Conn {
         if tls.has_plaintext() && ds.input.len() < io.max_input {
             let n = tls.read_plaintext(io.scratch);
             let bytes = io.scratch.get(..n).unwrap_or_default();
-            feed_downstream(&mut self.session, &mut ds.input, now, bytes);
+            feed_downstream(&mut self.session, ds, now, bytes);
         }
         if let Some(ds) = self.downstream.as_deref_mut()
             && ds.tls.as_deref().is_some_and(TlsStream::is_finished)
@@ -1005,10 +1041,10 @@ impl Conn {
     /// the 220 and the session did not take came in plain text: dropped, never parsed as a
     /// reply. The handshake starts with the worker's client configuration; its end comes back
     /// through `read_downstream_tls`.
-    fn start_downstream_tls(&mut self, now: Instant, io: &Io<'_>) {
-        let Some(ds) = self.downstream.as_deref_mut() else {
+    fn start_downstream_tls(&mut self, link: LinkId, now: Instant, io: &Io<'_>) {
+        let Some(ds) = self.downstream.as_deref_mut().filter(|ds| ds.link == link) else {
             self.session
-                .handle_downstream(now, DownstreamEvent::TlsFailed);
+                .handle_downstream(now, link, DownstreamEvent::TlsFailed);
             return;
         };
         let started = match &io.config.downstream.client_tls {
@@ -1023,7 +1059,7 @@ impl Conn {
                 log::warn!("conn={} cannot start TLS to {}: {e}", self.id, ds.addr);
                 self.drop_downstream(io.registry);
                 self.session
-                    .handle_downstream(now, DownstreamEvent::TlsFailed);
+                    .handle_downstream(now, link, DownstreamEvent::TlsFailed);
                 return;
             }
         };
@@ -1049,9 +1085,9 @@ impl Conn {
         };
         let mut moved = false;
         if !ds.input.is_empty() {
-            let used = self
-                .session
-                .handle_downstream(now, DownstreamEvent::Data(&ds.input));
+            let used =
+                self.session
+                    .handle_downstream(now, ds.link, DownstreamEvent::Data(&ds.input));
             if used > 0 {
                 ds.input.drain(..used.min(ds.input.len()));
                 moved = true;
@@ -1066,8 +1102,11 @@ impl Conn {
 
     /// The downstream closed or failed: drop it and tell the session.
     fn fail_downstream(&mut self, now: Instant, registry: &Registry) {
-        self.drop_downstream(registry);
-        self.session.handle_downstream(now, DownstreamEvent::Closed);
+        if let Some(link) = self.downstream.as_deref().map(|ds| ds.link) {
+            self.drop_downstream(registry);
+            self.session
+                .handle_downstream(now, link, DownstreamEvent::Closed);
+        }
     }
 
     fn drop_downstream(&mut self, registry: &Registry) {
@@ -1207,14 +1246,15 @@ impl DownstreamConn {
     }
 }
 
-/// Gives downstream `bytes` (just read) to the session, keeping what it does not take behind
-/// anything older in `input` (the common case needs no copy).
-fn feed_downstream(session: &mut Session, input: &mut Vec<u8>, now: Instant, bytes: &[u8]) {
-    if input.is_empty() {
-        let used = session.handle_downstream(now, DownstreamEvent::Data(bytes));
-        input.extend_from_slice(bytes.get(used..).unwrap_or_default());
+/// Gives downstream `bytes` (just read from `ds`) to the session, keeping what it does not
+/// take behind anything older in `ds.input` (the common case needs no copy).
+fn feed_downstream(session: &mut Session, ds: &mut DownstreamConn, now: Instant, bytes: &[u8]) {
+    if ds.input.is_empty() {
+        let used = session.handle_downstream(now, ds.link, DownstreamEvent::Data(bytes));
+        ds.input
+            .extend_from_slice(bytes.get(used..).unwrap_or_default());
     } else {
-        input.extend_from_slice(bytes);
+        ds.input.extend_from_slice(bytes);
     }
 }
 

@@ -2,8 +2,11 @@
 //! (DESIGN.md §1.5). A session that reaches MAIL takes an idle connection to its server if there
 //! is one, opens a new one while the worker is under its share of `pool_size`, and otherwise
 //! waits in line (its connect timeout still runs). When its transaction is over the session
-//! hands the connection back, clean, for the next transaction of any client; XCLIENT is sent
-//! per transaction, so each one still shows its own client.
+//! hands the connection back, with no reply outstanding, for the next transaction of any
+//! client, with what it carries (whom it was announced for, whether a transaction was left
+//! open). The next user announces its own client (RSET first if needed, then XCLIENT) or, when
+//! the downstream will not take another XCLIENT on it, closes it and opens a new one
+//! (`downstream::dialog`), so no transaction ever runs under another client's identity.
 //!
 //! Each worker owns its pool, with `pool_size / workers` connections (at least one): moving
 //! sockets between event loops would need locking on the relay path, and a fixed share keeps
@@ -20,7 +23,7 @@ use mio::net::TcpStream;
 
 use super::slab::ConnKey;
 use super::tls_stream::TlsStream;
-use crate::downstream::dialog::Capabilities;
+use crate::downstream::dialog::Carried;
 
 /// Longest a connection stays idle in the pool before it is closed rather than reused: well
 /// under Postfix's `smtpd_timeout` (300 s), so a reused connection is not one the downstream is
@@ -49,14 +52,14 @@ impl Drop for Ticket {
     }
 }
 
-/// An idle connection, past its banner and EHLO, with no transaction open.
+/// An idle connection, past its banner and EHLO, with no reply outstanding.
 #[derive(Debug)]
 pub(crate) struct Idle {
     pub(crate) addr: SocketAddr,
     pub(crate) stream: TcpStream,
     /// The connection's TLS layer, when STARTTLS was done on it: it stays with the socket.
     pub(crate) tls: Option<Box<TlsStream>>,
-    pub(crate) caps: Capabilities,
+    pub(crate) carried: Carried,
     pub(crate) ticket: Ticket,
     since: Instant,
 }
@@ -81,6 +84,8 @@ impl Pool {
             if is_quiet(&idle.stream) {
                 return Some(idle);
             }
+            // Closed by the downstream, or it spoke unasked (a timeout notice): not reusable,
+            // and no QUIT for a connection in an unknown state.
         }
         None
     }
@@ -101,7 +106,7 @@ impl Pool {
         addr: SocketAddr,
         stream: TcpStream,
         tls: Option<Box<TlsStream>>,
-        caps: Capabilities,
+        carried: Carried,
         ticket: Ticket,
         now: Instant,
     ) {
@@ -109,7 +114,7 @@ impl Pool {
             addr,
             stream,
             tls,
-            caps,
+            carried,
             ticket,
             since: now,
         });
@@ -139,28 +144,39 @@ impl Pool {
         !self.waiting.is_empty()
     }
 
-    /// Closes idle connections past [`IDLE_MAX`].
+    /// Closes idle connections past [`IDLE_MAX`], saying QUIT.
     fn prune(&mut self, now: Instant) {
-        self.idle
-            .retain(|idle| now.saturating_duration_since(idle.since) < IDLE_MAX);
+        let (keep, old): (Vec<Idle>, Vec<Idle>) = std::mem::take(&mut self.idle)
+            .into_iter()
+            .partition(|idle| now.saturating_duration_since(idle.since) < IDLE_MAX);
+        self.idle = keep;
+        for idle in old {
+            say_quit(&idle.stream, idle.tls);
+        }
     }
 }
 
 impl Drop for Pool {
-    /// The worker is stopping: idle connections say QUIT (one nonblocking write each, best
-    /// effort) so the downstream logs a clean end rather than a lost connection.
+    /// The worker is stopping: idle connections say QUIT.
     fn drop(&mut self) {
-        for idle in &mut self.idle {
-            match idle.tls.as_deref_mut() {
-                None => {
-                    let _ = (&idle.stream).write(b"QUIT\r\n");
-                }
-                Some(tls) => {
-                    let _ = tls.flush(&mut b"QUIT\r\n".to_vec(), &mut &idle.stream);
-                    tls.send_close_notify();
-                    let _ = tls.flush(&mut Vec::new(), &mut &idle.stream);
-                }
-            }
+        for idle in self.idle.drain(..) {
+            say_quit(&idle.stream, idle.tls);
+        }
+    }
+}
+
+/// Says QUIT on a connection tarmac is about to drop (one nonblocking write, best effort; over
+/// TLS followed by `close_notify`), so the downstream logs a clean end rather than a lost
+/// connection (DESIGN.md §6).
+pub(crate) fn say_quit(stream: &TcpStream, tls: Option<Box<TlsStream>>) {
+    match tls {
+        None => {
+            let _ = (&*stream).write(b"QUIT\r\n");
+        }
+        Some(mut tls) => {
+            let _ = tls.flush(&mut b"QUIT\r\n".to_vec(), &mut &*stream);
+            tls.send_close_notify();
+            let _ = tls.flush(&mut Vec::new(), &mut &*stream);
         }
     }
 }
@@ -211,7 +227,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         for stream in [alive, closed, chatty] {
             let ticket = pool.ticket().unwrap();
-            pool.park(addr, stream, None, Capabilities::default(), ticket, now);
+            pool.park(addr, stream, None, Carried::default(), ticket, now);
         }
         assert_eq!(pool.open.load(Ordering::Acquire), 3);
         let other: SocketAddr = "127.0.0.1:1".parse().unwrap();
@@ -226,7 +242,7 @@ mod tests {
 
         let (fresh, _peer) = connect();
         let ticket = pool.ticket().unwrap();
-        pool.park(addr, fresh, None, Capabilities::default(), ticket, now);
+        pool.park(addr, fresh, None, Carried::default(), ticket, now);
         assert!(pool.checkout(addr, now + IDLE_MAX).is_none(), "too old");
     }
 

@@ -608,8 +608,7 @@ impl Worker {
             let Some(conn) = self.conns.get_mut(key).filter(|c| c.awaits_pool(addr)) else {
                 continue;
             };
-            conn.leave_pool_line();
-            conn.connect_downstream(key, addr, now, &mut io);
+            conn.take_pool_turn(key, now, &mut io);
             queue(&mut self.ready, conn, key);
         }
     }

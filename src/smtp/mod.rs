@@ -16,6 +16,6 @@ pub use command::{Command, CommandError};
 pub use data::{DataDecoder, DataViolation};
 pub use reply::{EnhancedCode, Reply};
 pub use session::{
-    Action, DownstreamEvent, Peer, Report, Session, Shutdown, Side, TlsVersion,
+    Action, DownstreamEvent, LinkId, Peer, Report, Session, Shutdown, Side, TlsVersion,
     too_many_connections,
 };

@@ -56,7 +56,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::{Config, DownstreamMode, DownstreamTls, Pregreet, RejectMode};
 use crate::dns::{Answer, Query};
-use crate::downstream::dialog::{Capabilities, ClientIdentity, Handshake, Step, TlsFailure};
+use crate::downstream::dialog::{
+    Capabilities, Carried, ClientIdentity, Handshake, Step, announcement_refused,
+};
+use crate::downstream::warnings;
 use crate::policy::reputation::{self, Event, History};
 use crate::policy::{Facts, ListMatch, RuleAction, Stage, Verdict};
 use crate::smtp::checks::{Checks, ListedBy};
@@ -149,28 +152,51 @@ pub enum Action {
     /// The verdict is tarpit: take one of the `max_tarpitted` places (held until the
     /// connection is gone) and answer with `handle_tarpit_slot`.
     EnterTarpit,
-    /// Open a TCP connection to this downstream server, then report
-    /// `DownstreamEvent::Connected` or `ConnectFailed`.
-    ConnectDownstream(SocketAddr),
+    /// Get a connection to downstream server `addr` for `link`: in `mode = "multiplexing"`
+    /// an idle pooled one when `pooled` allows (report `DownstreamEvent::Reused` with what it
+    /// carried), else a new TCP connection (report `Connected` or `ConnectFailed`). Every
+    /// later event of that connection is reported with `link`, and only bytes from
+    /// [`Session::poll_transmit_downstream`] for `link` may be written to it.
+    ConnectDownstream {
+        /// Names this connection in events, bytes and later actions.
+        link: LinkId,
+        /// The server.
+        addr: SocketAddr,
+        /// An idle pooled connection may be used (`false`: a pooled one could not speak for
+        /// this client, so it must be a new one).
+        pooled: bool,
+    },
     /// The downstream said `220` to STARTTLS: drop every downstream byte not yet handed to
     /// `handle_downstream` (anything after the 220 was sent in plain text and could be injected
     /// by anyone on the path), start a TLS client handshake on the connection, and report
     /// `DownstreamEvent::TlsEstablished` or `TlsFailed`. From then on every downstream byte in
     /// either direction goes through TLS.
-    StartTlsDownstream,
-    /// Close the downstream connection after writing what `poll_transmit(Downstream)` handed
-    /// out before this; send nothing more.
-    CloseDownstream,
+    StartTlsDownstream(LinkId),
+    /// Close downstream connection `link` (ignored when it is gone already): write what
+    /// `poll_transmit_downstream` handed out for it, then `QUIT\r\n` when `quit` (the
+    /// downstream greeted us and the connection is in a known state), then close. Whatever
+    /// the session had not handed out for it is gone with it.
+    CloseDownstream {
+        /// The connection.
+        link: LinkId,
+        /// Say QUIT before hanging up (DESIGN.md §6).
+        quit: bool,
+    },
     /// Flush what `poll_transmit(Client)` handed out, then close the client connection. Comes
     /// out exactly once.
     Close,
     /// A balancer's PROXY header named this client: count it against the per-IP cap and the
     /// connection rates and answer with `handle_admission`. The banner waits for the answer.
     Admit(SocketAddr),
-    /// `mode = "multiplexing"`: the downstream connection is idle and clean (no transaction
-    /// open, no reply outstanding, everything handed out): put it back in the pool with what
-    /// its EHLO offered. The session no longer uses it.
-    ReleaseDownstream(Capabilities),
+    /// `mode = "multiplexing"`: downstream connection `link` has no reply outstanding and
+    /// nothing left to send: put it back in the pool with what it carries into its next
+    /// transaction. The session no longer uses it.
+    ReleaseDownstream {
+        /// The connection.
+        link: LinkId,
+        /// Its capabilities, whom it speaks for, whether a transaction was left open.
+        carried: Carried,
+    },
     /// The client asked for STARTTLS and its `220` was handed out: write what
     /// `poll_transmit(Client)` gave before this in plain text, then run the server side of a
     /// TLS handshake on the client connection. Report `handle_tls_established` when it is done
@@ -179,14 +205,20 @@ pub enum Action {
     StartTls,
 }
 
+/// Names one downstream connection of a session: each `Action::ConnectDownstream` gets a new
+/// one, so an event, a byte or an action meant for a connection the session has given up can
+/// never reach its successor (DESIGN.md §6: bytes belong to one connection).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LinkId(pub u32);
+
 /// What happened on the downstream connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DownstreamEvent<'a> {
     /// The connect finished.
     Connected,
     /// `mode = "multiplexing"`: instead of connecting, the driver attached an idle pooled
-    /// connection (past its banner and EHLO) with what that EHLO offered.
-    Reused(Capabilities),
+    /// connection (past its banner and EHLO) with what it carried from its last transaction.
+    Reused(Carried),
     /// The connect failed (refused, unreachable, reset).
     ConnectFailed,
     /// Bytes arrived.
@@ -373,12 +405,20 @@ struct Transaction {
     broken: bool,
     /// The recipient waiting for the greylist's answer.
     greylisting: Option<Box<str>>,
+    /// MAIL was relayed to the downstream for this transaction. Not so after an enforce-mode
+    /// reject answered MAIL locally: a recipient an `allow` rule lets through then opens the
+    /// downstream and relays MAIL first (DESIGN.md §6).
+    relayed: bool,
+    /// The recipient waiting for that late MAIL's reply.
+    after_mail: Option<Box<str>>,
 }
 
 /// Where the downstream connection stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Link {
     Connecting,
+    /// The driver reported the connection closed or broken: nothing more can go to it.
+    Gone,
     Handshaking,
     /// `Action::StartTlsDownstream` is out: no reply is read until the driver reports.
     StartingTls,
@@ -388,11 +428,15 @@ enum Link {
 /// The downstream connection, boxed: most sessions (and every tarpitted one) never open it.
 #[derive(Debug)]
 struct Relay {
+    /// Which connection this is; events and bytes for any other are not this relay's.
+    id: LinkId,
     /// Index into `config.downstream.servers` of the server in use.
     server: usize,
     link: Link,
     handshake: Handshake,
     caps: Capabilities,
+    /// Bytes for this connection not yet handed out; they die with it.
+    outbox: Vec<u8>,
     /// Replies to commands tarmac sent on its own (RSET), to be read and dropped.
     swallow: u32,
     /// A MAIL was sent on this connection since the last reset.
@@ -431,13 +475,14 @@ pub struct Session {
     /// An over-long line is being skipped up to its LF.
     discarding: bool,
     to_client: Vec<u8>,
-    to_downstream: Vec<u8>,
     actions: VecDeque<Action>,
     timers: Timers,
     helo: Option<Box<[u8]>>,
     esmtp: bool,
     tx: Option<Box<Transaction>>,
     relay: Option<Box<Relay>>,
+    /// The id the next downstream connection gets.
+    next_link: u32,
     errors: u32,
     msgs: u32,
     rcpts: u32,
@@ -522,7 +567,6 @@ impl Session {
             line: Vec::new(),
             discarding: false,
             to_client: Vec::new(),
-            to_downstream: Vec::new(),
             actions: VecDeque::new(),
             timers: Timers {
                 idle: Some(now + config.timeouts.idle),
@@ -532,6 +576,7 @@ impl Session {
             esmtp: false,
             tx: None,
             relay: None,
+            next_link: 0,
             errors: 0,
             msgs: 0,
             rcpts: 0,
@@ -570,6 +615,7 @@ impl Session {
         while consumed < bytes.len() {
             let rest = bytes.get(consumed..).unwrap_or_default();
             let holding = self.is_holding();
+            let relay_full = self.relay_outbox_len() >= OUTBOX_CAP;
             let used = match &mut self.phase {
                 Phase::Closed => return bytes.len(),
                 Phase::Waiting(_) | Phase::Admitting => break,
@@ -601,14 +647,16 @@ impl Session {
                     }
                     rest.len()
                 }
-                Phase::Data(_) if self.to_downstream.len() >= OUTBOX_CAP => break,
+                Phase::Data(_) if relay_full => break,
                 Phase::Data(decoder) => {
-                    let before = self.to_downstream.len();
-                    let decoded = decoder.decode(rest, &mut self.to_downstream);
-                    if self.relay.is_none() {
-                        // The downstream is gone: read the body to its end, relay nothing.
-                        self.to_downstream.truncate(before);
-                    }
+                    let decoded = match self.relay.as_deref_mut() {
+                        Some(relay) => decoder.decode(rest, &mut relay.outbox),
+                        None => {
+                            // The downstream is gone: read the body to its end, relay nothing.
+                            let mut nowhere = Vec::new();
+                            decoder.decode(rest, &mut nowhere)
+                        }
+                    };
                     self.timers.data = Some(now + self.config.timeouts.data);
                     if decoded.done {
                         self.end_of_data(now);
@@ -637,9 +685,16 @@ impl Session {
         }
     }
 
-    /// Feeds a downstream event; for `Data` returns the bytes consumed, else 0.
-    pub fn handle_downstream(&mut self, now: Instant, event: DownstreamEvent<'_>) -> usize {
-        if self.closed.is_some() || self.relay.is_none() {
+    /// Feeds an event of downstream connection `link`; for `Data` returns the bytes consumed,
+    /// else 0. Events of a connection the session no longer uses are swallowed.
+    pub fn handle_downstream(
+        &mut self,
+        now: Instant,
+        link: LinkId,
+        event: DownstreamEvent<'_>,
+    ) -> usize {
+        let current = self.relay.as_deref().is_some_and(|relay| relay.id == link);
+        if self.closed.is_some() || !current {
             return match event {
                 DownstreamEvent::Data(bytes) => bytes.len(),
                 _ => 0,
@@ -650,31 +705,30 @@ impl Session {
                 let who = identity(&self.peer, self.helo.as_deref(), self.esmtp, &self.checks);
                 if let Some(relay) = self.relay.as_deref_mut() {
                     relay.link = Link::Handshaking;
-                    relay
-                        .handshake
-                        .handle_connected(&who, &mut self.to_downstream);
+                    relay.handshake.handle_connected(&who, &mut relay.outbox);
                 }
                 self.timers.downstream = Some(now + self.config.timeouts.command);
                 0
             }
-            DownstreamEvent::Reused(caps) => {
+            DownstreamEvent::Reused(carried) => {
                 let config = Arc::clone(&self.config);
                 let who = identity(&self.peer, self.helo.as_deref(), self.esmtp, &self.checks);
-                let (handshake, step) = Handshake::resume(
-                    &config.server.hostname,
-                    config.downstream.announce_client,
-                    caps,
-                    &who,
-                    &mut self.to_downstream,
-                );
-                if let Some(relay) = self.relay.as_deref_mut() {
+                let caps = carried.caps;
+                let step = self.relay.as_deref_mut().map(|relay| {
+                    let (handshake, step) = Handshake::resume(
+                        &config.server.hostname,
+                        config.downstream.announce_client,
+                        carried,
+                        &who,
+                        &mut relay.outbox,
+                    );
                     relay.handshake = handshake;
                     relay.caps = caps;
                     relay.link = Link::Handshaking;
-                }
-                match step {
-                    Step::Ready => self.relay_ready(now),
-                    _ => self.timers.downstream = Some(now + self.config.timeouts.command),
+                    step
+                });
+                if let Some(step) = step {
+                    self.on_handshake_step(now, step);
                 }
                 0
             }
@@ -683,6 +737,10 @@ impl Session {
                 0
             }
             DownstreamEvent::Closed => {
+                // The connection is gone: nothing more can be written to it, QUIT included.
+                if let Some(relay) = self.relay.as_deref_mut() {
+                    relay.link = Link::Gone;
+                }
                 self.downstream_failed(now, "connection closed");
                 0
             }
@@ -691,9 +749,7 @@ impl Session {
                 let step = self.relay.as_deref_mut().and_then(|relay| {
                     (relay.link == Link::StartingTls).then(|| {
                         relay.link = Link::Handshaking;
-                        relay
-                            .handshake
-                            .handle_tls_established(&mut self.to_downstream)
+                        relay.handshake.handle_tls_established(&mut relay.outbox)
                     })
                 });
                 match step {
@@ -720,7 +776,6 @@ impl Session {
             self.timers.downstream = None;
             let link = self.relay.as_ref().map(|r| r.link);
             if link == Some(Link::Connecting) {
-                self.actions.push_back(Action::CloseDownstream);
                 self.try_next_server(now);
             } else if link == Some(Link::StartingTls) {
                 // Postfix counts a stalled handshake as a failed one.
@@ -857,8 +912,7 @@ impl Session {
             GreylistOutcome::Pass => {
                 self.greylisted = "pass";
                 self.record_reputation(Event::GreylistPass);
-                let command = format!("RCPT TO:<{to}>\r\n");
-                return self.send_downstream(now, command.as_bytes(), Pending::Rcpt);
+                return self.relay_rcpt(now, &to);
             }
             GreylistOutcome::New => {
                 self.greylisted = "new";
@@ -950,12 +1004,10 @@ impl Session {
         }
     }
 
-    /// Appends the bytes due for `side` at `now` to `out`: for a tarpitted client only what
-    /// its schedule releases by `now`.
-    pub fn poll_transmit(&mut self, now: Instant, side: Side, out: &mut Vec<u8>) {
-        if side == Side::Client
-            && let Some(tarpit) = self.tarpit.as_deref_mut()
-        {
+    /// Appends the bytes for the client due at `now` to `out`: for a tarpitted client only
+    /// what its schedule releases by `now`.
+    pub fn poll_transmit(&mut self, now: Instant, out: &mut Vec<u8>) {
+        if let Some(tarpit) = self.tarpit.as_deref_mut() {
             let was_holding = tarpit.is_holding();
             tarpit.hold(now, &mut self.to_client);
             tarpit.release(now, self.stressed, out);
@@ -971,17 +1023,16 @@ impl Session {
             self.start_tls_when_announced(now);
             return;
         }
-        let buf = match side {
-            Side::Client => &mut self.to_client,
-            Side::Downstream => &mut self.to_downstream,
-        };
-        out.extend_from_slice(buf);
-        buf.clear();
-        if buf.capacity() > KEEP_CAPACITY {
-            *buf = Vec::new();
-        }
-        if side == Side::Client {
-            self.start_tls_when_announced(now);
+        hand_out(&mut self.to_client, out);
+        self.start_tls_when_announced(now);
+    }
+
+    /// Appends the bytes for downstream connection `link` to `out`; nothing when `link` is not
+    /// the connection in use (its bytes died with it). Only a connection's own handshake
+    /// commands go out before it is ready, and transaction commands only after.
+    pub fn poll_transmit_downstream(&mut self, link: LinkId, out: &mut Vec<u8>) {
+        if let Some(relay) = self.relay.as_deref_mut().filter(|relay| relay.id == link) {
+            hand_out(&mut relay.outbox, out);
         }
     }
 
@@ -1012,7 +1063,7 @@ impl Session {
             Phase::Proxy => self.to_client.len() < OUTBOX_CAP,
             // Read until the first pregreet byte: talking first is what is watched for here.
             Phase::Checking => self.pregreet.is_none(),
-            Phase::Data(_) => self.to_downstream.len() < OUTBOX_CAP,
+            Phase::Data(_) => self.relay_outbox_len() < OUTBOX_CAP,
             // Until the switch, bytes are taken only to be discarded; during the handshake the
             // driver has no plaintext to offer.
             Phase::StartingTls => self.tls == TlsStage::Requested,
@@ -1585,7 +1636,7 @@ impl Session {
         }
         // The downstream session announced the client's plain-text HELO; the next transaction
         // gets a fresh one after the new EHLO.
-        if !self.release_relay_if_clean() {
+        if !self.release_relay_if_clean(false) {
             self.drop_relay();
         }
         self.reply(Reply::new(220, "2.0.0", "Ready to start TLS"));
@@ -1641,6 +1692,8 @@ impl Session {
             accepted: 0,
             broken: false,
             greylisting: None,
+            relayed: false,
+            after_mail: None,
         }));
         match self.run_rules(Stage::Mail, None) {
             Some(RuleOutcome {
@@ -1663,12 +1716,7 @@ impl Session {
             return self.reply(Reply::new(250, "2.1.0", "Ok"));
         }
         self.phase = Phase::Waiting(Pending::Mail);
-        match self.relay.as_deref() {
-            Some(relay) if relay.link == Link::Ready => self.send_mail(now),
-            // Still connecting or handshaking: MAIL goes out when the handshake is done.
-            Some(_) => {}
-            None => self.connect(now, 0, false),
-        }
+        self.start_mail(now);
     }
 
     fn handle_rcpt(&mut self, now: Instant, to: &str) {
@@ -1725,8 +1773,32 @@ impl Session {
             return;
         }
         self.greylisted = "skip";
-        let command = format!("RCPT TO:<{to}>\r\n");
-        self.send_downstream(now, command.as_bytes(), Pending::Rcpt);
+        self.relay_rcpt(now, to);
+    }
+
+    /// Relays RCPT for `to`: at once on the transaction's ready downstream, or, when MAIL was
+    /// answered locally (enforce mode) and a rule has since allowed this recipient, after
+    /// opening the downstream and relaying MAIL first. Never onto a connection that is not
+    /// ready for this transaction.
+    fn relay_rcpt(&mut self, now: Instant, to: &str) {
+        let relayed = self.tx.as_deref().is_some_and(|tx| tx.relayed);
+        let ready = self
+            .relay
+            .as_deref()
+            .is_some_and(|relay| relay.link == Link::Ready && relay.in_transaction);
+        if relayed && ready {
+            let command = format!("RCPT TO:<{to}>\r\n");
+            return self.send_downstream(now, command.as_bytes(), Pending::Rcpt);
+        }
+        if relayed {
+            // The transaction's downstream is gone.
+            return self.reply(downstream_lost());
+        }
+        if let Some(tx) = self.tx.as_deref_mut() {
+            tx.after_mail = Some(to.into());
+        }
+        self.phase = Phase::Waiting(Pending::Mail);
+        self.start_mail(now);
     }
 
     /// The greylist key for recipient `to`, when greylisting applies: a `greylist` rule
@@ -1813,21 +1885,43 @@ impl Session {
             self.last_failure = Some("rejected");
             return self.reply(reply);
         }
-        if self.relay.is_none() {
+        let Some(relay) = self.relay.as_deref_mut().filter(|r| r.link == Link::Ready) else {
             self.tx = None;
             self.last_failure = Some("tempfail");
             return self.reply(downstream_lost());
-        }
-        if let Some(relay) = self.relay.as_deref_mut() {
-            relay.mid_data = false;
-        }
+        };
+        relay.mid_data = false;
         self.send_downstream(now, b".\r\n", Pending::EndOfData);
     }
 
     // ---- downstream side ----
 
-    /// Opens a downstream connection to `server`; `plain_retry` turns STARTTLS off for it.
-    fn connect(&mut self, now: Instant, server: usize, plain_retry: bool) {
+    /// MAIL for the current transaction (the session is `Waiting(Mail)`): on the connection in
+    /// use once it speaks for this client (renewed with a fresh XCLIENT when it served
+    /// someone else, or retired), on the one still being set up once it is ready, or on a
+    /// new one.
+    fn start_mail(&mut self, now: Instant) {
+        self.phase = Phase::Waiting(Pending::Mail);
+        let who = identity(&self.peer, self.helo.as_deref(), self.esmtp, &self.checks);
+        let step = match self.relay.as_deref_mut() {
+            Some(relay) if relay.link == Link::Ready => {
+                let step = relay.handshake.renew(&who, &mut relay.outbox);
+                if step != Step::Ready {
+                    relay.link = Link::Handshaking;
+                }
+                step
+            }
+            // Still connecting or handshaking: MAIL goes out when the handshake is done.
+            Some(_) => return,
+            None => return self.connect(now, 0, false, true),
+        };
+        self.on_handshake_step(now, step);
+    }
+
+    /// Opens a downstream connection to `server` (a pooled one when `pooled` allows);
+    /// `plain_retry` turns STARTTLS off for it. Any connection still in use is closed first.
+    fn connect(&mut self, now: Instant, server: usize, plain_retry: bool, pooled: bool) {
+        self.drop_relay();
         let Some(&addr) = self.config.downstream.servers.get(server) else {
             return self.downstream_failed(now, "no server reachable");
         };
@@ -1837,31 +1931,44 @@ impl Session {
         } else {
             self.config.downstream.tls
         };
+        let id = LinkId(self.next_link);
+        self.next_link = self.next_link.wrapping_add(1);
         self.relay = Some(Box::new(Relay {
+            id,
             server,
             link: Link::Connecting,
             handshake: Handshake::new(hostname, self.config.downstream.announce_client)
                 .with_tls(tls),
             caps: Capabilities::default(),
+            outbox: Vec::new(),
             swallow: 0,
             in_transaction: false,
             mid_data: false,
             plain_retry,
         }));
-        self.actions.push_back(Action::ConnectDownstream(addr));
+        self.actions.push_back(Action::ConnectDownstream {
+            link: id,
+            addr,
+            pooled,
+        });
         self.timers.downstream = Some(now + self.config.timeouts.connect);
     }
 
     /// Connect failure or connect timeout: the next server in order, or give up.
     fn try_next_server(&mut self, now: Instant) {
         let next = self.relay.as_ref().map_or(0, |r| r.server + 1);
-        self.relay = None;
-        self.timers.downstream = None;
+        self.drop_relay();
         if next < self.config.downstream.servers.len() {
-            self.connect(now, next, false);
+            self.connect(now, next, false, true);
         } else {
             self.downstream_failed(now, "no server reachable");
         }
+    }
+
+    /// The server address of the connection in use, for log lines.
+    fn relay_server(&self) -> Option<SocketAddr> {
+        let relay = self.relay.as_deref()?;
+        self.config.downstream.servers.get(relay.server).copied()
     }
 
     fn read_downstream(&mut self, now: Instant, bytes: &[u8]) -> usize {
@@ -1870,7 +1977,7 @@ impl Session {
             match self.relay.as_deref() {
                 None => break,
                 // Whatever followed the 220 to STARTTLS came in plain text: never a reply.
-                Some(relay) if relay.link == Link::StartingTls => break,
+                Some(relay) if matches!(relay.link, Link::StartingTls | Link::Gone) => break,
                 Some(_) => {}
             }
             let rest = bytes.get(consumed..).unwrap_or_default();
@@ -1878,7 +1985,7 @@ impl Session {
                 Ok(Status::Complete((reply, used))) => {
                     consumed += used;
                     self.on_downstream_reply(now, reply);
-                    self.release_relay_if_clean();
+                    self.release_relay_if_clean(false);
                 }
                 Ok(Status::Partial) => return consumed,
                 Err(_) => {
@@ -1894,13 +2001,8 @@ impl Session {
         let Some(relay) = self.relay.as_deref_mut() else {
             return;
         };
-        if relay.link == Link::Handshaking {
-            let who = identity(&self.peer, self.helo.as_deref(), self.esmtp, &self.checks);
-            let step = relay
-                .handshake
-                .handle_reply(reply, &who, &mut self.to_downstream);
-            return self.on_handshake_step(now, step);
-        }
+        // Replies come in order: those to commands tarmac sent on its own (RSET) before
+        // anything sent after them, a renewed handshake's XCLIENT included.
         if relay.swallow > 0 {
             relay.swallow -= 1;
             if relay.swallow == 0 && !matches!(self.phase, Phase::Waiting(_)) {
@@ -1910,6 +2012,11 @@ impl Session {
                 self.downstream_failed(now, "reset refused");
             }
             return;
+        }
+        if relay.link == Link::Handshaking {
+            let who = identity(&self.peer, self.helo.as_deref(), self.esmtp, &self.checks);
+            let step = relay.handshake.handle_reply(reply, &who, &mut relay.outbox);
+            return self.on_handshake_step(now, step);
         }
         let Phase::Waiting(pending) = self.phase else {
             // Unsolicited: typically the downstream's own 421 before it hangs up.
@@ -1938,11 +2045,20 @@ impl Session {
         self.phase = Phase::Command;
         match pending {
             Pending::Mail => {
+                let after_mail = self.tx.as_deref_mut().and_then(|tx| tx.after_mail.take());
                 if !positive {
-                    self.tx = None;
                     if let Some(relay) = self.relay.as_deref_mut() {
                         relay.in_transaction = false;
                     }
+                    match self.tx.as_deref_mut() {
+                        // The client had its 250 to MAIL locally: the transaction stays, and
+                        // the refusal answers the recipient that was waiting for it.
+                        Some(tx) if after_mail.is_some() => tx.relayed = false,
+                        _ => self.tx = None,
+                    }
+                } else if let Some(to) = after_mail {
+                    let command = format!("RCPT TO:<{to}>\r\n");
+                    return self.send_downstream(now, command.as_bytes(), Pending::Rcpt);
                 }
                 self.relay_reply(reply);
             }
@@ -1985,9 +2101,6 @@ impl Session {
         self.phase = Phase::Data(Box::new(decoder));
         self.timers.data = Some(now + self.config.timeouts.data);
         self.timers.idle = None;
-        if let Some(relay) = self.relay.as_deref_mut() {
-            relay.mid_data = true;
-        }
         let trace = Trace {
             helo: self.helo.as_deref().unwrap_or_default(),
             client: self.peer.client.ip(),
@@ -2001,12 +2114,15 @@ impl Session {
             },
             at: self.peer.accepted_at + now.saturating_duration_since(self.started),
         };
-        write_received(&trace, &mut self.to_downstream);
+        if let Some(relay) = self.relay.as_deref_mut() {
+            relay.mid_data = true;
+            write_received(&trace, &mut relay.outbox);
+        }
     }
 
     /// Sends MAIL for the current transaction, with the parameters the downstream offers.
     fn send_mail(&mut self, now: Instant) {
-        let (Some(tx), Some(relay)) = (self.tx.as_deref(), self.relay.as_deref()) else {
+        let (Some(tx), Some(relay)) = (self.tx.as_deref_mut(), self.relay.as_deref_mut()) else {
             return;
         };
         let mut command = format!("MAIL FROM:<{}>", tx.from);
@@ -2025,15 +2141,20 @@ impl Session {
             command.push_str(" SMTPUTF8");
         }
         command.push_str("\r\n");
-        if let Some(relay) = self.relay.as_deref_mut() {
-            relay.in_transaction = true;
-        }
+        tx.relayed = true;
+        relay.in_transaction = true;
         self.send_downstream(now, command.as_bytes(), Pending::Mail);
     }
 
+    /// Queues a transaction command for the downstream and waits for its reply. Only a ready
+    /// connection takes one: without one nothing is written anywhere and the waiting command
+    /// gets `451 4.4.2`.
     fn send_downstream(&mut self, now: Instant, command: &[u8], pending: Pending) {
-        self.to_downstream.extend_from_slice(command);
         self.phase = Phase::Waiting(pending);
+        let Some(relay) = self.relay.as_deref_mut().filter(|r| r.link == Link::Ready) else {
+            return self.downstream_failed(now, "no ready downstream connection");
+        };
+        relay.outbox.extend_from_slice(command);
         self.timers.downstream = Some(now + self.config.timeouts.command);
     }
 
@@ -2043,27 +2164,34 @@ impl Session {
         self.downstream_failed_with(now, why, downstream_lost());
     }
 
-    /// As `downstream_failed`, answering the waiting command with `reply` (a 4xx).
+    /// As `downstream_failed`, answering the waiting command with `reply`.
     fn downstream_failed_with(&mut self, now: Instant, why: &str, reply: Reply) {
         log::debug!("downstream failed for {}: {why}", self.peer.client);
         self.drop_relay();
-        self.timers.downstream = None;
         match self.phase {
             Phase::Waiting(pending) => {
                 self.phase = Phase::Command;
                 self.timers.idle = Some(now + self.config.timeouts.idle);
-                self.last_failure = Some("tempfail");
-                if pending == Pending::Mail {
+                self.last_failure = Some(if reply.code >= 500 {
+                    "rejected"
+                } else {
+                    "tempfail"
+                });
+                let announced = self.tx.as_deref().is_some_and(|tx| tx.after_mail.is_some());
+                if pending == Pending::Mail && !announced {
                     self.tx = None;
                 } else if let Some(tx) = self.tx.as_deref_mut() {
                     tx.broken = true;
+                    tx.after_mail = None;
                 }
-                self.reply(reply);
+                self.relay_reply(reply);
             }
             // Mid-body: keep reading it to its end, then answer 451 (see `end_of_data`).
             Phase::Data(_) => {}
             Phase::Command => {
-                if let Some(tx) = self.tx.as_deref_mut() {
+                if let Some(tx) = self.tx.as_deref_mut()
+                    && tx.relayed
+                {
                     tx.broken = true;
                 }
             }
@@ -2075,8 +2203,6 @@ impl Session {
         }
     }
 
-    /// Closes the downstream connection: politely (QUIT) when between commands, abruptly
-    /// (nothing more sent) when a body is half-sent so the partial message is never delivered.
     /// Acts on what the downstream handshake asks for next.
     fn on_handshake_step(&mut self, now: Instant, step: Step) {
         match step {
@@ -2091,35 +2217,59 @@ impl Session {
             }
             Step::Failed(reply) => {
                 log::warn!(
-                    "downstream refused the handshake: {} {}",
+                    "downstream {} refused the handshake: {} {}",
+                    self.relay_server()
+                        .map_or_else(String::new, |a| a.to_string()),
                     reply.code,
                     reply.lines.first().map_or("", String::as_str)
                 );
                 self.downstream_failed(now, "handshake refused");
             }
-            Step::StartTls => {
-                if let Some(relay) = self.relay.as_deref_mut() {
-                    relay.link = Link::StartingTls;
+            Step::AnnouncementRefused(reply) => {
+                if let Some(server) = self.relay_server() {
+                    warnings::announcement_refused(server, reply.as_ref(), now);
                 }
-                self.actions.push_back(Action::StartTlsDownstream);
+                self.downstream_failed_with(now, "XCLIENT refused", announcement_refused());
+            }
+            Step::Retire => {
+                let server = self.relay.as_ref().map_or(0, |r| r.server);
+                if let Some(addr) = self.relay_server() {
+                    warnings::connection_retired(addr, self.config.downstream.announce_client, now);
+                }
+                // A new connection, never a pooled one: that one might be as unfit.
+                self.connect(now, server, false, false);
+            }
+            Step::Refused(reply) => {
+                log::info!(
+                    "downstream refused the HELO name of {}: {} {}",
+                    self.peer.client,
+                    reply.code,
+                    reply.lines.first().map_or("", String::as_str)
+                );
+                self.downstream_failed_with(now, "client's HELO refused", reply);
+            }
+            Step::StartTls => {
+                let Some(relay) = self.relay.as_deref_mut() else {
+                    return;
+                };
+                relay.link = Link::StartingTls;
+                self.actions.push_back(Action::StartTlsDownstream(relay.id));
                 self.timers.downstream = Some(now + self.config.timeouts.command);
             }
             Step::RetryWithoutTls => {
-                let Some(relay) = self.relay.take() else {
+                let Some((server, plain_retry)) =
+                    self.relay.as_ref().map(|r| (r.server, r.plain_retry))
+                else {
                     return;
                 };
                 log::info!(
                     "downstream TLS handshake failed for {}; retrying in plain text",
                     self.peer.client
                 );
-                // The TLS state is unknown: no QUIT, just close, and start over in plain text.
-                self.to_downstream.clear();
-                self.actions.push_back(Action::CloseDownstream);
-                self.timers.downstream = None;
-                if relay.plain_retry {
+                if plain_retry {
                     self.downstream_failed(now, "TLS retry failed");
                 } else {
-                    self.connect(now, relay.server, true);
+                    self.connect(now, server, true, false);
                 }
             }
             Step::TlsFailed(failure) => {
@@ -2127,10 +2277,6 @@ impl Session {
                     "downstream TLS required but failed for {}: {failure}",
                     self.peer.client
                 );
-                if failure == TlsFailure::Handshake {
-                    // Nothing more may go out on a connection whose TLS state is unknown.
-                    self.to_downstream.clear();
-                }
                 self.downstream_failed_with(now, "TLS required", failure.client_reply());
             }
         }
@@ -2158,40 +2304,49 @@ impl Session {
         }
     }
 
-    /// `mode = "multiplexing"`: hands the downstream back to the pool once it is clean (no
-    /// transaction open, no reply outstanding, nothing left to send), so it serves the next
-    /// transaction, of this client or another. Returns whether it did.
-    fn release_relay_if_clean(&mut self) -> bool {
-        if self.config.downstream.mode != DownstreamMode::Multiplexing
-            || matches!(self.phase, Phase::Waiting(_))
-            || !self.to_downstream.is_empty()
-        {
+    /// `mode = "multiplexing"`: hands the downstream back to the pool once no reply is
+    /// outstanding and nothing is left to send, so it serves the next transaction, of this
+    /// client or another (announced afresh). `abandoned`: the client is gone, and an open
+    /// transaction goes along marked for `RSET`; otherwise only a connection with no
+    /// transaction open is released. Returns whether it did.
+    fn release_relay_if_clean(&mut self, abandoned: bool) -> bool {
+        let awaiting = matches!(self.phase, Phase::Waiting(p) if p != Pending::Greylist);
+        if self.config.downstream.mode != DownstreamMode::Multiplexing || awaiting {
             return false;
         }
         let Some(relay) = self.relay.as_deref() else {
             return false;
         };
-        if relay.link != Link::Ready || relay.in_transaction || relay.swallow > 0 || relay.mid_data
-        {
+        let clean = relay.link == Link::Ready
+            && relay.swallow == 0
+            && !relay.mid_data
+            && relay.outbox.is_empty();
+        if !clean || (relay.in_transaction && !abandoned) {
             return false;
         }
-        let caps = relay.caps;
+        let link = relay.id;
+        let carried = relay.handshake.carried(relay.in_transaction);
         self.relay = None;
         self.timers.downstream = None;
-        self.actions.push_back(Action::ReleaseDownstream(caps));
+        self.actions
+            .push_back(Action::ReleaseDownstream { link, carried });
         true
     }
 
+    /// Closes the downstream connection in use: politely (QUIT) once it greeted us, abruptly
+    /// (nothing more sent) when a body is half-sent, so the partial message is never
+    /// delivered, or when its state is unknown. What was not handed out for it is dropped.
     fn drop_relay(&mut self) {
         let Some(relay) = self.relay.take() else {
             return;
         };
-        if relay.link == Link::Ready && !relay.mid_data {
-            self.to_downstream.extend_from_slice(b"QUIT\r\n");
-        } else if relay.mid_data {
-            self.to_downstream.clear();
-        }
-        self.actions.push_back(Action::CloseDownstream);
+        let quit = !relay.mid_data
+            && !matches!(relay.link, Link::Connecting | Link::Gone)
+            && relay.handshake.may_quit();
+        self.actions.push_back(Action::CloseDownstream {
+            link: relay.id,
+            quit,
+        });
         self.timers.downstream = None;
     }
 
@@ -2203,8 +2358,13 @@ impl Session {
             // Keep the downstream in step; its 250 is read and dropped.
             relay.in_transaction = false;
             relay.swallow += 1;
-            self.to_downstream.extend_from_slice(b"RSET\r\n");
+            relay.outbox.extend_from_slice(b"RSET\r\n");
         }
+    }
+
+    /// Bytes waiting in the downstream connection's outbox.
+    fn relay_outbox_len(&self) -> usize {
+        self.relay.as_deref().map_or(0, |relay| relay.outbox.len())
     }
 
     // ---- output and closing ----
@@ -2279,7 +2439,7 @@ impl Session {
         if let Some(reply) = reply.filter(|_| !matches!(self.phase, Phase::StartingTls)) {
             self.reply(reply);
         }
-        if !self.release_relay_if_clean() {
+        if !self.release_relay_if_clean(true) {
             self.drop_relay();
         }
         self.phase = Phase::Closed;
@@ -2332,6 +2492,15 @@ fn identity<'a>(
 pub fn too_many_connections(hostname: &str) -> Reply {
     let text = format!("{hostname} Too many connections, try again later");
     Reply::new(421, "4.7.0", text)
+}
+
+/// Moves `buf` into `out`, freeing a large buffer so an idle session stays small.
+fn hand_out(buf: &mut Vec<u8>, out: &mut Vec<u8>) {
+    out.extend_from_slice(buf);
+    buf.clear();
+    if buf.capacity() > KEEP_CAPACITY {
+        *buf = Vec::new();
+    }
 }
 
 fn downstream_lost() -> Reply {

@@ -50,6 +50,12 @@ struct FakeDownstream {
     offer_starttls: bool,
     /// Send a forged reply in the same write as the 220 to STARTTLS (a man in the middle).
     inject_after_starttls: bool,
+    /// Offer and accept XCLIENT again after an XCLIENT (Postfix with
+    /// `smtpd_authorized_xclient_hosts = static:all`); by default, as Postfix out of the box,
+    /// the EHLO after XCLIENT no longer lists it and a second one gets `550 5.7.0`.
+    xclient_again: bool,
+    /// An XCLIENT was accepted on this connection.
+    xclient_done: bool,
 }
 
 impl FakeDownstream {
@@ -91,7 +97,14 @@ impl FakeDownstream {
             self.input.drain(..end + 2);
             let verb = line.split(' ').next().unwrap_or("").to_ascii_uppercase();
             self.commands.push(line.clone());
+            let renounced = self.xclient_done && !self.xclient_again;
             let reply: &str = match verb.as_str() {
+                "EHLO" if renounced => "250-ds.test\r\n250-8BITMIME\r\n250 SIZE 100000000",
+                "XCLIENT" if renounced => "550 5.7.0 Error: insufficient authorization",
+                "XCLIENT" => {
+                    self.xclient_done = true;
+                    "220 ds.test ESMTP"
+                }
                 "EHLO" if self.offer_starttls => {
                     "250-ds.test\r\n250-8BITMIME\r\n250-STARTTLS\r\n250 XCLIENT ADDR NAME PORT HELO PROTO"
                 }
@@ -103,7 +116,6 @@ impl FakeDownstream {
                     "250-ds.test\r\n250-8BITMIME\r\n250-SIZE 100000000\r\n250 XCLIENT ADDR NAME PORT HELO PROTO"
                 }
                 "HELO" => "250 ds.test",
-                "XCLIENT" => "220 ds.test ESMTP",
                 "MAIL" if line.contains("tempfail") => "451 4.3.0 Try later",
                 "MAIL" => "250 2.1.0 Ok",
                 "RCPT" if line.contains("unknown") => {
@@ -147,7 +159,9 @@ struct Pair {
     /// The answer to `Action::Admit` (the per-IP cap check).
     admit: bool,
     /// Multiplexing: the connection the session released, waiting to be reused.
-    pooled: Option<crate::downstream::dialog::Capabilities>,
+    pooled: Option<crate::downstream::dialog::Carried>,
+    /// The downstream connection the session asked for last.
+    link: LinkId,
     /// Times a pooled connection was handed back to the session.
     reuses: usize,
     /// Scripted DNS: lookups with an answer here are answered at once, like a cache hit;
@@ -238,6 +252,7 @@ impl Pair {
             auto_downstream: true,
             admit: true,
             pooled: None,
+            link: LinkId(u32::MAX),
             reuses: 0,
             dns,
             lookups: Vec::new(),
@@ -273,13 +288,14 @@ impl Pair {
                 progress |= used > 0;
             }
             let mut out = Vec::new();
-            self.session.poll_transmit(self.now, Side::Client, &mut out);
+            self.session.poll_transmit(self.now, &mut out);
             // Like the driver: output released (a tarpit's held reply) may let input in.
             progress |= !out.is_empty();
             self.client_out.extend_from_slice(&out);
             let mut ds = Vec::new();
-            self.session
-                .poll_transmit(self.now, Side::Downstream, &mut ds);
+            if self.ds_open {
+                self.session.poll_transmit_downstream(self.link, &mut ds);
+            }
             let mut replies = Vec::new();
             if !ds.is_empty() {
                 progress = true;
@@ -293,15 +309,22 @@ impl Pair {
             while let Some(action) = self.session.poll_action() {
                 progress = true;
                 match action {
-                    Action::ConnectDownstream(_) if self.pooled.is_some() => {
+                    Action::ConnectDownstream {
+                        link, pooled: true, ..
+                    } if self.pooled.is_some() => {
                         // Multiplexing: the connection released earlier comes back, as is.
-                        let caps = self.pooled.take().unwrap();
+                        let carried = self.pooled.take().unwrap();
                         self.ds_open = true;
+                        self.link = link;
                         self.reuses += 1;
-                        self.session
-                            .handle_downstream(self.now, DownstreamEvent::Reused(caps));
+                        self.session.handle_downstream(
+                            self.now,
+                            link,
+                            DownstreamEvent::Reused(carried),
+                        );
                     }
-                    Action::ReleaseDownstream(caps) => {
+                    Action::ReleaseDownstream { link, carried } => {
+                        assert_eq!(link, self.link, "released another connection");
                         assert!(self.ds_open, "released a downstream that is not open");
                         assert!(
                             self.downstream.input.is_empty(),
@@ -309,13 +332,18 @@ impl Pair {
                         );
                         assert!(!self.downstream.in_data, "released mid-message");
                         self.ds_open = false;
-                        self.pooled = Some(caps);
+                        self.pooled = Some(carried);
                     }
-                    Action::ConnectDownstream(addr) => {
+                    Action::ConnectDownstream { link, addr, .. } => {
+                        assert!(!self.ds_open, "a second downstream while one is open");
                         self.connects.push(addr);
+                        self.link = link;
                         if self.connects.len() <= self.refuse_connects {
-                            self.session
-                                .handle_downstream(self.now, DownstreamEvent::ConnectFailed);
+                            self.session.handle_downstream(
+                                self.now,
+                                link,
+                                DownstreamEvent::ConnectFailed,
+                            );
                             continue;
                         }
                         self.ds_open = true;
@@ -325,18 +353,23 @@ impl Pair {
                             offer_starttls: self.downstream.offer_starttls,
                             inject_after_starttls: self.downstream.inject_after_starttls,
                             delivered: std::mem::take(&mut self.downstream.delivered),
+                            xclient_again: self.downstream.xclient_again,
                             ..FakeDownstream::default()
                         };
                         self.session
-                            .handle_downstream(self.now, DownstreamEvent::Connected);
+                            .handle_downstream(self.now, link, DownstreamEvent::Connected);
                         if self.auto_downstream {
                             let banner = self.downstream.banner();
-                            self.session
-                                .handle_downstream(self.now, DownstreamEvent::Data(&banner));
+                            self.session.handle_downstream(
+                                self.now,
+                                link,
+                                DownstreamEvent::Data(&banner),
+                            );
                         }
                     }
-                    Action::StartTlsDownstream => {
+                    Action::StartTlsDownstream(link) => {
                         assert!(self.ds_open, "TLS on a closed downstream");
+                        assert_eq!(link, self.link, "TLS on another connection");
                         self.downstream_tls_starts += 1;
                         // The driver drops what came after the 220, as a real one must.
                         replies.clear();
@@ -346,12 +379,17 @@ impl Pair {
                             None => None,
                         };
                         if let Some(event) = event {
-                            self.session.handle_downstream(self.now, event);
+                            self.session.handle_downstream(self.now, link, event);
                         }
                     }
-                    Action::CloseDownstream => {
-                        self.ds_open = false;
-                        self.downstream_closes += 1;
+                    Action::CloseDownstream { link, quit } => {
+                        if self.ds_open && link == self.link {
+                            if quit {
+                                self.downstream.feed(b"QUIT\r\n");
+                            }
+                            self.ds_open = false;
+                            self.downstream_closes += 1;
+                        }
                     }
                     Action::Close => {
                         assert!(!self.closed, "Close came out twice");
@@ -392,8 +430,11 @@ impl Pair {
             // Like the real driver: what was transmitted goes out before the actions that
             // followed it are carried out, and replies come back afterwards.
             if self.ds_open && self.auto_downstream && !replies.is_empty() {
-                self.session
-                    .handle_downstream(self.now, DownstreamEvent::Data(&replies));
+                self.session.handle_downstream(
+                    self.now,
+                    self.link,
+                    DownstreamEvent::Data(&replies),
+                );
             }
             if !progress {
                 return;
@@ -506,7 +547,8 @@ fn xclient_announces_the_client() {
         [
             "EHLO mx.test",
             "XCLIENT ADDR=192.0.2.7 PORT=53211 NAME=[UNAVAILABLE] PROTO=ESMTP HELO=client.example",
-            "EHLO mx.test"
+            // The client's own name after XCLIENT (finding 3 of issue 13: not tarmac's).
+            "EHLO client.example"
         ]
     );
 }
@@ -862,7 +904,7 @@ fn downstream_closing_mid_transaction_gives_451() {
     pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n");
     pair.take_output();
     pair.session
-        .handle_downstream(pair.now, DownstreamEvent::Closed);
+        .handle_downstream(pair.now, pair.link, DownstreamEvent::Closed);
     pair.pump();
     pair.send(b"RCPT TO:<b@example.net>\r\nRSET\r\nMAIL FROM:<a@example.org>\r\n");
     assert_eq!(
@@ -963,7 +1005,7 @@ fn waiting_for_a_slow_downstream_reports_no_stale_deadline() {
             "a deadline at or before now would spin the driver"
         );
         pair.session
-            .handle_downstream(pair.now, DownstreamEvent::Data(reply));
+            .handle_downstream(pair.now, pair.link, DownstreamEvent::Data(reply));
         pair.pump();
     }
     assert!(pair.now > pair.session.started + Duration::from_secs(600));
@@ -1095,10 +1137,10 @@ fn an_admitting_session_asks_first_and_greets_once_admitted() {
             "the driver's answer is bounded"
         );
         let mut out = Vec::new();
-        session.poll_transmit(now, Side::Client, &mut out);
+        session.poll_transmit(now, &mut out);
         assert!(out.is_empty(), "no banner before the answer");
         session.handle_admission(now, admitted);
-        session.poll_transmit(now, Side::Client, &mut out);
+        session.poll_transmit(now, &mut out);
         if admitted {
             assert_eq!(String::from_utf8_lossy(&out), BANNER);
             assert!(session.wants_read());
@@ -1129,7 +1171,7 @@ fn multiplexing() -> Config {
 }
 
 #[test]
-fn multiplexing_releases_after_each_transaction_and_announces_each_client_again() {
+fn multiplexing_releases_after_each_transaction_and_reuses_it_for_the_same_client() {
     let mut pair = Pair::new(multiplexing());
     let message = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\nhi\r\n.\r\n";
     pair.send(b"EHLO client.example\r\n");
@@ -1154,12 +1196,11 @@ fn multiplexing_releases_after_each_transaction_and_announces_each_client_again(
         [
             "EHLO mx.test",
             xclient,
-            "EHLO mx.test",
+            "EHLO client.example",
             "MAIL FROM:<a@example.org>",
             "RCPT TO:<b@example.net>",
             "DATA",
-            xclient,
-            "EHLO mx.test",
+            // Announced for exactly this client already: nothing to renew.
             "MAIL FROM:<a@example.org>",
             "RCPT TO:<b@example.net>",
             "DATA",
@@ -1195,12 +1236,23 @@ fn multiplexing_resets_an_abandoned_transaction_before_releasing() {
 }
 
 #[test]
-fn multiplexing_never_pools_a_connection_mid_transaction() {
+fn multiplexing_pools_an_abandoned_transaction_for_a_reset_but_never_a_half_sent_body() {
     let mut pair = Pair::new(multiplexing());
     pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nQUIT\r\n");
-    assert!(pair.pooled.is_none());
-    assert_eq!(pair.downstream_closes, 1);
-    assert_eq!(pair.downstream.commands.last().unwrap(), "QUIT");
+    let carried = pair.pooled.clone().expect("pooled, not closed");
+    assert!(carried.dirty, "marked for RSET by its next user");
+    assert_eq!(pair.downstream_closes, 0);
+    // Its next user resets it before anything else.
+    let mut next = Pair::build_quiet(multiplexing(), Vec::new(), false);
+    next.pooled = Some(carried);
+    next.downstream = std::mem::take(&mut pair.downstream);
+    next.pump();
+    next.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n");
+    assert_eq!(next.reuses, 1);
+    let commands = &next.downstream.commands;
+    let rset = commands.iter().rposition(|c| c == "RSET").expect("RSET");
+    assert_eq!(commands[rset + 1..], ["MAIL FROM:<a@example.org>"]);
+    assert!(next.take_output().ends_with("250 2.1.0 Ok\r\n"));
 
     let mut pair = Pair::new(multiplexing());
     pair.send(

@@ -46,10 +46,10 @@ fn the_verdict_waits_for_the_answer() {
     let mut session = Session::new(Arc::new(remembering()), peer, now);
     assert_eq!(session.poll_action(), Some(Action::CheckReputation(CLIENT)));
     let mut out = Vec::new();
-    session.poll_transmit(now, Side::Client, &mut out);
+    session.poll_transmit(now, &mut out);
     assert!(out.is_empty(), "no banner before the answer");
     session.handle_reputation(now, None);
-    session.poll_transmit(now, Side::Client, &mut out);
+    session.poll_transmit(now, &mut out);
     assert_eq!(out, BANNER.as_bytes());
     let report = session.report();
     assert_eq!((report.reputation, report.score), ("none", 0));

@@ -100,7 +100,7 @@ fn a_cached_pass_skips_the_pause() {
     assert_eq!(session.poll_action(), Some(Action::CheckPass(CLIENT)));
     session.handle_pass(now, true);
     let mut out = Vec::new();
-    session.poll_transmit(now, Side::Client, &mut out);
+    session.poll_transmit(now, &mut out);
     assert_eq!(out, BANNER.as_bytes(), "no teaser, no pause");
     assert_eq!(session.poll_action(), None, "no new PASS for an old one");
 }
