@@ -10,7 +10,8 @@
 //! under `CI=true`. Facts about running it privately: `/work/shared/PEERS.md`.
 //!
 //! The master is stopped with `postfix -c DIR stop` when dropped (and killed by its PID if that
-//! does not end it), and the temp dir is removed.
+//! does not end it), and the temp dir is removed (kept, for a look at its log and Maildirs, when
+//! `TARMAC_KEEP_POSTFIX` is set).
 
 #![allow(dead_code)] // each user takes its own subset
 
@@ -451,7 +452,14 @@ impl Drop for Postfix {
                 }
             }
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if std::env::var_os("TARMAC_KEEP_POSTFIX").is_some() {
+            eprintln!(
+                "note: kept the private Postfix's files in {}",
+                self.dir.display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
