@@ -13,9 +13,8 @@ use std::net::{IpAddr, Ipv4Addr, TcpStream};
 
 use tarmac::config::{Config, DownstreamMode, DownstreamTls};
 
-use crate::util::certs::TestCerts;
-use crate::util::postfix::{HOSTNAME, Postfix, PostfixOptions, TlsFiles};
-use crate::util::{Client, Server, WAIT, config, temp_dir};
+use crate::util::postfix::{HOSTNAME, Postfix, PostfixOptions};
+use crate::util::{Client, Server, WAIT, config};
 
 /// The `mynetworks` host of the relay test: Postfix lets it relay anywhere.
 const TRUSTED: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 7);
@@ -325,13 +324,8 @@ both_modes!(starttls_then_xclient_towards_postfix:
 /// the handshake with tarmac and writes `with ESMTPS` and the cipher into its `Received:`), and
 /// still names its own client.
 fn starttls_then_xclient_towards_postfix(mode: DownstreamMode) {
-    let dir = temp_dir(&format!("postfix-tls-{mode:?}"));
-    let certs = TestCerts::generate(&dir, "postfix");
     let Some(postfix) = Postfix::start(PostfixOptions {
-        tls: Some(TlsFiles {
-            chain: certs.chain.clone(),
-            key: certs.key.clone(),
-        }),
+        starttls: true,
         ..PostfixOptions::default()
     }) else {
         return;
@@ -372,7 +366,6 @@ fn starttls_then_xclient_towards_postfix(mode: DownstreamMode) {
     // The handshake is tarmac's, before XCLIENT.
     let tls = postfix.wait_for_log("TLS connection established from unknown[127.0.0.1]");
     assert!(tls.contains(": TLSv1."), "{tls}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 both_modes!(postfix_stopped_mid_data_loses_the_message_and_the_client_gets_451:
@@ -491,6 +484,49 @@ fn postfix_refuses_a_second_xclient_on_one_connection() {
         received.starts_with("Received: from first.example (unknown [127.0.0.5]) "),
         "{received}"
     );
+}
+
+/// What DESIGN.md §6 asks tarmac to do after XCLIENT, done by hand: Postfix then takes the next
+/// greeting's name as the client's HELO and its verb as the protocol (`HELO` → `SMTP`). Also the
+/// positive control of [`identity_problems`]: the checks the tarmac tests make hold for a
+/// session that announces its client as §6 says.
+#[test]
+fn postfix_takes_the_greeting_after_xclient_as_the_clients() {
+    let Some(postfix) = Postfix::start(PostfixOptions::default()) else {
+        return;
+    };
+    let clients = [
+        (
+            Ipv4Addr::new(127, 0, 0, 5),
+            "EHLO",
+            "ESMTP",
+            "alpha.example",
+        ),
+        (Ipv4Addr::new(127, 0, 0, 6), "HELO", "SMTP", "beta.example"),
+    ];
+    for (n, (addr, verb, proto, helo)) in clients.iter().enumerate() {
+        let mut direct = Direct::connect(&postfix);
+        direct.expect("EHLO tarmac.test", "250-");
+        direct.expect(
+            &format!("XCLIENT ADDR={addr} NAME=[UNAVAILABLE] PORT=40000 PROTO={proto} HELO={helo}"),
+            "220 ",
+        );
+        direct.expect(&format!("{verb} {helo}"), "250");
+        direct.expect(&format!("MAIL FROM:<direct{n}@example.org>"), "250 ");
+        direct.expect("RCPT TO:<alice@example.test>", "250 ");
+        direct.expect("DATA", "354 ");
+        direct.expect(&format!("Subject: direct {n}\r\n\r\nx\r\n."), "250 ");
+        direct.expect("QUIT", "221 ");
+    }
+    let messages = postfix.wait_for_messages("alice", clients.len());
+    let mut wrong = Vec::new();
+    for (n, (addr, _, proto, helo)) in clients.iter().enumerate() {
+        let message = with_subject(&messages, &format!("direct {n}"));
+        wrong.extend(identity_problems(
+            &postfix, message, *addr, helo, proto, false,
+        ));
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
 /// A plain connection of the test's own to Postfix (no tarmac), every read bounded.

@@ -39,18 +39,12 @@ pub struct PostfixOptions {
     /// `mynetworks`: the trusted clients (`permit_mynetworks` lets them relay anywhere), e.g.
     /// `127.0.0.7/32`. Empty: nobody (tarmac's own 127.0.0.1 is never in it unless listed).
     pub mynetworks: Vec<String>,
-    /// STARTTLS offered (`smtpd_tls_security_level = may`) with this certificate chain (PEM, leaf
-    /// first) and key; Postfix then logs the TLS handshake and puts it in its `Received:` line.
-    pub tls: Option<TlsFiles>,
+    /// STARTTLS offered (`smtpd_tls_security_level = may`) with a fresh certificate for
+    /// loopback from a private CA ([`super::certs::TestCerts`], in its `conf/`; the CA is
+    /// [`Postfix::tls_ca`]); Postfix then logs each handshake and puts it in its `Received:` line.
+    pub starttls: bool,
     /// More `main.cf` lines (`name = value`), written after the fixed ones, so they win.
     pub main_cf: Vec<(String, String)>,
-}
-
-/// A certificate chain and its key, as [`super::certs::TestCerts`] writes them.
-#[derive(Clone, Debug)]
-pub struct TlsFiles {
-    pub chain: PathBuf,
-    pub key: PathBuf,
 }
 
 /// A private Postfix instance (running, or stopped by [`Postfix::stop`]).
@@ -113,6 +107,13 @@ impl Postfix {
     /// Where its smtpd listens.
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// The CA certificate (PEM) that signed its STARTTLS certificate, with
+    /// [`PostfixOptions::starttls`].
+    pub fn tls_ca(&self) -> Option<PathBuf> {
+        let ca = self.dir.join("conf").join("postfix-ca.pem");
+        ca.is_file().then_some(ca)
     }
 
     /// Its temp dir: `conf/` (main.cf, master.cf), `queue/`, `data/`, `mail/`, `maillog`.
@@ -378,7 +379,8 @@ smtpd_error_sleep_time = 0
 ",
             mynetworks = options.mynetworks.join(", "),
         );
-        if let Some(tls) = &options.tls {
+        if options.starttls {
+            let certs = super::certs::TestCerts::generate(&conf, "postfix");
             write!(
                 main,
                 "\
@@ -388,8 +390,8 @@ smtpd_tls_key_file = {}
 smtpd_tls_received_header = yes
 smtpd_tls_loglevel = 1
 ",
-                tls.chain.display(),
-                tls.key.display()
+                certs.chain.display(),
+                certs.key.display()
             )
             .unwrap();
         }
