@@ -37,3 +37,5 @@ mod state;
 mod tls;
 // [state] backend = "redis": two servers sharing greylisting and rates through a real Redis.
 mod redis_state;
+// tarmac in front of a private, real Postfix smtpd: client identity, relay trust, TLS, faults.
+mod postfix;

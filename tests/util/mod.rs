@@ -19,6 +19,8 @@ pub mod dns_server;
 pub mod certs;
 // A real redis-server on loopback (no persistence) for the shared-state tests and bench.
 pub mod redis_server;
+// A private, real Postfix smtpd on loopback as the downstream (Maildir delivery, log file).
+pub mod postfix;
 
 /// How long any single wait in a test may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(10);
