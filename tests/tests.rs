@@ -37,3 +37,6 @@ mod state;
 mod tls;
 // [state] backend = "redis": two servers sharing greylisting and rates through a real Redis.
 mod redis_state;
+// Random downstream faults under concurrent clients: nothing acknowledged that was not
+// delivered, nothing written before the handshake or under another client's XCLIENT.
+mod faults;
