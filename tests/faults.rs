@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tarmac::config::DownstreamMode;
 
-use crate::util::faulty::{Connection, FaultMix, Faulty, Rng};
+use crate::util::faulty::{Connection, FaultMix, Faulty, Rng, clock_ms};
 use crate::util::{Client, DRAIN, Server, WAIT, config, test_config};
 
 /// Concurrent clients, each from its own loopback address.
@@ -32,9 +32,9 @@ const CLIENTS: usize = 8;
 /// Transactions each client attempts.
 const TRANSACTIONS: usize = 25;
 /// Faults in synchronous mode, where a downstream connection carries one client session (one
-/// to three transactions): a third of the connections, early in them.
+/// to three transactions): most connections, early in them.
 const SYNC_FAULTS: FaultMix = FaultMix {
-    percent: 35,
+    percent: 60,
     max_nth: 3,
 };
 /// Faults in multiplexing mode, where a pooled connection carries many clients' transactions:
@@ -103,6 +103,8 @@ struct Txn {
     thread: usize,
     /// The reply to the final dot, when the body was sent and a reply came.
     dot_reply: Option<String>,
+    /// When it started and ended ([`clock_ms`]).
+    span: (u64, u64),
     /// The client's side of this transaction (`C:`/`S:` lines).
     transcript: Vec<String>,
 }
@@ -136,8 +138,10 @@ struct Over;
 
 impl Session {
     fn send(&mut self, text: &str) -> Result<(), String> {
+        let ms = clock_ms();
         for line in text.lines() {
-            self.transcript.push(format!("C: {line}"));
+            self.transcript
+                .push(format!("[{:>6}.{:03}] C: {line}", ms / 1000, ms % 1000));
         }
         self.client.try_send(text)
     }
@@ -146,8 +150,10 @@ impl Session {
     fn reply(&mut self, run: &mut ClientRun, id: Option<&str>, what: &str) -> Result<String, Over> {
         match self.client.try_reply() {
             Ok(reply) => {
+                let ms = clock_ms();
                 for line in reply.lines() {
-                    self.transcript.push(format!("S: {line}"));
+                    self.transcript
+                        .push(format!("[{:>6}.{:03}] S: {line}", ms / 1000, ms % 1000));
                 }
                 Ok(reply)
             }
@@ -156,7 +162,7 @@ impl Session {
                     thread: self.thread,
                     id: id.map(str::to_owned),
                     command: what.to_owned(),
-                    error,
+                    error: format!("{error} at {}ms", clock_ms()),
                     transcript: self.transcript.clone(),
                 });
                 Err(Over)
@@ -212,6 +218,7 @@ fn client(server: SocketAddr, seed: u64, tag: &str, thread: usize, deadline: Ins
             let id = format!("{seed:016x}-{tag}-t{thread}-n{n}");
             n += 1;
             let start = s.transcript.len();
+            let started = clock_ms();
             let mut dot_reply = None;
             let result = transaction(
                 &mut s,
@@ -226,6 +233,7 @@ fn client(server: SocketAddr, seed: u64, tag: &str, thread: usize, deadline: Ins
                 id,
                 thread,
                 dot_reply,
+                span: (started, clock_ms()),
                 transcript: s.transcript[start..].to_vec(),
             });
             if result.is_err() {
@@ -452,15 +460,31 @@ fn check_connection(c: &Connection) -> Vec<Finding> {
                 mentioned,
             );
         }
-        if !r.handshake_done && !matches!(verb.as_str(), "EHLO" | "HELO" | "XCLIENT" | "QUIT") {
+        // Before the handshake is complete only its own steps may arrive: EHLO/HELO after a
+        // 220 banner, XCLIENT after the EHLO reply, QUIT after a refused banner or once greeted
+        // (DESIGN.md §6: "a command is written only to a ready downstream session").
+        let allowed = match verb.as_str() {
+            _ if r.handshake_done => true,
+            "EHLO" | "HELO" => r.banner == Some(220),
+            "XCLIENT" => r.ehlo_answered,
+            "QUIT" => r.banner.is_some_and(|code| code != 220) || r.ehlo_received,
+            _ => false,
+        };
+        if !allowed {
             if r.text.starts_with("Message-ID: <") {
                 body_owner = owner(&r.text);
             }
+            let state = match r.banner {
+                None => "before any banner".to_owned(),
+                Some(220) if !r.ehlo_received => "after the 220 banner, before any EHLO".to_owned(),
+                Some(220) => "before the handshake completed (EHLO/XCLIENT)".to_owned(),
+                Some(code) => format!("after a {code} banner"),
+            };
             note(
                 "written to a downstream connection before its handshake completed",
                 line,
                 &r.text,
-                "arrived before banner+EHLO(+XCLIENT when offered) completed".to_owned(),
+                format!("arrived {state}"),
                 owner(&r.text).or(body_owner),
             );
         }
@@ -547,18 +571,19 @@ fn compact(transcript: &[String]) -> Vec<String> {
     let mut out = Vec::new();
     let mut skipped = 0;
     for line in transcript {
-        let body = line.starts_with("C: ")
-            && !line.starts_with("C: Message-ID:")
-            && line != "C: ."
+        let text = line.split_once("] ").map_or(line.as_str(), |(_, t)| t);
+        let body = text.starts_with("C: ")
+            && !text.starts_with("C: Message-ID:")
+            && text != "C: ."
             && !["MAIL", "RCPT", "DATA", "RSET", "QUIT", "EHLO"]
                 .iter()
-                .any(|v| line[3..].starts_with(v));
+                .any(|v| text[3..].starts_with(v));
         if body {
             skipped += 1;
             continue;
         }
         if skipped > 0 {
-            out.push(format!("C: ... {skipped} body lines"));
+            out.push(format!("   ... {skipped} body lines"));
             skipped = 0;
         }
         out.push(line.clone());
@@ -801,6 +826,31 @@ fn run(mode: DownstreamMode) {
                 f.count,
                 c.transcript()
             );
+            if f.owners.is_empty() {
+                // Nothing on the connection names a client: show the transactions that were
+                // under way when it opened and did not end in 250 (one of them opened it).
+                let opened = c.events.first().map_or(0, |e| e.ms);
+                for txn in client_txn.values() {
+                    let failed = txn.transcript.iter().any(|l| {
+                        l.split_once("] S: ")
+                            .is_some_and(|(_, r)| r.starts_with('4') || r.starts_with('5'))
+                    });
+                    if failed && txn.span.0 <= opened && opened <= txn.span.1 {
+                        let _ = writeln!(
+                            evidence,
+                            "  client transaction {} under way then (thread {}, {}):\n      {}",
+                            txn.id,
+                            txn.thread,
+                            client_ip(txn.thread),
+                            compact(&txn.transcript).join("\n      ")
+                        );
+                        for other in carried.get(&txn.id).into_iter().flatten() {
+                            let _ =
+                                write!(evidence, "  {}", connections[*other as usize].transcript());
+                        }
+                    }
+                }
+            }
             for &(thread, n) in &f.owners {
                 let id = format!("{seed:016x}-{tag}-t{thread}-n{n}");
                 let _ = writeln!(evidence, "  transaction {id}:");

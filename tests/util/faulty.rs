@@ -201,13 +201,45 @@ pub struct Received {
     /// Banner `220` sent, EHLO/HELO answered `250`, and XCLIENT answered `220` if the first EHLO
     /// offered it.
     pub handshake_done: bool,
+    /// The banner's code, once one was sent.
+    pub banner: Option<u16>,
+    /// An EHLO or HELO had arrived (answered or not).
+    pub ehlo_received: bool,
+    /// An EHLO or HELO had been answered `250`.
+    pub ehlo_answered: bool,
     /// ADDR of the last XCLIENT answered `220` on this connection.
     pub identity: Option<String>,
     /// A QUIT arrived before this line.
     pub after_quit: bool,
 }
 
-/// One entry of a connection's log.
+/// Milliseconds since the first call in this process: the clock of every transcript, so the
+/// downstream's and the clients' can be read side by side.
+pub fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
+/// One entry of a connection's log, stamped with [`clock_ms`].
+#[derive(Clone, Debug)]
+pub struct Timed {
+    pub ms: u64,
+    pub event: Event,
+}
+
+impl Timed {
+    fn now(event: Event) -> Timed {
+        Timed {
+            ms: clock_ms(),
+            event,
+        }
+    }
+}
+
+/// What one log entry is.
 #[derive(Clone, Debug)]
 pub enum Event {
     Received(Received),
@@ -249,16 +281,16 @@ pub struct Connection {
     pub index: u64,
     pub peer: SocketAddr,
     pub plan: Plan,
-    pub events: Vec<Event>,
+    pub events: Vec<Timed>,
     /// The connection thread has finished.
     pub ended: bool,
 }
 
 impl Connection {
     /// The whole log, one event a line, indented.
-    /// The whole log, one event a line, indented; runs of ordinary body lines (and the `502`s
+    /// The whole log, one event a line with its [`clock_ms`] in seconds, indented; runs of ordinary body lines (and the `502`s
     /// they get when they arrive as commands) are shortened to their first line and a count,
-    /// long lines cut at 100 characters.
+    /// long lines cut at 110 characters.
     pub fn transcript(&self) -> String {
         let mut text = format!(
             "downstream connection #{} from {} ({}):\n",
@@ -266,7 +298,7 @@ impl Connection {
         );
         let mut skipped = 0;
         let mut previous_filler = false;
-        for event in &self.events {
+        for Timed { ms, event } in &self.events {
             let filler = match event {
                 Event::Received(r) => is_filler(r),
                 Event::Sent(reply) => previous_filler && reply.starts_with("502 "),
@@ -281,9 +313,9 @@ impl Connection {
                 skipped = 0;
             }
             previous_filler = filler;
-            let mut line = event.to_string();
-            if line.len() > 100 {
-                let mut cut = 100;
+            let mut line = format!("[{:>6}.{:03}] {event}", ms / 1000, ms % 1000);
+            if line.len() > 110 {
+                let mut cut = 110;
                 while !line.is_char_boundary(cut) {
                     cut -= 1;
                 }
@@ -300,7 +332,7 @@ impl Connection {
     }
 
     pub fn received(&self) -> impl Iterator<Item = &Received> {
-        self.events.iter().filter_map(|e| match e {
+        self.events.iter().filter_map(|e| match &e.event {
             Event::Received(r) => Some(r),
             _ => None,
         })
@@ -449,7 +481,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Arc<AtomicBool>
             };
             {
                 let mut record = lock(&record);
-                record.events.push(Event::End(end));
+                record.events.push(Timed::now(Event::End(end)));
                 record.ended = true;
             }
             shared.live.fetch_sub(1, Ordering::SeqCst);
@@ -474,6 +506,8 @@ struct Dialogue {
     /// How many times each stage was reached (index as in [`STAGES`]).
     reached: [u32; 8],
     banner_ok: bool,
+    banner: Option<u16>,
+    ehlo_received: bool,
     /// The banner was a 5xx: only QUIT is served (postscreen-like).
     refused: bool,
     ehlo_ok: bool,
@@ -510,6 +544,8 @@ impl Dialogue {
             shared,
             reached: [0; 8],
             banner_ok: false,
+            banner: None,
+            ehlo_received: false,
             refused: false,
             ehlo_ok: false,
             xclient_offered: false,
@@ -536,7 +572,7 @@ impl Dialogue {
     }
 
     fn log(&self, event: Event) {
-        lock(&self.record).events.push(event);
+        lock(&self.record).events.push(Timed::now(event));
     }
 
     fn reply(&mut self, text: &str) -> io::Result<()> {
@@ -574,10 +610,14 @@ impl Dialogue {
             None => {
                 self.reply(&format!("220 {HOSTNAME} ESMTP Postfix\r\n"))?;
                 self.banner_ok = true;
+                self.banner = Some(220);
             }
             Some(action) => {
                 // A 5xx banner: only QUIT is served from then on (postscreen-like).
-                self.refused = matches!(action, Action::Reply(code) if code / 100 == 5);
+                if let Action::Reply(code) = action {
+                    self.refused = code / 100 == 5;
+                    self.banner = Some(code);
+                }
                 if let Some(Flow::Close(why)) = self.act(action, Stage::Banner)? {
                     return Ok(why);
                 }
@@ -604,11 +644,23 @@ impl Dialogue {
                 text: text.clone(),
                 in_data,
                 handshake_done: self.handshake_done(),
+                banner: self.banner,
+                ehlo_received: self.ehlo_received,
+                ehlo_answered: self.ehlo_ok,
                 identity: self.identity.clone(),
                 after_quit: self.quit_seen,
             }));
             if !complete {
                 return Ok("peer closed mid-line".to_owned());
+            }
+            if !in_data {
+                let verb = text.split_whitespace().next().unwrap_or_default();
+                if ["EHLO", "HELO"]
+                    .iter()
+                    .any(|v| v.eq_ignore_ascii_case(verb))
+                {
+                    self.ehlo_received = true;
+                }
             }
             if self.stalled {
                 if !in_data && text.eq_ignore_ascii_case("QUIT") {
