@@ -39,3 +39,6 @@ mod tls;
 mod redis_state;
 // tarmac in front of a private, real Postfix smtpd: client identity, relay trust, TLS, faults.
 mod postfix;
+// Random downstream faults under concurrent clients: nothing acknowledged that was not
+// delivered, nothing written before the handshake or under another client's XCLIENT.
+mod faults;

@@ -21,6 +21,8 @@ pub mod certs;
 pub mod redis_server;
 // A private, real Postfix smtpd on loopback as the downstream (Maildir delivery, log file).
 pub mod postfix;
+// A Postfix-like downstream with faults drawn at random per connection (tests/faults.rs).
+pub mod faulty;
 
 /// How long any single wait in a test may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -234,6 +236,39 @@ impl Client {
                 return reply;
             }
         }
+    }
+
+    /// One whole reply, or why none came (EOF, reset, timeout): for a test that records a
+    /// missing answer as evidence instead of failing on the spot.
+    pub fn try_reply(&mut self) -> Result<String, String> {
+        let mut reply = String::new();
+        loop {
+            let mut line = Vec::new();
+            match self.reader.read_until(b'\n', &mut line) {
+                Ok(0) => return Err(format!("connection closed after {reply:?}")),
+                Ok(_) if line.ends_with(b"\n") => {
+                    let last = line.get(3) != Some(&b'-');
+                    reply.push_str(&String::from_utf8_lossy(&line));
+                    if last {
+                        return Ok(reply);
+                    }
+                }
+                Ok(_) => {
+                    return Err(format!(
+                        "connection closed mid-line after {reply:?}: {:?}",
+                        line.escape_ascii().to_string()
+                    ));
+                }
+                Err(e) => return Err(format!("{e} after {reply:?}")),
+            }
+        }
+    }
+
+    /// Writes all of `bytes`, or says why not.
+    pub fn try_send(&mut self, bytes: impl AsRef<[u8]>) -> Result<(), String> {
+        self.writer
+            .write_all(bytes.as_ref())
+            .map_err(|e| e.to_string())
     }
 
     #[track_caller]
