@@ -136,6 +136,7 @@ impl ServerHandle {
         let limits = Arc::new(Limits::new(
             config.server.max_connections,
             config.limits.max_connections_per_ip,
+            config.limits.max_connections_per_subnet,
             Arc::clone(&rates),
         ));
         let tables = Tables {
