@@ -1283,7 +1283,7 @@ max_new_per_subnet = 0
             "/etc/tarmac/tarmac.toml:2: limits.max_connections_per_subnet: must be at least 1, got 0
 /etc/tarmac/tarmac.toml:3: limits.max_junk_commands: must be from 1 to 1000000, got 0
 /etc/tarmac/tarmac.toml:4: limits.max_errors: expected an integer, found string
-/etc/tarmac/tarmac.toml:6: greylist.max_entries: must be from 1000 to 100000000, got 999
+/etc/tarmac/tarmac.toml:6: greylist.max_entries: must be from 1000 to 1000000, got 999
 /etc/tarmac/tarmac.toml:7: greylist.max_new_per_subnet: must be at least 1, got 0"
         );
     }

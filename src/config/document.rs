@@ -605,8 +605,9 @@ impl<'p> Reader<'p> {
                 "retry_window" => r.set(&mut g.retry_window, key, v, positive_duration),
                 "pass_ttl" => r.set(&mut g.pass_ttl, key, v, positive_duration),
                 // Below 1000 a busy site's pending triplets would be pushed out before they
-                // could pass; 10⁸ is far beyond any memory tarmac should plan for (~200 B each).
-                "max_entries" => r.set(&mut g.max_entries, key, v, |v| int(v, 1000, 100_000_000)),
+                // could pass; above a snapshot's limit (`state::snapshot::MAX_ENTRIES`) the
+                // table could not be loaded back after a restart.
+                "max_entries" => r.set(&mut g.max_entries, key, v, |v| int(v, 1000, 1_000_000)),
                 "max_new_per_subnet" => {
                     r.set(&mut g.max_new_per_subnet, key, v, |v| at_least(v, 1));
                 }

@@ -43,11 +43,13 @@ pub const MAGIC: &str = "tarmac-state";
 pub const VERSION: u32 = 1;
 
 /// Largest snapshot file read: far above what the tables' bounds can produce (the greylist's
-/// 500,000 triplets at a few hundred bytes each), so only a foreign file can reach it.
+/// at most 1,000,000 triplets, `[greylist] max_entries`, at a few hundred bytes each), so only
+/// a foreign file can reach it.
 pub const MAX_FILE_BYTES: u64 = 512 * 1024 * 1024;
 
-/// Most entries a snapshot may declare: above every table's bound (the greylist's 500,000),
-/// so a file can never make a load allocate for more.
+/// Most entries a snapshot may declare: at least every table's bound (the greylist's
+/// `[greylist] max_entries` is at most this), so a file can never make a load allocate for
+/// more.
 pub const MAX_ENTRIES: usize = 1_000_000;
 
 /// Which table a snapshot holds.
