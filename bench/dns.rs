@@ -499,6 +499,7 @@ fn merge(full: bool, note: &str) {
     let mut config = server::config("dns", 2);
     // Caps far above the run's: per address, at most `per_address` are open at once.
     config.limits.max_connections_per_ip = 1000;
+    config.limits.max_connections_per_subnet = config.limits.max_connections_per_ip;
     config.dns = loopback_dns(&server);
     config.dnsbl = zone_configs();
     let (tarmac, addr) = server::start(config);

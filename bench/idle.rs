@@ -85,6 +85,7 @@ fn config(n: usize) -> Config {
     let mut config = server::config("idle", WORKERS);
     config.server.max_connections = 2 * n + WARM_UP;
     config.limits.max_connections_per_ip = u32::try_from(n).expect("n fits u32");
+    config.limits.max_connections_per_subnet = config.limits.max_connections_per_ip;
     config
 }
 

@@ -184,6 +184,7 @@ fn run_tarmac(body: &[u8], per_client: usize, workers: usize, mode: DownstreamMo
 fn config(downstream: SocketAddr, workers: usize, mode: DownstreamMode) -> Config {
     let mut config = server::config("relay", workers);
     config.limits.max_connections_per_ip = 10 * CLIENTS as u32;
+    config.limits.max_connections_per_subnet = config.limits.max_connections_per_ip;
     config.downstream.servers = vec![downstream];
     config.downstream.mode = mode;
     config.downstream.announce_client = AnnounceClient::Xclient;

@@ -198,6 +198,7 @@ fn config(dns: &DnsServer, n: usize) -> Config {
     config.server.max_connections = 4 * (n + WARM_UP);
     config.server.max_tarpitted = 2 * n;
     config.limits.max_connections_per_ip = u32::try_from(n + WARM_UP).expect("n fits u32");
+    config.limits.max_connections_per_subnet = config.limits.max_connections_per_ip;
     config.dns = dnsbl::loopback_dns(dns);
     config.dnsbl = vec![dnsbl::dnsbl(ZONE, WEIGHT)];
     // The tarpit is the subject: the first byte at once, then one a second (and, from the base

@@ -140,6 +140,7 @@ fn config(certs: &TestCerts, held: usize) -> Config {
     let mut config = server::config("tls", WORKERS);
     config.server.max_connections = 4 * held + WARM_UP + 1000;
     config.limits.max_connections_per_ip = u32::try_from(4 * held + 1000).expect("fits u32");
+    config.limits.max_connections_per_subnet = config.limits.max_connections_per_ip;
     config.tls.cert = Some(certs.chain.clone());
     config.tls.key = Some(certs.key.clone());
     config.load_tls().expect("the test certificate loads");

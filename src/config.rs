@@ -101,6 +101,8 @@ pub struct Cidr {
 pub struct Limits {
     /// Concurrent connections from one address.
     pub max_connections_per_ip: u32,
+    /// Concurrent connections from one IPv4 /24 or IPv6 /64, all its addresses together.
+    pub max_connections_per_subnet: u32,
     /// Token bucket per client address.
     pub connection_rate_per_ip: Rate,
     /// Token bucket per IPv4 /24 or IPv6 /64.
@@ -111,6 +113,12 @@ pub struct Limits {
     pub max_recipients: usize,
     /// Unknown or malformed commands tolerated; the next gets `421` and a close.
     pub max_unknown_commands: u32,
+    /// NOOP, RSET, VRFY, HELP and repeated HELO/EHLO tolerated per session (Postfix's
+    /// `smtpd_junk_command_limit`).
+    pub max_junk_commands: u32,
+    /// `4xx`/`5xx` replies to a client's commands (greylisting aside) tolerated per session;
+    /// then `421` and a close (Postfix's `smtpd_hard_error_limit`).
+    pub max_errors: u32,
     /// Longest command line in bytes, CRLF included.
     pub max_line_length: usize,
     /// What to do with a bare CR or LF in a message body.
@@ -326,6 +334,11 @@ pub struct Greylist {
     pub retry_window: Duration,
     /// A passed triplet lives this long, refreshed by each delivery.
     pub pass_ttl: Duration,
+    /// Most triplets held (local table); when full, the oldest unconfirmed go first.
+    pub max_entries: usize,
+    /// Most new triplets one client subnet may create per `retry_window`; beyond, its new
+    /// triplets are deferred without being recorded.
+    pub max_new_per_subnet: u32,
     /// What makes up a triplet.
     pub key: Vec<GreylistKey>,
 }
@@ -742,6 +755,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections_per_ip: 20,
+            max_connections_per_subnet: 100,
             connection_rate_per_ip: Rate {
                 count: 30,
                 per: Duration::from_secs(60),
@@ -753,6 +767,8 @@ impl Default for Limits {
             max_message_size: 25_000_000,
             max_recipients: 100,
             max_unknown_commands: 3,
+            max_junk_commands: 100,
+            max_errors: 20,
             max_line_length: 4096,
             bare_newline: BareNewline::Reject,
         }
@@ -830,6 +846,8 @@ impl Default for Greylist {
             delay: Duration::from_secs(300),
             retry_window: Duration::from_secs(4 * 3600),
             pass_ttl: Duration::from_secs(36 * 86_400),
+            max_entries: 500_000,
+            max_new_per_subnet: 1000,
             key: vec![
                 GreylistKey::Subnet,
                 GreylistKey::Sender,
@@ -1046,6 +1064,11 @@ mod tests {
         assert_eq!(config.tarpit.pass_ttl, Duration::from_secs(86_400));
         assert_eq!(config.greylist.pass_ttl, Duration::from_secs(36 * 86_400));
         assert_eq!(config.reputation.half_life, Duration::from_secs(7 * 86_400));
+        assert_eq!(config.limits.max_connections_per_subnet, 100);
+        assert_eq!(config.limits.max_junk_commands, 100);
+        assert_eq!(config.limits.max_errors, 20);
+        assert_eq!(config.greylist.max_entries, 500_000);
+        assert_eq!(config.greylist.max_new_per_subnet, 1000);
         assert_eq!(
             config.downstream.servers,
             [SocketAddr::from(([127, 0, 0, 1], 10025))]
@@ -1225,6 +1248,43 @@ max_connections = 0
 /etc/tarmac/tarmac.toml:8: scoring.reject_at: -9223372036854775808 is out of range
 /etc/tarmac/tarmac.toml:10: server.max_tarpitted: must be at least 0, got -1
 /etc/tarmac/tarmac.toml:11: server.max_connections: must be at least 1, got 0"
+        );
+    }
+
+    #[test]
+    fn abuse_bounds_are_read_and_checked() {
+        let config = parse(
+            "[limits]
+max_connections_per_subnet = 7
+max_junk_commands = 5
+max_errors = 3
+[greylist]
+max_entries = 2000
+max_new_per_subnet = 9
+",
+        )
+        .unwrap();
+        assert_eq!(config.limits.max_connections_per_subnet, 7);
+        assert_eq!(config.limits.max_junk_commands, 5);
+        assert_eq!(config.limits.max_errors, 3);
+        assert_eq!(config.greylist.max_entries, 2000);
+        assert_eq!(config.greylist.max_new_per_subnet, 9);
+
+        let text = "[limits]
+max_connections_per_subnet = 0
+max_junk_commands = 0
+max_errors = \"20\"
+[greylist]
+max_entries = 999
+max_new_per_subnet = 0
+";
+        assert_eq!(
+            errors(text),
+            "/etc/tarmac/tarmac.toml:2: limits.max_connections_per_subnet: must be at least 1, got 0
+/etc/tarmac/tarmac.toml:3: limits.max_junk_commands: must be from 1 to 1000000, got 0
+/etc/tarmac/tarmac.toml:4: limits.max_errors: expected an integer, found string
+/etc/tarmac/tarmac.toml:6: greylist.max_entries: must be from 1000 to 1000000, got 999
+/etc/tarmac/tarmac.toml:7: greylist.max_new_per_subnet: must be at least 1, got 0"
         );
     }
 

@@ -6,7 +6,8 @@ use tarmac::sink::Behaviour;
 
 use crate::util::dns_server::{DnsServer, Zone};
 use crate::util::{
-    Client, Running, WAIT, free_port, sink, tarmac, tarmac_check, temp_dir, wait_until,
+    Client, Running, WAIT, free_port, sink, tarmac, tarmac_check, temp_dir, wait_for_log,
+    wait_until,
 };
 
 #[test]
@@ -362,5 +363,75 @@ fn check_names_an_unreadable_or_garbled_downstream_ca_file() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!stdout.contains("note:"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_low_descriptor_limit_is_raised_logged_and_caps_max_connections() {
+    let dir = temp_dir("nofile");
+    let port = free_port();
+    let path = dir.join("tarmac.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nhostname = \"mx.test\"\nworkers = 1\n\
+             state_dir = \"state\"\n\n[limits]\nmax_connections_per_ip = 1000\n\
+             max_connections_per_subnet = 1000\nconnection_rate_per_ip = \"100000/s\"\n\
+             connection_rate_per_subnet = \"100000/s\"\n\n[dns]\nrdns = false\n\n\
+             [tarpit]\ngreet_pause = \"0s\"\n[greylist]\nenabled = false\n"
+        ),
+    )
+    .unwrap();
+    // Soft 200, hard 300: raised to 300; 131 reserved (128, plus a poll, a waker and a
+    // listener for the one worker) leaves 169, two per connection: 84 connections.
+    let mut command = std::process::Command::new("prlimit");
+    command
+        .arg("--nofile=200:300")
+        .arg(env!("CARGO_BIN_EXE_tarmac"))
+        .args(["run", "-c"])
+        .arg(&path)
+        .env("RUST_LOG", "info");
+    let child = Running::spawn(command);
+    let raised = wait_for_log(&child.lines, "file descriptors: soft limit raised");
+    assert!(
+        raised.contains("from 200 to the hard limit 300"),
+        "{raised}"
+    );
+    let capped = wait_for_log(&child.lines, "file descriptors: max_connections = 50000");
+    assert!(
+        capped.contains("the limit is 300; serving at most 84 connections"),
+        "{capped}"
+    );
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_until("tarmac to listen", || {
+        std::net::TcpStream::connect(addr).is_ok()
+    });
+    // The probe connections above may still be counted: fill up to the cap by banners.
+    let mut held = Vec::new();
+    let refused = loop {
+        let mut client = Client::connect(addr);
+        let line = client.line();
+        if line.starts_with("421 ") {
+            break line;
+        }
+        assert_eq!(line, "220 mx.test ESMTP tarmac\r\n");
+        held.push(client);
+        assert!(
+            held.len() <= 84,
+            "more than the capped max_connections served"
+        );
+    };
+    // Refused by the global cap, with descriptors to spare: no crash, no lost answers.
+    assert_eq!(
+        refused,
+        "421 4.7.0 mx.test Too many connections, try again later\r\n"
+    );
+    assert!(held.len() >= 80, "only {} served", held.len());
+    let last = held.last_mut().unwrap();
+    assert_eq!(last.command("NOOP"), "250 2.0.0 Ok\r\n");
+    drop(held);
+    child.signal("TERM");
+    let (code, stderr) = child.wait_exit();
+    assert_eq!(code, Some(0), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }

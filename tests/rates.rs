@@ -129,3 +129,55 @@ fn clients_behind_a_balancer_are_limited_by_their_proxy_header() {
     }
     server.stop_within(DRAIN);
 }
+
+#[test]
+fn a_network_cannot_hold_more_than_max_connections_per_subnet() {
+    let mut config = config();
+    config.limits.max_connections_per_subnet = 2;
+    let server = Server::start(config);
+    // Held open: each from another address of 127.0.11.0/24, each under its per-IP cap.
+    let mut first = Client::connect_from(server.addr, ip("127.0.11.1"));
+    assert_eq!(first.reply(), BANNER);
+    let mut second = Client::connect_from(server.addr, ip("127.0.11.2"));
+    assert_eq!(second.reply(), BANNER);
+    assert_refused(&server, "127.0.11.3");
+    // Another network is served meanwhile, and the two held are still served.
+    assert_greeted(&server, "127.0.12.1");
+    assert_eq!(first.command("NOOP"), "250 2.0.0 Ok\r\n");
+    assert_eq!(second.command("NOOP"), "250 2.0.0 Ok\r\n");
+    // (Giving the place back when one closes: `server::limits`' unit tests.)
+    server.stop_within(DRAIN);
+}
+
+#[test]
+fn proxied_ipv6_and_mapped_clients_are_capped_by_network_and_address() {
+    let mut config = config();
+    config.limits.max_connections_per_ip = 1;
+    config.limits.max_connections_per_subnet = 2;
+    config.server.proxy_protocol_from = vec!["127.0.0.0/8".parse().unwrap()];
+    let server = Server::start(config);
+    let from_balancer = |header: &str| {
+        let mut balancer = Client::connect(server.addr);
+        balancer.send(format!("{header}\r\n"));
+        balancer
+    };
+    // One /64, one address at a time: the third address is over the network's cap.
+    let mut held = Vec::new();
+    for n in 1..=2 {
+        let mut client = from_balancer(&format!("PROXY TCP6 2001:db8:1:2::{n} ::1 40000 25"));
+        assert_eq!(client.reply(), BANNER);
+        held.push(client);
+    }
+    let mut third = from_balancer("PROXY TCP6 2001:db8:1:2:ffff::3 ::1 40000 25");
+    assert_eq!(third.reply(), TOO_MANY);
+    third.expect_eof();
+    // An IPv4 client and the same client as ::ffff:a.b.c.d share one per-IP count.
+    let mut plain = from_balancer("PROXY TCP4 203.0.113.8 127.0.0.1 40000 25");
+    assert_eq!(plain.reply(), BANNER);
+    let mut mapped = from_balancer("PROXY TCP6 ::ffff:203.0.113.8 ::1 40000 25");
+    assert_eq!(mapped.reply(), TOO_MANY);
+    mapped.expect_eof();
+    drop(held);
+    drop(plain);
+    server.stop_within(DRAIN);
+}

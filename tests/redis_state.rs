@@ -490,10 +490,67 @@ fn gcra_in_redis_bursts_then_refuses_then_refills_one_token_at_a_time() {
 }
 
 fn greylist(key: &str) -> StateOp {
+    greylist_from(
+        "192.0.2.0/24",
+        key,
+        GreylistTimes::of(&Config::default().greylist),
+    )
+}
+
+fn greylist_from(subnet: &str, key: &str, times: GreylistTimes) -> StateOp {
     StateOp::CheckGreylist {
         key: key.to_owned(),
-        times: GreylistTimes::of(&Config::default().greylist),
+        subnet: subnet.to_owned(),
+        times,
     }
+}
+
+#[test]
+fn a_network_over_its_quota_is_deferred_without_being_recorded_in_redis() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let mut config = Config::default();
+    config.state.backend = StateBackend::Redis;
+    config.state.redis = redis.url();
+    let mut asker = Asker::new(&config);
+    let times = GreylistTimes {
+        max_new_per_subnet: 2,
+        ..GreylistTimes::of(&config.greylist)
+    };
+    let new = StateAnswer::Greylist(GreylistOutcome::New);
+    let flood = "2001:db8:bad::/64";
+    for key in ["a", "b", "c", "d"] {
+        assert_eq!(asker.ask(greylist_from(flood, key, times)), new, "{key}");
+    }
+    let exists = |key: &str| -> bool {
+        redis::cmd("EXISTS")
+            .arg(key)
+            .query(&mut redis.connection())
+            .unwrap()
+    };
+    assert!(exists("tarmac:grey:a") && exists("tarmac:grey:b"));
+    assert!(
+        !exists("tarmac:grey:c") && !exists("tarmac:grey:d"),
+        "not recorded"
+    );
+    let created: i64 = redis::cmd("GET")
+        .arg(format!("tarmac:greynew:{flood}"))
+        .query(&mut redis.connection())
+        .unwrap();
+    assert_eq!(created, 2);
+    // The count lives for the retry window from the network's first new triplet.
+    let left = pttl(&redis, &format!("tarmac:greynew:{flood}"));
+    let window = i64::try_from(times.retry_window.as_millis()).unwrap();
+    assert!(left > 0 && left <= window, "TTL {left}");
+    // A retry of a recorded triplet is decided as usual; another network is recorded.
+    let retry = asker.ask(greylist_from(flood, "a", times));
+    assert!(
+        matches!(retry, StateAnswer::Greylist(GreylistOutcome::Early(_))),
+        "{retry:?}"
+    );
+    assert_eq!(asker.ask(greylist_from("198.51.100.0/24", "c", times)), new);
+    assert!(exists("tarmac:grey:c"));
 }
 
 #[test]

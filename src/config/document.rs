@@ -52,11 +52,14 @@ const SERVER_KEYS: &[&str] = &[
 ];
 const LIMITS_KEYS: &[&str] = &[
     "max_connections_per_ip",
+    "max_connections_per_subnet",
     "connection_rate_per_ip",
     "connection_rate_per_subnet",
     "max_message_size",
     "max_recipients",
     "max_unknown_commands",
+    "max_junk_commands",
+    "max_errors",
     "max_line_length",
     "bare_newline",
 ];
@@ -82,7 +85,15 @@ const TARPIT_KEYS: &[&str] = &[
     "stutter",
     "pass_ttl",
 ];
-const GREYLIST_KEYS: &[&str] = &["enabled", "delay", "retry_window", "pass_ttl", "key"];
+const GREYLIST_KEYS: &[&str] = &[
+    "enabled",
+    "delay",
+    "retry_window",
+    "pass_ttl",
+    "max_entries",
+    "max_new_per_subnet",
+    "key",
+];
 const REPUTATION_KEYS: &[&str] = &["enabled", "half_life", "weight"];
 const STATE_KEYS: &[&str] = &["backend", "redis", "prefix", "timeout"];
 const METRICS_KEYS: &[&str] = &["listen"];
@@ -312,6 +323,11 @@ impl<'p> Reader<'p> {
                 "max_connections_per_ip" => {
                     r.set(&mut l.max_connections_per_ip, key, v, |v| at_least(v, 1));
                 }
+                "max_connections_per_subnet" => {
+                    r.set(&mut l.max_connections_per_subnet, key, v, |v| {
+                        at_least(v, 1)
+                    });
+                }
                 "connection_rate_per_ip" => r.set(&mut l.connection_rate_per_ip, key, v, rate),
                 "connection_rate_per_subnet" => {
                     r.set(&mut l.connection_rate_per_subnet, key, v, rate);
@@ -321,6 +337,10 @@ impl<'p> Reader<'p> {
                 "max_unknown_commands" => {
                     r.set(&mut l.max_unknown_commands, key, v, |v| int(v, 0, 1000));
                 }
+                "max_junk_commands" => {
+                    r.set(&mut l.max_junk_commands, key, v, |v| int(v, 1, 1_000_000));
+                }
+                "max_errors" => r.set(&mut l.max_errors, key, v, |v| int(v, 1, 1_000_000)),
                 // RFC 5321 §4.5.3.1.4: a command line may be 512 octets; we must accept that much.
                 "max_line_length" => r.set(&mut l.max_line_length, key, v, |v| int(v, 512, 65_536)),
                 "bare_newline" => r.set(&mut l.bare_newline, key, v, |v| {
@@ -584,6 +604,13 @@ impl<'p> Reader<'p> {
                 "delay" => r.set(&mut g.delay, key, v, duration),
                 "retry_window" => r.set(&mut g.retry_window, key, v, positive_duration),
                 "pass_ttl" => r.set(&mut g.pass_ttl, key, v, positive_duration),
+                // Below 1000 a busy site's pending triplets would be pushed out before they
+                // could pass; above a snapshot's limit (`state::snapshot::MAX_ENTRIES`) the
+                // table could not be loaded back after a restart.
+                "max_entries" => r.set(&mut g.max_entries, key, v, |v| int(v, 1000, 1_000_000)),
+                "max_new_per_subnet" => {
+                    r.set(&mut g.max_new_per_subnet, key, v, |v| at_least(v, 1));
+                }
                 "key" => r.greylist_key(&mut g.key, key, v),
                 _ => return false,
             }

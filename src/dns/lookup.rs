@@ -365,6 +365,12 @@ mod tests {
             NetError::Dns(DnsError::ResponseCode(ResponseCode::ServFail)),
             NetError::Dns(DnsError::ResponseCode(ResponseCode::Refused)),
             NetError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+            // A lookup that could not be made (DESIGN.md §6.1): out of descriptors for its
+            // socket (EMFILE, ENFILE), or no name server connection at all. A failure, so
+            // `TempFail`, never "not listed".
+            NetError::from(std::io::Error::from_raw_os_error(24)),
+            NetError::from(std::io::Error::from_raw_os_error(23)),
+            NetError::NoConnections,
         ] {
             assert!(matches!(outcome(Err(err)), Outcome::Failed(_)));
         }

@@ -167,6 +167,13 @@ pub fn network_name(ip: IpAddr) -> String {
     format!("{}/{bits}", subnet(ip))
 }
 
+/// The network `ip` is counted in (its /24 or /64, as an address with the host bits zero),
+/// `::ffff:a.b.c.d` taken as `a.b.c.d`: the key of the per-subnet concurrency cap
+/// (`server::limits`), the same networks as the rate buckets'.
+pub fn network(ip: IpAddr) -> IpAddr {
+    subnet(ip.to_canonical())
+}
+
 /// The network `ip` (already canonical) belongs to: its first [`SUBNET_V4_PREFIX`] or
 /// [`SUBNET_V6_PREFIX`] bits.
 fn subnet(ip: IpAddr) -> IpAddr {

@@ -50,6 +50,7 @@ use crate::config::Config;
 use crate::dns::{Answer, Query, ResolverHandle, Waiter};
 use crate::downstream::connect;
 use crate::downstream::dialog::Carried;
+use crate::policy::rates::network_name;
 use crate::smtp::{Action, DownstreamEvent, LinkId, Session, Shutdown, Side, TlsVersion};
 use crate::state::{GreylistTimes, StateAnswer, StateOp, Waiter as StateWaiter};
 
@@ -657,8 +658,11 @@ impl Conn {
                 }
                 Action::CheckGreylist(triplet) => {
                     let times = GreylistTimes::of(&io.config.greylist);
+                    // The client's network, for its quota of new triplets.
+                    let subnet = network_name(self.session.report().client.ip());
                     let op = StateOp::CheckGreylist {
                         key: triplet,
+                        subnet,
                         times,
                     };
                     self.ask_state(op, key, now, io);

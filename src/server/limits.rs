@@ -1,8 +1,12 @@
 //! Connection limits shared by every worker: the connection-rate buckets of `[limits]
 //! connection_rate_per_ip` and `connection_rate_per_subnet` (decided by
 //! [`ConnectionRates`](crate::policy::ConnectionRates)), the global open-connection count against
-//! `[server] max_connections` and the concurrent connections per client address against
-//! `[limits] max_connections_per_ip`.
+//! `[server] max_connections` and the concurrent connections per client address and per
+//! network (IPv4 /24, IPv6 /64) against `[limits] max_connections_per_ip` and
+//! `max_connections_per_subnet`. Addresses are counted canonical: `::ffff:a.b.c.d` (a
+//! dual-stack listener, a PROXY header) is `a.b.c.d`, so one client has one count whichever
+//! way it arrives, and a host rotating through the addresses of its /64 is held by the
+//! network's count.
 //!
 //! The rates are checked first, so a client over its rate is refused without touching the
 //! counts. A PROXY client's rate is asked once its header names it (through `state::Store`):
@@ -23,6 +27,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
+use crate::policy::rates::network;
 use crate::policy::{ConnectionRates, RateRefusal};
 
 /// How often the rate buckets' stale keys are dropped: often enough that their memory follows
@@ -35,10 +40,14 @@ pub(crate) const RATE_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 pub(crate) struct Limits {
     max_connections: usize,
     max_per_ip: u32,
+    max_per_subnet: u32,
     open: AtomicUsize,
-    /// Addresses with at least one open connection; an entry is removed when it drops to 0, so
-    /// the map is as large as the set of connected clients, not of every client ever seen.
+    /// Addresses (canonical) with at least one open connection; an entry is removed when it
+    /// drops to 0, so the map is as large as the set of connected clients, not of every client
+    /// ever seen.
     per_ip: DashMap<IpAddr, u32>,
+    /// The same per network ([`network`]: the /24 or /64, host bits zero).
+    per_subnet: DashMap<IpAddr, u32>,
     /// Checked before the counts, for every client not exempt; shared with the local state
     /// store, which answers the rate question for clients checked after accept.
     rates: Arc<ConnectionRates>,
@@ -55,6 +64,9 @@ pub(crate) enum Refusal {
     GlobalCap,
     /// `[limits] max_connections_per_ip` connections are open from this address.
     PerIpCap,
+    /// `[limits] max_connections_per_subnet` connections are open from this address's /24 or
+    /// /64.
+    PerSubnetCap,
     /// The address or its network connected faster than `[limits] connection_rate_per_*`.
     Rate(RateRefusal),
 }
@@ -64,6 +76,7 @@ impl fmt::Display for Refusal {
         match self {
             Refusal::GlobalCap => f.write_str("max_connections reached"),
             Refusal::PerIpCap => f.write_str("max_connections_per_ip reached"),
+            Refusal::PerSubnetCap => f.write_str("max_connections_per_subnet reached"),
             Refusal::Rate(rate) => rate.fmt(f),
         }
     }
@@ -73,6 +86,7 @@ impl fmt::Display for Refusal {
 #[derive(Debug)]
 pub(crate) struct LimitGuard {
     limits: Arc<Limits>,
+    /// The client counted against the per-IP and per-subnet caps, canonical.
     ip: Option<IpAddr>,
 }
 
@@ -81,13 +95,16 @@ impl Limits {
     pub(crate) fn new(
         max_connections: usize,
         max_per_ip: u32,
+        max_per_subnet: u32,
         rates: Arc<ConnectionRates>,
     ) -> Limits {
         Limits {
             max_connections,
             max_per_ip,
+            max_per_subnet,
             open: AtomicUsize::new(0),
             per_ip: DashMap::new(),
+            per_subnet: DashMap::new(),
             rates,
             next_sweep: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -107,7 +124,7 @@ impl Limits {
         self.count(ip)
     }
 
-    /// Counts a new connection from `ip` against both caps without taking a rate token: with
+    /// Counts a new connection from `ip` against the caps without taking a rate token: with
     /// the rates in Redis the token is asked for afterwards, and dropping the guard undoes the
     /// count if the rate refuses. Counting first keeps one address from holding more than
     /// `max_connections_per_ip` places while its answers are on their way.
@@ -115,18 +132,20 @@ impl Limits {
         self.count(Some(ip))
     }
 
-    /// One more connection against the global cap and, with `ip`, against its per-IP cap.
+    /// One more connection against the global cap and, with `ip`, against its per-IP and
+    /// per-subnet caps.
     fn count(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<LimitGuard, Refusal> {
         let before = self.open.fetch_add(1, Ordering::AcqRel);
         if before >= self.max_connections {
             self.open.fetch_sub(1, Ordering::AcqRel);
             return Err(Refusal::GlobalCap);
         }
+        let ip = ip.map(|ip| ip.to_canonical());
         if let Some(ip) = ip
-            && !self.count_ip(ip)
+            && let Err(refusal) = self.count_client(ip)
         {
             self.open.fetch_sub(1, Ordering::AcqRel);
-            return Err(Refusal::PerIpCap);
+            return Err(refusal);
         }
         Ok(LimitGuard {
             limits: Arc::clone(self),
@@ -145,21 +164,19 @@ impl Limits {
         }
     }
 
-    /// One more connection from `ip`, if under the per-IP cap.
-    fn count_ip(&self, ip: IpAddr) -> bool {
-        // The shard lock is held only for this update; no I/O happens under it.
-        match self.per_ip.entry(ip) {
-            Entry::Occupied(mut entry) if *entry.get() < self.max_per_ip => {
-                *entry.get_mut() += 1;
-                true
-            }
-            Entry::Occupied(_) => false,
-            Entry::Vacant(entry) if self.max_per_ip > 0 => {
-                entry.insert(1);
-                true
-            }
-            Entry::Vacant(_) => false,
+    /// One more connection from `ip` (canonical), if under its per-IP cap and its network's;
+    /// on refusal nothing stays counted. The two counts are taken one after the other, not
+    /// atomically together: two connections racing can at worst see a count one too high for
+    /// an instant and be refused, never get past a cap.
+    fn count_client(&self, ip: IpAddr) -> Result<(), Refusal> {
+        if !take(&self.per_ip, ip, self.max_per_ip) {
+            return Err(Refusal::PerIpCap);
         }
+        if !take(&self.per_subnet, network(ip), self.max_per_subnet) {
+            give_back(&self.per_ip, ip);
+            return Err(Refusal::PerSubnetCap);
+        }
+        Ok(())
     }
 
     /// Drops the rate buckets' stale keys if [`RATE_SWEEP_INTERVAL`] has passed since the last
@@ -193,26 +210,57 @@ impl Limits {
     /// Connections open now from `ip`.
     #[cfg(test)]
     fn open_from(&self, ip: IpAddr) -> u32 {
-        self.per_ip.get(&ip).map_or(0, |count| *count)
+        self.per_ip
+            .get(&ip.to_canonical())
+            .map_or(0, |count| *count)
+    }
+
+    /// Connections open now from `ip`'s network.
+    #[cfg(test)]
+    fn open_from_subnet(&self, ip: IpAddr) -> u32 {
+        self.per_subnet.get(&network(ip)).map_or(0, |count| *count)
     }
 
     fn release(&self, ip: Option<IpAddr>) {
-        if let Some(ip) = ip
-            && let Entry::Occupied(mut entry) = self.per_ip.entry(ip)
-        {
-            if *entry.get() <= 1 {
-                entry.remove();
-            } else {
-                *entry.get_mut() -= 1;
-            }
+        if let Some(ip) = ip {
+            give_back(&self.per_ip, ip);
+            give_back(&self.per_subnet, network(ip));
         }
         self.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
+/// One more for `key` in `counts`, if under `cap`.
+fn take(counts: &DashMap<IpAddr, u32>, key: IpAddr, cap: u32) -> bool {
+    // The shard lock is held only for this update; no I/O happens under it.
+    match counts.entry(key) {
+        Entry::Occupied(mut entry) if *entry.get() < cap => {
+            *entry.get_mut() += 1;
+            true
+        }
+        Entry::Occupied(_) => false,
+        Entry::Vacant(entry) if cap > 0 => {
+            entry.insert(1);
+            true
+        }
+        Entry::Vacant(_) => false,
+    }
+}
+
+/// One less for `key` in `counts`; the entry goes with its last connection.
+fn give_back(counts: &DashMap<IpAddr, u32>, key: IpAddr) {
+    if let Entry::Occupied(mut entry) = counts.entry(key) {
+        if *entry.get() <= 1 {
+            entry.remove();
+        } else {
+            *entry.get_mut() -= 1;
+        }
+    }
+}
+
 impl LimitGuard {
-    /// Counts a connection that came in unkeyed (from a balancer) against the per-IP cap of
-    /// its client, whose rate the caller has already checked (the order of
+    /// Counts a connection that came in unkeyed (from a balancer) against the per-IP and
+    /// per-subnet caps of its client, whose rate the caller has already checked (the order of
     /// [`Limits::try_acquire`]: rates first). A guard already keyed (by
     /// [`Limits::try_acquire_unrated`]) is counted already. On refusal the guard stays
     /// unkeyed: its connection is about to be closed.
@@ -220,9 +268,8 @@ impl LimitGuard {
         if self.ip.is_some() {
             return Ok(());
         }
-        if !self.limits.count_ip(ip) {
-            return Err(Refusal::PerIpCap);
-        }
+        let ip = ip.to_canonical();
+        self.limits.count_client(ip)?;
         self.ip = Some(ip);
         Ok(())
     }
@@ -256,16 +303,34 @@ mod tests {
         }
     }
 
-    /// Caps as given; rates no test here reaches.
+    /// Caps as given, a per-subnet cap no test here reaches unless it says so; rates no test
+    /// here reaches.
     fn limits(max_connections: usize, max_per_ip: u32) -> Arc<Limits> {
+        limits_per_subnet(max_connections, max_per_ip, u32::MAX)
+    }
+
+    fn limits_per_subnet(
+        max_connections: usize,
+        max_per_ip: u32,
+        max_per_subnet: u32,
+    ) -> Arc<Limits> {
         let rates = ConnectionRates::new(rate(u32::MAX), rate(u32::MAX));
-        Arc::new(Limits::new(max_connections, max_per_ip, Arc::new(rates)))
+        Arc::new(Limits::new(
+            max_connections,
+            max_per_ip,
+            max_per_subnet,
+            Arc::new(rates),
+        ))
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
     }
 
     #[test]
     fn over_the_rate_is_refused_before_anything_is_counted() {
         let rates = ConnectionRates::new(rate(2), rate(3));
-        let limits = Arc::new(Limits::new(100, 100, Arc::new(rates)));
+        let limits = Arc::new(Limits::new(100, 100, 100, Arc::new(rates)));
         let first = limits.try_acquire(Some(A)).unwrap();
         drop(first);
         let _second = limits.try_acquire(Some(A)).unwrap();
@@ -309,7 +374,7 @@ mod tests {
     #[test]
     fn unrated_connections_are_counted_and_take_no_token() {
         let rates = ConnectionRates::new(rate(1), rate(1));
-        let limits = Arc::new(Limits::new(100, 2, Arc::new(rates)));
+        let limits = Arc::new(Limits::new(100, 2, 100, Arc::new(rates)));
         let mut first = limits.try_acquire_unrated(A).unwrap();
         let _second = limits.try_acquire_unrated(A).unwrap();
         assert_eq!(
@@ -369,6 +434,83 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_64_cannot_take_more_than_the_subnet_cap_one_address_at_a_time() {
+        let limits = limits_per_subnet(1000, 20, 3);
+        // Every connection from another address of the same /64, each under its per-IP cap.
+        let held: Vec<LimitGuard> = (1..=3)
+            .map(|n| {
+                let addr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 2, 0, 0, 0, n));
+                limits.try_acquire(Some(addr)).unwrap()
+            })
+            .collect();
+        let fourth = ip("2001:db8:1:2:ffff:ffff:ffff:ffff");
+        let refusal = limits.try_acquire(Some(fourth)).unwrap_err();
+        assert_eq!(refusal, Refusal::PerSubnetCap);
+        assert_eq!(refusal.to_string(), "max_connections_per_subnet reached");
+        // The refused address holds nothing: neither its own count nor the network's moved.
+        assert_eq!(limits.open_from(fourth), 0);
+        assert_eq!(limits.open_from_subnet(fourth), 3);
+        assert_eq!(limits.open(), 3);
+        // The next /64 is another network; a PROXY-named client of the full one is refused too.
+        let _next = limits.try_acquire(Some(ip("2001:db8:1:3::1"))).unwrap();
+        let mut proxied = limits.try_acquire(None).unwrap();
+        assert_eq!(proxied.rekey(fourth).unwrap_err(), Refusal::PerSubnetCap);
+        drop(proxied);
+        // One of the three goes: the network has room again.
+        let mut held = held;
+        drop(held.pop());
+        let now = limits.try_acquire(Some(fourth)).unwrap();
+        // The network's entry goes with its last connection.
+        drop(held);
+        drop(now);
+        assert_eq!(limits.open_from_subnet(fourth), 0);
+        assert_eq!(limits.per_subnet.len(), 1, "only the next /64 is left");
+    }
+
+    #[test]
+    fn an_ipv4_24_shares_one_subnet_count() {
+        let limits = limits_per_subnet(1000, 20, 2);
+        let _a = limits.try_acquire(Some(ip("192.0.2.1"))).unwrap();
+        let _b = limits.try_acquire(Some(ip("192.0.2.200"))).unwrap();
+        assert_eq!(
+            limits.try_acquire(Some(ip("192.0.2.77"))).unwrap_err(),
+            Refusal::PerSubnetCap
+        );
+        let _other = limits.try_acquire(Some(ip("192.0.3.1"))).unwrap();
+        // Allow-listed clients are exempt from every cap.
+        let _allowed = limits.acquire_exempt();
+        assert_eq!(limits.open(), 4);
+    }
+
+    #[test]
+    fn a_mapped_and_a_plain_ipv4_address_share_one_count() {
+        let limits = limits_per_subnet(1000, 2, 3);
+        let plain = ip("192.0.2.7");
+        let mapped = ip("::ffff:192.0.2.7");
+        let first = limits.try_acquire(Some(plain)).unwrap();
+        let _second = limits.try_acquire_unrated(mapped).unwrap();
+        assert_eq!(limits.open_from(plain), 2);
+        assert_eq!(
+            limits.try_acquire(Some(mapped)).unwrap_err(),
+            Refusal::PerIpCap
+        );
+        let mut proxied = limits.try_acquire(None).unwrap();
+        assert_eq!(proxied.rekey(mapped).unwrap_err(), Refusal::PerIpCap);
+        drop(proxied);
+        // The mapped form counts in the IPv4 /24, not in some ::ffff:... /64.
+        let _neighbour = limits.try_acquire(Some(ip("::ffff:192.0.2.8"))).unwrap();
+        assert_eq!(limits.open_from_subnet(plain), 3);
+        assert_eq!(
+            limits.try_acquire(Some(ip("192.0.2.9"))).unwrap_err(),
+            Refusal::PerSubnetCap
+        );
+        // Released under the same key it was counted under.
+        drop(first);
+        assert_eq!(limits.open_from(mapped), 1);
+        assert_eq!(limits.open_from_subnet(mapped), 2);
+    }
+
+    #[test]
     fn global_cap_refuses_and_counts_nothing() {
         let limits = limits(2, 10);
         let _a = limits.try_acquire(Some(A)).unwrap();
@@ -386,6 +528,7 @@ mod tests {
         drop(a);
         drop(b);
         assert!(limits.per_ip.is_empty());
+        assert!(limits.per_subnet.is_empty());
         assert_eq!(limits.open(), 0);
     }
 

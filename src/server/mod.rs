@@ -34,6 +34,7 @@
 
 mod close_log;
 mod conn;
+mod fds;
 mod limits;
 mod load;
 mod pool;
@@ -111,6 +112,12 @@ impl ServerHandle {
     /// join the port the kernel chose. Errors (an address in use, no permission) name the
     /// address and leave nothing running.
     pub fn start(config: Arc<Config>) -> io::Result<ServerHandle> {
+        // Before any socket: the cap below is about the limit the whole run has.
+        let nofile = fds::raise_nofile();
+        let (max_connections, warning) = fds::cap_connections(&config, nofile.now);
+        if let Some(warning) = warning {
+            log::warn!("{warning}");
+        }
         let workers = config.server.workers.max(1);
         let mut sockets: Vec<Vec<mio::net::TcpListener>> =
             (0..workers).map(|_| Vec::new()).collect();
@@ -134,8 +141,9 @@ impl ServerHandle {
             config.limits.connection_rate_per_subnet,
         ));
         let limits = Arc::new(Limits::new(
-            config.server.max_connections,
+            max_connections,
             config.limits.max_connections_per_ip,
+            config.limits.max_connections_per_subnet,
             Arc::clone(&rates),
         ));
         let tables = Tables {
@@ -161,10 +169,7 @@ impl ServerHandle {
         };
         let shared = Shared {
             limits: Arc::clone(&limits),
-            load: Arc::new(Load::new(
-                config.server.max_connections,
-                config.server.max_tarpitted,
-            )),
+            load: Arc::new(Load::new(max_connections, config.server.max_tarpitted)),
             store: Arc::clone(&store),
             tls_failures: Arc::new(TlsFailures::default()),
             stopping: Arc::clone(&stopping),

@@ -58,7 +58,7 @@ pub(crate) fn restart_only_changes(
     resolver_running: bool,
 ) -> Vec<&'static str> {
     let needs_resolver = new.dns.rdns || !new.dnsbl.is_empty();
-    let checks: [(&'static str, bool); 14] = [
+    let checks: [(&'static str, bool); 15] = [
         ("server.listen", old.server.listen != new.server.listen),
         ("server.workers", old.server.workers != new.server.workers),
         (
@@ -76,6 +76,10 @@ pub(crate) fn restart_only_changes(
         (
             "limits.max_connections_per_ip",
             old.limits.max_connections_per_ip != new.limits.max_connections_per_ip,
+        ),
+        (
+            "limits.max_connections_per_subnet",
+            old.limits.max_connections_per_subnet != new.limits.max_connections_per_subnet,
         ),
         (
             "limits.connection_rate_per_ip",

@@ -64,7 +64,7 @@ impl Snapshots {
         let path = &config.server.state_dir;
         match StateDir::open(path) {
             Ok(dir) => Some(Snapshots {
-                dir,
+                dir: warn_if_loose(dir),
                 tables,
                 reloads,
                 failing: AtomicBool::new(false),
@@ -208,6 +208,14 @@ impl Saver {
 }
 
 /// Both clocks, read now: the server is where clocks are read.
+/// Logs the state directory's start-up warning (DESIGN.md §6.1), if it has one.
+fn warn_if_loose(dir: StateDir) -> StateDir {
+    if let Some(warning) = dir.loose_permissions() {
+        log::warn!("{warning}");
+    }
+    dir
+}
+
 pub(crate) fn clocks_now() -> Clocks {
     Clocks::new(Instant::now(), SystemTime::now())
 }

@@ -24,22 +24,19 @@ pub struct Trace<'a> {
 /// under 998 bytes (RFC 5322 §2.1.1) whatever the client sent.
 const MAX_HELO_IN_HEADER: usize = 200;
 
+/// Characters of a HELO name that would let it pose as trace syntax: the address part
+/// `([192.0.2.1])`, a comment, a quoted string, an address (`@`, `<>`), a header field (`:`)
+/// or a clause's end (`;`). Postfix replaces the same in its `Received:`.
+const TRACE_SPECIALS: &[char] = &['<', '>', '(', ')', '[', ']', '\\', '"', ';', ':', '@'];
+
 /// Appends `Received: from helo ([ip]) by host (tarmac) with ESMTP; date` (folded, CRLF).
-/// Client text is reduced to printable ASCII and UTF-8 letters so it cannot break the header.
+/// Client text is reduced to printable ASCII and UTF-8 letters so it cannot break the header,
+/// and [`TRACE_SPECIALS`] become `?`, so `EHLO mx.google.com([209.85.128.1])` cannot make the
+/// line look as if that host had sent the message. An IPv4 client seen as `::ffff:a.b.c.d` is
+/// written as `a.b.c.d`.
 pub fn write_received(trace: &Trace<'_>, out: &mut Vec<u8>) {
-    let helo = String::from_utf8_lossy(trace.helo);
-    let helo: String = helo
-        .chars()
-        .map(|c| {
-            if c.is_ascii_graphic() || (!c.is_ascii() && !c.is_control()) {
-                c
-            } else {
-                '?'
-            }
-        })
-        .take(MAX_HELO_IN_HEADER)
-        .collect();
-    let ip = match trace.client {
+    let helo = sanitize_helo(trace.helo);
+    let ip = match trace.client.to_canonical() {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => format!("IPv6:{v6}"),
     };
@@ -50,6 +47,23 @@ pub fn write_received(trace: &Trace<'_>, out: &mut Vec<u8>) {
         rfc5322_date(trace.at)
     );
     out.extend_from_slice(header.as_bytes());
+}
+
+/// The HELO name as it goes into the header: control bytes, spaces, invalid UTF-8 and
+/// [`TRACE_SPECIALS`] replaced by `?`, at most [`MAX_HELO_IN_HEADER`] characters.
+pub fn sanitize_helo(helo: &[u8]) -> String {
+    String::from_utf8_lossy(helo)
+        .chars()
+        .map(|c| {
+            let printable = c.is_ascii_graphic() || (!c.is_ascii() && !c.is_control());
+            if printable && !TRACE_SPECIALS.contains(&c) && c != char::REPLACEMENT_CHARACTER {
+                c
+            } else {
+                '?'
+            }
+        })
+        .take(MAX_HELO_IN_HEADER)
+        .collect()
 }
 
 /// `Mon, 23 Nov 2026 13:01:02 +0000` (RFC 5322 §3.3), always in UTC.
@@ -125,7 +139,42 @@ mod tests {
         );
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "Received: from evil??Bcc:?x ([IPv6:2001:db8::1])\r\n\tby mx.test (tarmac) with ESMTP;\r\n\tThu, 1 Jan 1970 00:00:00 +0000\r\n"
+            "Received: from evil??Bcc??x ([IPv6:2001:db8::1])\r\n\tby mx.test (tarmac) with ESMTP;\r\n\tThu, 1 Jan 1970 00:00:00 +0000\r\n"
         );
+    }
+
+    #[test]
+    fn a_helo_cannot_spoof_the_trace() {
+        let mut out = Vec::new();
+        write_received(
+            &Trace {
+                helo: b"mx.google.com([209.85.128.1])",
+                client: "::ffff:192.0.2.7".parse().unwrap(),
+                by: "mx.test",
+                with: "ESMTP",
+                at: UNIX_EPOCH,
+            },
+            &mut out,
+        );
+        let header = String::from_utf8(out).unwrap();
+        assert!(
+            header.starts_with(
+                "Received: from mx.google.com??209.85.128.1?? ([192.0.2.7])\r\n\tby mx.test"
+            ),
+            "{header}"
+        );
+    }
+
+    #[test]
+    fn every_special_and_control_byte_becomes_a_question_mark() {
+        assert_eq!(
+            sanitize_helo(b"<a>(b)[c]\\d\"e;f:g@h\x00\x7f\t i"),
+            "?a??b??c??d?e?f?g?h????i"
+        );
+        // Ordinary names, address literals' digits and UTF-8 letters stay.
+        assert_eq!(sanitize_helo(b"mail-01.example.org"), "mail-01.example.org");
+        assert_eq!(sanitize_helo("bücher.example".as_bytes()), "bücher.example");
+        assert_eq!(sanitize_helo(b"\xff\xfe"), "??");
+        assert_eq!(sanitize_helo(&[b'a'; 300]).len(), MAX_HELO_IN_HEADER);
     }
 }

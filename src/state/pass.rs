@@ -34,14 +34,17 @@ impl PassCache {
         }
     }
 
-    /// Whether `ip` has a PASS that is still fresh at `now`.
+    /// Whether `ip` has a PASS that is still fresh at `now`. Addresses are kept canonical:
+    /// `::ffff:a.b.c.d` is `a.b.c.d`.
     pub fn is_fresh(&self, ip: IpAddr, now: Instant) -> bool {
+        let ip = ip.to_canonical();
         self.passed.get(&ip).is_some_and(|until| *until > now)
     }
 
     /// Records a PASS for `ip` from `now`. When the map is full, the expired entries are swept
     /// first; if it is still full the PASS is not recorded.
     pub fn record(&self, ip: IpAddr, now: Instant) {
+        let ip = ip.to_canonical();
         if self.passed.len() >= MAX_ENTRIES && !self.passed.contains_key(&ip) {
             self.passed.retain(|_, until| *until > now);
             if self.passed.len() >= MAX_ENTRIES {
@@ -90,7 +93,8 @@ impl PassCache {
                 restored.dropped += 1;
                 continue;
             }
-            self.passed.insert(ip, until);
+            // A snapshot from before addresses were kept canonical may hold the mapped form.
+            self.passed.insert(ip.to_canonical(), until);
             restored.kept += 1;
         }
         Ok(restored)
@@ -121,6 +125,17 @@ mod tests {
         assert!(cache.is_fresh(ip, t0 + Duration::from_secs(59)));
         assert!(!cache.is_fresh(ip, t0 + Duration::from_secs(60)));
         assert!(!cache.is_fresh("192.0.2.8".parse().unwrap(), t0));
+    }
+
+    #[test]
+    fn a_mapped_address_is_its_ipv4_address() {
+        let t0 = Instant::now();
+        let cache = PassCache::new(Duration::from_secs(60));
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        cache.record(mapped, t0);
+        assert!(cache.is_fresh("192.0.2.7".parse().unwrap(), t0));
+        assert!(cache.is_fresh(mapped, t0));
+        assert_eq!(cache.len(), 1);
     }
 
     #[test]

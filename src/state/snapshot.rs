@@ -24,6 +24,13 @@
 //! `NAME` and fsyncs the directory, so a crash leaves either the old snapshot or the new one.
 //! The tables are copied out first (no map guard is held during I/O).
 //!
+//! Temporary files are created with `O_CREAT | O_EXCL | O_NOFOLLOW`, mode 0600
+//! ([`create_private`]): one left by a crash is unlinked first (which removes a symlink, never
+//! what it points to), and whatever appears at the path between the unlink and the create
+//! makes the create fail rather than be followed or reused. Snapshots are read with
+//! `O_NOFOLLOW` too. A `state_dir` that group or others may write to is a start-up warning
+//! ([`StateDir::loose_permissions`]): whoever can write there can plant links and files.
+//!
 //! # Reading
 //! [`entries`] checks the framing; each table then parses its lines, drops expired entries and
 //! clamps times a wrong clock put in the future. Nothing in a file can panic the process or
@@ -43,11 +50,13 @@ pub const MAGIC: &str = "tarmac-state";
 pub const VERSION: u32 = 1;
 
 /// Largest snapshot file read: far above what the tables' bounds can produce (the greylist's
-/// 500,000 triplets at a few hundred bytes each), so only a foreign file can reach it.
+/// at most 1,000,000 triplets, `[greylist] max_entries`, at a few hundred bytes each), so only
+/// a foreign file can reach it.
 pub const MAX_FILE_BYTES: u64 = 512 * 1024 * 1024;
 
-/// Most entries a snapshot may declare: above every table's bound (the greylist's 500,000),
-/// so a file can never make a load allocate for more.
+/// Most entries a snapshot may declare: at least every table's bound (the greylist's
+/// `[greylist] max_entries` is at most this), so a file can never make a load allocate for
+/// more.
 pub const MAX_ENTRIES: usize = 1_000_000;
 
 /// Which table a snapshot holds.
@@ -345,13 +354,7 @@ impl StateDir {
             path: path.to_path_buf(),
         };
         let probe = dir.path.join(".write-probe.tmp");
-        let written = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&probe)
-            .and_then(|mut file| file.write_all(b"probe\n"));
+        let written = create_private(&probe).and_then(|mut file| file.write_all(b"probe\n"));
         let _ = fs::remove_file(&probe);
         written?;
         Ok(dir)
@@ -362,10 +365,34 @@ impl StateDir {
         &self.path
     }
 
+    /// A warning when group or others may write to the directory (its mode has `0o022`
+    /// bits): they could plant files and symlinks where tarmac writes its state. `None` when
+    /// the mode is private enough or cannot be read.
+    pub fn loose_permissions(&self) -> Option<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(&self.path).ok()?.permissions().mode() & 0o7777;
+        (mode & 0o022 != 0).then(|| {
+            format!(
+                "state: state_dir {} is writable by {} (mode {mode:04o}); anyone who can write \
+                 there can tamper with the saved state: chmod go-w it (tarmac creates it 0700)",
+                self.path.display(),
+                match (mode & 0o020 != 0, mode & 0o002 != 0) {
+                    (true, true) => "group and others",
+                    (true, false) => "its group",
+                    _ => "others",
+                }
+            )
+        })
+    }
+
     /// The snapshot file of `kind`, or `None` when there is none. A file over
     /// [`MAX_FILE_BYTES`] is an `InvalidData` error.
     pub fn read(&self, kind: Kind) -> io::Result<Option<Vec<u8>>> {
-        let file = match File::open(self.path.join(kind.file_name())) {
+        let opened = OpenOptions::new()
+            .read(true)
+            .custom_flags(no_follow())
+            .open(self.path.join(kind.file_name()));
+        let file = match opened {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
@@ -386,12 +413,7 @@ impl StateDir {
     pub fn write(&self, kind: Kind, bytes: &[u8]) -> io::Result<()> {
         let target = self.path.join(kind.file_name());
         let temp = self.path.join(format!("{}.tmp", kind.file_name()));
-        let written = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temp)
+        let written = create_private(&temp)
             .and_then(|mut file| {
                 file.write_all(bytes)?;
                 file.sync_all()
@@ -403,6 +425,30 @@ impl StateDir {
         }
         File::open(&self.path)?.sync_all()
     }
+}
+
+/// A new file at `path`, mode 0600, created by this call (`O_CREAT | O_EXCL | O_NOFOLLOW`):
+/// a leftover at `path` (a crashed write's temp file, or a symlink someone planted) is unlinked
+/// first, and anything that appears there again before the create makes it fail
+/// (`AlreadyExists`); a symlink is never followed.
+pub fn create_private(path: &Path) -> io::Result<File> {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(no_follow())
+        .open(path)
+}
+
+/// `O_NOFOLLOW` as `OpenOptionsExt::custom_flags` takes it.
+fn no_follow() -> i32 {
+    // The flag is a small positive constant (0o400000 on Linux); the cast cannot truncate.
+    i32::try_from(rustix::fs::OFlags::NOFOLLOW.bits()).unwrap_or(0)
 }
 
 /// FNV-1a, 64 bits: a few lines instead of a checksum dependency, and strong enough to notice
@@ -591,6 +637,87 @@ mod tests {
         // A path through a regular file can never be a directory, even for root.
         let blocked = path.join("greylist.state").join("sub");
         assert!(StateDir::open(&blocked).is_err());
+        fs::remove_dir_all(&base).unwrap();
+    }
+
+    /// A directory of its own under the system temp dir, removed by the test.
+    fn scratch(name: &str) -> PathBuf {
+        let base = std::env::temp_dir().join(format!("tarmac-unit-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        base
+    }
+
+    #[test]
+    fn a_symlink_planted_at_the_temp_path_is_not_followed() {
+        use std::os::unix::fs::symlink;
+        let base = scratch("symlink");
+        let dir = StateDir::open(&base.join("state")).unwrap();
+        // A file the attacker wants overwritten, and a link to it where the temp file goes.
+        let victim = base.join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let temp = dir.path().join("greylist.state.tmp");
+        symlink(&victim, &temp).unwrap();
+        dir.write(Kind::Greylist, b"snapshot").unwrap();
+        assert_eq!(
+            fs::read(&victim).unwrap(),
+            b"precious",
+            "not written through"
+        );
+        assert_eq!(
+            dir.read(Kind::Greylist).unwrap().as_deref(),
+            Some(&b"snapshot"[..])
+        );
+        assert!(fs::symlink_metadata(&temp).is_err(), "the link is gone");
+        // A dangling link too: nothing is created where it points.
+        let target = base.join("created-through-link");
+        symlink(&target, &temp).unwrap();
+        dir.write(Kind::Greylist, b"again").unwrap();
+        assert!(!target.exists());
+        // A snapshot that is a link is not read through.
+        let snapshot = dir.path().join("greylist.state");
+        fs::remove_file(&snapshot).unwrap();
+        symlink(&victim, &snapshot).unwrap();
+        assert!(dir.read(Kind::Greylist).is_err());
+        fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn a_stale_temp_file_is_replaced_by_a_private_one() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = scratch("stale");
+        let dir = StateDir::open(&base).unwrap();
+        let temp = dir.path().join("pass.state.tmp");
+        fs::write(&temp, b"left by a crash, and long").unwrap();
+        fs::set_permissions(&temp, fs::Permissions::from_mode(0o666)).unwrap();
+        let mut file = create_private(&temp).unwrap();
+        file.write_all(b"new").unwrap();
+        drop(file);
+        assert_eq!(
+            fs::read(&temp).unwrap(),
+            b"new",
+            "a new file, not the old one truncated"
+        );
+        let mode = fs::metadata(&temp).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn a_state_dir_writable_by_others_is_a_warning() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = scratch("loose");
+        let dir = StateDir::open(&base).unwrap();
+        assert_eq!(dir.loose_permissions(), None, "created 0700");
+        fs::set_permissions(&base, fs::Permissions::from_mode(0o750)).unwrap();
+        assert_eq!(dir.loose_permissions(), None, "group may read, not write");
+        fs::set_permissions(&base, fs::Permissions::from_mode(0o1777)).unwrap();
+        let warning = dir.loose_permissions().unwrap();
+        assert!(
+            warning.contains("writable by group and others (mode 1777)"),
+            "{warning}"
+        );
+        fs::set_permissions(&base, fs::Permissions::from_mode(0o770)).unwrap();
+        assert!(dir.loose_permissions().unwrap().contains("by its group"));
         fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -43,6 +43,9 @@ pub enum StateOp {
     CheckGreylist {
         /// The triplet key (`greylist::key`).
         key: String,
+        /// The client's /24 or /64 (`policy::rates::network_name`), whose quota of new
+        /// triplets (`[greylist] max_new_per_subnet`) a new one counts against.
+        subnet: String,
         /// The greylist times of the configuration in force.
         times: GreylistTimes,
     },
@@ -151,8 +154,8 @@ impl Local {
                 self.passes.record(*ip, now);
                 return None;
             }
-            StateOp::CheckGreylist { key, times } => {
-                StateAnswer::Greylist(self.greylist.check(key, now, times))
+            StateOp::CheckGreylist { key, subnet, times } => {
+                StateAnswer::Greylist(self.greylist.check(key, subnet, now, times))
             }
             StateOp::CheckRate(ip) => StateAnswer::Rate {
                 ip: *ip,
@@ -248,11 +251,14 @@ mod tests {
         delay: Duration::from_secs(300),
         retry_window: Duration::from_secs(3600),
         pass_ttl: Duration::from_secs(86_400),
+        max_entries: 1000,
+        max_new_per_subnet: 1000,
     };
 
     fn greylist(key: &str) -> StateOp {
         StateOp::CheckGreylist {
             key: key.to_owned(),
+            subnet: "192.0.2.0/24".to_owned(),
             times: TIMES,
         }
     }

@@ -410,7 +410,11 @@ impl Pair {
                         self.reputation_events.push((ip, event));
                     }
                     Action::CheckGreylist(key) => {
-                        let outcome = self.greylist.check(&key, self.now, &self.greylist_times);
+                        let client = self.session.report().client.ip();
+                        let subnet = crate::policy::rates::network_name(client);
+                        let outcome =
+                            self.greylist
+                                .check(&key, &subnet, self.now, &self.greylist_times);
                         self.greylist_keys.push(key);
                         self.session.handle_greylist(self.now, outcome);
                     }

@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | `pass:IP` | `1` | `[tarpit] pass_ttl` from the PASS |
 //! | `grey:TRIPLET` | first attempt (ms, Redis clock), or `pass` | `retry_window` from the first attempt; `pass_ttl` from the last pass |
+//! | `greynew:NET/LEN` | new triplets the client network created in its window | `retry_window` from its first |
 //! | `rate:ip:IP`, `rate:net:NET/LEN` | the bucket's theoretical arrival time (µs) | until the bucket is full again |
 //! | `rep:IP` (IPv6 by /64) | hash: `bad`, `delivered`, `passes` (decayed counts), `at` (ms) | 10 half-lives from the last event |
 //!
@@ -32,14 +33,20 @@ use crate::policy::reputation::{self, Counts, Event, History};
 use crate::state::greylist::GreylistOutcome;
 use crate::state::store::{StateAnswer, StateOp};
 
-/// Greylisting one triplet: the same decision as `Greylist::check`, on the Redis clock.
+/// Greylisting one triplet: the same decision as `Greylist::check`, on the Redis clock,
+/// with the client network's quota of new triplets (`max_new_per_subnet`) as a counter whose
+/// TTL is the window. `max_entries` has no counterpart: every key expires by itself, and
+/// Redis's own `maxmemory` bounds the rest.
 const GREYLIST: &str = r"
--- tarmac greylisting. KEYS[1]: the triplet. ARGV: delay, retry_window, pass_ttl (ms).
+-- tarmac greylisting. KEYS[1]: the triplet, KEYS[2]: the client network's new-triplet count.
+-- ARGV: delay, retry_window, pass_ttl (ms), max_new_per_subnet.
 -- Value: the first attempt's time in ms while unconfirmed, 'pass' once a retry passed.
--- Returns {0, 0} new, {1, ms left} early, {2, 0} pass.
+-- Returns {0, 0} new, {1, ms left} early, {2, 0} pass, {3, 0} new but not recorded (the
+-- network is over its quota).
 local delay = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local pass_ttl = tonumber(ARGV[3])
+local max_new = tonumber(ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local seen = redis.call('GET', KEYS[1])
@@ -57,6 +64,15 @@ if first then
     redis.call('SET', KEYS[1], 'pass', 'PX', pass_ttl)
     return {2, 0}
   end
+end
+local created = tonumber(redis.call('GET', KEYS[2])) or 0
+if created >= max_new then
+  return {3, 0}
+end
+if created == 0 then
+  redis.call('SET', KEYS[2], 1, 'PX', window)
+else
+  redis.call('INCR', KEYS[2])
 end
 redis.call('SET', KEYS[1], string.format('%d', now), 'PX', window)
 return {0, 0}
@@ -172,15 +188,18 @@ impl Scripts {
                     .arg("PX")
                     .arg(millis(settings.pass_ttl));
             }
-            StateOp::CheckGreylist { key, times } => {
+            StateOp::CheckGreylist { key, subnet, times } => {
                 let key = [prefix, b"grey:", key.as_bytes()].concat();
+                let quota = [prefix, b"greynew:", subnet.as_bytes()].concat();
                 pipe.cmd("EVALSHA")
                     .arg(self.greylist.get_hash())
-                    .arg(1)
+                    .arg(2)
                     .arg(key)
+                    .arg(quota)
                     .arg(millis(times.delay))
                     .arg(millis(times.retry_window))
-                    .arg(millis(times.pass_ttl));
+                    .arg(millis(times.pass_ttl))
+                    .arg(times.max_new_per_subnet);
             }
             StateOp::CheckRate(ip) => {
                 let ip = ip.to_canonical();
@@ -262,7 +281,8 @@ pub(super) fn read(
         (StateOp::CheckPass(_), Value::Int(n)) => StateAnswer::Pass(*n > 0),
         (StateOp::RecordPass(_), Value::Okay) => return Ok(None),
         (StateOp::CheckGreylist { .. }, Value::Array(items)) => match items.as_slice() {
-            [Value::Int(0), _] => StateAnswer::Greylist(GreylistOutcome::New),
+            // Recorded or not (over the network's quota), the client is deferred the same.
+            [Value::Int(0 | 3), _] => StateAnswer::Greylist(GreylistOutcome::New),
             [Value::Int(1), Value::Int(left)] => {
                 let left = u64::try_from(*left).unwrap_or(0);
                 StateAnswer::Greylist(GreylistOutcome::Early(std::time::Duration::from_millis(
@@ -337,15 +357,22 @@ mod tests {
         let ip = "192.0.2.7".parse().unwrap();
         let grey = StateOp::CheckGreylist {
             key: "k".to_owned(),
+            subnet: "192.0.2.0/24".to_owned(),
             times: GreylistTimes {
                 delay: Duration::from_secs(1),
                 retry_window: Duration::from_secs(2),
                 pass_ttl: Duration::from_secs(3),
+                max_entries: 1000,
+                max_new_per_subnet: 10,
             },
         };
         let array = |a, b| Value::Array(vec![Value::Int(a), Value::Int(b)]);
         assert_eq!(
             read(&grey, array(0, 0), now),
+            Ok(Some(StateAnswer::Greylist(GreylistOutcome::New)))
+        );
+        assert_eq!(
+            read(&grey, array(3, 0), now),
             Ok(Some(StateAnswer::Greylist(GreylistOutcome::New)))
         );
         assert_eq!(
