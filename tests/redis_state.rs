@@ -204,6 +204,7 @@ fn run_shared(
         &path,
         format!(
             "[server]\nlisten = [\"127.0.0.1:{port}\"]\nhostname = \"mx.test\"\nworkers = 2\n\
+             max_connections = 1000\n\
              state_dir = \"state\"\n\n[downstream]\nservers = [\"{downstream}\"]\n\n[timeouts]\ndrain = \"5s\"\n\n\
              [dns]\nrdns = false\n\n[tarpit]\ngreet_pause = \"0s\"\n\n\
              [greylist]\ndelay = \"{}ms\"\n\n\
