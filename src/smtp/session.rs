@@ -2178,7 +2178,9 @@ impl Session {
                     "tempfail"
                 });
                 let announced = self.tx.as_deref().is_some_and(|tx| tx.after_mail.is_some());
-                if pending == Pending::Mail && !announced {
+                // The reply to the final dot ends the transaction whatever it says (RFC 5321
+                // §4.1.1.4): the client's next MAIL starts a new one.
+                if (pending == Pending::Mail && !announced) || pending == Pending::EndOfData {
                     self.tx = None;
                 } else if let Some(tx) = self.tx.as_deref_mut() {
                     tx.broken = true;
@@ -2314,9 +2316,19 @@ impl Session {
         if self.config.downstream.mode != DownstreamMode::Multiplexing || awaiting {
             return false;
         }
-        let Some(relay) = self.relay.as_deref() else {
+        let Some(relay) = self.relay.as_deref_mut() else {
             return false;
         };
+        // RSETs not handed out yet (the client reset, then left): the next user's own RSET
+        // does the same, so they need not be sent.
+        let unsent_resets = abandoned
+            && relay.swallow > 0
+            && relay.outbox == b"RSET\r\n".repeat(relay.swallow as usize);
+        if unsent_resets {
+            relay.outbox.clear();
+            relay.swallow = 0;
+            relay.in_transaction = true;
+        }
         let clean = relay.link == Link::Ready
             && relay.swallow == 0
             && !relay.mid_data

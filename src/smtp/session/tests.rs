@@ -56,6 +56,8 @@ struct FakeDownstream {
     xclient_again: bool,
     /// An XCLIENT was accepted on this connection.
     xclient_done: bool,
+    /// Offer no XCLIENT at all (tarmac missing from `smtpd_authorized_xclient_hosts`).
+    no_xclient: bool,
 }
 
 impl FakeDownstream {
@@ -97,7 +99,7 @@ impl FakeDownstream {
             self.input.drain(..end + 2);
             let verb = line.split(' ').next().unwrap_or("").to_ascii_uppercase();
             self.commands.push(line.clone());
-            let renounced = self.xclient_done && !self.xclient_again;
+            let renounced = (self.xclient_done && !self.xclient_again) || self.no_xclient;
             let reply: &str = match verb.as_str() {
                 "EHLO" if renounced => "250-ds.test\r\n250-8BITMIME\r\n250 SIZE 100000000",
                 "XCLIENT" if renounced => "550 5.7.0 Error: insufficient authorization",
@@ -354,6 +356,7 @@ impl Pair {
                             inject_after_starttls: self.downstream.inject_after_starttls,
                             delivered: std::mem::take(&mut self.downstream.delivered),
                             xclient_again: self.downstream.xclient_again,
+                            no_xclient: self.downstream.no_xclient,
                             ..FakeDownstream::default()
                         };
                         self.session
@@ -1267,6 +1270,179 @@ fn multiplexing_pools_an_abandoned_transaction_for_a_reset_but_never_a_half_sent
     assert!(pair.pooled.is_none(), "a half-sent body is never reused");
     assert_eq!(pair.downstream_closes, 1);
     assert!(pair.downstream.delivered.is_empty());
+}
+
+fn xclient() -> Config {
+    let mut config = config();
+    config.downstream.announce_client = AnnounceClient::Xclient;
+    config
+}
+
+/// Issue 13, finding 1: a connection announced for one client never carries another's
+/// transaction. Postfix out of the box will not take a second XCLIENT: the pooled connection
+/// is closed with QUIT and the stranger's MAIL goes out on a new one, after its own XCLIENT.
+#[test]
+fn a_pooled_connection_is_never_used_under_the_previous_clients_identity() {
+    let mut first = Pair::new(multiplexing());
+    first.send(b"EHLO trusted.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\nhi\r\n.\r\nQUIT\r\n");
+    let carried = first.pooled.clone().expect("released to the pool");
+    let mut stranger = Pair::build_quiet(multiplexing(), Vec::new(), false);
+    stranger.pooled = Some(carried);
+    stranger.downstream = std::mem::take(&mut first.downstream);
+    stranger.pump();
+    stranger.send(b"EHLO stranger.example\r\nMAIL FROM:<x@example.com>\r\n");
+    assert!(stranger.take_output().ends_with("250 2.1.0 Ok\r\n"));
+    assert_eq!(stranger.reuses, 1, "the pooled connection was offered");
+    assert_eq!(stranger.downstream_closes, 1, "and retired");
+    assert_eq!(stranger.connects.len(), 1, "a new one for the stranger");
+    assert_eq!(
+        stranger.downstream.commands,
+        [
+            "EHLO mx.test",
+            "XCLIENT ADDR=192.0.2.7 PORT=53211 NAME=[UNAVAILABLE] PROTO=ESMTP HELO=stranger.example",
+            "EHLO stranger.example",
+            "MAIL FROM:<x@example.com>",
+        ]
+    );
+}
+
+/// With a downstream that takes XCLIENT again (Postfix's `static:all`), the pooled connection
+/// is reused, announced afresh for the next client.
+#[test]
+fn a_pooled_connection_is_announced_afresh_when_the_downstream_allows() {
+    let mut first = Pair::build_quiet(multiplexing(), Vec::new(), false);
+    first.downstream.xclient_again = true;
+    first.pump();
+    first.send(b"EHLO trusted.example\r\nMAIL FROM:<a@example.org>\r\nRSET\r\nQUIT\r\n");
+    let carried = first
+        .pooled
+        .clone()
+        .unwrap_or_else(|| panic!("released to the pool: {:?}", first.downstream.commands));
+    let mut next = Pair::build_quiet(multiplexing(), Vec::new(), false);
+    next.pooled = Some(carried);
+    next.downstream = std::mem::take(&mut first.downstream);
+    next.pump();
+    next.send(b"EHLO other.example\r\nMAIL FROM:<x@example.com>\r\n");
+    assert!(next.take_output().ends_with("250 2.1.0 Ok\r\n"));
+    assert_eq!((next.reuses, next.connects.len()), (1, 0));
+    let commands = &next.downstream.commands;
+    assert_eq!(
+        commands[commands.len() - 3..],
+        [
+            "XCLIENT ADDR=192.0.2.7 PORT=53211 NAME=[UNAVAILABLE] PROTO=ESMTP HELO=other.example",
+            "EHLO other.example",
+            "MAIL FROM:<x@example.com>",
+        ]
+    );
+}
+
+/// Issue 13, finding 2: without XCLIENT offered the client's MAIL is deferred with 451 4.3.5,
+/// never relayed under tarmac's own address; the connection gets QUIT.
+#[test]
+fn a_downstream_without_xclient_defers_mail_instead_of_relaying_anonymously() {
+    let mut pair = Pair::build_quiet(xclient(), Vec::new(), false);
+    pair.downstream.xclient_again = false;
+    pair.downstream.no_xclient = true;
+    pair.pump();
+    pair.take_output();
+    pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n");
+    assert_eq!(
+        pair.take_output(),
+        format!(
+            "{EHLO_REPLY}451 4.3.5 Error: downstream server refuses the client announcement, please try again later\r\n"
+        )
+    );
+    assert_eq!(pair.downstream.commands, ["EHLO mx.test", "QUIT"]);
+    assert_eq!(pair.downstream_closes, 1);
+}
+
+/// Issue 13, finding 4a: the downstream closes at end of data without a reply. The client
+/// gets 451, and its next transaction's connection starts with the banner and EHLO, not with
+/// a QUIT left over from the dead one.
+#[test]
+fn nothing_queued_for_a_dead_downstream_reaches_the_next_connection() {
+    let mut pair = Pair::build_quiet(config(), Vec::new(), false);
+    pair.downstream.stall_after_dot = true;
+    pair.pump();
+    pair.take_output();
+    pair.send(
+        b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\nhi\r\n.\r\n",
+    );
+    let old = pair.link;
+    pair.session
+        .handle_downstream(pair.now, old, DownstreamEvent::Closed);
+    pair.pump();
+    assert!(
+        pair.take_output().ends_with(
+            "451 4.4.2 Error: downstream server unavailable, please try again later\r\n"
+        )
+    );
+    let mut stale = Vec::new();
+    pair.session.poll_transmit_downstream(old, &mut stale);
+    assert!(stale.is_empty(), "bytes for the dead connection: {stale:?}");
+    pair.downstream.stall_after_dot = false;
+    pair.send(b"MAIL FROM:<a@example.org>\r\n");
+    let output = pair.take_output();
+    assert!(
+        output.ends_with("250 2.1.0 Ok\r\n"),
+        "{output} {:?}",
+        pair.downstream.commands
+    );
+    assert_eq!(pair.connects.len(), 2);
+    assert_eq!(
+        pair.downstream.commands,
+        ["EHLO mx.test", "MAIL FROM:<a@example.org>"]
+    );
+}
+
+/// Issue 13, finding 4c: the unsent tail of a body for a downstream that went away mid-data
+/// dies with that connection; the next one never sees it.
+#[test]
+fn a_body_tail_for_a_dead_downstream_is_never_written_to_the_next_one() {
+    let mut pair = Pair::new(config());
+    pair.take_output();
+    pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n");
+    assert!(
+        pair.take_output()
+            .ends_with("354 End data with <CR><LF>.<CR><LF>\r\n")
+    );
+    let old = pair.link;
+    // Body bytes the driver has not taken yet (the downstream stopped reading)...
+    let used = pair
+        .session
+        .handle_client_data(pair.now, b"Subject: tail\r\n\r\nattacker line\r\n");
+    assert!(used > 0);
+    // ...then the downstream breaks.
+    pair.session
+        .handle_downstream(pair.now, old, DownstreamEvent::Closed);
+    pair.pump();
+    pair.send(b".\r\nMAIL FROM:<a@example.org>\r\n");
+    assert!(pair.take_output().contains("451 4.4.2 "));
+    assert_eq!(pair.connects.len(), 2);
+    assert!(
+        !pair
+            .downstream
+            .commands
+            .iter()
+            .any(|c| c.contains("attacker")),
+        "{:?}",
+        pair.downstream.commands
+    );
+    assert_eq!(pair.downstream.commands[0], "EHLO mx.test");
+}
+
+/// Issue 13, finding 6: a downstream that greeted us gets QUIT before tarmac hangs up, also
+/// when its handshake failed.
+#[test]
+fn a_greeted_downstream_gets_quit_when_its_handshake_fails() {
+    let mut pair = Pair::build_quiet(xclient(), Vec::new(), false);
+    pair.downstream.no_xclient = true;
+    pair.pump();
+    pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n");
+    assert_eq!(
+        pair.downstream.commands.last().map(String::as_str),
+        Some("QUIT")
+    );
 }
 
 // The pre-greet checks and the verdict's effect on the dialog.

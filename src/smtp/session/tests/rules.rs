@@ -177,3 +177,56 @@ fn a_greylist_rule_greylists_even_with_greylisting_off() {
     let report = pair.session.report();
     assert_eq!((report.rule, report.greylist), ("grey-new-domains", "new"));
 }
+
+/// Issue 13, finding 4b: enforce mode answers MAIL locally; a recipient an allow rule lets
+/// through (the shipped partners.toml allow-postmaster) opens the downstream and relays MAIL
+/// first, after its handshake, never a bare RCPT onto a connection with no MAIL.
+#[test]
+fn a_recipient_allowed_in_enforce_mode_gets_mail_relayed_first() {
+    let mut config = with_rules(
+        "[[rule]]\nname = \"allow-postmaster\"\nwhen = { recipient = \"postmaster@example.org\" }\n\
+         action = \"allow\"\n",
+    );
+    config.dnsbl = vec![Dnsbl {
+        zone: "bl.test".into(),
+        weight: 3,
+        codes: Vec::new(),
+        reply: None,
+    }];
+    config.scoring.reject_mode = RejectMode::Enforce;
+    config.downstream.announce_client = AnnounceClient::Xclient;
+    let listed = (
+        Query::Dnsbl {
+            zone: "bl.test".into(),
+            ip: "192.0.2.7".parse().unwrap(),
+        },
+        Answer::Dnsbl(DnsblAnswer::Listed(vec![Ipv4Addr::new(127, 0, 0, 2)])),
+    );
+    let mut pair = Pair::with_dns(config, vec![listed]);
+    pair.take_output();
+    pair.send(b"EHLO c.example\r\nMAIL FROM:<a@example.net>\r\n");
+    assert!(pair.take_output().ends_with("250 2.1.0 Ok\r\n"));
+    assert!(
+        pair.connects.is_empty(),
+        "nothing relayed for a rejected client"
+    );
+    pair.send(b"RCPT TO:<postmaster@example.org>\r\nDATA\r\nhi\r\n.\r\n");
+    let output = pair.take_output();
+    assert!(output.starts_with("250 2.1.5 Ok\r\n354 "), "{output}");
+    assert!(
+        output.ends_with("250 2.0.0 Ok: queued as 1\r\n"),
+        "{output}"
+    );
+    assert_eq!(
+        pair.downstream.commands,
+        [
+            "EHLO mx.test",
+            "XCLIENT ADDR=192.0.2.7 PORT=53211 NAME=[UNAVAILABLE] PROTO=ESMTP HELO=c.example",
+            "EHLO c.example",
+            "MAIL FROM:<a@example.net>",
+            "RCPT TO:<postmaster@example.org>",
+            "DATA",
+        ]
+    );
+    assert_eq!(pair.downstream.delivered.len(), 1);
+}
