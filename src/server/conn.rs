@@ -659,7 +659,7 @@ impl Conn {
                 Action::CheckGreylist(triplet) => {
                     let times = GreylistTimes::of(&io.config.greylist);
                     // The client's network, for its quota of new triplets.
-                    let subnet = network_name(self.session.report().client.ip());
+                    let subnet = network_name(self.session.client().ip());
                     let op = StateOp::CheckGreylist {
                         key: triplet,
                         subnet,

@@ -1112,6 +1112,11 @@ impl Session {
         }
     }
 
+    /// The client's address (after PROXY, the one in the header).
+    pub fn client(&self) -> SocketAddr {
+        self.peer.client
+    }
+
     /// Whether the session is closed (its final bytes may still be in the outbox).
     pub fn is_closed(&self) -> bool {
         self.closed.is_some()
