@@ -111,6 +111,12 @@ pub struct Limits {
     pub max_recipients: usize,
     /// Unknown or malformed commands tolerated; the next gets `421` and a close.
     pub max_unknown_commands: u32,
+    /// NOOP, RSET, VRFY, HELP and repeated HELO/EHLO tolerated per session (Postfix's
+    /// `smtpd_junk_command_limit`); each one past it counts toward `max_errors`.
+    pub max_junk_commands: u32,
+    /// 4xx/5xx replies to a client's commands (greylisting's aside) after which it gets
+    /// `421 4.7.0` and is closed (Postfix's `smtpd_hard_error_limit`).
+    pub max_errors: u32,
     /// Longest command line in bytes, CRLF included.
     pub max_line_length: usize,
     /// What to do with a bare CR or LF in a message body.
@@ -753,6 +759,8 @@ impl Default for Limits {
             max_message_size: 25_000_000,
             max_recipients: 100,
             max_unknown_commands: 3,
+            max_junk_commands: 100,
+            max_errors: 20,
             max_line_length: 4096,
             bare_newline: BareNewline::Reject,
         }

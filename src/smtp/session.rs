@@ -375,6 +375,35 @@ struct Transaction {
     greylisting: Option<Box<str>>,
 }
 
+/// What the client did wrong since its last delivered message, as Postfix's smtpd counts it
+/// (`error_count`, `junk_cmds`): a message accepted for delivery forgives both (`smtpd.c`,
+/// `data_cmd` on `CLEANUP_STAT_OK`), so a sender that delivers many messages over one session
+/// is not closed for an RSET per message or a bad recipient now and then, while one that
+/// delivers nothing runs into the limits.
+#[derive(Clone, Copy, Debug, Default)]
+struct Strikes {
+    /// `Session::msgs` when these counts started: a delivery since then starts them over.
+    /// Kept as a count rather than reset where the downstream's 250 is handled, so the
+    /// relay path needs no hook.
+    since_msgs: u32,
+    /// 4xx/5xx replies to the client's commands, greylisting's aside (`max_errors`).
+    errors: u32,
+}
+
+impl Strikes {
+    /// The counts for the period since the last delivery, `msgs` being the messages
+    /// delivered so far.
+    fn current(&mut self, msgs: u32) -> &mut Strikes {
+        if self.since_msgs != msgs {
+            *self = Strikes {
+                since_msgs: msgs,
+                ..Strikes::default()
+            };
+        }
+        self
+    }
+}
+
 /// Where the downstream connection stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Link {
@@ -438,7 +467,11 @@ pub struct Session {
     esmtp: bool,
     tx: Option<Box<Transaction>>,
     relay: Option<Box<Relay>>,
-    errors: u32,
+    /// Unknown or malformed commands (and other protocol errors), against
+    /// `max_unknown_commands`; never forgiven.
+    protocol_errors: u32,
+    /// Errors and junk commands since the last delivered message.
+    strikes: Strikes,
     msgs: u32,
     rcpts: u32,
     last_failure: Option<&'static str>,
@@ -532,7 +565,8 @@ impl Session {
             esmtp: false,
             tx: None,
             relay: None,
-            errors: 0,
+            protocol_errors: 0,
+            strikes: Strikes::default(),
             msgs: 0,
             rcpts: 0,
             last_failure: None,
@@ -873,7 +907,9 @@ impl Session {
         // Whole seconds, rounded up: "try again in 0 seconds" would be a lie.
         let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
         let text = format!("Greylisted, please try again in {seconds} seconds");
-        self.reply(Reply::new(451, "4.7.1", text));
+        // Not an error of the client's (DESIGN.md §6.1): every first delivery attempt gets it,
+        // and a message to many new recipients must not run into `max_errors`.
+        self.say(Reply::new(451, "4.7.1", text));
     }
 
     /// The TLS handshake `Action::StartTls` started is done (RFC 3207 §4.2): the session starts
@@ -1070,7 +1106,7 @@ impl Session {
 
     fn greet(&mut self) {
         let banner = format!("{} ESMTP tarmac", self.config.server.hostname);
-        self.reply(Reply::without_enhanced(220, banner));
+        self.say(Reply::without_enhanced(220, banner));
     }
 
     /// The client's address is known (accept, or the PROXY header): start its lookups, or
@@ -1207,7 +1243,8 @@ impl Session {
             // RFC 5321 §3.1: a 554 greeting; the client should QUIT, other commands get 503.
             // After a `220-` teaser this is the greeting's final line, as postscreen does.
             self.blocked = Some(Blocked::Immediate);
-            self.reply(Reply::new(554, "5.7.1", text));
+            // The greeting, not an answer to a command: no error counted.
+            self.say(Reply::new(554, "5.7.1", text));
         } else {
             self.blocked = Some(Blocked::Enforce(text.into_boxed_str()));
             self.greet();
@@ -1435,14 +1472,11 @@ impl Session {
     /// Counts a protocol error (unknown command, over-long line, bare LF, client XCLIENT);
     /// past `max_unknown_commands` the reply is `421` and the session closes.
     fn line_error(&mut self, reply: Reply) {
-        self.errors += 1;
-        if self.errors > self.config.limits.max_unknown_commands {
+        self.protocol_errors += 1;
+        if self.protocol_errors > self.config.limits.max_unknown_commands {
             self.record_reputation(Event::ProtocolAbuse);
-            let text = format!("{} Error: too many errors", self.config.server.hostname);
-            self.close(
-                CloseReason::TooManyErrors,
-                Some(Reply::new(421, "4.7.0", text)),
-            );
+            let reply = too_many_errors(&self.config.server.hostname);
+            self.close(CloseReason::TooManyErrors, Some(reply));
         } else {
             self.reply(reply);
         }
@@ -2209,8 +2243,43 @@ impl Session {
 
     // ---- output and closing ----
 
+    /// Answers a client command. A 4xx or 5xx (tarmac's own or the downstream's, relayed)
+    /// counts toward `max_errors`; the one that reaches it is followed at once by `421 4.7.0
+    /// <hostname> Error: too many errors` and the close. Postfix checks `error_count >=
+    /// smtpd_hard_error_limit` before reading the next command, so it says the same after the
+    /// same reply; closing here rather than at the next read also closes a client that sends
+    /// nothing more, without waiting for its timeout.
     fn reply(&mut self, reply: Reply) {
+        let failed = reply.code >= 400;
+        self.say(reply);
+        if failed {
+            self.count_error();
+        }
+    }
+
+    /// Writes a reply for the client that is no answer to a command (greeting, the close's
+    /// `421`), or whose failure is not the client's doing (greylisting): nothing is counted.
+    fn say(&mut self, reply: Reply) {
         reply.write_to(&mut self.to_client);
+    }
+
+    /// One more error against `max_errors` (see [`Session::reply`]).
+    fn count_error(&mut self) {
+        if self.closed.is_some() {
+            return;
+        }
+        let strikes = self.strikes.current(self.msgs);
+        strikes.errors += 1;
+        if strikes.errors >= self.config.limits.max_errors {
+            log::info!(
+                "too many errors from {}: {} since its last delivered message",
+                self.peer.client,
+                strikes.errors
+            );
+            self.last_failure = Some("too-many-errors");
+            let reply = too_many_errors(&self.config.server.hostname);
+            self.close(CloseReason::TooManyErrors, Some(reply));
+        }
     }
 
     /// A downstream reply goes back to the client as it came, with an enhanced code added
@@ -2277,7 +2346,7 @@ impl Session {
             return;
         }
         if let Some(reply) = reply.filter(|_| !matches!(self.phase, Phase::StartingTls)) {
-            self.reply(reply);
+            self.say(reply);
         }
         if !self.release_relay_if_clean() {
             self.drop_relay();
@@ -2331,6 +2400,13 @@ fn identity<'a>(
 /// it at accept, before any session exists, or the session after a PROXY header.
 pub fn too_many_connections(hostname: &str) -> Reply {
     let text = format!("{hostname} Too many connections, try again later");
+    Reply::new(421, "4.7.0", text)
+}
+
+/// The reply that closes a session over `max_unknown_commands` or `max_errors` (Postfix's
+/// wording for its hard error limit).
+fn too_many_errors(hostname: &str) -> Reply {
+    let text = format!("{hostname} Error: too many errors");
     Reply::new(421, "4.7.0", text)
 }
 

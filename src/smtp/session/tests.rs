@@ -1227,3 +1227,5 @@ mod downstream_tls;
 mod reputation;
 // STARTTLS: the offer, the switch, discarded pipelining, the reset after the handshake.
 mod starttls;
+// Abuse bounds: error and junk limits, timeouts, stray PROXY headers, outbox caps.
+mod bounds;

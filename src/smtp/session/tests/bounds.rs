@@ -1,0 +1,116 @@
+//! Abuse bounds (DESIGN.md §6.1): the error and junk-command limits, the command timeout from
+//! the reply on, PROXY headers from clients that are not behind a balancer, and the outbox
+//! caps, on invented time.
+
+use super::*;
+
+const TOO_MANY_ERRORS: &str = "421 4.7.0 mx.test Error: too many errors\r\n";
+
+fn max_errors(n: u32) -> Config {
+    let mut config = config();
+    config.limits.max_errors = n;
+    config
+}
+
+#[test]
+fn errors_up_to_max_errors_get_421_and_a_close() {
+    let mut pair = Pair::new(max_errors(3));
+    pair.take_output();
+    // MAIL before EHLO: 503, an error each; the third reaches the limit.
+    pair.send(&b"MAIL FROM:<a@example.org>\r\n".repeat(5));
+    assert_eq!(
+        pair.take_output(),
+        "503 5.5.1 Error: send HELO/EHLO first\r\n".repeat(3) + TOO_MANY_ERRORS
+    );
+    assert!(pair.closed);
+    assert_eq!(pair.session.report().result, "too-many-errors");
+}
+
+#[test]
+fn a_client_that_waits_after_its_last_error_is_closed_at_once() {
+    let mut pair = Pair::new(max_errors(2));
+    pair.take_output();
+    pair.send(b"EXPN x\r\n");
+    assert!(!pair.closed);
+    pair.send(b"EXPN x\r\n");
+    assert_eq!(
+        pair.take_output(),
+        "502 5.5.1 Error: EXPN not available\r\n".repeat(2) + TOO_MANY_ERRORS
+    );
+    assert!(
+        pair.closed,
+        "no need to wait for its next command or its timeout"
+    );
+}
+
+#[test]
+fn relayed_downstream_errors_count_toward_max_errors() {
+    let mut pair = Pair::new(max_errors(2));
+    pair.take_output();
+    pair.send(
+        b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<unknown@example.org>\r\n\
+          RCPT TO:<unknown@example.org>\r\nRCPT TO:<b@example.net>\r\n",
+    );
+    let unknown = "550 5.1.1 <unknown@example.org>: User unknown\r\n";
+    let out = pair.take_output();
+    assert!(
+        out.ends_with(&(unknown.repeat(2) + TOO_MANY_ERRORS)),
+        "{out}"
+    );
+    assert!(pair.closed);
+    let rcpts = pair
+        .downstream
+        .commands
+        .iter()
+        .filter(|c| c.starts_with("RCPT"));
+    assert_eq!(rcpts.count(), 2, "nothing is relayed after the limit");
+    assert!(!pair.ds_open);
+}
+
+#[test]
+fn greylisting_451_is_not_counted_as_an_error() {
+    let mut config = max_errors(1);
+    config.greylist.enabled = true;
+    let mut pair = Pair::new(config);
+    pair.take_output();
+    pair.send(
+        b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b1@example.net>\r\n\
+          RCPT TO:<b2@example.net>\r\nRCPT TO:<b3@example.net>\r\n",
+    );
+    let out = pair.take_output();
+    assert_eq!(out.matches("451 4.7.1 Greylisted").count(), 3, "{out}");
+    assert!(!pair.closed);
+}
+
+#[test]
+fn a_delivered_message_forgives_earlier_errors() {
+    let mut pair = Pair::new(max_errors(3));
+    pair.take_output();
+    pair.send(
+        b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<unknown@example.org>\r\n\
+          RCPT TO:<unknown@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\nhi\r\n.\r\n",
+    );
+    assert!(
+        pair.take_output()
+            .ends_with("250 2.0.0 Ok: queued as 1\r\n")
+    );
+    // Two errors before the delivery, two after: under the limit of three since it.
+    pair.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<unknown@example.org>\r\nRCPT TO:<unknown@example.org>\r\n");
+    assert!(!pair.closed, "{}", pair.take_output());
+    pair.send(b"RCPT TO:<unknown@example.org>\r\n");
+    assert!(pair.take_output().ends_with(TOO_MANY_ERRORS));
+    assert!(pair.closed);
+    assert_eq!(pair.session.report().result, "delivered");
+}
+
+#[test]
+fn max_unknown_commands_still_closes_first() {
+    // Unknown commands have their own, lower limit; they count as errors as well.
+    let mut pair = Pair::new(max_errors(20));
+    pair.take_output();
+    pair.send(b"FOO\r\nBAR\r\nBAZ\r\nQUUX\r\n");
+    assert_eq!(
+        pair.take_output(),
+        "500 5.5.1 Command unrecognized\r\n".repeat(3) + TOO_MANY_ERRORS
+    );
+}
