@@ -388,6 +388,8 @@ struct Strikes {
     since_msgs: u32,
     /// 4xx/5xx replies to the client's commands, greylisting's aside (`max_errors`).
     errors: u32,
+    /// NOOP, RSET, VRFY, HELP and repeated HELO/EHLO (`max_junk_commands`).
+    junk: u32,
 }
 
 impl Strikes {
@@ -1505,6 +1507,21 @@ impl Session {
             }
             Some(Blocked::Enforce(_)) | None => {}
         }
+        let junk = match command {
+            Command::Noop | Command::Rset | Command::Vrfy | Command::Help => true,
+            // The first greeting (and the one RFC 3207 requires after STARTTLS, which forgets
+            // the first) is the protocol; another one is not needed for anything.
+            Command::Ehlo(_) | Command::Helo(_) => self.helo.is_some(),
+            _ => false,
+        };
+        self.run_command(now, command);
+        if junk {
+            self.count_junk();
+        }
+    }
+
+    /// Answers (or relays) one command the session's state lets through.
+    fn run_command(&mut self, now: Instant, command: Command<'_>) {
         match command {
             Command::Ehlo(name) | Command::Helo(name) => {
                 let esmtp = matches!(command, Command::Ehlo(_));
@@ -2261,6 +2278,26 @@ impl Session {
     /// `421`), or whose failure is not the client's doing (greylisting): nothing is counted.
     fn say(&mut self, reply: Reply) {
         reply.write_to(&mut self.to_client);
+    }
+
+    /// One more junk command (NOOP, RSET, VRFY, HELP, a repeated HELO/EHLO), counted after its
+    /// reply as Postfix's smtpd does with `smtpd_junk_command_limit`: past `max_junk_commands`
+    /// each one counts as an error toward `max_errors` (Postfix: `if (junk_cmds++ >
+    /// limit) error_count++`, per session, forgiven by a delivered message), so the client gets
+    /// Postfix's `421 4.7.0 <hostname> Error: too many errors` once errors reach that limit,
+    /// not a reply of its own. Without this a client could hold its session, and the downstream
+    /// connection it opened, for ever with a NOOP every few minutes. One difference: Postfix's
+    /// post-increment lets one more junk command through than its limit says; here the first
+    /// one past `max_junk_commands` counts.
+    fn count_junk(&mut self) {
+        if self.closed.is_some() {
+            return;
+        }
+        let strikes = self.strikes.current(self.msgs);
+        strikes.junk += 1;
+        if strikes.junk > self.config.limits.max_junk_commands {
+            self.count_error();
+        }
     }
 
     /// One more error against `max_errors` (see [`Session::reply`]).

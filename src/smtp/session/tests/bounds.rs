@@ -114,3 +114,72 @@ fn max_unknown_commands_still_closes_first() {
         "500 5.5.1 Command unrecognized\r\n".repeat(3) + TOO_MANY_ERRORS
     );
 }
+
+fn junk_limits(junk: u32, errors: u32) -> Config {
+    let mut config = max_errors(errors);
+    config.limits.max_junk_commands = junk;
+    config
+}
+
+const OK: &str = "250 2.0.0 Ok\r\n";
+
+#[test]
+fn noop_flood_gets_421_after_max_junk_commands() {
+    // The defaults: 100 junk commands, then each one more is an error; the 20th error closes.
+    let mut pair = Pair::new(config());
+    pair.take_output();
+    pair.send(b"EHLO c\r\n");
+    pair.take_output();
+    pair.send(&b"NOOP\r\n".repeat(200));
+    assert_eq!(pair.take_output(), OK.repeat(120) + TOO_MANY_ERRORS);
+    assert!(pair.closed);
+    assert_eq!(pair.session.report().result, "too-many-errors");
+}
+
+#[test]
+fn noop_every_few_minutes_cannot_hold_a_downstream_connection() {
+    let mut pair = Pair::new(junk_limits(3, 2));
+    pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n");
+    assert!(pair.ds_open);
+    pair.take_output();
+    for _ in 0..4 {
+        pair.advance(Duration::from_secs(240));
+        pair.send(b"NOOP\r\n");
+        assert_eq!(pair.take_output(), OK);
+    }
+    pair.advance(Duration::from_secs(240));
+    pair.send(b"NOOP\r\n");
+    assert_eq!(pair.take_output(), format!("{OK}{TOO_MANY_ERRORS}"));
+    assert!(pair.closed);
+    assert!(
+        !pair.ds_open,
+        "the downstream connection is closed with the session"
+    );
+}
+
+#[test]
+fn rset_vrfy_help_and_repeated_greetings_are_junk_the_first_greeting_is_not() {
+    let mut pair = Pair::new(junk_limits(4, 1));
+    pair.take_output();
+    pair.send(b"HELO c\r\nRSET\r\nVRFY x\r\nHELP\r\nEHLO c\r\n");
+    assert!(!pair.closed, "the first HELO is not junk: four so far");
+    pair.take_output();
+    pair.send(b"HELO c\r\n");
+    assert_eq!(
+        pair.take_output(),
+        format!("250 mx.test\r\n{TOO_MANY_ERRORS}")
+    );
+}
+
+#[test]
+fn a_delivered_message_starts_the_junk_count_over() {
+    let mut pair = Pair::new(junk_limits(2, 1));
+    pair.take_output();
+    pair.send(
+        b"EHLO c\r\nNOOP\r\nNOOP\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n\
+          DATA\r\nhi\r\n.\r\nRSET\r\nNOOP\r\n",
+    );
+    assert!(!pair.closed, "{}", pair.take_output());
+    pair.send(b"NOOP\r\n");
+    assert!(pair.take_output().ends_with(TOO_MANY_ERRORS));
+}
