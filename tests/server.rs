@@ -357,7 +357,7 @@ fn stalled_clients_are_timed_out_while_others_are_served() {
     let server = Server::start(config);
     let timeout = "421 4.4.2 mx.test Error: timeout exceeded\r\n";
 
-    // Says nothing at all: the idle time runs out.
+    // Says nothing at all after the banner: the command time runs from the banner.
     let mut silent = Client::connect(server.addr);
     assert_eq!(silent.reply(), BANNER);
     // Starts a command and stops: the command time runs out first.

@@ -321,9 +321,11 @@ enum TlsStage {
 /// One timer per kind; `poll_timeout` is the earliest.
 #[derive(Clone, Copy, Debug, Default)]
 struct Timers {
-    /// Fires when a started command line is not complete within `timeouts.command`, when
-    /// a PROXY header is not complete within [`PROXY_HEADER_TIMEOUT`], or when a STARTTLS
-    /// handshake is not done within `timeouts.command`.
+    /// Fires when no command line is complete within `timeouts.command` of tarmac's last reply
+    /// being handed out (the banner included; RFC 5321 §4.5.3.2.7, Postfix's `smtpd_timeout`;
+    /// bytes that do not complete a line do not move it), when a PROXY header is not complete
+    /// within [`PROXY_HEADER_TIMEOUT`], or when a STARTTLS handshake is not done within
+    /// `timeouts.command`.
     command: Option<Instant>,
     /// Fires when no command completed within `timeouts.idle` (not while in DATA or waiting).
     idle: Option<Instant>,
@@ -926,7 +928,8 @@ impl Session {
         self.esmtp = false;
         self.tx = None;
         self.phase = Phase::Command;
-        self.timers.command = None;
+        // The client speaks first after the handshake (its new EHLO): its command time starts.
+        self.timers.command = Some(now + self.command_timeout());
         self.timers.idle = Some(now + self.config.timeouts.idle);
         self.check_shutdown(now);
     }
@@ -1004,6 +1007,7 @@ impl Session {
                 } else if self.closed.is_none() && self.tls != TlsStage::Requested {
                     // The client's idle time starts when it has our reply.
                     self.timers.idle = Some(now + self.config.timeouts.idle);
+                    self.reply_handed_out(now);
                 }
             }
             self.start_tls_when_announced(now);
@@ -1013,12 +1017,16 @@ impl Session {
             Side::Client => &mut self.to_client,
             Side::Downstream => &mut self.to_downstream,
         };
+        let handed_out = !buf.is_empty();
         out.extend_from_slice(buf);
         buf.clear();
         if buf.capacity() > KEEP_CAPACITY {
             *buf = Vec::new();
         }
         if side == Side::Client {
+            if handed_out {
+                self.reply_handed_out(now);
+            }
             self.start_tls_when_announced(now);
         }
     }
@@ -1153,6 +1161,16 @@ impl Session {
             timeout.min(STRESS_COMMAND_TIMEOUT)
         } else {
             timeout
+        }
+    }
+
+    /// A reply (or the banner) went to the driver whole: from now on the client owes us its
+    /// next command, within `timeouts.command` (DESIGN.md §6.1). Only in the command phase:
+    /// a `354` starts the data timer instead, a STARTTLS `220` the handshake's. A tarpit hands
+    /// a reply out only once all of it is released, so a held reply does not run the timer.
+    fn reply_handed_out(&mut self, now: Instant) {
+        if matches!(self.phase, Phase::Command) && self.closed.is_none() {
+            self.timers.command = Some(now + self.command_timeout());
         }
     }
 
@@ -1425,7 +1443,9 @@ impl Session {
             self.line_error(Reply::new(500, "5.5.2", "Error: line too long"));
             return at + 1;
         }
-        if self.line.is_empty() && self.timers.command.is_none() {
+        if self.timers.command.is_none() {
+            // Normally armed when the last reply was handed out; a partial line never moves
+            // it (a client trickling bytes without ever finishing a command is still timed out).
             self.timers.command = Some(now + self.command_timeout());
         }
         let take = newline.map_or(input.len(), |at| at + 1);

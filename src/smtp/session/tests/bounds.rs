@@ -183,3 +183,63 @@ fn a_delivered_message_starts_the_junk_count_over() {
     pair.send(b"NOOP\r\n");
     assert!(pair.take_output().ends_with(TOO_MANY_ERRORS));
 }
+
+const TIMEOUT: &str = "421 4.4.2 mx.test Error: timeout exceeded\r\n";
+
+#[test]
+fn silent_client_after_banner_times_out_after_command_timeout() {
+    let mut pair = Pair::new(config());
+    let t0 = pair.now;
+    assert_eq!(pair.take_output(), BANNER);
+    assert_eq!(
+        pair.session.poll_timeout(),
+        Some(t0 + Duration::from_secs(300)),
+        "timeouts.command, not idle (600 s)"
+    );
+    pair.advance(Duration::from_secs(299));
+    assert_eq!(pair.take_output(), "");
+    pair.advance(Duration::from_secs(1));
+    assert_eq!(pair.take_output(), TIMEOUT);
+    assert!(pair.closed);
+    assert_eq!(pair.session.report().result, "timeout");
+}
+
+#[test]
+fn bytes_that_do_not_complete_a_line_do_not_restart_the_command_timeout() {
+    let mut pair = Pair::new(config());
+    pair.take_output();
+    pair.advance(Duration::from_secs(200));
+    pair.send(b"NO");
+    pair.advance(Duration::from_secs(99));
+    pair.send(b"O");
+    assert_eq!(pair.take_output(), "");
+    pair.advance(Duration::from_secs(1));
+    assert_eq!(pair.take_output(), TIMEOUT, "300 s after the banner");
+}
+
+#[test]
+fn the_command_timeout_runs_from_each_reply() {
+    let mut pair = Pair::new(config());
+    pair.take_output();
+    pair.advance(Duration::from_secs(299));
+    pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n");
+    assert!(pair.take_output().ends_with("250 2.1.0 Ok\r\n"));
+    let replied = pair.now;
+    assert_eq!(
+        pair.session.poll_timeout(),
+        Some(replied + Duration::from_secs(300))
+    );
+    pair.advance(Duration::from_secs(299));
+    assert!(!pair.closed);
+    pair.advance(Duration::from_secs(1));
+    assert_eq!(pair.take_output(), TIMEOUT);
+    assert!(!pair.ds_open, "the downstream is let go with the client");
+}
+
+#[test]
+fn stress_mode_shortens_the_wait_after_the_banner() {
+    let mut pair = Pair::stressed(config());
+    pair.take_output();
+    pair.advance(Duration::from_secs(10));
+    assert_eq!(pair.take_output(), TIMEOUT);
+}
