@@ -419,3 +419,14 @@ fn a_client_that_never_reads_is_held_back_not_buffered() {
     drop(flood);
     assert_serves(server.addr);
 }
+
+#[test]
+fn proxy_header_from_an_unlisted_address_is_closed_without_a_reply() {
+    let server = Server::start(config());
+    // Its first command after the banner: no reply to it or to what follows, only the close.
+    let mut client = Client::connect(server.addr);
+    assert_eq!(client.reply(), BANNER);
+    client.send("PROXY TCP4 203.0.113.9 127.0.0.1 4000 25\r\nEHLO spoofed.example\r\n");
+    client.expect_eof();
+    assert_serves(server.addr);
+}

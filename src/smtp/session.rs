@@ -63,7 +63,7 @@ use crate::smtp::checks::{Checks, ListedBy};
 use crate::smtp::command::{Body, Command, CommandError, MailParams, parse_command};
 use crate::smtp::data::{DataDecoder, DataViolation};
 use crate::smtp::log_text::escape;
-use crate::smtp::proxy::parse_proxy_header;
+use crate::smtp::proxy::{ProxyStart, parse_proxy_header, proxy_start};
 use crate::smtp::received::{Trace, write_received};
 use crate::smtp::reply::{EnhancedCode, Reply, Status, parse_reply};
 use crate::smtp::tarpit::Tarpit;
@@ -497,6 +497,9 @@ pub struct Session {
     paused: bool,
     /// What a pregreet talker sent first (at most [`PREGREET_KEEP`] bytes).
     pregreet: Option<Box<[u8]>>,
+    /// A command line (or an over-long one) was completed: a PROXY header can no longer be
+    /// what the client is sending.
+    spoke: bool,
     /// An `EnterTarpit` is unanswered: the greeting waits.
     awaiting_slot: bool,
     /// Tarpit verdict with its place granted: replies are held and released on a schedule.
@@ -585,6 +588,7 @@ impl Session {
             pass_recorded: false,
             paused: false,
             pregreet: None,
+            spoke: false,
             awaiting_slot: false,
             tarpit: None,
             close_after_release: false,
@@ -618,7 +622,12 @@ impl Session {
                     break;
                 }
                 Phase::Command if self.to_client.len() >= OUTBOX_CAP || holding => break,
-                Phase::Command => self.read_command(now, rest),
+                Phase::Command => match self.read_command(now, rest) {
+                    // Waiting for more of what may be a PROXY header (`check_first_command`);
+                    // a line that just went over the limit takes its LF on the next turn.
+                    0 if !self.discarding => break,
+                    used => used,
+                },
                 Phase::Proxy => self.read_proxy_header(now, rest),
                 Phase::StartingTls => {
                     // CVE-2011-0411: sent after STARTTLS in plain text; answered after the
@@ -1364,6 +1373,12 @@ impl Session {
         if self.pregreet.is_some() || bytes.is_empty() {
             return 0;
         }
+        match proxy_start(bytes) {
+            ProxyStart::Header => return self.stray_proxy_header(bytes.len()),
+            // Left with the driver until there are enough to tell.
+            ProxyStart::Undecided => return 0,
+            ProxyStart::NotProxy => {}
+        }
         let kept = bytes.get(..PREGREET_KEEP).unwrap_or(bytes);
         self.pregreet = Some(kept.into());
         log::info!(
@@ -1429,8 +1444,47 @@ impl Session {
         }
     }
 
+    /// A client outside `proxy_protocol_from` sent a PROXY header (DESIGN.md §6.1), before the
+    /// greeting or as its first command: it is closed without a banner or a reply
+    /// (`result=bad-proxy`), whatever `pregreet` says. Either a balancer missing from the
+    /// list, or a client hoping to pass for another address; neither is answered as SMTP.
+    /// Returns the bytes taken (`input_len`: everything offered).
+    fn stray_proxy_header(&mut self, input_len: usize) -> usize {
+        log::info!(
+            "PROXY header from {}, which is not in proxy_protocol_from: closed without a reply",
+            self.peer.client
+        );
+        self.last_failure = Some("bad-proxy");
+        self.close(CloseReason::BadProxy, None);
+        input_len
+    }
+
+    /// Whether the client's first command is a PROXY header: looks at the start of the
+    /// stream (the partial line kept plus `input`). Returns the bytes to take now: all of
+    /// them once closed, none while a v2 signature's start holds a line end (taking it
+    /// would answer the empty line), or `None` to read on as a command.
+    fn check_first_command(&mut self, input: &[u8]) -> Option<usize> {
+        let mut head = [0u8; 12];
+        let mut len = 0;
+        for (slot, &byte) in head.iter_mut().zip(self.line.iter().chain(input)) {
+            *slot = byte;
+            len += 1;
+        }
+        match proxy_start(head.get(..len).unwrap_or_default()) {
+            ProxyStart::Header => Some(self.stray_proxy_header(input.len())),
+            ProxyStart::Undecided if input.contains(&b'\n') => Some(0),
+            ProxyStart::Undecided | ProxyStart::NotProxy => None,
+        }
+    }
+
     /// Takes bytes of a command line; dispatches it once its LF arrives. Returns bytes used.
     fn read_command(&mut self, now: Instant, input: &[u8]) -> usize {
+        if !self.spoke
+            && !self.discarding
+            && let Some(used) = self.check_first_command(input)
+        {
+            return used;
+        }
         let max = self.config.limits.max_line_length;
         let newline = input.iter().position(|&b| b == b'\n');
         if self.discarding {
@@ -1439,6 +1493,7 @@ impl Session {
                 return input.len();
             };
             self.discarding = false;
+            self.spoke = true;
             self.timers.command = None;
             self.line_error(Reply::new(500, "5.5.2", "Error: line too long"));
             return at + 1;
@@ -1459,6 +1514,7 @@ impl Session {
             .extend_from_slice(input.get(..take).unwrap_or_default());
         if newline.is_some() {
             let line = std::mem::take(&mut self.line);
+            self.spoke = true;
             self.timers.command = None;
             self.timers.idle = Some(now + self.config.timeouts.idle);
             self.dispatch_line(now, &line);

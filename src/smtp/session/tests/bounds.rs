@@ -243,3 +243,100 @@ fn stress_mode_shortens_the_wait_after_the_banner() {
     pair.advance(Duration::from_secs(10));
     assert_eq!(pair.take_output(), TIMEOUT);
 }
+
+const V1_HEADER: &[u8] = b"PROXY TCP4 203.0.113.9 198.51.100.1 4000 25\r\n";
+const V2_HEADER: &[u8] =
+    b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c\xcb\x00\x71\x09\xc6\x33\x64\x01\x0f\xa0\x00\x19";
+
+/// A client before its greeting: a greet pause keeps it in the pregreet window.
+fn before_the_greeting(pregreet: crate::config::Pregreet) -> Pair {
+    let mut config = config();
+    config.tarpit.greet_pause = Duration::from_secs(6);
+    config.tarpit.banner_continuation = false;
+    config.tarpit.pregreet = pregreet;
+    Pair::new(config)
+}
+
+#[test]
+fn proxy_header_from_unlisted_address_closes_without_banner() {
+    use crate::config::Pregreet;
+    for pregreet in [Pregreet::Ignore, Pregreet::Reject, Pregreet::Drop] {
+        for header in [V1_HEADER, V2_HEADER] {
+            let mut pair = before_the_greeting(pregreet);
+            assert_eq!(pair.take_output(), "");
+            let mut bytes = header.to_vec();
+            bytes.extend_from_slice(b"EHLO c\r\n");
+            pair.send(&bytes);
+            pair.advance(Duration::from_secs(6));
+            assert_eq!(pair.take_output(), "", "{pregreet:?} {header:?}");
+            assert!(pair.closed);
+            let report = pair.session.report();
+            assert_eq!(report.result, "bad-proxy");
+            assert_eq!(
+                report.client,
+                peer(false, false).client,
+                "the header is not believed"
+            );
+        }
+    }
+}
+
+#[test]
+fn proxy_header_cut_before_the_greeting_is_still_caught() {
+    let mut pair = before_the_greeting(crate::config::Pregreet::Drop);
+    for piece in V2_HEADER.chunks(3) {
+        pair.send(piece);
+    }
+    assert_eq!(pair.take_output(), "", "no 521: it is a PROXY header");
+    assert!(pair.closed);
+    assert_eq!(pair.session.report().result, "bad-proxy");
+}
+
+#[test]
+fn proxy_header_as_the_first_command_closes_without_a_reply() {
+    for header in [V1_HEADER, V2_HEADER] {
+        // Whole, and one byte per call.
+        for split in [false, true] {
+            let mut pair = Pair::new(config());
+            assert_eq!(pair.take_output(), BANNER);
+            let mut bytes = header.to_vec();
+            bytes.extend_from_slice(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n");
+            if split {
+                for byte in &bytes {
+                    pair.send(std::slice::from_ref(byte));
+                }
+            } else {
+                pair.send(&bytes);
+            }
+            assert_eq!(pair.take_output(), "", "{header:?} split={split}");
+            assert!(pair.closed);
+            assert_eq!(pair.session.report().result, "bad-proxy");
+            assert!(pair.connects.is_empty());
+        }
+    }
+}
+
+#[test]
+fn proxy_later_in_the_session_is_only_an_unknown_command() {
+    let mut pair = Pair::new(config());
+    pair.take_output();
+    pair.send(b"EHLO c\r\n");
+    pair.take_output();
+    pair.send(V1_HEADER);
+    assert_eq!(pair.take_output(), "500 5.5.1 Command unrecognized\r\n");
+    assert!(!pair.closed);
+}
+
+#[test]
+fn a_line_exactly_at_the_limit_then_its_lf_in_the_next_read() {
+    let mut pair = Pair::new(config());
+    pair.take_output();
+    pair.send(b"EHLO c\r\n");
+    pair.take_output();
+    pair.send(&vec![b'x'; 4096]);
+    pair.send(b"\nNOOP\r\n");
+    assert_eq!(
+        pair.take_output(),
+        "500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n"
+    );
+}
