@@ -53,11 +53,16 @@ fn commands(n: usize) {
     let now = Instant::now();
     let batch = b"NOOP\r\nRSET\r\nVRFY postmaster\r\nHELP\r\nEHLO client.example\r\n";
     let per_batch = 5;
-    let mut session = Session::new(config, peer(), now);
+    let mut session = Session::new(config.clone(), peer(), now);
     let mut out = Vec::with_capacity(64 * 1024);
     let started = Instant::now();
     let mut replies = 0usize;
-    for _ in 0..n / per_batch {
+    for i in 0..n / per_batch {
+        // Every command here is a junk command (`max_junk_commands`, 100 by default): a new
+        // session before the limit, as a new client would be.
+        if i % 19 == 18 {
+            session = Session::new(config.clone(), peer(), now);
+        }
         let used = session.handle_client_data(now, batch);
         assert_eq!(used, batch.len());
         session.poll_transmit(now, &mut out);

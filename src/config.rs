@@ -114,10 +114,10 @@ pub struct Limits {
     /// Unknown or malformed commands tolerated; the next gets `421` and a close.
     pub max_unknown_commands: u32,
     /// NOOP, RSET, VRFY, HELP and repeated HELO/EHLO tolerated per session (Postfix's
-    /// `smtpd_junk_command_limit`).
+    /// `smtpd_junk_command_limit`); each one past it counts toward `max_errors`.
     pub max_junk_commands: u32,
-    /// `4xx`/`5xx` replies to a client's commands (greylisting aside) tolerated per session;
-    /// then `421` and a close (Postfix's `smtpd_hard_error_limit`).
+    /// 4xx/5xx replies to a client's commands (greylisting's aside) after which it gets
+    /// `421 4.7.0` and is closed (Postfix's `smtpd_hard_error_limit`).
     pub max_errors: u32,
     /// Longest command line in bytes, CRLF included.
     pub max_line_length: usize,
@@ -1272,7 +1272,7 @@ max_new_per_subnet = 9
 
         let text = "[limits]
 max_connections_per_subnet = 0
-max_junk_commands = 0
+max_junk_commands = 200000
 max_errors = \"20\"
 [greylist]
 max_entries = 999
@@ -1281,7 +1281,7 @@ max_new_per_subnet = 0
         assert_eq!(
             errors(text),
             "/etc/tarmac/tarmac.toml:2: limits.max_connections_per_subnet: must be at least 1, got 0
-/etc/tarmac/tarmac.toml:3: limits.max_junk_commands: must be from 1 to 1000000, got 0
+/etc/tarmac/tarmac.toml:3: limits.max_junk_commands: must be from 0 to 100000, got 200000
 /etc/tarmac/tarmac.toml:4: limits.max_errors: expected an integer, found string
 /etc/tarmac/tarmac.toml:6: greylist.max_entries: must be from 1000 to 1000000, got 999
 /etc/tarmac/tarmac.toml:7: greylist.max_new_per_subnet: must be at least 1, got 0"

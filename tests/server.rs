@@ -357,7 +357,7 @@ fn stalled_clients_are_timed_out_while_others_are_served() {
     let server = Server::start(config);
     let timeout = "421 4.4.2 mx.test Error: timeout exceeded\r\n";
 
-    // Says nothing at all: the idle time runs out.
+    // Says nothing at all after the banner: the command time runs from the banner.
     let mut silent = Client::connect(server.addr);
     assert_eq!(silent.reply(), BANNER);
     // Starts a command and stops: the command time runs out first.
@@ -375,7 +375,12 @@ fn stalled_clients_are_timed_out_while_others_are_served() {
 
 #[test]
 fn a_client_that_never_reads_is_held_back_not_buffered() {
-    let server = Server::start(config());
+    let mut config = config();
+    // The flood is NOOPs: out of reach of the junk and error limits, which would close it
+    // long before the kernel's buffers fill and this test could see the backpressure.
+    config.limits.max_junk_commands = u32::MAX;
+    config.limits.max_errors = u32::MAX;
+    let server = Server::start(config);
     // A small receive buffer on the client fills fast, so tarmac's replies back up.
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
@@ -412,5 +417,16 @@ fn a_client_that_never_reads_is_held_back_not_buffered() {
     // Meanwhile everyone else is served.
     assert_serves(server.addr);
     drop(flood);
+    assert_serves(server.addr);
+}
+
+#[test]
+fn proxy_header_from_an_unlisted_address_is_closed_without_a_reply() {
+    let server = Server::start(config());
+    // Its first command after the banner: no reply to it or to what follows, only the close.
+    let mut client = Client::connect(server.addr);
+    assert_eq!(client.reply(), BANNER);
+    client.send("PROXY TCP4 203.0.113.9 127.0.0.1 4000 25\r\nEHLO spoofed.example\r\n");
+    client.expect_eof();
     assert_serves(server.addr);
 }

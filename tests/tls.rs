@@ -547,7 +547,12 @@ fn a_tls_client_that_never_reads_is_held_back_not_buffered() {
     let sink = sink(Behaviour::Normal);
     let dir = temp_dir("tls-backpressure");
     let certs = TestCerts::generate(&dir, "mx");
-    let server = Server::start(tls_config(&sink, &certs));
+    let mut config = tls_config(&sink, &certs);
+    // The flood is NOOPs: out of reach of the junk and error limits, which would close it
+    // long before the buffers fill and this test could see the backpressure.
+    config.limits.max_junk_commands = u32::MAX;
+    config.limits.max_errors = u32::MAX;
+    let server = Server::start(config);
     // A small receive buffer on the client fills fast, so tarmac's replies back up.
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket.set_recv_buffer_size(4096).unwrap();

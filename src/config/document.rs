@@ -338,9 +338,10 @@ impl<'p> Reader<'p> {
                     r.set(&mut l.max_unknown_commands, key, v, |v| int(v, 0, 1000));
                 }
                 "max_junk_commands" => {
-                    r.set(&mut l.max_junk_commands, key, v, |v| int(v, 1, 1_000_000));
+                    r.set(&mut l.max_junk_commands, key, v, |v| int(v, 0, 100_000));
                 }
-                "max_errors" => r.set(&mut l.max_errors, key, v, |v| int(v, 1, 1_000_000)),
+                // 0 would close on the first error: at least one is always tolerated.
+                "max_errors" => r.set(&mut l.max_errors, key, v, |v| int(v, 1, 100_000)),
                 // RFC 5321 §4.5.3.1.4: a command line may be 512 octets; we must accept that much.
                 "max_line_length" => r.set(&mut l.max_line_length, key, v, |v| int(v, 512, 65_536)),
                 "bare_newline" => r.set(&mut l.bare_newline, key, v, |v| {

@@ -28,6 +28,37 @@ pub enum ProxyError {
 /// The v2 signature, the first 12 bytes of a binary header.
 const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
 
+/// How a v1 header starts.
+const V1_PREFIX: &[u8; 6] = b"PROXY ";
+
+/// What the first bytes of a client that is not behind a balancer say about a PROXY header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyStart {
+    /// They begin with `PROXY ` or the v2 signature.
+    Header,
+    /// Too few to tell: a proper prefix of `PROXY ` or of the v2 signature (nothing yet too).
+    Undecided,
+    /// No PROXY header.
+    NotProxy,
+}
+
+/// Whether `first`, the start of what a client sent, is a PROXY v1/v2 header. Only the
+/// start counts: `PROXY ` as the fifth command is just an unknown command.
+pub fn proxy_start(first: &[u8]) -> ProxyStart {
+    let mut undecided = false;
+    for signature in [&V1_PREFIX[..], &V2_SIGNATURE[..]] {
+        if first.starts_with(signature) {
+            return ProxyStart::Header;
+        }
+        undecided |= signature.starts_with(first);
+    }
+    if undecided {
+        ProxyStart::Undecided
+    } else {
+        ProxyStart::NotProxy
+    }
+}
+
 /// A v1 line is at most this long, CRLF included (the spec's worst case, TCP6 with maximal
 /// addresses and ports).
 const MAX_V1_LINE: usize = 107;
@@ -82,8 +113,8 @@ fn header_length(buf: &[u8]) -> Result<Option<usize>, ProxyError> {
         }
         return Ok((buf.len() >= length).then_some(length));
     }
-    let prefix = buf.len().min(6);
-    if buf.get(..prefix) != b"PROXY ".get(..prefix) {
+    let prefix = buf.len().min(V1_PREFIX.len());
+    if buf.get(..prefix) != V1_PREFIX.get(..prefix) {
         return Err(ProxyError::Malformed);
     }
     match buf.iter().take(MAX_V1_LINE).position(|&b| b == b'\n') {
@@ -163,5 +194,35 @@ mod tests {
         }
         let endless = vec![b'P'; MAX_PROXY_HEADER + 10];
         assert!(parse_proxy_header(&endless).is_err());
+    }
+
+    #[test]
+    fn proxy_start_table() {
+        let cases: &[(&[u8], ProxyStart)] = &[
+            (
+                b"PROXY TCP4 192.0.2.7 198.51.100.1 53211 25\r\n",
+                ProxyStart::Header,
+            ),
+            (b"PROXY ", ProxyStart::Header),
+            (b"\r\n\r\n\0\r\nQUIT\n\x21\x11", ProxyStart::Header),
+            (b"\r\n\r\n\0\r\nQUIT\n", ProxyStart::Header),
+            (b"", ProxyStart::Undecided),
+            (b"PROX", ProxyStart::Undecided),
+            (b"\r\n", ProxyStart::Undecided),
+            (b"\r\n\r\n\0\r\nQUI", ProxyStart::Undecided),
+            (b"PROXYTCP4", ProxyStart::NotProxy),
+            (b"proxy TCP4", ProxyStart::NotProxy),
+            (b"EHLO x\r\n", ProxyStart::NotProxy),
+            (b"\r\nEHLO", ProxyStart::NotProxy),
+            (b"\r\n\r\n\0\r\nQUIT\r\n", ProxyStart::NotProxy),
+        ];
+        for &(first, expected) in cases {
+            assert_eq!(
+                proxy_start(first),
+                expected,
+                "{:?}",
+                first.escape_ascii().to_string()
+            );
+        }
     }
 }

@@ -66,7 +66,7 @@ use crate::smtp::checks::{Checks, ListedBy};
 use crate::smtp::command::{Body, Command, CommandError, MailParams, parse_command};
 use crate::smtp::data::{DataDecoder, DataViolation};
 use crate::smtp::log_text::escape;
-use crate::smtp::proxy::parse_proxy_header;
+use crate::smtp::proxy::{ProxyStart, parse_proxy_header, proxy_start};
 use crate::smtp::received::{Trace, write_received};
 use crate::smtp::reply::{EnhancedCode, Reply, Status, parse_reply};
 use crate::smtp::tarpit::Tarpit;
@@ -353,9 +353,11 @@ enum TlsStage {
 /// One timer per kind; `poll_timeout` is the earliest.
 #[derive(Clone, Copy, Debug, Default)]
 struct Timers {
-    /// Fires when a started command line is not complete within `timeouts.command`, when
-    /// a PROXY header is not complete within [`PROXY_HEADER_TIMEOUT`], or when a STARTTLS
-    /// handshake is not done within `timeouts.command`.
+    /// Fires when no command line is complete within `timeouts.command` of tarmac's last reply
+    /// being handed out (the banner included; RFC 5321 §4.5.3.2.7, Postfix's `smtpd_timeout`;
+    /// bytes that do not complete a line do not move it), when a PROXY header is not complete
+    /// within [`PROXY_HEADER_TIMEOUT`], or when a STARTTLS handshake is not done within
+    /// `timeouts.command`.
     command: Option<Instant>,
     /// Fires when no command completed within `timeouts.idle` (not while in DATA or waiting).
     idle: Option<Instant>,
@@ -411,6 +413,37 @@ struct Transaction {
     relayed: bool,
     /// The recipient waiting for that late MAIL's reply.
     after_mail: Option<Box<str>>,
+}
+
+/// What the client did wrong since its last delivered message, as Postfix's smtpd counts it
+/// (`error_count`, `junk_cmds`): a message accepted for delivery forgives both (`smtpd.c`,
+/// `data_cmd` on `CLEANUP_STAT_OK`), so a sender that delivers many messages over one session
+/// is not closed for an RSET per message or a bad recipient now and then, while one that
+/// delivers nothing runs into the limits.
+#[derive(Clone, Copy, Debug, Default)]
+struct Strikes {
+    /// `Session::msgs` when these counts started: a delivery since then starts them over.
+    /// Kept as a count rather than reset where the downstream's 250 is handled, so the
+    /// relay path needs no hook.
+    since_msgs: u32,
+    /// 4xx/5xx replies to the client's commands, greylisting's aside (`max_errors`).
+    errors: u32,
+    /// NOOP, RSET, VRFY, HELP and repeated HELO/EHLO (`max_junk_commands`).
+    junk: u32,
+}
+
+impl Strikes {
+    /// The counts for the period since the last delivery, `msgs` being the messages
+    /// delivered so far.
+    fn current(&mut self, msgs: u32) -> &mut Strikes {
+        if self.since_msgs != msgs {
+            *self = Strikes {
+                since_msgs: msgs,
+                ..Strikes::default()
+            };
+        }
+        self
+    }
 }
 
 /// Where the downstream connection stands.
@@ -483,7 +516,11 @@ pub struct Session {
     relay: Option<Box<Relay>>,
     /// The id the next downstream connection gets.
     next_link: u32,
-    errors: u32,
+    /// Unknown or malformed commands (and other protocol errors), against
+    /// `max_unknown_commands`; never forgiven.
+    protocol_errors: u32,
+    /// Errors and junk commands since the last delivered message.
+    strikes: Strikes,
     msgs: u32,
     rcpts: u32,
     last_failure: Option<&'static str>,
@@ -505,6 +542,9 @@ pub struct Session {
     paused: bool,
     /// What a pregreet talker sent first (at most [`PREGREET_KEEP`] bytes).
     pregreet: Option<Box<[u8]>>,
+    /// A command line (or an over-long one) was completed: a PROXY header can no longer be
+    /// what the client is sending.
+    spoke: bool,
     /// An `EnterTarpit` is unanswered: the greeting waits.
     awaiting_slot: bool,
     /// Tarpit verdict with its place granted: replies are held and released on a schedule.
@@ -577,7 +617,8 @@ impl Session {
             tx: None,
             relay: None,
             next_link: 0,
-            errors: 0,
+            protocol_errors: 0,
+            strikes: Strikes::default(),
             msgs: 0,
             rcpts: 0,
             last_failure: None,
@@ -592,6 +633,7 @@ impl Session {
             pass_recorded: false,
             paused: false,
             pregreet: None,
+            spoke: false,
             awaiting_slot: false,
             tarpit: None,
             close_after_release: false,
@@ -626,7 +668,12 @@ impl Session {
                     break;
                 }
                 Phase::Command if self.to_client.len() >= OUTBOX_CAP || holding => break,
-                Phase::Command => self.read_command(now, rest),
+                Phase::Command => match self.read_command(now, rest) {
+                    // Waiting for more of what may be a PROXY header (`check_first_command`);
+                    // a line that just went over the limit takes its LF on the next turn.
+                    0 if !self.discarding => break,
+                    used => used,
+                },
                 Phase::Proxy => self.read_proxy_header(now, rest),
                 Phase::StartingTls => {
                     // CVE-2011-0411: sent after STARTTLS in plain text; answered after the
@@ -927,7 +974,9 @@ impl Session {
         // Whole seconds, rounded up: "try again in 0 seconds" would be a lie.
         let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
         let text = format!("Greylisted, please try again in {seconds} seconds");
-        self.reply(Reply::new(451, "4.7.1", text));
+        // Not an error of the client's (DESIGN.md §6.1): every first delivery attempt gets it,
+        // and a message to many new recipients must not run into `max_errors`.
+        self.say(Reply::new(451, "4.7.1", text));
     }
 
     /// The TLS handshake `Action::StartTls` started is done (RFC 3207 §4.2): the session starts
@@ -942,7 +991,8 @@ impl Session {
         self.esmtp = false;
         self.tx = None;
         self.phase = Phase::Command;
-        self.timers.command = None;
+        // The client speaks first after the handshake (its new EHLO): its command time starts.
+        self.timers.command = Some(now + self.command_timeout());
         self.timers.idle = Some(now + self.config.timeouts.idle);
         self.check_shutdown(now);
     }
@@ -1018,12 +1068,17 @@ impl Session {
                 } else if self.closed.is_none() && self.tls != TlsStage::Requested {
                     // The client's idle time starts when it has our reply.
                     self.timers.idle = Some(now + self.config.timeouts.idle);
+                    self.reply_handed_out(now);
                 }
             }
             self.start_tls_when_announced(now);
             return;
         }
+        let handed_out = !self.to_client.is_empty();
         hand_out(&mut self.to_client, out);
+        if handed_out {
+            self.reply_handed_out(now);
+        }
         self.start_tls_when_announced(now);
     }
 
@@ -1126,7 +1181,7 @@ impl Session {
 
     fn greet(&mut self) {
         let banner = format!("{} ESMTP tarmac", self.config.server.hostname);
-        self.reply(Reply::without_enhanced(220, banner));
+        self.say(Reply::without_enhanced(220, banner));
     }
 
     /// The client's address is known (accept, or the PROXY header): start its lookups, or
@@ -1171,6 +1226,16 @@ impl Session {
             timeout.min(STRESS_COMMAND_TIMEOUT)
         } else {
             timeout
+        }
+    }
+
+    /// A reply (or the banner) went to the driver whole: from now on the client owes us its
+    /// next command, within `timeouts.command` (DESIGN.md §6.1). Only in the command phase:
+    /// a `354` starts the data timer instead, a STARTTLS `220` the handshake's. A tarpit hands
+    /// a reply out only once all of it is released, so a held reply does not run the timer.
+    fn reply_handed_out(&mut self, now: Instant) {
+        if matches!(self.phase, Phase::Command) && self.closed.is_none() {
+            self.timers.command = Some(now + self.command_timeout());
         }
     }
 
@@ -1263,7 +1328,8 @@ impl Session {
             // RFC 5321 §3.1: a 554 greeting; the client should QUIT, other commands get 503.
             // After a `220-` teaser this is the greeting's final line, as postscreen does.
             self.blocked = Some(Blocked::Immediate);
-            self.reply(Reply::new(554, "5.7.1", text));
+            // The greeting, not an answer to a command: no error counted.
+            self.say(Reply::new(554, "5.7.1", text));
         } else {
             self.blocked = Some(Blocked::Enforce(text.into_boxed_str()));
             self.greet();
@@ -1363,6 +1429,12 @@ impl Session {
         if self.pregreet.is_some() || bytes.is_empty() {
             return 0;
         }
+        match proxy_start(bytes) {
+            ProxyStart::Header => return self.stray_proxy_header(bytes.len()),
+            // Left with the driver until there are enough to tell.
+            ProxyStart::Undecided => return 0,
+            ProxyStart::NotProxy => {}
+        }
         let kept = bytes.get(..PREGREET_KEEP).unwrap_or(bytes);
         self.pregreet = Some(kept.into());
         log::info!(
@@ -1428,8 +1500,47 @@ impl Session {
         }
     }
 
+    /// A client outside `proxy_protocol_from` sent a PROXY header (DESIGN.md §6.1), before the
+    /// greeting or as its first command: it is closed without a banner or a reply
+    /// (`result=bad-proxy`), whatever `pregreet` says. Either a balancer missing from the
+    /// list, or a client hoping to pass for another address; neither is answered as SMTP.
+    /// Returns the bytes taken (`input_len`: everything offered).
+    fn stray_proxy_header(&mut self, input_len: usize) -> usize {
+        log::info!(
+            "PROXY header from {}, which is not in proxy_protocol_from: closed without a reply",
+            self.peer.client
+        );
+        self.last_failure = Some("bad-proxy");
+        self.close(CloseReason::BadProxy, None);
+        input_len
+    }
+
+    /// Whether the client's first command is a PROXY header: looks at the start of the
+    /// stream (the partial line kept plus `input`). Returns the bytes to take now: all of
+    /// them once closed, none while a v2 signature's start holds a line end (taking it
+    /// would answer the empty line), or `None` to read on as a command.
+    fn check_first_command(&mut self, input: &[u8]) -> Option<usize> {
+        let mut head = [0u8; 12];
+        let mut len = 0;
+        for (slot, &byte) in head.iter_mut().zip(self.line.iter().chain(input)) {
+            *slot = byte;
+            len += 1;
+        }
+        match proxy_start(head.get(..len).unwrap_or_default()) {
+            ProxyStart::Header => Some(self.stray_proxy_header(input.len())),
+            ProxyStart::Undecided if input.contains(&b'\n') => Some(0),
+            ProxyStart::Undecided | ProxyStart::NotProxy => None,
+        }
+    }
+
     /// Takes bytes of a command line; dispatches it once its LF arrives. Returns bytes used.
     fn read_command(&mut self, now: Instant, input: &[u8]) -> usize {
+        if !self.spoke
+            && !self.discarding
+            && let Some(used) = self.check_first_command(input)
+        {
+            return used;
+        }
         let max = self.config.limits.max_line_length;
         let newline = input.iter().position(|&b| b == b'\n');
         if self.discarding {
@@ -1438,11 +1549,14 @@ impl Session {
                 return input.len();
             };
             self.discarding = false;
+            self.spoke = true;
             self.timers.command = None;
             self.line_error(Reply::new(500, "5.5.2", "Error: line too long"));
             return at + 1;
         }
-        if self.line.is_empty() && self.timers.command.is_none() {
+        if self.timers.command.is_none() {
+            // Normally armed when the last reply was handed out; a partial line never moves
+            // it (a client trickling bytes without ever finishing a command is still timed out).
             self.timers.command = Some(now + self.command_timeout());
         }
         let take = newline.map_or(input.len(), |at| at + 1);
@@ -1456,6 +1570,7 @@ impl Session {
             .extend_from_slice(input.get(..take).unwrap_or_default());
         if newline.is_some() {
             let line = std::mem::take(&mut self.line);
+            self.spoke = true;
             self.timers.command = None;
             self.timers.idle = Some(now + self.config.timeouts.idle);
             self.dispatch_line(now, &line);
@@ -1491,14 +1606,11 @@ impl Session {
     /// Counts a protocol error (unknown command, over-long line, bare LF, client XCLIENT);
     /// past `max_unknown_commands` the reply is `421` and the session closes.
     fn line_error(&mut self, reply: Reply) {
-        self.errors += 1;
-        if self.errors > self.config.limits.max_unknown_commands {
+        self.protocol_errors += 1;
+        if self.protocol_errors > self.config.limits.max_unknown_commands {
             self.record_reputation(Event::ProtocolAbuse);
-            let text = format!("{} Error: too many errors", self.config.server.hostname);
-            self.close(
-                CloseReason::TooManyErrors,
-                Some(Reply::new(421, "4.7.0", text)),
-            );
+            let reply = too_many_errors(&self.config.server.hostname);
+            self.close(CloseReason::TooManyErrors, Some(reply));
         } else {
             self.reply(reply);
         }
@@ -1527,6 +1639,21 @@ impl Session {
             }
             Some(Blocked::Enforce(_)) | None => {}
         }
+        let junk = match command {
+            Command::Noop | Command::Rset | Command::Vrfy | Command::Help => true,
+            // The first greeting (and the one RFC 3207 requires after STARTTLS, which forgets
+            // the first) is the protocol; another one is not needed for anything.
+            Command::Ehlo(_) | Command::Helo(_) => self.helo.is_some(),
+            _ => false,
+        };
+        self.run_command(now, command);
+        if junk {
+            self.count_junk();
+        }
+    }
+
+    /// Answers (or relays) one command the session's state lets through.
+    fn run_command(&mut self, now: Instant, command: Command<'_>) {
         match command {
             Command::Ehlo(name) | Command::Helo(name) => {
                 let esmtp = matches!(command, Command::Ehlo(_));
@@ -2386,8 +2513,63 @@ impl Session {
 
     // ---- output and closing ----
 
+    /// Answers a client command. A 4xx or 5xx (tarmac's own or the downstream's, relayed)
+    /// counts toward `max_errors`; the one that reaches it is followed at once by `421 4.7.0
+    /// <hostname> Error: too many errors` and the close. Postfix checks `error_count >=
+    /// smtpd_hard_error_limit` before reading the next command, so it says the same after the
+    /// same reply; closing here rather than at the next read also closes a client that sends
+    /// nothing more, without waiting for its timeout.
     fn reply(&mut self, reply: Reply) {
+        let failed = reply.code >= 400;
+        self.say(reply);
+        if failed {
+            self.count_error();
+        }
+    }
+
+    /// Writes a reply for the client that is no answer to a command (greeting, the close's
+    /// `421`), or whose failure is not the client's doing (greylisting): nothing is counted.
+    fn say(&mut self, reply: Reply) {
         reply.write_to(&mut self.to_client);
+    }
+
+    /// One more junk command (NOOP, RSET, VRFY, HELP, a repeated HELO/EHLO), counted after its
+    /// reply as Postfix's smtpd does with `smtpd_junk_command_limit`: past `max_junk_commands`
+    /// each one counts as an error toward `max_errors` (Postfix: `if (junk_cmds++ >
+    /// limit) error_count++`, per session, forgiven by a delivered message), so the client gets
+    /// Postfix's `421 4.7.0 <hostname> Error: too many errors` once errors reach that limit,
+    /// not a reply of its own. Without this a client could hold its session, and the downstream
+    /// connection it opened, for ever with a NOOP every few minutes. One difference: Postfix's
+    /// post-increment lets one more junk command through than its limit says; here the first
+    /// one past `max_junk_commands` counts.
+    fn count_junk(&mut self) {
+        if self.closed.is_some() {
+            return;
+        }
+        let strikes = self.strikes.current(self.msgs);
+        strikes.junk += 1;
+        if strikes.junk > self.config.limits.max_junk_commands {
+            self.count_error();
+        }
+    }
+
+    /// One more error against `max_errors` (see [`Session::reply`]).
+    fn count_error(&mut self) {
+        if self.closed.is_some() {
+            return;
+        }
+        let strikes = self.strikes.current(self.msgs);
+        strikes.errors += 1;
+        if strikes.errors >= self.config.limits.max_errors {
+            log::info!(
+                "too many errors from {}: {} since its last delivered message",
+                self.peer.client,
+                strikes.errors
+            );
+            self.last_failure = Some("too-many-errors");
+            let reply = too_many_errors(&self.config.server.hostname);
+            self.close(CloseReason::TooManyErrors, Some(reply));
+        }
     }
 
     /// A downstream reply goes back to the client as it came, with an enhanced code added
@@ -2454,7 +2636,7 @@ impl Session {
             return;
         }
         if let Some(reply) = reply.filter(|_| !matches!(self.phase, Phase::StartingTls)) {
-            self.reply(reply);
+            self.say(reply);
         }
         if !self.release_relay_if_clean(true) {
             self.drop_relay();
@@ -2518,6 +2700,13 @@ fn hand_out(buf: &mut Vec<u8>, out: &mut Vec<u8>) {
     if buf.capacity() > KEEP_CAPACITY {
         *buf = Vec::new();
     }
+}
+
+/// The reply that closes a session over `max_unknown_commands` or `max_errors` (Postfix's
+/// wording for its hard error limit).
+fn too_many_errors(hostname: &str) -> Reply {
+    let text = format!("{hostname} Error: too many errors");
+    Reply::new(421, "4.7.0", text)
 }
 
 fn downstream_lost() -> Reply {

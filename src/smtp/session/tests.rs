@@ -826,7 +826,11 @@ fn command_and_idle_timeouts() {
     assert!(pair.closed);
     assert_eq!(pair.session.report().result, "timeout");
 
-    let mut pair = Pair::new(config());
+    // `idle` bounds the whole session without a completed command; with a command timeout
+    // longer than it, it is the one that fires.
+    let mut config = config();
+    config.timeouts.command = Duration::from_secs(900);
+    let mut pair = Pair::new(config);
     pair.take_output();
     assert_eq!(
         pair.session.poll_timeout(),
@@ -1023,7 +1027,8 @@ fn waiting_for_a_slow_downstream_reports_no_stale_deadline() {
     );
     assert_eq!(
         pair.session.poll_timeout(),
-        Some(pair.now + Duration::from_secs(600))
+        Some(pair.now + Duration::from_secs(300)),
+        "the command timeout runs from the relayed reply"
     );
 }
 
@@ -1459,3 +1464,5 @@ mod downstream_tls;
 mod reputation;
 // STARTTLS: the offer, the switch, discarded pipelining, the reset after the handshake.
 mod starttls;
+// Abuse bounds: error and junk limits, timeouts, stray PROXY headers, outbox caps.
+mod bounds;

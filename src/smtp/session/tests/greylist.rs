@@ -9,6 +9,10 @@ use crate::dns::DnsblAnswer;
 fn greylisting() -> Config {
     let mut config = config();
     config.greylist.enabled = true;
+    // These tests retry within one session after the greylist delay (a real sender reconnects),
+    // so the session must outlive it.
+    config.timeouts.command = Duration::from_secs(3600);
+    config.timeouts.idle = Duration::from_secs(3600);
     config
 }
 

@@ -227,6 +227,8 @@ fn too_many_errors_is_protocol_abuse() {
 fn a_greylist_pass_counts_once_per_session() {
     let mut config = remembering();
     config.greylist.enabled = true;
+    // The retry comes within the session, after the greylist delay: it must outlive it.
+    config.timeouts.command = Duration::from_secs(3600);
     let mut pair = Pair::new(config);
     pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nRCPT TO:<c@example.net>\r\n");
     assert!(pair.reputation_events.is_empty(), "deferred is not a pass");

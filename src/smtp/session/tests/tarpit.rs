@@ -339,3 +339,28 @@ fn stress_shortens_the_pause_and_the_command_timeout_and_stops_stutter() {
     pair.advance(SECOND);
     assert_eq!(pair.take_output(), &BANNER[1..], "the rest at once");
 }
+
+#[test]
+fn a_held_reply_does_not_run_the_command_timeout() {
+    let (mut config, dns) = tarpitted(200, 0);
+    config.timeouts.command = Duration::from_secs(300);
+    let mut pair = Pair::with_dns(config, dns);
+    pair.advance(200 * SECOND);
+    assert_eq!(pair.take_output(), BANNER);
+    let released = pair.now;
+    pair.send(b"EHLO c\r\n");
+    // Held 200 s: the client owes nothing until it has the reply; then 300 s from there.
+    pair.advance(200 * SECOND);
+    assert_eq!(pair.take_output(), EHLO_REPLY);
+    assert_eq!(
+        pair.session.poll_timeout(),
+        Some(released + 500 * SECOND),
+        "timeouts.command from the release of the reply"
+    );
+    pair.advance(299 * SECOND);
+    assert!(!pair.session.is_closed());
+    pair.advance(SECOND);
+    // Closed; its 421 goes out on the tarpit's schedule.
+    assert!(pair.session.is_closed());
+    assert_eq!(pair.session.report().result, "timeout");
+}
