@@ -50,10 +50,14 @@ const RUN_LIMIT: Duration = Duration::from_secs(120);
 const SHORT_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Pool size in multiplexing mode: small, so connections are reused a lot.
 const POOL_SIZE: usize = 2;
-/// File descriptors the process may hold above the baseline once everything stopped.
-const FD_SLACK: usize = 8;
-/// RSS the process may hold above the baseline once everything stopped.
-const RSS_SLACK_KIB: u64 = 64 * 1024;
+/// File descriptors the process may hold above the baseline once everything stopped. The
+/// count is process-wide and other integration tests run in parallel threads, so it is only a
+/// coarse guard; `connections_on` checks this run's own sockets exactly (none may be left).
+const FD_SLACK: usize = 64;
+/// RSS the process may hold above the baseline once everything stopped: coarse for the same
+/// reason, but far below what a per-transaction leak over the run's 400 transactions and
+/// ~150 downstream connections (about 1 MB each at the 160 KB bound, doubled) would leave.
+const RSS_SLACK_KIB: u64 = 96 * 1024;
 /// Violations of one kind shown in full in the failure message (all are in the report file).
 const SHOWN_PER_KIND: usize = 3;
 
