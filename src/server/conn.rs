@@ -7,10 +7,15 @@
 //! edge and without a `reregister` per event; spurious events cost one `WouldBlock`.
 //!
 //! Backpressure chain: the session's `wants_read()` gates client reads; unconsumed client bytes
-//! wait in `input`, which stops reads at [`READ_CHUNK`] + `max_line_length`; more output is
-//! pulled from `poll_transmit` only while the socket's outbox is under [`OUTBOX_HIGH`]. Every
-//! buffer is therefore bounded, and an empty one gives its memory back when it grew past
-//! [`SHRINK_ABOVE`], so an idle connection costs its struct, its session and its sockets.
+//! wait in `input`, which stops reads at [`COMMAND_INPUT`] outside a message body and at
+//! [`READ_CHUNK`] + `max_line_length` in one; more output is pulled from `poll_transmit` only
+//! while the socket's outbox is under [`CLIENT_OUTBOX_HIGH`] (client) or [`OUTBOX_HIGH`]
+//! (downstream). A client that does not read its replies therefore stops being read: its
+//! replies fill the socket, then this outbox, then the session's (`CLIENT_OUTBOX_CAP`), and
+//! the session takes no more commands. Every buffer is bounded (DESIGN.md §6.1 "Memory":
+//! 16 KB for a connection that relays nothing, 160 KB for one relaying a body; `bench/memory.rs`
+//! measures it), and an empty one gives its memory back when it grew past [`SHRINK_ABOVE`], so
+//! an idle connection costs its struct, its session and its sockets.
 //!
 //! TLS: on `Action::StartTls` the client socket gets a [`TlsStream`] (boxed, so a plain
 //! connection pays one pointer), with what was already handed out (the `220`) as its plain-text
@@ -58,9 +63,23 @@ use crate::state::{GreylistTimes, StateAnswer, StateOp, Waiter as StateWaiter};
 /// turn; more starves neighbours, less costs syscalls. It is also the worker's scratch size.
 pub(crate) const READ_CHUNK: usize = 16 * 1024;
 
-/// Pending bytes per outbox before `poll_transmit` is left alone: a slow reader holds at most
-/// this much of ours, and the session keeps the rest (and stops reading) itself.
-const OUTBOX_HIGH: usize = 64 * 1024;
+/// Pending bytes for the downstream before `poll_transmit(Downstream)` is left alone: a
+/// downstream that stops reading mid-body holds at most this (plus one pull) here, and the
+/// session keeps at most its own cap and stops reading the client. Two 16 KiB reads' worth
+/// keeps a body streaming while the socket drains; 64 KiB (as before) only cost memory.
+const OUTBOX_HIGH: usize = 32 * 1024;
+
+/// Pending reply bytes for the client before `poll_transmit(Client)` is left alone: a client
+/// that does not read its replies holds at most this (plus one pull) here, the session about as
+/// much (`CLIENT_OUTBOX_CAP`), and then it is no longer read. The kernel's socket buffer is the
+/// real buffer for replies; 1 KiB is a dozen of them, enough for any legitimate pipelining.
+const CLIENT_OUTBOX_HIGH: usize = 1024;
+
+/// Client bytes read and kept at most while the session is not in a message body: pipelined
+/// commands are answered one by one and a client that reads no replies must not make us hold
+/// its backlog (DESIGN.md §6.1). The session keeps a partial line itself, so this need not hold
+/// a whole one; a body is read [`READ_CHUNK`] at a time for throughput.
+const COMMAND_INPUT: usize = 1024;
 
 /// An empty buffer with more capacity than this is freed: an idle connection must stay cheap
 /// (the `hold` bench's target is ≤ 8 KB per connection), while small buffers are kept to save
@@ -91,7 +110,8 @@ pub(crate) struct Io<'a> {
     /// The worker's read buffer, [`READ_CHUNK`] bytes.
     pub(crate) scratch: &'a mut [u8],
     /// Unconsumed input (per socket) at which reading stops: [`READ_CHUNK`] + `max_line_length`,
-    /// so the session can always see one whole line after a full read.
+    /// so the session can always see one whole line after a full read. The client's input
+    /// outside a message body stops at [`COMMAND_INPUT`] instead.
     pub(crate) max_input: usize,
     /// The worker's downstream pool (used in `mode = "multiplexing"`).
     pub(crate) pool: &'a mut Pool,
@@ -381,9 +401,27 @@ impl Conn {
         self.id
     }
 
+    /// How many client bytes `input` may hold: [`COMMAND_INPUT`] outside a body, `max_input` in
+    /// one.
+    fn client_input_cap(&self, max_input: usize) -> usize {
+        if self.session.is_in_body() {
+            max_input
+        } else {
+            COMMAND_INPUT
+        }
+    }
+
+    /// The part of the scratch buffer the next client read may fill, so `input` stays within
+    /// [`Conn::client_input_cap`] whatever the session leaves of it.
+    fn client_read_len(&self, max_input: usize, scratch: usize) -> usize {
+        let cap = self.client_input_cap(max_input);
+        cap.saturating_sub(self.input.len()).min(scratch)
+    }
+
     fn may_read_client(&self, max_input: usize) -> bool {
         let open = !self.broken && self.eof == Eof::Open && self.close_by.is_none();
-        let session_reads = self.input.len() < max_input && self.session.wants_read();
+        let session_reads =
+            self.input.len() < self.client_input_cap(max_input) && self.session.wants_read();
         match self.tls.as_deref() {
             None => open && self.readable && session_reads,
             // The socket when rustls wants it (the handshake reads whatever the session
@@ -409,8 +447,9 @@ impl Conn {
         if !self.may_read_client(io.max_input) {
             return;
         }
+        let len = self.client_read_len(io.max_input, io.scratch.len());
         let n = loop {
-            match (&self.client).read(io.scratch) {
+            match (&self.client).read(io.scratch.get_mut(..len).unwrap_or_default()) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -468,11 +507,12 @@ impl Conn {
             );
             self.session.handle_tls_established(now, version);
         }
+        let len = self.client_read_len(io.max_input, io.scratch.len());
         let Some(tls) = self.tls.as_deref_mut() else {
             return;
         };
-        if tls.has_plaintext() && self.input.len() < io.max_input && self.session.wants_read() {
-            let n = tls.read_plaintext(io.scratch);
+        if tls.has_plaintext() && len > 0 && self.session.wants_read() {
+            let n = tls.read_plaintext(io.scratch.get_mut(..len).unwrap_or_default());
             self.feed_client(now, io.scratch, n);
         }
         if self.tls.as_deref().is_some_and(TlsStream::is_finished) {
@@ -591,7 +631,7 @@ impl Conn {
     /// Pulls due output into the outboxes that have room. Returns whether anything came.
     fn transmit(&mut self, now: Instant) -> bool {
         let mut moved = false;
-        if !self.broken && self.to_client.len() < OUTBOX_HIGH {
+        if !self.broken && self.to_client.len() < CLIENT_OUTBOX_HIGH {
             let before = self.to_client.len();
             self.session.poll_transmit(now, &mut self.to_client);
             moved |= self.to_client.len() > before;

@@ -72,9 +72,19 @@ use crate::smtp::reply::{EnhancedCode, Reply, Status, parse_reply};
 use crate::smtp::tarpit::Tarpit;
 use crate::state::greylist::{self, GreylistOutcome, KeyFacts};
 
-/// Bytes queued for one side before the session stops taking client input. Bounds what a client
-/// that pipelines without reading replies, or a slow downstream, can make us hold.
-const OUTBOX_CAP: usize = 64 * 1024;
+/// Replies queued for the client before the session stops taking its commands (DESIGN.md §6.1
+/// "Memory"): a client that pipelines without reading its replies makes the session hold at most
+/// this plus one reply, and then stops being read. A dozen replies' worth: a legitimate pipelining
+/// client waits for the downstream at each MAIL and RCPT anyway, so more would buy it nothing,
+/// while 64 KiB here (as before) was most of a 230 KB worst case per connection.
+const CLIENT_OUTBOX_CAP: usize = 1024;
+
+/// Body bytes, encoded for the downstream, queued before the session stops taking the body:
+/// a downstream that does not read makes the session hold at most this (see `Phase::Data` in
+/// `handle_client_data`, which decodes only what fits). Two 16 KiB reads' worth keeps the body
+/// streaming at full speed while the driver writes the previous one; more only costs memory
+/// (DESIGN.md §6.1: 160 KB for a connection relaying a body, every buffer counted).
+const DOWNSTREAM_OUTBOX_CAP: usize = 32 * 1024;
 
 /// How long a client from `proxy_protocol_from` has to send its PROXY header: postscreen's
 /// `postscreen_upstream_proxy_timeout` default.
@@ -657,7 +667,8 @@ impl Session {
         while consumed < bytes.len() {
             let rest = bytes.get(consumed..).unwrap_or_default();
             let holding = self.is_holding();
-            let relay_full = self.relay_outbox_len() >= OUTBOX_CAP;
+            let relay_outbox = self.relay_outbox_len();
+            let relay_full = relay_outbox >= DOWNSTREAM_OUTBOX_CAP;
             let used = match &mut self.phase {
                 Phase::Closed => return bytes.len(),
                 Phase::Waiting(_) | Phase::Admitting => break,
@@ -667,7 +678,7 @@ impl Session {
                     consumed += used;
                     break;
                 }
-                Phase::Command if self.to_client.len() >= OUTBOX_CAP || holding => break,
+                Phase::Command if self.to_client.len() >= CLIENT_OUTBOX_CAP || holding => break,
                 Phase::Command => match self.read_command(now, rest) {
                     // Waiting for more of what may be a PROXY header (`check_first_command`);
                     // a line that just went over the limit takes its LF on the next turn.
@@ -696,6 +707,12 @@ impl Session {
                 }
                 Phase::Data(_) if relay_full => break,
                 Phase::Data(decoder) => {
+                    // `bare_newline = "normalize"` at most doubles what it decodes (a bare LF
+                    // becomes CRLF): take only what fits under the cap even then.
+                    let room = DOWNSTREAM_OUTBOX_CAP
+                        .saturating_sub(relay_outbox)
+                        .div_ceil(2);
+                    let rest = rest.get(..room).unwrap_or(rest);
                     let decoded = match self.relay.as_deref_mut() {
                         Some(relay) => decoder.decode(rest, &mut relay.outbox),
                         None => {
@@ -1114,16 +1131,23 @@ impl Session {
     /// downstream, while its outboxes are full, or once closed).
     pub fn wants_read(&self) -> bool {
         match self.phase {
-            Phase::Command => self.to_client.len() < OUTBOX_CAP && !self.is_holding(),
-            Phase::Proxy => self.to_client.len() < OUTBOX_CAP,
+            Phase::Command => self.to_client.len() < CLIENT_OUTBOX_CAP && !self.is_holding(),
+            Phase::Proxy => self.to_client.len() < CLIENT_OUTBOX_CAP,
             // Read until the first pregreet byte: talking first is what is watched for here.
             Phase::Checking => self.pregreet.is_none(),
-            Phase::Data(_) => self.relay_outbox_len() < OUTBOX_CAP,
+            Phase::Data(_) => self.relay_outbox_len() < DOWNSTREAM_OUTBOX_CAP,
             // Until the switch, bytes are taken only to be discarded; during the handshake the
             // driver has no plaintext to offer.
             Phase::StartingTls => self.tls == TlsStage::Requested,
             Phase::Waiting(_) | Phase::Admitting | Phase::Closed => false,
         }
+    }
+
+    /// Whether the client is sending a message body: the driver reads it in large chunks
+    /// then, and commands in small ones (their replies are what a non-reading client backs
+    /// up, so there is nothing to gain from reading far ahead of them).
+    pub fn is_in_body(&self) -> bool {
+        matches!(self.phase, Phase::Data(_))
     }
 
     /// Figures for the close log line.
@@ -1565,6 +1589,13 @@ impl Session {
             self.discarding = true;
             // Skip up to (not past) the LF: the next call sees it and answers.
             return newline.unwrap_or(input.len());
+        }
+        let needed = self.line.len() + take;
+        if needed > self.line.capacity() {
+            // Doubling, but never past the line limit: the buffer is part of the per-connection
+            // bound (DESIGN.md §6.1), and plain doubling could reach twice `max_line_length`.
+            let target = (self.line.capacity() * 2).clamp(needed, max);
+            self.line.reserve_exact(target - self.line.len());
         }
         self.line
             .extend_from_slice(input.get(..take).unwrap_or_default());

@@ -340,3 +340,74 @@ fn a_line_exactly_at_the_limit_then_its_lf_in_the_next_read() {
         "500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n"
     );
 }
+
+#[test]
+fn client_not_reading_replies_stops_being_read() {
+    let mut config = config();
+    config.limits.max_junk_commands = u32::MAX;
+    let mut pair = Pair::new(config);
+    pair.take_output();
+    // The driver hands nothing to the client (its outbox is full): the session keeps the
+    // replies and, past its cap, takes no more commands.
+    let flood = b"NOOP\r\n".repeat(10_000);
+    let used = pair.session.handle_client_data(pair.now, &flood);
+    assert!(
+        used < 1024,
+        "took {used} bytes of commands whose replies nobody reads"
+    );
+    assert!(!pair.session.wants_read());
+    let held = pair.session.to_client.len();
+    assert!(
+        (CLIENT_OUTBOX_CAP..CLIENT_OUTBOX_CAP + 64).contains(&held),
+        "{held} bytes of replies held"
+    );
+    // Once the client reads, it is read again, in order.
+    let mut out = Vec::new();
+    pair.session.poll_transmit(pair.now, &mut out);
+    assert!(pair.session.wants_read());
+    let more = pair.session.handle_client_data(pair.now, &flood[used..]);
+    assert!(more > 0 && more < 1024);
+}
+
+#[test]
+fn a_downstream_not_reading_the_body_stops_the_client_being_read() {
+    for mode in [BareNewline::Reject, BareNewline::Normalize] {
+        let mut config = config();
+        config.limits.bare_newline = mode;
+        let mut pair = Pair::new(config);
+        pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n");
+        assert!(
+            pair.take_output()
+                .ends_with("354 End data with <CR><LF>.<CR><LF>\r\n")
+        );
+        // Normalising doubles bare LFs, the worst case for the cap; refused ones would be
+        // read and dropped (nothing to hold), so that mode gets proper lines.
+        let body = match mode {
+            BareNewline::Normalize => b"\n".repeat(256 * 1024),
+            BareNewline::Reject => b"body line\r\n".repeat(256 * 1024 / 11),
+        };
+        let used = pair.session.handle_client_data(pair.now, &body);
+        let held = pair.session.relay_outbox_len();
+        assert!(
+            held <= DOWNSTREAM_OUTBOX_CAP + 512,
+            "{mode:?}: {held} bytes held"
+        );
+        assert!(used < 64 * 1024, "{mode:?}: took {used} body bytes");
+        assert!(!pair.session.wants_read());
+    }
+}
+
+#[test]
+fn the_line_buffer_never_grows_past_max_line_length() {
+    let mut pair = Pair::new(config());
+    pair.take_output();
+    let mut line = b"NOOP ".to_vec();
+    line.resize(4094, b'x');
+    line.extend_from_slice(b"\r\n");
+    for piece in line.chunks(1000) {
+        pair.session.handle_client_data(pair.now, piece);
+        assert!(pair.session.line.capacity() <= 4096);
+    }
+    pair.pump();
+    assert_eq!(pair.take_output(), OK);
+}
