@@ -184,7 +184,34 @@ fn each_message_carries_its_own_client_and_helo(mode: DownstreamMode) {
     let Some(postfix) = Postfix::start(PostfixOptions::default()) else {
         return;
     };
-    let server = Server::start(tarmac_config(&postfix, mode));
+    three_messages_each_credited_to_its_client(&postfix, mode);
+}
+
+/// With `smtpd_authorized_xclient_hosts = static:all` Postfix takes XCLIENT again on one
+/// connection: the pooled connection is reused, announced afresh for each client, and each
+/// message is still credited to its own client.
+#[test]
+fn with_static_all_one_pooled_connection_is_announced_afresh_for_each_client() {
+    let Some(postfix) = Postfix::start(PostfixOptions {
+        main_cf: vec![(
+            "smtpd_authorized_xclient_hosts".to_owned(),
+            "static:all".to_owned(),
+        )],
+        ..PostfixOptions::default()
+    }) else {
+        return;
+    };
+    three_messages_each_credited_to_its_client(&postfix, DownstreamMode::Multiplexing);
+    // One connection from tarmac (besides the harness's readiness probe) carried all three.
+    let log = postfix.log();
+    let connects = log.matches(": connect from unknown[127.0.0.1]").count();
+    assert_eq!(connects, 2, "the probe and one pooled connection:\n{log}");
+}
+
+/// Three transactions, each from a new session, from two clients (one greets with HELO),
+/// through tarmac in `mode`; asserts Postfix credits each message to its own client.
+fn three_messages_each_credited_to_its_client(postfix: &Postfix, mode: DownstreamMode) {
+    let server = Server::start(tarmac_config(postfix, mode));
     let senders = [
         (Ipv4Addr::new(127, 0, 0, 5), "EHLO", "alpha.example"),
         (Ipv4Addr::new(127, 0, 0, 6), "HELO", "beta.example"),
@@ -212,7 +239,7 @@ fn each_message_carries_its_own_client_and_helo(mode: DownstreamMode) {
         );
         let proto = if *verb == "HELO" { "SMTP" } else { "ESMTP" };
         wrong.extend(identity_problems(
-            &postfix, message, *addr, helo, proto, false,
+            postfix, message, *addr, helo, proto, false,
         ));
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
@@ -581,4 +608,46 @@ impl Direct {
         assert!(reply.starts_with(prefix), "{command:?}: {reply}");
         reply
     }
+}
+
+both_modes!(without_xclient_rights_nothing_is_relayed_under_tarmacs_address:
+    without_xclient_rights_nothing_is_relayed_under_tarmacs_address_synchronous,
+    without_xclient_rights_nothing_is_relayed_under_tarmacs_address_multiplexing);
+
+/// Issue 13, finding 2: tarmac's address is missing from `smtpd_authorized_xclient_hosts` but
+/// sits in `mynetworks` (the setup that made the silent fallback an open relay). Postfix does
+/// not offer XCLIENT, so the client's MAIL gets `451 4.3.5` and Postfix sees no MAIL at all.
+fn without_xclient_rights_nothing_is_relayed_under_tarmacs_address(mode: DownstreamMode) {
+    let Some(postfix) = Postfix::start(PostfixOptions {
+        mynetworks: vec!["127.0.0.1/32".to_owned()],
+        main_cf: vec![("smtpd_authorized_xclient_hosts".to_owned(), String::new())],
+        ..PostfixOptions::default()
+    }) else {
+        return;
+    };
+    let server = Server::start(tarmac_config(&postfix, mode));
+    for _ in 0..2 {
+        let mut stranger = greeted(&server, STRANGER, "EHLO", "stranger.example");
+        let reply = stranger.command("MAIL FROM:<stranger@example.org>");
+        assert_eq!(
+            reply,
+            "451 4.3.5 Error: downstream server refuses the client announcement, please try again later\r\n"
+        );
+        assert_eq!(
+            stranger.command("RCPT TO:<someone@elsewhere.example>"),
+            "503 5.5.1 Error: need MAIL command\r\n"
+        );
+        assert!(stranger.command("QUIT").starts_with("221 "));
+    }
+    // tarmac said EHLO, found no XCLIENT and said QUIT: Postfix logs the disconnect with
+    // no MAIL in it.
+    // (The harness's own readiness probe said only QUIT.)
+    let disconnect = postfix.wait_for_log("disconnect from unknown[127.0.0.1] ehlo=1");
+    assert!(
+        disconnect.ends_with("ehlo=1 quit=1 commands=2"),
+        "EHLO, no XCLIENT offered, QUIT: {disconnect}"
+    );
+    let log = postfix.log();
+    assert!(!log.contains("mail="), "no MAIL reached Postfix:\n{log}");
+    assert!(!log.contains(": client="), "no queue file:\n{log}");
 }

@@ -486,7 +486,13 @@ impl Handshake {
                 self.caps = if who.esmtp {
                     parse_capabilities(&reply)
                 } else {
-                    Capabilities::default()
+                    // A HELO reply lists nothing, so whether the downstream would take
+                    // another XCLIENT is unknown: keep what the EHLO before said, and a
+                    // renewal that is refused retires the connection.
+                    Capabilities {
+                        xclient: self.caps.xclient,
+                        ..Capabilities::default()
+                    }
                 };
                 self.phase = Phase::Ready;
                 Step::Ready
@@ -872,10 +878,14 @@ mod tests {
         out.clear();
         let step = hs.handle_reply(reply(250, &["sink"]), &helo_client, &mut out);
         assert_eq!(step, Step::Ready);
-        assert_eq!(
-            hs.capabilities(),
-            Capabilities::default(),
-            "HELO offers nothing"
+        let caps = hs.capabilities();
+        assert!(
+            !caps.eight_bit_mime && !caps.size,
+            "HELO offers no extensions"
+        );
+        assert!(
+            caps.xclient.addr,
+            "XCLIENT as the EHLO before offered it, to be tried"
         );
     }
 
