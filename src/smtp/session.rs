@@ -2598,6 +2598,9 @@ impl Session {
                 strikes.errors
             );
             self.last_failure = Some("too-many-errors");
+            // As over `max_unknown_commands`: a client that piles up errors (a dictionary
+            // attack on recipients, a NOOP flood) is abusing the protocol.
+            self.record_reputation(Event::ProtocolAbuse);
             let reply = too_many_errors(&self.config.server.hostname);
             self.close(CloseReason::TooManyErrors, Some(reply));
         }

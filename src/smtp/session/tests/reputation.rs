@@ -224,6 +224,22 @@ fn too_many_errors_is_protocol_abuse() {
 }
 
 #[test]
+fn max_errors_is_protocol_abuse_too() {
+    let mut config = remembering();
+    config.limits.max_errors = 3;
+    let mut pair = Pair::new(config);
+    pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n");
+    pair.send(b"RCPT TO:<unknown@example.org>\r\nRCPT TO:<unknown@example.org>\r\n");
+    assert!(pair.reputation_events.is_empty(), "under the limit");
+    pair.send(b"RCPT TO:<unknown@example.org>\r\n");
+    assert!(
+        pair.take_output()
+            .ends_with("421 4.7.0 mx.test Error: too many errors\r\n")
+    );
+    assert_eq!(pair.reputation_events, [(CLIENT, Event::ProtocolAbuse)]);
+}
+
+#[test]
 fn a_greylist_pass_counts_once_per_session() {
     let mut config = remembering();
     config.greylist.enabled = true;
