@@ -52,18 +52,23 @@ const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn main() {
     let Run { full, note } = Run::from_args();
-    // (workers, downstream mode): the default synchronous relay on one and two event loops,
-    // and the multiplexing pool (pool_size 50, shared by the workers).
-    let variants: &[(usize, DownstreamMode)] = if full {
+    // (workers, downstream mode, downstream takes XCLIENT again on a connection): the default
+    // synchronous relay on one and two event loops, and the multiplexing pool (pool_size 50,
+    // shared by the workers) in front of a downstream that, as Postfix out of the box, takes
+    // one XCLIENT per connection (so each new client needs a new connection) and one that,
+    // as Postfix with `smtpd_authorized_xclient_hosts = static:all`, takes one per transaction.
+    let variants: &[(usize, DownstreamMode, bool)] = if full {
         &[
-            (1, DownstreamMode::Synchronous),
-            (2, DownstreamMode::Synchronous),
-            (2, DownstreamMode::Multiplexing),
+            (1, DownstreamMode::Synchronous, false),
+            (2, DownstreamMode::Synchronous, false),
+            (2, DownstreamMode::Multiplexing, false),
+            (2, DownstreamMode::Multiplexing, true),
         ]
     } else {
         &[
-            (2, DownstreamMode::Synchronous),
-            (2, DownstreamMode::Multiplexing),
+            (2, DownstreamMode::Synchronous, false),
+            (2, DownstreamMode::Multiplexing, false),
+            (2, DownstreamMode::Multiplexing, true),
         ]
     };
     let (per_client, rounds) = if full { (40, 5) } else { (2, 1) };
@@ -75,16 +80,16 @@ fn main() {
 
     // Warm-up: thread stacks, allocator arenas, the listen path; not measured.
     run_direct(&body, 2);
-    for &(workers, mode) in variants {
-        run_tarmac(&body, 2, workers, mode);
+    for &(workers, mode, again) in variants {
+        run_tarmac(&body, 2, workers, mode, again);
     }
 
     let mut direct = Vec::new();
     let mut through: Vec<Vec<Round>> = variants.iter().map(|_| Vec::new()).collect();
     for _ in 0..rounds {
         direct.push(run_direct(&body, per_client));
-        for (n, &(workers, mode)) in variants.iter().enumerate() {
-            through[n].push(run_tarmac(&body, per_client, workers, mode));
+        for (n, &(workers, mode, again)) in variants.iter().enumerate() {
+            through[n].push(run_tarmac(&body, per_client, workers, mode, again));
         }
     }
 
@@ -92,8 +97,13 @@ fn main() {
     let direct_cpu = median(direct.iter().map(|r| r.cpu_per_msg()).collect());
     println!("relay/direct: {direct_rate:.0} msgs/s ({params}){note}");
     println!("relay/direct-cpu: {direct_cpu:.0} us CPU per msg (whole process){note}");
-    for (rounds, &(workers, mode)) in through.iter().zip(variants) {
-        let workers = format!("workers={workers}, mode={mode:?}");
+    for (rounds, &(workers, mode, again)) in through.iter().zip(variants) {
+        let xclient = if again {
+            "per transaction"
+        } else {
+            "per connection"
+        };
+        let workers = format!("workers={workers}, mode={mode:?}, downstream XCLIENT {xclient}");
         let rate = median(rounds.iter().map(|r| r.rate()).collect());
         let cpu = median(rounds.iter().map(|r| r.cpu_per_msg()).collect());
         let worker_user = median(rounds.iter().map(|r| r.tarmac_cpu_per_msg().0).collect());
@@ -138,16 +148,18 @@ impl Round {
 }
 
 /// The sink both legs deliver to; XCLIENT offered in both, so its EHLO reply is the same.
-fn start_sink() -> Sink {
+/// The sink, offering XCLIENT; `xclient_again`: also after an XCLIENT on the same connection.
+fn start_sink(xclient_again: bool) -> Sink {
     Sink::start(SinkConfig {
         offer_xclient: true,
+        xclient_again,
         ..SinkConfig::default()
     })
     .expect("sink starts")
 }
 
 fn run_direct(body: &[u8], per_client: usize) -> Round {
-    let sink = start_sink();
+    let sink = start_sink(false);
     let cpu_before = cpu::process();
     let (messages, elapsed) = run_clients(sink.local_addr(), body, per_client);
     let cpu = (cpu::process() - cpu_before).total();
@@ -160,8 +172,14 @@ fn run_direct(body: &[u8], per_client: usize) -> Round {
     }
 }
 
-fn run_tarmac(body: &[u8], per_client: usize, workers: usize, mode: DownstreamMode) -> Round {
-    let sink = start_sink();
+fn run_tarmac(
+    body: &[u8],
+    per_client: usize,
+    workers: usize,
+    mode: DownstreamMode,
+    xclient_again: bool,
+) -> Round {
+    let sink = start_sink(xclient_again);
     let (server, addr) = server::start(config(sink.local_addr(), workers, mode));
     let cpu_before = cpu::process();
     let tarmac_before = tarmac_worker_cpu();

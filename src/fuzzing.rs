@@ -1746,9 +1746,12 @@ impl Harness {
                 self.settle();
                 self.queue_replies(g, banner);
             }
-            Event::Reused(g, caps) if current == Some(g) => {
-                self.session
-                    .handle_downstream(self.now, LinkId(g), DownstreamEvent::Reused(caps));
+            Event::Reused(g, carried) if current == Some(g) => {
+                self.session.handle_downstream(
+                    self.now,
+                    LinkId(g),
+                    DownstreamEvent::Reused(carried),
+                );
             }
             Event::ConnectFailed(g) if current == Some(g) => {
                 self.conn = None;

@@ -63,7 +63,7 @@ use crate::state::{GreylistTimes, StateAnswer, StateOp, Waiter as StateWaiter};
 /// turn; more starves neighbours, less costs syscalls. It is also the worker's scratch size.
 pub(crate) const READ_CHUNK: usize = 16 * 1024;
 
-/// Pending bytes for the downstream before `poll_transmit(Downstream)` is left alone: a
+/// Pending bytes for the downstream before `poll_transmit_downstream` is left alone: a
 /// downstream that stops reading mid-body holds at most this (plus one pull) here, and the
 /// session keeps at most its own cap and stops reading the client. Two 16 KiB reads' worth
 /// keeps a body streaming while the socket drains; 64 KiB (as before) only cost memory.

@@ -4,12 +4,17 @@
 //! # Roles
 //! - Inputs (`handle_*`): client bytes, client EOF, downstream events, timer expiry, shutdown,
 //!   the end of a STARTTLS handshake.
-//! - Outputs (`poll_*`): bytes for each side (`poll_transmit`), I/O steps (`poll_action`:
-//!   connect/close downstream, switch to TLS, close), the next deadline (`poll_timeout`).
+//! - Outputs (`poll_*`): bytes for the client (`poll_transmit`) and for one downstream
+//!   connection (`poll_transmit_downstream`, by its [`LinkId`]), I/O steps (`poll_action`:
+//!   connect/close/release downstream, switch to TLS, close), the next deadline
+//!   (`poll_timeout`).
 //! - Queries (`wants_read`, `is_closed`, `report`).
 //!
-//! After every `handle_*` the driver calls `poll_transmit` for both sides, then `poll_action`
-//! until `None`, then re-arms its timer from `poll_timeout`.
+//! After every `handle_*` the driver calls `poll_transmit` and `poll_transmit_downstream` for
+//! the downstream connection it has, then `poll_action` until `None`, then re-arms its timer
+//! from `poll_timeout`. Each downstream connection is named by the `LinkId` of the
+//! `Action::ConnectDownstream` that asked for it: its events carry that id, and only its own
+//! bytes are handed out for it (DESIGN.md §6: bytes belong to one connection).
 //!
 //! # Lifecycle
 //! ```text
