@@ -60,6 +60,34 @@ fn transaction(client: &mut Client, from: &str, to: &[&str], body: &str) -> Stri
     client.reply()
 }
 
+/// One message from each of `senders` (address, greeting verb, HELO name), each in a session
+/// of its own, to `user`; returns the delivered messages in the senders' order (subjects
+/// `{subject} 0`, `{subject} 1`, ...).
+#[track_caller]
+fn one_message_each(
+    server: &Server,
+    postfix: &Postfix,
+    senders: &[(Ipv4Addr, &str, &str)],
+    user: &str,
+    subject: &str,
+) -> Vec<String> {
+    for (n, (addr, verb, helo)) in senders.iter().enumerate() {
+        let mut client = greeted(server, *addr, verb, helo);
+        let reply = transaction(
+            &mut client,
+            &format!("{subject}{n}@example.org"),
+            &[&format!("{user}@example.test")],
+            &format!("Subject: {subject} {n}\r\n\r\nfrom {helo}\r\n"),
+        );
+        assert!(reply.starts_with("250 "), "message {n}: {reply}");
+        assert!(client.command("QUIT").starts_with("221 "));
+    }
+    let messages = postfix.wait_for_messages(user, senders.len());
+    (0..senders.len())
+        .map(|n| with_subject(&messages, &format!("{subject} {n}")).to_owned())
+        .collect()
+}
+
 /// The message in `messages` with the header line `Subject: subject`.
 #[track_caller]
 fn with_subject<'a>(messages: &'a [String], subject: &str) -> &'a str {
@@ -217,21 +245,9 @@ fn three_messages_each_credited_to_its_client(postfix: &Postfix, mode: Downstrea
         (Ipv4Addr::new(127, 0, 0, 6), "HELO", "beta.example"),
         (Ipv4Addr::new(127, 0, 0, 5), "EHLO", "alpha.example"),
     ];
-    for (n, (addr, verb, helo)) in senders.iter().enumerate() {
-        let mut client = greeted(&server, *addr, verb, helo);
-        let reply = transaction(
-            &mut client,
-            &format!("sender{n}@example.org"),
-            &["alice@example.test"],
-            &format!("Subject: identity {n}\r\n\r\nfrom {helo}\r\n"),
-        );
-        assert!(reply.starts_with("250 "), "message {n}: {reply}");
-        assert!(client.command("QUIT").starts_with("221 "));
-    }
-    let messages = postfix.wait_for_messages("alice", senders.len());
+    let messages = one_message_each(&server, postfix, &senders, "alice", "identity");
     let mut wrong = Vec::new();
-    for (n, (addr, verb, helo)) in senders.iter().enumerate() {
-        let message = with_subject(&messages, &format!("identity {n}"));
+    for ((addr, verb, helo), message) in senders.iter().zip(&messages) {
         // tarmac's own line is there too, below Postfix's, and names the same client.
         assert!(
             message.contains(&format!("Received: from {helo} ([{addr}])")),
@@ -362,24 +378,12 @@ fn starttls_then_xclient_towards_postfix(mode: DownstreamMode) {
     config.load_tls_ca().unwrap();
     let server = Server::start(config);
     let senders = [
-        (Ipv4Addr::new(127, 0, 0, 5), "alpha.example"),
-        (Ipv4Addr::new(127, 0, 0, 6), "beta.example"),
+        (Ipv4Addr::new(127, 0, 0, 5), "EHLO", "alpha.example"),
+        (Ipv4Addr::new(127, 0, 0, 6), "EHLO", "beta.example"),
     ];
-    for (n, (addr, helo)) in senders.iter().enumerate() {
-        let mut client = greeted(&server, *addr, "EHLO", helo);
-        let reply = transaction(
-            &mut client,
-            &format!("tls{n}@example.org"),
-            &["bob@example.test"],
-            &format!("Subject: tls {n}\r\n\r\nencrypted downstream\r\n"),
-        );
-        assert!(reply.starts_with("250 "), "message {n}: {reply}");
-        assert!(client.command("QUIT").starts_with("221 "));
-    }
-    let messages = postfix.wait_for_messages("bob", senders.len());
+    let messages = one_message_each(&server, &postfix, &senders, "bob", "tls");
     let mut wrong = Vec::new();
-    for (n, (addr, helo)) in senders.iter().enumerate() {
-        let message = with_subject(&messages, &format!("tls {n}"));
+    for ((addr, _, helo), message) in senders.iter().zip(&messages) {
         let (received, _) = postfix_received(message);
         assert!(
             received.contains(") (using TLSv1."),

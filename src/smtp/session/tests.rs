@@ -450,6 +450,22 @@ impl Pair {
         panic!("pump did not settle");
     }
 
+    /// Multiplexing: `next`, another session, gets this one's pooled connection (and the fake
+    /// downstream behind it), as the worker's pool would hand it over.
+    #[track_caller]
+    fn hand_pool_to(&mut self, mut next: Pair) -> Pair {
+        let carried = self.pooled.take().unwrap_or_else(|| {
+            panic!(
+                "nothing released to the pool: {:?}",
+                self.downstream.commands
+            )
+        });
+        next.pooled = Some(carried);
+        next.downstream = std::mem::take(&mut self.downstream);
+        next.pump();
+        next
+    }
+
     fn advance(&mut self, by: Duration) {
         self.now += by;
         self.session.handle_timeout(self.now);
@@ -1251,14 +1267,13 @@ fn multiplexing_resets_an_abandoned_transaction_before_releasing() {
 fn multiplexing_pools_an_abandoned_transaction_for_a_reset_but_never_a_half_sent_body() {
     let mut pair = Pair::new(multiplexing());
     pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nQUIT\r\n");
-    let carried = pair.pooled.clone().expect("pooled, not closed");
-    assert!(carried.dirty, "marked for RSET by its next user");
+    assert!(
+        pair.pooled.as_ref().expect("pooled, not closed").dirty,
+        "marked for RSET by its next user"
+    );
     assert_eq!(pair.downstream_closes, 0);
     // Its next user resets it before anything else.
-    let mut next = Pair::build_quiet(multiplexing(), Vec::new(), false);
-    next.pooled = Some(carried);
-    next.downstream = std::mem::take(&mut pair.downstream);
-    next.pump();
+    let mut next = pair.hand_pool_to(Pair::build_quiet(multiplexing(), Vec::new(), false));
     next.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n");
     assert_eq!(next.reuses, 1);
     let commands = &next.downstream.commands;
@@ -1290,11 +1305,7 @@ fn xclient() -> Config {
 fn a_pooled_connection_is_never_used_under_the_previous_clients_identity() {
     let mut first = Pair::new(multiplexing());
     first.send(b"EHLO trusted.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\nhi\r\n.\r\nQUIT\r\n");
-    let carried = first.pooled.clone().expect("released to the pool");
-    let mut stranger = Pair::build_quiet(multiplexing(), Vec::new(), false);
-    stranger.pooled = Some(carried);
-    stranger.downstream = std::mem::take(&mut first.downstream);
-    stranger.pump();
+    let mut stranger = first.hand_pool_to(Pair::build_quiet(multiplexing(), Vec::new(), false));
     stranger.send(b"EHLO stranger.example\r\nMAIL FROM:<x@example.com>\r\n");
     assert!(stranger.take_output().ends_with("250 2.1.0 Ok\r\n"));
     assert_eq!(stranger.reuses, 1, "the pooled connection was offered");
@@ -1319,14 +1330,7 @@ fn a_pooled_connection_is_announced_afresh_when_the_downstream_allows() {
     first.downstream.xclient_again = true;
     first.pump();
     first.send(b"EHLO trusted.example\r\nMAIL FROM:<a@example.org>\r\nRSET\r\nQUIT\r\n");
-    let carried = first
-        .pooled
-        .clone()
-        .unwrap_or_else(|| panic!("released to the pool: {:?}", first.downstream.commands));
-    let mut next = Pair::build_quiet(multiplexing(), Vec::new(), false);
-    next.pooled = Some(carried);
-    next.downstream = std::mem::take(&mut first.downstream);
-    next.pump();
+    let mut next = first.hand_pool_to(Pair::build_quiet(multiplexing(), Vec::new(), false));
     next.send(b"EHLO other.example\r\nMAIL FROM:<x@example.com>\r\n");
     assert!(next.take_output().ends_with("250 2.1.0 Ok\r\n"));
     assert_eq!((next.reuses, next.connects.len()), (1, 0));

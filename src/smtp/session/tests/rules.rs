@@ -8,6 +8,33 @@ use crate::config::{Dnsbl, RejectMode};
 use crate::dns::DnsblAnswer;
 use crate::policy::RuleSet;
 
+/// A pair whose client `bl.test` lists with `weight` (3 is a reject), not yet past its banner.
+fn listed_with_weight(mut config: Config, weight: i32) -> Pair {
+    config.dnsbl = vec![Dnsbl {
+        zone: "bl.test".into(),
+        weight,
+        codes: Vec::new(),
+        reply: None,
+    }];
+    let listed = (
+        Query::Dnsbl {
+            zone: "bl.test".into(),
+            ip: "192.0.2.7".parse().unwrap(),
+        },
+        Answer::Dnsbl(DnsblAnswer::Listed(vec![Ipv4Addr::new(127, 0, 0, 2)])),
+    );
+    Pair::with_dns(config, vec![listed])
+}
+
+/// A pair whose client is rejected by a listing with `reject_mode = "enforce"`, greeted, its
+/// banner taken.
+fn listed_in_enforce_mode(mut config: Config) -> Pair {
+    config.scoring.reject_mode = RejectMode::Enforce;
+    let mut pair = listed_with_weight(config, 3);
+    pair.take_output();
+    pair
+}
+
 fn with_rules(toml: &str) -> Config {
     let mut config = config();
     config.rules.set = RuleSet::parse(&[(PathBuf::from("rules.toml"), toml.to_owned())]).unwrap();
@@ -75,24 +102,11 @@ fn a_recipient_rule_defers_that_recipient_only() {
 
 #[test]
 fn a_score_rule_pushes_a_listed_client_to_reject() {
-    let mut config = with_rules(
+    let config = with_rules(
         "[[rule]]\nname = \"listed-without-rdns\"\nwhen = { no_rdns = true, dnsbl = \"bl.test\" }\n\
          action = \"score\"\nscore = 2\n",
     );
-    config.dnsbl = vec![Dnsbl {
-        zone: "bl.test".into(),
-        weight: 1,
-        codes: Vec::new(),
-        reply: None,
-    }];
-    let listed = (
-        Query::Dnsbl {
-            zone: "bl.test".into(),
-            ip: "192.0.2.7".parse().unwrap(),
-        },
-        Answer::Dnsbl(DnsblAnswer::Listed(vec![Ipv4Addr::new(127, 0, 0, 2)])),
-    );
-    let mut pair = Pair::with_dns(config, vec![listed]);
+    let mut pair = listed_with_weight(config, 1);
     assert_eq!(
         pair.take_output(),
         "554 5.7.1 Service unavailable; client [192.0.2.7] blocked using bl.test\r\n"
@@ -118,25 +132,10 @@ fn a_connect_rule_greets_then_refuses_every_command_but_quit() {
 
 #[test]
 fn an_allow_rule_lifts_enforce() {
-    let mut config = with_rules(
+    let config = with_rules(
         "[[rule]]\nname = \"partner\"\nwhen = { sender = \"*@partner.example\" }\naction = \"allow\"\n",
     );
-    config.dnsbl = vec![Dnsbl {
-        zone: "bl.test".into(),
-        weight: 3,
-        codes: Vec::new(),
-        reply: None,
-    }];
-    config.scoring.reject_mode = RejectMode::Enforce;
-    let listed = (
-        Query::Dnsbl {
-            zone: "bl.test".into(),
-            ip: "192.0.2.7".parse().unwrap(),
-        },
-        Answer::Dnsbl(DnsblAnswer::Listed(vec![Ipv4Addr::new(127, 0, 0, 2)])),
-    );
-    let mut pair = Pair::with_dns(config, vec![listed]);
-    pair.take_output();
+    let mut pair = listed_in_enforce_mode(config);
     pair.send(b"EHLO c\r\nMAIL FROM:<a@partner.example>\r\nRCPT TO:<b@example.net>\r\n");
     assert!(pair.take_output().ends_with("250 2.1.5 Ok\r\n"));
     let report = pair.session.report();
@@ -187,23 +186,8 @@ fn a_recipient_allowed_in_enforce_mode_gets_mail_relayed_first() {
         "[[rule]]\nname = \"allow-postmaster\"\nwhen = { recipient = \"postmaster@example.org\" }\n\
          action = \"allow\"\n",
     );
-    config.dnsbl = vec![Dnsbl {
-        zone: "bl.test".into(),
-        weight: 3,
-        codes: Vec::new(),
-        reply: None,
-    }];
-    config.scoring.reject_mode = RejectMode::Enforce;
     config.downstream.announce_client = AnnounceClient::Xclient;
-    let listed = (
-        Query::Dnsbl {
-            zone: "bl.test".into(),
-            ip: "192.0.2.7".parse().unwrap(),
-        },
-        Answer::Dnsbl(DnsblAnswer::Listed(vec![Ipv4Addr::new(127, 0, 0, 2)])),
-    );
-    let mut pair = Pair::with_dns(config, vec![listed]);
-    pair.take_output();
+    let mut pair = listed_in_enforce_mode(config);
     pair.send(b"EHLO c.example\r\nMAIL FROM:<a@example.net>\r\n");
     assert!(pair.take_output().ends_with("250 2.1.0 Ok\r\n"));
     assert!(
