@@ -223,20 +223,33 @@ mod tests {
 
     #[test]
     fn join_within_leaves_a_stuck_thread_and_joins_a_finished_one() {
+        /// Longer than any test: the stuck thread ends only when released.
+        const LONG: Duration = Duration::from_secs(60);
+        let wait = Duration::from_millis(50);
         let (release_tx, release) = mpsc::channel::<()>();
+        let (ended_tx, ended) = mpsc::channel::<()>();
         let mut stuck = spawn("test-stuck", "test thread", move || {
-            let _ = release.recv_timeout(Duration::from_secs(5));
+            let _ = release.recv_timeout(LONG);
+            let _ = ended_tx.send(());
         })
         .unwrap();
         let started = Instant::now();
-        stuck.join_within(Duration::from_millis(50));
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "it did not wait for the thread"
-        );
+        stuck.join_within(wait);
+        // It waited its time (a lower bound)...
+        assert!(started.elapsed() >= wait, "{:?}", started.elapsed());
+        // ...and returned with the thread still running: it was left, not joined.
+        assert_eq!(ended.try_recv(), Err(mpsc::TryRecvError::Empty));
+        assert!(!stuck.is_running(), "given up: a later call does nothing");
         drop(release_tx);
+        ended.recv_timeout(LONG).expect("the released thread ends");
 
-        let mut finished = spawn("test-done", "test thread", || {}).unwrap();
-        finished.join_within(Duration::from_secs(5));
+        // A thread that ends is joined: once join_within returns, everything the thread owned
+        // has been dropped.
+        let owned = Arc::new(());
+        let held = Arc::clone(&owned);
+        let mut finished = spawn("test-done", "test thread", move || drop(held)).unwrap();
+        finished.join_within(LONG);
+        assert!(!finished.is_running());
+        assert_eq!(Arc::strong_count(&owned), 1, "the thread had ended");
     }
 }
