@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tarmac::config::Config;
 use tarmac::sink::Behaviour;
 
-use crate::util::{Client, Server, WAIT, sink, test_config, wait_until};
+use crate::util::{Client, Server, sink, test_config, wait_until};
 
 pub(crate) const PAUSE: Duration = Duration::from_millis(200);
 const TEASER: &str = "220-mx.test ESMTP tarmac\r\n";
@@ -99,6 +99,6 @@ fn a_weighted_client_is_tarpitted() {
     );
     let asked = Instant::now();
     assert!(client.command("EHLO slow.example").starts_with("250-"));
+    // A lower bound only: the reply's read is bounded by WAIT already.
     assert!(asked.elapsed() >= delay, "every reply waits");
-    assert!(asked.elapsed() < WAIT);
 }
