@@ -212,9 +212,22 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let connect = || {
             let stream = std::net::TcpStream::connect(addr).unwrap();
-            stream.set_nonblocking(true).unwrap();
             let (peer, _) = listener.accept().unwrap();
-            (TcpStream::from_std(stream), peer)
+            (stream, peer)
+        };
+        // Nonblocking, as the pool gets them; with `arrived`, only once the peer's FIN or
+        // bytes are there: a blocking peek returns when they arrive (and leaves them unread).
+        let pooled = |stream: std::net::TcpStream, arrived: bool| {
+            if arrived {
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                stream
+                    .peek(&mut [0u8; 1])
+                    .expect("the FIN or the bytes arrive");
+            }
+            stream.set_nonblocking(true).unwrap();
+            TcpStream::from_std(stream)
         };
         let mut pool = Pool::new(4, 1);
         let now = Instant::now();
@@ -223,8 +236,11 @@ mod tests {
         drop(closed_peer);
         let (chatty, mut chatty_peer) = connect();
         std::io::Write::write_all(&mut chatty_peer, b"421 4.4.2 timeout\r\n").unwrap();
-        // Let the FIN and the bytes arrive.
-        std::thread::sleep(Duration::from_millis(50));
+        let (alive, closed, chatty) = (
+            pooled(alive, false),
+            pooled(closed, true),
+            pooled(chatty, true),
+        );
         for stream in [alive, closed, chatty] {
             let ticket = pool.ticket().unwrap();
             pool.park(addr, stream, None, Carried::default(), ticket, now);
@@ -241,6 +257,7 @@ mod tests {
         assert_eq!(pool.open.load(Ordering::Acquire), 0);
 
         let (fresh, _peer) = connect();
+        let fresh = pooled(fresh, false);
         let ticket = pool.ticket().unwrap();
         pool.park(addr, fresh, None, Carried::default(), ticket, now);
         assert!(pool.checkout(addr, now + IDLE_MAX).is_none(), "too old");
