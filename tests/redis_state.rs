@@ -58,11 +58,35 @@ fn rcpt(addr: std::net::SocketAddr, to: &str) -> String {
     mail(addr).command(&format!("RCPT TO:<{to}>"))
 }
 
-/// Sleeps until [`DELAY`] after `attempt` (a time after the reply to the first attempt), plus
-/// a little for Redis's clock, which the delay is counted on. Waiting out the delay is the
-/// scenario, not a guess at when something settles.
-fn wait_out_the_delay(attempt: Instant) {
-    std::thread::sleep((DELAY + Duration::from_millis(20)).saturating_sub(attempt.elapsed()));
+/// The Redis key of the triplet of `a@example.org` to `to` from 127.0.0.0/24.
+fn grey_key(to: &str) -> String {
+    format!("tarmac:grey:127.0.0.0/24\u{1f}a@example.org\u{1f}{to}")
+}
+
+/// Waits (bounded by [`WAIT`]) until the greylist delay of the triplet under `key` is over on
+/// Redis's own clock, the one the script counts it on: `TIME` at least [`DELAY`] past the
+/// first attempt's time stored in the key. The script's own condition, so no margin is
+/// guessed and no other host's clock is involved.
+#[track_caller]
+fn wait_out_the_delay(redis: &RedisServer, key: &str) {
+    let mut connection = redis.connection();
+    let first: u64 = redis::cmd("GET")
+        .arg(key)
+        .query(&mut connection)
+        .unwrap_or_else(|e| panic!("first attempt of {key:?}: {e}"));
+    let delay = u64::try_from(DELAY.as_millis()).unwrap();
+    let give_up = Instant::now() + WAIT;
+    loop {
+        let (seconds, micros): (u64, u64) = redis::cmd("TIME").query(&mut connection).unwrap();
+        if seconds * 1000 + micros / 1000 >= first + delay {
+            return;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "the delay never ended on Redis's clock"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Milliseconds `key` has left in Redis (-2: no such key, -1: no TTL).
@@ -82,16 +106,14 @@ fn a_triplet_greylisted_on_one_host_passes_on_the_other_after_the_delay() {
     let a = Server::start(shared_config(&redis, sink.local_addr()));
     let b = Server::start(shared_config(&redis, sink.local_addr()));
     assert_eq!(rcpt(a.addr, "b@example.net"), DEFERRED, "new on A");
-    // The attempt was recorded before this reply came.
-    let first = Instant::now();
     // The triplet is in Redis, expiring at the end of the retry window (4 h by default).
-    let key = "tarmac:grey:127.0.0.0/24\u{1f}a@example.org\u{1f}b@example.net";
+    let key = &grey_key("b@example.net");
     let left = pttl(&redis, key);
     assert!(
         left > 0 && left <= 4 * 3600 * 1000,
         "TTL of the attempt: {left}"
     );
-    wait_out_the_delay(first);
+    wait_out_the_delay(&redis, key);
     // B never saw this triplet itself: only the shared attempt lets it pass at once.
     let mut client = mail(b.addr);
     assert_eq!(
@@ -267,7 +289,7 @@ fn redis_stopped_mid_test_both_keep_serving_and_share_again_once_it_is_back() {
     }
     // Shared again: a triplet deferred on B passes on A after the delay.
     assert_eq!(rcpt(b_addr, "again@example.net"), DEFERRED, "new on B");
-    wait_out_the_delay(Instant::now());
+    wait_out_the_delay(&redis, &grey_key("again@example.net"));
     assert_eq!(
         rcpt(a_addr, "again@example.net"),
         "250 2.1.5 Ok\r\n",
