@@ -3,7 +3,7 @@
 //! that never hangs.
 //!
 //! **Answers.** Each worker has its own channel and its own `mio::Waker` (mio allows one per
-//! `Poll`, `mio:src/waker.rs`). A thread sends answers into an [`Outbox`] and wakes the worker
+//! `Poll`, `mio:src/waker.rs`). A thread sends answers into an `Outbox` and wakes the worker
 //! only when no wake is outstanding; the worker drains its [`Inbox`] after each wake. A burst
 //! of answers thus costs one wake, not one per answer:
 //!
@@ -12,11 +12,11 @@
 //!                                 yes ─▶ nothing (the worker will find them)
 //! ```
 //!
-//! **Workers.** [`Outboxes`] holds one [`Outbox`] per registered worker, found by the index
-//! [`Outboxes::add`] gave it (the `worker` of a waiter).
+//! **Workers.** `Outboxes` holds one `Outbox` per registered worker, found by the index
+//! `Outboxes::add` gave it (the `worker` of a waiter).
 //!
-//! **Stopping.** [`spawn`] starts the thread and returns its [`Running`] owner, whose
-//! [`Running::join_within`] waits a bounded time for the thread to end (it may be inside a
+//! **Stopping.** `spawn` starts the thread and returns its `Running` owner, whose
+//! `Running::join_within` waits a bounded time for the thread to end (it may be inside a
 //! call bounded by its own timeout) and leaves it to finish on its own otherwise, so a
 //! shutdown cannot hang on a stuck resolver or Redis.
 

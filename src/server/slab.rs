@@ -1,8 +1,8 @@
 //! A generation-tagged slab: the worker's table of connections.
 //!
 //! A removed slot is reused by the next insert, but with a new generation, so a [`ConnKey`] held
-//! by a late readiness event, an old timer entry or (later) a DNS answer for a connection that is
-//! gone no longer finds anything, instead of finding the stranger now living in its slot.
+//! by a late readiness event, an old timer entry, or a DNS or state answer for a connection that
+//! is gone no longer finds anything, instead of finding the stranger now living in its slot.
 
 use std::fmt;
 

@@ -31,7 +31,7 @@ const TRACE_SPECIALS: &[char] = &['<', '>', '(', ')', '[', ']', '\\', '"', ';', 
 
 /// Appends `Received: from helo ([ip]) by host (tarmac) with ESMTP; date` (folded, CRLF).
 /// Client text is reduced to printable ASCII and UTF-8 letters so it cannot break the header,
-/// and [`TRACE_SPECIALS`] become `?`, so `EHLO mx.google.com([209.85.128.1])` cannot make the
+/// and `TRACE_SPECIALS` become `?`, so `EHLO mx.google.com([209.85.128.1])` cannot make the
 /// line look as if that host had sent the message. An IPv4 client seen as `::ffff:a.b.c.d` is
 /// written as `a.b.c.d`.
 pub fn write_received(trace: &Trace<'_>, out: &mut Vec<u8>) {
@@ -50,7 +50,7 @@ pub fn write_received(trace: &Trace<'_>, out: &mut Vec<u8>) {
 }
 
 /// The HELO name as it goes into the header: control bytes, spaces, invalid UTF-8 and
-/// [`TRACE_SPECIALS`] replaced by `?`, at most [`MAX_HELO_IN_HEADER`] characters.
+/// `TRACE_SPECIALS` replaced by `?`, at most `MAX_HELO_IN_HEADER` characters.
 pub fn sanitize_helo(helo: &[u8]) -> String {
     String::from_utf8_lossy(helo)
         .chars()

@@ -41,7 +41,8 @@
 //! The verdict then shapes the dialog: `reject` with `reject_mode =
 //! "immediate"` (or a deny-list entry) makes the greeting `554 5.7.1` and only QUIT is answered;
 //! `"enforce"` greets normally, answers `550 5.7.1` to every RCPT and logs who was sending to
-//! whom, and closes after DATA. `tarpit` is only reported until tarpitting exists.
+//! whom, and closes after DATA. `tarpit` holds every reply for `reply_delay` and stutters it
+//! out (`smtp::tarpit`), once the driver granted one of the `max_tarpitted` places.
 //!
 //! # STARTTLS (RFC 3207)
 //! EHLO offers STARTTLS when the driver said it may ([`Peer::starttls`]) and TLS is not on

@@ -20,7 +20,7 @@
 //!
 //! **Redis down** (connect refused, a timeout, a broken connection: slow counts as down): one
 //! warning, then every job gets the fallback at once while the thread tries to reconnect at most
-//! once per [`RECONNECT_EVERY`], each attempt on a short-lived connector thread so the state
+//! once per `RECONNECT_EVERY`, each attempt on a short-lived connector thread so the state
 //! thread never blocks on a connect; one info line when it is back. Nothing is replayed: jobs
 //! answered by the fallback stay answered.
 //!
@@ -197,7 +197,7 @@ impl RedisState {
         self.handle.clone()
     }
 
-    /// Stops the thread, waiting at most [`STOP_WAIT`]; jobs still queued get the fallback.
+    /// Stops the thread, waiting at most `STOP_WAIT`; jobs still queued get the fallback.
     /// The same happens on drop; this names the moment.
     pub fn stop(mut self) {
         self.shut_down();
