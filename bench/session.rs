@@ -163,7 +163,7 @@ fn transactions(n: usize) {
                     | Action::RecordPass(_)
                     | Action::RecordReputation(..)
                     | Action::EnterTarpit
-                    | Action::CheckGreylist(_)
+                    | Action::CheckGreylist { .. }
                     | Action::StartTlsDownstream(_) => {}
                     Action::Admit(_) => session.handle_admission(now, true),
                     Action::CheckReputation(_) => session.handle_reputation(now, None),

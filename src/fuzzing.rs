@@ -1960,7 +1960,7 @@ impl Harness {
                 Action::CheckReputation(_) => self.session.handle_reputation(self.now, None),
                 Action::RecordReputation(..) => {}
                 // Greylisting is off in every scenario (its model is the unit tests').
-                Action::CheckGreylist(_) => {
+                Action::CheckGreylist { .. } => {
                     self.session
                         .handle_greylist(self.now, GreylistOutcome::Pass);
                 }

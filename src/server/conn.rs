@@ -55,9 +55,8 @@ use crate::config::Config;
 use crate::dns::{Answer, Query, ResolverHandle, Waiter};
 use crate::downstream::connect;
 use crate::downstream::dialog::Carried;
-use crate::policy::rates::network_name;
 use crate::smtp::{Action, DownstreamEvent, LinkId, Session, Shutdown, Side, TlsVersion};
-use crate::state::{GreylistTimes, StateAnswer, StateOp, Waiter as StateWaiter};
+use crate::state::{StateAnswer, StateOp, Waiter as StateWaiter};
 
 /// Bytes read per socket per turn: one read of this size, then the other connections get their
 /// turn; more starves neighbours, less costs syscalls. It is also the worker's scratch size.
@@ -696,10 +695,11 @@ impl Conn {
                     };
                     self.ask_state(op, key, now, io);
                 }
-                Action::CheckGreylist(triplet) => {
-                    let times = GreylistTimes::of(&io.config.greylist);
-                    // The client's network, for its quota of new triplets.
-                    let subnet = network_name(self.session.client().ip());
+                Action::CheckGreylist {
+                    key: triplet,
+                    subnet,
+                    times,
+                } => {
                     let op = StateOp::CheckGreylist {
                         key: triplet,
                         subnet,

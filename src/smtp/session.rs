@@ -62,10 +62,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::{Config, DownstreamMode, DownstreamTls, Pregreet, RejectMode};
 use crate::dns::{Answer, Query};
-use crate::downstream::dialog::{
-    Capabilities, Carried, ClientIdentity, Handshake, Step, announcement_refused,
-};
+use crate::downstream::dialog::{Carried, ClientIdentity, Handshake, Step, announcement_refused};
 use crate::downstream::warnings;
+use crate::policy::rates::network_name;
 use crate::policy::reputation::{self, Event, History};
 use crate::policy::{Facts, ListMatch, RuleAction, Stage, Verdict};
 use crate::smtp::checks::{Checks, ListedBy};
@@ -76,7 +75,7 @@ use crate::smtp::proxy::{ProxyStart, parse_proxy_header, proxy_start};
 use crate::smtp::received::{Trace, write_received};
 use crate::smtp::reply::{EnhancedCode, Reply, Status, parse_reply};
 use crate::smtp::tarpit::Tarpit;
-use crate::state::greylist::{self, GreylistOutcome, KeyFacts};
+use crate::state::greylist::{self, GreylistOutcome, GreylistTimes, KeyFacts};
 
 /// Replies queued for the client before the session stops taking its commands (DESIGN.md §6.1
 /// "Memory"): a client that pipelines without reading its replies makes the session hold at most
@@ -162,9 +161,18 @@ pub enum Action {
     CheckReputation(IpAddr),
     /// Add this event to the client's history (`[reputation] half_life` decays it).
     RecordReputation(IpAddr, Event),
-    /// Is this RCPT's triplet (the key, built from `[greylist] key`) deferred or passed? Answer
-    /// with `handle_greylist`; the RCPT waits for the answer.
-    CheckGreylist(String),
+    /// Is this RCPT's triplet deferred or passed? Answer with `handle_greylist`; the RCPT
+    /// waits for the answer. Everything the decision needs comes from the session's own
+    /// configuration.
+    CheckGreylist {
+        /// The triplet, built from `[greylist] key`.
+        key: String,
+        /// The client's network (`192.0.2.0/24`, `2001:db8::/64`), for its quota of new
+        /// triplets (`max_new_per_subnet`).
+        subnet: String,
+        /// The `[greylist]` times and bounds.
+        times: GreylistTimes,
+    },
     /// The verdict is tarpit: take one of the `max_tarpitted` places (held until the
     /// connection is gone) and answer with `handle_tarpit_slot`.
     EnterTarpit,
@@ -466,8 +474,6 @@ impl Strikes {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Link {
     Connecting,
-    /// The driver reported the connection closed or broken: nothing more can go to it.
-    Gone,
     Handshaking,
     /// `Action::StartTlsDownstream` is out: no reply is read until the driver reports.
     StartingTls,
@@ -483,7 +489,6 @@ struct Relay {
     server: usize,
     link: Link,
     handshake: Handshake,
-    caps: Capabilities,
     /// Bytes for this connection not yet handed out; they die with it.
     outbox: Vec<u8>,
     /// Replies to commands tarmac sent on its own (RSET), to be read and dropped.
@@ -783,7 +788,6 @@ impl Session {
             DownstreamEvent::Reused(carried) => {
                 let config = Arc::clone(&self.config);
                 let who = identity(&self.peer, self.helo.as_deref(), self.esmtp, &self.checks);
-                let caps = carried.caps;
                 let step = self.relay.as_deref_mut().map(|relay| {
                     let (handshake, step) = Handshake::resume(
                         &config.server.hostname,
@@ -793,7 +797,6 @@ impl Session {
                         &mut relay.outbox,
                     );
                     relay.handshake = handshake;
-                    relay.caps = caps;
                     relay.link = Link::Handshaking;
                     step
                 });
@@ -807,9 +810,12 @@ impl Session {
                 0
             }
             DownstreamEvent::Closed => {
-                // The connection is gone: nothing more can be written to it, QUIT included.
-                if let Some(relay) = self.relay.as_deref_mut() {
-                    relay.link = Link::Gone;
+                // Nothing more can be written to it, QUIT included: closed without one.
+                if let Some(relay) = self.relay.take() {
+                    self.actions.push_back(Action::CloseDownstream {
+                        link: relay.id,
+                        quit: false,
+                    });
                 }
                 self.downstream_failed(now, "connection closed");
                 0
@@ -1195,11 +1201,6 @@ impl Session {
             },
             result,
         }
-    }
-
-    /// The client's address (after PROXY, the one in the header).
-    pub fn client(&self) -> SocketAddr {
-        self.peer.client
     }
 
     /// Whether the session is closed (its final bytes may still be in the outbox).
@@ -1938,7 +1939,11 @@ impl Session {
                 tx.greylisting = Some(to.into());
             }
             self.phase = Phase::Waiting(Pending::Greylist);
-            self.actions.push_back(Action::CheckGreylist(key));
+            self.actions.push_back(Action::CheckGreylist {
+                key,
+                subnet: network_name(self.peer.client.ip()),
+                times: GreylistTimes::of(&self.config.greylist),
+            });
             return;
         }
         self.greylisted = "skip";
@@ -2108,7 +2113,6 @@ impl Session {
             link: Link::Connecting,
             handshake: Handshake::new(hostname, self.config.downstream.announce_client)
                 .with_tls(tls),
-            caps: Capabilities::default(),
             outbox: Vec::new(),
             swallow: 0,
             in_transaction: false,
@@ -2146,7 +2150,7 @@ impl Session {
             match self.relay.as_deref() {
                 None => break,
                 // Whatever followed the 220 to STARTTLS came in plain text: never a reply.
-                Some(relay) if matches!(relay.link, Link::StartingTls | Link::Gone) => break,
+                Some(relay) if relay.link == Link::StartingTls => break,
                 Some(_) => {}
             }
             let rest = bytes.get(consumed..).unwrap_or_default();
@@ -2295,7 +2299,7 @@ impl Session {
             return;
         };
         let mut command = format!("MAIL FROM:<{}>", tx.from);
-        let caps = relay.caps;
+        let caps = relay.handshake.capabilities();
         if let Some(size) = tx.params.size
             && caps.size
         {
@@ -2380,12 +2384,7 @@ impl Session {
             Step::Continue => {
                 self.timers.downstream = Some(now + self.config.timeouts.command);
             }
-            Step::Ready => {
-                if let Some(relay) = self.relay.as_deref_mut() {
-                    relay.caps = relay.handshake.capabilities();
-                }
-                self.relay_ready(now);
-            }
+            Step::Ready => self.relay_ready(now),
             Step::Failed(reply) => {
                 log::warn!(
                     "downstream {} refused the handshake: {} {}",
@@ -2490,9 +2489,11 @@ impl Session {
         };
         // RSETs not handed out yet (the client reset, then left): the next user's own RSET
         // does the same, so they need not be sent.
+        const RSET: &[u8] = b"RSET\r\n";
         let unsent_resets = abandoned
             && relay.swallow > 0
-            && relay.outbox == b"RSET\r\n".repeat(relay.swallow as usize);
+            && relay.outbox.len() == RSET.len() * relay.swallow as usize
+            && relay.outbox.chunks(RSET.len()).all(|chunk| chunk == RSET);
         if unsent_resets {
             relay.outbox.clear();
             relay.swallow = 0;
@@ -2518,17 +2519,15 @@ impl Session {
     /// (nothing more sent) when a body is half-sent, so the partial message is never
     /// delivered, or when its state is unknown. What was not handed out for it is dropped.
     fn drop_relay(&mut self) {
+        self.timers.downstream = None;
         let Some(relay) = self.relay.take() else {
             return;
         };
-        let quit = !relay.mid_data
-            && !matches!(relay.link, Link::Connecting | Link::Gone)
-            && relay.handshake.may_quit();
+        let quit = !relay.mid_data && relay.link != Link::Connecting && relay.handshake.may_quit();
         self.actions.push_back(Action::CloseDownstream {
             link: relay.id,
             quit,
         });
-        self.timers.downstream = None;
     }
 
     fn reset_transaction(&mut self) {

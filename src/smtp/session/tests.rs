@@ -179,7 +179,6 @@ struct Pair {
     tarpit_free: bool,
     /// A real greylist table answering `CheckGreylist` on the pair's clock.
     greylist: crate::state::Greylist,
-    greylist_times: crate::state::GreylistTimes,
     /// The keys asked about, in order.
     greylist_keys: Vec<String>,
     /// How the driver's TLS handshake towards the downstream ends: `Some(true)` established,
@@ -239,7 +238,6 @@ impl Pair {
 
     fn from_peer(config: Config, dns: Vec<(Query, Answer)>, peer: Peer) -> Pair {
         let now = Instant::now();
-        let greylist_times = crate::state::GreylistTimes::of(&config.greylist);
         Pair {
             session: Session::new(Arc::new(config), peer, now),
             now,
@@ -262,7 +260,6 @@ impl Pair {
             passes: Vec::new(),
             tarpit_free: true,
             greylist: crate::state::Greylist::new(now),
-            greylist_times,
             greylist_keys: Vec::new(),
             downstream_tls: Some(true),
             downstream_tls_starts: 0,
@@ -412,12 +409,8 @@ impl Pair {
                         self.reputation.record(ip, event, self.now, half_life);
                         self.reputation_events.push((ip, event));
                     }
-                    Action::CheckGreylist(key) => {
-                        let client = self.session.report().client.ip();
-                        let subnet = crate::policy::rates::network_name(client);
-                        let outcome =
-                            self.greylist
-                                .check(&key, &subnet, self.now, &self.greylist_times);
+                    Action::CheckGreylist { key, subnet, times } => {
+                        let outcome = self.greylist.check(&key, &subnet, self.now, &times);
                         self.greylist_keys.push(key);
                         self.session.handle_greylist(self.now, outcome);
                     }
