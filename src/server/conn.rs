@@ -374,11 +374,8 @@ impl Conn {
         // Errors below only mean the socket is already gone; the fd is closed on drop anyway.
         let _ = io.registry.deregister(&mut self.client);
         if !self.broken {
-            if let Some(tls) = self.tls.as_deref_mut().filter(|tls| !tls.is_handshaking()) {
-                // A clean TLS end, best effort: the client knows no truncation happened.
-                tls.send_close_notify();
-                let _ = tls.flush(&mut Vec::new(), &mut &self.client);
-            }
+            // Over TLS a clean end, best effort: the client knows no truncation happened.
+            write_last(&self.client, self.tls.as_deref_mut(), &mut Vec::new());
             let _ = self.client.shutdown(NetShutdown::Write);
             let mut drained = 0;
             while drained < CLOSE_DRAIN {
@@ -864,7 +861,7 @@ impl Conn {
             eof,
             input,
             to_downstream,
-            tls,
+            mut tls,
             ..
         } = *ds;
         let _ = io.registry.deregister(&mut stream);
@@ -884,7 +881,7 @@ impl Conn {
             _ => {
                 log::debug!("conn={} closes a downstream it could not pool", self.id);
                 if !eof && !connecting {
-                    super::pool::say_quit(&stream, tls);
+                    super::pool::say_quit(&stream, tls.as_deref_mut());
                 }
             }
         }
@@ -1272,20 +1269,31 @@ impl DownstreamConn {
         Ok(flush.moved)
     }
 
-    /// The session closes this connection: what it queued last (a QUIT) goes out in one
-    /// nonblocking attempt, over TLS followed by `close_notify` once the handshake is done
-    /// (a connection still handshaking gets nothing more: its TLS state is unknown).
+    /// The session closes this connection: what it queued last (a QUIT) goes out
+    /// ([`write_last`]).
     fn flush_before_close(&mut self) {
-        match self.tls.as_deref_mut() {
-            None => {
-                let _ = write_out(&self.stream, &mut self.to_downstream);
-            }
-            Some(tls) if tls.is_handshaking() => {}
-            Some(tls) => {
-                let _ = tls.flush(&mut self.to_downstream, &mut &self.stream);
-                tls.send_close_notify();
-                let _ = tls.flush(&mut Vec::new(), &mut &self.stream);
-            }
+        write_last(
+            &self.stream,
+            self.tls.as_deref_mut(),
+            &mut self.to_downstream,
+        );
+    }
+}
+
+/// The last bytes on a connection about to be dropped (a downstream's QUIT, or what was handed
+/// out before it), in one nonblocking attempt, best effort; over TLS followed by `close_notify`
+/// once the handshake is done, so the peer sees a clean end. A connection still handshaking
+/// gets nothing more: its TLS state is unknown.
+pub(crate) fn write_last(stream: &TcpStream, tls: Option<&mut TlsStream>, last: &mut Vec<u8>) {
+    match tls {
+        None => {
+            let _ = write_out(stream, last);
+        }
+        Some(tls) if tls.is_handshaking() => {}
+        Some(tls) => {
+            let _ = tls.flush(last, &mut &*stream);
+            tls.send_close_notify();
+            let _ = tls.flush(&mut Vec::new(), &mut &*stream);
         }
     }
 }

@@ -13,7 +13,7 @@
 //! the downstream's total at `pool_size` whatever the load.
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 
+use super::conn::write_last;
 use super::slab::ConnKey;
 use super::tls_stream::TlsStream;
 use crate::downstream::dialog::Carried;
@@ -150,8 +151,8 @@ impl Pool {
             .into_iter()
             .partition(|idle| now.saturating_duration_since(idle.since) < IDLE_MAX);
         self.idle = keep;
-        for idle in old {
-            say_quit(&idle.stream, idle.tls);
+        for mut idle in old {
+            say_quit(&idle.stream, idle.tls.as_deref_mut());
         }
     }
 }
@@ -159,8 +160,8 @@ impl Pool {
 impl Drop for Pool {
     /// The worker is stopping: idle connections say QUIT.
     fn drop(&mut self) {
-        for idle in self.idle.drain(..) {
-            say_quit(&idle.stream, idle.tls);
+        for mut idle in self.idle.drain(..) {
+            say_quit(&idle.stream, idle.tls.as_deref_mut());
         }
     }
 }
@@ -168,17 +169,8 @@ impl Drop for Pool {
 /// Says QUIT on a connection tarmac is about to drop (one nonblocking write, best effort; over
 /// TLS followed by `close_notify`), so the downstream logs a clean end rather than a lost
 /// connection (DESIGN.md §6).
-pub(crate) fn say_quit(stream: &TcpStream, tls: Option<Box<TlsStream>>) {
-    match tls {
-        None => {
-            let _ = (&*stream).write(b"QUIT\r\n");
-        }
-        Some(mut tls) => {
-            let _ = tls.flush(&mut b"QUIT\r\n".to_vec(), &mut &*stream);
-            tls.send_close_notify();
-            let _ = tls.flush(&mut Vec::new(), &mut &*stream);
-        }
-    }
+pub(crate) fn say_quit(stream: &TcpStream, tls: Option<&mut TlsStream>) {
+    write_last(stream, tls, &mut b"QUIT\r\n".to_vec());
 }
 
 /// Whether an idle connection has nothing to say: reading finds no data and no end.
