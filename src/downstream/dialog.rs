@@ -353,18 +353,15 @@ impl Handshake {
         who: &ClientIdentity<'_>,
         out: &mut Vec<u8>,
     ) -> (Self, Step) {
+        // The pooled connection's TLS state was settled by its first handshake: `new` sends
+        // no STARTTLS.
         let mut handshake = Handshake {
             phase: Phase::Ready,
-            hostname: hostname.to_owned(),
-            announce,
-            // The pooled connection's TLS state was settled by its first handshake; nothing
-            // here sends STARTTLS again.
-            tls: DownstreamTls::None,
-            encryption: Encryption::Plain,
             caps: carried.caps,
             renewed: true,
             announced: carried.announced,
             greeted: true,
+            ..Handshake::new(hostname, announce)
         };
         let step = if carried.dirty {
             out.extend_from_slice(b"RSET\r\n");
