@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use super::snapshot::{self, Clocks, Kind, Restored, SnapshotError, Writer};
 use crate::config::{Greylist as GreylistConfig, GreylistKey};
+use crate::policy::rates::network_name;
 
 /// How often the table may warn that it dropped a pending triplet, or that a subnet reached
 /// its quota.
@@ -612,33 +613,18 @@ pub fn key(elements: &[GreylistKey], facts: &KeyFacts<'_>) -> String {
             key.push('\u{1f}');
         }
         match element {
-            GreylistKey::Subnet => key.push_str(&subnet(facts.client)),
+            GreylistKey::Subnet => key.push_str(&network_name(facts.client)),
             GreylistKey::Ip => key.push_str(&facts.client.to_canonical().to_string()),
             GreylistKey::Helo => key.push_str(&facts.helo.to_ascii_lowercase()),
             GreylistKey::Sender => key.push_str(&facts.sender.to_ascii_lowercase()),
             GreylistKey::Recipient => key.push_str(&facts.recipient.to_ascii_lowercase()),
             GreylistKey::Rdns => match facts.rdns.and_then(|name| name.split_once('.')) {
                 Some((_, domain)) if domain.contains('.') => key.push_str(domain),
-                _ => key.push_str(&subnet(facts.client)),
+                _ => key.push_str(&network_name(facts.client)),
             },
         }
     }
     key
-}
-
-/// The client's /24 (IPv4) or /64 (IPv6) network, as text.
-fn subnet(ip: IpAddr) -> String {
-    match ip.to_canonical() {
-        IpAddr::V4(v4) => {
-            let [a, b, c, _] = v4.octets();
-            format!("{a}.{b}.{c}.0/24")
-        }
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            let net = std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
-            format!("{net}/64")
-        }
-    }
 }
 
 #[cfg(test)]
