@@ -39,8 +39,7 @@ pub(crate) struct NoFile {
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit and logs what it did (info). On failure
-/// (a container that forbids it) the limit stays and a warning says so. `None` when the limit
-/// cannot even be read.
+/// (a container that forbids it) the limit stays and a warning says so.
 pub(crate) fn raise_nofile() -> NoFile {
     let limit = getrlimit(Resource::Nofile);
     let before = limit.current;
