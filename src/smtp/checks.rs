@@ -9,9 +9,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::config::{Config, Dnsbl};
-use crate::dns::{Answer, Query, RdnsAnswer};
 use crate::policy::dnsbl::{self, ZoneOutcome};
 use crate::policy::{ListMatch, Standing, Verdict};
+use crate::smtp::question::{LookupAnswer, Query, RdnsAnswer};
 
 /// The checks' state for one client.
 #[derive(Debug)]
@@ -103,9 +103,9 @@ impl Checks {
 
     /// Records an answer; returns whether every awaited answer is in. Answers nobody waits
     /// for (a zone removed by a reload, a late duplicate) are ignored.
-    pub(crate) fn answer(&mut self, query: &Query, answer: Answer) -> bool {
+    pub(crate) fn answer(&mut self, query: &Query, answer: LookupAnswer) -> bool {
         match (query, answer) {
-            (Query::Dnsbl { zone, .. }, Answer::Dnsbl(answer)) => {
+            (Query::Dnsbl { zone, .. }, LookupAnswer::Dnsbl(answer)) => {
                 let zones = self
                     .started_with
                     .as_deref()
@@ -118,7 +118,7 @@ impl Checks {
                     *slot = Some(dnsbl::classify(cfg, &answer));
                 }
             }
-            (Query::Rdns(_), Answer::Rdns(answer)) => {
+            (Query::Rdns(_), LookupAnswer::Rdns(answer)) => {
                 if matches!(self.rdns, Rdns::Awaiting) {
                     self.rdns = Rdns::Answered(answer);
                 }

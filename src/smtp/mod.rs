@@ -7,6 +7,7 @@ pub mod command;
 pub mod data;
 pub mod log_text;
 pub mod proxy;
+pub mod question;
 pub mod received;
 pub mod reply;
 pub mod session;
@@ -14,6 +15,7 @@ mod tarpit;
 
 pub use command::{Command, CommandError};
 pub use data::{DataDecoder, DataViolation};
+pub use question::{Answer, Question};
 pub use reply::{EnhancedCode, Reply};
 pub use session::{
     Action, DownstreamEvent, LinkId, Peer, Report, Session, Shutdown, Side, TlsVersion,

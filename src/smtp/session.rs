@@ -4,9 +4,11 @@
 //! # Roles
 //! - Inputs (`handle_*`): client bytes, client EOF, downstream events, timer expiry, shutdown,
 //!   the end of a STARTTLS handshake.
+//! - Inputs (`handle_answer`): the shared services' answers to the session's questions
+//!   ([`Question`] out, [`Answer`] in).
 //! - Outputs (`poll_*`): bytes for the client (`poll_transmit`) and for one downstream
-//!   connection (`poll_transmit_downstream`, by its [`LinkId`]), I/O steps (`poll_action`:
-//!   connect/close/release downstream, switch to TLS, close), the next deadline
+//!   connection (`poll_transmit_downstream`, by its [`LinkId`]), the next step (`poll_action`:
+//!   ask a service, connect/close/release downstream, switch to TLS, close), the next deadline
 //!   (`poll_timeout`).
 //! - Queries (`wants_read`, `is_closed`, `report`).
 //!
@@ -30,12 +32,12 @@
 //! downstream's 250. Any failure on the relay path is a 4xx so the sender retries.
 //!
 //! # Checks and verdict
-//! Before the banner the session asks for its DNS lookups (`Action::Lookup`, answered through
-//! `handle_lookup`) and the client's reputation (`Action::CheckReputation`, answered through
-//! `handle_reputation`) and waits for them, the lookups at most `[dns] timeout`; the local lists
+//! Before the banner the session asks for its DNS lookups (`Question::Lookup`) and the
+//! client's reputation (`Question::CheckReputation`), both answered through `handle_answer`,
+//! and waits for them, the lookups at most `[dns] timeout`; the local lists
 //! can decide sooner (`checks.rs`). A mostly bad history adds `[reputation] weight` to the score
 //! before the verdict. What the client does that its reputation remembers goes out as
-//! `Action::RecordReputation`, at most one bad event per session (the first: a pregreet, a
+//! `Question::RecordReputation`, at most one bad event per session (the first: a pregreet, a
 //! reject, protocol abuse), one greylist pass per session, and every delivered message.
 //!
 //! The verdict then shapes the dialog: `reject` with `reject_mode =
@@ -56,12 +58,11 @@
 //! session without a reply (nothing can be said in plain text mid-handshake).
 
 use std::collections::VecDeque;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::{Config, DownstreamMode, DownstreamTls, Pregreet, RejectMode};
-use crate::dns::{Answer, Query};
 use crate::downstream::dialog::{Carried, ClientIdentity, Handshake, Step, announcement_refused};
 use crate::downstream::warnings;
 use crate::policy::rates::network_name;
@@ -72,6 +73,7 @@ use crate::smtp::command::{Body, Command, CommandError, MailParams, parse_comman
 use crate::smtp::data::{DataDecoder, DataViolation};
 use crate::smtp::log_text::escape;
 use crate::smtp::proxy::{ProxyStart, parse_proxy_header, proxy_start};
+use crate::smtp::question::{Answer, LookupAnswer, Query, Question};
 use crate::smtp::received::{Trace, write_received};
 use crate::smtp::reply::{EnhancedCode, Reply, Status, parse_reply};
 use crate::smtp::tarpit::Tarpit;
@@ -145,37 +147,13 @@ pub enum TlsVersion {
     Tls13,
 }
 
-/// I/O the driver must perform for the session.
+/// What the driver must do for the session: ask a shared service, or perform I/O.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Look this up (through the resolver's cache) and report the answer with
-    /// `handle_lookup`, now or when it arrives. The banner waits for the answers.
-    Lookup(Query),
-    /// Is there a fresh PASS for this client (it passed the greet pause within `pass_ttl`)?
-    /// Answer with `handle_pass`; the greet pause waits for the answer.
-    CheckPass(IpAddr),
-    /// The client passed the greet pause: cache a PASS for it for `pass_ttl`.
-    RecordPass(IpAddr),
-    /// What does this client's history hold (`[reputation]`)? Answer with
-    /// `handle_reputation`; the verdict waits for the answer.
-    CheckReputation(IpAddr),
-    /// Add this event to the client's history (`[reputation] half_life` decays it).
-    RecordReputation(IpAddr, Event),
-    /// Is this RCPT's triplet deferred or passed? Answer with `handle_greylist`; the RCPT
-    /// waits for the answer. Everything the decision needs comes from the session's own
-    /// configuration.
-    CheckGreylist {
-        /// The triplet, built from `[greylist] key`.
-        key: String,
-        /// The client's network (`192.0.2.0/24`, `2001:db8::/64`), for its quota of new
-        /// triplets (`max_new_per_subnet`).
-        subnet: String,
-        /// The `[greylist]` times and bounds.
-        times: GreylistTimes,
-    },
-    /// The verdict is tarpit: take one of the `max_tarpitted` places (held until the
-    /// connection is gone) and answer with `handle_tarpit_slot`.
-    EnterTarpit,
+    /// Ask a shared service (resolver, state store, tarpit places, admission) and report the
+    /// answer, if the question has one, with [`Session::handle_answer`], now or when it
+    /// arrives.
+    Ask(Question),
     /// Get a connection to downstream server `addr` for `link`: in `mode = "multiplexing"`
     /// an idle pooled one when `pooled` allows (report `DownstreamEvent::Reused` with what it
     /// carried), else a new TCP connection (report `Connected` or `ConnectFailed`). Every
@@ -190,12 +168,15 @@ pub enum Action {
         /// this client, so it must be a new one).
         pooled: bool,
     },
-    /// The downstream said `220` to STARTTLS: drop every downstream byte not yet handed to
-    /// `handle_downstream` (anything after the 220 was sent in plain text and could be injected
-    /// by anyone on the path), start a TLS client handshake on the connection, and report
-    /// `DownstreamEvent::TlsEstablished` or `TlsFailed`. From then on every downstream byte in
-    /// either direction goes through TLS.
-    StartTlsDownstream(LinkId),
+    /// `mode = "multiplexing"`: downstream connection `link` has no reply outstanding and
+    /// nothing left to send: put it back in the pool with what it carries into its next
+    /// transaction. The session no longer uses it.
+    ReleaseDownstream {
+        /// The connection.
+        link: LinkId,
+        /// Its capabilities, whom it speaks for, whether a transaction was left open.
+        carried: Carried,
+    },
     /// Close downstream connection `link` (ignored when it is gone already): write what
     /// `poll_transmit_downstream` handed out for it, then `QUIT\r\n` when `quit` (the
     /// downstream greeted us and the connection is in a known state), then close. Whatever
@@ -206,27 +187,21 @@ pub enum Action {
         /// Say QUIT before hanging up (DESIGN.md §6).
         quit: bool,
     },
-    /// Flush what `poll_transmit(Client)` handed out, then close the client connection. Comes
-    /// out exactly once.
-    Close,
-    /// A balancer's PROXY header named this client: count it against the per-IP cap and the
-    /// connection rates and answer with `handle_admission`. The banner waits for the answer.
-    Admit(SocketAddr),
-    /// `mode = "multiplexing"`: downstream connection `link` has no reply outstanding and
-    /// nothing left to send: put it back in the pool with what it carries into its next
-    /// transaction. The session no longer uses it.
-    ReleaseDownstream {
-        /// The connection.
-        link: LinkId,
-        /// Its capabilities, whom it speaks for, whether a transaction was left open.
-        carried: Carried,
-    },
     /// The client asked for STARTTLS and its `220` was handed out: write what
     /// `poll_transmit(Client)` gave before this in plain text, then run the server side of a
     /// TLS handshake on the client connection. Report `handle_tls_established` when it is done
     /// or `handle_tls_failed` if it fails; client bytes from then on are the decrypted stream.
     /// Bytes read from the socket before the switch must not be offered afterwards.
     StartTls,
+    /// The downstream said `220` to STARTTLS: drop every downstream byte not yet handed to
+    /// `handle_downstream` (anything after the 220 was sent in plain text and could be injected
+    /// by anyone on the path), start a TLS client handshake on the connection, and report
+    /// `DownstreamEvent::TlsEstablished` or `TlsFailed`. From then on every downstream byte in
+    /// either direction goes through TLS.
+    StartTlsDownstream(LinkId),
+    /// Flush what `poll_transmit(Client)` handed out, then close the client connection. Comes
+    /// out exactly once.
+    Close,
 }
 
 /// Names one downstream connection of a session: each `Action::ConnectDownstream` gets a new
@@ -338,7 +313,7 @@ enum Pending {
     Rcpt,
     Data,
     EndOfData,
-    /// Not the downstream: the greylist's answer for a RCPT (`Action::CheckGreylist`).
+    /// Not the downstream: the greylist's answer for a RCPT (`Question::CheckGreylist`).
     Greylist,
 }
 
@@ -606,8 +581,8 @@ impl Session {
 
     /// A new session whose client the driver could not admit on the spot (its connection
     /// rates are shared through Redis, so the answer comes later): it asks first
-    /// (`Action::Admit` with the peer's address) and reads nothing until
-    /// [`Session::handle_admission`] starts the checks or refuses with DESIGN.md §1.1's `421`.
+    /// (`Question::Admit` with the peer's address) and reads nothing until
+    /// [`Answer::Admission`] starts the checks or refuses with DESIGN.md §1.1's `421`.
     /// A listed load balancer's connection waits for its PROXY header as with
     /// [`Session::new`], and asks for the client the header names.
     pub fn admitting(config: Arc<Config>, peer: Peer, now: Instant) -> Session {
@@ -615,7 +590,9 @@ impl Session {
             return Session::new(config, peer, now);
         }
         let mut session = Session::unstarted(config, peer, now, Phase::Admitting);
-        session.actions.push_back(Action::Admit(peer.client));
+        session
+            .actions
+            .push_back(Action::Ask(Question::Admit(peer.client)));
         session
     }
 
@@ -895,9 +872,23 @@ impl Session {
         }
     }
 
-    /// The answer to an `Action::Lookup`. Once every answer is in, the verdict is made and the
+    /// A service's answer to an `Action::Ask` (see [`Answer`] for what each one does). An
+    /// answer nobody waits for any more (late, after a close, or after a reload changed what
+    /// was asked) is ignored.
+    pub fn handle_answer(&mut self, now: Instant, answer: Answer) {
+        match answer {
+            Answer::Lookup(query, answer) => self.on_lookup(now, &query, answer),
+            Answer::Pass(cached) => self.on_pass(now, cached),
+            Answer::Reputation(history) => self.on_reputation(now, history),
+            Answer::Greylist(outcome) => self.on_greylist(now, outcome),
+            Answer::TarpitSlot(granted) => self.on_tarpit_slot(now, granted),
+            Answer::Admission(admitted) => self.on_admission(now, admitted),
+        }
+    }
+
+    /// The answer to a `Question::Lookup`. Once every answer is in, the verdict is made and the
     /// banner (or the `554`) goes out. Late answers, after `[dns] timeout`, are ignored.
-    pub fn handle_lookup(&mut self, now: Instant, query: &Query, answer: Answer) {
+    fn on_lookup(&mut self, now: Instant, query: &Query, answer: LookupAnswer) {
         if !matches!(self.phase, Phase::Checking) {
             return;
         }
@@ -907,9 +898,9 @@ impl Session {
         }
     }
 
-    /// The answer to `Action::CheckPass`: a fresh PASS skips the greet pause; otherwise the
+    /// The answer to `Question::CheckPass`: a fresh PASS skips the greet pause; otherwise the
     /// pause starts now, with the `220-` teaser when `banner_continuation` is on.
-    pub fn handle_pass(&mut self, now: Instant, cached: bool) {
+    fn on_pass(&mut self, now: Instant, cached: bool) {
         if !self.awaiting_pass || !matches!(self.phase, Phase::Checking) {
             return;
         }
@@ -925,9 +916,9 @@ impl Session {
         self.try_greet(now);
     }
 
-    /// The answer to `Action::CheckReputation`: the client's history (`None`: none kept). A
+    /// The answer to `Question::CheckReputation`: the client's history (`None`: none kept). A
     /// mostly bad one adds `[reputation] weight` to the score the verdict is made from.
-    pub fn handle_reputation(&mut self, now: Instant, history: Option<History>) {
+    fn on_reputation(&mut self, now: Instant, history: Option<History>) {
         if !self.awaiting_reputation || !matches!(self.phase, Phase::Checking) {
             return;
         }
@@ -939,10 +930,10 @@ impl Session {
         self.try_greet(now);
     }
 
-    /// The answer to `Action::EnterTarpit`: granted, every reply from the greeting on is
+    /// The answer to `Question::EnterTarpit`: granted, every reply from the greeting on is
     /// delayed (and stuttered); refused (`max_tarpitted` reached), the client is rejected
     /// instead, as DESIGN.md §3 says.
-    pub fn handle_tarpit_slot(&mut self, now: Instant, granted: bool) {
+    fn on_tarpit_slot(&mut self, now: Instant, granted: bool) {
         if !self.awaiting_slot {
             return;
         }
@@ -974,9 +965,9 @@ impl Session {
         self.pending_config = Some(config);
     }
 
-    /// The answer to `Action::CheckGreylist`: a new or early triplet gets `451 4.7.1
+    /// The answer to `Question::CheckGreylist`: a new or early triplet gets `451 4.7.1
     /// Greylisted, please try again in N seconds` and is not relayed; a passing one is.
-    pub fn handle_greylist(&mut self, now: Instant, outcome: GreylistOutcome) {
+    fn on_greylist(&mut self, now: Instant, outcome: GreylistOutcome) {
         if !matches!(self.phase, Phase::Waiting(Pending::Greylist)) {
             return;
         }
@@ -1051,9 +1042,9 @@ impl Session {
         self.stressed = stressed;
     }
 
-    /// The driver's answer to `Action::Admit`: the checks (then the banner), or (over the
+    /// The driver's answer to `Question::Admit`: the checks (then the banner), or (over the
     /// per-IP cap) the same `421` a directly connected client gets, and a close.
-    pub fn handle_admission(&mut self, now: Instant, admitted: bool) {
+    fn on_admission(&mut self, now: Instant, admitted: bool) {
         if !matches!(self.phase, Phase::Admitting | Phase::Proxy) {
             return;
         }
@@ -1225,17 +1216,25 @@ impl Session {
         self.phase = Phase::Checking;
         if !queries.is_empty() {
             self.timers.lookup = Some(now + config.dns.timeout);
-            self.actions.extend(queries.into_iter().map(Action::Lookup));
+            self.actions.extend(
+                queries
+                    .into_iter()
+                    .map(|q| Action::Ask(Question::Lookup(q))),
+            );
         }
         // A client a list decided on needs neither its reputation nor a greet pause: allowed,
         // it skips every check; denied, it is refused at once.
         if config.reputation.enabled && self.checks.list_match().is_none() {
             self.awaiting_reputation = true;
-            self.actions.push_back(Action::CheckReputation(ip));
+            self.actions
+                .push_back(Action::Ask(Question::CheckReputation {
+                    ip,
+                    half_life: config.reputation.half_life,
+                }));
         }
         if !self.greet_pause().is_zero() && self.checks.list_match().is_none() {
             self.awaiting_pass = true;
-            self.actions.push_back(Action::CheckPass(ip));
+            self.actions.push_back(Action::Ask(Question::CheckPass(ip)));
         }
         self.try_greet(now);
     }
@@ -1313,7 +1312,7 @@ impl Session {
             && !self.shutting_down
         {
             self.awaiting_slot = true;
-            self.actions.push_back(Action::EnterTarpit);
+            self.actions.push_back(Action::Ask(Question::EnterTarpit));
             return;
         }
         self.greet_final(now);
@@ -1330,7 +1329,8 @@ impl Session {
         }
         let ip = self.peer.client.ip().to_canonical();
         if self.paused && self.pregreet.is_none() && verdict != Verdict::Reject {
-            self.actions.push_back(Action::RecordPass(ip));
+            self.actions
+                .push_back(Action::Ask(Question::RecordPass(ip)));
         }
         // A reject the client earned; not one forced by a full tarpit (`max_tarpitted`).
         if verdict == Verdict::Reject && !self.checks.is_tarpit_refused() {
@@ -1415,7 +1415,7 @@ impl Session {
                 {
                     self.tarpit = Some(Box::new(Tarpit::new(tarpit.reply_delay, tarpit.stutter)));
                     self.awaiting_slot = true;
-                    self.actions.push_back(Action::EnterTarpit);
+                    self.actions.push_back(Action::Ask(Question::EnterTarpit));
                 }
             }
             RuleAction::Reject => {
@@ -1431,7 +1431,7 @@ impl Session {
         Some(RuleOutcome { action, reply })
     }
 
-    /// Sends `event` to the client's reputation (`Action::RecordReputation`) when reputation
+    /// Sends `event` to the client's reputation (`Question::RecordReputation`) when reputation
     /// is on and no allow list exempts the client: each bad event only if none was sent in
     /// this session (one misbehaving session is one mark, however many errors it made), a
     /// greylist pass once per session, every delivery.
@@ -1449,7 +1449,12 @@ impl Session {
             return;
         }
         let ip = self.peer.client.ip().to_canonical();
-        self.actions.push_back(Action::RecordReputation(ip, event));
+        self.actions
+            .push_back(Action::Ask(Question::RecordReputation {
+                ip,
+                event,
+                half_life: self.config.reputation.half_life,
+            }));
     }
 
     /// Bytes before the final greeting line: the client is a pregreet talker (DESIGN.md §1.2).
@@ -1512,14 +1517,14 @@ impl Session {
                             == Some(ListMatch::Allow);
                         if allowed {
                             // Allow-listed: no per-IP cap (DESIGN.md §1.1).
-                            self.handle_admission(now, true);
+                            self.on_admission(now, true);
                         } else {
                             self.phase = Phase::Admitting;
-                            self.actions.push_back(Action::Admit(client));
+                            self.actions.push_back(Action::Ask(Question::Admit(client)));
                         }
                     }
                     // A health check (UNKNOWN, LOCAL) is the balancer itself.
-                    None => self.handle_admission(now, true),
+                    None => self.on_admission(now, true),
                 }
                 length.saturating_sub(seen)
             }
@@ -1939,11 +1944,11 @@ impl Session {
                 tx.greylisting = Some(to.into());
             }
             self.phase = Phase::Waiting(Pending::Greylist);
-            self.actions.push_back(Action::CheckGreylist {
+            self.actions.push_back(Action::Ask(Question::CheckGreylist {
                 key,
                 subnet: network_name(self.peer.client.ip()),
                 times: GreylistTimes::of(&self.config.greylist),
-            });
+            }));
             return;
         }
         self.greylisted = "skip";
