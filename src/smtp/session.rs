@@ -302,8 +302,12 @@ enum Phase {
     /// After `220 Ready to start TLS`: waiting for the handshake. Client bytes offered now are
     /// discarded (they were sent before the handshake, whatever they claim to be).
     StartingTls,
-    /// Terminal; the outbox may still hold the last reply.
-    Closed,
+    /// Terminal, with its last reply held by the tarpit: `poll_transmit` still releases it on
+    /// its schedule, and `Action::Close` comes once it is all out (or at once when the client
+    /// goes or the drain time ends). Becomes `Closed`, never anything else.
+    Closing(CloseReason),
+    /// Terminal and sticky: `Action::Close` is out; the outbox may still hold the last reply.
+    Closed(CloseReason),
 }
 
 /// The client command a downstream reply is awaited for.
@@ -331,6 +335,36 @@ enum CloseReason {
     Blocked,
     /// The TLS handshake failed, or a TLS record after it.
     TlsFailed,
+}
+
+impl CloseReason {
+    /// `result=` in the close line when nothing more telling happened.
+    fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Quit => "quit",
+            CloseReason::Disconnect => "disconnect",
+            CloseReason::Timeout => "timeout",
+            CloseReason::TooManyErrors => "too-many-errors",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::BadProxy => "bad-proxy",
+            CloseReason::Refused => "refused",
+            CloseReason::Blocked => "rejected",
+            CloseReason::TlsFailed => "tls-failed",
+        }
+    }
+}
+
+/// Where the greet pause stands (`[tarpit] greet_pause`, DESIGN.md §1.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GreetPause {
+    /// No pause: none configured, or a list decided on the client.
+    Skipped,
+    /// `Question::CheckPass` is out: the pause cannot start before its answer.
+    Asking,
+    /// A fresh PASS was cached: no pause.
+    Cached,
+    /// The pause was served (`Timers::greet` runs it): passing it earns a PASS.
+    Served,
 }
 
 /// Where the session stands with STARTTLS.
@@ -383,7 +417,7 @@ impl Timers {
             Phase::Checking => [self.lookup, self.greet],
             Phase::Admitting => [None, None],
             Phase::Data(_) => [self.data, None],
-            Phase::Waiting(_) | Phase::Closed => [None, None],
+            Phase::Waiting(_) | Phase::Closing(_) | Phase::Closed(_) => [None, None],
         };
         client.into_iter().chain([self.downstream]).flatten().min()
     }
@@ -520,22 +554,17 @@ pub struct Session {
     msgs: u32,
     rcpts: u32,
     last_failure: Option<&'static str>,
-    closed: Option<CloseReason>,
     shutting_down: bool,
     checks: Checks,
     blocked: Option<Blocked>,
-    /// See [`Peer::stressed`]; updated by `handle_stress`.
-    stressed: bool,
-    /// A `CheckPass` is unanswered: the greet pause cannot start yet.
-    awaiting_pass: bool,
+    /// Where the greet pause stands.
+    pause: GreetPause,
     /// A `CheckReputation` is unanswered: the verdict waits.
     awaiting_reputation: bool,
     /// A bad event went to the client's reputation: one per session is enough.
     bad_recorded: bool,
     /// A greylist pass went to the client's reputation (once per session).
     pass_recorded: bool,
-    /// The greet pause was served (no cached PASS): passing it earns a PASS.
-    paused: bool,
     /// What a pregreet talker sent first (at most [`PREGREET_KEEP`] bytes).
     pregreet: Option<Box<[u8]>>,
     /// A command line (or an over-long one) was completed: a PROXY header can no longer be
@@ -545,8 +574,6 @@ pub struct Session {
     awaiting_slot: bool,
     /// Tarpit verdict with its place granted: replies are held and released on a schedule.
     tarpit: Option<Box<Tarpit>>,
-    /// The session closed with a tarpitted reply still held: `Close` comes once it is out.
-    close_after_release: bool,
     /// A reloaded configuration, put in force at the next decision (see `handle_reload`).
     pending_config: Option<Arc<Config>>,
     /// The rule that decided last (`rule=` in the close line).
@@ -620,21 +647,17 @@ impl Session {
             msgs: 0,
             rcpts: 0,
             last_failure: None,
-            closed: None,
             shutting_down: false,
             checks: Checks::new(),
             blocked: None,
-            stressed: peer.stressed,
-            awaiting_pass: false,
+            pause: GreetPause::Skipped,
             awaiting_reputation: false,
             bad_recorded: false,
             pass_recorded: false,
-            paused: false,
             pregreet: None,
             spoke: false,
             awaiting_slot: false,
             tarpit: None,
-            close_after_release: false,
             pending_config: None,
             rule: None,
             greylisted: "-",
@@ -658,7 +681,7 @@ impl Session {
             let relay_outbox = self.relay_outbox_len();
             let relay_full = relay_outbox >= DOWNSTREAM_OUTBOX_CAP;
             let used = match &mut self.phase {
-                Phase::Closed => return bytes.len(),
+                Phase::Closing(_) | Phase::Closed(_) => return bytes.len(),
                 Phase::Waiting(_) | Phase::Admitting => break,
                 Phase::Checking => {
                     // Bytes after a PROXY header in the same read talk before the greeting too.
@@ -724,16 +747,16 @@ impl Session {
 
     /// The client closed its sending side (or the connection broke).
     pub fn handle_client_eof(&mut self, _now: Instant) {
-        if self.closed.is_none() {
-            self.close(CloseReason::Disconnect, None);
-        } else if self.close_after_release {
+        if let Phase::Closing(reason) = self.phase {
             // Closed with its last reply held in the tarpit: nobody is left to read it.
-            self.close_after_release = false;
+            self.phase = Phase::Closed(reason);
             if let Some(tarpit) = self.tarpit.as_deref_mut() {
                 tarpit.discard();
             }
             self.to_client.clear();
             self.actions.push_back(Action::Close);
+        } else if !self.is_closed() {
+            self.close(CloseReason::Disconnect, None);
         }
     }
 
@@ -746,7 +769,7 @@ impl Session {
         event: DownstreamEvent<'_>,
     ) -> usize {
         let current = self.relay.as_deref().is_some_and(|relay| relay.id == link);
-        if self.closed.is_some() || !current {
+        if self.is_closed() || !current {
             return match event {
                 DownstreamEvent::Data(bytes) => bytes.len(),
                 _ => 0,
@@ -822,7 +845,7 @@ impl Session {
 
     /// Handles every timer that has expired at `now`; a no-op when called early.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self.closed.is_some() {
+        if self.is_closed() {
             return;
         }
         if expired(self.timers.downstream, now) {
@@ -864,7 +887,8 @@ impl Session {
             | Phase::Admitting
             | Phase::StartingTls
             | Phase::Waiting(_)
-            | Phase::Closed => false,
+            | Phase::Closing(_)
+            | Phase::Closed(_) => false,
         };
         if client_late {
             let text = format!("{} Error: timeout exceeded", self.config.server.hostname);
@@ -901,12 +925,12 @@ impl Session {
     /// The answer to `Question::CheckPass`: a fresh PASS skips the greet pause; otherwise the
     /// pause starts now, with the `220-` teaser when `banner_continuation` is on.
     fn on_pass(&mut self, now: Instant, cached: bool) {
-        if !self.awaiting_pass || !matches!(self.phase, Phase::Checking) {
+        if self.pause != GreetPause::Asking || !matches!(self.phase, Phase::Checking) {
             return;
         }
-        self.awaiting_pass = false;
+        self.pause = GreetPause::Cached;
         if !cached {
-            self.paused = true;
+            self.pause = GreetPause::Served;
             self.timers.greet = Some(now + self.greet_pause());
             if self.config.tarpit.banner_continuation {
                 let teaser = format!("220-{} ESMTP tarmac\r\n", self.config.server.hostname);
@@ -1021,8 +1045,7 @@ impl Session {
     /// cipher) or a record after it. Nothing more can be said to the client, so the session
     /// closes without a reply; a half-sent body is not delivered.
     pub fn handle_tls_failed(&mut self, _now: Instant) {
-        if self.closed.is_some() || !matches!(self.tls, TlsStage::Handshaking | TlsStage::Active(_))
-        {
+        if self.is_closed() || !matches!(self.tls, TlsStage::Handshaking | TlsStage::Active(_)) {
             return;
         }
         self.close(CloseReason::TlsFailed, None);
@@ -1039,7 +1062,7 @@ impl Session {
 
     /// The server entered or left stress mode: stuttering stops while it lasts.
     pub fn handle_stress(&mut self, _now: Instant, stressed: bool) {
-        self.stressed = stressed;
+        self.peer.stressed = stressed;
     }
 
     /// The driver's answer to `Question::Admit`: the checks (then the banner), or (over the
@@ -1058,10 +1081,10 @@ impl Session {
 
     /// SIGTERM/SIGINT.
     pub fn handle_shutdown(&mut self, now: Instant, how: Shutdown) {
-        if self.closed.is_some() {
-            if how == Shutdown::Now && self.close_after_release {
+        if self.is_closed() {
+            if let (Shutdown::Now, &Phase::Closing(reason)) = (how, &self.phase) {
                 // Its last reply is still trickling out: out with it now, then close.
-                self.close_after_release = false;
+                self.phase = Phase::Closed(reason);
                 self.leave_tarpit();
                 self.actions.push_back(Action::Close);
             }
@@ -1080,12 +1103,12 @@ impl Session {
         if let Some(tarpit) = self.tarpit.as_deref_mut() {
             let was_holding = tarpit.is_holding();
             tarpit.hold(now, &mut self.to_client);
-            tarpit.release(now, self.stressed, out);
+            tarpit.release(now, self.peer.stressed, out);
             if was_holding && !tarpit.is_holding() {
-                if self.close_after_release {
-                    self.close_after_release = false;
+                if let Phase::Closing(reason) = self.phase {
+                    self.phase = Phase::Closed(reason);
                     self.actions.push_back(Action::Close);
-                } else if self.closed.is_none() && self.tls != TlsStage::Requested {
+                } else if !self.is_closed() && self.tls != TlsStage::Requested {
                     // The client's idle time starts when it has our reply.
                     self.timers.idle = Some(now + self.config.timeouts.idle);
                     self.reply_handed_out(now);
@@ -1119,9 +1142,9 @@ impl Session {
     /// The earliest deadline, if any.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let release = self.tarpit.as_deref().and_then(Tarpit::next_release);
-        if self.closed.is_some() {
+        if self.is_closed() {
             // Only a held last reply is still to go out.
-            return release.filter(|_| self.close_after_release);
+            return release.filter(|_| matches!(self.phase, Phase::Closing(_)));
         }
         let holding = self.is_holding();
         [self.timers.earliest(&self.phase, holding), release]
@@ -1142,7 +1165,7 @@ impl Session {
             // Until the switch, bytes are taken only to be discarded; during the handshake the
             // driver has no plaintext to offer.
             Phase::StartingTls => self.tls == TlsStage::Requested,
-            Phase::Waiting(_) | Phase::Admitting | Phase::Closed => false,
+            Phase::Waiting(_) | Phase::Admitting | Phase::Closing(_) | Phase::Closed(_) => false,
         }
     }
 
@@ -1160,16 +1183,9 @@ impl Session {
         } else if let Some(failure) = self.last_failure {
             failure
         } else {
-            match self.closed {
-                Some(CloseReason::Quit) => "quit",
-                Some(CloseReason::Disconnect) | None => "disconnect",
-                Some(CloseReason::Timeout) => "timeout",
-                Some(CloseReason::TooManyErrors) => "too-many-errors",
-                Some(CloseReason::Shutdown) => "shutdown",
-                Some(CloseReason::BadProxy) => "bad-proxy",
-                Some(CloseReason::Refused) => "refused",
-                Some(CloseReason::Blocked) => "rejected",
-                Some(CloseReason::TlsFailed) => "tls-failed",
+            match self.phase {
+                Phase::Closing(reason) | Phase::Closed(reason) => reason.as_str(),
+                _ => "disconnect",
             }
         };
         Report {
@@ -1196,7 +1212,7 @@ impl Session {
 
     /// Whether the session is closed (its final bytes may still be in the outbox).
     pub fn is_closed(&self) -> bool {
-        self.closed.is_some()
+        matches!(self.phase, Phase::Closing(_) | Phase::Closed(_))
     }
 
     // ---- client side ----
@@ -1233,7 +1249,7 @@ impl Session {
                 }));
         }
         if !self.greet_pause().is_zero() && self.checks.list_match().is_none() {
-            self.awaiting_pass = true;
+            self.pause = GreetPause::Asking;
             self.actions.push_back(Action::Ask(Question::CheckPass(ip)));
         }
         self.try_greet(now);
@@ -1242,7 +1258,7 @@ impl Session {
     /// The greet pause for this client: `[tarpit] greet_pause`, shorter in stress mode.
     fn greet_pause(&self) -> Duration {
         let pause = self.config.tarpit.greet_pause;
-        if self.stressed {
+        if self.peer.stressed {
             pause.min(STRESS_GREET_PAUSE)
         } else {
             pause
@@ -1252,7 +1268,7 @@ impl Session {
     /// `[timeouts] command`, shorter in stress mode.
     fn command_timeout(&self) -> Duration {
         let timeout = self.config.timeouts.command;
-        if self.stressed {
+        if self.peer.stressed {
             timeout.min(STRESS_COMMAND_TIMEOUT)
         } else {
             timeout
@@ -1264,7 +1280,7 @@ impl Session {
     /// a `354` starts the data timer instead, a STARTTLS `220` the handshake's. A tarpit hands
     /// a reply out only once all of it is released, so a held reply does not run the timer.
     fn reply_handed_out(&mut self, now: Instant) {
-        if matches!(self.phase, Phase::Command) && self.closed.is_none() {
+        if matches!(self.phase, Phase::Command) && !self.is_closed() {
             self.timers.command = Some(now + self.command_timeout());
         }
     }
@@ -1282,7 +1298,7 @@ impl Session {
     fn try_greet(&mut self, now: Instant) {
         if matches!(self.phase, Phase::Checking)
             && self.checks.is_complete()
-            && !self.awaiting_pass
+            && self.pause != GreetPause::Asking
             && !self.awaiting_reputation
             && !self.awaiting_slot
             && self.timers.greet.is_none()
@@ -1328,7 +1344,8 @@ impl Session {
             return self.close_for_shutdown();
         }
         let ip = self.peer.client.ip().to_canonical();
-        if self.paused && self.pregreet.is_none() && verdict != Verdict::Reject {
+        if self.pause == GreetPause::Served && self.pregreet.is_none() && verdict != Verdict::Reject
+        {
             self.actions
                 .push_back(Action::Ask(Question::RecordPass(ip)));
         }
@@ -2151,7 +2168,7 @@ impl Session {
 
     fn read_downstream(&mut self, now: Instant, bytes: &[u8]) -> usize {
         let mut consumed = 0;
-        while self.closed.is_none() {
+        while !self.is_closed() {
             match self.relay.as_deref() {
                 None => break,
                 // Whatever followed the 220 to STARTTLS came in plain text: never a reply.
@@ -2379,7 +2396,8 @@ impl Session {
             | Phase::Admitting
             | Phase::Checking
             | Phase::StartingTls
-            | Phase::Closed => {}
+            | Phase::Closing(_)
+            | Phase::Closed(_) => {}
         }
     }
 
@@ -2584,7 +2602,7 @@ impl Session {
     /// post-increment lets one more junk command through than its limit says; here the first
     /// one past `max_junk_commands` counts.
     fn count_junk(&mut self) {
-        if self.closed.is_some() {
+        if self.is_closed() {
             return;
         }
         let strikes = self.strikes.current(self.msgs);
@@ -2596,7 +2614,7 @@ impl Session {
 
     /// One more error against `max_errors` (see [`Session::reply`]).
     fn count_error(&mut self) {
-        if self.closed.is_some() {
+        if self.is_closed() {
             return;
         }
         let strikes = self.strikes.current(self.msgs);
@@ -2628,7 +2646,7 @@ impl Session {
 
     fn check_shutdown(&mut self, _now: Instant) {
         if self.shutting_down
-            && self.closed.is_none()
+            && !self.is_closed()
             && matches!(self.phase, Phase::Command)
             && self.tx.is_none()
             && self.line.is_empty()
@@ -2663,7 +2681,7 @@ impl Session {
     fn start_tls_when_announced(&mut self, now: Instant) {
         let held = self.tarpit.as_deref().is_some_and(Tarpit::is_holding);
         if self.tls == TlsStage::Requested
-            && self.closed.is_none()
+            && !self.is_closed()
             && self.to_client.is_empty()
             && !held
         {
@@ -2676,7 +2694,7 @@ impl Session {
     /// Enters the sticky closed state: final reply queued, downstream dropped, `Close` once.
     /// While a handshake is due or running, no reply: the client expects TLS records.
     fn close(&mut self, reason: CloseReason, reply: Option<Reply>) {
-        if self.closed.is_some() {
+        if self.is_closed() {
             return;
         }
         if let Some(reply) = reply.filter(|_| !matches!(self.phase, Phase::StartingTls)) {
@@ -2685,8 +2703,7 @@ impl Session {
         if !self.release_relay_if_clean(true) {
             self.drop_relay();
         }
-        self.phase = Phase::Closed;
-        self.closed = Some(reason);
+        self.phase = Phase::Closed(reason);
         self.timers = Timers::default();
         self.line = Vec::new();
         if reason == CloseReason::Disconnect {
@@ -2697,7 +2714,7 @@ impl Session {
             self.to_client.clear();
         } else if self.is_holding() {
             // The last reply goes out on its schedule; `poll_transmit` sends `Close` after it.
-            self.close_after_release = true;
+            self.phase = Phase::Closing(reason);
             return;
         }
         self.actions.push_back(Action::Close);
