@@ -2,7 +2,6 @@
 //! machine. Nothing in here touches a socket or reads a clock: bytes and `Instant`s come in,
 //! replies, relayed bytes, actions and deadlines come out (DESIGN.md §5).
 
-mod checks;
 pub mod command;
 pub mod data;
 pub mod log_text;

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use super::*;
 use crate::config::{AnnounceClient, BareNewline, Config};
+use crate::smtp::question::{LookupAnswer, Query};
 
 fn config() -> Config {
     let mut config = Config::default();

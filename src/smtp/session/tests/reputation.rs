@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use super::*;
 use crate::config::{Dnsbl, Pregreet};
 use crate::policy::reputation::Event;
+use crate::policy::reputation::History;
 use crate::policy::{List, ListSet};
 use crate::smtp::question::DnsblAnswer;
 use crate::state::ReputationTable;
