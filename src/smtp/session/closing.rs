@@ -165,7 +165,7 @@ impl Session {
             && !self.is_closed()
             && matches!(self.phase, Phase::Command)
             && self.tx.is_none()
-            && self.line.is_empty()
+            && self.lines.partial().is_empty()
         {
             self.close_for_shutdown();
         }
@@ -206,7 +206,7 @@ impl Session {
         }
         self.phase = Phase::Closed(reason);
         self.timers = Timers::default();
-        self.line = Vec::new();
+        self.lines.free();
         if reason == CloseReason::Disconnect {
             // Nobody is left to read what the tarpit holds.
             if let Some(tarpit) = self.tarpit.as_deref_mut() {

@@ -19,9 +19,10 @@ use crate::smtp::reply::Reply;
 use crate::state::greylist::{self, GreylistOutcome, GreylistTimes, KeyFacts};
 
 use super::closing::{CloseReason, too_many_errors};
+use super::framing::Received;
 use super::greeting::{Blocked, RuleOutcome};
 use super::relaying::downstream_lost;
-use super::{Action, KEEP_CAPACITY, Phase, Session, TlsStage};
+use super::{Action, Phase, Session, TlsStage};
 
 /// The client's current mail transaction.
 #[derive(Debug)]
@@ -63,7 +64,10 @@ impl Session {
     pub(super) fn check_first_command(&mut self, input: &[u8]) -> Option<usize> {
         let mut head = [0u8; 12];
         let mut len = 0;
-        for (slot, &byte) in head.iter_mut().zip(self.line.iter().chain(input)) {
+        for (slot, &byte) in head
+            .iter_mut()
+            .zip(self.lines.partial().iter().chain(input))
+        {
             *slot = byte;
             len += 1;
         }
@@ -76,58 +80,36 @@ impl Session {
 
     /// Takes bytes of a command line; dispatches it once its LF arrives. Returns bytes used.
     pub(super) fn read_command(&mut self, now: Instant, input: &[u8]) -> usize {
-        if !self.spoke
-            && !self.discarding
+        let discarding = self.lines.is_discarding();
+        if !self.lines.has_completed()
+            && !discarding
             && let Some(used) = self.check_first_command(input)
         {
             return used;
         }
-        let max = self.config.limits.max_line_length;
-        let newline = input.iter().position(|&b| b == b'\n');
-        if self.discarding {
-            // RFC 5321 §4.5.3.1.4: a line over the limit is an error; resync at its LF.
-            let Some(at) = newline else {
-                return input.len();
-            };
-            self.discarding = false;
-            self.spoke = true;
-            self.timers.command = None;
-            self.line_error(Reply::new(500, "5.5.2", "Error: line too long"));
-            return at + 1;
-        }
-        if self.timers.command.is_none() {
+        if !discarding && self.timers.command.is_none() {
             // Normally armed when the last reply was handed out; a partial line never moves
             // it (a client trickling bytes without ever finishing a command is still timed out).
             self.timers.command = Some(now + self.command_timeout());
         }
-        let take = newline.map_or(input.len(), |at| at + 1);
-        if self.line.len() + take > max {
-            self.line = Vec::new();
-            self.discarding = true;
-            // Skip up to (not past) the LF: the next call sees it and answers.
-            return newline.unwrap_or(input.len());
-        }
-        let needed = self.line.len() + take;
-        if needed > self.line.capacity() {
-            // Doubling, but never past the line limit: the buffer is part of the per-connection
-            // bound (DESIGN.md §6.1), and plain doubling could reach twice `max_line_length`.
-            let target = (self.line.capacity() * 2).clamp(needed, max);
-            self.line.reserve_exact(target - self.line.len());
-        }
-        self.line
-            .extend_from_slice(input.get(..take).unwrap_or_default());
-        if newline.is_some() {
-            let line = std::mem::take(&mut self.line);
-            self.spoke = true;
-            self.timers.command = None;
-            self.timers.idle = Some(now + self.config.timeouts.idle);
-            self.dispatch_line(now, &line);
-            if line.capacity() <= KEEP_CAPACITY {
-                self.line = line;
-                self.line.clear();
+        let (used, received) = self
+            .lines
+            .receive(input, self.config.limits.max_line_length);
+        match received {
+            Received::Partial => {}
+            Received::TooLong => {
+                // RFC 5321 §4.5.3.1.4: a line over the limit is an error; resync at its LF.
+                self.timers.command = None;
+                self.line_error(Reply::new(500, "5.5.2", "Error: line too long"));
+            }
+            Received::Line(line) => {
+                self.timers.command = None;
+                self.timers.idle = Some(now + self.config.timeouts.idle);
+                self.dispatch_line(now, &line);
+                self.lines.recycle(line);
             }
         }
-        take
+        used
     }
 
     /// Puts a reloaded configuration in force (a decision point: see `handle_reload`).

@@ -11,7 +11,7 @@ use crate::config::{Pregreet, RejectMode};
 use crate::policy::reputation::{self, Event, History};
 use crate::policy::{Facts, ListMatch, RuleAction, Stage, Verdict};
 use crate::smtp::log_text::escape;
-use crate::smtp::proxy::{ProxyStart, parse_proxy_header, proxy_start};
+use crate::smtp::proxy::{ProxyStart, proxy_start};
 use crate::smtp::question::{LookupAnswer, Query, Question};
 use crate::smtp::reply::{Reply, Status};
 use crate::smtp::tarpit::Tarpit;
@@ -136,7 +136,7 @@ impl Session {
     /// The driver's answer to `Question::Admit`: the checks (then the banner), or (over the
     /// per-IP cap) the same `421` a directly connected client gets, and a close.
     pub(super) fn on_admission(&mut self, now: Instant, admitted: bool) {
-        if !matches!(self.phase, Phase::Admitting | Phase::Proxy) {
+        if !matches!(self.phase, Phase::Admitting | Phase::Proxy(_)) {
             return;
         }
         if admitted {
@@ -422,12 +422,12 @@ impl Session {
     /// it and gets the banner; malformed, too long or late, the connection closes without a
     /// banner and nothing is accepted. Returns bytes used (the header's, no more).
     pub(super) fn read_proxy_header(&mut self, now: Instant, input: &[u8]) -> usize {
-        let seen = self.line.len();
-        self.line.extend_from_slice(input);
-        match parse_proxy_header(&self.line) {
+        let Phase::Proxy(header) = &mut self.phase else {
+            return 0;
+        };
+        match header.receive(input) {
             Ok(Status::Partial) => input.len(),
-            Ok(Status::Complete((client, length))) => {
-                self.line = Vec::new();
+            Ok(Status::Complete((client, used))) => {
                 self.timers.command = None;
                 match client {
                     Some(client) => {
@@ -449,7 +449,7 @@ impl Session {
                     // A health check (UNKNOWN, LOCAL) is the balancer itself.
                     None => self.on_admission(now, true),
                 }
-                length.saturating_sub(seen)
+                used
             }
             Err(error) => {
                 log::info!("bad PROXY header from {}: {error:?}", self.peer.client);

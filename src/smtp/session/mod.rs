@@ -72,6 +72,7 @@ use crate::smtp::tarpit::Tarpit;
 
 mod closing;
 mod commands;
+mod framing;
 mod greeting;
 mod interface;
 mod relaying;
@@ -80,6 +81,7 @@ pub use crate::downstream::relay::{DownstreamEvent, LinkId};
 pub use closing::too_many_connections;
 use closing::{CloseReason, Strikes};
 use commands::{Pending, Transaction};
+use framing::{LineReceiver, ProxyReceiver};
 use greeting::{Blocked, GreetPause};
 pub use interface::{Action, Peer, Report, Shutdown, Side, TlsVersion};
 use relaying::identity;
@@ -112,7 +114,7 @@ const STRESS_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 enum Phase {
     /// A client from `proxy_protocol_from`: its PROXY header comes before the banner.
-    Proxy,
+    Proxy(ProxyReceiver),
     /// The header named the client (or, with `Session::admitting`, the client connected): the
     /// driver is checking its connection rates and per-IP cap.
     Admitting,
@@ -183,7 +185,7 @@ impl Timers {
         let client = match phase {
             Phase::Command if holding => [None, None],
             Phase::Command => [self.command, self.idle],
-            Phase::Proxy | Phase::StartingTls => [self.command, None],
+            Phase::Proxy(_) | Phase::StartingTls => [self.command, None],
             Phase::Checking => [self.lookup, self.greet],
             Phase::Admitting => [None, None],
             Phase::Data(_) => [self.data, None],
@@ -204,10 +206,8 @@ pub struct Session {
     peer: Peer,
     started: Instant,
     phase: Phase,
-    /// The command line being assembled (bounded by `max_line_length`).
-    line: Vec<u8>,
-    /// An over-long line is being skipped up to its LF.
-    discarding: bool,
+    /// Command lines being assembled (bounded by `max_line_length`).
+    lines: LineReceiver,
     to_client: Vec<u8>,
     actions: VecDeque<Action>,
     timers: Timers,
@@ -238,9 +238,6 @@ pub struct Session {
     pass_recorded: bool,
     /// What a pregreet talker sent first (at most [`PREGREET_KEEP`] bytes).
     pregreet: Option<Box<[u8]>>,
-    /// A command line (or an over-long one) was completed: a PROXY header can no longer be
-    /// what the client is sending.
-    spoke: bool,
     /// An `EnterTarpit` is unanswered: the greeting waits.
     awaiting_slot: bool,
     /// Tarpit verdict with its place granted: replies are held and released on a schedule.
@@ -261,7 +258,8 @@ impl Session {
     /// header first when the peer is a listed load balancer.
     pub fn new(config: Arc<Config>, peer: Peer, now: Instant) -> Session {
         if config.server.expects_proxy_header(peer.client.ip()) {
-            let mut session = Session::unstarted(config, peer, now, Phase::Proxy);
+            let mut session =
+                Session::unstarted(config, peer, now, Phase::Proxy(ProxyReceiver::default()));
             session.timers.idle = None;
             session.timers.command = Some(now + PROXY_HEADER_TIMEOUT);
             return session;
@@ -294,8 +292,7 @@ impl Session {
             peer,
             started: now,
             phase,
-            line: Vec::new(),
-            discarding: false,
+            lines: LineReceiver::default(),
             to_client: Vec::new(),
             actions: VecDeque::new(),
             timers: Timers {
@@ -320,7 +317,6 @@ impl Session {
             bad_recorded: false,
             pass_recorded: false,
             pregreet: None,
-            spoke: false,
             awaiting_slot: false,
             tarpit: None,
             pending_config: None,
@@ -358,10 +354,10 @@ impl Session {
                 Phase::Command => match self.read_command(now, rest) {
                     // Waiting for more of what may be a PROXY header (`check_first_command`);
                     // a line that just went over the limit takes its LF on the next turn.
-                    0 if !self.discarding => break,
+                    0 if !self.lines.is_discarding() => break,
                     used => used,
                 },
-                Phase::Proxy => self.read_proxy_header(now, rest),
+                Phase::Proxy(_) => self.read_proxy_header(now, rest),
                 Phase::StartingTls => {
                     // CVE-2011-0411: sent after STARTTLS in plain text; answered after the
                     // handshake it would pass for a command sent over TLS. Pipelined with the
@@ -529,7 +525,7 @@ impl Session {
             Phase::Data(_) => expired(self.timers.data, now),
             Phase::Command if self.is_holding() => false,
             Phase::Command => expired(self.timers.command, now) || expired(self.timers.idle, now),
-            Phase::Proxy if expired(self.timers.command, now) => {
+            Phase::Proxy(_) if expired(self.timers.command, now) => {
                 // No banner was sent: nothing to say, as postscreen.
                 return self.close(CloseReason::Timeout, None);
             }
@@ -548,7 +544,7 @@ impl Session {
                 self.try_greet(now);
                 false
             }
-            Phase::Proxy
+            Phase::Proxy(_)
             | Phase::Admitting
             | Phase::StartingTls
             | Phase::Waiting(_)
@@ -703,7 +699,7 @@ impl Session {
     pub fn wants_read(&self) -> bool {
         match self.phase {
             Phase::Command => self.to_client.len() < CLIENT_OUTBOX_CAP && !self.is_holding(),
-            Phase::Proxy => self.to_client.len() < CLIENT_OUTBOX_CAP,
+            Phase::Proxy(_) => self.to_client.len() < CLIENT_OUTBOX_CAP,
             // Read until the first pregreet byte: talking first is what is watched for here.
             Phase::Checking => self.pregreet.is_none(),
             Phase::Data(_) => self.relay_outbox_len() < DOWNSTREAM_OUTBOX_CAP,

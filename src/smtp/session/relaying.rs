@@ -345,7 +345,7 @@ impl Session {
                     tx.broken = true;
                 }
             }
-            Phase::Proxy
+            Phase::Proxy(_)
             | Phase::Admitting
             | Phase::Checking
             | Phase::StartingTls

@@ -740,7 +740,7 @@ fn twenty_megabytes_without_newline_stay_bounded() {
     for _ in 0..(20 * 1024 / 16) {
         let used = pair.session.handle_client_data(pair.now, &chunk);
         assert_eq!(used, chunk.len());
-        assert!(pair.session.line.capacity() <= 8192);
+        assert!(pair.session.lines.capacity() <= 8192);
     }
     pair.send(b"\r\nNOOP\r\n");
     assert_eq!(
