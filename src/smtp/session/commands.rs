@@ -9,7 +9,7 @@ use crate::downstream::relay::Link;
 use crate::policy::rates::network_name;
 use crate::policy::reputation::Event;
 use crate::policy::screening::ListedBy;
-use crate::policy::{ListMatch, RuleAction, Stage, Verdict};
+use crate::policy::{ListMatch, RuleAction, Stage};
 use crate::smtp::command::{Command, CommandError, MailParams, parse_command};
 use crate::smtp::data::DataViolation;
 use crate::smtp::log_text::escape;
@@ -17,6 +17,8 @@ use crate::smtp::proxy::{ProxyStart, proxy_start};
 use crate::smtp::question::Question;
 use crate::smtp::reply::Reply;
 use crate::state::greylist::{self, GreylistOutcome, GreylistTimes, KeyFacts};
+
+use crate::policy::screening::greylist_applies;
 
 use super::closing::{CloseReason, too_many_errors};
 use super::framing::Received;
@@ -472,11 +474,8 @@ impl Session {
     /// zero (DNSWL-listed and allowed clients are never greylisted).
     pub(super) fn greylist_key(&self, to: &str) -> Option<String> {
         let config = &self.config.greylist;
-        let verdict = self.checks.verdict();
-        let applies = config.enabled
-            && matches!(verdict, Verdict::Pass | Verdict::Tarpit)
-            && self.checks.score() >= 0;
-        if !applies && !self.forced_greylist {
+        let (verdict, score) = (self.checks.verdict(), self.checks.score());
+        if !greylist_applies(config.enabled, verdict, score, self.forced_greylist) {
             return None;
         }
         let facts = KeyFacts {

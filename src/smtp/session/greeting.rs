@@ -362,13 +362,7 @@ impl Session {
         if !self.config.reputation.enabled || self.checks.list_match() == Some(ListMatch::Allow) {
             return;
         }
-        let mut every_time = false;
-        let seen = match event {
-            Event::Pregreet | Event::Rejected | Event::ProtocolAbuse => &mut self.bad_recorded,
-            Event::GreylistPass => &mut self.pass_recorded,
-            Event::Delivered => &mut every_time,
-        };
-        if std::mem::replace(seen, true) {
+        if !self.marks.admit(event) {
             return;
         }
         let ip = self.peer.client.ip().to_canonical();

@@ -64,7 +64,7 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::downstream::dialog::Handshake;
 use crate::downstream::relay::{Link, Relay};
-use crate::policy::screening::Checks;
+use crate::policy::screening::{Checks, ReputationMarks};
 use crate::smtp::data::DataDecoder;
 use crate::smtp::question::{Answer, Question};
 use crate::smtp::reply::Reply;
@@ -232,10 +232,8 @@ pub struct Session {
     pause: GreetPause,
     /// A `CheckReputation` is unanswered: the verdict waits.
     awaiting_reputation: bool,
-    /// A bad event went to the client's reputation: one per session is enough.
-    bad_recorded: bool,
-    /// A greylist pass went to the client's reputation (once per session).
-    pass_recorded: bool,
+    /// Which events went to the client's reputation (one bad mark, one greylist pass).
+    marks: ReputationMarks,
     /// What a pregreet talker sent first (at most [`PREGREET_KEEP`] bytes).
     pregreet: Option<Box<[u8]>>,
     /// An `EnterTarpit` is unanswered: the greeting waits.
@@ -314,8 +312,7 @@ impl Session {
             blocked: None,
             pause: GreetPause::Skipped,
             awaiting_reputation: false,
-            bad_recorded: false,
-            pass_recorded: false,
+            marks: ReputationMarks::default(),
             pregreet: None,
             awaiting_slot: false,
             tarpit: None,
