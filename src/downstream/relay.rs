@@ -1,6 +1,6 @@
 //! One downstream connection as the session sees it, sans-IO: its name ([`LinkId`]), the
-//! events the driver reports for it ([`DownstreamEvent`]), and its state ([`Relay`]): where it
-//! stands ([`Link`]), its handshake, and the bytes queued for it, which die with it (DESIGN.md
+//! events the driver reports for it ([`DownstreamEvent`]), and its state (`Relay`): where it
+//! stands (`Link`), its handshake, and the bytes queued for it, which die with it (DESIGN.md
 //! §6: bytes belong to one connection). The session (`crate::smtp::session`) drives it; the
 //! server (`crate::server`) owns the socket.
 

@@ -3,7 +3,7 @@
 //! to), whether its recipients are greylisted, and which of its deeds go to its reputation.
 //!
 //! Sans-IO like the session that owns it: lookups go out as [`Query`] values, answers come back
-//! through [`Checks::answer`], and the decisions themselves are `policy` calls. What a verdict
+//! through `Checks::answer`, and the decisions themselves are `policy` calls. What a verdict
 //! means for the dialog (a `554` greeting, `550` on RCPT) is the session's business.
 
 use std::net::IpAddr;

@@ -1,4 +1,4 @@
-//! The types that cross the session's boundary besides [`Session`] itself: who the client is
+//! The types that cross the session's boundary besides [`Session`](super::Session) itself: who the client is
 //! ([`Peer`]), what the driver must do ([`Action`]), how to shut down ([`Shutdown`]) and what
 //! the close log line reports ([`Report`]).
 
@@ -60,14 +60,14 @@ impl TlsVersion {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Ask a shared service (resolver, state store, tarpit places, admission) and report the
-    /// answer, if the question has one, with [`Session::handle_answer`], now or when it
+    /// answer, if the question has one, with [`Session::handle_answer`](super::Session::handle_answer), now or when it
     /// arrives.
     Ask(Question),
     /// Get a connection to downstream server `addr` for `link`: in `mode = "multiplexing"`
     /// an idle pooled one when `pooled` allows (report `DownstreamEvent::Reused` with what it
     /// carried), else a new TCP connection (report `Connected` or `ConnectFailed`). Every
     /// later event of that connection is reported with `link`, and only bytes from
-    /// [`Session::poll_transmit_downstream`] for `link` may be written to it.
+    /// [`Session::poll_transmit_downstream`](super::Session::poll_transmit_downstream) for `link` may be written to it.
     ConnectDownstream {
         /// Names this connection in events, bytes and later actions.
         link: LinkId,

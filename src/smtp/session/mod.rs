@@ -18,6 +18,21 @@
 //! `Action::ConnectDownstream` that asked for it: its events carry that id, and only its own
 //! bytes are handed out for it (DESIGN.md §6: bytes belong to one connection).
 //!
+//! An `Action::Ask` that expects an answer is answered through `handle_answer`, at once (in
+//! the same drain of `poll_action`) or later; either way the driver drains again afterwards.
+//!
+//! # Layout
+//! - `mod.rs`: the [`Session`] type, its public API, its phases and timers.
+//! - `interface.rs`: [`Peer`], [`Action`], [`Shutdown`], [`Report`].
+//! - `framing.rs`: the line and PROXY-header readers the phase picks.
+//! - `greeting.rs`: admission, checks, greet pause, pregreet, verdict, tarpit entry, rules.
+//! - `commands.rs`: client commands up to the downstream; greylisting a recipient.
+//! - `relaying.rs`: the session's side of the downstream (`crate::downstream::relay`).
+//! - `closing.rs`: replies, the error and junk-command counts, the sticky close.
+//!
+//! Screening decisions are `crate::policy::screening` calls; questions and answers are
+//! `crate::smtp::question`'s.
+//!
 //! # Lifecycle
 //! ```text
 //! [[Proxy ──header──▶] Admitting ──▶] Checking ──answers or dns.timeout──▶ verdict ──▶ Command
@@ -25,6 +40,7 @@
 //!                              Waiting(Data) ──354──▶ Data ──CRLF.CRLF──▶ Waiting(EndOfData)
 //! Command ──STARTTLS──▶ StartingTls ──handle_tls_established──▶ Command (before EHLO again)
 //! any ──QUIT / EOF / timeout / too many errors / shutdown / TLS failure──▶ Closed (sticky)
+//!                                      (Closing first while the tarpit holds the last reply)
 //! ```
 //! While `Waiting`, client bytes are not consumed (`wants_read()` is false): pipelined commands
 //! wait in the driver's bounded buffer and are answered in order. The downstream is opened at the
