@@ -59,10 +59,10 @@ fn answer(question: Question) -> Option<Answer> {
             Answer::Lookup(query, answer)
         }
         Question::CheckPass(_) => Answer::Pass(false),
-        Question::CheckReputation { .. } => Answer::Reputation(None),
+        Question::CheckReputation(..) => Answer::Reputation(None),
         Question::CheckGreylist { .. } => Answer::Greylist(GreylistOutcome::Pass),
         Question::EnterTarpit => Answer::TarpitSlot(true),
-        Question::RecordPass(_) | Question::RecordReputation { .. } => return None,
+        Question::RecordPass(_) | Question::RecordReputation(..) => return None,
     })
 }
 

@@ -2789,8 +2789,8 @@ fn answer_question(question: Question) -> Option<ServiceAnswer> {
         Question::CheckPass(_) => ServiceAnswer::Pass(false),
         Question::EnterTarpit => ServiceAnswer::TarpitSlot(true),
         // No history is kept: every client is new to its reputation.
-        Question::CheckReputation { .. } => ServiceAnswer::Reputation(None),
-        Question::RecordPass(_) | Question::RecordReputation { .. } => return None,
+        Question::CheckReputation(..) => ServiceAnswer::Reputation(None),
+        Question::RecordPass(_) | Question::RecordReputation(..) => return None,
         // Greylisting is off in every scenario (its model is the unit tests').
         Question::CheckGreylist { .. } => ServiceAnswer::Greylist(GreylistOutcome::Pass),
         // Only the tarpit scenario has a zone, and it lists the client; the rDNS lookup finds

@@ -712,14 +712,10 @@ impl Conn {
             }
             Question::CheckPass(ip) => self.ask_state(StateOp::CheckPass(ip), key, now, io),
             Question::RecordPass(ip) => self.ask_state(StateOp::RecordPass(ip), key, now, io),
-            Question::CheckReputation { ip, half_life } => {
+            Question::CheckReputation(ip, half_life) => {
                 self.ask_state(StateOp::CheckReputation { ip, half_life }, key, now, io);
             }
-            Question::RecordReputation {
-                ip,
-                event,
-                half_life,
-            } => {
+            Question::RecordReputation(ip, event, half_life) => {
                 let op = StateOp::RecordReputation {
                     ip,
                     event,

@@ -30,23 +30,13 @@ pub enum Question {
     CheckPass(IpAddr),
     /// The client passed the greet pause: cache a PASS for it for `pass_ttl`. No answer.
     RecordPass(IpAddr),
-    /// What does this client's history hold (`[reputation]`)? Answer
+    /// What does this client's history hold (`[reputation]`)? Carries the client and the
+    /// session's `[reputation] half_life` (Redis decays with it). Answer
     /// [`Answer::Reputation`]; the verdict waits for the answer.
-    CheckReputation {
-        /// The client.
-        ip: IpAddr,
-        /// `[reputation] half_life` of the session's configuration (Redis decays with it).
-        half_life: Duration,
-    },
-    /// Add this event to the client's history. No answer.
-    RecordReputation {
-        /// The client.
-        ip: IpAddr,
-        /// What it did.
-        event: Event,
-        /// `[reputation] half_life` of the session's configuration.
-        half_life: Duration,
-    },
+    CheckReputation(IpAddr, Duration),
+    /// Add this event to the client's history, decayed with the session's `[reputation]
+    /// half_life`: the client, what it did, the half-life. No answer.
+    RecordReputation(IpAddr, Event, Duration),
     /// Is this RCPT's triplet deferred or passed? Answer [`Answer::Greylist`]; the RCPT
     /// waits for the answer.
     CheckGreylist {

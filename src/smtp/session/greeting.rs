@@ -173,10 +173,10 @@ impl Session {
         if config.reputation.enabled && self.checks.list_match().is_none() {
             self.awaiting_reputation = true;
             self.actions
-                .push_back(Action::Ask(Question::CheckReputation {
+                .push_back(Action::Ask(Question::CheckReputation(
                     ip,
-                    half_life: config.reputation.half_life,
-                }));
+                    config.reputation.half_life,
+                )));
         }
         if !self.greet_pause().is_zero() && self.checks.list_match().is_none() {
             self.pause = GreetPause::Asking;
@@ -367,11 +367,11 @@ impl Session {
         }
         let ip = self.peer.client.ip().to_canonical();
         self.actions
-            .push_back(Action::Ask(Question::RecordReputation {
+            .push_back(Action::Ask(Question::RecordReputation(
                 ip,
                 event,
-                half_life: self.config.reputation.half_life,
-            }));
+                self.config.reputation.half_life,
+            )));
     }
 
     /// Bytes before the final greeting line: the client is a pregreet talker (DESIGN.md §1.2).

@@ -431,12 +431,8 @@ impl Pair {
                 self.passes.push(ip);
                 return None;
             }
-            Question::CheckReputation { ip, .. } => Answer::Reputation(self.reputation.history(ip)),
-            Question::RecordReputation {
-                ip,
-                event,
-                half_life,
-            } => {
+            Question::CheckReputation(ip, _) => Answer::Reputation(self.reputation.history(ip)),
+            Question::RecordReputation(ip, event, half_life) => {
                 self.reputation.record(ip, event, self.now, half_life);
                 self.reputation_events.push((ip, event));
                 return None;

@@ -49,10 +49,7 @@ fn the_verdict_waits_for_the_answer() {
     let mut session = Session::new(Arc::new(config), peer, now);
     assert_eq!(
         session.poll_action(),
-        Some(Action::Ask(Question::CheckReputation {
-            ip: CLIENT,
-            half_life
-        }))
+        Some(Action::Ask(Question::CheckReputation(CLIENT, half_life)))
     );
     let mut out = Vec::new();
     session.poll_transmit(now, &mut out);
