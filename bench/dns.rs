@@ -47,9 +47,10 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use mio::{Poll, Token, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
 use tarmac::config::{self, Config};
-use tarmac::dns::{Answer, DnsblAnswer, Query, Resolver, ResolverHandle, Waiter};
+use tarmac::dns::{Resolver, ResolverHandle, Waiter};
 use tarmac::policy::dnsbl::query_name;
-use tarmac::smtp::{Action, Peer, Session};
+use tarmac::smtp::question::{DnsblAnswer, LookupAnswer, Query};
+use tarmac::smtp::{Action, Answer, Peer, Question, Session};
 
 use dns_server::{DnsServer, Zone};
 use support::cpu;
@@ -335,13 +336,13 @@ fn check_direct_answer(index: usize, reply: &[u8]) {
     }
 }
 
-fn check_reject_answer(index: usize, answer: &Answer) {
+fn check_reject_answer(index: usize, answer: &LookupAnswer) {
     let expected = if index % LISTED_EVERY == 0 {
         DnsblAnswer::Listed(vec![Ipv4Addr::new(127, 0, 0, 2)])
     } else {
         DnsblAnswer::NotListed
     };
-    assert_eq!(answer, &Answer::Dnsbl(expected), "answer {index}");
+    assert_eq!(answer, &LookupAnswer::Dnsbl(expected), "answer {index}");
 }
 
 /// The addresses looked up: 10.0.0.0 onwards, each distinct.
@@ -386,7 +387,10 @@ fn cache_hits(full: bool, note: &str) {
         let Some(answer) = handle.lookup(black_box(query), waiter) else {
             panic!("lookup {i} missed the cache");
         };
-        listed += usize::from(matches!(answer, Answer::Dnsbl(DnsblAnswer::Listed(_))));
+        listed += usize::from(matches!(
+            answer,
+            LookupAnswer::Dnsbl(DnsblAnswer::Listed(_))
+        ));
     }
     let elapsed = started.elapsed();
     let after = handle.stats();
@@ -450,13 +454,13 @@ fn greetings_ns(
         };
         let mut session = Session::new(Arc::clone(config), peer, now);
         while let Some(action) = session.poll_action() {
-            let Action::Lookup(query) = action else {
+            let Action::Ask(Question::Lookup(query)) = action else {
                 panic!("unexpected action before the greeting: {action:?}");
             };
             let Some(answer) = handle.lookup(&query, waiter) else {
                 panic!("session {i}: {query:?} missed the cache");
             };
-            session.handle_lookup(now, &query, answer);
+            session.handle_answer(now, Answer::Lookup(query, answer));
         }
         out.clear();
         session.poll_transmit(now, &mut out);
@@ -652,7 +656,7 @@ struct Worker {
 impl Worker {
     /// Looks every query up, at most [`WINDOW`] awaiting an answer at once, and returns the
     /// answers in query order. Waiter keys are query indexes.
-    fn run(&mut self, handle: &ResolverHandle, queries: &[Query]) -> Vec<Answer> {
+    fn run(&mut self, handle: &ResolverHandle, queries: &[Query]) -> Vec<LookupAnswer> {
         let (worker, inbox) = (self.index, &self.inbox);
         let ask = |i: usize| {
             let query = queries.get(i).expect("query");

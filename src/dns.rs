@@ -38,7 +38,6 @@
 
 use std::fmt;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -48,6 +47,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config;
 use crate::side_thread::{self, Outboxes, Running};
+use crate::smtp::question::{DnsblAnswer, LookupAnswer, Query, RdnsAnswer};
 
 mod cache;
 mod health;
@@ -94,60 +94,6 @@ pub const STOP_WAIT: Duration = Duration::from_secs(2);
 /// otherwise be logged once per connection.
 const OVERLOAD_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
-/// What a session asks the resolver.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum Query {
-    /// The client's address in a DNSBL/DNSWL zone: an A lookup of the reversed octets (IPv4)
-    /// or nibbles (IPv6) under `zone`.
-    Dnsbl {
-        /// The zone, as configured (`zen.spamhaus.org`).
-        zone: Arc<str>,
-        /// The client's address.
-        ip: IpAddr,
-    },
-    /// The client's PTR names, forward-confirmed (FCrDNS).
-    Rdns(IpAddr),
-}
-
-/// A classified answer; no hickory type leaves this module.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Answer {
-    /// For [`Query::Dnsbl`].
-    Dnsbl(DnsblAnswer),
-    /// For [`Query::Rdns`].
-    Rdns(RdnsAnswer),
-}
-
-/// A zone's answer for one address.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum DnsblAnswer {
-    /// Listed: the A records returned, every one inside 127.0.0.0/8 and none an error code.
-    Listed(Vec<Ipv4Addr>),
-    /// NXDOMAIN or NODATA.
-    NotListed,
-    /// The zone answered with an error code (127.255.255.x, e.g. "public resolver blocked")
-    /// or an address outside 127.0.0.0/8: not a listing. Carries the first such address.
-    Error(Ipv4Addr),
-    /// Timeout, SERVFAIL, REFUSED, unreachable server, or too many lookups in flight.
-    TempFail,
-    /// The zone is set aside by the health check (it answered its test points wrongly) and
-    /// was not queried.
-    SetAside,
-}
-
-/// The forward-confirmed reverse name of an address.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RdnsAnswer {
-    /// A PTR name whose A/AAAA records include the address: lowercase, no trailing dot.
-    Verified(Arc<str>),
-    /// PTR names exist but none resolves back to the address.
-    Unverified,
-    /// No PTR record (NXDOMAIN or NODATA).
-    NoName,
-    /// Timeout or server failure.
-    TempFail,
-}
-
 /// Who waits for an answer: a worker (the index [`Resolver::add_worker`] gave it) and an
 /// opaque key the worker uses to find the connection (a generation-tagged slab key).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -166,7 +112,7 @@ pub struct Delivery {
     /// The query answered.
     pub query: Query,
     /// The answer.
-    pub answer: Answer,
+    pub answer: LookupAnswer,
 }
 
 /// A worker's receiving end: one wake per burst of answers (see `side_thread`).
@@ -319,11 +265,11 @@ impl ResolverHandle {
     /// Answers at once from the cache (or `SetAside`, or `TempFail` when overloaded), else
     /// queues the lookup (merged with one in flight) and returns `None`: the answer comes to
     /// the waiter's inbox.
-    pub fn lookup(&self, query: &Query, waiter: Waiter) -> Option<Answer> {
+    pub fn lookup(&self, query: &Query, waiter: Waiter) -> Option<LookupAnswer> {
         let shared = &*self.shared;
         if let Query::Dnsbl { zone, .. } = query {
             if shared.zones.skip_if_set_aside(zone) {
-                return Some(Answer::Dnsbl(DnsblAnswer::SetAside));
+                return Some(LookupAnswer::Dnsbl(DnsblAnswer::SetAside));
             }
         }
         let now = Instant::now();
@@ -357,7 +303,7 @@ impl ResolverHandle {
                 if full {
                     shared.note_overload(now);
                 }
-                Some(Answer::temp_fail(query))
+                Some(LookupAnswer::temp_fail(query))
             }
         }
     }
@@ -471,7 +417,7 @@ impl Shared {
     }
 
     /// Stores the answer for `query` (until `valid_until`, if any) and hands it to every waiter.
-    fn complete(&self, query: &Query, answer: &Answer, valid_until: Option<Instant>) {
+    fn complete(&self, query: &Query, answer: &LookupAnswer, valid_until: Option<Instant>) {
         let waiters = self
             .cache
             .complete(query, answer, valid_until, Instant::now());
@@ -479,7 +425,7 @@ impl Shared {
     }
 
     /// Sends one [`Delivery`] per waiter and wakes each worker once.
-    fn deliver(&self, query: &Query, answer: &Answer, mut waiters: Vec<Waiter>) {
+    fn deliver(&self, query: &Query, answer: &LookupAnswer, mut waiters: Vec<Waiter>) {
         if waiters.is_empty() {
             return;
         }
@@ -509,17 +455,6 @@ impl Shared {
             if let Err(err) = out.wake() {
                 log::warn!("dns: waking worker {worker}: {err}");
             }
-        }
-    }
-}
-
-impl Answer {
-    /// `TempFail` in the shape of `query`'s answers: what a lookup gets when it cannot be made
-    /// (overload, the resolver stopped, or no resolver at all).
-    pub fn temp_fail(query: &Query) -> Answer {
-        match query {
-            Query::Dnsbl { .. } => Answer::Dnsbl(DnsblAnswer::TempFail),
-            Query::Rdns(_) => Answer::Rdns(RdnsAnswer::TempFail),
         }
     }
 }

@@ -35,11 +35,13 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use crate::config::{
     AnnounceClient, BareNewline, Cidr, Config, Dnsbl, DownstreamMode, DownstreamTls,
 };
-use crate::dns::{Answer as DnsAnswer, DnsblAnswer, Query, RdnsAnswer};
 use crate::downstream::dialog::Carried;
 use crate::policy::{Facts, List, RuleAction, RuleSet, Stage};
 use crate::smtp::command::{Body, Command, MailParams, parse_command};
 use crate::smtp::data::{DataDecoder, DataViolation};
+use crate::smtp::question::{
+    Answer as ServiceAnswer, DnsblAnswer, LookupAnswer, Query, Question, RdnsAnswer,
+};
 use crate::smtp::reply::{
     EnhancedCode, MAX_REPLY_LINE, MAX_REPLY_LINES, Reply, Status, parse_reply,
 };
@@ -1951,31 +1953,10 @@ impl Harness {
                     );
                     self.handshaking = true;
                 }
-                // No scenario configures `proxy_protocol_from`; admit like an uncapped driver.
-                Action::Admit(_) => self.session.handle_admission(self.now, true),
-                // No PASS is cached; a tarpit place is always free.
-                Action::CheckPass(_) => self.session.handle_pass(self.now, false),
-                Action::RecordPass(_) => {}
-                // No history is kept: every client is new to its reputation.
-                Action::CheckReputation(_) => self.session.handle_reputation(self.now, None),
-                Action::RecordReputation(..) => {}
-                // Greylisting is off in every scenario (its model is the unit tests').
-                Action::CheckGreylist { .. } => {
-                    self.session
-                        .handle_greylist(self.now, GreylistOutcome::Pass);
-                }
-                Action::EnterTarpit => self.session.handle_tarpit_slot(self.now, true),
-                // Only the tarpit scenario has a zone, and it lists the client; the rDNS lookup
-                // finds no name. Both answer at once, as from the cache.
-                Action::Lookup(query) => {
-                    let answer =
-                        match query {
-                            Query::Rdns(_) => DnsAnswer::Rdns(RdnsAnswer::NoName),
-                            Query::Dnsbl { .. } => DnsAnswer::Dnsbl(DnsblAnswer::Listed(vec![
-                                std::net::Ipv4Addr::new(127, 0, 0, 2),
-                            ])),
-                        };
-                    self.session.handle_lookup(self.now, &query, answer);
+                Action::Ask(question) => {
+                    if let Some(answer) = answer_question(question) {
+                        self.session.handle_answer(self.now, answer);
+                    }
                 }
                 Action::ReleaseDownstream { link, carried } => {
                     assert_eq!(
@@ -2796,4 +2777,34 @@ impl XorShift {
         self.0 ^= self.0 << 17;
         self.0
     }
+}
+
+/// The fuzz driver's shared services: every question answered at once, as from a cache or a
+/// local table, and the same way every time so a corpus file replays exactly.
+fn answer_question(question: Question) -> Option<ServiceAnswer> {
+    Some(match question {
+        // No scenario configures `proxy_protocol_from`; admit like an uncapped driver.
+        Question::Admit(_) => ServiceAnswer::Admission(true),
+        // No PASS is cached; a tarpit place is always free.
+        Question::CheckPass(_) => ServiceAnswer::Pass(false),
+        Question::EnterTarpit => ServiceAnswer::TarpitSlot(true),
+        // No history is kept: every client is new to its reputation.
+        Question::CheckReputation(..) => ServiceAnswer::Reputation(None),
+        Question::RecordPass(_) | Question::RecordReputation(..) => return None,
+        // Greylisting is off in every scenario (its model is the unit tests').
+        Question::CheckGreylist { .. } => ServiceAnswer::Greylist(GreylistOutcome::Pass),
+        // Only the tarpit scenario has a zone, and it lists the client; the rDNS lookup finds
+        // no name. Both answer at once, as from the cache.
+        Question::Lookup(query) => {
+            let answer = match query {
+                Query::Rdns(_) => LookupAnswer::Rdns(RdnsAnswer::NoName),
+                Query::Dnsbl { .. } => {
+                    LookupAnswer::Dnsbl(DnsblAnswer::Listed(vec![std::net::Ipv4Addr::new(
+                        127, 0, 0, 2,
+                    )]))
+                }
+            };
+            ServiceAnswer::Lookup(query, answer)
+        }
+    })
 }

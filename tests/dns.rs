@@ -8,10 +8,9 @@ use std::time::{Duration, Instant};
 
 use mio::{Events, Poll, Token, Waker};
 use tarmac::config;
-use tarmac::dns::{
-    Answer, Delivery, DnsblAnswer, Inbox, Query, RdnsAnswer, Resolver, ResolverHandle, Waiter,
-};
+use tarmac::dns::{Delivery, Inbox, Resolver, ResolverHandle, Waiter};
 use tarmac::policy::dnsbl::query_name;
+use tarmac::smtp::question::{DnsblAnswer, LookupAnswer, Query, RdnsAnswer};
 
 use crate::util::WAIT;
 use crate::util::dns_server::{Behaviour, DnsServer, Zone};
@@ -130,7 +129,7 @@ impl Fixture {
 
     /// `query`'s answer for worker 0: from the cache at once, or delivered through the waker.
     #[track_caller]
-    fn ask(&mut self, query: &Query) -> Answer {
+    fn ask(&mut self, query: &Query) -> LookupAnswer {
         let waiter = Waiter {
             worker: self.workers[0].index,
             key: 7,
@@ -147,7 +146,7 @@ impl Fixture {
     /// Asks until the answer comes from DNS rather than the cache (the cached one went
     /// stale), polling every 50 ms for at most [`WAIT`].
     #[track_caller]
-    fn ask_until_not_cached(&mut self, query: &Query) -> Answer {
+    fn ask_until_not_cached(&mut self, query: &Query) -> LookupAnswer {
         let waiter = Waiter {
             worker: self.workers[0].index,
             key: 8,
@@ -224,7 +223,7 @@ fn listed_address_returns_its_codes() {
     let mut fixture = Fixture::simple(&server, ANSWER_TIMEOUT);
     assert_eq!(
         fixture.ask(&dnsbl("bl.test", "192.0.2.7")),
-        Answer::Dnsbl(DnsblAnswer::Listed(v4s(&["127.0.0.2", "127.0.0.4"])))
+        LookupAnswer::Dnsbl(DnsblAnswer::Listed(v4s(&["127.0.0.2", "127.0.0.4"])))
     );
 }
 
@@ -234,7 +233,7 @@ fn unlisted_address_is_not_listed() {
     let mut fixture = Fixture::simple(&server, ANSWER_TIMEOUT);
     assert_eq!(
         fixture.ask(&dnsbl("bl.test", "192.0.2.8")),
-        Answer::Dnsbl(DnsblAnswer::NotListed)
+        LookupAnswer::Dnsbl(DnsblAnswer::NotListed)
     );
 }
 
@@ -244,11 +243,11 @@ fn error_codes_and_non_loopback_answers_are_errors() {
     let mut fixture = Fixture::simple(&server, ANSWER_TIMEOUT);
     assert_eq!(
         fixture.ask(&dnsbl("bl.test", "192.0.2.9")),
-        Answer::Dnsbl(DnsblAnswer::Error("127.255.255.254".parse().unwrap()))
+        LookupAnswer::Dnsbl(DnsblAnswer::Error("127.255.255.254".parse().unwrap()))
     );
     assert_eq!(
         fixture.ask(&dnsbl("bl.test", "192.0.2.10")),
-        Answer::Dnsbl(DnsblAnswer::Error("192.0.2.1".parse().unwrap()))
+        LookupAnswer::Dnsbl(DnsblAnswer::Error("192.0.2.1".parse().unwrap()))
     );
 }
 
@@ -258,23 +257,23 @@ fn ipv6_address_is_looked_up_by_nibbles() {
     let mut fixture = Fixture::simple(&server, ANSWER_TIMEOUT);
     assert_eq!(
         fixture.ask(&dnsbl("bl.test", "2001:db8::7")),
-        Answer::Dnsbl(DnsblAnswer::Listed(v4s(&["127.0.0.3"])))
+        LookupAnswer::Dnsbl(DnsblAnswer::Listed(v4s(&["127.0.0.3"])))
     );
     assert_eq!(
         fixture.ask(&dnsbl("bl.test", "2001:db8::8")),
-        Answer::Dnsbl(DnsblAnswer::NotListed)
+        LookupAnswer::Dnsbl(DnsblAnswer::NotListed)
     );
     // An IPv4-mapped client is its IPv4 address.
     assert_eq!(
         fixture.ask(&dnsbl("bl.test", "::ffff:192.0.2.7")),
-        Answer::Dnsbl(DnsblAnswer::Listed(v4s(&["127.0.0.2", "127.0.0.4"])))
+        LookupAnswer::Dnsbl(DnsblAnswer::Listed(v4s(&["127.0.0.2", "127.0.0.4"])))
     );
 }
 
 /// Asks once on a server that will not answer in time; returns the answer and how long it
 /// took.
 #[track_caller]
-fn ask_timed(server: &DnsServer, query: &Query) -> (Answer, Duration) {
+fn ask_timed(server: &DnsServer, query: &Query) -> (LookupAnswer, Duration) {
     let mut fixture = Fixture::simple(server, SHORT_TIMEOUT);
     let start = Instant::now();
     let answer = fixture.ask(query);
@@ -289,11 +288,11 @@ fn silent_server_is_tempfail_after_the_timeout() {
     let server = DnsServer::start(vec![blocklist()]);
     server.set_behaviour(Behaviour::Silent);
     let (answer, took) = ask_timed(&server, &dnsbl("bl.test", "192.0.2.7"));
-    assert_eq!(answer, Answer::Dnsbl(DnsblAnswer::TempFail));
+    assert_eq!(answer, LookupAnswer::Dnsbl(DnsblAnswer::TempFail));
     assert!(took >= SHORT_TIMEOUT, "waited out the timeout: {took:?}");
     assert!(server.queries() >= 1, "the query reached the server");
     let (answer, took) = ask_timed(&server, &rdns("192.0.2.7"));
-    assert_eq!(answer, Answer::Rdns(RdnsAnswer::TempFail));
+    assert_eq!(answer, LookupAnswer::Rdns(RdnsAnswer::TempFail));
     assert!(took >= SHORT_TIMEOUT, "waited out the timeout: {took:?}");
 }
 
@@ -302,14 +301,14 @@ fn server_slower_than_the_timeout_is_tempfail() {
     let server = DnsServer::start(vec![blocklist()]);
     server.set_behaviour(Behaviour::Slow(SHORT_TIMEOUT * 4));
     let (answer, took) = ask_timed(&server, &dnsbl("bl.test", "192.0.2.7"));
-    assert_eq!(answer, Answer::Dnsbl(DnsblAnswer::TempFail));
+    assert_eq!(answer, LookupAnswer::Dnsbl(DnsblAnswer::TempFail));
     assert!(took >= SHORT_TIMEOUT, "waited out the timeout: {took:?}");
     // The same slow server within a longer timeout answers: the TempFail above is the
     // timeout's doing.
     let mut patient = Fixture::simple(&server, LONG_TIMEOUT);
     assert_eq!(
         patient.ask(&dnsbl("bl.test", "192.0.2.7")),
-        Answer::Dnsbl(DnsblAnswer::Listed(v4s(&["127.0.0.2", "127.0.0.4"])))
+        LookupAnswer::Dnsbl(DnsblAnswer::Listed(v4s(&["127.0.0.2", "127.0.0.4"])))
     );
 }
 
@@ -320,11 +319,11 @@ fn refused_is_tempfail() {
     let mut fixture = Fixture::simple(&server, ANSWER_TIMEOUT);
     assert_eq!(
         fixture.ask(&dnsbl("bl.test", "192.0.2.7")),
-        Answer::Dnsbl(DnsblAnswer::TempFail)
+        LookupAnswer::Dnsbl(DnsblAnswer::TempFail)
     );
     assert_eq!(
         fixture.ask(&rdns("192.0.2.7")),
-        Answer::Rdns(RdnsAnswer::TempFail)
+        LookupAnswer::Rdns(RdnsAnswer::TempFail)
     );
 }
 
@@ -341,7 +340,7 @@ fn unreachable_server_is_tempfail() {
     // Delivered (`ask` gives up after WAIT), and as a temporary failure.
     assert_eq!(
         fixture.ask(&dnsbl("bl.test", "192.0.2.7")),
-        Answer::Dnsbl(DnsblAnswer::TempFail)
+        LookupAnswer::Dnsbl(DnsblAnswer::TempFail)
     );
 }
 
@@ -361,7 +360,7 @@ fn second_lookup_is_answered_from_the_cache() {
     fixture.ask(&unlisted);
     assert_eq!(
         fixture.handle.lookup(&unlisted, waiter),
-        Some(Answer::Dnsbl(DnsblAnswer::NotListed))
+        Some(LookupAnswer::Dnsbl(DnsblAnswer::NotListed))
     );
     assert_eq!(server.queries(), 2);
     let stats = fixture.handle.stats();
@@ -392,7 +391,7 @@ fn a_thousand_waiters_on_one_address_cost_one_query() {
             assert_eq!(delivery.query, query);
             assert_eq!(
                 delivery.answer,
-                Answer::Dnsbl(DnsblAnswer::Listed(v4s(&["127.0.0.2", "127.0.0.4"])))
+                LookupAnswer::Dnsbl(DnsblAnswer::Listed(v4s(&["127.0.0.2", "127.0.0.4"])))
             );
             keys.push(delivery.key);
         }
@@ -422,13 +421,16 @@ fn answer_is_asked_again_after_its_ttl() {
     ] {
         let before = server.queries();
         let asked = Instant::now();
-        assert_eq!(fixture.ask(&query), Answer::Dnsbl(answer.clone()));
+        assert_eq!(fixture.ask(&query), LookupAnswer::Dnsbl(answer.clone()));
         assert_eq!(
             fixture.handle.lookup(&query, Waiter { worker: 0, key: 1 }),
-            Some(Answer::Dnsbl(answer.clone())),
+            Some(LookupAnswer::Dnsbl(answer.clone())),
             "cached within the TTL"
         );
-        assert_eq!(fixture.ask_until_not_cached(&query), Answer::Dnsbl(answer));
+        assert_eq!(
+            fixture.ask_until_not_cached(&query),
+            LookupAnswer::Dnsbl(answer)
+        );
         assert!(
             asked.elapsed() >= Duration::from_millis(900),
             "kept for the TTL"
@@ -467,7 +469,7 @@ fn rdns_verified_when_the_name_resolves_back() {
     ] {
         assert_eq!(
             fixture.ask(&rdns(ip)),
-            Answer::Rdns(RdnsAnswer::Verified(Arc::from(name))),
+            LookupAnswer::Rdns(RdnsAnswer::Verified(Arc::from(name))),
             "{ip}"
         );
     }
@@ -479,7 +481,7 @@ fn rdns_unverified_when_the_name_resolves_elsewhere() {
     let mut fixture = Fixture::simple(&server, ANSWER_TIMEOUT);
     assert_eq!(
         fixture.ask(&rdns("192.0.2.8")),
-        Answer::Rdns(RdnsAnswer::Unverified)
+        LookupAnswer::Rdns(RdnsAnswer::Unverified)
     );
 }
 
@@ -489,11 +491,11 @@ fn rdns_without_ptr_has_no_name() {
     let mut fixture = Fixture::simple(&server, ANSWER_TIMEOUT);
     assert_eq!(
         fixture.ask(&rdns("192.0.2.50")),
-        Answer::Rdns(RdnsAnswer::NoName)
+        LookupAnswer::Rdns(RdnsAnswer::NoName)
     );
     assert_eq!(
         fixture.ask(&rdns("2001:db8::50")),
-        Answer::Rdns(RdnsAnswer::NoName)
+        LookupAnswer::Rdns(RdnsAnswer::NoName)
     );
 }
 
@@ -535,14 +537,14 @@ fn zone_listing_everyone_is_set_aside_and_healthy_zone_stays() {
             fixture
                 .handle
                 .lookup(&dnsbl("bad.test", "192.0.2.7"), waiter),
-            Some(Answer::Dnsbl(DnsblAnswer::SetAside))
+            Some(LookupAnswer::Dnsbl(DnsblAnswer::SetAside))
         );
     }
     assert_eq!(server.queries(), before, "a set-aside zone is not queried");
     assert_eq!(fixture.handle.zone_health()[1].skipped, 3);
     assert_eq!(
         fixture.ask(&dnsbl("good.test", "192.0.2.7")),
-        Answer::Dnsbl(DnsblAnswer::Listed(v4s(&["127.0.0.2"])))
+        LookupAnswer::Dnsbl(DnsblAnswer::Listed(v4s(&["127.0.0.2"])))
     );
     assert_eq!(fixture.handle.zone_health()[0].skipped, 0);
 }
@@ -567,13 +569,13 @@ fn blocked_zone_is_set_aside_until_it_answers_right_again() {
         fixture
             .handle
             .lookup(&dnsbl("bl.test", "192.0.2.7"), waiter),
-        Some(Answer::Dnsbl(DnsblAnswer::SetAside))
+        Some(LookupAnswer::Dnsbl(DnsblAnswer::SetAside))
     );
     server.set_zones(vec![healthy_zone("bl.test")]);
     fixture.wait_for_health("back in use", |report| !report[0].set_aside);
     assert_eq!(
         fixture.ask(&dnsbl("bl.test", "192.0.2.7")),
-        Answer::Dnsbl(DnsblAnswer::Listed(v4s(&["127.0.0.2"])))
+        LookupAnswer::Dnsbl(DnsblAnswer::Listed(v4s(&["127.0.0.2"])))
     );
     assert_eq!(fixture.handle.zone_health()[0].skipped, 1);
 }
@@ -618,7 +620,7 @@ fn overload_answers_tempfail_at_once() {
         match fixture.handle.lookup(&query, waiter) {
             None => {}
             Some(answer) => {
-                assert_eq!(answer, Answer::Dnsbl(DnsblAnswer::TempFail));
+                assert_eq!(answer, LookupAnswer::Dnsbl(DnsblAnswer::TempFail));
                 refused += 1;
             }
         }
@@ -633,12 +635,12 @@ fn overload_answers_tempfail_at_once() {
     assert!(
         delivered
             .iter()
-            .all(|d| d.answer == Answer::Dnsbl(DnsblAnswer::TempFail)),
+            .all(|d| d.answer == LookupAnswer::Dnsbl(DnsblAnswer::TempFail)),
         "{delivered:?}"
     );
     assert_eq!(
         handle.lookup(&dnsbl("bl.test", "192.0.2.7"), Waiter { worker: 0, key: 1 }),
-        Some(Answer::Dnsbl(DnsblAnswer::TempFail)),
+        Some(LookupAnswer::Dnsbl(DnsblAnswer::TempFail)),
         "a handle outliving the resolver fails at once"
     );
 }
@@ -685,9 +687,12 @@ fn stop_ends_the_thread_and_handles_then_fail_fast() {
     let delivered = stopped_with_lookups_in_flight(fixture, &server);
     assert_eq!(delivered.len(), 1, "{delivered:?}");
     assert_eq!(delivered[0].query, in_flight);
-    assert_eq!(delivered[0].answer, Answer::Dnsbl(DnsblAnswer::TempFail));
+    assert_eq!(
+        delivered[0].answer,
+        LookupAnswer::Dnsbl(DnsblAnswer::TempFail)
+    );
     assert_eq!(
         handle.lookup(&dnsbl("bl.test", "192.0.2.8"), Waiter { worker: 0, key: 1 }),
-        Some(Answer::Dnsbl(DnsblAnswer::TempFail))
+        Some(LookupAnswer::Dnsbl(DnsblAnswer::TempFail))
     );
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
-use super::{Answer, Query, Waiter};
+use super::{LookupAnswer, Query, Waiter};
 
 /// Least time between two sweeps forced by a full cache: a sweep walks every slot, and a
 /// cache full of fresh answers would otherwise be walked on every completion.
@@ -32,7 +32,7 @@ pub(super) struct Cache {
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Cached {
     /// A fresh answer.
-    Hit(Answer),
+    Hit(LookupAnswer),
     /// The waiter joined a lookup in flight.
     Joined,
     /// A new lookup was enqueued for the waiter.
@@ -43,7 +43,7 @@ pub(super) enum Cached {
 
 enum Slot {
     Ready {
-        answer: Answer,
+        answer: LookupAnswer,
         valid_until: Instant,
     },
     InFlight {
@@ -120,7 +120,7 @@ impl Cache {
     pub(super) fn complete(
         &self,
         query: &Query,
-        answer: &Answer,
+        answer: &LookupAnswer,
         valid_until: Option<Instant>,
         now: Instant,
     ) -> Vec<Waiter> {
@@ -227,8 +227,8 @@ mod tests {
         Waiter { worker: 0, key }
     }
 
-    fn listed() -> Answer {
-        Answer::Dnsbl(DnsblAnswer::Listed(vec![Ipv4Addr::new(127, 0, 0, 2)]))
+    fn listed() -> LookupAnswer {
+        LookupAnswer::Dnsbl(DnsblAnswer::Listed(vec![Ipv4Addr::new(127, 0, 0, 2)]))
     }
 
     #[test]

@@ -19,7 +19,7 @@ use hickory_resolver::net::{DnsError, NetError, NoRecords};
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
 
-use super::{Answer, DnsblAnswer, MAX_PTR_NAMES, Query, RdnsAnswer, TEMPFAIL_TTL};
+use super::{DnsblAnswer, LookupAnswer, MAX_PTR_NAMES, Query, RdnsAnswer, TEMPFAIL_TTL};
 use crate::policy::dnsbl::query_name;
 
 /// At most one error-code warning per zone per this interval: a blocked resolver turns every
@@ -63,7 +63,7 @@ impl Lookups {
     }
 
     /// Looks `query` up, counting each DNS lookup made in `sent`.
-    pub(super) async fn answer(&self, query: &Query, sent: &AtomicU64) -> Classified<Answer> {
+    pub(super) async fn answer(&self, query: &Query, sent: &AtomicU64) -> Classified<LookupAnswer> {
         match query {
             Query::Dnsbl { zone, ip } => {
                 let Classified {
@@ -71,7 +71,7 @@ impl Lookups {
                     valid_until,
                 } = self.dnsbl(zone, *ip, sent).await;
                 Classified {
-                    answer: Answer::Dnsbl(answer),
+                    answer: LookupAnswer::Dnsbl(answer),
                     valid_until,
                 }
             }
@@ -81,7 +81,7 @@ impl Lookups {
                     valid_until,
                 } = self.rdns(*ip, sent).await;
                 Classified {
-                    answer: Answer::Rdns(answer),
+                    answer: LookupAnswer::Rdns(answer),
                     valid_until,
                 }
             }

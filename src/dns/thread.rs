@@ -23,7 +23,7 @@ use tokio::time::MissedTickBehavior;
 
 use super::health::{self, LISTED_TEST_POINT, UNLISTED_TEST_POINT, ZoneState};
 use super::lookup::{Classified, Lookups};
-use super::{Answer, DnsblAnswer, MAX_IN_FLIGHT, Query, Request, Shared, TEMPFAIL_TTL};
+use super::{DnsblAnswer, LookupAnswer, MAX_IN_FLIGHT, Query, Request, Shared, TEMPFAIL_TTL};
 use crate::config;
 
 /// How often expired answers are swept out, so the cache's memory follows the traffic rather
@@ -179,7 +179,7 @@ async fn serve(context: Arc<Context>, request: Request, _permit: OwnedSemaphoreP
         // nothing about the zone.
         context.shared.note_overload(now);
         Classified {
-            answer: Answer::temp_fail(query),
+            answer: LookupAnswer::temp_fail(query),
             valid_until: None,
         }
     } else {
@@ -187,7 +187,7 @@ async fn serve(context: Arc<Context>, request: Request, _permit: OwnedSemaphoreP
         match tokio::time::timeout_at(deadline.into(), lookup).await {
             Ok(classified) => classified,
             Err(_elapsed) => Classified {
-                answer: Answer::temp_fail(query),
+                answer: LookupAnswer::temp_fail(query),
                 valid_until: Some(Instant::now() + TEMPFAIL_TTL.min(context.cache_ttl)),
             },
         }
@@ -209,7 +209,7 @@ impl Drop for Pending {
         if let Some(query) = self.query.take() {
             self.context
                 .shared
-                .complete(&query, &Answer::temp_fail(&query), None);
+                .complete(&query, &LookupAnswer::temp_fail(&query), None);
         }
     }
 }

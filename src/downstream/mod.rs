@@ -4,5 +4,6 @@
 
 pub mod connect;
 pub mod dialog;
+pub mod relay;
 pub mod tls;
 pub mod warnings;

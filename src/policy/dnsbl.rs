@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 
 use crate::config::Dnsbl;
-use crate::dns::DnsblAnswer;
+use crate::smtp::question::DnsblAnswer;
 
 /// What one zone contributed for one client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -23,6 +23,7 @@ pub mod lists;
 pub mod rates;
 pub mod reputation;
 pub mod rules;
+pub mod screening;
 pub mod verdict;
 
 pub use dnsbl::ZoneOutcome;

@@ -52,10 +52,13 @@ use super::tls_stream::{TlsFailure, TlsRead, TlsStream};
 use super::token;
 use super::worker::Shared;
 use crate::config::Config;
-use crate::dns::{Answer, Query, ResolverHandle, Waiter};
+use crate::dns::{ResolverHandle, Waiter};
 use crate::downstream::connect;
 use crate::downstream::dialog::Carried;
-use crate::smtp::{Action, DownstreamEvent, LinkId, Session, Shutdown, Side, TlsVersion};
+use crate::smtp::question::{LookupAnswer, Query};
+use crate::smtp::{
+    Action, Answer, DownstreamEvent, LinkId, Question, Session, Shutdown, Side, TlsVersion,
+};
 use crate::state::{StateAnswer, StateOp, Waiter as StateWaiter};
 
 /// Bytes read per socket per turn: one read of this size, then the other connections get their
@@ -267,16 +270,17 @@ impl Conn {
     }
 
     /// A DNS answer the connection waited for.
-    pub(crate) fn handle_lookup(&mut self, now: Instant, query: &Query, answer: Answer) {
-        self.session.handle_lookup(now, query, answer);
+    pub(crate) fn handle_lookup(&mut self, now: Instant, query: Query, answer: LookupAnswer) {
+        self.session
+            .handle_answer(now, Answer::Lookup(query, answer));
     }
 
     /// A state answer the connection waited for (the Redis backend's, or its fallback's).
     pub(crate) fn handle_state(&mut self, now: Instant, answer: StateAnswer) {
-        match answer {
-            StateAnswer::Pass(fresh) => self.session.handle_pass(now, fresh),
-            StateAnswer::Greylist(outcome) => self.session.handle_greylist(now, outcome),
-            StateAnswer::Reputation(history) => self.session.handle_reputation(now, history),
+        let answer = match answer {
+            StateAnswer::Pass(fresh) => Answer::Pass(fresh),
+            StateAnswer::Greylist(outcome) => Answer::Greylist(outcome),
+            StateAnswer::Reputation(history) => Answer::Reputation(history),
             StateAnswer::Rate { ip, verdict } => {
                 // Rates first, then the per-IP cap, as at accept.
                 let admitted = match verdict
@@ -292,9 +296,10 @@ impl Conn {
                         false
                     }
                 };
-                self.session.handle_admission(now, admitted);
+                Answer::Admission(admitted)
             }
-        }
+        };
+        self.session.handle_answer(now, answer);
     }
 
     /// A reloaded configuration, for the session's next decision.
@@ -677,67 +682,76 @@ impl Conn {
                 Action::StartTlsDownstream(link) => self.start_downstream_tls(link, now, io),
                 Action::Close => self.start_closing(now),
                 Action::StartTls => self.start_tls(now, io),
-                Action::CheckPass(ip) => self.ask_state(StateOp::CheckPass(ip), key, now, io),
-                Action::RecordPass(ip) => self.ask_state(StateOp::RecordPass(ip), key, now, io),
-                Action::CheckReputation(ip) => {
-                    let half_life = io.config.reputation.half_life;
-                    self.ask_state(StateOp::CheckReputation { ip, half_life }, key, now, io);
-                }
-                Action::RecordReputation(ip, event) => {
-                    let half_life = io.config.reputation.half_life;
-                    let op = StateOp::RecordReputation {
-                        ip,
-                        event,
-                        half_life,
-                    };
-                    self.ask_state(op, key, now, io);
-                }
-                Action::CheckGreylist {
-                    key: triplet,
-                    subnet,
-                    times,
-                } => {
-                    let op = StateOp::CheckGreylist {
-                        key: triplet,
-                        subnet,
-                        times,
-                    };
-                    self.ask_state(op, key, now, io);
-                }
-                Action::EnterTarpit => {
-                    self.tarpit_place = io.shared.load.try_tarpit();
-                    let granted = self.tarpit_place.is_some();
-                    self.session.handle_tarpit_slot(now, granted);
-                }
-                Action::Lookup(query) => {
-                    let waiter = Waiter {
-                        worker: io.worker,
-                        key: key.to_u64(),
-                    };
-                    // A cache hit answers at once; otherwise the answer comes through the
-                    // worker's inbox (`Worker::take_dns_answers`).
-                    let answer = match io.resolver {
-                        Some(resolver) => resolver.lookup(&query, waiter),
-                        None => Some(Answer::temp_fail(&query)),
-                    };
-                    if let Some(answer) = answer {
-                        self.session.handle_lookup(now, &query, answer);
-                    }
-                }
-                // The rate first (`handle_state`), then the per-IP cap.
-                Action::Admit(client) => {
-                    // The balancer's address was checked at accept; the client's is known now.
-                    if io.config.tls.loaded.is_some()
-                        && io.shared.tls_failures.failed_recently(client.ip(), now)
-                    {
-                        log_withheld(client);
-                        self.session.handle_starttls_withheld();
-                    }
-                    self.ask_state(StateOp::CheckRate(client.ip()), key, now, io);
-                }
+                Action::Ask(question) => self.ask(question, key, now, io),
             }
         }
         moved
+    }
+
+    /// Puts the session's question to the service that answers it: the resolver, the state
+    /// front, the worker's tarpit places or, for admission, the rates then the per-IP cap. An
+    /// answer at hand goes to the session at once; a later one comes through the worker's
+    /// inboxes. Every question is carried out as asked: nothing here decides.
+    fn ask(&mut self, question: Question, key: ConnKey, now: Instant, io: &mut Io<'_>) {
+        match question {
+            Question::Lookup(query) => {
+                let waiter = Waiter {
+                    worker: io.worker,
+                    key: key.to_u64(),
+                };
+                // A cache hit answers at once; otherwise the answer comes through the
+                // worker's inbox (`Worker::take_dns_answers`).
+                let answer = match io.resolver {
+                    Some(resolver) => resolver.lookup(&query, waiter),
+                    None => Some(LookupAnswer::temp_fail(&query)),
+                };
+                if let Some(answer) = answer {
+                    self.session
+                        .handle_answer(now, Answer::Lookup(query, answer));
+                }
+            }
+            Question::CheckPass(ip) => self.ask_state(StateOp::CheckPass(ip), key, now, io),
+            Question::RecordPass(ip) => self.ask_state(StateOp::RecordPass(ip), key, now, io),
+            Question::CheckReputation(ip, half_life) => {
+                self.ask_state(StateOp::CheckReputation { ip, half_life }, key, now, io);
+            }
+            Question::RecordReputation(ip, event, half_life) => {
+                let op = StateOp::RecordReputation {
+                    ip,
+                    event,
+                    half_life,
+                };
+                self.ask_state(op, key, now, io);
+            }
+            Question::CheckGreylist {
+                key: triplet,
+                subnet,
+                times,
+            } => {
+                let op = StateOp::CheckGreylist {
+                    key: triplet,
+                    subnet,
+                    times,
+                };
+                self.ask_state(op, key, now, io);
+            }
+            Question::EnterTarpit => {
+                self.tarpit_place = io.shared.load.try_tarpit();
+                let granted = self.tarpit_place.is_some();
+                self.session.handle_answer(now, Answer::TarpitSlot(granted));
+            }
+            // The rate first (`handle_state`), then the per-IP cap.
+            Question::Admit(client) => {
+                // The balancer's address was checked at accept; the client's is known now.
+                if io.config.tls.loaded.is_some()
+                    && io.shared.tls_failures.failed_recently(client.ip(), now)
+                {
+                    log_withheld(client);
+                    self.session.handle_starttls_withheld();
+                }
+                self.ask_state(StateOp::CheckRate(client.ip()), key, now, io);
+            }
+        }
     }
 
     /// Asks the state front; an answer now goes to the session at once, a later one comes

@@ -341,7 +341,7 @@ impl Worker {
         while let Some(delivery) = dns.inbox.try_recv() {
             let key = ConnKey::from_u64(delivery.key);
             if let Some(conn) = self.conns.get_mut(key) {
-                conn.handle_lookup(now, &delivery.query, delivery.answer);
+                conn.handle_lookup(now, delivery.query, delivery.answer);
                 queue(&mut self.pending, conn, key);
             }
         }

@@ -2,11 +2,11 @@
 //! machine. Nothing in here touches a socket or reads a clock: bytes and `Instant`s come in,
 //! replies, relayed bytes, actions and deadlines come out (DESIGN.md §5).
 
-mod checks;
 pub mod command;
 pub mod data;
 pub mod log_text;
 pub mod proxy;
+pub mod question;
 pub mod received;
 pub mod reply;
 pub mod session;
@@ -14,6 +14,7 @@ mod tarpit;
 
 pub use command::{Command, CommandError};
 pub use data::{DataDecoder, DataViolation};
+pub use question::{Answer, Question};
 pub use reply::{EnhancedCode, Reply};
 pub use session::{
     Action, DownstreamEvent, LinkId, Peer, Report, Session, Shutdown, Side, TlsVersion,

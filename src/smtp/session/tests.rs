@@ -7,6 +7,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use super::*;
 use crate::config::{AnnounceClient, BareNewline, Config};
+use crate::smtp::question::{LookupAnswer, Query};
 
 fn config() -> Config {
     let mut config = Config::default();
@@ -168,7 +169,7 @@ struct Pair {
     reuses: usize,
     /// Scripted DNS: lookups with an answer here are answered at once, like a cache hit;
     /// others stay unanswered (the test answers them, or lets `[dns] timeout` pass).
-    dns: Vec<(Query, Answer)>,
+    dns: Vec<(Query, LookupAnswer)>,
     /// Every lookup the session asked for, in order.
     lookups: Vec<Query>,
     /// The answer to `CheckPass`.
@@ -200,7 +201,7 @@ impl Pair {
         Pair::with_dns(config, Vec::new())
     }
 
-    fn with_dns(config: Config, dns: Vec<(Query, Answer)>) -> Pair {
+    fn with_dns(config: Config, dns: Vec<(Query, LookupAnswer)>) -> Pair {
         Pair::build(config, dns, false)
     }
 
@@ -210,14 +211,14 @@ impl Pair {
     }
 
     /// A pair whose driver has no tarpit place left.
-    fn build_refusing_tarpit(config: Config, dns: Vec<(Query, Answer)>) -> Pair {
+    fn build_refusing_tarpit(config: Config, dns: Vec<(Query, LookupAnswer)>) -> Pair {
         let mut pair = Pair::build_quiet(config, dns, false);
         pair.tarpit_free = false;
         pair.pump();
         pair
     }
 
-    fn build(config: Config, dns: Vec<(Query, Answer)>, stressed: bool) -> Pair {
+    fn build(config: Config, dns: Vec<(Query, LookupAnswer)>, stressed: bool) -> Pair {
         let mut pair = Pair::build_quiet(config, dns, stressed);
         pair.pump();
         pair
@@ -232,11 +233,11 @@ impl Pair {
     }
 
     /// A pair not yet pumped: the test can still change how its driver answers.
-    fn build_quiet(config: Config, dns: Vec<(Query, Answer)>, stressed: bool) -> Pair {
+    fn build_quiet(config: Config, dns: Vec<(Query, LookupAnswer)>, stressed: bool) -> Pair {
         Pair::from_peer(config, dns, peer(stressed, false))
     }
 
-    fn from_peer(config: Config, dns: Vec<(Query, Answer)>, peer: Peer) -> Pair {
+    fn from_peer(config: Config, dns: Vec<(Query, LookupAnswer)>, peer: Peer) -> Pair {
         let now = Instant::now();
         Pair {
             session: Session::new(Arc::new(config), peer, now),
@@ -397,32 +398,9 @@ impl Pair {
                     }
                     // The test plays the handshake (`handle_tls_established` or `_failed`).
                     Action::StartTls => self.tls_switches += 1,
-                    Action::Admit(_) => self.session.handle_admission(self.now, self.admit),
-                    Action::CheckPass(_) => self.session.handle_pass(self.now, self.pass_cached),
-                    Action::RecordPass(ip) => self.passes.push(ip),
-                    Action::CheckReputation(ip) => {
-                        let history = self.reputation.history(ip);
-                        self.session.handle_reputation(self.now, history);
-                    }
-                    Action::RecordReputation(ip, event) => {
-                        let half_life = self.session.config.reputation.half_life;
-                        self.reputation.record(ip, event, self.now, half_life);
-                        self.reputation_events.push((ip, event));
-                    }
-                    Action::CheckGreylist { key, subnet, times } => {
-                        let outcome = self.greylist.check(&key, &subnet, self.now, &times);
-                        self.greylist_keys.push(key);
-                        self.session.handle_greylist(self.now, outcome);
-                    }
-                    Action::EnterTarpit => {
-                        self.session.handle_tarpit_slot(self.now, self.tarpit_free)
-                    }
-                    Action::Lookup(query) => {
-                        self.lookups.push(query.clone());
-                        let known = self.dns.iter().find(|(q, _)| *q == query);
-                        if let Some((_, answer)) = known {
-                            let answer = answer.clone();
-                            self.session.handle_lookup(self.now, &query, answer);
+                    Action::Ask(question) => {
+                        if let Some(answer) = self.answer(question) {
+                            self.session.handle_answer(self.now, answer);
                         }
                     }
                 }
@@ -441,6 +419,37 @@ impl Pair {
             }
         }
         panic!("pump did not settle");
+    }
+
+    /// The pair's shared services: each question answered as the test set them up, and
+    /// recorded where the test looks at them.
+    fn answer(&mut self, question: Question) -> Option<Answer> {
+        Some(match question {
+            Question::Admit(_) => Answer::Admission(self.admit),
+            Question::CheckPass(_) => Answer::Pass(self.pass_cached),
+            Question::RecordPass(ip) => {
+                self.passes.push(ip);
+                return None;
+            }
+            Question::CheckReputation(ip, _) => Answer::Reputation(self.reputation.history(ip)),
+            Question::RecordReputation(ip, event, half_life) => {
+                self.reputation.record(ip, event, self.now, half_life);
+                self.reputation_events.push((ip, event));
+                return None;
+            }
+            Question::CheckGreylist { key, subnet, times } => {
+                let outcome = self.greylist.check(&key, &subnet, self.now, &times);
+                self.greylist_keys.push(key);
+                Answer::Greylist(outcome)
+            }
+            Question::EnterTarpit => Answer::TarpitSlot(self.tarpit_free),
+            Question::Lookup(query) => {
+                self.lookups.push(query.clone());
+                let (_, answer) = self.dns.iter().find(|(q, _)| *q == query)?;
+                let answer = answer.clone();
+                Answer::Lookup(query, answer)
+            }
+        })
     }
 
     /// Multiplexing: `next`, another session, gets this one's pooled connection (and the fake
@@ -727,7 +736,7 @@ fn twenty_megabytes_without_newline_stay_bounded() {
     for _ in 0..(20 * 1024 / 16) {
         let used = pair.session.handle_client_data(pair.now, &chunk);
         assert_eq!(used, chunk.len());
-        assert!(pair.session.line.capacity() <= 8192);
+        assert!(pair.session.lines.capacity() <= 8192);
     }
     pair.send(b"\r\nNOOP\r\n");
     assert_eq!(
@@ -1149,7 +1158,10 @@ fn an_admitting_session_asks_first_and_greets_once_admitted() {
     let client = peer.client;
     for admitted in [true, false] {
         let mut session = Session::admitting(Arc::new(config()), peer, now);
-        assert_eq!(session.poll_action(), Some(Action::Admit(client)));
+        assert_eq!(
+            session.poll_action(),
+            Some(Action::Ask(Question::Admit(client)))
+        );
         assert_eq!(session.poll_action(), None);
         assert!(!session.wants_read(), "a talker waits unread");
         assert_eq!(
@@ -1160,7 +1172,7 @@ fn an_admitting_session_asks_first_and_greets_once_admitted() {
         let mut out = Vec::new();
         session.poll_transmit(now, &mut out);
         assert!(out.is_empty(), "no banner before the answer");
-        session.handle_admission(now, admitted);
+        session.handle_answer(now, Answer::Admission(admitted));
         session.poll_transmit(now, &mut out);
         if admitted {
             assert_eq!(String::from_utf8_lossy(&out), BANNER);
@@ -1180,7 +1192,9 @@ fn an_admitting_session_asks_first_and_greets_once_admitted() {
     session.handle_client_data(now, b"PROXY TCP4 203.0.113.9 198.51.100.1 40000 25\r\n");
     assert_eq!(
         session.poll_action(),
-        Some(Action::Admit("203.0.113.9:40000".parse().unwrap()))
+        Some(Action::Ask(Question::Admit(
+            "203.0.113.9:40000".parse().unwrap()
+        )))
     );
 }
 

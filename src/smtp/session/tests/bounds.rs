@@ -406,7 +406,7 @@ fn the_line_buffer_never_grows_past_max_line_length() {
     line.extend_from_slice(b"\r\n");
     for piece in line.chunks(1000) {
         pair.session.handle_client_data(pair.now, piece);
-        assert!(pair.session.line.capacity() <= 4096);
+        assert!(pair.session.lines.capacity() <= 4096);
     }
     pair.pump();
     assert_eq!(pair.take_output(), OK);

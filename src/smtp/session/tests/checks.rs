@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use super::*;
 use crate::config::{Dnsbl, RejectMode};
-use crate::dns::{DnsblAnswer, RdnsAnswer};
 use crate::policy::{List, ListSet};
+use crate::smtp::question::{DnsblAnswer, RdnsAnswer};
 
 const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
 
@@ -33,19 +33,19 @@ fn q(zone: &str) -> Query {
     }
 }
 
-fn listed(zone: &str, code: [u8; 4]) -> (Query, Answer) {
+fn listed(zone: &str, code: [u8; 4]) -> (Query, LookupAnswer) {
     (
         q(zone),
-        Answer::Dnsbl(DnsblAnswer::Listed(vec![Ipv4Addr::from(code)])),
+        LookupAnswer::Dnsbl(DnsblAnswer::Listed(vec![Ipv4Addr::from(code)])),
     )
 }
 
-fn answer(zone: &str, answer: DnsblAnswer) -> (Query, Answer) {
-    (q(zone), Answer::Dnsbl(answer))
+fn answer(zone: &str, answer: DnsblAnswer) -> (Query, LookupAnswer) {
+    (q(zone), LookupAnswer::Dnsbl(answer))
 }
 
-fn rdns(answer: RdnsAnswer) -> (Query, Answer) {
-    (Query::Rdns(CLIENT), Answer::Rdns(answer))
+fn rdns(answer: RdnsAnswer) -> (Query, LookupAnswer) {
+    (Query::Rdns(CLIENT), LookupAnswer::Rdns(answer))
 }
 
 fn list(text: &str) -> List {
@@ -77,13 +77,16 @@ fn banner_waits_for_every_lookup() {
     assert!(!pair.session.wants_read(), "one burst is enough to know");
 
     let (query, ans) = answer("bl.test", DnsblAnswer::NotListed);
-    pair.session.handle_lookup(pair.now, &query, ans);
+    pair.session
+        .handle_answer(pair.now, Answer::Lookup(query, ans));
     let (query, ans) = answer("wl.test", DnsblAnswer::NotListed);
-    pair.session.handle_lookup(pair.now, &query, ans);
+    pair.session
+        .handle_answer(pair.now, Answer::Lookup(query, ans));
     pair.pump();
     assert_eq!(pair.take_output(), "", "the rDNS answer is still out");
     let (query, ans) = rdns(RdnsAnswer::Verified("mail.example.org".into()));
-    pair.session.handle_lookup(pair.now, &query, ans);
+    pair.session
+        .handle_answer(pair.now, Answer::Lookup(query, ans));
     pair.pump();
     assert_eq!(pair.take_output(), BANNER);
     let report = pair.session.report();
@@ -116,7 +119,8 @@ fn dns_timeout_counts_as_not_listed_and_greets() {
     );
     // A late answer changes nothing.
     let (query, ans) = listed("bl.test", [127, 0, 0, 2]);
-    pair.session.handle_lookup(pair.now, &query, ans);
+    pair.session
+        .handle_answer(pair.now, Answer::Lookup(query, ans));
     pair.pump();
     assert_eq!(pair.take_output(), "");
     assert_eq!(pair.session.report().verdict, "pass");
@@ -351,7 +355,8 @@ fn client_leaving_or_shutdown_while_checking() {
     pair.pump();
     assert!(!pair.closed, "the checks finish first");
     let (query, ans) = answer("bl.test", DnsblAnswer::NotListed);
-    pair.session.handle_lookup(pair.now, &query, ans);
+    pair.session
+        .handle_answer(pair.now, Answer::Lookup(query, ans));
     pair.pump();
     assert_eq!(
         pair.take_output(),
@@ -368,7 +373,7 @@ fn proxied_client_is_checked_under_its_real_address() {
         zone: "bl.test".into(),
         ip: "203.0.113.9".parse().unwrap(),
     };
-    let ans = Answer::Dnsbl(DnsblAnswer::Listed(vec![Ipv4Addr::new(127, 0, 0, 2)]));
+    let ans = LookupAnswer::Dnsbl(DnsblAnswer::Listed(vec![Ipv4Addr::new(127, 0, 0, 2)]));
     let mut pair = Pair::with_dns(config, vec![(real.clone(), ans)]);
     assert!(pair.lookups.is_empty(), "no lookup for the balancer");
     pair.send(b"PROXY TCP4 203.0.113.9 198.51.100.1 40000 25\r\n");
@@ -397,7 +402,8 @@ fn a_reload_applies_at_the_next_command_not_mid_checks() {
     reloaded.dnsbl = vec![zone("other.test", 9)];
     pair.session.handle_reload(Arc::new(reloaded));
     let (query, ans) = answer("bl.test", DnsblAnswer::NotListed);
-    pair.session.handle_lookup(pair.now, &query, ans);
+    pair.session
+        .handle_answer(pair.now, Answer::Lookup(query, ans));
     pair.pump();
     assert_eq!(pair.take_output(), BANNER);
     assert_eq!(

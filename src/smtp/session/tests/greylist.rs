@@ -4,7 +4,7 @@ use std::net::Ipv4Addr;
 
 use super::*;
 use crate::config::Dnsbl;
-use crate::dns::DnsblAnswer;
+use crate::smtp::question::DnsblAnswer;
 
 fn greylisting() -> Config {
     let mut config = config();
@@ -76,7 +76,7 @@ fn allowed_and_dnswl_listed_clients_are_never_greylisted() {
             zone: "wl.test".into(),
             ip: "192.0.2.7".parse().unwrap(),
         },
-        Answer::Dnsbl(DnsblAnswer::Listed(vec![Ipv4Addr::new(127, 0, 10, 0)])),
+        LookupAnswer::Dnsbl(DnsblAnswer::Listed(vec![Ipv4Addr::new(127, 0, 10, 0)])),
     );
     let mut pair = Pair::with_dns(config, vec![listed]);
     pair.take_output();

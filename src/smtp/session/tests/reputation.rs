@@ -6,9 +6,10 @@ use std::path::PathBuf;
 
 use super::*;
 use crate::config::{Dnsbl, Pregreet};
-use crate::dns::DnsblAnswer;
 use crate::policy::reputation::Event;
+use crate::policy::reputation::History;
 use crate::policy::{List, ListSet};
+use crate::smtp::question::DnsblAnswer;
 use crate::state::ReputationTable;
 
 const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
@@ -43,18 +44,23 @@ fn pair_with(config: Config, table: ReputationTable) -> Pair {
 fn the_verdict_waits_for_the_answer() {
     let now = Instant::now();
     let peer = peer(false, false);
-    let mut session = Session::new(Arc::new(remembering()), peer, now);
-    assert_eq!(session.poll_action(), Some(Action::CheckReputation(CLIENT)));
+    let config = remembering();
+    let half_life = config.reputation.half_life;
+    let mut session = Session::new(Arc::new(config), peer, now);
+    assert_eq!(
+        session.poll_action(),
+        Some(Action::Ask(Question::CheckReputation(CLIENT, half_life)))
+    );
     let mut out = Vec::new();
     session.poll_transmit(now, &mut out);
     assert!(out.is_empty(), "no banner before the answer");
-    session.handle_reputation(now, None);
+    session.handle_answer(now, Answer::Reputation(None));
     session.poll_transmit(now, &mut out);
     assert_eq!(out, BANNER.as_bytes());
     let report = session.report();
     assert_eq!((report.reputation, report.score), ("none", 0));
     // A late or repeated answer changes nothing.
-    session.handle_reputation(now, Some(History::new(now)));
+    session.handle_answer(now, Answer::Reputation(Some(History::new(now))));
     assert_eq!(session.report().reputation, "none");
 }
 
@@ -100,7 +106,7 @@ fn the_weight_and_a_zone_add_up_to_a_reject() {
             zone: "bl.test".into(),
             ip: CLIENT,
         },
-        Answer::Dnsbl(DnsblAnswer::Listed(vec![Ipv4Addr::new(127, 0, 0, 2)])),
+        LookupAnswer::Dnsbl(DnsblAnswer::Listed(vec![Ipv4Addr::new(127, 0, 0, 2)])),
     );
     let mut pair = Pair::build_quiet(config, vec![listed], false);
     pair.reputation = bad_history(3, pair.now);

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use super::*;
 use crate::config::{Dnsbl, RejectMode};
-use crate::dns::DnsblAnswer;
 use crate::policy::RuleSet;
+use crate::smtp::question::DnsblAnswer;
 
 /// A pair whose client `bl.test` lists with `weight` (3 is a reject), not yet past its banner.
 fn listed_with_weight(mut config: Config, weight: i32) -> Pair {
@@ -21,7 +21,7 @@ fn listed_with_weight(mut config: Config, weight: i32) -> Pair {
             zone: "bl.test".into(),
             ip: "192.0.2.7".parse().unwrap(),
         },
-        Answer::Dnsbl(DnsblAnswer::Listed(vec![Ipv4Addr::new(127, 0, 0, 2)])),
+        LookupAnswer::Dnsbl(DnsblAnswer::Listed(vec![Ipv4Addr::new(127, 0, 0, 2)])),
     );
     Pair::with_dns(config, vec![listed])
 }

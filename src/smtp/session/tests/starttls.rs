@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 
 use super::*;
 use crate::config::Dnsbl;
-use crate::dns::DnsblAnswer;
+use crate::smtp::question::DnsblAnswer;
 
 const EHLO_WITH_STARTTLS: &str = "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 25000000\r\n250-STARTTLS\r\n250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n";
 const READY: &str = "220 2.0.0 Ready to start TLS\r\n";
@@ -235,7 +235,7 @@ fn a_tarpitted_220_is_all_out_before_the_switch() {
         zone: "bl.test".into(),
         ip: "192.0.2.7".parse().unwrap(),
     };
-    let listed = Answer::Dnsbl(DnsblAnswer::Listed(vec![Ipv4Addr::new(127, 0, 0, 2)]));
+    let listed = LookupAnswer::Dnsbl(DnsblAnswer::Listed(vec![Ipv4Addr::new(127, 0, 0, 2)]));
     let mut pair = Pair::from_peer(config, vec![(query, listed)], peer(false, true));
     pair.pump();
     pair.advance(Duration::from_secs(10));

@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use super::*;
 use crate::config::{Dnsbl, Pregreet};
-use crate::dns::DnsblAnswer;
+use crate::smtp::question::DnsblAnswer;
 
 const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
 const TEASER: &str = "220-mx.test ESMTP tarmac\r\n";
@@ -17,7 +17,7 @@ fn paused(pause: u64) -> Config {
 }
 
 /// A config whose one zone (weight 2) makes the client a tarpit verdict.
-fn tarpitted(delay: u64, stutter: u64) -> (Config, Vec<(Query, Answer)>) {
+fn tarpitted(delay: u64, stutter: u64) -> (Config, Vec<(Query, LookupAnswer)>) {
     let mut config = config();
     config.dnsbl = vec![Dnsbl {
         zone: "bl.test".into(),
@@ -31,7 +31,7 @@ fn tarpitted(delay: u64, stutter: u64) -> (Config, Vec<(Query, Answer)>) {
         zone: "bl.test".into(),
         ip: CLIENT,
     };
-    let answer = Answer::Dnsbl(DnsblAnswer::Listed(vec![Ipv4Addr::new(127, 0, 0, 2)]));
+    let answer = LookupAnswer::Dnsbl(DnsblAnswer::Listed(vec![Ipv4Addr::new(127, 0, 0, 2)]));
     (config, vec![(query, answer)])
 }
 
@@ -76,16 +76,17 @@ fn the_banner_waits_for_the_later_of_pause_and_lookups() {
     pair.take_output();
     pair.advance(SECOND);
     assert_eq!(pair.take_output(), "", "the answer is still out");
-    let not_listed = Answer::Dnsbl(DnsblAnswer::NotListed);
+    let not_listed = LookupAnswer::Dnsbl(DnsblAnswer::NotListed);
     pair.session
-        .handle_lookup(pair.now, &query, not_listed.clone());
+        .handle_answer(pair.now, Answer::Lookup(query.clone(), not_listed.clone()));
     pair.pump();
     assert_eq!(pair.take_output(), BANNER);
 
     // The answer comes first: the banner waits for the pause.
     let mut pair = Pair::new(config);
     pair.take_output();
-    pair.session.handle_lookup(pair.now, &query, not_listed);
+    pair.session
+        .handle_answer(pair.now, Answer::Lookup(query, not_listed));
     pair.pump();
     assert_eq!(pair.take_output(), "");
     pair.advance(SECOND);
@@ -97,8 +98,11 @@ fn a_cached_pass_skips_the_pause() {
     let now = Instant::now();
     let peer = peer(false, false);
     let mut session = Session::new(Arc::new(paused(6)), peer, now);
-    assert_eq!(session.poll_action(), Some(Action::CheckPass(CLIENT)));
-    session.handle_pass(now, true);
+    assert_eq!(
+        session.poll_action(),
+        Some(Action::Ask(Question::CheckPass(CLIENT)))
+    );
+    session.handle_answer(now, Answer::Pass(true));
     let mut out = Vec::new();
     session.poll_transmit(now, &mut out);
     assert_eq!(out, BANNER.as_bytes(), "no teaser, no pause");

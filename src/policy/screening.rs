@@ -1,17 +1,47 @@
-//! One client's checks (DESIGN.md §1 steps 2–3): the lookups it needs, the answers as they
-//! arrive, the local lists, and the verdict they add up to.
+//! The session's screening decisions (DESIGN.md §1 steps 2–3): one client's checks (the
+//! lookups it needs, the answers as they arrive, the local lists, and the verdict they add up
+//! to), whether its recipients are greylisted, and which of its deeds go to its reputation.
 //!
 //! Sans-IO like the session that owns it: lookups go out as [`Query`] values, answers come back
-//! through [`Checks::answer`], and the decisions themselves are `policy` calls. What a verdict
+//! through `Checks::answer`, and the decisions themselves are `policy` calls. What a verdict
 //! means for the dialog (a `554` greeting, `550` on RCPT) is the session's business.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::config::{Config, Dnsbl};
-use crate::dns::{Answer, Query, RdnsAnswer};
 use crate::policy::dnsbl::{self, ZoneOutcome};
+use crate::policy::reputation::Event;
 use crate::policy::{ListMatch, Standing, Verdict};
+use crate::smtp::question::{LookupAnswer, Query, RdnsAnswer};
+
+/// Whether greylisting applies to a client's recipients: a `greylist` rule matched (`forced`),
+/// or greylisting is `enabled` and the verdict is pass or tarpit with a score not below zero
+/// (DNSWL-listed and allowed clients are never greylisted).
+pub(crate) fn greylist_applies(enabled: bool, verdict: Verdict, score: i32, forced: bool) -> bool {
+    forced || (enabled && matches!(verdict, Verdict::Pass | Verdict::Tarpit) && score >= 0)
+}
+
+/// Which of a session's events went to the client's reputation: one bad mark per session
+/// however many errors it made (a pregreet, a reject, protocol abuse: the first), one greylist
+/// pass, and every delivery.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ReputationMarks {
+    bad: bool,
+    greylist_pass: bool,
+}
+
+impl ReputationMarks {
+    /// Whether `event` goes to the reputation now; notes it as sent.
+    pub(crate) fn admit(&mut self, event: Event) -> bool {
+        let seen = match event {
+            Event::Pregreet | Event::Rejected | Event::ProtocolAbuse => &mut self.bad,
+            Event::GreylistPass => &mut self.greylist_pass,
+            Event::Delivered => return true,
+        };
+        !std::mem::replace(seen, true)
+    }
+}
 
 /// The checks' state for one client.
 #[derive(Debug)]
@@ -103,9 +133,9 @@ impl Checks {
 
     /// Records an answer; returns whether every awaited answer is in. Answers nobody waits
     /// for (a zone removed by a reload, a late duplicate) are ignored.
-    pub(crate) fn answer(&mut self, query: &Query, answer: Answer) -> bool {
+    pub(crate) fn answer(&mut self, query: &Query, answer: LookupAnswer) -> bool {
         match (query, answer) {
-            (Query::Dnsbl { zone, .. }, Answer::Dnsbl(answer)) => {
+            (Query::Dnsbl { zone, .. }, LookupAnswer::Dnsbl(answer)) => {
                 let zones = self
                     .started_with
                     .as_deref()
@@ -118,7 +148,7 @@ impl Checks {
                     *slot = Some(dnsbl::classify(cfg, &answer));
                 }
             }
-            (Query::Rdns(_), Answer::Rdns(answer)) => {
+            (Query::Rdns(_), LookupAnswer::Rdns(answer)) => {
                 if matches!(self.rdns, Rdns::Awaiting) {
                     self.rdns = Rdns::Answered(answer);
                 }
@@ -325,5 +355,32 @@ impl Checks {
         self.zones
             .iter()
             .map(|slot| slot.unwrap_or(ZoneOutcome::TempFail))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_bad_mark_and_one_greylist_pass_per_session_every_delivery() {
+        let mut marks = ReputationMarks::default();
+        assert!(marks.admit(Event::Pregreet));
+        assert!(!marks.admit(Event::Rejected));
+        assert!(!marks.admit(Event::ProtocolAbuse));
+        assert!(marks.admit(Event::GreylistPass));
+        assert!(!marks.admit(Event::GreylistPass));
+        assert!(marks.admit(Event::Delivered));
+        assert!(marks.admit(Event::Delivered));
+    }
+
+    #[test]
+    fn greylisting_spares_allowed_and_whitelisted_clients_unless_a_rule_forces_it() {
+        assert!(greylist_applies(true, Verdict::Pass, 0, false));
+        assert!(greylist_applies(true, Verdict::Tarpit, 3, false));
+        assert!(!greylist_applies(true, Verdict::Pass, -1, false));
+        assert!(!greylist_applies(true, Verdict::Allow, 0, false));
+        assert!(!greylist_applies(false, Verdict::Pass, 0, false));
+        assert!(greylist_applies(false, Verdict::Allow, -5, true));
     }
 }

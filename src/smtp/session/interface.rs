@@ -1,0 +1,165 @@
+//! The types that cross the session's boundary besides [`Session`](super::Session) itself: who the client is
+//! ([`Peer`]), what the driver must do ([`Action`]), how to shut down ([`Shutdown`]) and what
+//! the close log line reports ([`Report`]).
+
+use std::net::SocketAddr;
+use std::time::SystemTime;
+
+use crate::downstream::dialog::Carried;
+use crate::downstream::relay::LinkId;
+use crate::smtp::question::Question;
+
+/// The two ends of a session's byte streams.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The SMTP client that connected to tarmac.
+    Client,
+    /// The downstream MTA tarmac relays to.
+    Downstream,
+}
+
+/// Addresses and arrival time of the client connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// The client's address (after PROXY, the one in the header).
+    pub client: SocketAddr,
+    /// The local address the client connected to.
+    pub local: SocketAddr,
+    /// Wall-clock time of the accept, for the `Received:` date (the core reads no clock).
+    pub accepted_at: SystemTime,
+    /// The server was in stress mode at accept (above 80 % of `max_connections`): a shorter
+    /// greet pause and command timeout, and no stutter (postscreen's and spamd's answers to
+    /// overload).
+    pub stressed: bool,
+    /// STARTTLS may be offered: `[tls]` has a certificate and this client's last handshake
+    /// did not fail recently (the driver keeps that record, so a sender whose TLS is broken
+    /// can still deliver in plain text).
+    pub starttls: bool,
+}
+
+/// The TLS version a STARTTLS handshake agreed, for the close line and the `Received:` header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsVersion {
+    /// TLS 1.2.
+    Tls12,
+    /// TLS 1.3.
+    Tls13,
+}
+
+impl TlsVersion {
+    /// The name operators know from OpenSSL and Postfix logs: `TLSv1.2`, `TLSv1.3`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsVersion::Tls12 => "TLSv1.2",
+            TlsVersion::Tls13 => "TLSv1.3",
+        }
+    }
+}
+
+/// What the driver must do for the session: ask a shared service, or perform I/O.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Ask a shared service (resolver, state store, tarpit places, admission) and report the
+    /// answer, if the question has one, with [`Session::handle_answer`](super::Session::handle_answer), now or when it
+    /// arrives.
+    Ask(Question),
+    /// Get a connection to downstream server `addr` for `link`: in `mode = "multiplexing"`
+    /// an idle pooled one when `pooled` allows (report `DownstreamEvent::Reused` with what it
+    /// carried), else a new TCP connection (report `Connected` or `ConnectFailed`). Every
+    /// later event of that connection is reported with `link`, and only bytes from
+    /// [`Session::poll_transmit_downstream`](super::Session::poll_transmit_downstream) for `link` may be written to it.
+    ConnectDownstream {
+        /// Names this connection in events, bytes and later actions.
+        link: LinkId,
+        /// The server.
+        addr: SocketAddr,
+        /// An idle pooled connection may be used (`false`: a pooled one could not speak for
+        /// this client, so it must be a new one).
+        pooled: bool,
+    },
+    /// `mode = "multiplexing"`: downstream connection `link` has no reply outstanding and
+    /// nothing left to send: put it back in the pool with what it carries into its next
+    /// transaction. The session no longer uses it.
+    ReleaseDownstream {
+        /// The connection.
+        link: LinkId,
+        /// Its capabilities, whom it speaks for, whether a transaction was left open.
+        carried: Carried,
+    },
+    /// Close downstream connection `link` (ignored when it is gone already): write what
+    /// `poll_transmit_downstream` handed out for it, then `QUIT\r\n` when `quit` (the
+    /// downstream greeted us and the connection is in a known state), then close. Whatever
+    /// the session had not handed out for it is gone with it.
+    CloseDownstream {
+        /// The connection.
+        link: LinkId,
+        /// Say QUIT before hanging up (DESIGN.md §6).
+        quit: bool,
+    },
+    /// The client asked for STARTTLS and its `220` was handed out: write what
+    /// `poll_transmit(Client)` gave before this in plain text, then run the server side of a
+    /// TLS handshake on the client connection. Report `handle_tls_established` when it is done
+    /// or `handle_tls_failed` if it fails; client bytes from then on are the decrypted stream.
+    /// Bytes read from the socket before the switch must not be offered afterwards.
+    StartTls,
+    /// The downstream said `220` to STARTTLS: drop every downstream byte not yet handed to
+    /// `handle_downstream` (anything after the 220 was sent in plain text and could be injected
+    /// by anyone on the path), start a TLS client handshake on the connection, and report
+    /// `DownstreamEvent::TlsEstablished` or `TlsFailed`. From then on every downstream byte in
+    /// either direction goes through TLS.
+    StartTlsDownstream(LinkId),
+    /// Flush what `poll_transmit(Client)` handed out, then close the client connection. Comes
+    /// out exactly once.
+    Close,
+}
+
+/// How the driver asks a session to end on SIGTERM/SIGINT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shutdown {
+    /// Close at once if idle between transactions, else after the current transaction.
+    Graceful,
+    /// The drain time is over: `421 4.3.2` and close now.
+    Now,
+}
+
+/// What the close log line reports about a session (DESIGN.md §4); the driver adds the
+/// connection id, client address and duration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report<'a> {
+    /// The client's address: the one in the PROXY header when a balancer sent one.
+    pub client: SocketAddr,
+    /// The HELO/EHLO argument as sent (raw: the log line escapes and truncates it).
+    pub helo: Option<&'a [u8]>,
+    /// `rdns=`: the forward-confirmed name, `unverified`, `unknown`, `tempfail` or `-`.
+    pub rdns: &'a str,
+    /// `allow`, `pass`, `tarpit` or `reject`.
+    pub verdict: &'static str,
+    /// Sum of the weights of the zones listing the client, the reputation weight and the
+    /// score rules' points.
+    pub score: i32,
+    /// `rep=`: the client's reputation when it was checked (`none`, `neutral`, `good`,
+    /// `bad`), or `-` when it was not (reputation off, or a list decided).
+    pub reputation: &'static str,
+    /// `dnsbl=`: `zone:weight` per listing zone, `zone:tempfail|error|off`, or `-`.
+    pub dnsbl: String,
+    /// `list=`: `-`, or which list matched what (`deny:helo`).
+    pub list: &'static str,
+    /// The client talked before the final greeting line.
+    pub pregreet: bool,
+    /// `rule=`: the operator rule that decided last, or `-`.
+    pub rule: &'a str,
+    /// `greylist=`: the last recipient's greylisting, `new`, `early`, `pass`, `skip` (not
+    /// greylisted: allowed, a negative score, or greylisting off) or `-` (no RCPT).
+    pub greylist: &'static str,
+    /// Messages the downstream accepted.
+    pub msgs: u32,
+    /// Recipients the downstream accepted.
+    pub rcpts: u32,
+    /// The TLS version in use (`TLSv1.3`, `TLSv1.2`), or `no` for a plain session; the close
+    /// line prints it as `tls=yes tls_version=TLSv1.3` or `tls=no tls_version=-`.
+    pub tls: &'static str,
+    /// How the session ended: `delivered` (at least one message), `quit`, `disconnect`,
+    /// `timeout`, `rejected`, `tempfail`, `too-many-errors`, `shutdown`, `bad-proxy`,
+    /// `tls-failed` (a TLS handshake or record failed).
+    pub result: &'static str,
+}
