@@ -11,21 +11,25 @@
 //! entries, rules, certificates and errors.
 
 mod document;
+mod error;
 mod syntax;
 
-use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject as _;
 
+pub use self::error::{ConfigError, ConfigErrors};
 use crate::downstream::tls::ClientTls;
-use crate::policy::{List, ListSet, RuleSet};
+pub use crate::policy::cidr::{Cidr, CidrError};
+pub use crate::policy::dnsbl::Dnsbl;
+pub use crate::policy::rates::Rate;
+pub use crate::policy::reputation::Reputation;
+pub use crate::policy::verdict::{RejectMode, Scoring};
+use crate::policy::{FileError, List, ListSet, RuleSet};
 use crate::tls::{ServerTls, TlsFile};
 
 /// The whole validated configuration. Cheap to share behind an `Arc`; a reload builds a new one.
@@ -85,17 +89,6 @@ pub struct Server {
     pub proxy_protocol_from: Vec<Cidr>,
 }
 
-/// An address block such as `192.0.2.0/24` or `2001:db8::/32`; a bare address is a /32 or /128.
-/// Parsed with [`str::parse`]; an address with host bits set (`192.0.2.1/24`) is refused, since
-/// it usually means a typo in the network.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Cidr {
-    /// Network address (host bits zero).
-    pub addr: IpAddr,
-    /// Prefix length, ≤ 32 for IPv4 and ≤ 128 for IPv6.
-    pub prefix: u8,
-}
-
 /// `[limits]`
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -123,15 +116,6 @@ pub struct Limits {
     pub max_line_length: usize,
     /// What to do with a bare CR or LF in a message body.
     pub bare_newline: BareNewline,
-}
-
-/// A rate such as `30/min`: `count` events per `per`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Rate {
-    /// Events allowed per period; also the bucket's burst.
-    pub count: u32,
-    /// The period.
-    pub per: Duration,
 }
 
 /// `[limits] bare_newline`
@@ -260,41 +244,6 @@ pub struct Dns {
     pub health_interval: Duration,
 }
 
-/// One `[[dnsbl]]` table.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Dnsbl {
-    /// The zone queried, e.g. `zen.spamhaus.org`.
-    pub zone: Arc<str>,
-    /// Added to the score when listed; negative = allowlist.
-    pub weight: i32,
-    /// Which answers count, as inclusive ranges; empty = any 127.0.0.0/8 answer.
-    pub codes: Vec<(Ipv4Addr, Ipv4Addr)>,
-    /// Text used instead of the zone name in reject replies.
-    pub reply: Option<String>,
-}
-
-/// `[scoring]`
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Scoring {
-    /// Score ≤ this: allow.
-    pub allow_at: i32,
-    /// Score ≥ this: tarpit.
-    pub tarpit_at: i32,
-    /// Score ≥ this: reject.
-    pub reject_at: i32,
-    /// How a reject is delivered.
-    pub reject_mode: RejectMode,
-}
-
-/// `[scoring] reject_mode`
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RejectMode {
-    /// `554` as the final greeting line.
-    Immediate,
-    /// Normal banner, `550 5.7.1` on every RCPT.
-    Enforce,
-}
-
 /// `[tarpit]`
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tarpit {
@@ -360,17 +309,6 @@ pub enum GreylistKey {
     Rdns,
 }
 
-/// `[reputation]`
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Reputation {
-    /// Keep per-IP history.
-    pub enabled: bool,
-    /// Decay of past events.
-    pub half_life: Duration,
-    /// Added to the score of a mostly bad address.
-    pub weight: i32,
-}
-
 /// `[state]`
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct State {
@@ -423,28 +361,6 @@ pub struct Rules {
     /// [`Config::from_toml`], which reads no file.
     pub set: RuleSet,
 }
-
-/// Every error found in one config file, in line order; never empty when returned as an error.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
-
-/// One problem in a config file, displayed as `path:line: key: message`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfigError {
-    /// The file.
-    pub path: PathBuf,
-    /// 1-based line of the offending key or value; `None` when the file could not be read.
-    pub line: Option<usize>,
-    /// Dotted key path (`limits.max_message_size`, `dnsbl[1].weight`); `toml` for a syntax
-    /// error; empty when the file could not be read.
-    pub key: String,
-    /// What is wrong, and the expected form when there is one.
-    pub message: String,
-}
-
-/// Why a string is not a [`Cidr`]; the message quotes the input and the expected form.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CidrError(String);
 
 impl Config {
     /// Parses and validates `text`, the contents of the file at `path`. `path` appears in errors
@@ -580,8 +496,8 @@ impl Config {
         let allow = read(&self.lists.allow, &defaults.allow);
         let deny = read(&self.lists.deny, &defaults.deny);
         let mut parse = |texts: &[(PathBuf, String)]| {
-            List::parse(texts).unwrap_or_else(|mut bad| {
-                errors.append(&mut bad);
+            List::parse(texts).unwrap_or_else(|bad| {
+                errors.extend(bad.into_iter().map(ConfigError::from));
                 List::default()
             })
         };
@@ -607,7 +523,10 @@ impl Config {
         self.downstream.client_tls = match self.downstream.tls {
             DownstreamTls::None => None,
             _ => {
-                let built = crate::downstream::tls::client_config(&self.downstream);
+                let built = crate::downstream::tls::client_config(
+                    self.downstream.tls_verify,
+                    &self.downstream.tls_ca_certs,
+                );
                 // The certificates were checked as trust anchors just now, so this fails only
                 // if rustls refuses its own defaults; name the key all the same.
                 let config = built.map_err(|e| {
@@ -694,8 +613,8 @@ impl Config {
                 Ok(())
             }
             Ok(_) => Err(ConfigErrors(errors)),
-            Err(mut bad) => {
-                errors.append(&mut bad);
+            Err(bad) => {
+                errors.extend(bad.into_iter().map(ConfigError::from));
                 Err(ConfigErrors(errors))
             }
         }
@@ -815,17 +734,6 @@ impl Default for Dns {
     }
 }
 
-impl Default for Scoring {
-    fn default() -> Self {
-        Scoring {
-            allow_at: -1,
-            tarpit_at: 1,
-            reject_at: 3,
-            reject_mode: RejectMode::Immediate,
-        }
-    }
-}
-
 impl Default for Tarpit {
     fn default() -> Self {
         Tarpit {
@@ -853,16 +761,6 @@ impl Default for Greylist {
                 GreylistKey::Sender,
                 GreylistKey::Recipient,
             ],
-        }
-    }
-}
-
-impl Default for Reputation {
-    fn default() -> Self {
-        Reputation {
-            enabled: true,
-            half_life: Duration::from_secs(7 * 86_400),
-            weight: 2,
         }
     }
 }
@@ -897,69 +795,17 @@ impl Default for Rules {
     }
 }
 
-impl Cidr {
-    /// Whether `ip` lies in this block. An IPv4-mapped IPv6 address (`::ffff:192.0.2.7`, what a
-    /// dual-stack socket reports for an IPv4 client) is matched as the IPv4 address it carries.
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            IpAddr::V4(_) => ip,
-        };
-        self.addr.is_ipv4() == ip.is_ipv4() && syntax::mask(ip, self.prefix) == self.addr
-    }
-}
-
-impl FromStr for Cidr {
-    type Err = CidrError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        syntax::parse_cidr(s)
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-impl fmt::Display for CidrError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for CidrError {}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.path.display())?;
-        if let Some(line) = self.line {
-            write!(f, ":{line}")?;
+impl From<FileError> for ConfigError {
+    /// A list or rule file's error, as one of the config's.
+    fn from(e: FileError) -> ConfigError {
+        ConfigError {
+            path: e.path,
+            line: Some(e.line),
+            key: e.key,
+            message: e.message,
         }
-        if !self.key.is_empty() {
-            write!(f, ": {}", self.key)?;
-        }
-        write!(f, ": {}", self.message)
     }
 }
-
-impl std::error::Error for ConfigError {}
-
-impl fmt::Display for ConfigErrors {
-    /// One error per line, no trailing newline.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, error) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str("\n")?;
-            }
-            write!(f, "{error}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigErrors {}
 
 /// The kernel's host name if it is a usable DNS name, else `localhost`. Read from procfs rather
 /// than gethostname(2), which would need `unsafe` or another dependency.
@@ -980,7 +826,7 @@ fn default_workers() -> usize {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
-    use std::net::Ipv6Addr;
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     use super::*;
 

@@ -989,7 +989,9 @@ fn dns_server(v: &DeValue<'_>) -> Result<SocketAddr, String> {
 }
 
 fn cidr(v: &DeValue<'_>) -> Result<super::Cidr, String> {
-    syntax::parse_cidr(string(v, r#"a CIDR block such as "192.0.2.0/24""#)?).map_err(|e| e.0)
+    string(v, r#"a CIDR block such as "192.0.2.0/24""#)?
+        .parse()
+        .map_err(|e: super::CidrError| e.to_string())
 }
 
 fn hostname(v: &DeValue<'_>) -> Result<String, String> {

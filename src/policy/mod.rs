@@ -2,9 +2,13 @@
 //! I/O, no clock of their own (the rate buckets read governor's, which tests replace): callers
 //! pass what they know and get a decision back.
 //!
+//! - [`cidr`]: address blocks as the lists, the rules and `proxy_protocol_from` write them
+//!   ([`Cidr`]).
 //! - [`dnsbl`]: the name to query for a client in a zone, what a zone's answer is worth
 //!   ([`ZoneOutcome`]), the summed score, the zone a reject reply names, the close log's
 //!   `dnsbl=` field.
+//! - [`file_error`]: the `path:line: key: message` error of a list or rule file
+//!   ([`FileError`]), which the config loader reports as its own.
 //! - [`lists`]: the operator's allow and deny list files, parsed with `path:line` errors and
 //!   matched against addresses and names ([`ListSet`]; allow wins).
 //! - [`rules`]: the operator's rule files, parsed with `path:line: key: message` errors, and
@@ -18,14 +22,18 @@
 //! The session (`crate::smtp`) calls these as answers arrive; the server never decides, it only
 //! applies: at accept it asks [`ConnectionRates`] and answers a refusal with the `421`.
 
+pub mod cidr;
 pub mod dnsbl;
+pub mod file_error;
 pub mod lists;
 pub mod rates;
 pub mod reputation;
 pub mod rules;
 pub mod verdict;
 
+pub use cidr::Cidr;
 pub use dnsbl::ZoneOutcome;
+pub use file_error::FileError;
 pub use lists::{List, ListMatch, ListSet};
 pub use rates::{ConnectionRates, RateRefusal};
 pub use reputation::Standing;

@@ -103,7 +103,8 @@ use regex::{Regex, RegexBuilder};
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-use crate::config::{Cidr, ConfigError};
+use super::cidr::Cidr;
+use super::file_error::FileError;
 use crate::smtp::reply::{EnhancedCode, Reply};
 
 /// Longest reply text a rule may give, in characters: with the code and enhanced code it keeps
@@ -205,7 +206,7 @@ impl RuleSet {
     /// each naming `path:line` and the key (`rule[2].when.helo`); a set with any error is
     /// refused as a whole, so a reload never runs with half the rules. A UTF-8 byte order mark
     /// at the start of a file is skipped; a file without rules is valid.
-    pub fn parse(files: &[(PathBuf, String)]) -> Result<RuleSet, Vec<ConfigError>> {
+    pub fn parse(files: &[(PathBuf, String)]) -> Result<RuleSet, Vec<FileError>> {
         let mut set = RuleSet::default();
         let mut errors = Vec::new();
         // Lowercased name -> where it was first defined, for duplicates across files.
@@ -565,7 +566,7 @@ struct Reader<'p> {
     line_starts: Vec<usize>,
     /// Each error with the byte offset it points at, so errors sort in file order even on one
     /// line (the TOML tables iterate their keys by name, not position).
-    errors: Vec<(usize, ConfigError)>,
+    errors: Vec<(usize, FileError)>,
 }
 
 /// A rule's name and where it is given, with the rule itself when it has no error.
@@ -593,7 +594,7 @@ impl<'p> Reader<'p> {
     }
 
     /// The errors in file order.
-    fn finish(mut self) -> Vec<ConfigError> {
+    fn finish(mut self) -> Vec<FileError> {
         self.errors.sort_by_key(|(offset, _)| *offset);
         self.errors.into_iter().map(|(_, e)| e).collect()
     }
@@ -614,9 +615,9 @@ impl<'p> Reader<'p> {
     }
 
     fn push_at(&mut self, offset: usize, line: usize, key: &str, message: String) {
-        let error = ConfigError {
+        let error = FileError {
             path: self.path.to_path_buf(),
-            line: Some(line),
+            line,
             key: key.to_owned(),
             message,
         };
@@ -1233,7 +1234,7 @@ fn rule_reply(v: &DeValue<'_>, action: Option<RuleAction>) -> Result<Reply, Stri
 mod tests {
     use super::*;
 
-    fn parse(text: &str) -> Result<RuleSet, Vec<ConfigError>> {
+    fn parse(text: &str) -> Result<RuleSet, Vec<FileError>> {
         RuleSet::parse(&[(PathBuf::from("rules.toml"), text.to_owned())])
     }
 
