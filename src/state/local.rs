@@ -23,7 +23,7 @@ pub struct Local {
 
 impl Local {
     /// The stores, empty or as given; the tables are shared with the snapshots
-    /// (`server::snapshots`), which save and load them with the local backend.
+    /// (`state::snapshots`), which save and load them with the local backend.
     pub fn new(
         passes: Arc<PassCache>,
         greylist: Arc<Greylist>,

@@ -13,6 +13,7 @@ pub mod pass;
 pub mod redis;
 pub mod reputation;
 pub mod snapshot;
+pub(crate) mod snapshots;
 pub mod store;
 
 pub use greylist::{Greylist, GreylistOutcome, GreylistTimes};
