@@ -106,14 +106,15 @@ pub struct Downstream {
     /// `tls_verify` is on (an addition to DESIGN.md §3: a downstream inside the operator's
     /// network usually has a certificate from a private CA); `None` = built-in roots only.
     pub tls_ca: Option<PathBuf>,
-    /// The certificates of `tls_ca`, read and checked by [`Config::load_tls_ca`]; empty
-    /// before that and when `tls_ca` is not set.
+    /// The certificates of `tls_ca`, read and checked by
+    /// [`Config::load_tls_ca`](super::Config::load_tls_ca); empty before that and when `tls_ca` is
+    /// not set.
     pub tls_ca_certs: Vec<CertificateDer<'static>>,
     /// The rustls client configuration for STARTTLS towards the downstream, built once by
-    /// [`Config::load_tls_ca`] from `tls_verify` and `tls_ca_certs` and shared by every
-    /// downstream connection of every worker; `None` before that and with `tls = "none"`.
-    /// A configuration built by hand calls `load_tls_ca` for downstream TLS (until then a
-    /// downstream handshake fails, and `opportunistic` goes on in plain text).
+    /// [`Config::load_tls_ca`](super::Config::load_tls_ca) from `tls_verify` and `tls_ca_certs` and
+    /// shared by every downstream connection of every worker; `None` before that and with
+    /// `tls = "none"`. A configuration built by hand calls `load_tls_ca` for downstream TLS (until
+    /// then a downstream handshake fails, and `opportunistic` goes on in plain text).
     pub client_tls: Option<ClientTls>,
 }
 
@@ -157,9 +158,10 @@ pub struct Tls {
     pub cert: Option<PathBuf>,
     /// PEM private key.
     pub key: Option<PathBuf>,
-    /// The pair read from `cert` and `key` by [`Config::load_tls`] (which [`Config::load`]
-    /// calls): STARTTLS is offered only when this is set, and every handshake uses it.
-    /// [`Config::from_toml`] reads no files, so it leaves this `None`.
+    /// The pair read from `cert` and `key` by [`Config::load_tls`](super::Config::load_tls) (which
+    /// [`Config::load`](super::Config::load) calls): STARTTLS is offered only when this is set, and
+    /// every handshake uses it. [`Config::from_toml`](super::Config::from_toml) reads no files, so
+    /// it leaves this `None`.
     pub loaded: Option<ServerTls>,
     /// Lines of `cert` and `key` in the config file, so that an error found when reading the
     /// files names the line like any other config error.
@@ -292,8 +294,9 @@ pub struct Lists {
     pub allow: Vec<PathBuf>,
     /// Deny-list files.
     pub deny: Vec<PathBuf>,
-    /// Their entries, read by [`Config::load`] (or [`Config::load_lists`]); empty after
-    /// [`Config::from_toml`], which reads no file.
+    /// Their entries, read by [`Config::load`](super::Config::load) (or
+    /// [`Config::load_lists`](super::Config::load_lists)); empty after
+    /// [`Config::from_toml`](super::Config::from_toml), which reads no file.
     pub entries: ListSet,
 }
 
@@ -302,8 +305,9 @@ pub struct Lists {
 pub struct Rules {
     /// Rule files, evaluated in this order.
     pub files: Vec<PathBuf>,
-    /// Their rules, read by [`Config::load`] (or [`Config::load_rules`]); empty after
-    /// [`Config::from_toml`], which reads no file.
+    /// Their rules, read by [`Config::load`](super::Config::load) (or
+    /// [`Config::load_rules`](super::Config::load_rules)); empty after
+    /// [`Config::from_toml`](super::Config::from_toml), which reads no file.
     pub set: RuleSet,
 }
 

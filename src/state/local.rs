@@ -70,7 +70,7 @@ impl Local {
 
     /// The answer when Redis cannot give one (see the module doc): greylisting passes, the
     /// rest is this host's own state. A PASS to record was recorded locally when asked
-    /// ([`Store::ask`]), so nothing happens for it here.
+    /// ([`Store::ask`](super::Store::ask)), so nothing happens for it here.
     pub fn fallback(&self, op: &StateOp, now: Instant) -> Option<StateAnswer> {
         match op {
             StateOp::CheckGreylist { .. } => Some(StateAnswer::Greylist(GreylistOutcome::Pass)),
