@@ -21,6 +21,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use super::{Config, ConfigError};
+use crate::policy::reading::Lines;
 
 /// Every section and its keys, in DESIGN.md §3 order; the hints in unknown-key errors list these.
 pub(super) const SCHEMA: &[(&str, &[&str])] = &[
@@ -161,8 +162,8 @@ pub(super) fn read(text: &str, path: &Path, config: &mut Config) -> Vec<ConfigEr
 /// The error collector and typed accessors over one document.
 struct Reader<'p> {
     path: &'p Path,
-    /// Byte offset where each line starts; `line_starts[0] == 0`.
-    line_starts: Vec<usize>,
+    /// Where each line starts.
+    text_lines: Lines,
     errors: Vec<ConfigError>,
     /// Line of every key given in the file, by dotted path, for checks that span several keys.
     lines: HashMap<String, usize>,
@@ -173,12 +174,9 @@ type Parse<T> = fn(&DeValue<'_>) -> Result<T, String>;
 
 impl<'p> Reader<'p> {
     fn new(text: &str, path: &'p Path) -> Self {
-        let line_starts = std::iter::once(0)
-            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
-            .collect();
         Self {
             path,
-            line_starts,
+            text_lines: Lines::new(text),
             errors: Vec::new(),
             lines: HashMap::new(),
         }
@@ -192,7 +190,7 @@ impl<'p> Reader<'p> {
 
     /// 1-based line holding byte `offset`.
     fn line(&self, offset: usize) -> usize {
-        self.line_starts.partition_point(|&start| start <= offset)
+        self.text_lines.line(offset)
     }
 
     fn push(&mut self, line: Option<usize>, key: &str, message: String) {

@@ -40,7 +40,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 use super::cidr::Cidr;
-use super::file_error::FileError;
+use super::reading::FileError;
 
 /// One list (allow or deny), compiled from all its files.
 ///

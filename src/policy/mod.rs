@@ -7,14 +7,15 @@
 //! - [`dnsbl`]: the name to query for a client in a zone, what a zone's answer is worth
 //!   ([`ZoneOutcome`]), the summed score, the zone a reject reply names, the close log's
 //!   `dnsbl=` field.
-//! - [`file_error`]: the `path:line: key: message` error of a list or rule file
-//!   ([`FileError`]), which the config loader reports as its own.
 //! - [`lists`]: the operator's allow and deny list files, parsed with `path:line` errors and
 //!   matched against addresses and names ([`ListSet`]; allow wins).
 //! - [`rules`]: the operator's rule files, parsed with `path:line: key: message` errors, and
 //!   the matcher run at each [`Stage`] of a connection ([`RuleSet::evaluate`]).
 //! - [`rates`]: the connection-rate token buckets per address and per /24 or /64
 //!   ([`ConnectionRates`]), checked at accept; [`RateRefusal`] says which one was empty.
+//! - [`reading`]: the `path:line: key: message` error of a list or rule file
+//!   ([`FileError`]), which the config loader reports as its own, and the TOML value readers
+//!   the rule files and the config file share.
 //! - [`reputation`]: an address's decayed history of bad and good events, and whether it is
 //!   mostly bad ([`Standing`]), which adds `[reputation] weight` to its score.
 //! - [`verdict`]: the score placed against `[scoring]`'s thresholds ([`Verdict`]).
@@ -24,18 +25,18 @@
 
 pub mod cidr;
 pub mod dnsbl;
-pub mod file_error;
 pub mod lists;
 pub mod rates;
+pub mod reading;
 pub mod reputation;
 pub mod rules;
 pub mod verdict;
 
 pub use cidr::Cidr;
 pub use dnsbl::ZoneOutcome;
-pub use file_error::FileError;
 pub use lists::{List, ListMatch, ListSet};
 pub use rates::{ConnectionRates, RateRefusal};
+pub use reading::FileError;
 pub use reputation::Standing;
 pub use rules::{Decision, Facts, RuleAction, RuleSet, Stage, default_reply};
 pub use verdict::Verdict;

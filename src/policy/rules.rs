@@ -109,7 +109,7 @@ use std::path::PathBuf;
 
 use self::matcher::Rule;
 use self::parse::Reader;
-use super::file_error::FileError;
+use super::reading::FileError;
 use crate::smtp::reply::Reply;
 
 /// Longest reply text a rule may give, in characters: with the code and enhanced code it keeps

@@ -10,11 +10,8 @@ use toml::de::DeValue;
 use crate::config::syntax;
 use crate::policy::cidr::{Cidr, CidrError};
 use crate::policy::rates::Rate;
-
-pub(super) fn string<'v>(v: &'v DeValue<'_>, what: &str) -> Result<&'v str, String> {
-    v.as_str()
-        .ok_or_else(|| format!("expected {what}, found {}", v.type_str()))
-}
+pub(super) use crate::policy::reading::string;
+use crate::policy::reading::{self, integer};
 
 pub(super) fn boolean(v: &DeValue<'_>) -> Result<bool, String> {
     v.as_bool()
@@ -54,23 +51,8 @@ pub(super) fn nonzero_weight(v: &DeValue<'_>) -> Result<i32, String> {
     Ok(weight)
 }
 
-fn integer(v: &DeValue<'_>) -> Result<i128, String> {
-    let Some(n) = v.as_integer() else {
-        return Err(format!("expected an integer, found {}", v.type_str()));
-    };
-    // TOML integers are 64-bit, so i128 always holds them; the fallback is for form's sake.
-    i128::from_str_radix(n.as_str(), n.radix())
-        .map_err(|_| format!("integer {} is out of range", n.as_str()))
-}
-
 pub(super) fn choice<T: Copy>(v: &DeValue<'_>, options: &[(&str, T)]) -> Result<T, String> {
-    let names: Vec<&str> = options.iter().map(|(name, _)| *name).collect();
-    let s = string(v, &format!("one of: {}", names.join(", ")))?;
-    options
-        .iter()
-        .find(|(name, _)| *name == s)
-        .map(|(_, value)| *value)
-        .ok_or_else(|| format!("unknown value {s:?}; expected one of: {}", names.join(", ")))
+    reading::choice(v, options, "value")
 }
 
 pub(super) fn duration(v: &DeValue<'_>) -> Result<Duration, String> {

@@ -13,7 +13,7 @@ use super::value::{
     score_threshold,
 };
 use super::{RuleAction, Stage};
-use crate::policy::file_error::FileError;
+use crate::policy::reading::{FileError, Lines};
 
 /// The keys of a `[[rule]]` table, for unknown-key hints.
 const RULE_KEYS: &[&str] = &["name", "when", "action", "reply", "score"];
@@ -33,8 +33,8 @@ const WHEN_KEYS: &[&str] = &[
 /// Error collector and walker over one rule file.
 pub(super) struct Reader<'p> {
     path: &'p Path,
-    /// Byte offset where each line starts.
-    line_starts: Vec<usize>,
+    /// Where each line starts.
+    lines: Lines,
     /// Each error with the byte offset it points at, so errors sort in file order even on one
     /// line (the TOML tables iterate their keys by name, not position).
     errors: Vec<(usize, FileError)>,
@@ -54,12 +54,9 @@ type Given<'v, 'i> = Option<(&'v Spanned<DeValue<'i>>, usize)>;
 
 impl<'p> Reader<'p> {
     pub(super) fn new(text: &str, path: &'p Path) -> Self {
-        let line_starts = std::iter::once(0)
-            .chain(text.match_indices('\n').map(|(i, _)| i.saturating_add(1)))
-            .collect();
         Reader {
             path,
-            line_starts,
+            lines: Lines::new(text),
             errors: Vec::new(),
         }
     }
@@ -72,16 +69,12 @@ impl<'p> Reader<'p> {
 
     /// 1-based line holding byte `offset`.
     fn line(&self, offset: usize) -> usize {
-        self.line_starts.partition_point(|&start| start <= offset)
+        self.lines.line(offset)
     }
 
     /// An error at line `line` (1-based), sorted at its start.
     pub(super) fn push(&mut self, line: usize, key: &str, message: String) {
-        let offset = self
-            .line_starts
-            .get(line.saturating_sub(1))
-            .copied()
-            .unwrap_or(usize::MAX);
+        let offset = self.lines.start(line).unwrap_or(usize::MAX);
         self.push_at(offset, line, key, message);
     }
 

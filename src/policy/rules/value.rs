@@ -9,6 +9,7 @@ use super::{
     MAX_NAME, MAX_PATTERN, MAX_REPLY_TEXT, MAX_SCORE, REGEX_DFA_LIMIT, REGEX_SIZE_LIMIT, RuleAction,
 };
 use crate::policy::cidr::Cidr;
+use crate::policy::reading::{choice, integer, string};
 use crate::smtp::reply::{EnhancedCode, Reply};
 
 /// The actions, for hints and parsing.
@@ -24,11 +25,6 @@ pub(super) const ACTIONS: &[(&str, RuleAction)] = &[
 /// A TOML parser message on one line (they can span several).
 pub(super) fn one_line(message: &str) -> String {
     message.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-pub(super) fn string<'v>(v: &'v DeValue<'_>, what: &str) -> Result<&'v str, String> {
-    v.as_str()
-        .ok_or_else(|| format!("expected {what}, found {}", v.type_str()))
 }
 
 pub(super) fn rule_name(v: &DeValue<'_>) -> Result<String, String> {
@@ -52,26 +48,7 @@ pub(super) fn rule_name(v: &DeValue<'_>) -> Result<String, String> {
 }
 
 pub(super) fn action_word(v: &DeValue<'_>) -> Result<RuleAction, String> {
-    let names: Vec<&str> = ACTIONS.iter().map(|(name, _)| *name).collect();
-    let s = string(v, &format!("one of: {}", names.join(", ")))?;
-    ACTIONS
-        .iter()
-        .find(|(name, _)| *name == s)
-        .map(|(_, action)| *action)
-        .ok_or_else(|| {
-            format!(
-                "unknown action {s:?}; expected one of: {}",
-                names.join(", ")
-            )
-        })
-}
-
-pub(super) fn integer(v: &DeValue<'_>) -> Result<i128, String> {
-    let Some(n) = v.as_integer() else {
-        return Err(format!("expected an integer, found {}", v.type_str()));
-    };
-    i128::from_str_radix(n.as_str(), n.radix())
-        .map_err(|_| format!("integer {} is out of range", n.as_str()))
+    choice(v, ACTIONS, "action")
 }
 
 pub(super) fn score_points(v: &DeValue<'_>) -> Result<i32, String> {
