@@ -3,7 +3,9 @@
 //!
 //! Every product file of `src/` is read as text: comments, string and character literals and
 //! `#[cfg(test)]` items are dropped, then each path through `crate::`, `super::`, `self::` or a
-//! child module the file declares becomes an edge to the file that defines what it names. A
+//! child module the file declares becomes an edge to the file that defines what it names, and
+//! a module file has an edge to each child it declares (the child's impls may hold methods the
+//! parent calls without naming a path; `lib.rs` is left out, it declares everything). A
 //! path that ends in a module file's `pub use` is followed to the file it re-exports, and a
 //! file's own `pub use` lines are not edges of that file (they only pass names through). A
 //! group of files that reach each other (a strongly connected component) is a cycle unless one
@@ -140,10 +142,19 @@ fn parse_file(path: PathBuf, module: ModPath, text: &str) -> File {
             _ => None,
         })
         .collect();
+    // A module file depends on the children it declares: their impls may hold the methods it
+    // calls, which no path names. Not the crate root, which declares everything.
+    let uses = match module.is_empty() {
+        true => Vec::new(),
+        false => children
+            .iter()
+            .map(|child| module.iter().chain([child]).cloned().collect())
+            .collect(),
+    };
     let mut file = File {
         path,
         module,
-        uses: Vec::new(),
+        uses,
         exports: BTreeMap::new(),
     };
     let mut i = 0;
