@@ -9,12 +9,12 @@
 //! config, so a running server and `tarmac check` see the same entries, rules, certificates and
 //! errors.
 //!
-//! The files: `schema` holds the section types and their defaults, `document` the walk over
-//! the TOML tree (the value readers in `value`, the checks across keys in `validate`),
-//! `syntax` the value syntaxes (durations, sizes, rates, addresses), `load` the reading of the
-//! files a config names, `error` the [`ConfigError`]s. The types policy decides with
-//! ([`Cidr`], [`Dnsbl`], [`Rate`], [`Reputation`], [`Scoring`]) are `crate::policy`'s, re-exported
-//! here because the sections hold them; policy never reads this module.
+//! The files: `schema` holds the section types and their defaults, `document` the walk over the
+//! TOML tree (each section's keys in `sections`, the value readers in `value`, the checks across
+//! keys in `validate`), `syntax` the value syntaxes (durations, sizes, rates, addresses), `load`
+//! the reading of the files a config names, `error` the [`ConfigError`]s. The types policy decides
+//! with ([`Cidr`], [`Dnsbl`], [`Rate`], [`Reputation`], [`Scoring`]) are `crate::policy`'s,
+//! re-exported here because the sections hold them; policy never reads this module.
 
 mod document;
 mod error;
