@@ -1039,8 +1039,8 @@ fn list_text(text: &str) {
             Err(mut errors) => {
                 assert_eq!(errors.len(), 1, "{errors:?} from one line {line:?}");
                 let mut error = errors.remove(0);
-                assert_eq!(error.line, Some(2), "{error:?}");
-                error.line = Some(i + 1);
+                assert_eq!(error.line, 2, "{error:?}");
+                error.line = i + 1;
                 expected_errors.push(error);
             }
         }
@@ -1055,9 +1055,7 @@ fn list_text(text: &str) {
                     "{shown:?} for {text:?}"
                 );
                 assert!(error.key.is_empty(), "{error:?}");
-                let line = error
-                    .line
-                    .unwrap_or_else(|| panic!("{error:?} has no line"));
+                let line = error.line;
                 assert!(
                     shown.starts_with(&format!("{LIST_PATH}:{line}: ")),
                     "{shown:?}"
@@ -2523,7 +2521,7 @@ fn rule_text(text: &str) {
             for error in &errors {
                 let shown = error.to_string();
                 assert_eq!(error.path, Path::new(RULE_PATH), "{shown}");
-                let line = error.line.unwrap_or_else(|| panic!("no line: {shown}"));
+                let line = error.line;
                 assert!((1..=last_line).contains(&line), "{shown} for {text:?}");
                 assert!(!error.key.is_empty(), "{shown}");
                 assert!(!error.message.trim().is_empty(), "{shown}");

@@ -304,7 +304,11 @@ fn tarmac_client(dir: &Path, verify: bool, ca: Option<&Path>) -> Arc<ClientConfi
     )
     .unwrap();
     let config = Config::load(&path).unwrap();
-    client_config(&config.downstream).unwrap()
+    client_config(
+        config.downstream.tls_verify,
+        &config.downstream.tls_ca_certs,
+    )
+    .unwrap()
 }
 
 /// STARTTLS with tarmac's client configuration against `sink`, named as tarmac names it.

@@ -1,5 +1,6 @@
 //! The value syntaxes of DESIGN.md §3: durations, sizes, rates, socket addresses, DNS names and
-//! CIDR blocks, each parsed from the string an operator wrote.
+//! answer codes, each parsed from the string an operator wrote (CIDR blocks parse as
+//! [`Cidr`](crate::policy::Cidr)).
 //!
 //! Every parser returns the whole error message (quoting the input and showing the expected form),
 //! so the document walker only has to add `path:line: key: `. Nothing here knows about TOML.
@@ -8,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 use std::time::Duration;
 
-use super::{Cidr, CidrError, Rate};
+use crate::policy::rates::Rate;
 
 /// Longest duration accepted, ten years: far beyond any sensible timeout or TTL, and small enough
 /// that `Instant + Duration` can never overflow (which would panic) in the timer wheel.
@@ -21,7 +22,6 @@ const RATE_HINT: &str = r#"expected a count per period such as "30/min", "5/s", 
 const ADDR_HINT: &str = r#"expected ip:port such as "0.0.0.0:25" or "[::1]:25""#;
 const DNS_SERVER_HINT: &str =
     r#"expected ip or ip:port such as "192.0.2.53", "192.0.2.53:5353", "::1" or "[::1]:53""#;
-const CIDR_HINT: &str = r#"expected an address or block such as "192.0.2.0/24" or "2001:db8::/32""#;
 
 /// Port used for a `[dns] servers` entry written without one.
 const DNS_PORT: u16 = 53;
@@ -175,54 +175,6 @@ pub(crate) fn parse_code_range(s: &str) -> Result<(Ipv4Addr, Ipv4Addr), String> 
         ));
     }
     Ok((low, high))
-}
-
-/// Parses a CIDR block or a bare address (a /32 or /128); see [`Cidr`].
-pub(crate) fn parse_cidr(s: &str) -> Result<Cidr, CidrError> {
-    let invalid = |why: String| CidrError(format!("invalid CIDR {s:?}: {why}"));
-    let (addr, prefix) = match s.split_once('/') {
-        Some((addr, prefix)) => (addr, Some(prefix)),
-        None => (s, None),
-    };
-    let addr = IpAddr::from_str(addr).map_err(|_| invalid(CIDR_HINT.to_owned()))?;
-    let max = match addr {
-        IpAddr::V4(_) => 32,
-        IpAddr::V6(_) => 128,
-    };
-    let prefix = match prefix {
-        None => max,
-        // Canonical digits only: "/024" or "/+24" are refused rather than read as 24.
-        Some(p) => match p.parse::<u8>() {
-            Ok(n) if n <= max && n.to_string() == p => n,
-            _ => return Err(invalid(format!("prefix length must be 0 to {max}"))),
-        },
-    };
-    let network = mask(addr, prefix);
-    if network != addr {
-        return Err(invalid(format!(
-            "host bits are set; did you mean {network}/{prefix}?"
-        )));
-    }
-    Ok(Cidr { addr, prefix })
-}
-
-/// `addr` with every bit after the first `prefix` cleared.
-pub(crate) fn mask(addr: IpAddr, prefix: u8) -> IpAddr {
-    match addr {
-        IpAddr::V4(v4) => {
-            // checked_shl: a shift by the full width (prefix 0) is None, i.e. an all-zero mask.
-            let bits = u32::MAX
-                .checked_shl(32u32.saturating_sub(u32::from(prefix)))
-                .unwrap_or(0);
-            IpAddr::V4(Ipv4Addr::from(u32::from(v4) & bits))
-        }
-        IpAddr::V6(v6) => {
-            let bits = u128::MAX
-                .checked_shl(128u32.saturating_sub(u32::from(prefix)))
-                .unwrap_or(0);
-            IpAddr::V6(Ipv6Addr::from(u128::from(v6) & bits))
-        }
-    }
 }
 
 /// Why [`split_number`] found no number.
@@ -568,51 +520,5 @@ mod tests {
         );
         assert!(parse_code_range("127.0.0.2/31").is_err());
         assert!(parse_code_range("127.0.0.2-").is_err());
-    }
-
-    #[test]
-    fn cidrs() {
-        let ok: &[(&str, &str, u8)] = &[
-            ("192.0.2.0/24", "192.0.2.0", 24),
-            ("192.0.2.7", "192.0.2.7", 32),
-            ("0.0.0.0/0", "0.0.0.0", 0),
-            ("2001:db8::/32", "2001:db8::", 32),
-            ("::1", "::1", 128),
-            ("::/0", "::", 0),
-        ];
-        for (input, addr, prefix) in ok {
-            assert_eq!(
-                parse_cidr(input),
-                Ok(Cidr {
-                    addr: addr.parse().unwrap(),
-                    prefix: *prefix
-                }),
-                "{input}"
-            );
-        }
-        let bad: &[(&str, &str)] = &[
-            (
-                "192.0.2.1/24",
-                "host bits are set; did you mean 192.0.2.0/24?",
-            ),
-            (
-                "2001:db8::1/32",
-                "host bits are set; did you mean 2001:db8::/32?",
-            ),
-            ("192.0.2.0/33", "prefix length must be 0 to 32"),
-            ("2001:db8::/129", "prefix length must be 0 to 128"),
-            ("192.0.2.0/024", "prefix length must be 0 to 32"),
-            ("192.0.2.0/", "prefix length must be 0 to 32"),
-            ("192.0.2.0/-1", "prefix length must be 0 to 32"),
-            ("example.org/24", CIDR_HINT),
-            ("", CIDR_HINT),
-        ];
-        for (input, why) in bad {
-            assert_eq!(
-                parse_cidr(input),
-                Err(CidrError(format!("invalid CIDR {input:?}: {why}"))),
-                "{input}"
-            );
-        }
     }
 }

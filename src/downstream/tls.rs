@@ -1,6 +1,7 @@
 //! The client side of STARTTLS towards the downstream: the rustls configuration built from
 //! `[downstream] tls_verify` and `tls_ca`, and the name a downstream's certificate is checked
 //! against. No I/O: the CA file was read by `Config::load`; the server drives the handshake.
+//! Nothing here reads the configuration: its caller passes what `[downstream]` says.
 //!
 //! With `tls_verify = true` the certificate must chain to the built-in web roots (Mozilla's,
 //! from `webpki-roots`, so the result does not depend on the host's trust store) or to a
@@ -16,8 +17,6 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
-
-use crate::config::Downstream;
 
 /// The client configuration built from a loaded `[downstream]`, shared by every downstream
 /// connection (and so one session cache for resumption). Equality means "the same build", as
@@ -51,23 +50,27 @@ impl std::fmt::Debug for ClientTls {
     }
 }
 
-/// Builds the client configuration for downstream STARTTLS from `downstream.tls_verify` and
-/// `downstream.tls_ca_certs` (filled by `Config::load`). TLS 1.2 and 1.3 (many MTAs still speak
+/// Builds the client configuration for downstream STARTTLS: `verify` is `[downstream]
+/// tls_verify`, `extra_roots` the certificates of its `tls_ca` file (read by `Config::load`),
+/// trusted besides the built-in web roots. TLS 1.2 and 1.3 (many MTAs still speak
 /// only 1.2), ring as the provider, no client certificate; rustls' in-memory session cache
 /// lets repeated connections to the same downstream resume. Build it once per loaded
 /// configuration and share it: every connection takes an `Arc`.
 ///
 /// Fails only if a `tls_ca` certificate is not a usable trust anchor, which `Config::load`
 /// has already ruled out for a loaded configuration.
-pub fn client_config(downstream: &Downstream) -> Result<Arc<ClientConfig>, rustls::Error> {
+pub fn client_config(
+    verify: bool,
+    extra_roots: &[CertificateDer<'static>],
+) -> Result<Arc<ClientConfig>, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()?;
-    let config = if downstream.tls_verify {
+    let config = if verify {
         let mut roots = RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         };
-        for cert in &downstream.tls_ca_certs {
+        for cert in extra_roots {
             roots.add(cert.clone())?;
         }
         builder.with_root_certificates(roots).with_no_client_auth()
@@ -174,11 +177,9 @@ mod tests {
 
     #[test]
     fn configs_build_with_and_without_verification() {
-        let mut downstream = crate::config::Config::default().downstream;
-        assert!(client_config(&downstream).is_ok());
-        downstream.tls_verify = true;
-        assert!(client_config(&downstream).is_ok());
-        downstream.tls_ca_certs = vec![CertificateDer::from(b"not DER".to_vec())];
-        assert!(client_config(&downstream).is_err());
+        assert!(client_config(false, &[]).is_ok());
+        assert!(client_config(true, &[]).is_ok());
+        let garbled = [CertificateDer::from(b"not DER".to_vec())];
+        assert!(client_config(true, &garbled).is_err());
     }
 }

@@ -7,9 +7,22 @@
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
-use crate::config::Dnsbl;
 use crate::smtp::question::DnsblAnswer;
+
+/// One DNSBL or DNSWL zone and what its answers are worth: a `[[dnsbl]]` table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dnsbl {
+    /// The zone queried, e.g. `zen.spamhaus.org`.
+    pub zone: Arc<str>,
+    /// Added to the score when listed; negative = allowlist.
+    pub weight: i32,
+    /// Which answers count, as inclusive ranges; empty = any 127.0.0.0/8 answer.
+    pub codes: Vec<(Ipv4Addr, Ipv4Addr)>,
+    /// Text used instead of the zone name in reject replies.
+    pub reply: Option<String>,
+}
 
 /// What one zone contributed for one client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -22,7 +22,7 @@
 //! module only answers "is it listed". An IPv4 client seen through a dual-stack socket
 //! (`::ffff:192.0.2.7`) matches IPv4 entries, and an entry written in that mapped form is
 //! stored as the IPv4 block it means. Other IPv6 blocks never match IPv4 clients, `::/0`
-//! included, as with `config::Cidr::contains`.
+//! included, as with [`Cidr::contains`].
 //!
 //! **Allow wins.** [`ListSet`] checks the allow list first: an operator who allow-lists an
 //! address or domain means it, even if a broader deny entry (a whole provider's block, say)
@@ -39,7 +39,8 @@ use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
-use crate::config::{Cidr, ConfigError};
+use super::cidr::Cidr;
+use super::reading::FileError;
 
 /// One list (allow or deny), compiled from all its files.
 ///
@@ -86,7 +87,7 @@ impl List {
     /// All files are read to the end and every bad line reported, in file and line order; a
     /// list with any bad line is refused as a whole, so a reload never runs with half a list.
     /// Lines end with LF or CRLF; a UTF-8 byte order mark at the start of a file is skipped.
-    pub fn parse(files: &[(PathBuf, String)]) -> Result<List, Vec<ConfigError>> {
+    pub fn parse(files: &[(PathBuf, String)]) -> Result<List, Vec<FileError>> {
         let mut list = List::default();
         let mut errors = Vec::new();
         for (path, text) in files {
@@ -95,9 +96,9 @@ impl List {
                 match parse_line(line) {
                     Ok(None) => {}
                     Ok(Some(entry)) => list.insert(entry),
-                    Err(message) => errors.push(ConfigError {
+                    Err(message) => errors.push(FileError {
                         path: path.clone(),
-                        line: Some(index.saturating_add(1)),
+                        line: index.saturating_add(1),
                         key: String::new(),
                         message,
                     }),

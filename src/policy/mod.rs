@@ -2,6 +2,8 @@
 //! I/O, no clock of their own (the rate buckets read governor's, which tests replace): callers
 //! pass what they know and get a decision back.
 //!
+//! - [`cidr`]: address blocks as the lists, the rules and `proxy_protocol_from` write them
+//!   ([`Cidr`]).
 //! - [`dnsbl`]: the name to query for a client in a zone, what a zone's answer is worth
 //!   ([`ZoneOutcome`]), the summed score, the zone a reject reply names, the close log's
 //!   `dnsbl=` field.
@@ -11,6 +13,9 @@
 //!   the matcher run at each [`Stage`] of a connection ([`RuleSet::evaluate`]).
 //! - [`rates`]: the connection-rate token buckets per address and per /24 or /64
 //!   ([`ConnectionRates`]), checked at accept; [`RateRefusal`] says which one was empty.
+//! - [`reading`]: the `path:line: key: message` error of a list or rule file
+//!   ([`FileError`]), which the config loader reports as its own, and the TOML value readers
+//!   the rule files and the config file share.
 //! - [`reputation`]: an address's decayed history of bad and good events, and whether it is
 //!   mostly bad ([`Standing`]), which adds `[reputation] weight` to its score.
 //! - [`verdict`]: the score placed against `[scoring]`'s thresholds ([`Verdict`]).
@@ -18,17 +23,21 @@
 //! The session (`crate::smtp`) calls these as answers arrive; the server never decides, it only
 //! applies: at accept it asks [`ConnectionRates`] and answers a refusal with the `421`.
 
+pub mod cidr;
 pub mod dnsbl;
 pub mod lists;
 pub mod rates;
+pub mod reading;
 pub mod reputation;
 pub mod rules;
 pub mod screening;
 pub mod verdict;
 
+pub use cidr::Cidr;
 pub use dnsbl::ZoneOutcome;
 pub use lists::{List, ListMatch, ListSet};
 pub use rates::{ConnectionRates, RateRefusal};
+pub use reading::FileError;
 pub use reputation::Standing;
 pub use rules::{Decision, Facts, RuleAction, RuleSet, Stage, default_reply};
 pub use verdict::Verdict;

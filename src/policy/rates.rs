@@ -35,8 +35,6 @@ use governor::middleware::NoOpMiddleware;
 use governor::state::keyed::DashMapStateStore;
 use governor::{Quota, RateLimiter};
 
-use crate::config::Rate;
-
 /// Leading bits that make an IPv4 client's network: a /24 is the smallest block commonly
 /// assigned to one customer or routed (and what DNSBLs list as a unit), so a spammer holding a
 /// few addresses in it shares one budget.
@@ -46,6 +44,16 @@ const SUBNET_V4_PREFIX: u32 = 24;
 /// gets, and a single host can pick any address in it (RFC 4291, privacy addresses), so per
 /// address alone would limit nothing.
 const SUBNET_V6_PREFIX: u32 = 64;
+
+/// A rate such as `30/min`: `count` events per `per` (`[limits] connection_rate_per_ip` and
+/// `_per_subnet`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate {
+    /// Events allowed per period; also the bucket's burst.
+    pub count: u32,
+    /// The period.
+    pub per: Duration,
+}
 
 /// The connection-rate buckets: per address and per network. Generic over governor's clock so
 /// tests can drive time; the server uses [`ConnectionRates::new`] (the monotonic clock).

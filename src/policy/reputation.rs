@@ -20,8 +20,6 @@
 use std::net::{IpAddr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
-use crate::config::Reputation as ReputationConfig;
-
 /// Decayed bad events from which a history can be mostly bad (DESIGN.md §3).
 pub const BAD_AT_LEAST: f64 = 3.0;
 
@@ -43,6 +41,17 @@ pub const FORGOTTEN_BELOW: f64 = 0.1;
 /// Largest count a history holds (a restored snapshot is clamped to it), so arithmetic on
 /// counts stays finite whatever a file says.
 pub const MAX_COUNT: f64 = 1e9;
+
+/// What the history is for: `[reputation]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reputation {
+    /// Keep per-IP history.
+    pub enabled: bool,
+    /// Decay of past events.
+    pub half_life: Duration,
+    /// Added to the score of a mostly bad address.
+    pub weight: i32,
+}
 
 /// Something an address did that its reputation remembers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +100,16 @@ pub struct Counts {
     pub delivered: f64,
     /// Greylist passes.
     pub passes: f64,
+}
+
+impl Default for Reputation {
+    fn default() -> Self {
+        Reputation {
+            enabled: true,
+            half_life: Duration::from_secs(7 * 86_400),
+            weight: 2,
+        }
+    }
 }
 
 impl Event {
@@ -213,7 +232,7 @@ pub fn standing(history: Option<&History>, now: Instant, half_life: Duration) ->
 
 /// What a standing adds to the score: `weight` for a mostly bad history when reputation is
 /// enabled, else 0.
-pub fn weight(standing: Standing, config: &ReputationConfig) -> i32 {
+pub fn weight(standing: Standing, config: &Reputation) -> i32 {
     if config.enabled && standing == Standing::Bad {
         config.weight
     } else {
@@ -374,7 +393,7 @@ mod tests {
         let mut events: Vec<(u64, Event)> = (0..10).map(|n| (n, Event::Rejected)).collect();
         events.push((10, Event::Delivered));
         let history = with(&events, t0);
-        let config = ReputationConfig::default();
+        let config = Reputation::default();
         let at = t0 + Duration::from_secs(10);
         assert_eq!(history.standing(at, HALF_LIFE), Standing::Good);
         assert_eq!(weight(history.standing(at, HALF_LIFE), &config), 0);
@@ -394,7 +413,7 @@ mod tests {
 
     #[test]
     fn weight_only_for_bad_and_only_when_enabled() {
-        let mut config = ReputationConfig::default();
+        let mut config = Reputation::default();
         assert_eq!(config.weight, 2, "DESIGN.md's default");
         assert_eq!(weight(Standing::Bad, &config), 2);
         for standing in [Standing::Unknown, Standing::Neutral, Standing::Good] {

@@ -4,8 +4,6 @@
 //! module only places it against the three thresholds. Local lists and terminal rules decide
 //! before any score is needed and never come through here.
 
-use crate::config::Scoring;
-
 /// What happens to a client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -17,6 +15,28 @@ pub enum Verdict {
     Tarpit,
     /// Refuse (immediately or enforced, per `reject_mode`).
     Reject,
+}
+
+/// The thresholds a score is placed against: `[scoring]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scoring {
+    /// Score ≤ this: allow.
+    pub allow_at: i32,
+    /// Score ≥ this: tarpit.
+    pub tarpit_at: i32,
+    /// Score ≥ this: reject.
+    pub reject_at: i32,
+    /// How a reject is delivered.
+    pub reject_mode: RejectMode,
+}
+
+/// `[scoring] reject_mode`
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RejectMode {
+    /// `554` as the final greeting line.
+    Immediate,
+    /// Normal banner, `550 5.7.1` on every RCPT.
+    Enforce,
 }
 
 impl Verdict {
@@ -49,10 +69,21 @@ impl Verdict {
     }
 }
 
+impl Default for Scoring {
+    fn default() -> Self {
+        Scoring {
+            allow_at: -1,
+            tarpit_at: 1,
+            reject_at: 3,
+            reject_mode: RejectMode::Immediate,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::RejectMode;
     use super::*;
-    use crate::config::RejectMode;
 
     fn scoring(allow_at: i32, tarpit_at: i32, reject_at: i32) -> Scoring {
         Scoring {

@@ -27,7 +27,7 @@
 //! Shutdown ([`ServerHandle::shutdown`]): every worker closes its listeners at once (new
 //! connects are refused), tells each session `Shutdown::Graceful`, after `[timeouts] drain`
 //! `Shutdown::Now`, and exits when its last connection is gone; then [`ServerHandle::join`]
-//! saves the state (`snapshots.rs`), which was loaded before the first accept and is saved
+//! saves the state (`state::snapshots`), which was loaded before the first accept and is saved
 //! every minute meanwhile.
 //!
 //! Nothing here decides policy: every protocol decision is the session's.
@@ -40,7 +40,6 @@ mod load;
 mod pool;
 mod reload;
 mod slab;
-mod snapshots;
 mod timer;
 mod tls_failures;
 mod tls_stream;
@@ -62,13 +61,13 @@ use socket2::{Domain, Protocol, Socket, Type};
 use self::limits::Limits;
 use self::load::Load;
 use self::reload::Reloads;
-use self::snapshots::{Saver, Snapshots, Tables};
 use self::tls_failures::TlsFailures;
 use self::worker::{Shared, Worker};
 use crate::config::{Config, StateBackend};
 use crate::dns::{Resolver, ResolverHandle};
 use crate::policy::ConnectionRates;
 use crate::state::redis::RedisState;
+use crate::state::snapshots::{self, Saver, Snapshots, Tables};
 use crate::state::{Greylist, Local, PassCache, ReputationTable, Store, StoreStats};
 
 /// Pending connections the kernel queues per listener socket before refusing more.
@@ -175,7 +174,9 @@ impl ServerHandle {
             stopping: Arc::clone(&stopping),
             reloads: Arc::new(Reloads::new(Arc::clone(&config))),
         };
-        let snapshots = Snapshots::open(&config, tables, Arc::clone(&shared.reloads)).map(Arc::new);
+        let reloads = Arc::clone(&shared.reloads);
+        let current = Box::new(move || reloads.current());
+        let snapshots = Snapshots::open(&config, tables, current).map(Arc::new);
         if let Some(snapshots) = &snapshots {
             snapshots.load(&snapshots::clocks_now());
         }
@@ -273,7 +274,7 @@ impl ServerHandle {
         self.control.shutdown();
     }
 
-    /// Waits for every worker to exit, then saves the state (see `snapshots.rs`); the first
+    /// Waits for every worker to exit, then saves the state (see `state::snapshots`); the first
     /// worker error (a failing poll) is returned.
     pub fn join(mut self) -> io::Result<()> {
         let resolver = self.resolver.take();

@@ -36,7 +36,8 @@ use std::time::{Duration, Instant};
 
 use mio::Waker;
 
-use super::store::{Local, StateAnswer, StateOp, StoreStats, Waiter};
+use super::local::Local;
+use super::op::{StateAnswer, StateOp, StoreStats, Waiter};
 use crate::config::{Config, Rate};
 use crate::side_thread::{self, Outboxes, Running};
 

@@ -19,174 +19,18 @@
 //! [`StateAnswer`]s, a local answer and a fallback here, and a Redis encoding in
 //! `redis/scripts.rs`.
 
-use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use super::greylist::GreylistTimes;
-use super::greylist::{Greylist, GreylistOutcome};
-use super::pass::PassCache;
+use super::local::Local;
+use super::op::{StateAnswer, StateOp, StoreStats, Waiter};
 use super::redis::RedisHandle;
-use super::reputation::ReputationTable;
-use crate::policy::reputation::{Event, History};
-use crate::policy::{ConnectionRates, RateRefusal};
-
-/// A question about shared state, or a fact to record.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum StateOp {
-    /// Does this client have a fresh PASS? Answered [`StateAnswer::Pass`].
-    CheckPass(IpAddr),
-    /// This client passed the greet pause: remember it for `[tarpit] pass_ttl`. No answer.
-    RecordPass(IpAddr),
-    /// Decide this triplet (recording the attempt) under these times. Answered
-    /// [`StateAnswer::Greylist`].
-    CheckGreylist {
-        /// The triplet key (`greylist::key`).
-        key: String,
-        /// The client's /24 or /64 (`policy::rates::network_name`), whose quota of new
-        /// triplets (`[greylist] max_new_per_subnet`) a new one counts against.
-        subnet: String,
-        /// The greylist times of the configuration in force.
-        times: GreylistTimes,
-    },
-    /// Take a token from this client's connection-rate buckets (address, then network).
-    /// Answered [`StateAnswer::Rate`].
-    CheckRate(IpAddr),
-    /// This client's history. Answered [`StateAnswer::Reputation`].
-    CheckReputation {
-        /// The client.
-        ip: IpAddr,
-        /// `[reputation] half_life` of the configuration in force (Redis decays with it).
-        half_life: Duration,
-    },
-    /// Something this client did, for its history (decayed with `half_life`). No answer.
-    RecordReputation {
-        /// The client.
-        ip: IpAddr,
-        /// What it did.
-        event: Event,
-        /// `[reputation] half_life` of the configuration in force.
-        half_life: Duration,
-    },
-}
-
-/// The answer to a [`StateOp`].
-#[derive(Clone, Debug, PartialEq)]
-pub enum StateAnswer {
-    /// For [`StateOp::CheckPass`]: whether a PASS is fresh.
-    Pass(bool),
-    /// For [`StateOp::CheckGreylist`].
-    Greylist(GreylistOutcome),
-    /// For [`StateOp::CheckRate`]: the address asked about, and whether it may connect now.
-    Rate {
-        /// The client the rate was checked for.
-        ip: IpAddr,
-        /// `Ok`: a token was taken; else the bucket that was empty.
-        verdict: Result<(), RateRefusal>,
-    },
-    /// For [`StateOp::CheckReputation`]: the client's history, `None` when it has none.
-    Reputation(Option<History>),
-}
-
-/// Who waits for an answer that comes later: a worker (the index the state thread gave it)
-/// and an opaque key that finds the connection (a generation-tagged slab key).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Waiter {
-    /// The worker's index.
-    pub worker: usize,
-    /// The connection's key in that worker.
-    pub key: u64,
-}
-
-/// Counters for tests, logs and metrics.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct StoreStats {
-    /// Redis backend: the state thread holds a working connection now.
-    pub redis_up: bool,
-    /// Answers that came from Redis.
-    pub redis_answers: u64,
-    /// Answers the local fallback gave because Redis was down, slow, failing, or the state
-    /// thread was behind.
-    pub fallbacks: u64,
-}
-
-/// The in-process stores: the local backend itself, and the fallback of the Redis one.
-#[derive(Debug)]
-pub struct Local {
-    passes: Arc<PassCache>,
-    greylist: Arc<Greylist>,
-    reputation: Arc<ReputationTable>,
-    /// Shared with the server's accept path, which checks direct clients itself when the
-    /// backend is local.
-    rates: Arc<ConnectionRates>,
-}
 
 /// The front the workers ask: local, or Redis with the local fallback.
 #[derive(Debug)]
 pub struct Store {
     local: Arc<Local>,
     redis: Option<RedisHandle>,
-}
-
-impl Local {
-    /// The stores, empty or as given; the tables are shared with the snapshots
-    /// (`server::snapshots`), which save and load them with the local backend.
-    pub fn new(
-        passes: Arc<PassCache>,
-        greylist: Arc<Greylist>,
-        reputation: Arc<ReputationTable>,
-        rates: Arc<ConnectionRates>,
-    ) -> Local {
-        Local {
-            passes,
-            greylist,
-            reputation,
-            rates,
-        }
-    }
-
-    /// The local backend's answer (the op's whole meaning, recorded here); `None` for an op
-    /// that has no answer.
-    pub fn answer(&self, op: &StateOp, now: Instant) -> Option<StateAnswer> {
-        Some(match op {
-            StateOp::CheckPass(ip) => StateAnswer::Pass(self.passes.is_fresh(*ip, now)),
-            StateOp::RecordPass(ip) => {
-                self.passes.record(*ip, now);
-                return None;
-            }
-            StateOp::CheckGreylist { key, subnet, times } => {
-                StateAnswer::Greylist(self.greylist.check(key, subnet, now, times))
-            }
-            StateOp::CheckRate(ip) => StateAnswer::Rate {
-                ip: *ip,
-                verdict: self.rates.check(*ip),
-            },
-            StateOp::CheckReputation { ip, .. } => {
-                StateAnswer::Reputation(self.reputation.history(*ip))
-            }
-            StateOp::RecordReputation {
-                ip,
-                event,
-                half_life,
-            } => {
-                self.reputation.record(*ip, *event, now, *half_life);
-                return None;
-            }
-        })
-    }
-
-    /// The answer when Redis cannot give one (see the module doc): greylisting passes, the
-    /// rest is this host's own state. A PASS to record was recorded locally when asked
-    /// ([`Store::ask`]), so nothing happens for it here.
-    pub fn fallback(&self, op: &StateOp, now: Instant) -> Option<StateAnswer> {
-        match op {
-            StateOp::CheckGreylist { .. } => Some(StateAnswer::Greylist(GreylistOutcome::Pass)),
-            StateOp::RecordPass(_) | StateOp::RecordReputation { .. } => None,
-            StateOp::CheckPass(_) | StateOp::CheckRate(_) | StateOp::CheckReputation { .. } => {
-                self.answer(op, now)
-            }
-        }
-    }
 }
 
 impl Store {
@@ -231,8 +75,15 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    use std::net::IpAddr;
+    use std::time::Duration;
+
     use super::*;
     use crate::config::Rate;
+    use crate::policy::{ConnectionRates, RateRefusal};
+    use crate::state::greylist::{Greylist, GreylistOutcome, GreylistTimes};
+    use crate::state::pass::PassCache;
+    use crate::state::reputation::ReputationTable;
 
     fn local(now: Instant, per_ip: u32) -> Local {
         let rate = |count| Rate {

@@ -31,7 +31,7 @@ use crate::policy::RateRefusal;
 use crate::policy::rates::network_name;
 use crate::policy::reputation::{self, Counts, Event, History};
 use crate::state::greylist::GreylistOutcome;
-use crate::state::store::{StateAnswer, StateOp};
+use crate::state::op::{StateAnswer, StateOp};
 
 /// Greylisting one triplet: the same decision as `Greylist::check`, on the Redis clock,
 /// with the client network's quota of new triplets (`max_new_per_subnet`) as a counter whose

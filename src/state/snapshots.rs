@@ -8,7 +8,9 @@
 //! one warning and a run without snapshots; a file that cannot be read or is damaged is one
 //! warning and an empty table; a save that fails is one warning (and one line when saving
 //! works again), and the next save tries again. The formats and the crash-safe write are
-//! `state::snapshot`'s.
+//! `state::snapshot`'s. The server opens the snapshots, loads them before the first accept,
+//! starts and stops the [`Saver`] and saves once more at the end; it hands in the way to read
+//! the configuration in force ([`CurrentConfig`]), which changes on reload.
 
 use std::io;
 use std::sync::Arc;
@@ -17,15 +19,19 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::reload::Reloads;
+use super::greylist::{Greylist, GreylistTimes};
+use super::pass::PassCache;
+use super::reputation::ReputationTable;
+use super::snapshot::{Clocks, Kind, Restored, SnapshotError, StateDir};
 use crate::config::{Config, StateBackend};
-use crate::state::snapshot::{Kind, Restored, SnapshotError};
-use crate::state::{Clocks, Greylist, GreylistTimes, PassCache, ReputationTable, StateDir};
 
 /// How often the state is written while running: what a crash (or `kill -9`) can lose at
 /// most. The tables are copied out in well under a second even when full, so a minute costs
 /// nothing noticeable and keeps the loss small.
 pub(crate) const SAVE_EVERY: Duration = Duration::from_secs(60);
+
+/// The configuration in force, read at each load and save (the server's reload handle).
+pub(crate) type CurrentConfig = Box<dyn Fn() -> Arc<Config> + Send + Sync>;
 
 /// The tables that are saved, shared with the workers.
 #[derive(Clone, Debug)]
@@ -36,12 +42,11 @@ pub(crate) struct Tables {
 }
 
 /// Loading and saving the tables in one state directory.
-#[derive(Debug)]
 pub(crate) struct Snapshots {
     dir: StateDir,
     tables: Tables,
     /// The configuration in force (the greylist's times, the reputation's half-life).
-    reloads: Arc<Reloads>,
+    current: CurrentConfig,
     /// The last save failed somewhere: the next failure is not logged again.
     failing: AtomicBool,
 }
@@ -53,11 +58,21 @@ pub(crate) struct Saver {
     thread: JoinHandle<()>,
 }
 
+impl std::fmt::Debug for Snapshots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshots")
+            .field("dir", &self.dir)
+            .field("tables", &self.tables)
+            .field("failing", &self.failing)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Snapshots {
     /// The snapshots for `config`, or `None` (with one warning if `state_dir` is unusable)
     /// when there are none: another backend, or a directory that cannot be created or
     /// written.
-    pub(crate) fn open(config: &Config, tables: Tables, reloads: Arc<Reloads>) -> Option<Self> {
+    pub(crate) fn open(config: &Config, tables: Tables, current: CurrentConfig) -> Option<Self> {
         if config.state.backend != StateBackend::Local {
             return None;
         }
@@ -66,7 +81,7 @@ impl Snapshots {
             Ok(dir) => Some(Snapshots {
                 dir: warn_if_loose(dir),
                 tables,
-                reloads,
+                current,
                 failing: AtomicBool::new(false),
             }),
             Err(e) => {
@@ -83,7 +98,7 @@ impl Snapshots {
     /// Reads every table's snapshot; each file that is missing, unreadable or damaged leaves
     /// its table empty (logged), never an error.
     pub(crate) fn load(&self, clocks: &Clocks) {
-        let config = self.reloads.current();
+        let config = (self.current)();
         for kind in Kind::ALL {
             let path = self.dir.path().join(kind.file_name());
             let bytes = match self.dir.read(kind) {
@@ -119,7 +134,7 @@ impl Snapshots {
     /// Writes every table's snapshot (each copied out of its map first, then written);
     /// returns whether all of them were written.
     pub(crate) fn save(&self, clocks: &Clocks) -> bool {
-        let config = self.reloads.current();
+        let config = (self.current)();
         let mut failed = false;
         for kind in Kind::ALL {
             let bytes = match kind {
@@ -207,7 +222,6 @@ impl Saver {
     }
 }
 
-/// Both clocks, read now: the server is where clocks are read.
 /// Logs the state directory's start-up warning (DESIGN.md §6.1), if it has one.
 fn warn_if_loose(dir: StateDir) -> StateDir {
     if let Some(warning) = dir.loose_permissions() {
@@ -216,6 +230,7 @@ fn warn_if_loose(dir: StateDir) -> StateDir {
     dir
 }
 
+/// Both clocks, read now: only the server and this module's thread read clocks.
 pub(crate) fn clocks_now() -> Clocks {
     Clocks::new(Instant::now(), SystemTime::now())
 }
@@ -241,24 +256,29 @@ mod tests {
         }
     }
 
-    fn config(state_dir: PathBuf) -> Arc<Reloads> {
+    fn config(state_dir: PathBuf) -> Arc<Config> {
         let mut config = Config::default();
         config.server.state_dir = state_dir;
-        Arc::new(Reloads::new(Arc::new(config)))
+        Arc::new(config)
+    }
+
+    fn current(config: &Arc<Config>) -> CurrentConfig {
+        let config = Arc::clone(config);
+        Box::new(move || Arc::clone(&config))
     }
 
     #[test]
     fn the_saver_saves_on_its_own_and_a_restart_loads_it() {
         let path = dir("saver");
-        let reloads = config(path.clone());
+        let config = config(path.clone());
         let tables = empty_tables();
-        let snapshots = Snapshots::open(&reloads.current(), tables.clone(), Arc::clone(&reloads))
+        let snapshots = Snapshots::open(&config, tables.clone(), current(&config))
             .map(Arc::new)
             .unwrap();
         let now = Instant::now();
         let ip = "192.0.2.7".parse().unwrap();
         tables.passes.record(ip, now);
-        let half_life = reloads.current().reputation.half_life;
+        let half_life = config.reputation.half_life;
         tables
             .reputation
             .record(ip, Event::Delivered, now, half_life);
@@ -272,7 +292,7 @@ mod tests {
         saver.stop();
 
         let fresh = empty_tables();
-        let reopened = Snapshots::open(&reloads.current(), fresh.clone(), reloads).unwrap();
+        let reopened = Snapshots::open(&config, fresh.clone(), current(&config)).unwrap();
         reopened.load(&clocks_now());
         assert!(fresh.passes.is_fresh(ip, Instant::now()));
         assert_eq!(fresh.reputation.len(), 1);
@@ -283,16 +303,14 @@ mod tests {
     fn no_snapshots_without_a_usable_dir_or_with_another_backend() {
         let path = dir("blocked");
         std::fs::write(&path, "a file, not a directory").unwrap();
-        let reloads = config(path.join("state"));
-        assert!(
-            Snapshots::open(&reloads.current(), empty_tables(), Arc::clone(&reloads)).is_none()
-        );
+        let config = config(path.join("state"));
+        assert!(Snapshots::open(&config, empty_tables(), current(&config)).is_none());
         std::fs::remove_file(&path).unwrap();
 
         let mut redis = Config::default();
         redis.state.backend = StateBackend::Redis;
         redis.server.state_dir = dir("redis");
-        assert!(Snapshots::open(&redis, empty_tables(), reloads).is_none());
+        assert!(Snapshots::open(&redis, empty_tables(), current(&config)).is_none());
         assert!(!redis.server.state_dir.exists(), "not even created");
     }
 }

@@ -1,0 +1,208 @@
+//! The value readers: one TOML value into a field's type, or the message saying why not (the
+//! walker adds `path:line: key: `). Strings go through `syntax`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use toml::de::DeValue;
+
+use crate::config::syntax;
+use crate::policy::cidr::{Cidr, CidrError};
+use crate::policy::rates::Rate;
+pub(super) use crate::policy::reading::string;
+use crate::policy::reading::{self, integer};
+
+pub(super) fn boolean(v: &DeValue<'_>) -> Result<bool, String> {
+    v.as_bool()
+        .ok_or_else(|| format!("expected true or false, found {}", v.type_str()))
+}
+
+/// An integer of the field's type within `min..=max`; out of range is an error, never a
+/// truncation.
+pub(super) fn int<T: TryFrom<i128>>(v: &DeValue<'_>, min: i128, max: i128) -> Result<T, String> {
+    let n = integer(v)?;
+    if n < min || n > max {
+        return Err(format!("must be from {min} to {max}, got {n}"));
+    }
+    T::try_from(n).map_err(|_| format!("must be from {min} to {max}, got {n}"))
+}
+
+/// An integer of at least `min`, at most what the field's type holds.
+pub(super) fn at_least<T: TryFrom<i128>>(v: &DeValue<'_>, min: i128) -> Result<T, String> {
+    let n = integer(v)?;
+    if n < min {
+        return Err(format!("must be at least {min}, got {n}"));
+    }
+    T::try_from(n).map_err(|_| format!("{n} is too large"))
+}
+
+/// Any integer the field's type holds.
+pub(super) fn any_int<T: TryFrom<i128>>(v: &DeValue<'_>) -> Result<T, String> {
+    let n = integer(v)?;
+    T::try_from(n).map_err(|_| format!("{n} is out of range"))
+}
+
+pub(super) fn nonzero_weight(v: &DeValue<'_>) -> Result<i32, String> {
+    let weight: i32 = any_int(v)?;
+    if weight == 0 {
+        return Err("must not be 0; a zone that adds nothing need not be queried".to_owned());
+    }
+    Ok(weight)
+}
+
+pub(super) fn choice<T: Copy>(v: &DeValue<'_>, options: &[(&str, T)]) -> Result<T, String> {
+    reading::choice(v, options, "value")
+}
+
+pub(super) fn duration(v: &DeValue<'_>) -> Result<Duration, String> {
+    syntax::parse_duration(string(v, r#"a duration such as "30s""#)?)
+}
+
+pub(super) fn positive_duration(v: &DeValue<'_>) -> Result<Duration, String> {
+    let d = duration(v)?;
+    if d.is_zero() {
+        return Err("must be longer than 0s".to_owned());
+    }
+    Ok(d)
+}
+
+pub(super) fn rate(v: &DeValue<'_>) -> Result<Rate, String> {
+    syntax::parse_rate(string(v, r#"a rate such as "30/min""#)?)
+}
+
+/// A size string, or a bare integer of bytes; at least 1KB, since a limit below that would refuse
+/// the headers of any real message.
+pub(super) fn message_size(v: &DeValue<'_>) -> Result<u64, String> {
+    let bytes = match v {
+        DeValue::Integer(_) => any_int(v)?,
+        _ => syntax::parse_size(string(v, r#"a size such as "25MB""#)?)?,
+    };
+    if bytes < 1000 {
+        return Err(format!("must be at least 1KB, got {bytes} bytes"));
+    }
+    Ok(bytes)
+}
+
+pub(super) fn socket_addr(v: &DeValue<'_>) -> Result<SocketAddr, String> {
+    syntax::parse_socket_addr(string(v, r#"an address such as "0.0.0.0:25""#)?)
+}
+
+pub(super) fn downstream_addr(v: &DeValue<'_>) -> Result<SocketAddr, String> {
+    let addr = socket_addr(v)?;
+    if addr.port() == 0 {
+        return Err(format!("{addr}: port 0 cannot be connected to"));
+    }
+    Ok(addr)
+}
+
+pub(super) fn dns_server(v: &DeValue<'_>) -> Result<SocketAddr, String> {
+    syntax::parse_dns_server(string(v, r#"an address such as "192.0.2.53""#)?)
+}
+
+pub(super) fn cidr(v: &DeValue<'_>) -> Result<Cidr, String> {
+    string(v, r#"a CIDR block such as "192.0.2.0/24""#)?
+        .parse()
+        .map_err(|e: CidrError| e.to_string())
+}
+
+pub(super) fn hostname(v: &DeValue<'_>) -> Result<String, String> {
+    let s = string(v, r#"a host name such as "mx1.example.org""#)?;
+    syntax::check_hostname(s)?;
+    Ok(s.to_owned())
+}
+
+pub(super) fn zone_name(v: &DeValue<'_>) -> Result<String, String> {
+    let s = string(v, r#"a DNS zone such as "zen.spamhaus.org""#)?;
+    syntax::check_zone(s)?;
+    Ok(s.to_owned())
+}
+
+pub(super) fn code_range(
+    v: &DeValue<'_>,
+) -> Result<(std::net::Ipv4Addr, std::net::Ipv4Addr), String> {
+    syntax::parse_code_range(string(v, r#"an answer such as "127.0.0.2""#)?)
+}
+
+/// Reply text goes into an SMTP reply line: printable ASCII only (RFC 5321 §4.2 `textstring`),
+/// so no CR or LF can end the line early and inject a reply of the operator's own making.
+pub(super) fn reply_text(v: &DeValue<'_>) -> Result<Option<String>, String> {
+    let s = string(v, "a string")?;
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if let Some(c) = s.chars().find(|c| !(c.is_ascii_graphic() || *c == ' ')) {
+        return Err(format!(
+            "{c:?} is not allowed; reply text is one line of printable ASCII"
+        ));
+    }
+    Ok(Some(s.to_owned()))
+}
+
+pub(super) fn path(v: &DeValue<'_>) -> Result<PathBuf, String> {
+    let s = string(v, "a file path")?;
+    if s.is_empty() {
+        return Err("must not be empty".to_owned());
+    }
+    Ok(PathBuf::from(s))
+}
+
+/// A path where `""` means "not set".
+pub(super) fn optional_path(v: &DeValue<'_>) -> Result<Option<PathBuf>, String> {
+    let s = string(v, r#"a file path, or "" for none"#)?;
+    Ok((!s.is_empty()).then(|| PathBuf::from(s)))
+}
+
+/// A Redis URL the client can use: `redis://` or `unix://`, then whatever the `redis` crate's
+/// own parser accepts (host, port, database number, credentials), so nothing that passes
+/// `tarmac check` fails to parse when the server starts. A URL with credentials is not quoted
+/// back, so a password never reaches a terminal or a log.
+pub(super) fn redis_url(v: &DeValue<'_>) -> Result<String, String> {
+    let s = string(v, r#"a URL such as "redis://127.0.0.1:6379/0""#)?;
+    let shown = if s.contains('@') {
+        "(with credentials, not shown)".to_owned()
+    } else {
+        format!("{s:?}")
+    };
+    if s.starts_with("rediss://") {
+        return Err(format!(
+            "invalid Redis URL {shown}: TLS to Redis (rediss://) is not supported; use \
+             redis:// on a trusted network, or unix://"
+        ));
+    }
+    if !["redis://", "unix://"]
+        .iter()
+        .any(|scheme| s.starts_with(scheme))
+    {
+        return Err(format!(
+            "invalid Redis URL {shown}: expected redis:// or unix://, such as \
+             \"redis://127.0.0.1:6379/0\""
+        ));
+    }
+    match redis::Client::open(s) {
+        Ok(_) => Ok(s.to_owned()),
+        Err(e) => Err(format!(
+            "invalid Redis URL {shown}: {}",
+            redis_error_text(&e)
+        )),
+    }
+}
+
+/// The crate's description of a URL error as a fragment starting lowercase: its `Display` is
+/// "Description - KindName[: detail]", and the kind's name means nothing to an operator.
+fn redis_error_text(e: &redis::RedisError) -> String {
+    let shown = e.to_string();
+    let description = shown.split(" - ").next().unwrap_or(&shown);
+    let mut chars = description.chars();
+    let mut text: String = chars
+        .next()
+        .map(|c| c.to_ascii_lowercase())
+        .into_iter()
+        .collect();
+    text.push_str(chars.as_str());
+    if let Some(detail) = e.detail() {
+        text.push_str(": ");
+        text.push_str(detail);
+    }
+    text
+}
