@@ -30,7 +30,6 @@ pub mod fuzzing;
 pub mod policy;
 pub mod server;
 pub mod side_thread;
-pub mod sink;
 pub mod smtp;
 pub mod state;
 pub mod tls;

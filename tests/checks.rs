@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tarmac::config::{Config, Dnsbl, RejectMode};
 use tarmac::policy::{List, ListSet};
-use tarmac::sink::Behaviour;
+use tarmac_testkit::sink::Behaviour;
 
 use tarmac_testkit::dns_server::{Behaviour as DnsBehaviour, DnsServer, Zone};
 use tarmac_testkit::{Client, Server, sink, test_config, wait_until};

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use tarmac::sink::Behaviour;
+use tarmac_testkit::sink::Behaviour;
 
 use crate::util::{tarmac, tarmac_check};
 use tarmac_testkit::dns_server::{DnsServer, Zone};

@@ -13,7 +13,9 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, ProtocolVersion, RootCertStore, StreamOwned};
 use tarmac::config::Config;
 use tarmac::downstream::tls::{client_config, server_name};
-use tarmac::sink::{self, Behaviour, INJECTED_AFTER_STARTTLS, Sink, SinkConfig, SinkSession};
+use tarmac_testkit::sink::{
+    self, Behaviour, INJECTED_AFTER_STARTTLS, Sink, SinkConfig, SinkSession,
+};
 
 use tarmac_testkit::WAIT;
 use tarmac_testkit::certs::TestCerts;

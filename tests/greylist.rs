@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use tarmac::sink::Behaviour;
+use tarmac_testkit::sink::Behaviour;
 
 use tarmac_testkit::{Client, Server, WAIT, sink, test_config};
 

@@ -5,7 +5,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use tarmac::sink::Behaviour;
+use tarmac_testkit::sink::Behaviour;
 
 use tarmac_testkit::{
     Client, Server, WAIT, require_program, run_bounded, sink, test_config, wait_until,

@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 use mio::{Events, Poll, Token, Waker};
 use tarmac::config::{Config, Rate, StateBackend};
 use tarmac::policy::{ConnectionRates, RateRefusal};
-use tarmac::sink::Behaviour;
 use tarmac::state::redis::{Inbox, RedisState};
 use tarmac::state::{
     Greylist, GreylistOutcome, GreylistTimes, Local, PassCache, ReputationTable, StateAnswer,
     StateOp, Store, Waiter,
 };
+use tarmac_testkit::sink::Behaviour;
 
 use crate::util::{tarmac, tarmac_check};
 use tarmac_testkit::redis_server::RedisServer;

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use tarmac::config::{AnnounceClient, BareNewline};
-use tarmac::sink::{Behaviour, ProxyVersion, Sink, SinkConfig};
+use tarmac_testkit::sink::{Behaviour, ProxyVersion, Sink, SinkConfig};
 
 use tarmac_testkit::{Client, Server, WAIT, sink, test_config, wait_until};
 

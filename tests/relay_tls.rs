@@ -6,7 +6,7 @@ use std::path::Path;
 
 use rustls::ProtocolVersion;
 use tarmac::config::{Config, DownstreamMode, DownstreamTls};
-use tarmac::sink::{self, Behaviour, Sink, SinkConfig};
+use tarmac_testkit::sink::{self, Behaviour, Sink, SinkConfig};
 
 use tarmac_testkit::certs::TestCerts;
 use tarmac_testkit::{Client, Server, WAIT, temp_dir, test_config};

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use tarmac::config::Config;
-use tarmac::sink::Behaviour;
+use tarmac_testkit::sink::Behaviour;
 
 use tarmac_testkit::{Client, Server, sink, test_config, wait_until};
 

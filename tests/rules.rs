@@ -183,7 +183,7 @@ fn missing_default_rule_file_is_not_an_error_but_a_named_one_is() {
 /// a broken rule file is refused with its file and line and the rules in force stay.
 #[test]
 fn sighup_switches_the_rules_without_dropping_a_session() {
-    let sink = tarmac_testkit::sink(tarmac::sink::Behaviour::Normal);
+    let sink = tarmac_testkit::sink(tarmac_testkit::sink::Behaviour::Normal);
     let dir = temp_dir("reload");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -271,7 +271,7 @@ fn rule_set(text: &str) -> tarmac::policy::RuleSet {
 
 #[test]
 fn sender_glob_rule_refuses_that_mail_with_its_text_through_the_server() {
-    let sink = tarmac_testkit::sink(tarmac::sink::Behaviour::Normal);
+    let sink = tarmac_testkit::sink(tarmac_testkit::sink::Behaviour::Normal);
     let mut config = tarmac_testkit::test_config(sink.local_addr());
     config.rules.set = rule_set(
         "[[rule]]\nname = \"no-spam-example\"\nwhen = { sender = \"*@spam.example\" }\n\
@@ -304,7 +304,7 @@ fn score_rule_pushes_a_listed_client_without_rdns_to_reject_through_the_server()
             .a("2.0.0.127", "127.0.0.2")
             .a("60.0.0.127", "127.0.0.2"),
     ]);
-    let sink = tarmac_testkit::sink(tarmac::sink::Behaviour::Normal);
+    let sink = tarmac_testkit::sink(tarmac_testkit::sink::Behaviour::Normal);
     let mut config = tarmac_testkit::test_config(sink.local_addr());
     config.dns.servers = vec![dns.addr()];
     config.dnsbl = vec![tarmac::config::Dnsbl {

@@ -5,7 +5,7 @@ use std::net::{Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tarmac::sink::Behaviour;
+use tarmac_testkit::sink::Behaviour;
 
 use crate::util::tarmac;
 use tarmac_testkit::{Client, DRAIN, Running, Server, WAIT, config, noise, sink, wait_for_log};

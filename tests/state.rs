@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use tarmac::config::Config;
-use tarmac::sink::Behaviour;
 use tarmac::state::snapshot::{Clocks, Kind, Writer};
+use tarmac_testkit::sink::Behaviour;
 
 use crate::util::tarmac;
 use tarmac_testkit::{

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use tarmac::config::{Config, Dnsbl, Pregreet};
-use tarmac::sink::Behaviour;
+use tarmac_testkit::sink::Behaviour;
 
 use tarmac_testkit::dns_server::{DnsServer, Zone};
 use tarmac_testkit::{Client, Server, sink, test_config, wait_until};

@@ -14,7 +14,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, ProtocolVersion, RootCertStore, StreamOwned};
 use tarmac::config::Config;
-use tarmac::sink::{Behaviour, Sink};
+use tarmac_testkit::sink::{Behaviour, Sink};
 
 use crate::util::{tarmac, tarmac_check};
 use tarmac_testkit::certs::TestCerts;

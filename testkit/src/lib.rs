@@ -3,7 +3,7 @@
 //!
 //! - tarmac itself on loopback ([`Server`], [`config`]) and an SMTP [`Client`] whose every read
 //!   and write is bounded;
-//! - downstream peers: the project's [`sink`] (a scripted SMTP server that behaves like
+//! - downstream peers: the project's [`sink`](mod@sink) (a scripted SMTP server that behaves like
 //!   Postfix, can misbehave and records what it saw), a Postfix-like downstream with random
 //!   faults ([`faulty`]), and a private, real Postfix ([`postfix`]);
 //! - service peers: a real DNS server ([`dns_server`], hickory-server) and a real
@@ -28,6 +28,7 @@ pub mod postfix;
 pub mod process;
 pub mod redis_server;
 pub mod server;
+pub mod sink;
 
 pub use client::Client;
 pub use process::{Running, find_program, require_program, run_bounded, wait_for_log};

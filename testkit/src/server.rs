@@ -8,9 +8,9 @@ use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::sink::{Behaviour, Sink, SinkConfig};
 use tarmac::config::{AnnounceClient, Config, DownstreamTls, Rate};
 use tarmac::server::ServerHandle;
-use tarmac::sink::{Behaviour, Sink, SinkConfig};
 
 use crate::WAIT;
 

@@ -1,7 +1,7 @@
 //! tarmac's own downstream MTA: a small, real SMTP server over TCP.
 //!
-//! Integration tests, benchmarks and `tarmac demo` need something on the other side of the relay
-//! that speaks SMTP the way Postfix does (DESIGN.md §1.5, §1.6): a banner, EHLO, optionally an
+//! Integration tests and benchmarks need something on the other side of the relay that speaks
+//! SMTP the way Postfix does (DESIGN.md §1.5, §1.6): a banner, EHLO, optionally an
 //! XCLIENT command or a PROXY v1/v2 header announcing the real client, then MAIL, RCPT, DATA and
 //! QUIT or RSET, and STARTTLS when given a certificate ([`SinkConfig::tls`]). The sink records
 //! what every client did ([`SinkSession`]) and every message it accepted ([`SinkMessage`],
@@ -18,8 +18,8 @@
 //! whatever the client pipelined after STARTTLS and forgets the EHLO it had, so a client that
 //! does not start over after the TLS handshake is caught; how many bytes it threw away is in
 //! [`SinkSession::starttls_discarded`].
-//! Everything it accepted is kept in memory for the life of the [`Sink`]: it is a peer for tests,
-//! demos and bounded benchmark runs, not a mail store.
+//! Everything it accepted is kept in memory for the life of the [`Sink`]: it is a peer for tests
+//! and bounded benchmark runs, not a mail store.
 
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -66,10 +66,6 @@ pub struct SinkConfig {
     /// Advertised as `SIZE` and enforced: a bigger `SIZE=` on MAIL or a bigger message gets
     /// `552 5.3.4`; a message over twice this size drops the connection. Default 50 MB.
     pub max_message_size: u64,
-    /// Keep each message and each session's commands in memory for [`Sink::messages`] and
-    /// [`Sink::sessions`] (tests, benches). Off for the long-running demo, whose record is the
-    /// maildir, so its memory does not grow with every message.
-    pub record: bool,
 }
 
 impl Default for SinkConfig {
@@ -85,7 +81,6 @@ impl Default for SinkConfig {
             tls: None,
             behaviour: Behaviour::Normal,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
-            record: true,
         }
     }
 }
@@ -902,9 +897,7 @@ impl<'a> Connection<'a> {
             bare_newline_seen: bare_newline,
             tls: self.reader.get_ref().tls_version(),
         };
-        if self.shared.config.record {
-            self.shared.update(|state| state.messages.push(message));
-        }
+        self.shared.update(|state| state.messages.push(message));
         self.send(&format!("250 2.0.0 Ok: queued as {queue_id}\r\n"))?;
         Ok(Next::Continue)
     }
@@ -967,9 +960,6 @@ impl<'a> Connection<'a> {
     }
 
     fn record(&self, line: &str) {
-        if !self.shared.config.record {
-            return;
-        }
         self.shared
             .update_session(self.index, |session| session.commands.push(line.to_owned()));
     }
