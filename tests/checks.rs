@@ -1,6 +1,6 @@
 //! DNS checks and verdicts end to end: the real server, a real DNS server on loopback
-//! (`tarmac_testkit::dns_server`) and clients connecting from chosen 127.0.0.0/8 addresses, so a zone can
-//! list one client and not another.
+//! (`tarmac_testkit::dns_server`) and clients connecting from chosen 127.0.0.0/8 addresses, so a
+//! zone can list one client and not another.
 
 use std::net::IpAddr;
 use std::path::PathBuf;

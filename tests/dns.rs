@@ -1,6 +1,6 @@
 //! The resolver thread through its public API, against a real DNS server on loopback
-//! (hickory-server, `tarmac_testkit::dns_server`), with answers delivered through a real `mio::Poll`
-//! waker as a worker would receive them.
+//! (hickory-server, `tarmac_testkit::dns_server`), with answers delivered through a real
+//! `mio::Poll` waker as a worker would receive them.
 
 use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::sync::Arc;

@@ -1,9 +1,10 @@
-//! tarmac in front of a real Postfix 3.7 smtpd (a private instance, `tarmac_testkit::postfix`), announcing
-//! each client with XCLIENT, in both `[downstream] mode`s (DESIGN.md §6, issue 13): Postfix must
-//! see each transaction's own client (address, HELO name, protocol) in its `Received:` line and
-//! log, apply its `mynetworks` trust to that client only, and its replies must reach the client
-//! verbatim. Multiplexing runs with one worker and `pool_size = 1`, so every transaction after
-//! the first reuses the pooled connection of the one before (the case a stale identity breaks).
+//! tarmac in front of a real Postfix 3.7 smtpd (a private instance, `tarmac_testkit::postfix`),
+//! announcing each client with XCLIENT, in both `[downstream] mode`s (DESIGN.md §6, issue 13):
+//! Postfix must see each transaction's own client (address, HELO name, protocol) in its `Received:`
+//! line and log, apply its `mynetworks` trust to that client only, and its replies must reach the
+//! client verbatim. Multiplexing runs with one worker and `pool_size = 1`, so every transaction
+//! after the first reuses the pooled connection of the one before (the case a stale identity
+//! breaks).
 //!
 //! Each test skips with a note where Postfix cannot run (not installed, not root), except under
 //! `CI=true`.

@@ -1,8 +1,8 @@
 //! Inbound STARTTLS end to end on loopback: a rustls client and Python's smtplib delivering
 //! over TLS through tarmac to the sink, commands injected before the handshake, a broken
 //! handshake next to a healthy session, certificates replaced and refused on SIGHUP, and
-//! `tarmac check` on bad certificate files. Certificates come from `tarmac_testkit::certs` (a private CA
-//! per test); nothing is trusted from the system store.
+//! `tarmac check` on bad certificate files. Certificates come from `tarmac_testkit::certs`
+//! (a private CA per test); nothing is trusted from the system store.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};

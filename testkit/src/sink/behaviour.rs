@@ -30,13 +30,14 @@ pub enum Behaviour {
     /// `454 4.7.0 TLS not available due to local problem` (Postfix's text when its certificate
     /// cannot be loaded); the session goes on in plain text.
     RefuseStartTls,
-    /// Offer STARTTLS (even without [`SinkConfig::tls`](super::SinkConfig::tls)), answer it `220`, then close instead of
-    /// handshaking: the client's TLS handshake fails.
+    /// Offer STARTTLS (even without [`SinkConfig::tls`](super::SinkConfig::tls)), answer it `220`,
+    /// then close instead of handshaking: the client's TLS handshake fails.
     CloseAfterStartTls,
     /// Answer STARTTLS with `220` followed, in the same write and before the handshake, by
-    /// [`INJECTED_AFTER_STARTTLS`], as a man in the middle would (CVE-2011-0411's mirror image):
-    /// a client that reads that line as the reply to its next command trusted plain text after
-    /// STARTTLS. Then the handshake goes on as usual; needs [`SinkConfig::tls`](super::SinkConfig::tls).
+    /// [`INJECTED_AFTER_STARTTLS`], as a man in the middle would (CVE-2011-0411's mirror image): a
+    /// client that reads that line as the reply to its next command trusted plain text after
+    /// STARTTLS. Then the handshake goes on as usual; needs
+    /// [`SinkConfig::tls`](super::SinkConfig::tls).
     InjectAfterStartTls,
 }
 

@@ -14,9 +14,10 @@ use rustls::{ProtocolVersion, ServerConfig, ServerConnection, StreamOwned};
 use super::behaviour::{Behaviour, INJECTED_AFTER_STARTTLS};
 use super::session::{Connection, Next};
 
-/// Builds a TLS server configuration for [`SinkConfig::tls`](super::SinkConfig::tls) from PEM files: `chain` holds the
-/// leaf certificate first, then any intermediates; `key` its private key. Any TLS version rustls
-/// supports by default (1.2 and 1.3), no client certificates. Errors name the file.
+/// Builds a TLS server configuration for [`SinkConfig::tls`](super::SinkConfig::tls) from PEM
+/// files: `chain` holds the leaf certificate first, then any intermediates; `key` its private key.
+/// Any TLS version rustls supports by default (1.2 and 1.3), no client certificates. Errors name
+/// the file.
 pub fn tls_server_config(chain: &Path, key: &Path) -> io::Result<Arc<ServerConfig>> {
     let named = |path: &Path, e: rustls::pki_types::pem::Error| {
         io::Error::other(format!("{}: {e}", path.display()))
