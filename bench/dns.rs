@@ -2,7 +2,7 @@
 //! connection path, and how many queries many connections from few addresses cause.
 //!
 //! Everything talks to a real DNS server on loopback (hickory-server,
-//! `tests/util/dns_server.rs`), never to the system resolver:
+//! `testkit/src/dns_server.rs`), never to the system resolver:
 //!
 //! - `dns/lookups`: DNSBL lookups of distinct addresses (no cache hits) through
 //!   [`ResolverHandle::lookup`], at most [`WINDOW`] in flight, answers drained from the inbox of
@@ -22,8 +22,6 @@
 //! `cargo bench --bench dns` runs the full size; without `--bench` (as `cargo test
 //! --all-targets` runs it, in a debug build) a small pass checks correctness only.
 
-#[path = "../tests/util/dns_server.rs"]
-mod dns_server;
 /// What this bench shares with the others: whole files of `bench/support/`, only those whose
 /// every item it uses (see `bench/support/README.md`).
 mod support {
@@ -51,8 +49,8 @@ use tarmac::dns::{Resolver, ResolverHandle, Waiter};
 use tarmac::policy::dnsbl::query_name;
 use tarmac::smtp::question::{DnsblAnswer, LookupAnswer, Query};
 use tarmac::smtp::{Action, Answer, Peer, Question, Session};
+use tarmac_testkit::dns_server::{DnsServer, Zone};
 
-use dns_server::{DnsServer, Zone};
 use support::cpu;
 use support::dnsbl::{self, loopback_dns, source_addr};
 use support::run::Run;

@@ -6,7 +6,7 @@
 //!   local backend, as a worker asks (the op carries its key and times; answered at once).
 //! - `greylist/redis`: the same decisions through the Redis backend: `Store::ask` queues each
 //!   on the state thread, which sends them to a real `redis-server` on loopback (started here,
-//!   no persistence, `tests/util/redis_server.rs`) in pipelined batches of the greylist Lua
+//!   no persistence, `testkit/src/redis_server.rs`) in pipelined batches of the greylist Lua
 //!   script; at most [`WINDOW`] await an answer, drained from the inbox of a real `mio::Poll` +
 //!   `Waker` as a worker drains them.
 //! - `greylist/ratio`: Redis ÷ local store.
@@ -18,9 +18,6 @@
 //! `cargo bench --bench greylist` runs the full size; without `--bench` (as `cargo test
 //! --all-targets` runs it, in a debug build) a small pass checks correctness only. Without
 //! `redis-server` installed the Redis leg is skipped with a note (a failure under `CI=true`).
-
-#[path = "../tests/util/redis_server.rs"]
-mod redis_server;
 
 /// What this bench shares with the others: whole files of `bench/support/`, only those whose
 /// every item it uses (see `bench/support/README.md`).
@@ -41,8 +38,8 @@ use tarmac::state::{
     Greylist, GreylistOutcome, GreylistTimes, Local, PassCache, ReputationTable, StateAnswer,
     StateOp, Store, Waiter,
 };
+use tarmac_testkit::redis_server::RedisServer;
 
-use redis_server::RedisServer;
 use support::run::Run;
 use support::stats::{median, per_second};
 use support::window;

@@ -34,7 +34,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use tarmac::config::{AnnounceClient, Config, DownstreamMode};
-use tarmac::sink::{Sink, SinkConfig, SinkMessage};
+use tarmac_testkit::sink::{Sink, SinkConfig, SinkMessage};
 
 use support::cpu::{self, Cpu};
 use support::run::Run;

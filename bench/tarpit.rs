@@ -5,7 +5,7 @@
 //!
 //! The server runs in this process with two workers, one `[[dnsbl]]` zone (weight 2: score 2
 //! lies between `tarpit_at` 1 and `reject_at` 3, so a listed client gets the tarpit verdict)
-//! and a real DNS server on loopback (`tests/util/dns_server.rs`) that lists every client source
+//! and a real DNS server on loopback (`testkit/src/dns_server.rs`) that lists every client source
 //! address. No greet pause (a wait before the verdict, not the tarpit), `reply_delay` 0 and
 //! `stutter` 1 s: the banner's first byte goes out at once, the rest one per second. Caps are far
 //! above N, so stress mode (which stops the stutter) is never entered.
@@ -33,9 +33,6 @@
 //! --all-targets` runs it, in a debug build) 200 over 2 s, to check the mechanics, not to
 //! measure.
 
-#[path = "../tests/util/dns_server.rs"]
-mod dns_server;
-
 /// What this bench shares with the others: whole files of `bench/support/`, only those whose
 /// every item it uses (see `bench/support/README.md`).
 mod support {
@@ -52,8 +49,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use tarmac::config::Config;
+use tarmac_testkit::dns_server::DnsServer;
 
-use dns_server::DnsServer;
 use support::cpu::{self, Cpu};
 use support::dnsbl::{self, source_addr};
 use support::hold::{self, ClientProcess, IO_TIMEOUT, OPEN_DEADLINE};

@@ -3,7 +3,7 @@
 //! after a handshake against one that stayed plain.
 //!
 //! The server runs in this process with two workers and a certificate from
-//! `tests/util/certs.rs` (an ECDSA P-256 leaf and its CA, as rcgen makes them). Sessions per
+//! `testkit/src/certs.rs` (an ECDSA P-256 leaf and its CA, as rcgen makes them). Sessions per
 //! second: client threads in this process run, each on its own connections from 127.0.0.x,
 //! `connect, banner, EHLO, QUIT` (plain) or `connect, banner, EHLO, STARTTLS, handshake, EHLO,
 //! QUIT` (TLS), checking every reply inside the timed loop; the client never resumes a TLS
@@ -22,9 +22,6 @@
 //! connections of each kind; without `--bench` (as `cargo test --all-targets` runs it, in a
 //! debug build) 1 round of 8 sessions and 20 connections, to check the mechanics, not to
 //! measure.
-
-#[path = "../tests/util/certs.rs"]
-mod certs;
 
 /// What this bench shares with the others: whole files of `bench/support/`, only those whose
 /// every item it uses (see `bench/support/README.md`).
@@ -48,8 +45,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 use tarmac::config::Config;
+use tarmac_testkit::certs::TestCerts;
 
-use certs::TestCerts;
 use support::hold::{self, ClientProcess};
 use support::hold_idle;
 use support::run::Run;

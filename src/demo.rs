@@ -1,29 +1,30 @@
-//! `tarmac demo`: the gateway on 127.0.0.1:2525 relaying to the built-in sink on 127.0.0.1:2526,
-//! which writes each accepted message to `./demo-mail/*.eml`. Everything stays on loopback and no
-//! DNS query is made (the demo configures no DNS zones and no resolver use). The demo's state
-//! (PASS cache, greylist, reputation) is saved in `./demo-mail/state/`, never in the real
-//! `/var/lib/tarmac`.
+//! `tarmac demo`: the gateway on 127.0.0.1:2525 relaying to the built-in sink on 127.0.0.1:2526
+//! (`demo::sink`, a small one of its own), which writes each accepted message to
+//! `./demo-mail/*.eml`. Everything stays on loopback and no DNS query is made (the demo
+//! configures no DNS zones and no resolver use). The demo's state (PASS cache, greylist,
+//! reputation) is saved in `./demo-mail/state/`, never in the real `/var/lib/tarmac`.
 
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::config::{AnnounceClient, Config};
-use crate::sink::{Behaviour, Sink, SinkConfig};
+
+mod sink;
 
 /// Where the demo gateway listens.
-pub const DEMO_LISTEN: &str = "127.0.0.1:2525";
+const DEMO_LISTEN: &str = "127.0.0.1:2525";
 /// Where the demo sink listens.
-pub const DEMO_SINK: &str = "127.0.0.1:2526";
+const DEMO_SINK: &str = "127.0.0.1:2526";
 /// Where the sink writes messages, relative to the working directory.
-pub const DEMO_MAILDIR: &str = "demo-mail";
+const DEMO_MAILDIR: &str = "demo-mail";
 /// Where the demo keeps its state snapshots, relative to the working directory: inside the
 /// demo's own directory, so trying the demo leaves nothing elsewhere.
-pub const DEMO_STATE_DIR: &str = "demo-mail/state";
+const DEMO_STATE_DIR: &str = "demo-mail/state";
 
 /// The demo's configuration: defaults, on loopback, relaying to the sink with XCLIENT so the
 /// sink's `.eml` files show who the real client was.
-pub fn config() -> Config {
+fn config() -> Config {
     let mut config = Config::default();
     config.server.listen = vec![parse(DEMO_LISTEN)];
     config.server.hostname = "tarmac.demo".to_owned();
@@ -51,18 +52,9 @@ fn parse(addr: &str) -> std::net::SocketAddr {
 /// Runs the demo until SIGINT/SIGTERM.
 pub fn run() -> io::Result<()> {
     let config = config();
-    let sink = Sink::start(SinkConfig {
-        listen: parse(DEMO_SINK),
-        hostname: "sink.demo".to_owned(),
-        maildir: Some(PathBuf::from(DEMO_MAILDIR)),
-        offer_xclient: true,
-        xclient_again: false,
-        expect_proxy: None,
-        tls: None,
-        behaviour: Behaviour::Normal,
-        max_message_size: config.limits.max_message_size * 2,
-        record: false,
-    })?;
+    // Room above the gateway's own limit, so the gateway's check is the one a client meets.
+    let sink_limit = config.limits.max_message_size.saturating_mul(2);
+    sink::start(parse(DEMO_SINK), PathBuf::from(DEMO_MAILDIR), sink_limit)?;
     println!(
         "tarmac demo: gateway on {DEMO_LISTEN}, relaying to the sink on {DEMO_SINK}; accepted mail lands in ./{DEMO_MAILDIR}/\n\
          Try:\n  \
@@ -70,7 +62,6 @@ pub fn run() -> io::Result<()> {
          python3 -c \"import smtplib; s=smtplib.SMTP('127.0.0.1', 2525); s.sendmail('you@example.org', ['someone@example.net'], 'Subject: hi\\r\\n\\r\\nhello\\r\\n'); s.quit()\"\n\
          Each session is logged when it closes. Stop with Ctrl-C."
     );
-    let result = crate::server::run(Arc::new(config));
-    sink.stop();
-    result
+    // The sink's threads end with the process.
+    crate::server::run(Arc::new(config))
 }

@@ -1,6 +1,6 @@
 //! DNS checks and verdicts end to end: the real server, a real DNS server on loopback
-//! (`util::dns_server`) and clients connecting from chosen 127.0.0.0/8 addresses, so a zone can
-//! list one client and not another.
+//! (`tarmac_testkit::dns_server`) and clients connecting from chosen 127.0.0.0/8 addresses, so a
+//! zone can list one client and not another.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use tarmac::config::{Config, Dnsbl, RejectMode};
 use tarmac::policy::{List, ListSet};
-use tarmac::sink::Behaviour;
+use tarmac_testkit::sink::Behaviour;
 
-use crate::util::dns_server::{Behaviour as DnsBehaviour, DnsServer, Zone};
-use crate::util::{Client, Server, sink, test_config, wait_until};
+use tarmac_testkit::dns_server::{Behaviour as DnsBehaviour, DnsServer, Zone};
+use tarmac_testkit::{Client, Server, sink, test_config, wait_until};
 
 /// A block list as real lists publish one: 127.0.0.2 (the test point) listed, 127.0.0.1 not,
 /// and two clients of ours listed: 127.0.0.10 plainly, 127.0.0.11 with another code.
@@ -208,7 +208,7 @@ fn rdns_name_goes_to_the_lists_and_to_xclient() {
         let mut balancer = Client::connect(server.addr);
         balancer.send(format!("PROXY TCP4 {client} 198.51.100.1 40000 25\r\n"));
         assert!(balancer.send_message().starts_with("250 "));
-        let messages = sink.wait_for_messages(n + 1, crate::util::WAIT);
+        let messages = sink.wait_for_messages(n + 1, tarmac_testkit::WAIT);
         let xclient = messages[n].xclient.clone().unwrap_or_default();
         assert!(
             xclient.contains(&format!("ADDR={client} "))

@@ -2,13 +2,11 @@
 
 use std::path::Path;
 
-use tarmac::sink::Behaviour;
+use tarmac_testkit::sink::Behaviour;
 
-use crate::util::dns_server::{DnsServer, Zone};
-use crate::util::{
-    Client, Running, WAIT, free_port, sink, tarmac, tarmac_check, temp_dir, wait_for_log,
-    wait_until,
-};
+use crate::util::{tarmac, tarmac_check};
+use tarmac_testkit::dns_server::{DnsServer, Zone};
+use tarmac_testkit::{Client, Running, WAIT, free_port, sink, temp_dir, wait_for_log, wait_until};
 
 #[test]
 fn version_prints_the_crate_version() {
@@ -85,7 +83,7 @@ fn run_relays_logs_and_drains_on_sigterm() {
         ),
     )
     .unwrap();
-    let child = Running::start(&path);
+    let child = Running::start(tarmac(), &path);
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     wait_until("tarmac to listen", || {
         std::net::TcpStream::connect(addr).is_ok()
@@ -226,7 +224,7 @@ fn run_rejects_a_listed_client_and_logs_the_verdict() {
         ),
     )
     .unwrap();
-    let child = Running::start(&path);
+    let child = Running::start(tarmac(), &path);
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     wait_until("tarmac to listen", || {
         std::net::TcpStream::connect(addr).is_ok()
@@ -346,7 +344,7 @@ fn check_names_an_unreadable_or_garbled_downstream_ca_file() {
     );
 
     // A real CA file checks, with no note: the certificate is checked at each handshake.
-    let certs = crate::util::certs::TestCerts::generate(&dir, "down");
+    let certs = tarmac_testkit::certs::TestCerts::generate(&dir, "down");
     std::fs::write(
         &path,
         format!(

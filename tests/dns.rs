@@ -1,6 +1,6 @@
 //! The resolver thread through its public API, against a real DNS server on loopback
-//! (hickory-server, `util::dns_server`), with answers delivered through a real `mio::Poll`
-//! waker as a worker would receive them.
+//! (hickory-server, `tarmac_testkit::dns_server`), with answers delivered through a real
+//! `mio::Poll` waker as a worker would receive them.
 
 use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::sync::Arc;
@@ -12,8 +12,8 @@ use tarmac::dns::{Delivery, Inbox, Resolver, ResolverHandle, Waiter};
 use tarmac::policy::dnsbl::query_name;
 use tarmac::smtp::question::{DnsblAnswer, LookupAnswer, Query, RdnsAnswer};
 
-use crate::util::WAIT;
-use crate::util::dns_server::{Behaviour, DnsServer, Zone};
+use tarmac_testkit::WAIT;
+use tarmac_testkit::dns_server::{Behaviour, DnsServer, Zone};
 
 /// The `[dns] timeout` of tests that expect answers: generous, so a loaded machine does not
 /// turn an answer into a timeout.
@@ -654,7 +654,7 @@ fn overload_answers_tempfail_at_once() {
 /// left running past [`tarmac::dns::STOP_WAIT`] would have delivered nothing yet.
 #[track_caller]
 fn stopped_with_lookups_in_flight(fixture: Fixture, server: &DnsServer) -> Vec<Delivery> {
-    crate::util::wait_until("a lookup in flight", || server.queries() >= 1);
+    tarmac_testkit::wait_until("a lookup in flight", || server.queries() >= 1);
     let Fixture {
         resolver, workers, ..
     } = fixture;
@@ -683,7 +683,7 @@ fn stop_ends_the_thread_and_handles_then_fail_fast() {
             .lookup(&in_flight, Waiter { worker: 0, key: 9 }),
         None
     );
-    crate::util::wait_until("the lookup in flight", || server.queries() > before);
+    tarmac_testkit::wait_until("the lookup in flight", || server.queries() > before);
     let delivered = stopped_with_lookups_in_flight(fixture, &server);
     assert_eq!(delivered.len(), 1, "{delivered:?}");
     assert_eq!(delivered[0].query, in_flight);

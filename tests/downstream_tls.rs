@@ -13,10 +13,12 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, ProtocolVersion, RootCertStore, StreamOwned};
 use tarmac::config::Config;
 use tarmac::downstream::tls::{client_config, server_name};
-use tarmac::sink::{self, Behaviour, INJECTED_AFTER_STARTTLS, Sink, SinkConfig, SinkSession};
+use tarmac_testkit::sink::{
+    self, Behaviour, INJECTED_AFTER_STARTTLS, Sink, SinkConfig, SinkSession,
+};
 
-use crate::util::WAIT;
-use crate::util::certs::TestCerts;
+use tarmac_testkit::WAIT;
+use tarmac_testkit::certs::TestCerts;
 
 /// A sink offering STARTTLS with `certs`, behaving as told.
 fn tls_sink(certs: &TestCerts, behaviour: Behaviour) -> Sink {
@@ -145,7 +147,7 @@ fn loopback() -> ServerName<'static> {
 /// Waits (bounded) until the sink has `n` sessions and all are closed.
 #[track_caller]
 fn closed_sessions(sink: &Sink, n: usize) -> Vec<SinkSession> {
-    crate::util::wait_until("sink sessions closed", || {
+    tarmac_testkit::wait_until("sink sessions closed", || {
         let sessions = sink.sessions();
         sessions.len() == n && sessions.iter().all(|s| s.closed)
     });
@@ -154,7 +156,7 @@ fn closed_sessions(sink: &Sink, n: usize) -> Vec<SinkSession> {
 
 #[test]
 fn sink_starttls_encrypts_the_rest_of_the_session_and_forgets_the_ehlo() {
-    let dir = crate::util::temp_dir("sink-starttls");
+    let dir = tarmac_testkit::temp_dir("sink-starttls");
     let certs = TestCerts::generate(&dir, "sink");
     let sink = tls_sink(&certs, Behaviour::Normal);
     let (client, tcp) = up_to_starttls(sink.local_addr(), b"");
@@ -211,7 +213,7 @@ fn sink_starttls_encrypts_the_rest_of_the_session_and_forgets_the_ehlo() {
 
 #[test]
 fn sink_records_a_tls_1_2_session() {
-    let dir = crate::util::temp_dir("sink-tls12");
+    let dir = tarmac_testkit::temp_dir("sink-tls12");
     let certs = TestCerts::generate(&dir, "sink");
     let sink = tls_sink(&certs, Behaviour::Normal);
     let (client, tcp) = up_to_starttls(sink.local_addr(), b"");
@@ -227,7 +229,7 @@ fn sink_records_a_tls_1_2_session() {
 
 #[test]
 fn sink_discards_commands_pipelined_after_starttls() {
-    let dir = crate::util::temp_dir("sink-starttls-pipelined");
+    let dir = tarmac_testkit::temp_dir("sink-starttls-pipelined");
     let certs = TestCerts::generate(&dir, "sink");
     let sink = tls_sink(&certs, Behaviour::Normal);
     // One write: the EHLO arrives with the STARTTLS, before the sink answers it.
@@ -249,7 +251,7 @@ fn sink_discards_commands_pipelined_after_starttls() {
 
 #[test]
 fn sink_can_inject_a_plain_text_reply_after_its_220() {
-    let dir = crate::util::temp_dir("sink-starttls-inject");
+    let dir = tarmac_testkit::temp_dir("sink-starttls-inject");
     let certs = TestCerts::generate(&dir, "sink");
     let sink = tls_sink(&certs, Behaviour::InjectAfterStartTls);
     let (client, tcp) = up_to_starttls(sink.local_addr(), b"");
@@ -269,7 +271,7 @@ fn sink_can_inject_a_plain_text_reply_after_its_220() {
 
 #[test]
 fn sink_close_after_starttls_breaks_the_handshake() {
-    let dir = crate::util::temp_dir("sink-starttls-close");
+    let dir = tarmac_testkit::temp_dir("sink-starttls-close");
     let certs = TestCerts::generate(&dir, "sink");
     let sink = tls_sink(&certs, Behaviour::CloseAfterStartTls);
     let (client, tcp) = up_to_starttls(sink.local_addr(), b"");
@@ -283,7 +285,7 @@ fn sink_close_after_starttls_breaks_the_handshake() {
 
 #[test]
 fn sink_tls_server_config_errors_name_the_file() {
-    let dir = crate::util::temp_dir("sink-tls-config");
+    let dir = tarmac_testkit::temp_dir("sink-tls-config");
     let certs = TestCerts::generate(&dir, "sink");
     let missing = dir.join("missing-key.pem");
     let error = sink::tls_server_config(&certs.chain, &missing).unwrap_err();
@@ -322,7 +324,7 @@ fn handshake(sink: &Sink, config: Arc<ClientConfig>) -> Result<(), rustls::Error
 
 #[test]
 fn verify_with_the_tls_ca_accepts_a_loopback_leaf() {
-    let dir = crate::util::temp_dir("verify-ca");
+    let dir = tarmac_testkit::temp_dir("verify-ca");
     let certs = TestCerts::generate(&dir, "down");
     let sink = tls_sink(&certs, Behaviour::Normal);
     handshake(&sink, tarmac_client(&dir, true, Some(&certs.ca))).unwrap();
@@ -334,7 +336,7 @@ fn verify_with_the_tls_ca_accepts_a_loopback_leaf() {
 
 #[test]
 fn verify_without_the_tls_ca_rejects_a_private_ca() {
-    let dir = crate::util::temp_dir("verify-no-ca");
+    let dir = tarmac_testkit::temp_dir("verify-no-ca");
     let certs = TestCerts::generate(&dir, "down");
     let sink = tls_sink(&certs, Behaviour::Normal);
     let error = handshake(&sink, tarmac_client(&dir, true, None)).unwrap_err();
@@ -354,7 +356,7 @@ fn verify_without_the_tls_ca_rejects_a_private_ca() {
 #[test]
 fn verify_checks_the_servers_ip_address() {
     // The leaf names 127.0.0.1, ::1 and localhost; the sink listens on 127.0.0.2.
-    let dir = crate::util::temp_dir("verify-name");
+    let dir = tarmac_testkit::temp_dir("verify-name");
     let certs = TestCerts::generate(&dir, "down");
     let sink = Sink::start(SinkConfig {
         listen: "127.0.0.2:0".parse().unwrap(),
@@ -379,7 +381,7 @@ fn verify_checks_the_servers_ip_address() {
 
 #[test]
 fn no_verify_accepts_a_self_signed_certificate() {
-    let dir = crate::util::temp_dir("no-verify");
+    let dir = tarmac_testkit::temp_dir("no-verify");
     let rcgen::CertifiedKey { cert, signing_key } =
         rcgen::generate_simple_self_signed(vec!["mx.elsewhere.example".to_owned()]).unwrap();
     let (chain, key) = (dir.join("self.pem"), dir.join("self-key.pem"));

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tarmac::config::DownstreamMode;
 
-use crate::util::faulty::{Connection, FaultMix, Faulty, Rng, clock_ms};
-use crate::util::{Client, DRAIN, Server, WAIT, config, test_config};
+use tarmac_testkit::faulty::{Connection, FaultMix, Faulty, Rng, clock_ms};
+use tarmac_testkit::{Client, DRAIN, Server, WAIT, config, test_config};
 
 /// Concurrent clients, each from its own loopback address.
 const CLIENTS: usize = 8;
@@ -90,7 +90,7 @@ fn seed() -> u64 {
                 .duration_since(UNIX_EPOCH)
                 .unwrap()
                 .as_nanos() as u64;
-            Rng::new(nanos ^ u64::from(std::process::id())).next()
+            Rng::new(nanos ^ u64::from(std::process::id())).next_u64()
         }
     }
 }

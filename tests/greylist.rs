@@ -3,9 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use tarmac::sink::Behaviour;
+use tarmac_testkit::sink::Behaviour;
 
-use crate::util::{Client, Server, WAIT, sink, test_config};
+use tarmac_testkit::{Client, Server, WAIT, sink, test_config};
 
 #[test]
 fn new_early_then_pass_and_a_new_recipient_on_its_own() {

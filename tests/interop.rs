@@ -1,13 +1,13 @@
 //! Interop with real peers: swaks and Python's smtplib as clients, Postfix's smtp-source as a
 //! load client and smtp-sink as the downstream, rbldnsd as a DNS block list. Each test skips with a note where its peer is
-//! not installed, except under `CI=true` (see `util::require_program`).
+//! not installed, except under `CI=true` (see `tarmac_testkit::require_program`).
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use tarmac::sink::Behaviour;
+use tarmac_testkit::sink::Behaviour;
 
-use crate::util::{
+use tarmac_testkit::{
     Client, Server, WAIT, require_program, run_bounded, sink, test_config, wait_until,
 };
 

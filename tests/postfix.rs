@@ -1,9 +1,10 @@
-//! tarmac in front of a real Postfix 3.7 smtpd (a private instance, `util::postfix`), announcing
-//! each client with XCLIENT, in both `[downstream] mode`s (DESIGN.md §6, issue 13): Postfix must
-//! see each transaction's own client (address, HELO name, protocol) in its `Received:` line and
-//! log, apply its `mynetworks` trust to that client only, and its replies must reach the client
-//! verbatim. Multiplexing runs with one worker and `pool_size = 1`, so every transaction after
-//! the first reuses the pooled connection of the one before (the case a stale identity breaks).
+//! tarmac in front of a real Postfix 3.7 smtpd (a private instance, `tarmac_testkit::postfix`),
+//! announcing each client with XCLIENT, in both `[downstream] mode`s (DESIGN.md §6, issue 13):
+//! Postfix must see each transaction's own client (address, HELO name, protocol) in its `Received:`
+//! line and log, apply its `mynetworks` trust to that client only, and its replies must reach the
+//! client verbatim. Multiplexing runs with one worker and `pool_size = 1`, so every transaction
+//! after the first reuses the pooled connection of the one before (the case a stale identity
+//! breaks).
 //!
 //! Each test skips with a note where Postfix cannot run (not installed, not root), except under
 //! `CI=true`.
@@ -13,8 +14,8 @@ use std::net::{IpAddr, Ipv4Addr, TcpStream};
 
 use tarmac::config::{Config, DownstreamMode, DownstreamTls};
 
-use crate::util::postfix::{HOSTNAME, Postfix, PostfixOptions};
-use crate::util::{Client, Server, WAIT, config};
+use tarmac_testkit::postfix::{HOSTNAME, Postfix, PostfixOptions};
+use tarmac_testkit::{Client, Server, WAIT, config};
 
 /// The `mynetworks` host of the relay test: Postfix lets it relay anywhere.
 const TRUSTED: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 7);

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tarmac::config::{Config, Rate};
 use tarmac::policy::{List, ListSet};
 
-use crate::util::{Client, DRAIN, Server, config};
+use tarmac_testkit::{Client, DRAIN, Server, config};
 
 const BANNER: &str = "220 mx.test ESMTP tarmac\r\n";
 
@@ -27,7 +27,7 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-/// `util::config` with the given rates (it raises both out of reach for the other tests).
+/// `tarmac_testkit::config` with the given rates (it raises both out of reach for the other tests).
 fn config_with(per_ip: Rate, per_subnet: Rate) -> Config {
     let mut config = config();
     config.limits.connection_rate_per_ip = per_ip;

@@ -12,15 +12,16 @@ use std::time::{Duration, Instant};
 use mio::{Events, Poll, Token, Waker};
 use tarmac::config::{Config, Rate, StateBackend};
 use tarmac::policy::{ConnectionRates, RateRefusal};
-use tarmac::sink::Behaviour;
 use tarmac::state::redis::{Inbox, RedisState};
 use tarmac::state::{
     Greylist, GreylistOutcome, GreylistTimes, Local, PassCache, ReputationTable, StateAnswer,
     StateOp, Store, Waiter,
 };
+use tarmac_testkit::sink::Behaviour;
 
-use crate::util::redis_server::RedisServer;
-use crate::util::{Client, Running, Server, WAIT, sink, tarmac_check, temp_dir, test_config};
+use crate::util::{tarmac, tarmac_check};
+use tarmac_testkit::redis_server::RedisServer;
+use tarmac_testkit::{Client, Running, Server, WAIT, sink, temp_dir, test_config};
 
 const DEFERRED: &str = "451 4.7.1 Greylisted, please try again in 1 seconds\r\n";
 
@@ -238,7 +239,7 @@ fn run_shared(
         ),
     )
     .unwrap();
-    let child = Running::start(&path);
+    let child = Running::start(tarmac(), &path);
     let started = lines_until(&child.lines, "connected to Redis");
     assert!(
         !started.iter().any(|l| l.contains("WARN")),

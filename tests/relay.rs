@@ -3,9 +3,9 @@
 use std::time::Duration;
 
 use tarmac::config::{AnnounceClient, BareNewline};
-use tarmac::sink::{Behaviour, ProxyVersion, Sink, SinkConfig};
+use tarmac_testkit::sink::{Behaviour, ProxyVersion, Sink, SinkConfig};
 
-use crate::util::{Client, Server, WAIT, sink, test_config, wait_until};
+use tarmac_testkit::{Client, Server, WAIT, sink, test_config, wait_until};
 
 #[test]
 fn message_is_relayed_byte_exact_with_one_received_header() {

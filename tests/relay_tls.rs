@@ -6,10 +6,10 @@ use std::path::Path;
 
 use rustls::ProtocolVersion;
 use tarmac::config::{Config, DownstreamMode, DownstreamTls};
-use tarmac::sink::{self, Behaviour, Sink, SinkConfig};
+use tarmac_testkit::sink::{self, Behaviour, Sink, SinkConfig};
 
-use crate::util::certs::TestCerts;
-use crate::util::{Client, Server, WAIT, temp_dir, test_config};
+use tarmac_testkit::certs::TestCerts;
+use tarmac_testkit::{Client, Server, WAIT, temp_dir, test_config};
 
 /// A sink offering XCLIENT and STARTTLS with a fresh certificate, behaving as told.
 fn tls_sink(dir: &Path, behaviour: Behaviour) -> (Sink, TestCerts) {

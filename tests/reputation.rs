@@ -5,9 +5,9 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use tarmac::config::Config;
-use tarmac::sink::Behaviour;
+use tarmac_testkit::sink::Behaviour;
 
-use crate::util::{Client, Server, sink, test_config, wait_until};
+use tarmac_testkit::{Client, Server, sink, test_config, wait_until};
 
 pub(crate) const PAUSE: Duration = Duration::from_millis(200);
 const TEASER: &str = "220-mx.test ESMTP tarmac\r\n";

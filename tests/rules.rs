@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use tarmac::config::Config;
 
-use crate::util::{tarmac_check, temp_dir};
+use crate::util::tarmac_check;
+use tarmac_testkit::temp_dir;
 
 /// The shipped default rules, by absolute path, so the config may live anywhere.
 const SHIPPED_DEFAULT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/rules/default.toml");
@@ -182,7 +183,7 @@ fn missing_default_rule_file_is_not_an_error_but_a_named_one_is() {
 /// a broken rule file is refused with its file and line and the rules in force stay.
 #[test]
 fn sighup_switches_the_rules_without_dropping_a_session() {
-    let sink = crate::util::sink(tarmac::sink::Behaviour::Normal);
+    let sink = tarmac_testkit::sink(tarmac_testkit::sink::Behaviour::Normal);
     let dir = temp_dir("reload");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -205,15 +206,15 @@ fn sighup_switches_the_rules_without_dropping_a_session() {
         )
     };
     let rules = write(&dir, "rules.toml", &rule("old.example"));
-    let running = crate::util::Running::start(&config);
-    crate::util::wait_for_log(&running.lines, "listening on ");
+    let running = tarmac_testkit::Running::start(crate::util::tarmac(), &config);
+    tarmac_testkit::wait_for_log(&running.lines, "listening on ");
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let refusal = "554 5.7.1 Service unavailable; rejected by local policy\r\n";
 
-    let mut before = crate::util::Client::connect(addr);
+    let mut before = tarmac_testkit::Client::connect(addr);
     assert!(before.reply().starts_with("220 "));
     assert_eq!(before.command("EHLO old.example"), refusal);
-    let mut live = crate::util::Client::connect(addr);
+    let mut live = tarmac_testkit::Client::connect(addr);
     assert!(live.reply().starts_with("220 "));
     assert!(live.command("EHLO client.example").starts_with("250-"));
     assert!(
@@ -223,11 +224,11 @@ fn sighup_switches_the_rules_without_dropping_a_session() {
 
     std::fs::write(&rules, rule("new.example")).unwrap();
     running.signal("HUP");
-    crate::util::wait_for_log(&running.lines, "reloaded ");
-    let mut fresh = crate::util::Client::connect(addr);
+    tarmac_testkit::wait_for_log(&running.lines, "reloaded ");
+    let mut fresh = tarmac_testkit::Client::connect(addr);
     assert!(fresh.reply().starts_with("220 "));
     assert_eq!(fresh.command("EHLO new.example"), refusal);
-    let mut other = crate::util::Client::connect(addr);
+    let mut other = tarmac_testkit::Client::connect(addr);
     assert!(other.reply().starts_with("220 "));
     assert!(
         other.command("EHLO old.example").starts_with("250-"),
@@ -241,7 +242,7 @@ fn sighup_switches_the_rules_without_dropping_a_session() {
     live.send("hi\r\n.\r\n");
     assert!(live.reply().starts_with("250 "));
     assert_eq!(live.command("EHLO new.example"), refusal);
-    assert_eq!(sink.wait_for_messages(1, crate::util::WAIT).len(), 1);
+    assert_eq!(sink.wait_for_messages(1, tarmac_testkit::WAIT).len(), 1);
 
     std::fs::write(
         &rules,
@@ -249,12 +250,12 @@ fn sighup_switches_the_rules_without_dropping_a_session() {
     )
     .unwrap();
     running.signal("HUP");
-    let refused = crate::util::wait_for_log(&running.lines, "reload refused");
+    let refused = tarmac_testkit::wait_for_log(&running.lines, "reload refused");
     assert!(
         refused.contains(&format!("{}:3: ", rules.display())),
         "{refused}"
     );
-    let mut after = crate::util::Client::connect(addr);
+    let mut after = tarmac_testkit::Client::connect(addr);
     assert!(after.reply().starts_with("220 "));
     assert_eq!(
         after.command("EHLO new.example"),
@@ -270,14 +271,14 @@ fn rule_set(text: &str) -> tarmac::policy::RuleSet {
 
 #[test]
 fn sender_glob_rule_refuses_that_mail_with_its_text_through_the_server() {
-    let sink = crate::util::sink(tarmac::sink::Behaviour::Normal);
-    let mut config = crate::util::test_config(sink.local_addr());
+    let sink = tarmac_testkit::sink(tarmac_testkit::sink::Behaviour::Normal);
+    let mut config = tarmac_testkit::test_config(sink.local_addr());
     config.rules.set = rule_set(
         "[[rule]]\nname = \"no-spam-example\"\nwhen = { sender = \"*@spam.example\" }\n\
          action = \"reject\"\nreply = \"550 5.7.1 We take no mail from spam.example\"\n",
     );
-    let server = crate::util::Server::start(config);
-    let mut client = crate::util::Client::connect(server.addr);
+    let server = tarmac_testkit::Server::start(config);
+    let mut client = tarmac_testkit::Client::connect(server.addr);
     assert!(client.reply().starts_with("220 "));
     assert!(client.command("EHLO client.example").starts_with("250-"));
     assert_eq!(
@@ -297,14 +298,14 @@ fn sender_glob_rule_refuses_that_mail_with_its_text_through_the_server() {
 
 #[test]
 fn score_rule_pushes_a_listed_client_without_rdns_to_reject_through_the_server() {
-    use crate::util::dns_server::{DnsServer, Zone};
+    use tarmac_testkit::dns_server::{DnsServer, Zone};
     let dns = DnsServer::start(vec![
         Zone::new("bl.test")
             .a("2.0.0.127", "127.0.0.2")
             .a("60.0.0.127", "127.0.0.2"),
     ]);
-    let sink = crate::util::sink(tarmac::sink::Behaviour::Normal);
-    let mut config = crate::util::test_config(sink.local_addr());
+    let sink = tarmac_testkit::sink(tarmac_testkit::sink::Behaviour::Normal);
+    let mut config = tarmac_testkit::test_config(sink.local_addr());
     config.dns.servers = vec![dns.addr()];
     config.dnsbl = vec![tarmac::config::Dnsbl {
         zone: "bl.test".into(),
@@ -325,13 +326,15 @@ fn score_rule_pushes_a_listed_client_without_rdns_to_reject_through_the_server()
         ),
     ])
     .unwrap();
-    let server = crate::util::Server::start(config);
-    let mut listed = crate::util::Client::connect_from(server.addr, "127.0.0.60".parse().unwrap());
+    let server = tarmac_testkit::Server::start(config);
+    let mut listed =
+        tarmac_testkit::Client::connect_from(server.addr, "127.0.0.60".parse().unwrap());
     assert_eq!(
         listed.reply(),
         "554 5.7.1 Service unavailable; client [127.0.0.60] blocked using bl.test\r\n"
     );
-    let mut clean = crate::util::Client::connect_from(server.addr, "127.0.0.61".parse().unwrap());
+    let mut clean =
+        tarmac_testkit::Client::connect_from(server.addr, "127.0.0.61".parse().unwrap());
     assert!(
         clean.reply().starts_with("220 "),
         "score 0: no rule adds anything"

@@ -5,9 +5,10 @@ use std::net::{Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tarmac::sink::Behaviour;
+use tarmac_testkit::sink::Behaviour;
 
-use crate::util::{Client, DRAIN, Running, Server, WAIT, config, noise, sink, wait_for_log};
+use crate::util::tarmac;
+use tarmac_testkit::{Client, DRAIN, Running, Server, WAIT, config, noise, sink, wait_for_log};
 
 const BANNER: &str = "220 mx.test ESMTP tarmac\r\n";
 
@@ -256,7 +257,7 @@ fn binary_reloads_on_sighup_and_drains_on_sigterm() {
     let deny = dir.join("deny.txt");
     std::fs::write(&deny, "# nobody yet\n").unwrap();
     // Killed by its PID if the test fails before it exits.
-    let child = Running::start(&config);
+    let child = Running::start(tarmac(), &config);
     let lines = &child.lines;
 
     let listening = wait_for_log(lines, "listening on ");

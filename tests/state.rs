@@ -8,10 +8,11 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use tarmac::config::Config;
-use tarmac::sink::Behaviour;
 use tarmac::state::snapshot::{Clocks, Kind, Writer};
+use tarmac_testkit::sink::Behaviour;
 
-use crate::util::{
+use crate::util::tarmac;
+use tarmac_testkit::{
     Client, Running, Server, WAIT, free_port, sink, temp_dir, test_config, wait_for_log,
 };
 
@@ -194,7 +195,7 @@ fn run_in(dir: &Path, sink: std::net::SocketAddr) -> (Running, std::net::SocketA
     )
     .unwrap();
     (
-        Running::start(&path),
+        Running::start(tarmac(), &path),
         format!("127.0.0.1:{port}").parse().unwrap(),
     )
 }

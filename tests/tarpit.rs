@@ -8,10 +8,10 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use tarmac::config::{Config, Dnsbl, Pregreet};
-use tarmac::sink::Behaviour;
+use tarmac_testkit::sink::Behaviour;
 
-use crate::util::dns_server::{DnsServer, Zone};
-use crate::util::{Client, Server, sink, test_config, wait_until};
+use tarmac_testkit::dns_server::{DnsServer, Zone};
+use tarmac_testkit::{Client, Server, sink, test_config, wait_until};
 
 const PAUSE: Duration = Duration::from_millis(400);
 const TEASER: &str = "220-mx.test ESMTP tarmac\r\n";

@@ -1,6 +1,6 @@
 //! Integration tests: the real server on loopback with a real downstream SMTP listener.
 
-// Shared helpers: server on loopback, sink, bounded SMTP client.
+// The tarmac binary for the tests that run it (the shared helpers are in `tarmac-testkit`).
 mod util;
 
 // The relay path end to end through the real server and the project's sink.

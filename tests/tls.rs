@@ -1,8 +1,8 @@
 //! Inbound STARTTLS end to end on loopback: a rustls client and Python's smtplib delivering
 //! over TLS through tarmac to the sink, commands injected before the handshake, a broken
 //! handshake next to a healthy session, certificates replaced and refused on SIGHUP, and
-//! `tarmac check` on bad certificate files. Certificates come from `util::certs` (a private CA
-//! per test); nothing is trusted from the system store.
+//! `tarmac check` on bad certificate files. Certificates come from `tarmac_testkit::certs`
+//! (a private CA per test); nothing is trusted from the system store.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -14,12 +14,13 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, ProtocolVersion, RootCertStore, StreamOwned};
 use tarmac::config::Config;
-use tarmac::sink::{Behaviour, Sink};
+use tarmac_testkit::sink::{Behaviour, Sink};
 
-use crate::util::certs::TestCerts;
-use crate::util::{
-    Client, Running, Server, WAIT, noise, require_program, run_bounded, sink, tarmac_check,
-    temp_dir, test_config, wait_for_log,
+use crate::util::{tarmac, tarmac_check};
+use tarmac_testkit::certs::TestCerts;
+use tarmac_testkit::{
+    Client, Running, Server, WAIT, noise, require_program, run_bounded, sink, temp_dir,
+    test_config, wait_for_log,
 };
 
 const READY: &str = "220 2.0.0 Ready to start TLS\r\n";
@@ -181,7 +182,7 @@ fn rustls_client_delivers_over_starttls_and_the_close_line_names_the_version() {
         certs.chain.display(),
         certs.key.display()
     );
-    let child = Running::start(&write_config(&dir, Some(sink.local_addr()), &tls));
+    let child = Running::start(tarmac(), &write_config(&dir, Some(sink.local_addr()), &tls));
     let addr = listening(&child);
 
     let tls13 = client_config(&[&certs.ca], &[&rustls::version::TLS13]);
@@ -425,7 +426,7 @@ fn sighup_swaps_the_certificate_and_refuses_a_broken_key() {
         Some(sink.local_addr()),
         "cert = \"chain.pem\"\nkey = \"key.pem\"\n",
     );
-    let child = Running::start(&path);
+    let child = Running::start(tarmac(), &path);
     let addr = listening(&child);
     let trust_both = client_config(&[&first.ca, &second.ca], rustls::ALL_VERSIONS);
 

@@ -1,7 +1,6 @@
 //! A DNSBL on loopback, for the benches whose server checks clients against one (`dns`,
-//! `tarpit`): the zone the real DNS server serves (`tests/util/dns_server.rs`, which the bench
-//! includes as `dns_server`), `[dns]` aimed at that server alone, the `[[dnsbl]]` entry, and
-//! the client source addresses.
+//! `tarpit`): the zone the real DNS server serves (`tarmac_testkit::dns_server`), `[dns]` aimed
+//! at that server alone, the `[[dnsbl]]` entry, and the client source addresses.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -10,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use tarmac::config;
 use tarmac::policy::dnsbl::query_name;
-
-use crate::dns_server::{DnsServer, Zone};
+use tarmac_testkit::dns_server::{DnsServer, Zone};
 
 /// `[dns] timeout`: generous, so a loaded machine slows a bench rather than turning answers
 /// into `TempFail` (which the benches' checks report as failures).

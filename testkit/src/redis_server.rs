@@ -1,10 +1,7 @@
-//! A real `redis-server` for the shared-state tests and the greylist bench (which includes this
-//! file by path): started by the test on a free loopback port, bound to 127.0.0.1 only, with
-//! no persistence (no RDB snapshots, no AOF, its directory a temporary one), killed by its PID
-//! when dropped. It can be stopped and started again on the same port, empty, as a Redis that
-//! crashed and came back.
-
-#![allow(dead_code)] // each user takes its own subset
+//! A real `redis-server` for the shared-state tests and the greylist bench: started by the test on
+//! a free loopback port, bound to 127.0.0.1 only, with no persistence (no RDB snapshots, no AOF,
+//! its directory a temporary one), killed by its PID when dropped. It can be stopped and started
+//! again on the same port, empty, as a Redis that crashed and came back.
 
 use std::net::TcpListener;
 use std::path::PathBuf;

@@ -13,8 +13,6 @@
 //! does not end it), and the temp dir is removed (kept, for a look at its log and Maildirs, when
 //! `TARMAC_KEEP_POSTFIX` is set).
 
-#![allow(dead_code)] // each user takes its own subset
-
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -22,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use super::WAIT;
+use crate::WAIT;
 
 /// The virtual mailbox domain; its users are [`USERS`], anyone else there is unknown (`550 5.1.1`).
 pub const DOMAIN: &str = "example.test";
@@ -40,7 +38,7 @@ pub struct PostfixOptions {
     /// `127.0.0.7/32`. Empty: nobody (tarmac's own 127.0.0.1 is never in it unless listed).
     pub mynetworks: Vec<String>,
     /// STARTTLS offered (`smtpd_tls_security_level = may`) with a fresh certificate for
-    /// loopback from a private CA ([`super::certs::TestCerts`], in its `conf/`; the CA is
+    /// loopback from a private CA ([`crate::certs::TestCerts`], in its `conf/`; the CA is
     /// [`Postfix::tls_ca`]); Postfix then logs each handshake and puts it in its `Received:` line.
     pub starttls: bool,
     /// More `main.cf` lines (`name = value`), written after the fixed ones, so they win.
@@ -60,7 +58,7 @@ impl Postfix {
     /// (see the module documentation).
     #[track_caller]
     pub fn start(options: PostfixOptions) -> Option<Postfix> {
-        let postfix = super::require_program("postfix")?;
+        let postfix = crate::require_program("postfix")?;
         if !is_root() {
             assert!(
                 std::env::var("CI").as_deref() != Ok("true"),
@@ -215,7 +213,7 @@ impl Postfix {
         if !self.running {
             return;
         }
-        let program = super::find_program("postfix").expect("postfix");
+        let program = crate::find_program("postfix").expect("postfix");
         let master = self.master_pid();
         let (ok, output) = self.postfix(&program, "stop");
         self.running = false;
@@ -246,7 +244,7 @@ impl Postfix {
     #[track_caller]
     pub fn start_again(&mut self) {
         assert!(!self.running, "already running");
-        let program = super::find_program("postfix").expect("postfix");
+        let program = crate::find_program("postfix").expect("postfix");
         assert!(
             self.try_start(&program),
             "private Postfix did not start again:\n{}",
@@ -294,7 +292,7 @@ impl Postfix {
     fn postfix(&self, program: &Path, command: &str) -> (bool, String) {
         let mut cmd = Command::new(program);
         cmd.arg("-c").arg(self.dir.join("conf")).arg(command);
-        super::run_bounded(cmd)
+        crate::run_bounded(cmd)
     }
 
     /// The master's PID, from `queue/pid/master.pid`.
@@ -334,7 +332,7 @@ impl Postfix {
         let d = dir.display();
         let mut main = format!(
             "\
-# A private Postfix for one test (tests/util/postfix.rs); never the system instance.
+# A private Postfix for one test (tarmac-testkit, testkit/src/postfix.rs); never the system instance.
 compatibility_level = 3.6
 config_directory = {d}/conf
 queue_directory = {d}/queue
@@ -380,7 +378,7 @@ smtpd_error_sleep_time = 0
             mynetworks = options.mynetworks.join(", "),
         );
         if options.starttls {
-            let certs = super::certs::TestCerts::generate(&conf, "postfix");
+            let certs = crate::certs::TestCerts::generate(&conf, "postfix");
             write!(
                 main,
                 "\
@@ -433,7 +431,7 @@ impl Drop for Postfix {
     fn drop(&mut self) {
         if self.running {
             // Never panic in drop: a failing test is already unwinding.
-            if let Some(program) = super::find_program("postfix") {
+            if let Some(program) = crate::find_program("postfix") {
                 let master = self.master_pid();
                 let mut cmd = Command::new(program);
                 cmd.arg("-c").arg(self.dir.join("conf")).arg("stop");

@@ -6,11 +6,6 @@
 //! negative TTL; REFUSED for names outside every zone. The whole server can be switched to
 //! [`Behaviour::Silent`], [`Behaviour::Slow`] or [`Behaviour::Refused`], its zones replaced
 //! while it runs, and its received queries counted. It stops when dropped.
-//!
-//! Self-contained (hickory-server, its re-exports, tokio, socket2, std) so benches can include
-//! it with `#[path]`.
-
-#![allow(dead_code)] // each user takes its own subset
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -52,17 +52,22 @@ impl TestCerts {
     }
 }
 
-#[test]
-fn generated_files_are_pem_a_chain_of_two_and_a_key() {
-    let dir = super::temp_dir("certs");
-    let certs = TestCerts::generate(&dir, "one");
-    let chain = std::fs::read_to_string(&certs.chain).unwrap();
-    assert_eq!(chain.matches("BEGIN CERTIFICATE").count(), 2);
-    assert!(
-        std::fs::read_to_string(&certs.key)
-            .unwrap()
-            .contains("PRIVATE KEY")
-    );
-    let other = TestCerts::generate(&dir, "two");
-    assert_ne!(chain, std::fs::read_to_string(&other.chain).unwrap());
+#[cfg(test)]
+mod tests {
+    use super::TestCerts;
+
+    #[test]
+    fn generated_files_are_pem_a_chain_of_two_and_a_key() {
+        let dir = crate::temp_dir("certs");
+        let certs = TestCerts::generate(&dir, "one");
+        let chain = std::fs::read_to_string(&certs.chain).unwrap();
+        assert_eq!(chain.matches("BEGIN CERTIFICATE").count(), 2);
+        assert!(
+            std::fs::read_to_string(&certs.key)
+                .unwrap()
+                .contains("PRIVATE KEY")
+        );
+        let other = TestCerts::generate(&dir, "two");
+        assert_ne!(chain, std::fs::read_to_string(&other.chain).unwrap());
+    }
 }
