@@ -35,9 +35,9 @@
 mod close_log;
 mod conn;
 mod fds;
+mod leg;
 mod limits;
 mod load;
-mod pool;
 mod reload;
 mod slab;
 mod snapshots;

@@ -18,10 +18,9 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Waker};
 
 use super::close_log::ConnId;
-use super::conn::{self, CLOSE_FLUSH_LIMIT, Conn, Io, Next, READ_CHUNK};
+use super::conn::{self, CLOSE_FLUSH_LIMIT, Conn, DownstreamPool, Io, Next, READ_CHUNK};
 use super::limits::Limits;
 use super::load::Load;
-use super::pool::Pool;
 use super::reload::Reloads;
 use super::slab::{ConnKey, Slab};
 use super::timer::TimerHeap;
@@ -98,7 +97,7 @@ pub(crate) struct Worker {
     accept_error_logged: bool,
     phase: Phase,
     /// This worker's share of the downstream pool (`mode = "multiplexing"`).
-    pool: Pool,
+    pool: DownstreamPool,
     /// The resolver and this worker's inbox for its answers, when the config needs lookups.
     dns: Option<WorkerDns>,
     /// This worker's inbox for the state thread's answers (`[state] backend = "redis"`).
@@ -182,7 +181,7 @@ impl Worker {
             accept_paused_until: None,
             accept_error_logged: false,
             phase: Phase::Running,
-            pool: Pool::new(config.downstream.pool_size, workers),
+            pool: DownstreamPool::new(config.downstream.pool_size, workers),
             dns: None,
             state: None,
         };
