@@ -263,15 +263,15 @@ impl Conn {
     /// and writes around until nothing moves.
     pub(crate) fn drive(&mut self, key: ConnKey, now: Instant, io: &mut Io<'_>) -> Next {
         self.read_client(now, io);
-        self.settle_connect(now, io.registry);
+        self.settle_connect(now);
         self.read_downstream(now, io);
         loop {
             let mut moved = self.offer_client_input(now);
-            moved |= self.offer_downstream_input(now, io.registry);
+            moved |= self.offer_downstream_input(now);
             moved |= self.transmit(now);
             moved |= self.run_actions(key, now, io);
             moved |= self.write_client(now);
-            moved |= self.write_downstream(now, io.registry);
+            moved |= self.write_downstream(now);
             if !moved {
                 break;
             }
@@ -308,9 +308,10 @@ impl Conn {
                 .is_some_and(|ds| ds.may_read(max_input))
     }
 
-    /// Second step of closing: deregister and drop the downstream, stop sending to the client
-    /// (FIN after whatever was written), read away a little unread input so the kernel does not
-    /// answer it with an RST, and write the close log line.
+    /// Second step of closing: drop the downstream, stop sending to the client (FIN after
+    /// whatever was written), read away a little unread input so the kernel does not answer it
+    /// with an RST, and write the close log line. Sockets are not deregistered: closing them
+    /// takes them out of the poll set.
     pub(crate) fn close(mut self, now: Instant, io: &mut Io<'_>) {
         if self.client.is_handshaking() {
             // Whatever ended it (garbage, an alert, the timeout, a hang-up), this client cannot
@@ -319,21 +320,26 @@ impl Conn {
             let report = self.session.report();
             remember_failed_handshake(&io.shared.tls_failures, report.client, report.result, now);
         }
-        self.drop_downstream(io.registry);
-        self.client.deregister(io.registry);
+        self.downstream = None;
         if !self.broken {
             // Over TLS a clean end, best effort: the client knows no truncation happened. What
             // the flush deadline left in the outbox stays unsent.
             self.client.outbox = Vec::new();
             self.client.write_last();
-            // Errors below only mean the socket is already gone; the fd is closed on drop.
-            let stream = self.client.stream();
-            let _ = stream.shutdown(NetShutdown::Write);
-            let mut drained = 0;
-            while drained < CLOSE_DRAIN {
-                match io::Read::read(&mut &*stream, io.scratch) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => drained += n,
+            // Unread input at close makes the kernel send an RST, which may destroy our last
+            // reply before the client reads it. A leg whose last read found it drained (and
+            // which no event marked readable since) has none: then the close alone sends the
+            // FIN, with no shutdown and no read that would only say `WouldBlock`.
+            if self.client.is_readable() {
+                // Errors only mean the socket is already gone; the fd is closed on drop.
+                let stream = self.client.stream();
+                let _ = stream.shutdown(NetShutdown::Write);
+                let mut drained = 0;
+                while drained < CLOSE_DRAIN {
+                    match io::Read::read(&mut &*stream, io.scratch) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => drained += n,
+                    }
                 }
             }
         }
@@ -565,7 +571,7 @@ impl Conn {
                             }
                             ds.leg.write_last();
                         }
-                        self.drop_downstream(io.registry);
+                        self.drop_downstream();
                     }
                 }
                 Action::StartTlsDownstream(link) => self.start_downstream_tls(link, now, io),
@@ -696,7 +702,7 @@ impl Conn {
         now: Instant,
         registry: &Registry,
     ) {
-        self.drop_downstream(registry);
+        self.drop_downstream();
         let Idle {
             addr,
             conn: mut leg,
@@ -778,7 +784,7 @@ impl Conn {
         ticket: Option<Ticket>,
     ) {
         // The session opens one downstream at a time; a leftover one is replaced, not leaked.
-        self.drop_downstream(registry);
+        self.drop_downstream();
         let opened = connect::connect(addr).and_then(|stream| {
             let mut leg = Leg::new(stream);
             leg.register(registry, token::conn(key, Side::Downstream))?;
@@ -804,7 +810,7 @@ impl Conn {
     }
 
     /// On any event of a connecting downstream socket: finished, failed, or not yet.
-    fn settle_connect(&mut self, now: Instant, registry: &Registry) {
+    fn settle_connect(&mut self, now: Instant) {
         let Some(ds) = self.downstream.as_deref_mut() else {
             return;
         };
@@ -824,7 +830,7 @@ impl Conn {
             }
             Err(e) => {
                 log::debug!("conn={} downstream connect failed: {e}", self.id);
-                self.drop_downstream(registry);
+                self.drop_downstream();
                 self.session
                     .handle_downstream(now, link, DownstreamEvent::ConnectFailed);
             }
@@ -859,7 +865,7 @@ impl Conn {
                 ds.leg.send_alert();
             }
             let (addr, link) = (ds.addr, ds.link);
-            self.drop_downstream(io.registry);
+            self.drop_downstream();
             if handshaking {
                 log::info!(
                     "conn={} TLS handshake with downstream {addr} failed: {failure}",
@@ -904,7 +910,7 @@ impl Conn {
             }
             Err(e) => {
                 log::debug!("conn={} downstream read failed: {e}", self.id);
-                self.fail_downstream(now, io.registry);
+                self.fail_downstream(now);
             }
         }
     }
@@ -929,7 +935,7 @@ impl Conn {
             Ok(connection) => connection,
             Err(e) => {
                 log::warn!("conn={} cannot start TLS to {}: {e}", self.id, ds.addr);
-                self.drop_downstream(io.registry);
+                self.drop_downstream();
                 self.session
                     .handle_downstream(now, link, DownstreamEvent::TlsFailed);
                 return;
@@ -948,7 +954,7 @@ impl Conn {
 
     /// Offers buffered downstream bytes, then `Closed` once the downstream's end was read and
     /// the session has taken what it will. Returns whether anything changed.
-    fn offer_downstream_input(&mut self, now: Instant, registry: &Registry) -> bool {
+    fn offer_downstream_input(&mut self, now: Instant) -> bool {
         let Some(ds) = self.downstream.as_deref_mut() else {
             return false;
         };
@@ -957,26 +963,24 @@ impl Conn {
             .leg
             .offer(|input| session.handle_downstream(now, link, DownstreamEvent::Data(input)));
         if ds.leg.eof() != Eof::Open && (ds.leg.input.is_empty() || !moved) {
-            self.fail_downstream(now, registry);
+            self.fail_downstream(now);
             return true;
         }
         moved
     }
 
     /// The downstream closed or failed: drop it and tell the session.
-    fn fail_downstream(&mut self, now: Instant, registry: &Registry) {
+    fn fail_downstream(&mut self, now: Instant) {
         if let Some(link) = self.downstream.as_deref().map(|ds| ds.link) {
-            self.drop_downstream(registry);
+            self.drop_downstream();
             self.session
                 .handle_downstream(now, link, DownstreamEvent::Closed);
         }
     }
 
-    fn drop_downstream(&mut self, registry: &Registry) {
-        if let Some(mut ds) = self.downstream.take() {
-            // Closing the fd removes it from the poll set anyway; deregistering is tidier.
-            ds.leg.deregister(registry);
-        }
+    /// Drops the downstream leg; closing its socket takes it out of the poll set.
+    fn drop_downstream(&mut self) {
+        self.downstream = None;
     }
 
     /// Writes the client outbox until it is empty or the socket would block. Returns whether
@@ -996,7 +1000,7 @@ impl Conn {
     }
 
     /// Like [`Conn::write_client`] for the downstream, once connected.
-    fn write_downstream(&mut self, now: Instant, registry: &Registry) -> bool {
+    fn write_downstream(&mut self, now: Instant) -> bool {
         let Some(ds) = self.downstream.as_deref_mut() else {
             return false;
         };
@@ -1007,7 +1011,7 @@ impl Conn {
             Ok(moved) => moved,
             Err(e) => {
                 log::debug!("conn={} downstream write failed: {e}", self.id);
-                self.fail_downstream(now, registry);
+                self.fail_downstream(now);
                 true
             }
         }

@@ -7,10 +7,17 @@
 //! outbox, so no byte meant for one connection opens the next.
 //!
 //! Readiness: each socket is registered once for `READABLE | WRITABLE`. An event sets the leg's
-//! `readable`/`writable` flag ([`Leg::on_event`]); only `WouldBlock` clears it. So a connection
-//! that stops reading (backpressure, a tarpit holding a reply) resumes later from the flag
-//! without a lost edge and without a `reregister` per event; spurious events cost one
-//! `WouldBlock`.
+//! `readable`/`writable` flag ([`Leg::on_event`]); a `WouldBlock` clears it, and so does a
+//! short plain read or write. So a connection that stops reading (backpressure, a tarpit
+//! holding a reply) resumes later from the flag without a lost edge and without a `reregister`
+//! per event; spurious events cost one `WouldBlock`. On Linux (epoll, edge-triggered) and the
+//! BSDs (kqueue) a read or write that moved less than asked drained the socket, and bytes or
+//! room that come later are a new edge (tokio-rs/mio#1611; epoll(7)); trusting that saves the
+//! read that would only say `WouldBlock`, and the extra turn on the ready list the connection
+//! would take to make it. A short read after an event that reported the peer's end (or an
+//! error) does not clear the flag: that end came with the edge already seen, brings no new
+//! one, and must still be read. TLS reads go through rustls, which reads less than it could
+//! for its own reasons: they go on until `WouldBlock`.
 //!
 //! Nothing here talks to the session or decides anything: `conn.rs` moves bytes between the
 //! legs and the session; this module moves them between a leg and its socket.
@@ -41,6 +48,9 @@ pub(crate) struct Leg {
     stream: TcpStream,
     readable: bool,
     writable: bool,
+    /// An event reported the peer's end or an error: a short read no longer proves the socket
+    /// drained (see the module doc).
+    hung_up: bool,
     eof: Eof,
     /// Bytes read (decrypted, over TLS) and not yet consumed.
     pub(crate) input: Vec<u8>,
@@ -68,6 +78,7 @@ impl Leg {
             stream,
             readable: false,
             writable: false,
+            hung_up: false,
             eof: Eof::Open,
             input: Vec::new(),
             outbox: Vec::new(),
@@ -95,7 +106,9 @@ impl Leg {
         )
     }
 
-    /// Takes the socket out of the poll set (before it is dropped or parked in the pool).
+    /// Takes the socket out of the poll set while the leg lives on (a connection parked in the
+    /// pool). A leg that is dropped needs no deregistering: closing its descriptor removes it
+    /// from the epoll set (nothing here duplicates descriptors), which saves a system call.
     pub(crate) fn deregister(&mut self, registry: &Registry) {
         // An error only means the socket is already gone.
         let _ = registry.deregister(&mut self.stream);
@@ -105,6 +118,7 @@ impl Leg {
     /// writable, so the next read or write reports what happened.
     pub(crate) fn on_event(&mut self, event: &Event) {
         let failed = event.is_error();
+        self.hung_up |= event.is_read_closed() || failed;
         self.readable |= event.is_readable() || event.is_read_closed() || failed;
         self.writable |= event.is_writable() || event.is_write_closed() || failed;
     }
@@ -144,10 +158,17 @@ impl Leg {
         loop {
             match (&self.stream).read(buf) {
                 Ok(0) if !buf.is_empty() => {
+                    // Nothing more will come: nothing is left to read either.
                     self.eof = Eof::Seen;
+                    self.readable = false;
                     return Ok(0);
                 }
-                Ok(n) => return Ok(n),
+                Ok(n) => {
+                    if n < buf.len() && !self.hung_up {
+                        self.readable = false;
+                    }
+                    return Ok(n);
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.readable = false;
@@ -345,8 +366,10 @@ impl Pooled for Leg {
     }
 }
 
-/// Writes `buf` to `stream` until it is empty or the socket would block, and removes what was
-/// written from its front. Returns whether anything was written and whether it would block.
+/// Writes `buf` to `stream` until it is empty or the socket is full, and removes what was
+/// written from its front. Returns whether anything was written and whether the socket is now
+/// full: it would block, or it took less than offered (a short write filled its buffer, see
+/// the module doc), so no write is tried only to hear `WouldBlock`.
 fn write_out(mut stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<(bool, bool)> {
     let mut written = 0;
     let result = loop {
@@ -355,6 +378,10 @@ fn write_out(mut stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<(bool, boo
         };
         match stream.write(rest) {
             Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) if n < rest.len() => {
+                written += n;
+                break Ok(true);
+            }
             Ok(n) => written += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(true),
@@ -425,5 +452,37 @@ mod tests {
         let mut got = Vec::new();
         std::io::Read::read_to_end(&mut peer, &mut got).unwrap();
         assert_eq!(got, b"QUIT\r\n");
+    }
+
+    #[test]
+    fn a_short_read_drains_unless_the_end_was_reported() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut buf = [0u8; 64];
+        let (ours, mut peer) = pair(&listener);
+        peer.write_all(b"EHLO x\r\n").unwrap();
+        let mut plain = leg(ours, true);
+        plain.readable = true;
+        assert_eq!(plain.read(&mut buf).unwrap(), 8);
+        assert!(
+            !plain.is_readable(),
+            "short: drained, more bytes are a new edge"
+        );
+
+        // After an event that reported the peer's end, the end may sit behind the bytes.
+        let (ours, mut peer) = pair(&listener);
+        peer.write_all(b"QUIT\r\n").unwrap();
+        let mut hung_up = leg(ours, true);
+        hung_up.readable = true;
+        hung_up.hung_up = true;
+        assert_eq!(hung_up.read(&mut buf).unwrap(), 6);
+        assert!(hung_up.is_readable(), "read on, to the end");
+
+        let (ours, peer) = pair(&listener);
+        peer.shutdown(Shutdown::Write).unwrap();
+        let mut ended = leg(ours, true);
+        ended.readable = true;
+        assert_eq!(ended.read(&mut buf).unwrap(), 0);
+        assert_eq!(ended.eof(), Eof::Seen);
+        assert!(!ended.is_readable(), "nothing comes after the end");
     }
 }

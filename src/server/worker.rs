@@ -489,7 +489,13 @@ impl Worker {
         // Replies are small and a stuttering tarpit sends single bytes: Nagle would only
         // delay or merge them.
         let _ = stream.set_nodelay(true);
-        let local = stream.local_addr().unwrap_or(local);
+        // A listener bound to one address accepts on that address: asking the socket
+        // (getsockname) is only needed behind a wildcard listener.
+        let local = if local.ip().is_unspecified() {
+            stream.local_addr().unwrap_or(local)
+        } else {
+            local
+        };
         let id = ConnId::new(self.index, self.workers, self.next_seq);
         self.next_seq = self.next_seq.wrapping_add(1);
         // A balancer's clients are looked up when their PROXY header names them.
