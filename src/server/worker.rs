@@ -8,7 +8,7 @@
 //! accept; sweep the rate buckets when due; drive every connection that was ready or touched,
 //! the ones left over from the last turn first; close the connections that finished.
 
-use std::io::{self, Write};
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +19,7 @@ use mio::{Events, Interest, Poll, Waker};
 
 use super::close_log::ConnId;
 use super::conn::{self, CLOSE_FLUSH_LIMIT, Conn, DownstreamPool, Io, Next, READ_CHUNK};
+use super::leg::Leg;
 use super::limits::Limits;
 use super::load::Load;
 use super::reload::Reloads;
@@ -28,7 +29,7 @@ use super::tls_failures::TlsFailures;
 use super::token::{self, Source};
 use crate::config::{Config, DownstreamMode};
 use crate::dns::{Inbox, ResolverHandle};
-use crate::policy::ListMatch;
+use crate::policy::admission::{self, StartTls};
 use crate::smtp::{Peer, Session, Shutdown, too_many_connections};
 use crate::state::Store;
 use crate::state::redis::Inbox as StateInbox;
@@ -452,36 +453,23 @@ impl Worker {
         }
     }
 
-    /// Checks the connection against the rates and counts it against the caps, then starts its
-    /// session, or refuses it.
+    /// Carries out the connection's admission (`policy::admission`): counts it against the
+    /// caps (and takes its rate token) as told, then starts its session, or refuses it.
     fn admit(&mut self, stream: TcpStream, addr: SocketAddr, local: SocketAddr, now: Instant) {
-        // A load balancer's connections carry the real client only in their PROXY header,
-        // so its own address is not what the per-IP cap and the rates are about: the client
-        // is checked when the header names it (`Action::Admit` in conn.rs). With the rates in
-        // Redis every client's rate is: its answer cannot be waited for here, so only the caps
-        // are counted now.
-        let behind_proxy = self.config.server.expects_proxy_header(addr.ip());
-        let allowed = !behind_proxy
-            && self.config.lists.entries.check_ip(addr.ip().to_canonical())
-                == Some(ListMatch::Allow);
-        let rated_later = !allowed && self.shared.store.is_shared();
-        let acquired = if allowed {
-            Ok(self.shared.limits.acquire_exempt())
-        } else if rated_later && !behind_proxy {
-            self.shared.limits.try_acquire_unrated(addr.ip())
-        } else {
-            self.shared
-                .limits
-                .try_acquire((!behind_proxy).then_some(addr.ip()))
-        };
-        let guard = match acquired {
+        // One configuration for every decision about this connection: the one its session gets.
+        let config = Arc::clone(&self.config);
+        let tls_failures = &self.shared.tls_failures;
+        let admission = admission::admit(&config, addr.ip(), self.shared.store.is_shared(), |ip| {
+            tls_failures.failed_recently(ip, now)
+        });
+        let guard = match self.shared.limits.acquire(admission.count) {
             Ok(guard) => guard,
             Err(refusal) => {
                 // The reply is the session's wording; the refusal happens before any session.
-                let mut reply = Vec::new();
-                too_many_connections(&self.config.server.hostname).write_to(&mut reply);
+                let mut leg = Leg::connected(stream, None);
+                too_many_connections(&config.server.hostname).write_to(&mut leg.outbox);
                 // One nonblocking write into an empty send buffer; best effort.
-                let _ = (&stream).write(&reply);
+                leg.write_last();
                 log::info!("refused connection from {addr}: {refusal}");
                 return;
             }
@@ -498,11 +486,7 @@ impl Worker {
         };
         let id = ConnId::new(self.index, self.workers, self.next_seq);
         self.next_seq = self.next_seq.wrapping_add(1);
-        // A balancer's clients are looked up when their PROXY header names them.
-        let withheld = self.config.tls.loaded.is_some()
-            && !behind_proxy
-            && self.shared.tls_failures.failed_recently(addr.ip(), now);
-        if withheld {
+        if admission.starttls == StartTls::Withhold {
             conn::log_withheld(addr);
         }
         let peer = Peer {
@@ -510,12 +494,12 @@ impl Worker {
             local,
             accepted_at: SystemTime::now(),
             stressed: self.stressed,
-            starttls: self.config.tls.loaded.is_some() && !withheld,
+            starttls: admission.starttls == StartTls::Offer,
         };
-        let session = if rated_later {
-            Session::admitting(Arc::clone(&self.config), peer, now)
+        let session = if admission.asks_rate {
+            Session::admitting(config, peer, now)
         } else {
-            Session::new(Arc::clone(&self.config), peer, now)
+            Session::new(config, peer, now)
         };
         let conn = Conn::new(id, stream, session, now, guard);
         let Ok(key) = self.conns.insert(conn) else {
