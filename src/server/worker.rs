@@ -279,9 +279,10 @@ impl Worker {
         self.accept(now);
         // Usually one atomic load: at most one worker a second does the sweep.
         self.shared.limits.sweep_rates(now);
-        self.drive_pending(now);
-        self.close_finished(now);
-        self.serve_pool_waiters(now);
+        let (mut io, mut table) = self.io();
+        table.drive_pending(now, &mut io);
+        table.close_finished(now, &mut io);
+        table.serve_pool_waiters(now, &mut io);
         self.prune_timers();
         self.follow_stress(now);
     }
@@ -521,12 +522,13 @@ impl Worker {
         }
     }
 
-    fn drive_pending(&mut self, now: Instant) {
-        let max_input = READ_CHUNK.saturating_add(self.config.limits.max_line_length);
-        let mut io = Io {
+    /// The context every connection driven this turn borrows, built once per turn from the
+    /// configuration in force.
+    fn io(&mut self) -> (Io<'_>, Table<'_>) {
+        let io = Io {
             registry: self.poll.registry(),
             scratch: &mut self.scratch,
-            max_input,
+            max_input: READ_CHUNK.saturating_add(self.config.limits.max_line_length),
             pool: &mut self.pool,
             multiplexing: self.config.downstream.mode == DownstreamMode::Multiplexing,
             resolver: self.dns.as_ref().map(|dns| &dns.resolver),
@@ -535,71 +537,14 @@ impl Worker {
             shared: &self.shared,
             config: &self.config,
         };
-        for key in self.pending.drain(..) {
-            let Some(conn) = self.conns.get_mut(key) else {
-                continue;
-            };
-            conn.queued = false;
-            if conn.drive(key, now, &mut io) == Next::Close {
-                self.closing.push(key);
-                continue;
-            }
-            if let Some(at) = conn.next_deadline() {
-                self.timers.arm(key, at, &mut conn.armed);
-            }
-            if conn.wants_another_turn(max_input) {
-                queue(&mut self.ready, conn, key);
-            }
-        }
-    }
-
-    fn close_finished(&mut self, now: Instant) {
-        let mut io = Io {
-            registry: self.poll.registry(),
-            scratch: &mut self.scratch,
-            max_input: 0,
-            pool: &mut self.pool,
-            multiplexing: false,
-            resolver: None,
-            worker: 0,
-            state_worker: 0,
-            shared: &self.shared,
-            config: &self.config,
+        let table = Table {
+            conns: &mut self.conns,
+            timers: &mut self.timers,
+            pending: &mut self.pending,
+            ready: &mut self.ready,
+            closing: &mut self.closing,
         };
-        for key in self.closing.drain(..) {
-            if let Some(conn) = self.conns.remove(key) {
-                conn.close(now, &mut io);
-            }
-        }
-    }
-
-    /// Multiplexing: sessions waiting for a downstream connection get one as soon as one was
-    /// released or a place freed (this turn's transactions ended, connections closed). They are
-    /// driven first next turn.
-    fn serve_pool_waiters(&mut self, now: Instant) {
-        if !self.pool.has_waiters() {
-            return;
-        }
-        let mut io = Io {
-            registry: self.poll.registry(),
-            scratch: &mut self.scratch,
-            max_input: 0,
-            pool: &mut self.pool,
-            multiplexing: true,
-            resolver: self.dns.as_ref().map(|dns| &dns.resolver),
-            worker: self.dns.as_ref().map_or(0, |dns| dns.id),
-            state_worker: self.state.as_ref().map_or(0, |state| state.id),
-            shared: &self.shared,
-            config: &self.config,
-        };
-        while let Some((key, addr)) = io.pool.next_waiter(now) {
-            // A waiter that timed out, moved on to another server or closed is skipped.
-            let Some(conn) = self.conns.get_mut(key).filter(|c| c.awaits_pool(addr)) else {
-                continue;
-            };
-            conn.take_pool_turn(key, now, &mut io);
-            queue(&mut self.ready, conn, key);
-        }
+        (io, table)
     }
 
     /// Drops timer entries of closed connections and superseded deadlines once they outnumber
@@ -616,6 +561,62 @@ impl Worker {
         let conns = &self.conns;
         self.timers
             .retain(|at, key| conns.get(key).is_some_and(|conn| conn.armed == Some(at)));
+    }
+}
+
+/// The worker's connections and their lists, borrowed for the part of a turn that drives them
+/// (beside the [`Io`] they are lent).
+struct Table<'a> {
+    conns: &'a mut Slab<Conn>,
+    timers: &'a mut TimerHeap,
+    pending: &'a mut Vec<ConnKey>,
+    ready: &'a mut Vec<ConnKey>,
+    closing: &'a mut Vec<ConnKey>,
+}
+
+impl Table<'_> {
+    fn drive_pending(&mut self, now: Instant, io: &mut Io<'_>) {
+        for key in self.pending.drain(..) {
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            conn.queued = false;
+            if conn.drive(key, now, io) == Next::Close {
+                self.closing.push(key);
+                continue;
+            }
+            if let Some(at) = conn.next_deadline() {
+                self.timers.arm(key, at, &mut conn.armed);
+            }
+            if conn.wants_another_turn(io.max_input) {
+                queue(self.ready, conn, key);
+            }
+        }
+    }
+
+    fn close_finished(&mut self, now: Instant, io: &mut Io<'_>) {
+        for key in self.closing.drain(..) {
+            if let Some(conn) = self.conns.remove(key) {
+                conn.close(now, io);
+            }
+        }
+    }
+
+    /// Multiplexing: sessions waiting for a downstream connection get one as soon as one was
+    /// released or a place freed (this turn's transactions ended, connections closed). They are
+    /// driven first next turn.
+    fn serve_pool_waiters(&mut self, now: Instant, io: &mut Io<'_>) {
+        if !io.pool.has_waiters() {
+            return;
+        }
+        while let Some((key, addr)) = io.pool.next_waiter(now) {
+            // A waiter that timed out, moved on to another server or closed is skipped.
+            let Some(conn) = self.conns.get_mut(key).filter(|c| c.awaits_pool(addr)) else {
+                continue;
+            };
+            conn.take_pool_turn(key, now, io);
+            queue(self.ready, conn, key);
+        }
     }
 }
 
