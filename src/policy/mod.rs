@@ -2,6 +2,9 @@
 //! I/O, no clock of their own (the rate buckets read governor's, which tests replace): callers
 //! pass what they know and get a decision back.
 //!
+//! - [`admission`]: what the worker does with a new connection: how it is counted against
+//!   the caps and rates (allow-listed, a proxy sender's, rated now or by the shared store), or
+//!   why it is refused ([`Refusal`]), and whether its session offers STARTTLS ([`Admission`]).
 //! - [`cidr`]: address blocks as the lists, the rules and `proxy_protocol_from` write them
 //!   ([`Cidr`]).
 //! - [`dnsbl`]: the name to query for a client in a zone, what a zone's answer is worth
@@ -21,8 +24,10 @@
 //! - [`verdict`]: the score placed against `[scoring]`'s thresholds ([`Verdict`]).
 //!
 //! The session (`crate::smtp`) calls these as answers arrive; the server never decides, it only
-//! applies: at accept it asks [`ConnectionRates`] and answers a refusal with the `421`.
+//! applies: at accept it asks [`admission::admit`], counts the connection as told (asking
+//! [`ConnectionRates`]) and answers a refusal with the `421`.
 
+pub mod admission;
 pub mod cidr;
 pub mod dnsbl;
 pub mod lists;
@@ -33,6 +38,7 @@ pub mod rules;
 pub mod screening;
 pub mod verdict;
 
+pub use admission::{Admission, Refusal};
 pub use cidr::Cidr;
 pub use dnsbl::ZoneOutcome;
 pub use lists::{List, ListMatch, ListSet};

@@ -1,69 +1,64 @@
-//! One client connection: its sockets, buffers and readiness, and the drive cycle that moves bytes
-//! between them and the sans-IO [`Session`] (STYLE.md §1.2).
-//!
-//! Readiness: each socket is registered once for `READABLE | WRITABLE`. An event sets the
-//! socket's `readable`/`writable` flag; only `WouldBlock` clears it. So a connection that stops
-//! reading (backpressure, a tarpit holding a reply) resumes later from the flag without a lost
-//! edge and without a `reregister` per event; spurious events cost one `WouldBlock`.
+//! One client connection: its two [`Leg`]s (the client's socket and, while relaying, the
+//! downstream's), and the drive cycle that moves bytes between them and the sans-IO [`Session`]
+//! (STYLE.md §1.2). Socket work (reads, writes, readiness, TLS records) is the legs'
+//! (`leg.rs`); this module decides when each happens and what the session is told.
 //!
 //! Backpressure chain: the session's `wants_read()` gates client reads; unconsumed client bytes
-//! wait in `input`, which stops reads at [`COMMAND_INPUT`] outside a message body and at
-//! [`READ_CHUNK`] + `max_line_length` in one; more output is pulled from `poll_transmit` only
-//! while the socket's outbox is under [`CLIENT_OUTBOX_HIGH`] (client) or [`OUTBOX_HIGH`]
+//! wait in the leg's `input`, which stops reads at [`COMMAND_INPUT`] outside a message body and
+//! at [`READ_CHUNK`] + `max_line_length` in one; more output is pulled from `poll_transmit`
+//! only while the leg's outbox is under [`CLIENT_OUTBOX_HIGH`] (client) or [`OUTBOX_HIGH`]
 //! (downstream). A client that does not read its replies therefore stops being read: its
 //! replies fill the socket, then this outbox, then the session's (`CLIENT_OUTBOX_CAP`), and
 //! the session takes no more commands. Every buffer is bounded (DESIGN.md §6.1 "Memory":
 //! 16 KB for a connection that relays nothing, 160 KB for one relaying a body; `bench/memory.rs`
-//! measures it), and an empty one gives its memory back when it grew past [`SHRINK_ABOVE`], so
-//! an idle connection costs its struct, its session and its sockets.
+//! measures it), and an empty one gives its memory back when it grew large
+//! ([`Leg::shrink_idle`]), so an idle connection costs its struct, its session and its sockets.
 //!
-//! TLS: on `Action::StartTls` the client socket gets a [`TlsStream`] (boxed, so a plain
-//! connection pays one pointer), with what was already handed out (the `220`) as its plain-text
-//! preamble; bytes read before the switch and not yet consumed are dropped (CVE-2011-0411).
-//! From then on reads are socket → rustls → decrypted input → session, gated by rustls'
-//! `wants_read` (the handshake needs reading whatever the session wants) and, for the decrypted
-//! input, by the session's `wants_read` and the `input` bound; writes are outbox → rustls →
-//! socket while rustls `wants_write`. rustls' own buffers are bounded (`tls_stream.rs`). A TLS
-//! failure closes only this connection; a connection that ends mid-handshake (garbage, an
-//! alert, the command timeout, a hang-up) puts its client on the worker's [`TlsFailures`]
-//! record, and STARTTLS is not offered to it for an hour.
+//! TLS: on `Action::StartTls` the client leg gets a TLS layer ([`Leg::start_tls`]), with what
+//! was already handed out (the `220`) as its plain-text preamble; bytes read before the switch
+//! and not yet consumed are dropped (CVE-2011-0411). From then on reads are socket → rustls →
+//! decrypted input → session, gated by rustls' `wants_read` (the handshake needs reading
+//! whatever the session wants) and, for the decrypted input, by the session's `wants_read` and
+//! the `input` bound; writes are outbox → rustls → socket while rustls `wants_write`. rustls'
+//! own buffers are bounded (`tls_stream.rs`). The downstream leg switches the same way on
+//! `Action::StartTlsDownstream`. A TLS failure closes only this connection; a connection that
+//! ends mid-handshake (garbage, an alert, the command timeout, a hang-up) puts its client on
+//! the worker's [`TlsFailures`] record, and STARTTLS is not offered to it for an hour.
 //!
 //! Closing is two steps: [`Conn::drive`] returns [`Next::Close`] once the connection is done
 //! (session closed and flushed, the client gone, or the flush deadline passed); the worker then
 //! calls [`Conn::close`] after the event batch, which deregisters, shuts down and writes the one
 //! close log line.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{Shutdown as NetShutdown, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use mio::Registry;
 use mio::event::Event;
 use mio::net::TcpStream;
-use mio::{Interest, Registry};
 
 use super::close_log::{self, ConnId};
+pub(crate) use super::leg::READ_CHUNK;
+use super::leg::{Eof, Leg};
 use super::limits::{LimitGuard, Refusal};
 use super::load::TarpitGuard;
-use super::pool::{Idle, Pool, Ticket};
 use super::slab::ConnKey;
 use super::tls_failures::{TlsFailures, WITHHOLD_FOR};
-use super::tls_stream::{TlsFailure, TlsRead, TlsStream};
+use super::tls_stream::TlsFailure;
 use super::token;
 use super::worker::Shared;
 use crate::config::Config;
 use crate::dns::{ResolverHandle, Waiter};
 use crate::downstream::connect;
 use crate::downstream::dialog::Carried;
+use crate::downstream::pool::{Idle, Pool, Pooled, Ticket};
 use crate::smtp::question::{LookupAnswer, Query};
 use crate::smtp::{
     Action, Answer, DownstreamEvent, LinkId, Question, Session, Shutdown, Side, TlsVersion,
 };
 use crate::state::{StateAnswer, StateOp, Waiter as StateWaiter};
-
-/// Bytes read per socket per turn: one read of this size, then the other connections get their
-/// turn; more starves neighbours, less costs syscalls. It is also the worker's scratch size.
-pub(crate) const READ_CHUNK: usize = 16 * 1024;
 
 /// Pending bytes for the downstream before `poll_transmit_downstream` is left alone: a
 /// downstream that stops reading mid-body holds at most this (plus one pull) here, and the
@@ -83,11 +78,6 @@ const CLIENT_OUTBOX_HIGH: usize = 1024;
 /// a whole one; a body is read [`READ_CHUNK`] at a time for throughput.
 const COMMAND_INPUT: usize = 1024;
 
-/// An empty buffer with more capacity than this is freed: an idle connection must stay cheap
-/// (the `hold` bench's target is ≤ 8 KB per connection), while small buffers are kept to save
-/// reallocating for every command.
-const SHRINK_ABOVE: usize = 4 * 1024;
-
 /// Longest a closing connection may take to flush its last bytes to a client that does not
 /// read; then it is dropped with them.
 pub(crate) const CLOSE_FLUSH_LIMIT: Duration = Duration::from_secs(5);
@@ -95,6 +85,9 @@ pub(crate) const CLOSE_FLUSH_LIMIT: Duration = Duration::from_secs(5);
 /// Most bytes read and discarded from a client at close, so a client that sent a little more
 /// than was read gets a FIN after our last reply rather than an RST that may destroy it.
 const CLOSE_DRAIN: usize = 64 * 1024;
+
+/// A worker's pool of idle downstream legs, with the sessions waiting in its line.
+pub(crate) type DownstreamPool = Pool<Leg, ConnKey>;
 
 /// What the worker does with a connection after driving it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,7 +98,7 @@ pub(crate) enum Next {
     Close,
 }
 
-/// Per-turn context the worker lends to a connection.
+/// Per-turn context the worker lends to its connections, built once per turn.
 pub(crate) struct Io<'a> {
     /// For registering a downstream socket and deregistering sockets.
     pub(crate) registry: &'a Registry,
@@ -116,7 +109,7 @@ pub(crate) struct Io<'a> {
     /// outside a message body stops at [`COMMAND_INPUT`] instead.
     pub(crate) max_input: usize,
     /// The worker's downstream pool (used in `mode = "multiplexing"`).
-    pub(crate) pool: &'a mut Pool,
+    pub(crate) pool: &'a mut DownstreamPool,
     /// `[downstream] mode = "multiplexing"`.
     pub(crate) multiplexing: bool,
     /// The resolver, when the config needs lookups.
@@ -128,7 +121,8 @@ pub(crate) struct Io<'a> {
     /// Tarpit places, the state front (PASS cache, greylist, reputation, rates) and the
     /// clients whose TLS handshake failed.
     pub(crate) shared: &'a Shared,
-    /// The configuration in force (the greylist's times).
+    /// The configuration in force: the one every session holds, since a reload hands it to
+    /// each before any of them is driven (`Worker::follow_reload`).
     pub(crate) config: &'a Config,
 }
 
@@ -136,19 +130,9 @@ pub(crate) struct Io<'a> {
 #[derive(Debug)]
 pub(crate) struct Conn {
     id: ConnId,
-    client: TcpStream,
-    readable: bool,
-    writable: bool,
-    eof: Eof,
+    client: Leg,
     /// The client socket failed (reset, write error): nothing more is read or written.
     broken: bool,
-    /// Client bytes the session has not consumed yet.
-    input: Vec<u8>,
-    /// Bytes from `poll_transmit(Client)` not yet written (or, over TLS, not yet encrypted).
-    to_client: Vec<u8>,
-    /// The client connection's TLS layer after STARTTLS; boxed, as most connections never
-    /// have one.
-    tls: Option<Box<TlsStream>>,
     /// Boxed: most connections never get one, so they don't pay for its size.
     downstream: Option<Box<DownstreamConn>>,
     /// Multiplexing: the session waits in the pool's line for a connection to this server,
@@ -168,43 +152,22 @@ pub(crate) struct Conn {
     tarpit_place: Option<TarpitGuard>,
 }
 
-/// The client's end of the stream.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Eof {
-    /// Not seen.
-    Open,
-    /// Read, not yet told to the session: it gets the buffered input first.
-    Seen,
-    /// Told to the session (or no longer relevant).
-    Delivered,
-}
-
+/// The downstream connection: its leg and what the session and the pool know it by.
 #[derive(Debug)]
 struct DownstreamConn {
     /// The session's name for this connection: only its bytes and events are this one's.
     link: LinkId,
-    stream: TcpStream,
+    leg: Leg,
     /// The server it is connected to (the pool's key).
     addr: SocketAddr,
     /// Multiplexing: this connection's place in the pool.
     ticket: Option<Ticket>,
     /// The nonblocking connect has not finished.
     connecting: bool,
-    readable: bool,
-    writable: bool,
-    /// The downstream closed its side; `Closed` goes to the session once `input` is consumed.
-    eof: bool,
-    input: Vec<u8>,
-    to_downstream: Vec<u8>,
-    /// The TLS layer after STARTTLS (`Action::StartTlsDownstream`); `input` and
-    /// `to_downstream` then hold plaintext.
-    tls: Option<Box<TlsStream>>,
 }
 
 impl Conn {
-    /// A freshly accepted connection. The socket is assumed writable (its send buffer is empty)
-    /// so the banner goes out in the accept turn; it is not assumed readable: registering it
-    /// reports data that is already there.
+    /// A freshly accepted connection (see [`Leg::connected`] for its readiness).
     pub(crate) fn new(
         id: ConnId,
         client: TcpStream,
@@ -214,14 +177,8 @@ impl Conn {
     ) -> Conn {
         Conn {
             id,
-            client,
-            readable: false,
-            writable: true,
-            eof: Eof::Open,
+            client: Leg::connected(client, None),
             broken: false,
-            input: Vec::new(),
-            to_client: Vec::new(),
-            tls: None,
             downstream: None,
             awaiting_pool: None,
             session,
@@ -236,28 +193,17 @@ impl Conn {
 
     /// Registers the client socket under `key`'s token.
     pub(crate) fn register(&mut self, registry: &Registry, key: ConnKey) -> io::Result<()> {
-        registry.register(
-            &mut self.client,
-            token::conn(key, Side::Client),
-            Interest::READABLE | Interest::WRITABLE,
-        )
+        self.client
+            .register(registry, token::conn(key, Side::Client))
     }
 
-    /// Records the readiness in `event` for the socket on `side`. Error and hang-up bits count
-    /// as readable and writable, so the next read or write reports what happened.
+    /// Records the readiness in `event` for the socket on `side`.
     pub(crate) fn on_event(&mut self, side: Side, event: &Event) {
-        let failed = event.is_error();
-        let readable = event.is_readable() || event.is_read_closed() || failed;
-        let writable = event.is_writable() || event.is_write_closed() || failed;
         match side {
-            Side::Client => {
-                self.readable |= readable;
-                self.writable |= writable;
-            }
+            Side::Client => self.client.on_event(event),
             Side::Downstream => {
                 if let Some(ds) = self.downstream.as_deref_mut() {
-                    ds.readable |= readable;
-                    ds.writable |= writable;
+                    ds.leg.on_event(event);
                 }
             }
         }
@@ -322,25 +268,28 @@ impl Conn {
     /// and writes around until nothing moves.
     pub(crate) fn drive(&mut self, key: ConnKey, now: Instant, io: &mut Io<'_>) -> Next {
         self.read_client(now, io);
-        self.settle_connect(now, io.registry);
+        self.settle_connect(now);
         self.read_downstream(now, io);
         loop {
             let mut moved = self.offer_client_input(now);
-            moved |= self.offer_downstream_input(now, io.registry);
+            moved |= self.offer_downstream_input(now);
             moved |= self.transmit(now);
             moved |= self.run_actions(key, now, io);
             moved |= self.write_client(now);
-            moved |= self.write_downstream(now, io.registry);
+            moved |= self.write_downstream(now);
             if !moved {
                 break;
             }
         }
-        self.shrink_idle_buffers();
+        self.client.shrink_idle();
+        if let Some(ds) = self.downstream.as_deref_mut() {
+            ds.leg.shrink_idle();
+        }
         if self.broken {
             return Next::Close;
         }
         match self.close_by {
-            Some(by) if self.client_flushed() || now >= by => Next::Close,
+            Some(by) if self.client.is_flushed() || now >= by => Next::Close,
             _ => Next::Keep,
         }
     }
@@ -364,29 +313,38 @@ impl Conn {
                 .is_some_and(|ds| ds.may_read(max_input))
     }
 
-    /// Second step of closing: deregister and drop the downstream, stop sending to the client
-    /// (FIN after whatever was written), read away a little unread input so the kernel does not
-    /// answer it with an RST, and write the close log line.
+    /// Second step of closing: drop the downstream, stop sending to the client (FIN after
+    /// whatever was written), read away a little unread input so the kernel does not answer it
+    /// with an RST, and write the close log line. Sockets are not deregistered: closing them
+    /// takes them out of the poll set.
     pub(crate) fn close(mut self, now: Instant, io: &mut Io<'_>) {
-        if self.tls.as_deref().is_some_and(TlsStream::is_handshaking) {
+        if self.client.is_handshaking() {
             // Whatever ended it (garbage, an alert, the timeout, a hang-up), this client cannot
             // do TLS with us now: its next connections are not offered STARTTLS. Recorded
             // before the FIN, so a client that reconnects as soon as it sees it is covered.
             let report = self.session.report();
             remember_failed_handshake(&io.shared.tls_failures, report.client, report.result, now);
         }
-        self.drop_downstream(io.registry);
-        // Errors below only mean the socket is already gone; the fd is closed on drop anyway.
-        let _ = io.registry.deregister(&mut self.client);
+        self.downstream = None;
         if !self.broken {
-            // Over TLS a clean end, best effort: the client knows no truncation happened.
-            write_last(&self.client, self.tls.as_deref_mut(), &mut Vec::new());
-            let _ = self.client.shutdown(NetShutdown::Write);
-            let mut drained = 0;
-            while drained < CLOSE_DRAIN {
-                match (&self.client).read(io.scratch) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => drained += n,
+            // Over TLS a clean end, best effort: the client knows no truncation happened. What
+            // the flush deadline left in the outbox stays unsent.
+            self.client.outbox = Vec::new();
+            self.client.write_last();
+            // Unread input at close makes the kernel send an RST, which may destroy our last
+            // reply before the client reads it. A leg whose last read found it drained (and
+            // which no event marked readable since) has none: then the close alone sends the
+            // FIN, with no shutdown and no read that would only say `WouldBlock`.
+            if self.client.is_readable() {
+                // Errors only mean the socket is already gone; the fd is closed on drop.
+                let stream = self.client.stream();
+                let _ = stream.shutdown(NetShutdown::Write);
+                let mut drained = 0;
+                while drained < CLOSE_DRAIN {
+                    match io::Read::read(&mut &*stream, io.scratch) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => drained += n,
+                    }
                 }
             }
         }
@@ -416,121 +374,69 @@ impl Conn {
     /// [`Conn::client_input_cap`] whatever the session leaves of it.
     fn client_read_len(&self, max_input: usize, scratch: usize) -> usize {
         let cap = self.client_input_cap(max_input);
-        cap.saturating_sub(self.input.len()).min(scratch)
+        cap.saturating_sub(self.client.input.len()).min(scratch)
     }
 
+    /// Whether the client leg is still read at all: not failed, its end not seen, not closing.
+    fn client_open(&self) -> bool {
+        !self.broken && self.client.eof() == Eof::Open && self.close_by.is_none()
+    }
+
+    /// Whether the client leg should be read now: the socket when rustls wants it (the
+    /// handshake reads whatever the session wants); input when the session takes it.
     fn may_read_client(&self, max_input: usize) -> bool {
-        let open = !self.broken && self.eof == Eof::Open && self.close_by.is_none();
         let session_reads =
-            self.input.len() < self.client_input_cap(max_input) && self.session.wants_read();
-        match self.tls.as_deref() {
-            None => open && self.readable && session_reads,
-            // The socket when rustls wants it (the handshake reads whatever the session
-            // wants); decrypted input when the session does.
-            Some(tls) => {
-                open && ((self.readable && tls.wants_read())
-                    || (tls.has_plaintext() && session_reads))
-            }
-        }
+            self.client.input.len() < self.client_input_cap(max_input) && self.session.wants_read();
+        self.client_open()
+            && (self.client.wants_fill() || (self.client.can_read() && session_reads))
     }
 
-    /// Whether everything for the client was written, TLS records included.
-    fn client_flushed(&self) -> bool {
-        self.to_client.is_empty() && !self.tls.as_deref().is_some_and(TlsStream::wants_write)
-    }
-
-    /// One read of at most [`READ_CHUNK`] bytes, fed to the session at once when nothing older
-    /// is waiting (the common case needs no copy into `input`).
+    /// Over TLS first the records rustls wants and the end of the handshake to the session;
+    /// then one read of at most [`READ_CHUNK`] bytes of input, fed to the session at once when
+    /// nothing older is waiting.
     fn read_client(&mut self, now: Instant, io: &mut Io<'_>) {
-        if self.tls.is_some() {
-            return self.read_client_tls(now, io);
-        }
-        if !self.may_read_client(io.max_input) {
+        if !self.client_open() {
             return;
+        }
+        match self.client.fill() {
+            Ok(None) => {}
+            Ok(Some(version)) => {
+                let suite = self.client.cipher_suite();
+                let Some(version) = tls_version(version) else {
+                    let error = rustls::Error::General(format!("unexpected version {version:?}"));
+                    return self.fail_tls(now, &error);
+                };
+                log::debug!(
+                    "conn={} TLS established with {}: {} {suite:?}",
+                    self.id,
+                    self.session.report().client,
+                    version.as_str()
+                );
+                self.session.handle_tls_established(now, version);
+            }
+            Err(TlsFailure::Io(e)) => {
+                log::debug!("conn={} client read failed: {e}", self.id);
+                return self.fail_client(now);
+            }
+            Err(TlsFailure::Tls(e)) => return self.fail_tls(now, &e),
         }
         let len = self.client_read_len(io.max_input, io.scratch.len());
-        let n = loop {
-            match (&self.client).read(io.scratch.get_mut(..len).unwrap_or_default()) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.readable = false;
-                    return;
-                }
-                Err(e) => {
-                    log::debug!("conn={} client read failed: {e}", self.id);
-                    self.fail_client(now);
-                    return;
-                }
+        if len == 0 || !self.client.can_read() || !self.session.wants_read() {
+            return;
+        }
+        let buf = io.scratch.get_mut(..len).unwrap_or_default();
+        match self.client.read(buf) {
+            Ok(0) => {}
+            Ok(n) => {
+                let bytes = buf.get(..n).unwrap_or_default();
+                let session = &mut self.session;
+                self.client
+                    .feed(bytes, |bytes| session.handle_client_data(now, bytes));
             }
-        };
-        if n == 0 {
-            self.eof = Eof::Seen;
-            return;
-        }
-        self.feed_client(now, io.scratch, n);
-    }
-
-    /// Over TLS: TLS records from the socket into rustls, up to [`READ_CHUNK`] bytes, while it
-    /// wants them; the end of the handshake to the session; then one bounded read of decrypted
-    /// input, fed like plain input.
-    fn read_client_tls(&mut self, now: Instant, io: &mut Io<'_>) {
-        if self.broken || self.eof != Eof::Open || self.close_by.is_some() {
-            return;
-        }
-        let Some(tls) = self.tls.as_deref_mut() else {
-            return;
-        };
-        let mut total = 0;
-        while self.readable && tls.wants_read() && total < READ_CHUNK {
-            match tls.read_tls(&mut &self.client) {
-                Ok(TlsRead::Data(n)) => total += n,
-                Ok(TlsRead::WouldBlock) => self.readable = false,
-                Ok(TlsRead::Closed | TlsRead::Full) => break,
-                Err(TlsFailure::Io(e)) => {
-                    log::debug!("conn={} client read failed: {e}", self.id);
-                    return self.fail_client(now);
-                }
-                Err(TlsFailure::Tls(e)) => return self.fail_tls(now, &e),
+            Err(e) => {
+                log::debug!("conn={} client read failed: {e}", self.id);
+                self.fail_client(now);
             }
-        }
-        if let Some(version) = tls.take_established() {
-            let suite = tls.cipher_suite();
-            let Some(version) = tls_version(version) else {
-                let error = rustls::Error::General(format!("unexpected version {version:?}"));
-                return self.fail_tls(now, &error);
-            };
-            log::debug!(
-                "conn={} TLS established with {}: {} {suite:?}",
-                self.id,
-                self.session.report().client,
-                version.as_str()
-            );
-            self.session.handle_tls_established(now, version);
-        }
-        let len = self.client_read_len(io.max_input, io.scratch.len());
-        let Some(tls) = self.tls.as_deref_mut() else {
-            return;
-        };
-        if tls.has_plaintext() && len > 0 && self.session.wants_read() {
-            let n = tls.read_plaintext(io.scratch.get_mut(..len).unwrap_or_default());
-            self.feed_client(now, io.scratch, n);
-        }
-        if self.tls.as_deref().is_some_and(TlsStream::is_finished) {
-            self.eof = Eof::Seen;
-        }
-    }
-
-    /// Gives the first `n` bytes of `scratch` (just read) to the session, keeping what it does
-    /// not take behind anything older in `input`.
-    fn feed_client(&mut self, now: Instant, scratch: &[u8], n: usize) {
-        let bytes = scratch.get(..n).unwrap_or_default();
-        if self.input.is_empty() {
-            let used = self.session.handle_client_data(now, bytes);
-            self.input
-                .extend_from_slice(bytes.get(used..).unwrap_or_default());
-        } else {
-            self.input.extend_from_slice(bytes);
         }
     }
 
@@ -539,19 +445,16 @@ impl Conn {
     /// the session closed without a reply.
     fn fail_tls(&mut self, now: Instant, error: &rustls::Error) {
         let client = self.session.report().client;
-        match self.tls.as_deref_mut() {
-            Some(tls) if tls.is_handshaking() => {
-                log::info!(
-                    "conn={} TLS handshake with {client} failed: {error}",
-                    self.id
-                );
-            }
-            _ => log::info!("conn={} TLS error from {client}: {error}", self.id),
+        if self.client.is_handshaking() {
+            log::info!(
+                "conn={} TLS handshake with {client} failed: {error}",
+                self.id
+            );
+        } else {
+            log::info!("conn={} TLS error from {client}: {error}", self.id);
         }
-        if let Some(tls) = self.tls.as_deref_mut() {
-            let _ = tls.write_tls(&mut &self.client);
-        }
-        self.eof = Eof::Delivered;
+        self.client.send_alert();
+        self.client.set_eof(Eof::Delivered);
         self.session.handle_tls_failed(now);
     }
 
@@ -569,42 +472,38 @@ impl Conn {
             Ok(connection) => connection,
             Err(e) => {
                 log::warn!("conn={} cannot start TLS: {e}", self.id);
-                self.eof = Eof::Delivered;
+                self.client.set_eof(Eof::Delivered);
                 return self.session.handle_tls_failed(now);
             }
         };
-        if !self.input.is_empty() {
+        let dropped = self.client.start_tls(connection);
+        if dropped > 0 {
             log::info!(
-                "conn={} discarded {} bytes read after STARTTLS, before the TLS handshake",
-                self.id,
-                self.input.len()
+                "conn={} discarded {dropped} bytes read after STARTTLS, before the TLS handshake",
+                self.id
             );
-            self.input = Vec::new();
         }
-        let preamble = std::mem::take(&mut self.to_client);
-        self.tls = Some(Box::new(TlsStream::new(connection, preamble)));
     }
 
     /// Offers buffered client bytes while the session takes them, then the end of the stream
     /// once the session has had everything it will take. Returns whether anything changed.
     fn offer_client_input(&mut self, now: Instant) -> bool {
         let mut moved = false;
-        if !self.input.is_empty() && self.session.wants_read() {
-            let used = self.session.handle_client_data(now, &self.input);
-            if used > 0 {
-                self.input.drain(..used.min(self.input.len()));
-                moved = true;
-            }
+        if self.session.wants_read() {
+            let session = &mut self.session;
+            moved = self
+                .client
+                .offer(|input| session.handle_client_data(now, input));
         }
-        if self.eof == Eof::Seen {
+        if self.client.eof() == Eof::Seen {
             if self.session.is_closed() {
                 // Nobody will read the rest; flush what is due and go.
-                self.eof = Eof::Delivered;
+                self.client.set_eof(Eof::Delivered);
                 self.start_closing(now);
                 moved = true;
-            } else if self.input.is_empty() || (self.session.wants_read() && !moved) {
+            } else if self.client.input.is_empty() || (self.session.wants_read() && !moved) {
                 // Whatever is left is an incomplete line the session cannot use.
-                self.eof = Eof::Delivered;
+                self.client.set_eof(Eof::Delivered);
                 self.session.handle_client_eof(now);
                 moved = true;
             }
@@ -616,11 +515,11 @@ impl Conn {
     /// dot) and stop all client I/O.
     fn fail_client(&mut self, now: Instant) {
         self.broken = true;
-        self.to_client = Vec::new();
-        if self.eof != Eof::Delivered && !self.session.is_closed() {
+        self.client.outbox = Vec::new();
+        if self.client.eof() != Eof::Delivered && !self.session.is_closed() {
             self.session.handle_client_eof(now);
         }
-        self.eof = Eof::Delivered;
+        self.client.set_eof(Eof::Delivered);
     }
 
     fn start_closing(&mut self, now: Instant) {
@@ -632,17 +531,18 @@ impl Conn {
     /// Pulls due output into the outboxes that have room. Returns whether anything came.
     fn transmit(&mut self, now: Instant) -> bool {
         let mut moved = false;
-        if !self.broken && self.to_client.len() < CLIENT_OUTBOX_HIGH {
-            let before = self.to_client.len();
-            self.session.poll_transmit(now, &mut self.to_client);
-            moved |= self.to_client.len() > before;
+        let outbox = &mut self.client.outbox;
+        if !self.broken && outbox.len() < CLIENT_OUTBOX_HIGH {
+            let before = outbox.len();
+            self.session.poll_transmit(now, outbox);
+            moved |= outbox.len() > before;
         }
         if let Some(ds) = self.downstream.as_deref_mut() {
-            if ds.to_downstream.len() < OUTBOX_HIGH {
-                let before = ds.to_downstream.len();
-                self.session
-                    .poll_transmit_downstream(ds.link, &mut ds.to_downstream);
-                moved |= ds.to_downstream.len() > before;
+            let outbox = &mut ds.leg.outbox;
+            if outbox.len() < OUTBOX_HIGH {
+                let before = outbox.len();
+                self.session.poll_transmit_downstream(ds.link, outbox);
+                moved |= outbox.len() > before;
             }
         }
         moved
@@ -672,11 +572,11 @@ impl Conn {
                         // attempt; the session has nothing more for this connection.
                         if !ds.connecting {
                             if quit {
-                                ds.to_downstream.extend_from_slice(b"QUIT\r\n");
+                                ds.leg.outbox.extend_from_slice(b"QUIT\r\n");
                             }
-                            ds.flush_before_close();
+                            ds.leg.write_last();
                         }
-                        self.drop_downstream(io.registry);
+                        self.drop_downstream();
                     }
                 }
                 Action::StartTlsDownstream(link) => self.start_downstream_tls(link, now, io),
@@ -812,25 +712,19 @@ impl Conn {
         &mut self,
         key: ConnKey,
         link: LinkId,
-        idle: Idle,
+        idle: Idle<Leg>,
         now: Instant,
         registry: &Registry,
     ) {
-        self.drop_downstream(registry);
+        self.drop_downstream();
         let Idle {
             addr,
-            mut stream,
+            conn: mut leg,
             carried,
             ticket,
-            tls,
             ..
         } = idle;
-        let registered = registry.register(
-            &mut stream,
-            token::conn(key, Side::Downstream),
-            Interest::READABLE | Interest::WRITABLE,
-        );
-        if let Err(e) = registered {
+        if let Err(e) = leg.register(registry, token::conn(key, Side::Downstream)) {
             log::debug!("conn={} pooled downstream {addr}: {e}", self.id);
             self.session
                 .handle_downstream(now, link, DownstreamEvent::ConnectFailed);
@@ -839,16 +733,10 @@ impl Conn {
         log::debug!("conn={} reuses a pooled connection to {addr}", self.id);
         self.downstream = Some(Box::new(DownstreamConn {
             link,
-            stream,
+            leg,
             addr,
             ticket: Some(ticket),
             connecting: false,
-            readable: false,
-            writable: true,
-            eof: false,
-            input: Vec::new(),
-            to_downstream: Vec::new(),
-            tls,
         }));
         self.session
             .handle_downstream(now, link, DownstreamEvent::Reused(carried));
@@ -868,34 +756,33 @@ impl Conn {
             return;
         };
         let DownstreamConn {
-            mut stream,
+            mut leg,
             addr,
             ticket,
             connecting,
-            eof,
-            input,
-            to_downstream,
-            mut tls,
             ..
         } = *ds;
-        let _ = io.registry.deregister(&mut stream);
-        let tls_clean = tls
-            .as_deref()
-            .is_none_or(|tls| !tls.is_handshaking() && !tls.wants_write() && !tls.has_plaintext());
+        leg.deregister(io.registry);
+        let eof = leg.eof() != Eof::Open;
         match ticket {
             Some(ticket)
                 if !connecting
                     && !eof
-                    && input.is_empty()
-                    && to_downstream.is_empty()
-                    && tls_clean =>
+                    && leg.input.is_empty()
+                    && leg.outbox.is_empty()
+                    && leg.is_tls_clean() =>
             {
-                io.pool.park(addr, stream, tls, carried, ticket, now);
+                // A parked leg keeps its socket and TLS layer; its buffers (empty) go.
+                let (stream, tls) = leg.into_parts();
+                let leg = Leg::connected(stream, tls);
+                io.pool.park(addr, leg, carried, ticket, now);
             }
             _ => {
                 log::debug!("conn={} closes a downstream it could not pool", self.id);
                 if !eof && !connecting {
-                    super::pool::say_quit(&stream, tls.as_deref_mut());
+                    // Only QUIT: what the outbox held was meant for a transaction now over.
+                    leg.outbox = Vec::new();
+                    leg.say_quit();
                 }
             }
         }
@@ -911,30 +798,21 @@ impl Conn {
         ticket: Option<Ticket>,
     ) {
         // The session opens one downstream at a time; a leftover one is replaced, not leaked.
-        self.drop_downstream(registry);
-        let opened = connect::connect(addr).and_then(|mut stream| {
-            registry.register(
-                &mut stream,
-                token::conn(key, Side::Downstream),
-                Interest::READABLE | Interest::WRITABLE,
-            )?;
-            Ok(stream)
+        self.drop_downstream();
+        let opened = connect::connect(addr).and_then(|stream| {
+            let mut leg = Leg::new(stream);
+            leg.register(registry, token::conn(key, Side::Downstream))?;
+            Ok(leg)
         });
         match opened {
-            Ok(stream) => {
+            Ok(leg) => {
                 log::debug!("conn={} connecting to downstream {addr}", self.id);
                 self.downstream = Some(Box::new(DownstreamConn {
                     link,
-                    stream,
+                    leg,
                     addr,
                     ticket,
                     connecting: true,
-                    readable: false,
-                    writable: false,
-                    eof: false,
-                    input: Vec::new(),
-                    to_downstream: Vec::new(),
-                    tls: None,
                 }));
             }
             Err(e) => {
@@ -946,15 +824,15 @@ impl Conn {
     }
 
     /// On any event of a connecting downstream socket: finished, failed, or not yet.
-    fn settle_connect(&mut self, now: Instant, registry: &Registry) {
+    fn settle_connect(&mut self, now: Instant) {
         let Some(ds) = self.downstream.as_deref_mut() else {
             return;
         };
-        if !ds.connecting || !(ds.readable || ds.writable) {
+        if !ds.connecting || !(ds.leg.is_readable() || ds.leg.is_writable()) {
             return;
         }
         let link = ds.link;
-        match connect::finish_connect(&ds.stream) {
+        match connect::finish_connect(ds.leg.stream()) {
             Ok(true) => {
                 ds.connecting = false;
                 self.session
@@ -962,91 +840,46 @@ impl Conn {
             }
             Ok(false) => {
                 // Spurious: the connect's completion will be a new edge.
-                ds.readable = false;
-                ds.writable = false;
+                ds.leg.clear_readiness();
             }
             Err(e) => {
                 log::debug!("conn={} downstream connect failed: {e}", self.id);
-                self.drop_downstream(registry);
+                self.drop_downstream();
                 self.session
                     .handle_downstream(now, link, DownstreamEvent::ConnectFailed);
             }
         }
     }
 
-    /// One read of at most [`READ_CHUNK`] downstream bytes, fed to the session.
+    /// Over TLS first the records rustls wants, then one read of at most [`READ_CHUNK`]
+    /// downstream bytes, fed to the session. A handshake that fails (an alert, a certificate
+    /// `tls_verify` refuses, the connection lost) drops the connection here and tells the
+    /// session `TlsFailed`; after the handshake a TLS error is a broken downstream (`Closed`).
     fn read_downstream(&mut self, now: Instant, io: &mut Io<'_>) {
         let Some(ds) = self.downstream.as_deref_mut() else {
             return;
         };
-        if ds.tls.is_some() {
-            return self.read_downstream_tls(now, io);
-        }
-        if !ds.may_read(io.max_input) {
+        if ds.connecting || ds.leg.eof() != Eof::Open {
             return;
         }
-        let n = loop {
-            match (&ds.stream).read(io.scratch) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    ds.readable = false;
-                    return;
-                }
-                Err(e) => {
-                    log::debug!("conn={} downstream read failed: {e}", self.id);
-                    self.fail_downstream(now, io.registry);
-                    return;
-                }
-            }
-        };
-        if n == 0 {
-            ds.eof = true;
-            return;
-        }
-        let bytes = io.scratch.get(..n).unwrap_or_default();
-        feed_downstream(&mut self.session, ds, now, bytes);
-    }
-
-    /// Over TLS: records into rustls while it wants them (up to [`READ_CHUNK`] bytes), the end of
-    /// the handshake to the session, then one bounded read of plaintext, fed like plain input.
-    /// A handshake that fails (an alert, a certificate `tls_verify` refuses, the connection
-    /// lost) drops the connection here and tells the session `TlsFailed`; after the handshake
-    /// a TLS error is a broken downstream (`Closed`).
-    fn read_downstream_tls(&mut self, now: Instant, io: &mut Io<'_>) {
-        let Some(ds) = self.downstream.as_deref_mut() else {
-            return;
-        };
-        let Some(tls) = ds.tls.as_deref_mut() else {
-            return;
-        };
-        if ds.connecting || ds.eof {
-            return;
-        }
-        let mut total = 0;
         let mut failure = None;
-        while ds.readable && tls.wants_read() && total < READ_CHUNK {
-            match tls.read_tls(&mut &ds.stream) {
-                Ok(TlsRead::Data(n)) => total += n,
-                Ok(TlsRead::WouldBlock) => ds.readable = false,
-                Ok(TlsRead::Closed | TlsRead::Full) => break,
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
+        let established = match ds.leg.fill() {
+            Ok(established) => established,
+            Err(e) => {
+                failure = Some(e);
+                None
             }
-        }
-        let handshaking = tls.is_handshaking();
-        if failure.is_none() && handshaking && tls.is_finished() {
+        };
+        let handshaking = ds.leg.is_handshaking();
+        if failure.is_none() && handshaking && ds.leg.is_tls_finished() {
             failure = Some(TlsFailure::Io(io::ErrorKind::UnexpectedEof.into()));
         }
         if let Some(failure) = failure {
             if let TlsFailure::Tls(_) = failure {
-                // The alert rustls queued for the peer, once.
-                let _ = tls.write_tls(&mut &ds.stream);
+                ds.leg.send_alert();
             }
             let (addr, link) = (ds.addr, ds.link);
-            self.drop_downstream(io.registry);
+            self.drop_downstream();
             if handshaking {
                 log::info!(
                     "conn={} TLS handshake with downstream {addr} failed: {failure}",
@@ -1064,12 +897,12 @@ impl Conn {
             }
             return;
         }
-        if let Some(version) = tls.take_established() {
+        if let Some(version) = established {
             log::debug!(
                 "conn={} TLS with downstream {}: {version:?} {:?}",
                 self.id,
                 ds.addr,
-                tls.cipher_suite()
+                ds.leg.cipher_suite()
             );
             self.session
                 .handle_downstream(now, ds.link, DownstreamEvent::TlsEstablished);
@@ -1077,25 +910,29 @@ impl Conn {
         let Some(ds) = self.downstream.as_deref_mut() else {
             return;
         };
-        let Some(tls) = ds.tls.as_deref_mut() else {
+        if !ds.leg.can_read() || ds.leg.input.len() >= io.max_input {
             return;
-        };
-        if tls.has_plaintext() && ds.input.len() < io.max_input {
-            let n = tls.read_plaintext(io.scratch);
-            let bytes = io.scratch.get(..n).unwrap_or_default();
-            feed_downstream(&mut self.session, ds, now, bytes);
         }
-        if let Some(ds) = self.downstream.as_deref_mut()
-            && ds.tls.as_deref().is_some_and(TlsStream::is_finished)
-        {
-            ds.eof = true;
+        match ds.leg.read(io.scratch) {
+            Ok(0) => {}
+            Ok(n) => {
+                let bytes = io.scratch.get(..n).unwrap_or_default();
+                let (session, link) = (&mut self.session, ds.link);
+                ds.leg.feed(bytes, |bytes| {
+                    session.handle_downstream(now, link, DownstreamEvent::Data(bytes))
+                });
+            }
+            Err(e) => {
+                log::debug!("conn={} downstream read failed: {e}", self.id);
+                self.fail_downstream(now);
+            }
         }
     }
 
     /// `Action::StartTlsDownstream`: the downstream said 220 to STARTTLS. Bytes it sent after
     /// the 220 and the session did not take came in plain text: dropped, never parsed as a
     /// reply. The handshake starts with the worker's client configuration; its end comes back
-    /// through `read_downstream_tls`.
+    /// through `read_downstream`.
     fn start_downstream_tls(&mut self, link: LinkId, now: Instant, io: &Io<'_>) {
         let Some(ds) = self.downstream.as_deref_mut().filter(|ds| ds.link == link) else {
             self.session
@@ -1112,103 +949,62 @@ impl Conn {
             Ok(connection) => connection,
             Err(e) => {
                 log::warn!("conn={} cannot start TLS to {}: {e}", self.id, ds.addr);
-                self.drop_downstream(io.registry);
+                self.drop_downstream();
                 self.session
                     .handle_downstream(now, link, DownstreamEvent::TlsFailed);
                 return;
             }
         };
-        if !ds.input.is_empty() {
+        let dropped = ds.leg.start_tls(connection);
+        if dropped > 0 {
             log::info!(
-                "conn={} discarded {} bytes downstream {} sent after its 220 to STARTTLS",
+                "conn={} discarded {dropped} bytes downstream {} sent after its 220 to STARTTLS",
                 self.id,
-                ds.input.len(),
                 ds.addr
             );
-            ds.input = Vec::new();
         }
-        let preamble = std::mem::take(&mut ds.to_downstream);
-        ds.tls = Some(Box::new(TlsStream::new(connection, preamble)));
         // The ClientHello is waiting: the write pass sends it this turn.
     }
 
     /// Offers buffered downstream bytes, then `Closed` once the downstream's end was read and
     /// the session has taken what it will. Returns whether anything changed.
-    fn offer_downstream_input(&mut self, now: Instant, registry: &Registry) -> bool {
+    fn offer_downstream_input(&mut self, now: Instant) -> bool {
         let Some(ds) = self.downstream.as_deref_mut() else {
             return false;
         };
-        let mut moved = false;
-        if !ds.input.is_empty() {
-            let used =
-                self.session
-                    .handle_downstream(now, ds.link, DownstreamEvent::Data(&ds.input));
-            if used > 0 {
-                ds.input.drain(..used.min(ds.input.len()));
-                moved = true;
-            }
-        }
-        if ds.eof && (ds.input.is_empty() || !moved) {
-            self.fail_downstream(now, registry);
-            moved = true;
+        let (session, link) = (&mut self.session, ds.link);
+        let moved = ds
+            .leg
+            .offer(|input| session.handle_downstream(now, link, DownstreamEvent::Data(input)));
+        if ds.leg.eof() != Eof::Open && (ds.leg.input.is_empty() || !moved) {
+            self.fail_downstream(now);
+            return true;
         }
         moved
     }
 
     /// The downstream closed or failed: drop it and tell the session.
-    fn fail_downstream(&mut self, now: Instant, registry: &Registry) {
+    fn fail_downstream(&mut self, now: Instant) {
         if let Some(link) = self.downstream.as_deref().map(|ds| ds.link) {
-            self.drop_downstream(registry);
+            self.drop_downstream();
             self.session
                 .handle_downstream(now, link, DownstreamEvent::Closed);
         }
     }
 
-    fn drop_downstream(&mut self, registry: &Registry) {
-        if let Some(mut ds) = self.downstream.take() {
-            // Closing the fd removes it from the poll set anyway; deregistering is tidier.
-            let _ = registry.deregister(&mut ds.stream);
-        }
+    /// Drops the downstream leg; closing its socket takes it out of the poll set.
+    fn drop_downstream(&mut self) {
+        self.downstream = None;
     }
 
     /// Writes the client outbox until it is empty or the socket would block. Returns whether
     /// anything was written (room for more output) or the socket failed.
     fn write_client(&mut self, now: Instant) -> bool {
-        if self.broken || !self.writable {
+        if self.broken {
             return false;
         }
-        if self.tls.is_some() {
-            return self.write_client_tls(now);
-        }
-        if self.to_client.is_empty() {
-            return false;
-        }
-        match write_out(&self.client, &mut self.to_client) {
-            Ok(Flushed::All) => true,
-            Ok(Flushed::Blocked(written)) => {
-                self.writable = false;
-                written
-            }
-            Err(e) => {
-                log::debug!("conn={} client write failed: {e}", self.id);
-                self.fail_client(now);
-                true
-            }
-        }
-    }
-
-    /// Over TLS: the outbox into rustls (as much as its bounded buffer takes), rustls' records
-    /// (and first the plain-text preamble) to the socket, until both are empty or the socket
-    /// would block.
-    fn write_client_tls(&mut self, now: Instant) -> bool {
-        let Some(tls) = self.tls.as_deref_mut() else {
-            return false;
-        };
-        match tls.flush(&mut self.to_client, &mut &self.client) {
-            Ok(flush) => {
-                self.writable &= !flush.blocked;
-                flush.moved
-            }
+        match self.client.write() {
+            Ok(moved) => moved,
             Err(e) => {
                 log::debug!("conn={} client write failed: {e}", self.id);
                 self.fail_client(now);
@@ -1218,109 +1014,30 @@ impl Conn {
     }
 
     /// Like [`Conn::write_client`] for the downstream, once connected.
-    fn write_downstream(&mut self, now: Instant, registry: &Registry) -> bool {
+    fn write_downstream(&mut self, now: Instant) -> bool {
         let Some(ds) = self.downstream.as_deref_mut() else {
             return false;
         };
-        if ds.connecting || !ds.writable {
+        if ds.connecting {
             return false;
         }
-        if ds.tls.is_some() {
-            return match ds.write_tls() {
-                Ok(moved) => moved,
-                Err(e) => {
-                    log::debug!("conn={} downstream write failed: {e}", self.id);
-                    self.fail_downstream(now, registry);
-                    true
-                }
-            };
-        }
-        if ds.to_downstream.is_empty() {
-            return false;
-        }
-        match write_out(&ds.stream, &mut ds.to_downstream) {
-            Ok(Flushed::All) => true,
-            Ok(Flushed::Blocked(written)) => {
-                ds.writable = false;
-                written
-            }
+        match ds.leg.write() {
+            Ok(moved) => moved,
             Err(e) => {
                 log::debug!("conn={} downstream write failed: {e}", self.id);
-                self.fail_downstream(now, registry);
+                self.fail_downstream(now);
                 true
             }
-        }
-    }
-
-    fn shrink_idle_buffers(&mut self) {
-        shrink_if_empty(&mut self.input);
-        shrink_if_empty(&mut self.to_client);
-        if let Some(ds) = self.downstream.as_deref_mut() {
-            shrink_if_empty(&mut ds.input);
-            shrink_if_empty(&mut ds.to_downstream);
         }
     }
 }
 
 impl DownstreamConn {
+    /// Whether the downstream leg should be read now (see [`Conn::may_read_client`]).
     fn may_read(&self, max_input: usize) -> bool {
-        let open = !self.connecting && !self.eof && self.input.len() < max_input;
-        match self.tls.as_deref() {
-            None => open && self.readable,
-            Some(tls) => open && ((self.readable && tls.wants_read()) || tls.has_plaintext()),
-        }
-    }
-
-    /// Over TLS: the outbox into rustls (as much as its bounded buffer takes) and rustls'
-    /// records to the socket, until both are empty or the socket would block. Returns whether
-    /// anything moved.
-    fn write_tls(&mut self) -> io::Result<bool> {
-        let Some(tls) = self.tls.as_deref_mut() else {
-            return Ok(false);
-        };
-        let flush = tls.flush(&mut self.to_downstream, &mut &self.stream)?;
-        self.writable &= !flush.blocked;
-        Ok(flush.moved)
-    }
-
-    /// The session closes this connection: what it queued last (a QUIT) goes out
-    /// ([`write_last`]).
-    fn flush_before_close(&mut self) {
-        write_last(
-            &self.stream,
-            self.tls.as_deref_mut(),
-            &mut self.to_downstream,
-        );
-    }
-}
-
-/// The last bytes on a connection about to be dropped (a downstream's QUIT, or what was handed
-/// out before it), in one nonblocking attempt, best effort; over TLS followed by `close_notify`
-/// once the handshake is done, so the peer sees a clean end. A connection still handshaking
-/// gets nothing more: its TLS state is unknown.
-pub(crate) fn write_last(stream: &TcpStream, tls: Option<&mut TlsStream>, last: &mut Vec<u8>) {
-    match tls {
-        None => {
-            let _ = write_out(stream, last);
-        }
-        Some(tls) if tls.is_handshaking() => {}
-        Some(tls) => {
-            let _ = tls.flush(last, &mut &*stream);
-            tls.send_close_notify();
-            let _ = tls.flush(&mut Vec::new(), &mut &*stream);
-        }
-    }
-}
-
-/// Gives downstream `bytes` (just read from `ds`) to the session, keeping what it does not
-/// take behind anything older in `ds.input` (the common case needs no copy).
-fn feed_downstream(session: &mut Session, ds: &mut DownstreamConn, now: Instant, bytes: &[u8]) {
-    if ds.input.is_empty() {
-        let used = session.handle_downstream(now, ds.link, DownstreamEvent::Data(bytes));
-        ds.input
-            .extend_from_slice(bytes.get(used..).unwrap_or_default());
-    } else {
-        ds.input.extend_from_slice(bytes);
+        let open =
+            !self.connecting && self.leg.eof() == Eof::Open && self.leg.input.len() < max_input;
+        open && (self.leg.wants_fill() || self.leg.can_read())
     }
 }
 
@@ -1356,40 +1073,4 @@ pub(crate) fn log_withheld(client: SocketAddr) {
         client.ip().to_canonical(),
         WITHHOLD_FOR.as_secs()
     );
-}
-
-/// How far [`write_out`] got.
-enum Flushed {
-    /// The buffer is empty.
-    All,
-    /// The socket would block; whether anything was written first.
-    Blocked(bool),
-}
-
-/// Writes `buf` to `stream` until it is empty or the socket would block, and removes what was
-/// written from its front.
-fn write_out(mut stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<Flushed> {
-    let mut written = 0;
-    let result = loop {
-        let Some(rest) = buf.get(written..).filter(|rest| !rest.is_empty()) else {
-            break Ok(Flushed::All);
-        };
-        match stream.write(rest) {
-            Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => written += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                break Ok(Flushed::Blocked(written > 0));
-            }
-            Err(e) => break Err(e),
-        }
-    };
-    buf.drain(..written.min(buf.len()));
-    result
-}
-
-fn shrink_if_empty(buf: &mut Vec<u8>) {
-    if buf.is_empty() && buf.capacity() > SHRINK_ABOVE {
-        *buf = Vec::new();
-    }
 }

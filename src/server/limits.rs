@@ -18,7 +18,6 @@
 //! stale keys are dropped by [`Limits::sweep_rates`], which the workers call every turn and
 //! which does the work at most once per [`RATE_SWEEP_INTERVAL`] across all of them.
 
-use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -27,8 +26,10 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
+use crate::policy::ConnectionRates;
+use crate::policy::admission::Count;
+pub(crate) use crate::policy::admission::Refusal;
 use crate::policy::rates::network;
-use crate::policy::{ConnectionRates, RateRefusal};
 
 /// How often the rate buckets' stale keys are dropped: often enough that their memory follows
 /// the addresses of the last `per` closely, rare enough that the pass over every key (each
@@ -57,31 +58,6 @@ pub(crate) struct Limits {
     epoch: Instant,
 }
 
-/// Why a connection was refused at accept.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Refusal {
-    /// `[server] max_connections` connections are open.
-    GlobalCap,
-    /// `[limits] max_connections_per_ip` connections are open from this address.
-    PerIpCap,
-    /// `[limits] max_connections_per_subnet` connections are open from this address's /24 or
-    /// /64.
-    PerSubnetCap,
-    /// The address or its network connected faster than `[limits] connection_rate_per_*`.
-    Rate(RateRefusal),
-}
-
-impl fmt::Display for Refusal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Refusal::GlobalCap => f.write_str("max_connections reached"),
-            Refusal::PerIpCap => f.write_str("max_connections_per_ip reached"),
-            Refusal::PerSubnetCap => f.write_str("max_connections_per_subnet reached"),
-            Refusal::Rate(rate) => rate.fmt(f),
-        }
-    }
-}
-
 /// One counted connection; dropping it gives the slot back.
 #[derive(Debug)]
 pub(crate) struct LimitGuard {
@@ -108,6 +84,17 @@ impl Limits {
             rates,
             next_sweep: AtomicU64::new(0),
             epoch: Instant::now(),
+        }
+    }
+
+    /// Counts a new connection as its admission says ([`Count`]), or says which limit it is
+    /// over.
+    pub(crate) fn acquire(self: &Arc<Self>, count: Count) -> Result<LimitGuard, Refusal> {
+        match count {
+            Count::Exempt => Ok(self.acquire_exempt()),
+            Count::Unkeyed => self.try_acquire(None),
+            Count::Rated(ip) => self.try_acquire(Some(ip)),
+            Count::Unrated(ip) => self.try_acquire_unrated(ip),
         }
     }
 
@@ -292,6 +279,7 @@ mod tests {
 
     use super::*;
     use crate::config::Rate;
+    use crate::policy::RateRefusal;
 
     const A: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
     const B: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1));

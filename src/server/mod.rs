@@ -8,7 +8,10 @@
 //! has a `mio::Waker` so another thread can make it look at the flag or its inboxes.
 //!
 //! Life of a connection:
-//! 1. **Accept** (`Worker::accept`): until `WouldBlock`, a bounded number per turn. Over its
+//! 1. **Accept** (`Worker::accept`): until `WouldBlock`, a bounded number per turn.
+//!    [`policy::admission`](crate::policy::admission) decides how the connection is counted
+//!    (allow-listed, a balancer's, rated now or by the shared store) and whether its session
+//!    offers STARTTLS; the worker carries it out. Over its
 //!    connection rates (per address, per /24 or /64; [`ConnectionRates`] decides),
 //!    `max_connections` or `max_connections_per_ip` the client gets `421 4.7.0 <hostname> Too
 //!    many connections, try again later` and is closed without a session. Otherwise a
@@ -35,9 +38,9 @@
 mod close_log;
 mod conn;
 mod fds;
+mod leg;
 mod limits;
 mod load;
-mod pool;
 mod reload;
 mod slab;
 mod timer;

@@ -8,7 +8,7 @@
 //! accept; sweep the rate buckets when due; drive every connection that was ready or touched,
 //! the ones left over from the last turn first; close the connections that finished.
 
-use std::io::{self, Write};
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,10 +18,10 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Waker};
 
 use super::close_log::ConnId;
-use super::conn::{self, CLOSE_FLUSH_LIMIT, Conn, Io, Next, READ_CHUNK};
+use super::conn::{self, CLOSE_FLUSH_LIMIT, Conn, DownstreamPool, Io, Next, READ_CHUNK};
+use super::leg::Leg;
 use super::limits::Limits;
 use super::load::Load;
-use super::pool::Pool;
 use super::reload::Reloads;
 use super::slab::{ConnKey, Slab};
 use super::timer::TimerHeap;
@@ -29,7 +29,7 @@ use super::tls_failures::TlsFailures;
 use super::token::{self, Source};
 use crate::config::{Config, DownstreamMode};
 use crate::dns::{Inbox, ResolverHandle};
-use crate::policy::ListMatch;
+use crate::policy::admission::{self, StartTls};
 use crate::smtp::{Peer, Session, Shutdown, too_many_connections};
 use crate::state::Store;
 use crate::state::redis::Inbox as StateInbox;
@@ -98,7 +98,7 @@ pub(crate) struct Worker {
     accept_error_logged: bool,
     phase: Phase,
     /// This worker's share of the downstream pool (`mode = "multiplexing"`).
-    pool: Pool,
+    pool: DownstreamPool,
     /// The resolver and this worker's inbox for its answers, when the config needs lookups.
     dns: Option<WorkerDns>,
     /// This worker's inbox for the state thread's answers (`[state] backend = "redis"`).
@@ -182,7 +182,7 @@ impl Worker {
             accept_paused_until: None,
             accept_error_logged: false,
             phase: Phase::Running,
-            pool: Pool::new(config.downstream.pool_size, workers),
+            pool: DownstreamPool::new(config.downstream.pool_size, workers),
             dns: None,
             state: None,
         };
@@ -279,9 +279,10 @@ impl Worker {
         self.accept(now);
         // Usually one atomic load: at most one worker a second does the sweep.
         self.shared.limits.sweep_rates(now);
-        self.drive_pending(now);
-        self.close_finished(now);
-        self.serve_pool_waiters(now);
+        let (mut io, mut table) = self.io();
+        table.drive_pending(now, &mut io);
+        table.close_finished(now, &mut io);
+        table.serve_pool_waiters(now, &mut io);
         self.prune_timers();
         self.follow_stress(now);
     }
@@ -453,36 +454,23 @@ impl Worker {
         }
     }
 
-    /// Checks the connection against the rates and counts it against the caps, then starts its
-    /// session, or refuses it.
+    /// Carries out the connection's admission (`policy::admission`): counts it against the
+    /// caps (and takes its rate token) as told, then starts its session, or refuses it.
     fn admit(&mut self, stream: TcpStream, addr: SocketAddr, local: SocketAddr, now: Instant) {
-        // A load balancer's connections carry the real client only in their PROXY header,
-        // so its own address is not what the per-IP cap and the rates are about: the client
-        // is checked when the header names it (`Action::Admit` in conn.rs). With the rates in
-        // Redis every client's rate is: its answer cannot be waited for here, so only the caps
-        // are counted now.
-        let behind_proxy = self.config.server.expects_proxy_header(addr.ip());
-        let allowed = !behind_proxy
-            && self.config.lists.entries.check_ip(addr.ip().to_canonical())
-                == Some(ListMatch::Allow);
-        let rated_later = !allowed && self.shared.store.is_shared();
-        let acquired = if allowed {
-            Ok(self.shared.limits.acquire_exempt())
-        } else if rated_later && !behind_proxy {
-            self.shared.limits.try_acquire_unrated(addr.ip())
-        } else {
-            self.shared
-                .limits
-                .try_acquire((!behind_proxy).then_some(addr.ip()))
-        };
-        let guard = match acquired {
+        // One configuration for every decision about this connection: the one its session gets.
+        let config = Arc::clone(&self.config);
+        let tls_failures = &self.shared.tls_failures;
+        let admission = admission::admit(&config, addr.ip(), self.shared.store.is_shared(), |ip| {
+            tls_failures.failed_recently(ip, now)
+        });
+        let guard = match self.shared.limits.acquire(admission.count) {
             Ok(guard) => guard,
             Err(refusal) => {
                 // The reply is the session's wording; the refusal happens before any session.
-                let mut reply = Vec::new();
-                too_many_connections(&self.config.server.hostname).write_to(&mut reply);
+                let mut leg = Leg::connected(stream, None);
+                too_many_connections(&config.server.hostname).write_to(&mut leg.outbox);
                 // One nonblocking write into an empty send buffer; best effort.
-                let _ = (&stream).write(&reply);
+                leg.write_last();
                 log::info!("refused connection from {addr}: {refusal}");
                 return;
             }
@@ -490,14 +478,16 @@ impl Worker {
         // Replies are small and a stuttering tarpit sends single bytes: Nagle would only
         // delay or merge them.
         let _ = stream.set_nodelay(true);
-        let local = stream.local_addr().unwrap_or(local);
+        // A listener bound to one address accepts on that address: asking the socket
+        // (getsockname) is only needed behind a wildcard listener.
+        let local = if local.ip().is_unspecified() {
+            stream.local_addr().unwrap_or(local)
+        } else {
+            local
+        };
         let id = ConnId::new(self.index, self.workers, self.next_seq);
         self.next_seq = self.next_seq.wrapping_add(1);
-        // A balancer's clients are looked up when their PROXY header names them.
-        let withheld = self.config.tls.loaded.is_some()
-            && !behind_proxy
-            && self.shared.tls_failures.failed_recently(addr.ip(), now);
-        if withheld {
+        if admission.starttls == StartTls::Withhold {
             conn::log_withheld(addr);
         }
         let peer = Peer {
@@ -505,12 +495,12 @@ impl Worker {
             local,
             accepted_at: SystemTime::now(),
             stressed: self.stressed,
-            starttls: self.config.tls.loaded.is_some() && !withheld,
+            starttls: admission.starttls == StartTls::Offer,
         };
-        let session = if rated_later {
-            Session::admitting(Arc::clone(&self.config), peer, now)
+        let session = if admission.asks_rate {
+            Session::admitting(config, peer, now)
         } else {
-            Session::new(Arc::clone(&self.config), peer, now)
+            Session::new(config, peer, now)
         };
         let conn = Conn::new(id, stream, session, now, guard);
         let Ok(key) = self.conns.insert(conn) else {
@@ -532,12 +522,13 @@ impl Worker {
         }
     }
 
-    fn drive_pending(&mut self, now: Instant) {
-        let max_input = READ_CHUNK.saturating_add(self.config.limits.max_line_length);
-        let mut io = Io {
+    /// The context every connection driven this turn borrows, built once per turn from the
+    /// configuration in force.
+    fn io(&mut self) -> (Io<'_>, Table<'_>) {
+        let io = Io {
             registry: self.poll.registry(),
             scratch: &mut self.scratch,
-            max_input,
+            max_input: READ_CHUNK.saturating_add(self.config.limits.max_line_length),
             pool: &mut self.pool,
             multiplexing: self.config.downstream.mode == DownstreamMode::Multiplexing,
             resolver: self.dns.as_ref().map(|dns| &dns.resolver),
@@ -546,71 +537,14 @@ impl Worker {
             shared: &self.shared,
             config: &self.config,
         };
-        for key in self.pending.drain(..) {
-            let Some(conn) = self.conns.get_mut(key) else {
-                continue;
-            };
-            conn.queued = false;
-            if conn.drive(key, now, &mut io) == Next::Close {
-                self.closing.push(key);
-                continue;
-            }
-            if let Some(at) = conn.next_deadline() {
-                self.timers.arm(key, at, &mut conn.armed);
-            }
-            if conn.wants_another_turn(max_input) {
-                queue(&mut self.ready, conn, key);
-            }
-        }
-    }
-
-    fn close_finished(&mut self, now: Instant) {
-        let mut io = Io {
-            registry: self.poll.registry(),
-            scratch: &mut self.scratch,
-            max_input: 0,
-            pool: &mut self.pool,
-            multiplexing: false,
-            resolver: None,
-            worker: 0,
-            state_worker: 0,
-            shared: &self.shared,
-            config: &self.config,
+        let table = Table {
+            conns: &mut self.conns,
+            timers: &mut self.timers,
+            pending: &mut self.pending,
+            ready: &mut self.ready,
+            closing: &mut self.closing,
         };
-        for key in self.closing.drain(..) {
-            if let Some(conn) = self.conns.remove(key) {
-                conn.close(now, &mut io);
-            }
-        }
-    }
-
-    /// Multiplexing: sessions waiting for a downstream connection get one as soon as one was
-    /// released or a place freed (this turn's transactions ended, connections closed). They are
-    /// driven first next turn.
-    fn serve_pool_waiters(&mut self, now: Instant) {
-        if !self.pool.has_waiters() {
-            return;
-        }
-        let mut io = Io {
-            registry: self.poll.registry(),
-            scratch: &mut self.scratch,
-            max_input: 0,
-            pool: &mut self.pool,
-            multiplexing: true,
-            resolver: self.dns.as_ref().map(|dns| &dns.resolver),
-            worker: self.dns.as_ref().map_or(0, |dns| dns.id),
-            state_worker: self.state.as_ref().map_or(0, |state| state.id),
-            shared: &self.shared,
-            config: &self.config,
-        };
-        while let Some((key, addr)) = io.pool.next_waiter(now) {
-            // A waiter that timed out, moved on to another server or closed is skipped.
-            let Some(conn) = self.conns.get_mut(key).filter(|c| c.awaits_pool(addr)) else {
-                continue;
-            };
-            conn.take_pool_turn(key, now, &mut io);
-            queue(&mut self.ready, conn, key);
-        }
+        (io, table)
     }
 
     /// Drops timer entries of closed connections and superseded deadlines once they outnumber
@@ -627,6 +561,62 @@ impl Worker {
         let conns = &self.conns;
         self.timers
             .retain(|at, key| conns.get(key).is_some_and(|conn| conn.armed == Some(at)));
+    }
+}
+
+/// The worker's connections and their lists, borrowed for the part of a turn that drives them
+/// (beside the [`Io`] they are lent).
+struct Table<'a> {
+    conns: &'a mut Slab<Conn>,
+    timers: &'a mut TimerHeap,
+    pending: &'a mut Vec<ConnKey>,
+    ready: &'a mut Vec<ConnKey>,
+    closing: &'a mut Vec<ConnKey>,
+}
+
+impl Table<'_> {
+    fn drive_pending(&mut self, now: Instant, io: &mut Io<'_>) {
+        for key in self.pending.drain(..) {
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            conn.queued = false;
+            if conn.drive(key, now, io) == Next::Close {
+                self.closing.push(key);
+                continue;
+            }
+            if let Some(at) = conn.next_deadline() {
+                self.timers.arm(key, at, &mut conn.armed);
+            }
+            if conn.wants_another_turn(io.max_input) {
+                queue(self.ready, conn, key);
+            }
+        }
+    }
+
+    fn close_finished(&mut self, now: Instant, io: &mut Io<'_>) {
+        for key in self.closing.drain(..) {
+            if let Some(conn) = self.conns.remove(key) {
+                conn.close(now, io);
+            }
+        }
+    }
+
+    /// Multiplexing: sessions waiting for a downstream connection get one as soon as one was
+    /// released or a place freed (this turn's transactions ended, connections closed). They are
+    /// driven first next turn.
+    fn serve_pool_waiters(&mut self, now: Instant, io: &mut Io<'_>) {
+        if !io.pool.has_waiters() {
+            return;
+        }
+        while let Some((key, addr)) = io.pool.next_waiter(now) {
+            // A waiter that timed out, moved on to another server or closed is skipped.
+            let Some(conn) = self.conns.get_mut(key).filter(|c| c.awaits_pool(addr)) else {
+                continue;
+            };
+            conn.take_pool_turn(key, now, io);
+            queue(self.ready, conn, key);
+        }
     }
 }
 

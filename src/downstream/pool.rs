@@ -1,4 +1,4 @@
-//! `[downstream] mode = "multiplexing"`: this worker's pool of downstream connections
+//! `[downstream] mode = "multiplexing"`: a worker's pool of downstream connections
 //! (DESIGN.md §1.5). A session that reaches MAIL takes an idle connection to its server if there
 //! is one, opens a new one while the worker is under its share of `pool_size`, and otherwise
 //! waits in line (its connect timeout still runs). When its transaction is over the session
@@ -11,19 +11,17 @@
 //! Each worker owns its pool, with `pool_size / workers` connections (at least one): moving
 //! sockets between event loops would need locking on the relay path, and a fixed share keeps
 //! the downstream's total at `pool_size` whatever the load.
+//!
+//! The pool is bookkeeping: it holds idle connections of whatever type the runtime gives it (the
+//! server's downstream legs), each a [`Pooled`], and the keys of the sessions waiting in line.
+//! Its only I/O is through [`Pooled`]: a probe at checkout and a QUIT when it closes one.
 
 use std::collections::VecDeque;
-use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use mio::net::TcpStream;
-
-use super::conn::write_last;
-use super::slab::ConnKey;
-use super::tls_stream::TlsStream;
 use crate::downstream::dialog::Carried;
 
 /// Longest a connection stays idle in the pool before it is closed rather than reused: well
@@ -31,16 +29,28 @@ use crate::downstream::dialog::Carried;
 /// about to drop.
 const IDLE_MAX: Duration = Duration::from_secs(60);
 
-/// A worker's downstream pool.
+/// What the pool needs of an idle connection.
+pub(crate) trait Pooled {
+    /// Whether the connection has nothing to say: reading finds no data and no end. One that
+    /// the downstream closed, or spoke on unasked (a timeout notice), is not reusable.
+    fn is_quiet(&mut self) -> bool;
+
+    /// Says QUIT on a connection about to be dropped (one nonblocking write, best effort; over
+    /// TLS followed by `close_notify`), so the downstream logs a clean end rather than a lost
+    /// connection (DESIGN.md §6).
+    fn say_quit(&mut self);
+}
+
+/// A worker's downstream pool of idle connections `C`, with sessions named by `K` in line.
 #[derive(Debug)]
-pub(crate) struct Pool {
+pub(crate) struct Pool<C: Pooled, K> {
     /// Connections this worker may have open (idle or in use).
     cap: usize,
     /// Connections open now; each [`Ticket`] holds one.
     open: Arc<AtomicUsize>,
-    idle: Vec<Idle>,
+    idle: Vec<Idle<C>>,
     /// Sessions waiting for a connection, in arrival order.
-    waiting: VecDeque<(ConnKey, SocketAddr)>,
+    waiting: VecDeque<(K, SocketAddr)>,
 }
 
 /// One open pooled connection; dropping it (with its connection) frees the place.
@@ -55,19 +65,18 @@ impl Drop for Ticket {
 
 /// An idle connection, past its banner and EHLO, with no reply outstanding.
 #[derive(Debug)]
-pub(crate) struct Idle {
+pub(crate) struct Idle<C> {
     pub(crate) addr: SocketAddr,
-    pub(crate) stream: TcpStream,
-    /// The connection's TLS layer, when STARTTLS was done on it: it stays with the socket.
-    pub(crate) tls: Option<Box<TlsStream>>,
+    /// The connection, with its TLS layer when STARTTLS was done on it.
+    pub(crate) conn: C,
     pub(crate) carried: Carried,
     pub(crate) ticket: Ticket,
     since: Instant,
 }
 
-impl Pool {
+impl<C: Pooled, K: Copy> Pool<C, K> {
     /// A pool for one of `workers` workers sharing `pool_size` connections.
-    pub(crate) fn new(pool_size: usize, workers: usize) -> Pool {
+    pub(crate) fn new(pool_size: usize, workers: usize) -> Pool<C, K> {
         Pool {
             cap: (pool_size / workers.max(1)).max(1),
             open: Arc::new(AtomicUsize::new(0)),
@@ -78,11 +87,11 @@ impl Pool {
 
     /// An idle connection to `addr` that is still alive, if any. Connections idle too long, or
     /// that the downstream closed or spoke on (a timeout notice) while idle, are closed.
-    pub(crate) fn checkout(&mut self, addr: SocketAddr, now: Instant) -> Option<Idle> {
+    pub(crate) fn checkout(&mut self, addr: SocketAddr, now: Instant) -> Option<Idle<C>> {
         self.prune(now);
         while let Some(at) = self.idle.iter().rposition(|idle| idle.addr == addr) {
-            let idle = self.idle.swap_remove(at);
-            if is_quiet(&idle.stream) {
+            let mut idle = self.idle.swap_remove(at);
+            if idle.conn.is_quiet() {
                 return Some(idle);
             }
             // Closed by the downstream, or it spoke unasked (a timeout notice): not reusable,
@@ -101,20 +110,18 @@ impl Pool {
         Some(Ticket(Arc::clone(&self.open)))
     }
 
-    /// Takes back a clean connection (already deregistered from the poll).
+    /// Takes back a clean connection (already out of the poll set).
     pub(crate) fn park(
         &mut self,
         addr: SocketAddr,
-        stream: TcpStream,
-        tls: Option<Box<TlsStream>>,
+        conn: C,
         carried: Carried,
         ticket: Ticket,
         now: Instant,
     ) {
         self.idle.push(Idle {
             addr,
-            stream,
-            tls,
+            conn,
             carried,
             ticket,
             since: now,
@@ -122,14 +129,14 @@ impl Pool {
     }
 
     /// `key` waits for a connection to `addr`.
-    pub(crate) fn wait(&mut self, key: ConnKey, addr: SocketAddr) {
+    pub(crate) fn wait(&mut self, key: K, addr: SocketAddr) {
         self.waiting.push_back((key, addr));
     }
 
     /// The first waiting session that can be served now (an idle connection to its server, or
     /// room for a new one). The caller checks the session still waits: a waiter that timed out
     /// or went away stays in line until it comes up here.
-    pub(crate) fn next_waiter(&mut self, now: Instant) -> Option<(ConnKey, SocketAddr)> {
+    pub(crate) fn next_waiter(&mut self, now: Instant) -> Option<(K, SocketAddr)> {
         self.prune(now);
         let room = self.open.load(Ordering::Acquire) < self.cap;
         let (key, addr) = *self.waiting.front()?;
@@ -147,135 +154,113 @@ impl Pool {
 
     /// Closes idle connections past [`IDLE_MAX`], saying QUIT.
     fn prune(&mut self, now: Instant) {
-        let (keep, old): (Vec<Idle>, Vec<Idle>) = std::mem::take(&mut self.idle)
+        let (keep, old): (Vec<Idle<C>>, Vec<Idle<C>>) = std::mem::take(&mut self.idle)
             .into_iter()
             .partition(|idle| now.saturating_duration_since(idle.since) < IDLE_MAX);
         self.idle = keep;
         for mut idle in old {
-            say_quit(&idle.stream, idle.tls.as_deref_mut());
+            idle.conn.say_quit();
         }
     }
 }
 
-impl Drop for Pool {
+impl<C: Pooled, K> Drop for Pool<C, K> {
     /// The worker is stopping: idle connections say QUIT.
     fn drop(&mut self) {
         for mut idle in self.idle.drain(..) {
-            say_quit(&idle.stream, idle.tls.as_deref_mut());
+            idle.conn.say_quit();
         }
-    }
-}
-
-/// Says QUIT on a connection tarmac is about to drop (one nonblocking write, best effort; over
-/// TLS followed by `close_notify`), so the downstream logs a clean end rather than a lost
-/// connection (DESIGN.md §6).
-pub(crate) fn say_quit(stream: &TcpStream, tls: Option<&mut TlsStream>) {
-    write_last(stream, tls, &mut b"QUIT\r\n".to_vec());
-}
-
-/// Whether an idle connection has nothing to say: reading finds no data and no end.
-fn is_quiet(stream: &TcpStream) -> bool {
-    let mut probe = [0u8; 1];
-    match (&*stream).read(&mut probe) {
-        Err(e) => e.kind() == io::ErrorKind::WouldBlock,
-        // Its end (0) or unasked-for bytes (any count): either way, not reusable.
-        Ok(_n) => false,
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::cell::Cell;
+    use std::rc::Rc;
+
     use super::*;
+
+    /// An idle connection whose probe answers `quiet`, counting the QUITs said on it.
+    #[derive(Debug)]
+    struct Fake {
+        quiet: bool,
+        quits: Rc<Cell<u32>>,
+    }
+
+    impl Pooled for Fake {
+        fn is_quiet(&mut self) -> bool {
+            self.quiet
+        }
+
+        fn say_quit(&mut self) {
+            self.quits.set(self.quits.get() + 1);
+        }
+    }
 
     #[test]
     fn tickets_are_capped_per_worker_and_freed_on_drop() {
-        let mut pool = Pool::new(3, 2);
+        let mut pool: Pool<Fake, u32> = Pool::new(3, 2);
         let a = pool.ticket().unwrap();
         assert!(pool.ticket().is_none(), "3 / 2 workers = 1 each");
         drop(a);
         assert!(pool.ticket().is_some());
-        let mut tiny = Pool::new(1, 4);
+        let mut tiny: Pool<Fake, u32> = Pool::new(1, 4);
         assert!(tiny.ticket().is_some(), "at least one per worker");
     }
 
     #[test]
-    fn idle_connections_are_reused_only_while_alive_and_fresh() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let connect = || {
-            let stream = std::net::TcpStream::connect(addr).unwrap();
-            let (peer, _) = listener.accept().unwrap();
-            (stream, peer)
+    fn idle_connections_are_reused_only_while_quiet_and_fresh() {
+        let quits = Rc::new(Cell::new(0));
+        let fake = |quiet| Fake {
+            quiet,
+            quits: Rc::clone(&quits),
         };
-        // Nonblocking, as the pool gets them; with `arrived`, only once the peer's FIN or
-        // bytes are there: a blocking peek returns when they arrive (and leaves them unread).
-        let pooled = |stream: std::net::TcpStream, arrived: bool| {
-            if arrived {
-                stream
-                    .set_read_timeout(Some(Duration::from_secs(10)))
-                    .unwrap();
-                stream
-                    .peek(&mut [0u8; 1])
-                    .expect("the FIN or the bytes arrive");
-            }
-            stream.set_nonblocking(true).unwrap();
-            TcpStream::from_std(stream)
-        };
-        let mut pool = Pool::new(4, 1);
+        let addr: SocketAddr = "127.0.0.1:10025".parse().unwrap();
+        let mut pool: Pool<Fake, u32> = Pool::new(4, 1);
         let now = Instant::now();
-        let (alive, _alive_peer) = connect();
-        let (closed, closed_peer) = connect();
-        drop(closed_peer);
-        let (chatty, mut chatty_peer) = connect();
-        std::io::Write::write_all(&mut chatty_peer, b"421 4.4.2 timeout\r\n").unwrap();
-        let (alive, closed, chatty) = (
-            pooled(alive, false),
-            pooled(closed, true),
-            pooled(chatty, true),
-        );
-        for stream in [alive, closed, chatty] {
+        // Checked out last parked first: the two that spoke or closed come up before the live one.
+        for quiet in [true, false, false] {
             let ticket = pool.ticket().unwrap();
-            pool.park(addr, stream, None, Carried::default(), ticket, now);
+            pool.park(addr, fake(quiet), Carried::default(), ticket, now);
         }
         assert_eq!(pool.open.load(Ordering::Acquire), 3);
         let other: SocketAddr = "127.0.0.1:1".parse().unwrap();
         assert!(pool.checkout(other, now).is_none());
         let reused = pool.checkout(addr, now).expect("the live one");
+        assert!(reused.conn.quiet);
         assert!(
             pool.checkout(addr, now).is_none(),
             "the dead ones were closed"
         );
+        assert_eq!(
+            quits.get(),
+            0,
+            "no QUIT on a connection in an unknown state"
+        );
         drop(reused);
         assert_eq!(pool.open.load(Ordering::Acquire), 0);
 
-        let (fresh, _peer) = connect();
-        let fresh = pooled(fresh, false);
         let ticket = pool.ticket().unwrap();
-        pool.park(addr, fresh, None, Carried::default(), ticket, now);
+        pool.park(addr, fake(true), Carried::default(), ticket, now);
         assert!(pool.checkout(addr, now + IDLE_MAX).is_none(), "too old");
+        assert_eq!(quits.get(), 1, "the old one said QUIT");
+        let ticket = pool.ticket().unwrap();
+        pool.park(addr, fake(true), Carried::default(), ticket, now);
+        drop(pool);
+        assert_eq!(quits.get(), 2, "a stopping worker's idle ones say QUIT");
     }
 
     #[test]
     fn waiters_are_served_in_order_when_a_place_frees() {
-        let mut pool = Pool::new(1, 1);
+        let mut pool: Pool<Fake, u32> = Pool::new(1, 1);
         let held = pool.ticket().unwrap();
         let addr: SocketAddr = "127.0.0.1:10025".parse().unwrap();
-        let (a, b) = (
-            ConnKey {
-                slot: 1,
-                generation: 1,
-            },
-            ConnKey {
-                slot: 2,
-                generation: 1,
-            },
-        );
-        pool.wait(a, addr);
-        pool.wait(b, addr);
+        pool.wait(1, addr);
+        pool.wait(2, addr);
         let now = Instant::now();
         assert_eq!(pool.next_waiter(now), None, "no room, nothing idle");
         drop(held);
-        assert_eq!(pool.next_waiter(now), Some((a, addr)));
+        assert_eq!(pool.next_waiter(now), Some((1, addr)));
         assert!(pool.has_waiters());
     }
 }
