@@ -38,7 +38,6 @@ struct File {
 }
 
 #[test]
-#[ignore = "issue 14: enabled when the session branch lands"]
 fn no_module_cycles() {
     let cycles = cycles(&read_files(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),

@@ -11,7 +11,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use mio::net::{TcpListener, TcpStream};
@@ -20,18 +20,14 @@ use mio::{Events, Interest, Poll, Waker};
 use super::close_log::ConnId;
 use super::conn::{self, CLOSE_FLUSH_LIMIT, Conn, DownstreamPool, Io, Next, READ_CHUNK};
 use super::leg::Leg;
-use super::limits::Limits;
-use super::load::Load;
-use super::reload::Reloads;
+use super::shared::Shared;
 use super::slab::{ConnKey, Slab};
 use super::timer::TimerHeap;
-use super::tls_failures::TlsFailures;
 use super::token::{self, Source};
 use crate::config::{Config, DownstreamMode};
 use crate::dns::{Inbox, ResolverHandle};
 use crate::policy::admission::{self, StartTls};
 use crate::smtp::{Peer, Session, Shutdown, too_many_connections};
-use crate::state::Store;
 use crate::state::redis::Inbox as StateInbox;
 
 /// Events taken from the kernel per poll; more wait for the next turn.
@@ -50,24 +46,6 @@ const TIMER_ENTRIES_PER_CONN: usize = 2;
 
 /// Timer-heap entries always allowed before pruning (pruning a small heap isn't worth it).
 const TIMER_ENTRIES_SLACK: usize = 1024;
-
-/// What every worker shares with the others (each holds clones of the `Arc`s).
-#[derive(Clone, Debug)]
-pub(crate) struct Shared {
-    /// The connection caps.
-    pub(crate) limits: Arc<Limits>,
-    /// Tarpit places and stress mode.
-    pub(crate) load: Arc<Load>,
-    /// The PASS cache, greylisting, reputation and (with Redis) connection rates: in process
-    /// or shared.
-    pub(crate) store: Arc<Store>,
-    /// Clients whose STARTTLS handshake failed recently: not offered STARTTLS.
-    pub(crate) tls_failures: Arc<TlsFailures>,
-    /// Set when the server is asked to stop.
-    pub(crate) stopping: Arc<AtomicBool>,
-    /// The configuration in force, replaced on SIGHUP.
-    pub(crate) reloads: Arc<Reloads>,
-}
 
 /// A worker, built on the starting thread (so setup errors reach `ServerHandle::start`) and then
 /// moved to its own thread by [`Worker::run`].

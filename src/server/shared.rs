@@ -1,0 +1,30 @@
+//! What every worker shares with the others: the connection caps, tarpit places, the state
+//! front, the failed-handshake record, the stop flag and the configuration in force. Its own
+//! file so the connection driver and the worker loop both use it without importing each other.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use super::limits::Limits;
+use super::load::Load;
+use super::reload::Reloads;
+use super::tls_failures::TlsFailures;
+use crate::state::Store;
+
+/// What every worker shares with the others (each holds clones of the `Arc`s).
+#[derive(Clone, Debug)]
+pub(crate) struct Shared {
+    /// The connection caps.
+    pub(crate) limits: Arc<Limits>,
+    /// Tarpit places and stress mode.
+    pub(crate) load: Arc<Load>,
+    /// The PASS cache, greylisting, reputation and (with Redis) connection rates: in process
+    /// or shared.
+    pub(crate) store: Arc<Store>,
+    /// Clients whose STARTTLS handshake failed recently: not offered STARTTLS.
+    pub(crate) tls_failures: Arc<TlsFailures>,
+    /// Set when the server is asked to stop.
+    pub(crate) stopping: Arc<AtomicBool>,
+    /// The configuration in force, replaced on SIGHUP.
+    pub(crate) reloads: Arc<Reloads>,
+}
