@@ -1,4 +1,5 @@
-//! The client side of the relay: the downstream handshake (sans-IO, driven by the session), the
+//! The client side of the relay: the relay itself (`relay`: one session's downstream
+//! connection, sans-IO, driven by the session), the handshake inside it (`dialog`), the
 //! nonblocking connect the server performs for it, and the rustls client configuration for
 //! STARTTLS; `src/server/` owns the sockets.
 
