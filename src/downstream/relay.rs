@@ -690,3 +690,318 @@ impl Relay {
             .filter(|conn| conn.link == Link::Ready)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::AnnounceClient;
+
+    fn config(servers: usize, mode: DownstreamMode) -> Config {
+        let mut config = Config::default();
+        config.server.hostname = "mx.test".to_owned();
+        config.downstream.servers = (0..servers)
+            .map(|i| SocketAddr::from(([127, 0, 0, 1], 10025 + i as u16)))
+            .collect();
+        config.downstream.mode = mode;
+        config.downstream.announce_client = AnnounceClient::None;
+        config.downstream.tls = DownstreamTls::None;
+        config
+    }
+
+    fn ctx(config: &Config, now: Instant) -> Context<'_> {
+        Context {
+            now,
+            config,
+            who: ClientIdentity {
+                client: "192.0.2.7:53211".parse().unwrap(),
+                local: "198.51.100.1:25".parse().unwrap(),
+                helo: b"client.test",
+                esmtp: true,
+                name: "[UNAVAILABLE]",
+            },
+        }
+    }
+
+    /// Everything the relay has for `link` now.
+    fn take(relay: &mut Relay, link: LinkId) -> Vec<u8> {
+        let mut out = Vec::new();
+        relay.poll_transmit(link, &mut out);
+        out
+    }
+
+    /// Feeds a whole reply; returns what it meant for the client.
+    fn reply(relay: &mut Relay, ctx: &Context<'_>, text: &[u8]) -> Option<Event> {
+        let mut io = VecDeque::<LinkIo>::new();
+        match relay.read(ctx, text, true, &mut io) {
+            Read::Reply(used, event) => {
+                assert_eq!(used, text.len());
+                event
+            }
+            other => panic!("{other:?} for {:?}", String::from_utf8_lossy(text)),
+        }
+    }
+
+    /// A relay whose connection `LinkId(0)` is ready, its handshake handed out.
+    fn ready(config: &Config, now: Instant) -> Relay {
+        let ctx = ctx(config, now);
+        let mut relay = Relay::default();
+        let mut io = VecDeque::<LinkIo>::new();
+        assert_eq!(relay.start_mail(&ctx, &mut io), None);
+        assert!(
+            relay
+                .handle_event(&ctx, DownstreamEvent::Connected, &mut io)
+                .is_none()
+        );
+        assert_eq!(reply(&mut relay, &ctx, b"220 ds.test ESMTP\r\n"), None);
+        assert_eq!(take(&mut relay, LinkId(0)), b"EHLO mx.test\r\n");
+        let ehlo = b"250-ds.test\r\n250 8BITMIME\r\n";
+        assert_eq!(reply(&mut relay, &ctx, ehlo), Some(Event::Ready));
+        relay
+    }
+
+    #[test]
+    fn a_new_link_gets_only_its_handshake_until_ready() {
+        let config = config(1, DownstreamMode::Synchronous);
+        let now = Instant::now();
+        let ctx = ctx(&config, now);
+        let mut relay = Relay::default();
+        let mut io = VecDeque::<LinkIo>::new();
+        assert_eq!(relay.start_mail(&ctx, &mut io), None);
+        let addr = config.downstream.servers[0];
+        let connect = LinkIo::Connect {
+            link: LinkId(0),
+            addr,
+            pooled: true,
+        };
+        assert_eq!(io.pop_front(), Some(connect));
+        // Connecting, then handshaking: no transaction command is taken, none is queued.
+        let params = MailParams::default();
+        assert!(!relay.send_mail(now, &config, "a@b.test", &params));
+        assert!(!relay.send_rcpt(now, &config, "c@d.test"));
+        assert_eq!(relay.outbox_len(), 0);
+        assert!(
+            relay
+                .handle_event(&ctx, DownstreamEvent::Connected, &mut io)
+                .is_none()
+        );
+        assert!(!relay.send_data(now, &config));
+        assert!(!relay.send_dot(now, &config));
+        assert_eq!(reply(&mut relay, &ctx, b"220 ds.test ESMTP\r\n"), None);
+        assert!(!relay.send_rcpt(now, &config, "c@d.test"));
+        assert_eq!(take(&mut relay, LinkId(0)), b"EHLO mx.test\r\n");
+        assert_eq!(
+            reply(&mut relay, &ctx, b"250 ds.test\r\n"),
+            Some(Event::Ready)
+        );
+        assert!(relay.send_mail(now, &config, "a@b.test", &params));
+        assert_eq!(take(&mut relay, LinkId(0)), b"MAIL FROM:<a@b.test>\r\n");
+        assert!(io.is_empty());
+    }
+
+    #[test]
+    fn bytes_for_a_dropped_link_are_gone() {
+        let config = config(1, DownstreamMode::Synchronous);
+        let now = Instant::now();
+        let ctx = ctx(&config, now);
+        let mut relay = ready(&config, now);
+        assert!(relay.send_mail(now, &config, "a@b.test", &MailParams::default()));
+        assert!(relay.outbox_len() > 0);
+        let mut io = VecDeque::<LinkIo>::new();
+        let closed = relay.handle_event(&ctx, DownstreamEvent::Closed, &mut io);
+        assert!(matches!(
+            closed,
+            Some(Event::Failed {
+                why: "connection closed",
+                ..
+            })
+        ));
+        let close = LinkIo::Close {
+            link: LinkId(0),
+            quit: false,
+        };
+        assert_eq!(io.pop_front(), Some(close));
+        assert_eq!(take(&mut relay, LinkId(0)), b"");
+        // The next connection starts empty, and the old id gets nothing from it.
+        assert_eq!(relay.start_mail(&ctx, &mut io), None);
+        assert!(matches!(
+            io.pop_front(),
+            Some(LinkIo::Connect {
+                link: LinkId(1),
+                ..
+            })
+        ));
+        assert_eq!(relay.outbox_len(), 0);
+        assert!(
+            relay
+                .handle_event(&ctx, DownstreamEvent::Connected, &mut io)
+                .is_none()
+        );
+        assert_eq!(reply(&mut relay, &ctx, b"220 ds.test ESMTP\r\n"), None);
+        assert_eq!(take(&mut relay, LinkId(0)), b"");
+        assert_eq!(take(&mut relay, LinkId(1)), b"EHLO mx.test\r\n");
+    }
+
+    #[test]
+    fn a_closed_link_takes_its_unsent_commands_along() {
+        let config = config(1, DownstreamMode::Synchronous);
+        let now = Instant::now();
+        let mut relay = ready(&config, now);
+        assert!(relay.send_mail(now, &config, "a@b.test", &MailParams::default()));
+        let mut io = VecDeque::<LinkIo>::new();
+        relay.close(&mut io);
+        let close = LinkIo::Close {
+            link: LinkId(0),
+            quit: true,
+        };
+        assert_eq!(io.pop_front(), Some(close));
+        assert_eq!(take(&mut relay, LinkId(0)), b"");
+        assert!(!relay.is_current(LinkId(0)));
+        assert_eq!(relay.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_late_connect_goes_to_the_next_server_then_gives_up() {
+        let config = config(2, DownstreamMode::Synchronous);
+        let now = Instant::now();
+        let mut relay = Relay::default();
+        let mut io = VecDeque::<LinkIo>::new();
+        assert_eq!(relay.start_mail(&ctx(&config, now), &mut io), None);
+        io.clear();
+        let deadline = relay.poll_timeout().unwrap();
+        assert_eq!(deadline, now + config.timeouts.connect);
+        // Early: nothing happens.
+        let early = ctx(&config, deadline - Duration::from_millis(1));
+        assert_eq!(relay.handle_timeout(&early, &mut io), None);
+        assert!(io.is_empty());
+        let late = ctx(&config, deadline);
+        assert_eq!(relay.handle_timeout(&late, &mut io), None);
+        let close = LinkIo::Close {
+            link: LinkId(0),
+            quit: false,
+        };
+        let connect = LinkIo::Connect {
+            link: LinkId(1),
+            addr: config.downstream.servers[1],
+            pooled: true,
+        };
+        assert_eq!(Vec::from(io.clone()), [close, connect]);
+        io.clear();
+        let failed = relay.handle_event(&late, DownstreamEvent::ConnectFailed, &mut io);
+        let Some(Event::Failed { why, reply }) = failed else {
+            panic!("{failed:?}");
+        };
+        assert_eq!((why, reply), ("no server reachable", downstream_lost()));
+        assert!(!relay.is_current(LinkId(1)));
+    }
+
+    #[test]
+    fn reset_replies_are_swallowed_and_a_refused_one_fails_the_link() {
+        let config = config(1, DownstreamMode::Synchronous);
+        let now = Instant::now();
+        let ctx = ctx(&config, now);
+        let mut relay = ready(&config, now);
+        assert!(relay.send_mail(now, &config, "a@b.test", &MailParams::default()));
+        take(&mut relay, LinkId(0));
+        assert_eq!(
+            reply(&mut relay, &ctx, b"250 2.1.0 Ok\r\n"),
+            Some(Event::Reply(Reply::new(250, "2.1.0", "Ok")))
+        );
+        relay.reset();
+        assert_eq!(take(&mut relay, LinkId(0)), b"RSET\r\n");
+        assert_eq!(reply(&mut relay, &ctx, b"250 2.0.0 Ok\r\n"), None);
+        // Not in a transaction any more: a second reset sends nothing.
+        relay.reset();
+        assert_eq!(relay.outbox_len(), 0);
+        assert!(relay.send_mail(now, &config, "a@b.test", &MailParams::default()));
+        let mail = reply(&mut relay, &ctx, b"250 2.1.0 Ok\r\n");
+        assert!(matches!(mail, Some(Event::Reply(_))));
+        relay.reset();
+        let refused = reply(&mut relay, &ctx, b"554 5.5.1 No\r\n");
+        assert!(matches!(
+            refused,
+            Some(Event::Failed {
+                why: "reset refused",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn release_waits_for_a_clean_link_and_drops_unsent_resets() {
+        let config = config(1, DownstreamMode::Multiplexing);
+        let now = Instant::now();
+        let mut relay = ready(&config, now);
+        let mut io = VecDeque::<LinkIo>::new();
+        assert!(relay.send_mail(now, &config, "a@b.test", &MailParams::default()));
+        // A command not handed out yet: not clean.
+        assert!(!relay.release(&config, false, &mut io));
+        take(&mut relay, LinkId(0));
+        // An open transaction stays with its client unless the client is gone.
+        assert!(!relay.release(&config, false, &mut io));
+        relay.reset();
+        assert!(relay.release(&config, true, &mut io));
+        let Some(LinkIo::Release { link, carried }) = io.pop_front() else {
+            panic!("{io:?}");
+        };
+        assert_eq!(link, LinkId(0));
+        // The RSET never went out: the next user sends its own.
+        assert!(carried.dirty);
+        assert!(!relay.is_current(LinkId(0)));
+        assert_eq!(take(&mut relay, LinkId(0)), b"");
+    }
+
+    #[test]
+    fn synchronous_mode_never_releases() {
+        let config = config(1, DownstreamMode::Synchronous);
+        let now = Instant::now();
+        let mut relay = ready(&config, now);
+        let mut io = VecDeque::<LinkIo>::new();
+        assert!(!relay.release(&config, true, &mut io));
+        assert!(relay.is_current(LinkId(0)));
+        assert!(io.is_empty());
+    }
+
+    #[test]
+    fn plain_text_after_the_starttls_220_is_never_read() {
+        let mut config = config(1, DownstreamMode::Synchronous);
+        config.downstream.tls = DownstreamTls::Opportunistic;
+        let now = Instant::now();
+        let ctx = ctx(&config, now);
+        let mut relay = Relay::default();
+        let mut io = VecDeque::<LinkIo>::new();
+        relay.start_mail(&ctx, &mut io);
+        relay.handle_event(&ctx, DownstreamEvent::Connected, &mut io);
+        reply(&mut relay, &ctx, b"220 ds.test ESMTP\r\n");
+        reply(&mut relay, &ctx, b"250-ds.test\r\n250 STARTTLS\r\n");
+        assert_eq!(take(&mut relay, LinkId(0)), b"EHLO mx.test\r\nSTARTTLS\r\n");
+        io.clear();
+        let ready = b"220 2.0.0 Ready\r\n";
+        let read = relay.read(&ctx, ready, true, &mut io);
+        assert_eq!(read, Read::Reply(ready.len(), None));
+        assert_eq!(Vec::from(io.clone()), [LinkIo::StartTls(LinkId(0))]);
+        let forged = b"250 2.1.0 forged\r\n";
+        assert_eq!(relay.read(&ctx, forged, true, &mut io), Read::Discard(None));
+        assert!(relay.is_current(LinkId(0)));
+    }
+
+    #[test]
+    fn a_malformed_reply_fails_the_link_and_the_rest_is_dropped() {
+        let config = config(1, DownstreamMode::Synchronous);
+        let now = Instant::now();
+        let ctx = ctx(&config, now);
+        let mut relay = ready(&config, now);
+        let mut io = VecDeque::<LinkIo>::new();
+        assert_eq!(relay.read(&ctx, b"25", true, &mut io), Read::Partial);
+        let read = relay.read(&ctx, b"hello\r\n", true, &mut io);
+        assert!(matches!(
+            read,
+            Read::Discard(Some(Event::Failed {
+                why: "malformed reply",
+                ..
+            }))
+        ));
+        assert!(!relay.is_current(LinkId(0)));
+    }
+}
