@@ -97,7 +97,7 @@ pub use closing::too_many_connections;
 use closing::{CloseReason, Strikes};
 use commands::{Pending, Transaction};
 use framing::{LineReceiver, ProxyReceiver};
-use greeting::{Blocked, GreetPause};
+use greeting::{Awaiting, Blocked, GreetPause};
 pub use interface::{Action, Peer, Report, Shutdown, Side, TlsVersion};
 
 /// Replies queued for the client before the session stops taking its commands (DESIGN.md §6.1
@@ -247,14 +247,12 @@ pub struct Session {
     blocked: Option<Blocked>,
     /// Where the greet pause stands.
     pause: GreetPause,
-    /// A `CheckReputation` is unanswered: the verdict waits.
-    awaiting_reputation: bool,
+    /// The reputation or the tarpit place the session waits for, if any.
+    awaiting: Awaiting,
     /// Which events went to the client's reputation (one bad mark, one greylist pass).
     marks: ReputationMarks,
     /// What a pregreet talker sent first (at most [`PREGREET_KEEP`] bytes).
     pregreet: Option<Box<[u8]>>,
-    /// An `EnterTarpit` is unanswered: the greeting waits.
-    awaiting_slot: bool,
     /// Tarpit verdict with its place granted: replies are held and released on a schedule.
     tarpit: Option<Box<Tarpit>>,
     /// A reloaded configuration, put in force at the next decision (see `handle_reload`).
@@ -327,10 +325,9 @@ impl Session {
             checks: Checks::new(),
             blocked: None,
             pause: GreetPause::Skipped,
-            awaiting_reputation: false,
+            awaiting: Awaiting::Nothing,
             marks: ReputationMarks::default(),
             pregreet: None,
-            awaiting_slot: false,
             tarpit: None,
             pending_config: None,
             rule: None,
