@@ -698,19 +698,96 @@ mod tests {
     use super::*;
     use crate::config::AnnounceClient;
 
-    fn config(servers: usize, mode: DownstreamMode) -> Config {
-        let mut config = Config::default();
-        config.server.hostname = "mx.test".to_owned();
-        config.downstream.servers = (0..servers)
-            .map(|i| SocketAddr::from(([127, 0, 0, 1], 10025 + i as u16)))
-            .collect();
-        config.downstream.mode = mode;
-        config.downstream.announce_client = AnnounceClient::None;
-        config.downstream.tls = DownstreamTls::None;
-        config
+    /// A relay, its configuration, the time and the I/O it asked for.
+    struct Fixture {
+        config: Config,
+        now: Instant,
+        relay: Relay,
+        io: VecDeque<LinkIo>,
     }
 
-    fn ctx(config: &Config, now: Instant) -> Context<'_> {
+    impl Fixture {
+        fn new(servers: u16, mode: DownstreamMode) -> Fixture {
+            let mut config = Config::default();
+            config.server.hostname = "mx.test".to_owned();
+            config.downstream.servers = (0..servers)
+                .map(|i| SocketAddr::from(([127, 0, 0, 1], 10025 + i)))
+                .collect();
+            config.downstream.mode = mode;
+            config.downstream.announce_client = AnnounceClient::None;
+            config.downstream.tls = DownstreamTls::None;
+            Fixture {
+                config,
+                now: Instant::now(),
+                relay: Relay::default(),
+                io: VecDeque::new(),
+            }
+        }
+
+        /// The same with connection `LinkId(0)` ready, its handshake handed out.
+        fn ready(servers: u16, mode: DownstreamMode) -> Fixture {
+            let mut f = Fixture::new(servers, mode);
+            assert_eq!(f.start_mail(), None);
+            assert_eq!(f.event(DownstreamEvent::Connected), None);
+            assert_eq!(f.reply(b"220 ds.test ESMTP\r\n"), None);
+            assert_eq!(f.take(LinkId(0)), b"EHLO mx.test\r\n");
+            let ehlo = b"250-ds.test\r\n250 8BITMIME\r\n";
+            assert_eq!(f.reply(ehlo), Some(Event::Ready));
+            f.io.clear();
+            f
+        }
+
+        fn start_mail(&mut self) -> Option<Event> {
+            let ctx = context(&self.config, self.now);
+            self.relay.start_mail(&ctx, &mut self.io)
+        }
+
+        fn event(&mut self, event: DownstreamEvent<'_>) -> Option<Event> {
+            let ctx = context(&self.config, self.now);
+            self.relay.handle_event(&ctx, event, &mut self.io)
+        }
+
+        fn read(&mut self, bytes: &[u8]) -> Read {
+            let ctx = context(&self.config, self.now);
+            self.relay.read(&ctx, bytes, true, &mut self.io)
+        }
+
+        /// Feeds a whole reply; returns what it meant for the client.
+        fn reply(&mut self, text: &[u8]) -> Option<Event> {
+            match self.read(text) {
+                Read::Reply(used, event) if used == text.len() => event,
+                other => panic!("{other:?} for {:?}", String::from_utf8_lossy(text)),
+            }
+        }
+
+        fn timeout(&mut self, at: Instant) -> Option<Event> {
+            let ctx = context(&self.config, at);
+            self.relay.handle_timeout(&ctx, &mut self.io)
+        }
+
+        fn send_mail(&mut self) -> bool {
+            let params = MailParams::default();
+            self.relay
+                .send_mail(self.now, &self.config, "a@b.test", &params)
+        }
+
+        fn release(&mut self, abandoned: bool) -> bool {
+            self.relay.release(&self.config, abandoned, &mut self.io)
+        }
+
+        /// Everything the relay has for `link` now.
+        fn take(&mut self, link: LinkId) -> Vec<u8> {
+            let mut out = Vec::new();
+            self.relay.poll_transmit(link, &mut out);
+            out
+        }
+
+        fn io(&mut self) -> Vec<LinkIo> {
+            self.io.drain(..).collect()
+        }
+    }
+
+    fn context(config: &Config, now: Instant) -> Context<'_> {
         Context {
             now,
             config,
@@ -724,284 +801,184 @@ mod tests {
         }
     }
 
-    /// Everything the relay has for `link` now.
-    fn take(relay: &mut Relay, link: LinkId) -> Vec<u8> {
-        let mut out = Vec::new();
-        relay.poll_transmit(link, &mut out);
-        out
-    }
-
-    /// Feeds a whole reply; returns what it meant for the client.
-    fn reply(relay: &mut Relay, ctx: &Context<'_>, text: &[u8]) -> Option<Event> {
-        let mut io = VecDeque::<LinkIo>::new();
-        match relay.read(ctx, text, true, &mut io) {
-            Read::Reply(used, event) => {
-                assert_eq!(used, text.len());
-                event
-            }
-            other => panic!("{other:?} for {:?}", String::from_utf8_lossy(text)),
-        }
-    }
-
-    /// A relay whose connection `LinkId(0)` is ready, its handshake handed out.
-    fn ready(config: &Config, now: Instant) -> Relay {
-        let ctx = ctx(config, now);
-        let mut relay = Relay::default();
-        let mut io = VecDeque::<LinkIo>::new();
-        assert_eq!(relay.start_mail(&ctx, &mut io), None);
-        assert!(
-            relay
-                .handle_event(&ctx, DownstreamEvent::Connected, &mut io)
-                .is_none()
-        );
-        assert_eq!(reply(&mut relay, &ctx, b"220 ds.test ESMTP\r\n"), None);
-        assert_eq!(take(&mut relay, LinkId(0)), b"EHLO mx.test\r\n");
-        let ehlo = b"250-ds.test\r\n250 8BITMIME\r\n";
-        assert_eq!(reply(&mut relay, &ctx, ehlo), Some(Event::Ready));
-        relay
+    fn failed(why: &'static str) -> Option<Event> {
+        Some(Event::Failed {
+            why,
+            reply: downstream_lost(),
+        })
     }
 
     #[test]
     fn a_new_link_gets_only_its_handshake_until_ready() {
-        let config = config(1, DownstreamMode::Synchronous);
-        let now = Instant::now();
-        let ctx = ctx(&config, now);
-        let mut relay = Relay::default();
-        let mut io = VecDeque::<LinkIo>::new();
-        assert_eq!(relay.start_mail(&ctx, &mut io), None);
-        let addr = config.downstream.servers[0];
+        let mut f = Fixture::new(1, DownstreamMode::Synchronous);
+        assert_eq!(f.start_mail(), None);
+        let addr = f.config.downstream.servers[0];
         let connect = LinkIo::Connect {
             link: LinkId(0),
             addr,
             pooled: true,
         };
-        assert_eq!(io.pop_front(), Some(connect));
+        assert_eq!(f.io(), [connect]);
         // Connecting, then handshaking: no transaction command is taken, none is queued.
-        let params = MailParams::default();
-        assert!(!relay.send_mail(now, &config, "a@b.test", &params));
-        assert!(!relay.send_rcpt(now, &config, "c@d.test"));
-        assert_eq!(relay.outbox_len(), 0);
-        assert!(
-            relay
-                .handle_event(&ctx, DownstreamEvent::Connected, &mut io)
-                .is_none()
-        );
-        assert!(!relay.send_data(now, &config));
-        assert!(!relay.send_dot(now, &config));
-        assert_eq!(reply(&mut relay, &ctx, b"220 ds.test ESMTP\r\n"), None);
-        assert!(!relay.send_rcpt(now, &config, "c@d.test"));
-        assert_eq!(take(&mut relay, LinkId(0)), b"EHLO mx.test\r\n");
-        assert_eq!(
-            reply(&mut relay, &ctx, b"250 ds.test\r\n"),
-            Some(Event::Ready)
-        );
-        assert!(relay.send_mail(now, &config, "a@b.test", &params));
-        assert_eq!(take(&mut relay, LinkId(0)), b"MAIL FROM:<a@b.test>\r\n");
-        assert!(io.is_empty());
+        assert!(!f.send_mail());
+        assert!(!f.relay.send_rcpt(f.now, &f.config, "c@d.test"));
+        assert_eq!(f.relay.outbox_len(), 0);
+        assert_eq!(f.event(DownstreamEvent::Connected), None);
+        assert!(!f.relay.send_data(f.now, &f.config));
+        assert!(!f.relay.send_dot(f.now, &f.config));
+        assert_eq!(f.reply(b"220 ds.test ESMTP\r\n"), None);
+        assert!(!f.relay.send_rcpt(f.now, &f.config, "c@d.test"));
+        assert_eq!(f.take(LinkId(0)), b"EHLO mx.test\r\n");
+        assert_eq!(f.reply(b"250 ds.test\r\n"), Some(Event::Ready));
+        assert!(f.send_mail());
+        assert_eq!(f.take(LinkId(0)), b"MAIL FROM:<a@b.test>\r\n");
+        assert_eq!(f.io(), []);
     }
 
     #[test]
     fn bytes_for_a_dropped_link_are_gone() {
-        let config = config(1, DownstreamMode::Synchronous);
-        let now = Instant::now();
-        let ctx = ctx(&config, now);
-        let mut relay = ready(&config, now);
-        assert!(relay.send_mail(now, &config, "a@b.test", &MailParams::default()));
-        assert!(relay.outbox_len() > 0);
-        let mut io = VecDeque::<LinkIo>::new();
-        let closed = relay.handle_event(&ctx, DownstreamEvent::Closed, &mut io);
-        assert!(matches!(
-            closed,
-            Some(Event::Failed {
-                why: "connection closed",
-                ..
-            })
-        ));
+        let mut f = Fixture::ready(1, DownstreamMode::Synchronous);
+        assert!(f.send_mail());
+        assert!(f.relay.outbox_len() > 0);
+        assert_eq!(
+            f.event(DownstreamEvent::Closed),
+            failed("connection closed")
+        );
         let close = LinkIo::Close {
             link: LinkId(0),
             quit: false,
         };
-        assert_eq!(io.pop_front(), Some(close));
-        assert_eq!(take(&mut relay, LinkId(0)), b"");
+        assert_eq!(f.io(), [close]);
+        assert_eq!(f.take(LinkId(0)), b"");
         // The next connection starts empty, and the old id gets nothing from it.
-        assert_eq!(relay.start_mail(&ctx, &mut io), None);
+        assert_eq!(f.start_mail(), None);
         assert!(matches!(
-            io.pop_front(),
-            Some(LinkIo::Connect {
+            f.io().as_slice(),
+            [LinkIo::Connect {
                 link: LinkId(1),
                 ..
-            })
+            }]
         ));
-        assert_eq!(relay.outbox_len(), 0);
-        assert!(
-            relay
-                .handle_event(&ctx, DownstreamEvent::Connected, &mut io)
-                .is_none()
-        );
-        assert_eq!(reply(&mut relay, &ctx, b"220 ds.test ESMTP\r\n"), None);
-        assert_eq!(take(&mut relay, LinkId(0)), b"");
-        assert_eq!(take(&mut relay, LinkId(1)), b"EHLO mx.test\r\n");
+        assert_eq!(f.relay.outbox_len(), 0);
+        assert_eq!(f.event(DownstreamEvent::Connected), None);
+        assert_eq!(f.reply(b"220 ds.test ESMTP\r\n"), None);
+        assert_eq!(f.take(LinkId(0)), b"");
+        assert_eq!(f.take(LinkId(1)), b"EHLO mx.test\r\n");
     }
 
     #[test]
     fn a_closed_link_takes_its_unsent_commands_along() {
-        let config = config(1, DownstreamMode::Synchronous);
-        let now = Instant::now();
-        let mut relay = ready(&config, now);
-        assert!(relay.send_mail(now, &config, "a@b.test", &MailParams::default()));
-        let mut io = VecDeque::<LinkIo>::new();
-        relay.close(&mut io);
+        let mut f = Fixture::ready(1, DownstreamMode::Synchronous);
+        assert!(f.send_mail());
+        f.relay.close(&mut f.io);
         let close = LinkIo::Close {
             link: LinkId(0),
             quit: true,
         };
-        assert_eq!(io.pop_front(), Some(close));
-        assert_eq!(take(&mut relay, LinkId(0)), b"");
-        assert!(!relay.is_current(LinkId(0)));
-        assert_eq!(relay.poll_timeout(), None);
+        assert_eq!(f.io(), [close]);
+        assert_eq!(f.take(LinkId(0)), b"");
+        assert!(!f.relay.is_current(LinkId(0)));
+        assert_eq!(f.relay.poll_timeout(), None);
     }
 
     #[test]
     fn a_late_connect_goes_to_the_next_server_then_gives_up() {
-        let config = config(2, DownstreamMode::Synchronous);
-        let now = Instant::now();
-        let mut relay = Relay::default();
-        let mut io = VecDeque::<LinkIo>::new();
-        assert_eq!(relay.start_mail(&ctx(&config, now), &mut io), None);
-        io.clear();
-        let deadline = relay.poll_timeout().unwrap();
-        assert_eq!(deadline, now + config.timeouts.connect);
+        let mut f = Fixture::new(2, DownstreamMode::Synchronous);
+        assert_eq!(f.start_mail(), None);
+        f.io.clear();
+        let deadline = f.relay.poll_timeout();
+        assert_eq!(deadline, Some(f.now + f.config.timeouts.connect));
+        let deadline = deadline.unwrap_or(f.now);
         // Early: nothing happens.
-        let early = ctx(&config, deadline - Duration::from_millis(1));
-        assert_eq!(relay.handle_timeout(&early, &mut io), None);
-        assert!(io.is_empty());
-        let late = ctx(&config, deadline);
-        assert_eq!(relay.handle_timeout(&late, &mut io), None);
+        assert_eq!(f.timeout(deadline - Duration::from_millis(1)), None);
+        assert_eq!(f.io(), []);
+        assert_eq!(f.timeout(deadline), None);
         let close = LinkIo::Close {
             link: LinkId(0),
             quit: false,
         };
         let connect = LinkIo::Connect {
             link: LinkId(1),
-            addr: config.downstream.servers[1],
+            addr: f.config.downstream.servers[1],
             pooled: true,
         };
-        assert_eq!(Vec::from(io.clone()), [close, connect]);
-        io.clear();
-        let failed = relay.handle_event(&late, DownstreamEvent::ConnectFailed, &mut io);
-        let Some(Event::Failed { why, reply }) = failed else {
-            panic!("{failed:?}");
-        };
-        assert_eq!((why, reply), ("no server reachable", downstream_lost()));
-        assert!(!relay.is_current(LinkId(1)));
+        assert_eq!(f.io(), [close, connect]);
+        let gave_up = f.event(DownstreamEvent::ConnectFailed);
+        assert_eq!(gave_up, failed("no server reachable"));
+        assert!(!f.relay.is_current(LinkId(1)));
     }
 
     #[test]
     fn reset_replies_are_swallowed_and_a_refused_one_fails_the_link() {
-        let config = config(1, DownstreamMode::Synchronous);
-        let now = Instant::now();
-        let ctx = ctx(&config, now);
-        let mut relay = ready(&config, now);
-        assert!(relay.send_mail(now, &config, "a@b.test", &MailParams::default()));
-        take(&mut relay, LinkId(0));
-        assert_eq!(
-            reply(&mut relay, &ctx, b"250 2.1.0 Ok\r\n"),
-            Some(Event::Reply(Reply::new(250, "2.1.0", "Ok")))
-        );
-        relay.reset();
-        assert_eq!(take(&mut relay, LinkId(0)), b"RSET\r\n");
-        assert_eq!(reply(&mut relay, &ctx, b"250 2.0.0 Ok\r\n"), None);
+        let mut f = Fixture::ready(1, DownstreamMode::Synchronous);
+        assert!(f.send_mail());
+        f.take(LinkId(0));
+        let ok = Reply::new(250, "2.1.0", "Ok");
+        assert_eq!(f.reply(b"250 2.1.0 Ok\r\n"), Some(Event::Reply(ok.clone())));
+        f.relay.reset();
+        assert_eq!(f.take(LinkId(0)), b"RSET\r\n");
+        assert_eq!(f.reply(b"250 2.0.0 Ok\r\n"), None);
         // Not in a transaction any more: a second reset sends nothing.
-        relay.reset();
-        assert_eq!(relay.outbox_len(), 0);
-        assert!(relay.send_mail(now, &config, "a@b.test", &MailParams::default()));
-        let mail = reply(&mut relay, &ctx, b"250 2.1.0 Ok\r\n");
-        assert!(matches!(mail, Some(Event::Reply(_))));
-        relay.reset();
-        let refused = reply(&mut relay, &ctx, b"554 5.5.1 No\r\n");
-        assert!(matches!(
-            refused,
-            Some(Event::Failed {
-                why: "reset refused",
-                ..
-            })
-        ));
+        f.relay.reset();
+        assert_eq!(f.relay.outbox_len(), 0);
+        assert!(f.send_mail());
+        assert_eq!(f.reply(b"250 2.1.0 Ok\r\n"), Some(Event::Reply(ok)));
+        f.relay.reset();
+        assert_eq!(f.reply(b"554 5.5.1 No\r\n"), failed("reset refused"));
     }
 
     #[test]
     fn release_waits_for_a_clean_link_and_drops_unsent_resets() {
-        let config = config(1, DownstreamMode::Multiplexing);
-        let now = Instant::now();
-        let mut relay = ready(&config, now);
-        let mut io = VecDeque::<LinkIo>::new();
-        assert!(relay.send_mail(now, &config, "a@b.test", &MailParams::default()));
+        let mut f = Fixture::ready(1, DownstreamMode::Multiplexing);
+        assert!(f.send_mail());
         // A command not handed out yet: not clean.
-        assert!(!relay.release(&config, false, &mut io));
-        take(&mut relay, LinkId(0));
+        assert!(!f.release(false));
+        f.take(LinkId(0));
         // An open transaction stays with its client unless the client is gone.
-        assert!(!relay.release(&config, false, &mut io));
-        relay.reset();
-        assert!(relay.release(&config, true, &mut io));
-        let Some(LinkIo::Release { link, carried }) = io.pop_front() else {
-            panic!("{io:?}");
+        assert!(!f.release(false));
+        f.relay.reset();
+        assert!(f.release(true));
+        let io = f.io();
+        let [LinkIo::Release { link, carried }] = io.as_slice() else {
+            panic!("no release: {io:?}");
         };
-        assert_eq!(link, LinkId(0));
+        assert_eq!(*link, LinkId(0));
         // The RSET never went out: the next user sends its own.
         assert!(carried.dirty);
-        assert!(!relay.is_current(LinkId(0)));
-        assert_eq!(take(&mut relay, LinkId(0)), b"");
+        assert!(!f.relay.is_current(LinkId(0)));
+        assert_eq!(f.take(LinkId(0)), b"");
     }
 
     #[test]
     fn synchronous_mode_never_releases() {
-        let config = config(1, DownstreamMode::Synchronous);
-        let now = Instant::now();
-        let mut relay = ready(&config, now);
-        let mut io = VecDeque::<LinkIo>::new();
-        assert!(!relay.release(&config, true, &mut io));
-        assert!(relay.is_current(LinkId(0)));
-        assert!(io.is_empty());
+        let mut f = Fixture::ready(1, DownstreamMode::Synchronous);
+        assert!(!f.release(true));
+        assert!(f.relay.is_current(LinkId(0)));
+        assert_eq!(f.io(), []);
     }
 
     #[test]
     fn plain_text_after_the_starttls_220_is_never_read() {
-        let mut config = config(1, DownstreamMode::Synchronous);
-        config.downstream.tls = DownstreamTls::Opportunistic;
-        let now = Instant::now();
-        let ctx = ctx(&config, now);
-        let mut relay = Relay::default();
-        let mut io = VecDeque::<LinkIo>::new();
-        relay.start_mail(&ctx, &mut io);
-        relay.handle_event(&ctx, DownstreamEvent::Connected, &mut io);
-        reply(&mut relay, &ctx, b"220 ds.test ESMTP\r\n");
-        reply(&mut relay, &ctx, b"250-ds.test\r\n250 STARTTLS\r\n");
-        assert_eq!(take(&mut relay, LinkId(0)), b"EHLO mx.test\r\nSTARTTLS\r\n");
-        io.clear();
-        let ready = b"220 2.0.0 Ready\r\n";
-        let read = relay.read(&ctx, ready, true, &mut io);
-        assert_eq!(read, Read::Reply(ready.len(), None));
-        assert_eq!(Vec::from(io.clone()), [LinkIo::StartTls(LinkId(0))]);
-        let forged = b"250 2.1.0 forged\r\n";
-        assert_eq!(relay.read(&ctx, forged, true, &mut io), Read::Discard(None));
-        assert!(relay.is_current(LinkId(0)));
+        let mut f = Fixture::new(1, DownstreamMode::Synchronous);
+        f.config.downstream.tls = DownstreamTls::Opportunistic;
+        f.start_mail();
+        f.event(DownstreamEvent::Connected);
+        f.reply(b"220 ds.test ESMTP\r\n");
+        f.reply(b"250-ds.test\r\n250 STARTTLS\r\n");
+        assert_eq!(f.take(LinkId(0)), b"EHLO mx.test\r\nSTARTTLS\r\n");
+        f.io.clear();
+        assert_eq!(f.reply(b"220 2.0.0 Ready\r\n"), None);
+        assert_eq!(f.io(), [LinkIo::StartTls(LinkId(0))]);
+        assert_eq!(f.read(b"250 2.1.0 forged\r\n"), Read::Discard(None));
+        assert!(f.relay.is_current(LinkId(0)));
     }
 
     #[test]
     fn a_malformed_reply_fails_the_link_and_the_rest_is_dropped() {
-        let config = config(1, DownstreamMode::Synchronous);
-        let now = Instant::now();
-        let ctx = ctx(&config, now);
-        let mut relay = ready(&config, now);
-        let mut io = VecDeque::<LinkIo>::new();
-        assert_eq!(relay.read(&ctx, b"25", true, &mut io), Read::Partial);
-        let read = relay.read(&ctx, b"hello\r\n", true, &mut io);
-        assert!(matches!(
-            read,
-            Read::Discard(Some(Event::Failed {
-                why: "malformed reply",
-                ..
-            }))
-        ));
-        assert!(!relay.is_current(LinkId(0)));
+        let mut f = Fixture::ready(1, DownstreamMode::Synchronous);
+        assert_eq!(f.read(b"25"), Read::Partial);
+        let read = f.read(b"hello\r\n");
+        assert_eq!(read, Read::Discard(failed("malformed reply")));
+        assert!(!f.relay.is_current(LinkId(0)));
     }
 }

@@ -57,6 +57,30 @@ pub(super) enum Pending {
     Greylist,
 }
 
+/// The reply to a command whose answer never depends on the session's state.
+fn fixed_reply(command: &Command<'_>) -> Option<Reply> {
+    let (code, enhanced, text) = match command {
+        Command::Noop => (250, "2.0.0", "Ok"),
+        Command::Help => (
+            214,
+            "2.0.0",
+            "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT",
+        ),
+        // RFC 5321 §3.5.3: 252 neither confirms nor denies, and tells address harvesters
+        // nothing.
+        Command::Vrfy => (
+            252,
+            "2.0.0",
+            "Cannot VRFY user, but will accept message and attempt delivery",
+        ),
+        Command::Expn => (502, "5.5.1", "Error: EXPN not available"),
+        Command::Auth => (503, "5.5.1", "Error: authentication not enabled"),
+        Command::Bdat => (502, "5.5.1", "Error: CHUNKING not available, use DATA"),
+        _ => return None,
+    };
+    Some(Reply::new(code, enhanced, text))
+}
+
 impl Session {
     /// Whether the client's first command is a PROXY header: looks at the start of the
     /// stream (the partial line kept plus `input`). Returns the bytes to take now: all of
@@ -241,23 +265,9 @@ impl Session {
                 self.reset_transaction();
                 self.reply(Reply::new(250, "2.0.0", "Ok"));
             }
-            Command::Noop => self.reply(Reply::new(250, "2.0.0", "Ok")),
             Command::Quit => {
                 self.close(CloseReason::Quit, Some(Reply::new(221, "2.0.0", "Bye")));
             }
-            Command::Help => self.reply(Reply::new(
-                214,
-                "2.0.0",
-                "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT",
-            )),
-            // RFC 5321 §3.5.3: 252 neither confirms nor denies, and tells address harvesters
-            // nothing.
-            Command::Vrfy => self.reply(Reply::new(
-                252,
-                "2.0.0",
-                "Cannot VRFY user, but will accept message and attempt delivery",
-            )),
-            Command::Expn => self.reply(Reply::new(502, "5.5.1", "Error: EXPN not available")),
             Command::StartTls => self.handle_starttls(),
             // Client-sent identity is never trusted or passed on (DESIGN.md §1.4).
             Command::Xclient | Command::Xforward => self.line_error(Reply::new(
@@ -265,16 +275,16 @@ impl Session {
                 "5.7.0",
                 "Error: insufficient authorization",
             )),
-            Command::Auth => self.reply(Reply::new(
-                503,
-                "5.5.1",
-                "Error: authentication not enabled",
-            )),
-            Command::Bdat => self.reply(Reply::new(
-                502,
-                "5.5.1",
-                "Error: CHUNKING not available, use DATA",
-            )),
+            Command::Noop
+            | Command::Help
+            | Command::Vrfy
+            | Command::Expn
+            | Command::Auth
+            | Command::Bdat => {
+                if let Some(reply) = fixed_reply(&command) {
+                    self.reply(reply);
+                }
+            }
         }
     }
 

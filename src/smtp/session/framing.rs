@@ -180,82 +180,59 @@ mod tests {
         (got, lines.partial().to_vec())
     }
 
-    fn line(text: &str) -> Got {
-        Got::Line(text.as_bytes().to_vec())
-    }
-
-    /// `(input, max_line_length, lines, partial line left)`.
-    fn table() -> Vec<(Vec<u8>, usize, Vec<Got>, &'static str)> {
-        vec![
-            (b"".to_vec(), 16, vec![], ""),
-            (b"NOOP\r\n".to_vec(), 16, vec![line("NOOP\r\n")], ""),
-            (
-                b"EHLO a\r\nMAIL FROM:<>\r\nQU".to_vec(),
-                16,
-                vec![line("EHLO a\r\n"), line("MAIL FROM:<>\r\n")],
-                "QU",
-            ),
-            // Exactly the limit, CRLF included, is a line; one byte more is not.
-            (b"12345678\r\n".to_vec(), 10, vec![line("12345678\r\n")], ""),
-            (
-                b"123456789\r\nNOOP\r\n".to_vec(),
-                10,
-                vec![Got::TooLong, line("NOOP\r\n")],
-                "",
-            ),
-            // An over-long line, then a good one: answered once, then back in step.
-            (
-                [b"X".repeat(100), b"\r\nRSET\r\n".to_vec()].concat(),
-                16,
-                vec![Got::TooLong, line("RSET\r\n")],
-                "",
-            ),
-            // Two over-long lines in a row are two errors, not one.
-            (
-                [
-                    b"X".repeat(20),
-                    b"\n".to_vec(),
-                    b"Y".repeat(20),
-                    b"\nQUIT\r\n".to_vec(),
-                ]
-                .concat(),
-                16,
-                vec![Got::TooLong, Got::TooLong, line("QUIT\r\n")],
-                "",
-            ),
-            // Over the limit and not ended yet: nothing kept, nothing reported.
-            (b"X".repeat(40), 16, vec![], ""),
-            // A CR without LF stays inside its line: only LF ends one.
-            (
-                b"NO\rOP\r\nQUIT\r\n".to_vec(),
-                16,
-                vec![line("NO\rOP\r\n"), line("QUIT\r\n")],
-                "",
-            ),
-            (b"NOOP\r\r\n".to_vec(), 16, vec![line("NOOP\r\r\n")], ""),
-            // A bare LF ends a line here; the session refuses it (`dispatch_line`).
-            (
-                b"NOOP\nQUIT\r\n".to_vec(),
-                16,
-                vec![line("NOOP\n"), line("QUIT\r\n")],
-                "",
-            ),
-            (b"\n\r\n".to_vec(), 16, vec![line("\n"), line("\r\n")], ""),
-        ]
-    }
+    /// `(input, max_line_length, what comes out, partial line left)`; `!` is `TooLong`.
+    const TABLE: &[(&[u8], usize, &[&str], &str)] = &[
+        (b"", 16, &[], ""),
+        (b"NOOP\r\n", 16, &["NOOP\r\n"], ""),
+        (
+            b"EHLO a\r\nMAIL FROM:<>\r\nQU",
+            16,
+            &["EHLO a\r\n", "MAIL FROM:<>\r\n"],
+            "QU",
+        ),
+        // Exactly the limit, CRLF included, is a line; one byte more is not.
+        (b"12345678\r\n", 10, &["12345678\r\n"], ""),
+        (b"123456789\r\nNOOP\r\n", 10, &["!", "NOOP\r\n"], ""),
+        // An over-long line, then a good one: answered once, then back in step.
+        (
+            b"XXXXXXXXXXXXXXXXXXXXXXXXXXXXXX\r\nRSET\r\n",
+            16,
+            &["!", "RSET\r\n"],
+            "",
+        ),
+        // Two over-long lines in a row are two errors, not one.
+        (
+            b"XXXXXXXXXXXXXXXXXXXX\nYYYYYYYYYYYYYYYYYYYY\nQUIT\r\n",
+            16,
+            &["!", "!", "QUIT\r\n"],
+            "",
+        ),
+        // Over the limit and not ended yet: nothing kept, nothing reported.
+        (b"XXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX", 16, &[], ""),
+        // A CR without LF stays inside its line: only LF ends one.
+        (b"NO\rOP\r\nQUIT\r\n", 16, &["NO\rOP\r\n", "QUIT\r\n"], ""),
+        (b"NOOP\r\r\n", 16, &["NOOP\r\r\n"], ""),
+        // A bare LF ends a line here; the session refuses it (`dispatch_line`).
+        (b"NOOP\nQUIT\r\n", 16, &["NOOP\n", "QUIT\r\n"], ""),
+        (b"\n\r\n", 16, &["\n", "\r\n"], ""),
+    ];
 
     #[test]
     fn lines_come_out_as_the_table_says() {
-        for (input, max, lines, partial) in table() {
-            let got = run(&[&input], max);
-            assert_eq!(got, (lines, partial.as_bytes().to_vec()), "{input:?}");
+        for &(input, max, lines, partial) in TABLE {
+            let lines = lines.iter().map(|&line| match line {
+                "!" => Got::TooLong,
+                line => Got::Line(line.as_bytes().to_vec()),
+            });
+            let expected = (lines.collect(), partial.as_bytes().to_vec());
+            assert_eq!(run(&[input], max), expected, "{input:?}");
         }
     }
 
     #[test]
     fn lines_split_everywhere_give_the_same_result() {
-        for (input, max, _, _) in table() {
-            let whole = run(&[&input], max);
+        for &(input, max, _, _) in TABLE {
+            let whole = run(&[input], max);
             for cut in 0..=input.len() {
                 let (head, tail) = input.split_at(cut);
                 assert_eq!(run(&[head, tail], max), whole, "{input:?} cut at {cut}");
