@@ -169,7 +169,9 @@ enum TlsStage {
     Active(TlsVersion),
 }
 
-/// One timer per kind; `poll_timeout` is the earliest.
+/// One timer per kind; `poll_timeout` is the earliest of these, the relay's deadline (the
+/// downstream connect or reply, kept with the connection: `Relay::poll_timeout`) and the
+/// tarpit's next release.
 #[derive(Clone, Copy, Debug, Default)]
 struct Timers {
     /// Fires when no command line is complete within `timeouts.command` of tarmac's last reply
