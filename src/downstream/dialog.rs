@@ -1,7 +1,8 @@
-//! The downstream handshake as a small sans-IO machine inside the session: PROXY header,
-//! banner, EHLO (HELO fallback), STARTTLS, XCLIENT and the client's own EHLO after it. Relayed
-//! transaction commands (MAIL, RCPT, DATA, the body) are the session's business; this machine
-//! only gets the connection to the point where they can be sent *for one client*, and remembers
+//! The downstream handshake as a small sans-IO machine inside the relay
+//! (`crate::downstream::relay::Relay`): PROXY header, banner, EHLO (HELO fallback),
+//! STARTTLS, XCLIENT and the client's own EHLO after it. Relayed transaction commands (MAIL,
+//! RCPT, DATA, the body) are the relay's business; this machine only gets the connection to
+//! the point where they can be sent *for one client*, and remembers
 //! what the downstream offered and whom the connection speaks for. It never touches the
 //! socket: when TLS has to start it says so ([`Step::StartTls`]) and waits for the driver to
 //! report the outcome.

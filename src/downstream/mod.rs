@@ -1,7 +1,8 @@
-//! The client side of the relay: the downstream handshake (sans-IO, driven by the session), the
+//! The client side of the relay: the relay itself (`relay`: one session's downstream
+//! connection, sans-IO, driven by the session), the handshake inside it (`dialog`), the
 //! nonblocking connect the server performs for it, the rustls client configuration for
-//! STARTTLS, and the multiplexing mode's pool of idle connections; `src/server/` owns the
-//! sockets.
+//! STARTTLS, and the multiplexing mode's pool of idle connections (`pool`); `src/server/` owns
+//! the sockets.
 
 pub mod connect;
 pub mod dialog;

@@ -201,9 +201,7 @@ impl Session {
         if let Some(reply) = reply.filter(|_| !matches!(self.phase, Phase::StartingTls)) {
             self.say(reply);
         }
-        if !self.release_relay_if_clean(true) {
-            self.drop_relay();
-        }
+        self.let_go_of_relay(true);
         self.phase = Phase::Closed(reason);
         self.timers = Timers::default();
         self.lines.free();

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::downstream::relay::Link;
 use crate::policy::rates::network_name;
 use crate::policy::reputation::Event;
 use crate::policy::screening::ListedBy;
@@ -56,6 +55,30 @@ pub(super) enum Pending {
     EndOfData,
     /// Not the downstream: the greylist's answer for a RCPT (`Question::CheckGreylist`).
     Greylist,
+}
+
+/// The reply to a command whose answer never depends on the session's state.
+fn fixed_reply(command: &Command<'_>) -> Option<Reply> {
+    let (code, enhanced, text) = match command {
+        Command::Noop => (250, "2.0.0", "Ok"),
+        Command::Help => (
+            214,
+            "2.0.0",
+            "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT",
+        ),
+        // RFC 5321 §3.5.3: 252 neither confirms nor denies, and tells address harvesters
+        // nothing.
+        Command::Vrfy => (
+            252,
+            "2.0.0",
+            "Cannot VRFY user, but will accept message and attempt delivery",
+        ),
+        Command::Expn => (502, "5.5.1", "Error: EXPN not available"),
+        Command::Auth => (503, "5.5.1", "Error: authentication not enabled"),
+        Command::Bdat => (502, "5.5.1", "Error: CHUNKING not available, use DATA"),
+        _ => return None,
+    };
+    Some(Reply::new(code, enhanced, text))
 }
 
 impl Session {
@@ -242,23 +265,9 @@ impl Session {
                 self.reset_transaction();
                 self.reply(Reply::new(250, "2.0.0", "Ok"));
             }
-            Command::Noop => self.reply(Reply::new(250, "2.0.0", "Ok")),
             Command::Quit => {
                 self.close(CloseReason::Quit, Some(Reply::new(221, "2.0.0", "Bye")));
             }
-            Command::Help => self.reply(Reply::new(
-                214,
-                "2.0.0",
-                "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT",
-            )),
-            // RFC 5321 §3.5.3: 252 neither confirms nor denies, and tells address harvesters
-            // nothing.
-            Command::Vrfy => self.reply(Reply::new(
-                252,
-                "2.0.0",
-                "Cannot VRFY user, but will accept message and attempt delivery",
-            )),
-            Command::Expn => self.reply(Reply::new(502, "5.5.1", "Error: EXPN not available")),
             Command::StartTls => self.handle_starttls(),
             // Client-sent identity is never trusted or passed on (DESIGN.md §1.4).
             Command::Xclient | Command::Xforward => self.line_error(Reply::new(
@@ -266,16 +275,16 @@ impl Session {
                 "5.7.0",
                 "Error: insufficient authorization",
             )),
-            Command::Auth => self.reply(Reply::new(
-                503,
-                "5.5.1",
-                "Error: authentication not enabled",
-            )),
-            Command::Bdat => self.reply(Reply::new(
-                502,
-                "5.5.1",
-                "Error: CHUNKING not available, use DATA",
-            )),
+            Command::Noop
+            | Command::Help
+            | Command::Vrfy
+            | Command::Expn
+            | Command::Auth
+            | Command::Bdat => {
+                if let Some(reply) = fixed_reply(&command) {
+                    self.reply(reply);
+                }
+            }
         }
     }
 
@@ -300,9 +309,7 @@ impl Session {
         }
         // The downstream session announced the client's plain-text HELO; the next transaction
         // gets a fresh one after the new EHLO.
-        if !self.release_relay_if_clean(false) {
-            self.drop_relay();
-        }
+        self.let_go_of_relay(false);
         self.reply(Reply::new(220, "2.0.0", "Ready to start TLS"));
         self.tls = TlsStage::Requested;
         self.phase = Phase::StartingTls;
@@ -450,13 +457,9 @@ impl Session {
     /// ready for this transaction.
     pub(super) fn relay_rcpt(&mut self, now: Instant, to: &str) {
         let relayed = self.tx.as_deref().is_some_and(|tx| tx.relayed);
-        let ready = self
-            .relay
-            .as_deref()
-            .is_some_and(|relay| relay.link == Link::Ready && relay.in_transaction);
-        if relayed && ready {
-            let command = format!("RCPT TO:<{to}>\r\n");
-            return self.send_downstream(now, command.as_bytes(), Pending::Rcpt);
+        if relayed && self.relay.is_in_transaction() {
+            let queued = self.relay.send_rcpt(now, &self.config, to);
+            return self.await_downstream(now, queued, Pending::Rcpt);
         }
         if relayed {
             // The transaction's downstream is gone.
@@ -510,7 +513,8 @@ impl Session {
         if tx.accepted == 0 {
             return self.reply(Reply::new(554, "5.5.1", "Error: no valid recipients"));
         }
-        self.send_downstream(now, b"DATA\r\n", Pending::Data);
+        let queued = self.relay.send_data(now, &self.config);
+        self.await_downstream(now, queued, Pending::Data);
     }
 
     /// The client's `CRLF.CRLF` arrived.
@@ -550,13 +554,12 @@ impl Session {
             self.last_failure = Some("rejected");
             return self.reply(reply);
         }
-        let Some(relay) = self.relay.as_deref_mut().filter(|r| r.link == Link::Ready) else {
+        if !self.relay.send_dot(now, &self.config) {
             self.tx = None;
             self.last_failure = Some("tempfail");
             return self.reply(downstream_lost());
-        };
-        relay.mid_data = false;
-        self.send_downstream(now, b".\r\n", Pending::EndOfData);
+        }
+        self.phase = Phase::Waiting(Pending::EndOfData);
     }
 
     /// The answer to `Question::CheckGreylist`: a new or early triplet gets `451 4.7.1

@@ -32,6 +32,20 @@ pub(super) enum GreetPause {
     Served,
 }
 
+/// The one service answer the session waits for besides the lookups and the PASS cache
+/// (which are asked for alongside the reputation, so they keep their own state). The two
+/// never overlap: the tarpit place is asked for once the reputation is in (`finish_checks`),
+/// or after the greeting (a rule's tarpit).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Awaiting {
+    /// No such question is out.
+    Nothing,
+    /// `Question::CheckReputation` is unanswered: the verdict waits.
+    Reputation,
+    /// `Question::EnterTarpit` is unanswered: the greeting (or a held reply) waits.
+    TarpitSlot,
+}
+
 /// A verdict of reject (or a deny-list entry, or a pregreet talker), as the dialog applies it.
 #[derive(Debug)]
 pub(super) enum Blocked {
@@ -94,10 +108,10 @@ impl Session {
     /// The answer to `Question::CheckReputation`: the client's history (`None`: none kept). A
     /// mostly bad one adds `[reputation] weight` to the score the verdict is made from.
     pub(super) fn on_reputation(&mut self, now: Instant, history: Option<History>) {
-        if !self.awaiting_reputation || !matches!(self.phase, Phase::Checking) {
+        if self.awaiting != Awaiting::Reputation || !matches!(self.phase, Phase::Checking) {
             return;
         }
-        self.awaiting_reputation = false;
+        self.awaiting = Awaiting::Nothing;
         let config = &self.config.reputation;
         let standing = reputation::standing(history.as_ref(), now, config.half_life);
         let weight = reputation::weight(standing, config);
@@ -109,10 +123,10 @@ impl Session {
     /// delayed (and stuttered); refused (`max_tarpitted` reached), the client is rejected
     /// instead, as DESIGN.md §3 says.
     pub(super) fn on_tarpit_slot(&mut self, now: Instant, granted: bool) {
-        if !self.awaiting_slot {
+        if self.awaiting != Awaiting::TarpitSlot {
             return;
         }
-        self.awaiting_slot = false;
+        self.awaiting = Awaiting::Nothing;
         if !matches!(self.phase, Phase::Checking) {
             // A rule's tarpit after the greeting, already holding: no place, no tarpit.
             if !granted {
@@ -171,7 +185,7 @@ impl Session {
         // A client a list decided on needs neither its reputation nor a greet pause: allowed,
         // it skips every check; denied, it is refused at once.
         if config.reputation.enabled && self.checks.list_match().is_none() {
-            self.awaiting_reputation = true;
+            self.awaiting = Awaiting::Reputation;
             self.actions
                 .push_back(Action::Ask(Question::CheckReputation(
                     ip,
@@ -201,8 +215,7 @@ impl Session {
         if matches!(self.phase, Phase::Checking)
             && self.checks.is_complete()
             && self.pause != GreetPause::Asking
-            && !self.awaiting_reputation
-            && !self.awaiting_slot
+            && self.awaiting == Awaiting::Nothing
             && self.timers.greet.is_none()
         {
             self.finish_checks(now);
@@ -229,7 +242,7 @@ impl Session {
             && (!tarpit.reply_delay.is_zero() || !tarpit.stutter.is_zero())
             && !self.shutting_down
         {
-            self.awaiting_slot = true;
+            self.awaiting = Awaiting::TarpitSlot;
             self.actions.push_back(Action::Ask(Question::EnterTarpit));
             return;
         }
@@ -333,11 +346,11 @@ impl Session {
                 let tarpit = &config.tarpit;
                 if stage != Stage::Connect
                     && self.tarpit.is_none()
-                    && !self.awaiting_slot
+                    && self.awaiting != Awaiting::TarpitSlot
                     && (!tarpit.reply_delay.is_zero() || !tarpit.stutter.is_zero())
                 {
                     self.tarpit = Some(Box::new(Tarpit::new(tarpit.reply_delay, tarpit.stutter)));
-                    self.awaiting_slot = true;
+                    self.awaiting = Awaiting::TarpitSlot;
                     self.actions.push_back(Action::Ask(Question::EnterTarpit));
                 }
             }

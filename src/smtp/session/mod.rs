@@ -78,8 +78,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::downstream::dialog::Handshake;
-use crate::downstream::relay::{Link, Relay};
+use crate::downstream::relay::Relay;
 use crate::policy::screening::{Checks, ReputationMarks};
 use crate::smtp::data::DataDecoder;
 use crate::smtp::question::{Answer, Question};
@@ -98,9 +97,8 @@ pub use closing::too_many_connections;
 use closing::{CloseReason, Strikes};
 use commands::{Pending, Transaction};
 use framing::{LineReceiver, ProxyReceiver};
-use greeting::{Blocked, GreetPause};
+use greeting::{Awaiting, Blocked, GreetPause};
 pub use interface::{Action, Peer, Report, Shutdown, Side, TlsVersion};
-use relaying::identity;
 
 /// Replies queued for the client before the session stops taking its commands (DESIGN.md §6.1
 /// "Memory"): a client that pipelines without reading its replies makes the session hold at most
@@ -171,7 +169,9 @@ enum TlsStage {
     Active(TlsVersion),
 }
 
-/// One timer per kind; `poll_timeout` is the earliest.
+/// One timer per kind; `poll_timeout` is the earliest of these, the relay's deadline (the
+/// downstream connect or reply, kept with the connection: `Relay::poll_timeout`) and the
+/// tarpit's next release.
 #[derive(Clone, Copy, Debug, Default)]
 struct Timers {
     /// Fires when no command line is complete within `timeouts.command` of tarmac's last reply
@@ -184,8 +184,6 @@ struct Timers {
     idle: Option<Instant>,
     /// Fires when no body bytes arrived within `timeouts.data`.
     data: Option<Instant>,
-    /// Fires when the downstream connect (`timeouts.connect`) or reply (`timeouts.command`) is late.
-    downstream: Option<Instant>,
     /// Fires when the DNS answers are not all in within `[dns] timeout`.
     lookup: Option<Instant>,
     /// Fires when the greet pause is over.
@@ -196,8 +194,14 @@ impl Timers {
     /// The earliest deadline that can fire in `phase`: exactly the timers `handle_timeout`
     /// acts on there, so a deadline that is due is never reported without being handled (the
     /// driver would wake at once, again and again).
-    /// While a tarpitted reply is `holding`, the client owes us nothing: its timers wait.
-    fn earliest(&self, phase: &Phase, holding: bool) -> Option<Instant> {
+    /// While a tarpitted reply is `holding`, the client owes us nothing: its timers wait. The
+    /// relay's deadline (`downstream`) runs in every phase.
+    fn earliest(
+        &self,
+        phase: &Phase,
+        holding: bool,
+        downstream: Option<Instant>,
+    ) -> Option<Instant> {
         let client = match phase {
             Phase::Command if holding => [None, None],
             Phase::Command => [self.command, self.idle],
@@ -207,7 +211,7 @@ impl Timers {
             Phase::Data(_) => [self.data, None],
             Phase::Waiting(_) | Phase::Closing(_) | Phase::Closed(_) => [None, None],
         };
-        client.into_iter().chain([self.downstream]).flatten().min()
+        client.into_iter().chain([downstream]).flatten().min()
     }
 }
 
@@ -230,9 +234,8 @@ pub struct Session {
     helo: Option<Box<[u8]>>,
     esmtp: bool,
     tx: Option<Box<Transaction>>,
-    relay: Option<Box<Relay>>,
-    /// The id the next downstream connection gets.
-    next_link: u32,
+    /// The downstream connection, if any, and the id of the next one.
+    relay: Relay,
     /// Unknown or malformed commands (and other protocol errors), against
     /// `max_unknown_commands`; never forgiven.
     protocol_errors: u32,
@@ -246,14 +249,12 @@ pub struct Session {
     blocked: Option<Blocked>,
     /// Where the greet pause stands.
     pause: GreetPause,
-    /// A `CheckReputation` is unanswered: the verdict waits.
-    awaiting_reputation: bool,
+    /// The reputation or the tarpit place the session waits for, if any.
+    awaiting: Awaiting,
     /// Which events went to the client's reputation (one bad mark, one greylist pass).
     marks: ReputationMarks,
     /// What a pregreet talker sent first (at most [`PREGREET_KEEP`] bytes).
     pregreet: Option<Box<[u8]>>,
-    /// An `EnterTarpit` is unanswered: the greeting waits.
-    awaiting_slot: bool,
     /// Tarpit verdict with its place granted: replies are held and released on a schedule.
     tarpit: Option<Box<Tarpit>>,
     /// A reloaded configuration, put in force at the next decision (see `handle_reload`).
@@ -316,8 +317,7 @@ impl Session {
             helo: None,
             esmtp: false,
             tx: None,
-            relay: None,
-            next_link: 0,
+            relay: Relay::default(),
             protocol_errors: 0,
             strikes: Strikes::default(),
             msgs: 0,
@@ -327,10 +327,9 @@ impl Session {
             checks: Checks::new(),
             blocked: None,
             pause: GreetPause::Skipped,
-            awaiting_reputation: false,
+            awaiting: Awaiting::Nothing,
             marks: ReputationMarks::default(),
             pregreet: None,
-            awaiting_slot: false,
             tarpit: None,
             pending_config: None,
             rule: None,
@@ -352,7 +351,7 @@ impl Session {
         while consumed < bytes.len() {
             let rest = bytes.get(consumed..).unwrap_or_default();
             let holding = self.is_holding();
-            let relay_outbox = self.relay_outbox_len();
+            let relay_outbox = self.relay.outbox_len();
             let relay_full = relay_outbox >= DOWNSTREAM_OUTBOX_CAP;
             let used = match &mut self.phase {
                 Phase::Closing(_) | Phase::Closed(_) => return bytes.len(),
@@ -398,8 +397,8 @@ impl Session {
                         .saturating_sub(relay_outbox)
                         .div_ceil(2);
                     let rest = rest.get(..room).unwrap_or(rest);
-                    let decoded = match self.relay.as_deref_mut() {
-                        Some(relay) => decoder.decode(rest, &mut relay.outbox),
+                    let decoded = match self.relay.body() {
+                        Some(outbox) => decoder.decode(rest, outbox),
                         None => {
                             // The downstream is gone: read the body to its end, relay nothing.
                             let mut nowhere = Vec::new();
@@ -434,106 +433,12 @@ impl Session {
         }
     }
 
-    /// Feeds an event of downstream connection `link`; for `Data` returns the bytes consumed,
-    /// else 0. Events of a connection the session no longer uses are swallowed.
-    pub fn handle_downstream(
-        &mut self,
-        now: Instant,
-        link: LinkId,
-        event: DownstreamEvent<'_>,
-    ) -> usize {
-        let current = self.relay.as_deref().is_some_and(|relay| relay.id == link);
-        if self.is_closed() || !current {
-            return match event {
-                DownstreamEvent::Data(bytes) => bytes.len(),
-                _ => 0,
-            };
-        }
-        let used = match event {
-            DownstreamEvent::Connected => {
-                let who = identity(&self.peer, self.helo.as_deref(), self.esmtp, &self.checks);
-                if let Some(relay) = self.relay.as_deref_mut() {
-                    relay.link = Link::Handshaking;
-                    relay.handshake.handle_connected(&who, &mut relay.outbox);
-                }
-                self.timers.downstream = Some(now + self.config.timeouts.command);
-                0
-            }
-            DownstreamEvent::Reused(carried) => {
-                let config = Arc::clone(&self.config);
-                let who = identity(&self.peer, self.helo.as_deref(), self.esmtp, &self.checks);
-                let step = self.relay.as_deref_mut().map(|relay| {
-                    let (handshake, step) = Handshake::resume(
-                        &config.server.hostname,
-                        config.downstream.announce_client,
-                        carried,
-                        &who,
-                        &mut relay.outbox,
-                    );
-                    relay.handshake = handshake;
-                    relay.link = Link::Handshaking;
-                    step
-                });
-                if let Some(step) = step {
-                    self.on_handshake_step(now, step);
-                }
-                0
-            }
-            DownstreamEvent::ConnectFailed => {
-                self.try_next_server(now);
-                0
-            }
-            DownstreamEvent::Closed => {
-                // Nothing more can be written to it, QUIT included: closed without one.
-                if let Some(relay) = self.relay.take() {
-                    self.actions.push_back(Action::CloseDownstream {
-                        link: relay.id,
-                        quit: false,
-                    });
-                }
-                self.downstream_failed(now, "connection closed");
-                0
-            }
-            DownstreamEvent::Data(bytes) => self.read_downstream(now, bytes),
-            DownstreamEvent::TlsEstablished => {
-                let step = self.relay.as_deref_mut().and_then(|relay| {
-                    (relay.link == Link::StartingTls).then(|| {
-                        relay.link = Link::Handshaking;
-                        relay.handshake.handle_tls_established(&mut relay.outbox)
-                    })
-                });
-                match step {
-                    Some(step) => self.on_handshake_step(now, step),
-                    None => self.downstream_failed(now, "TLS reported without STARTTLS"),
-                }
-                0
-            }
-            DownstreamEvent::TlsFailed => {
-                self.downstream_tls_failed(now);
-                0
-            }
-        };
-        self.check_shutdown(now);
-        used
-    }
-
     /// Handles every timer that has expired at `now`; a no-op when called early.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.is_closed() {
             return;
         }
-        if expired(self.timers.downstream, now) {
-            self.timers.downstream = None;
-            let link = self.relay.as_ref().map(|r| r.link);
-            if link == Some(Link::Connecting) {
-                self.try_next_server(now);
-            } else if link == Some(Link::StartingTls) {
-                // Postfix counts a stalled handshake as a failed one.
-                self.downstream_tls_failed(now);
-            } else {
-                self.downstream_failed(now, "timeout");
-            }
-        }
+        self.relay_timeout(now);
         let client_late = match self.phase {
             Phase::Data(_) => expired(self.timers.data, now),
             Phase::Command if self.is_holding() => false,
@@ -683,9 +588,7 @@ impl Session {
     /// the connection in use (its bytes died with it). Only a connection's own handshake
     /// commands go out before it is ready, and transaction commands only after.
     pub fn poll_transmit_downstream(&mut self, link: LinkId, out: &mut Vec<u8>) {
-        if let Some(relay) = self.relay.as_deref_mut().filter(|relay| relay.id == link) {
-            hand_out(&mut relay.outbox, out);
-        }
+        self.relay.poll_transmit(link, out);
     }
 
     /// The next I/O step for the driver.
@@ -701,10 +604,14 @@ impl Session {
             return release.filter(|_| matches!(self.phase, Phase::Closing(_)));
         }
         let holding = self.is_holding();
-        [self.timers.earliest(&self.phase, holding), release]
-            .into_iter()
-            .flatten()
-            .min()
+        let downstream = self.relay.poll_timeout();
+        [
+            self.timers.earliest(&self.phase, holding, downstream),
+            release,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Whether the session takes client bytes now (false while a reply is pending from the
@@ -715,7 +622,7 @@ impl Session {
             Phase::Proxy(_) => self.to_client.len() < CLIENT_OUTBOX_CAP,
             // Read until the first pregreet byte: talking first is what is watched for here.
             Phase::Checking => self.pregreet.is_none(),
-            Phase::Data(_) => self.relay_outbox_len() < DOWNSTREAM_OUTBOX_CAP,
+            Phase::Data(_) => self.relay.outbox_len() < DOWNSTREAM_OUTBOX_CAP,
             // Until the switch, bytes are taken only to be discarded; during the handshake the
             // driver has no plaintext to offer.
             Phase::StartingTls => self.tls == TlsStage::Requested,
@@ -798,8 +705,6 @@ impl Session {
             .as_deref()
             .is_some_and(|tarpit| tarpit.is_holding() || !self.to_client.is_empty())
     }
-
-    // ---- downstream side ----
 
     // ---- output and closing ----
 

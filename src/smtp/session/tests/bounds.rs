@@ -387,7 +387,7 @@ fn a_downstream_not_reading_the_body_stops_the_client_being_read() {
             BareNewline::Reject => b"body line\r\n".repeat(256 * 1024 / 11),
         };
         let used = pair.session.handle_client_data(pair.now, &body);
-        let held = pair.session.relay_outbox_len();
+        let held = pair.session.relay.outbox_len();
         assert!(
             held <= DOWNSTREAM_OUTBOX_CAP + 512,
             "{mode:?}: {held} bytes held"
