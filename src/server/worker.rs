@@ -18,11 +18,12 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Waker};
 
 use super::close_log::ConnId;
-use super::conn::{self, CLOSE_FLUSH_LIMIT, Conn, DownstreamPool, Io, Next, READ_CHUNK};
+use super::conn::{CLOSE_FLUSH_LIMIT, Conn, DownstreamPool, Io, Next, READ_CHUNK};
 use super::leg::Leg;
 use super::shared::Shared;
 use super::slab::{ConnKey, Slab};
 use super::timer::TimerHeap;
+use super::tls_failures;
 use super::token::{self, Source};
 use crate::config::{Config, DownstreamMode};
 use crate::dns::{Inbox, ResolverHandle};
@@ -466,7 +467,7 @@ impl Worker {
         let id = ConnId::new(self.index, self.workers, self.next_seq);
         self.next_seq = self.next_seq.wrapping_add(1);
         if admission.starttls == StartTls::Withhold {
-            conn::log_withheld(addr);
+            tls_failures::log_withheld(addr);
         }
         let peer = Peer {
             client: addr,
