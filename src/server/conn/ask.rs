@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::{Conn, Io};
 use crate::dns::Waiter;
-use crate::server::limits::Refusal;
+use crate::policy::admission::{self, StartTls};
 use crate::server::slab::ConnKey;
 use crate::server::tls_failures::log_withheld;
 use crate::smtp::question::{LookupAnswer, Query};
@@ -28,21 +28,13 @@ impl Conn {
             StateAnswer::Greylist(outcome) => Answer::Greylist(outcome),
             StateAnswer::Reputation(history) => Answer::Reputation(history),
             StateAnswer::Rate { ip, verdict } => {
-                // Rates first, then the per-IP cap, as at accept.
-                let admitted = match verdict
-                    .map_err(Refusal::Rate)
-                    .and_then(|()| self.guard.rekey(ip))
-                {
-                    Ok(()) => true,
-                    Err(refusal) => {
-                        log::info!(
-                            "refused connection from {}: {refusal}",
-                            self.session.report().client
-                        );
-                        false
-                    }
-                };
-                Answer::Admission(admitted)
+                let guard = &mut self.guard;
+                let admitted = admission::admit_named(verdict, || guard.rekey(ip));
+                if let Err(refusal) = admitted {
+                    let client = self.session.report().client;
+                    log::info!("refused connection from {client}: {refusal}");
+                }
+                Answer::Admission(admitted.is_ok())
             }
         };
         self.session.handle_answer(now, answer);
@@ -100,12 +92,14 @@ impl Conn {
                 let granted = self.tarpit_place.is_some();
                 self.session.handle_answer(now, Answer::TarpitSlot(granted));
             }
-            // The rate first (`handle_state`), then the per-IP cap.
+            // The STARTTLS offer, then the rate (`handle_state`), then the per-IP cap.
             Question::Admit(client) => {
                 // The balancer's address was checked at accept; the client's is known now.
-                if io.config.tls.loaded.is_some()
-                    && io.shared.tls_failures.failed_recently(client.ip(), now)
-                {
+                let failures = &io.shared.tls_failures;
+                let offer = admission::starttls(io.config, client.ip(), |ip| {
+                    failures.failed_recently(ip, now)
+                });
+                if offer == StartTls::Withhold {
                     log_withheld(client);
                     self.session.handle_starttls_withheld();
                 }
