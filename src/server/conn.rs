@@ -181,7 +181,7 @@ impl Conn {
             Side::Client => self.client.on_event(event),
             Side::Downstream => {
                 if let Some(ds) = self.downstream.as_deref_mut() {
-                    ds.leg.on_event(event);
+                    ds.on_event(event);
                 }
             }
         }

@@ -454,9 +454,7 @@ impl Worker {
                 return;
             }
         };
-        // Replies are small and a stuttering tarpit sends single bytes: Nagle would only
-        // delay or merge them.
-        let _ = stream.set_nodelay(true);
+        // TCP_NODELAY is on already: accepted sockets inherit it from the listener (`bind`).
         // A listener bound to one address accepts on that address: asking the socket
         // (getsockname) is only needed behind a wildcard listener.
         let local = if local.ip().is_unspecified() {

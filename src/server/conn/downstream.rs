@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use mio::Registry;
+use mio::event::Event;
 
 use super::{Conn, Io};
 use crate::downstream::connect;
@@ -44,6 +45,9 @@ pub(super) struct DownstreamConn {
     pub(super) ticket: Option<Ticket>,
     /// The nonblocking connect has not finished.
     pub(super) connecting: bool,
+    /// An event since the connect started was not a clean writable edge
+    /// ([`connect::is_clean_writable`]): the connect's end is asked of the socket.
+    pub(super) unclean_edge: bool,
 }
 
 impl Conn {
@@ -118,6 +122,7 @@ impl Conn {
             addr,
             ticket: Some(ticket),
             connecting: false,
+            unclean_edge: false,
         }));
         self.session
             .handle_downstream(now, link, DownstreamEvent::Reused(carried));
@@ -194,6 +199,7 @@ impl Conn {
                     addr,
                     ticket,
                     connecting: true,
+                    unclean_edge: false,
                 }));
             }
             Err(e) => {
@@ -204,7 +210,8 @@ impl Conn {
         }
     }
 
-    /// On any event of a connecting downstream socket: finished, failed, or not yet.
+    /// On any event of a connecting downstream socket: finished, failed, or not yet. Clean
+    /// writable edges alone say finished without asking the socket (`downstream::connect`).
     pub(super) fn settle_connect(&mut self, now: Instant) {
         let Some(ds) = self.downstream.as_deref_mut() else {
             return;
@@ -213,7 +220,8 @@ impl Conn {
             return;
         }
         let link = ds.link;
-        match connect::finish_connect(ds.leg.stream()) {
+        let clean_writable = ds.leg.is_writable() && !ds.unclean_edge;
+        match connect::finish_connect(ds.leg.stream(), clean_writable) {
             Ok(true) => {
                 ds.connecting = false;
                 self.session
@@ -435,6 +443,15 @@ impl Conn {
 }
 
 impl DownstreamConn {
+    /// Records the readiness in `event` and, while connecting, whether it was a clean
+    /// writable edge.
+    pub(super) fn on_event(&mut self, event: &Event) {
+        self.leg.on_event(event);
+        if self.connecting {
+            self.unclean_edge |= !connect::is_clean_writable(event);
+        }
+    }
+
     /// Whether the downstream leg should be read now (see [`Conn::may_read_client`]).
     pub(super) fn may_read(&self, max_input: usize) -> bool {
         let open =
