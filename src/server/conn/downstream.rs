@@ -17,7 +17,7 @@ use mio::event::Event;
 use super::{Conn, Io};
 use crate::downstream::connect;
 use crate::downstream::dialog::Carried;
-use crate::downstream::pool::{Idle, Pool, Pooled, Ticket};
+use crate::downstream::pool::{Idle, Pool, Pooled, Take, Ticket};
 use crate::server::leg::{Eof, Leg};
 use crate::server::slab::ConnKey;
 use crate::server::tls_stream::TlsFailure;
@@ -51,9 +51,9 @@ pub(super) struct DownstreamConn {
 }
 
 impl Conn {
-    /// The session wants downstream connection `link` to `addr`: in multiplexing mode an idle
-    /// pooled one (when `pooled` allows), a new one while the worker is under its share of
-    /// `pool_size`, or a place in line; else always a new one.
+    /// The session wants downstream connection `link` to `addr`: in multiplexing mode what the
+    /// pool gives ([`Pool::take`]: an idle one when `pooled` allows, a new one while the
+    /// worker is under its share of `pool_size`, or a place in line); else always a new one.
     pub(super) fn connect_downstream(
         &mut self,
         key: ConnKey,
@@ -66,15 +66,14 @@ impl Conn {
         if !io.multiplexing {
             return self.open_downstream(key, link, addr, now, io.registry, None);
         }
-        if pooled && let Some(idle) = io.pool.checkout(addr, now) {
-            return self.attach_pooled(key, link, idle, now, io.registry);
-        }
-        match io.pool.ticket() {
-            Some(ticket) => self.open_downstream(key, link, addr, now, io.registry, Some(ticket)),
-            None => {
+        match io.pool.take(key, addr, pooled, now) {
+            Take::Reuse(idle) => self.attach_pooled(key, link, idle, now, io.registry),
+            Take::Open(ticket) => {
+                self.open_downstream(key, link, addr, now, io.registry, Some(ticket));
+            }
+            Take::Wait => {
                 log::debug!("conn={} waits for a pooled downstream connection", self.id);
                 self.awaiting_pool = Some((addr, link));
-                io.pool.wait(key, addr);
             }
         }
     }
