@@ -37,17 +37,17 @@ pub(crate) type DownstreamPool = Pool<Leg, ConnKey>;
 #[derive(Debug)]
 pub(super) struct DownstreamConn {
     /// The session's name for this connection: only its bytes and events are this one's.
-    pub(super) link: LinkId,
+    link: LinkId,
     pub(super) leg: Leg,
     /// The server it is connected to (the pool's key).
-    pub(super) addr: SocketAddr,
+    addr: SocketAddr,
     /// Multiplexing: this connection's place in the pool.
-    pub(super) ticket: Option<Ticket>,
+    ticket: Option<Ticket>,
     /// The nonblocking connect has not finished.
-    pub(super) connecting: bool,
+    connecting: bool,
     /// An event since the connect started was not a clean writable edge
     /// ([`connect::is_clean_writable`]): the connect's end is asked of the socket.
-    pub(super) unclean_edge: bool,
+    unclean_edge: bool,
 }
 
 impl Conn {
