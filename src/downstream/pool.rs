@@ -63,6 +63,17 @@ impl Drop for Ticket {
     }
 }
 
+/// What a session asking for a connection gets ([`Pool::take`]).
+#[derive(Debug)]
+pub(crate) enum Take<C> {
+    /// An idle connection to its server, alive when last probed.
+    Reuse(Idle<C>),
+    /// A place for a new connection: the pool was under its cap.
+    Open(Ticket),
+    /// A place in line: [`Pool::next_waiter`] names the session when its turn comes.
+    Wait,
+}
+
 /// An idle connection, past its banner and EHLO, with no reply outstanding.
 #[derive(Debug)]
 pub(crate) struct Idle<C> {
@@ -85,9 +96,23 @@ impl<C: Pooled, K: Copy> Pool<C, K> {
         }
     }
 
+    /// A connection to `addr` for session `key`: an idle one when `reuse` allows (a session that
+    /// never held one may reuse one), else a place for a new one while under the cap, else a
+    /// place in line.
+    pub(crate) fn take(&mut self, key: K, addr: SocketAddr, reuse: bool, now: Instant) -> Take<C> {
+        if reuse && let Some(idle) = self.checkout(addr, now) {
+            return Take::Reuse(idle);
+        }
+        if let Some(ticket) = self.ticket() {
+            return Take::Open(ticket);
+        }
+        self.wait(key, addr);
+        Take::Wait
+    }
+
     /// An idle connection to `addr` that is still alive, if any. Connections idle too long, or
     /// that the downstream closed or spoke on (a timeout notice) while idle, are closed.
-    pub(crate) fn checkout(&mut self, addr: SocketAddr, now: Instant) -> Option<Idle<C>> {
+    fn checkout(&mut self, addr: SocketAddr, now: Instant) -> Option<Idle<C>> {
         self.prune(now);
         while let Some(at) = self.idle.iter().rposition(|idle| idle.addr == addr) {
             let mut idle = self.idle.swap_remove(at);
@@ -101,7 +126,7 @@ impl<C: Pooled, K: Copy> Pool<C, K> {
     }
 
     /// A place for a new connection, while under the cap.
-    pub(crate) fn ticket(&mut self) -> Option<Ticket> {
+    fn ticket(&mut self) -> Option<Ticket> {
         let open = self.open.load(Ordering::Acquire);
         if open >= self.cap {
             return None;
@@ -129,7 +154,7 @@ impl<C: Pooled, K: Copy> Pool<C, K> {
     }
 
     /// `key` waits for a connection to `addr`.
-    pub(crate) fn wait(&mut self, key: K, addr: SocketAddr) {
+    fn wait(&mut self, key: K, addr: SocketAddr) {
         self.waiting.push_back((key, addr));
     }
 
@@ -262,5 +287,49 @@ mod tests {
         drop(held);
         assert_eq!(pool.next_waiter(now), Some((1, addr)));
         assert!(pool.has_waiters());
+    }
+
+    #[test]
+    fn a_session_reuses_then_opens_then_waits() {
+        let addr: SocketAddr = "127.0.0.1:10025".parse().unwrap();
+        let quits = Rc::new(Cell::new(0));
+        let idle = || Fake {
+            quiet: true,
+            quits: Rc::clone(&quits),
+        };
+        let now = Instant::now();
+        let mut pool: Pool<Fake, u32> = Pool::new(2, 1);
+        // Under the cap, nothing idle: a new connection.
+        let Take::Open(first) = pool.take(1, addr, true, now) else {
+            panic!("a place under the cap");
+        };
+        pool.park(addr, idle(), Carried::default(), first, now);
+        // (reuse allowed) → what the session gets, with one idle connection and a free place
+        let table = [(true, "reuse"), (false, "open")];
+        for (reuse, expected) in table {
+            let got = match pool.take(2, addr, reuse, now) {
+                Take::Reuse(idle) => {
+                    pool.park(addr, idle.conn, idle.carried, idle.ticket, now);
+                    "reuse"
+                }
+                Take::Open(_) => "open",
+                Take::Wait => "wait",
+            };
+            assert_eq!(got, expected, "reuse {reuse}");
+            assert!(!pool.has_waiters(), "reuse {reuse}");
+        }
+        // The cap held by an open connection and the idle one: a session that may not reuse
+        // waits in line.
+        let Take::Open(_held) = pool.take(3, addr, false, now) else {
+            panic!("the second place");
+        };
+        assert!(matches!(pool.take(4, addr, false, now), Take::Wait));
+        assert!(pool.has_waiters());
+        assert_eq!(
+            pool.next_waiter(now),
+            Some((4, addr)),
+            "an idle one is there"
+        );
+        assert_eq!(quits.get(), 0);
     }
 }

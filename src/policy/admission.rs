@@ -14,7 +14,12 @@
 //!   is counted now and its rate asked afterwards ([`Count::Unrated`], [`Admission::asks_rate`]);
 //!   so is a proxy sender's client, once named.
 //! - STARTTLS is offered when a certificate is loaded, unless the client's last handshake
-//!   failed recently ([`StartTls::Withhold`]); a balancer's clients are looked up once named.
+//!   failed recently ([`StartTls::Withhold`]); a balancer's clients are looked up once named
+//!   ([`starttls`]).
+//! - A client whose rate is asked after accept is admitted by [`admit_named`] when the answer
+//!   comes: its rate first, then its place under the caps.
+//! - Above [`STRESS_PERCENT`] of `max_connections` the server is in stress mode
+//!   ([`is_stressed`]), which every session hears of.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -22,6 +27,11 @@ use std::net::IpAddr;
 use crate::config::Config;
 use crate::policy::lists::ListMatch;
 use crate::policy::rates::RateRefusal;
+
+/// Share of `max_connections` (in percent) at which stress mode starts: late enough that a
+/// busy server does not shorten its pauses for nothing, early enough to act before the cap
+/// refuses anyone.
+pub const STRESS_PERCENT: usize = 80;
 
 /// What to do with a new connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,10 +116,11 @@ pub fn admit(
     } else {
         Count::Rated(client)
     };
+    // The balancer's record says nothing of its clients: each is looked up once named.
     let starttls = if proxy_sender {
-        starttls(config, false)
+        starttls(config, client, |_| false)
     } else {
-        starttls(config, config.tls.loaded.is_some() && failed_tls(client))
+        starttls(config, client, failed_tls)
     };
     Admission {
         count,
@@ -118,14 +129,41 @@ pub fn admit(
     }
 }
 
-/// Whether STARTTLS is offered to a client whose handshake `failed_recently`: also for a
-/// balancer's client once its PROXY header names it.
-pub fn starttls(config: &Config, failed_recently: bool) -> StartTls {
-    match (config.tls.loaded.is_some(), failed_recently) {
-        (false, _) => StartTls::Unavailable,
-        (true, true) => StartTls::Withhold,
-        (true, false) => StartTls::Offer,
+/// Whether STARTTLS is offered to `client`: when a certificate is loaded, unless its last
+/// handshake failed recently (`failed_tls`, asked only when a certificate is loaded). Also for
+/// a balancer's client once its PROXY header names it.
+pub fn starttls(
+    config: &Config,
+    client: IpAddr,
+    failed_tls: impl FnOnce(IpAddr) -> bool,
+) -> StartTls {
+    if config.tls.loaded.is_none() {
+        StartTls::Unavailable
+    } else if failed_tls(client) {
+        StartTls::Withhold
+    } else {
+        StartTls::Offer
     }
+}
+
+/// Whether a client whose rate was asked after accept may stay (a balancer's client once its
+/// PROXY header names it, or any client with the rates in a shared store), given the store's
+/// `rate` answer: its rate first, then its place under the per-IP and per-subnet caps, taken by
+/// `take_place` only when the rate allows, the order of accept, so a client over its rate
+/// takes no place.
+pub fn admit_named(
+    rate: Result<(), RateRefusal>,
+    take_place: impl FnOnce() -> Result<(), Refusal>,
+) -> Result<(), Refusal> {
+    rate.map_err(Refusal::Rate)?;
+    take_place()
+}
+
+/// Whether `open` connections put the server in stress mode: at [`STRESS_PERCENT`] of
+/// `max_connections` (postscreen's stress: shorter greet pause and command timeout; like
+/// spamd near `maxcon`, no stutter). A server that takes nobody is always full.
+pub fn is_stressed(open: usize, max_connections: usize) -> bool {
+    open.saturating_mul(100) >= max_connections.saturating_mul(STRESS_PERCENT)
 }
 
 #[cfg(test)]
@@ -230,8 +268,83 @@ mod tests {
                 assert!(asked.is_empty(), "the record is asked only when it matters");
             }
         }
-        assert_eq!(starttls(&with_tls, true), StartTls::Withhold);
-        assert_eq!(starttls(&without, true), StartTls::Unavailable);
+    }
+
+    #[test]
+    fn a_named_client_gets_starttls_unless_its_handshake_failed_with_a_certificate_loaded() {
+        // (certificate loaded, its handshake failed) → offer, record asked
+        let table = [
+            (false, false, StartTls::Unavailable, false),
+            (false, true, StartTls::Unavailable, false),
+            (true, false, StartTls::Offer, true),
+            (true, true, StartTls::Withhold, true),
+        ];
+        let with_tls = config(true);
+        let without = config(false);
+        for (tls, failed, expected, asks) in table {
+            let config = if tls { &with_tls } else { &without };
+            let mut asked = Vec::new();
+            let offer = starttls(config, ip(OTHER), |ip| {
+                asked.push(ip);
+                failed
+            });
+            assert_eq!(offer, expected, "tls {tls}, failed {failed}");
+            let expected_asked = if asks { vec![ip(OTHER)] } else { Vec::new() };
+            assert_eq!(asked, expected_asked, "tls {tls}, failed {failed}");
+        }
+    }
+
+    #[test]
+    fn a_named_client_is_rated_before_it_takes_a_place() {
+        let rate_refused = Err(RateRefusal::PerIp);
+        // (rate answer, the caps' answer) → admission, place asked for
+        let table = [
+            (Ok(()), Ok(()), Ok(()), true),
+            (Ok(()), Err(Refusal::PerIpCap), Err(Refusal::PerIpCap), true),
+            (
+                Ok(()),
+                Err(Refusal::PerSubnetCap),
+                Err(Refusal::PerSubnetCap),
+                true,
+            ),
+            (
+                rate_refused,
+                Ok(()),
+                Err(Refusal::Rate(RateRefusal::PerIp)),
+                false,
+            ),
+            (
+                rate_refused,
+                Err(Refusal::PerIpCap),
+                Err(Refusal::Rate(RateRefusal::PerIp)),
+                false,
+            ),
+        ];
+        for (rate, place, expected, asks) in table {
+            let mut asked = false;
+            let admitted = admit_named(rate, || {
+                asked = true;
+                place
+            });
+            assert_eq!(admitted, expected, "rate {rate:?}, place {place:?}");
+            assert_eq!(asked, asks, "rate {rate:?}, place {place:?}");
+        }
+    }
+
+    #[test]
+    fn stress_starts_at_80_percent() {
+        // (open, max_connections) → stressed
+        let table = [
+            (79, 100, false),
+            (80, 100, true),
+            (100, 100, true),
+            (0, 1000, false),
+            (0, 0, true), // a server that takes nobody is full
+            (usize::MAX, usize::MAX, true),
+        ];
+        for (open, max, stressed) in table {
+            assert_eq!(is_stressed(open, max), stressed, "{open} of {max}");
+        }
     }
 
     #[test]

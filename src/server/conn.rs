@@ -6,8 +6,8 @@
 //! Backpressure chain: the session's `wants_read()` gates client reads; unconsumed client bytes
 //! wait in the leg's `input`, which stops reads at [`COMMAND_INPUT`] outside a message body and
 //! at [`READ_CHUNK`] + `max_line_length` in one; more output is pulled from `poll_transmit`
-//! only while the leg's outbox is under [`CLIENT_OUTBOX_HIGH`] (client) or [`OUTBOX_HIGH`]
-//! (downstream). A client that does not read its replies therefore stops being read: its
+//! only while the leg's outbox is under [`CLIENT_OUTBOX_HIGH`] (client) or `OUTBOX_HIGH`
+//! (downstream, `conn/downstream.rs`). A client that does not read its replies therefore stops being read: its
 //! replies fill the socket, then this outbox, then the session's (`CLIENT_OUTBOX_CAP`), and
 //! the session takes no more commands. Every buffer is bounded (DESIGN.md §6.1 "Memory":
 //! 16 KB for a connection that relays nothing, 160 KB for one relaying a body; `bench/memory.rs`
@@ -23,12 +23,18 @@
 //! own buffers are bounded (`tls_stream.rs`). The downstream leg switches the same way on
 //! `Action::StartTlsDownstream`. A TLS failure closes only this connection; a connection that
 //! ends mid-handshake (garbage, an alert, the command timeout, a hang-up) puts its client on
-//! the worker's [`TlsFailures`] record, and STARTTLS is not offered to it for an hour.
+//! the worker's [`TlsFailures`](super::tls_failures::TlsFailures) record, and STARTTLS is not offered to it for an hour.
 //!
 //! Closing is two steps: [`Conn::drive`] returns [`Next::Close`] once the connection is done
 //! (session closed and flushed, the client gone, or the flush deadline passed); the worker then
 //! calls [`Conn::close`] after the event batch, which deregisters, shuts down and writes the one
 //! close log line.
+//!
+//! The downstream half (connect, the pool, the downstream leg's reads, TLS and writes) is in
+//! `conn/downstream.rs`; the service questions and their answers in `conn/ask.rs`.
+
+mod ask;
+mod downstream;
 
 use std::io;
 use std::net::{Shutdown as NetShutdown, SocketAddr};
@@ -39,32 +45,21 @@ use mio::Registry;
 use mio::event::Event;
 use mio::net::TcpStream;
 
+use self::downstream::DownstreamConn;
+pub(crate) use self::downstream::DownstreamPool;
 use super::close_log::{self, ConnId};
 pub(crate) use super::leg::READ_CHUNK;
 use super::leg::{Eof, Leg};
-use super::limits::{LimitGuard, Refusal};
+use super::limits::LimitGuard;
 use super::load::TarpitGuard;
 use super::shared::Shared;
 use super::slab::ConnKey;
-use super::tls_failures::{TlsFailures, WITHHOLD_FOR};
+use super::tls_failures::remember_failed_handshake;
 use super::tls_stream::TlsFailure;
 use super::token;
 use crate::config::Config;
-use crate::dns::{ResolverHandle, Waiter};
-use crate::downstream::connect;
-use crate::downstream::dialog::Carried;
-use crate::downstream::pool::{Idle, Pool, Pooled, Ticket};
-use crate::smtp::question::{LookupAnswer, Query};
-use crate::smtp::{
-    Action, Answer, DownstreamEvent, LinkId, Question, Session, Shutdown, Side, TlsVersion,
-};
-use crate::state::{StateAnswer, StateOp, Waiter as StateWaiter};
-
-/// Pending bytes for the downstream before `poll_transmit_downstream` is left alone: a
-/// downstream that stops reading mid-body holds at most this (plus one pull) here, and the
-/// session keeps at most its own cap and stops reading the client. Two 16 KiB reads' worth
-/// keeps a body streaming while the socket drains; 64 KiB (as before) only cost memory.
-const OUTBOX_HIGH: usize = 32 * 1024;
+use crate::dns::ResolverHandle;
+use crate::smtp::{Action, LinkId, Session, Shutdown, Side, TlsVersion};
 
 /// Pending reply bytes for the client before `poll_transmit(Client)` is left alone: a client
 /// that does not read its replies holds at most this (plus one pull) here, the session about as
@@ -85,9 +80,6 @@ pub(crate) const CLOSE_FLUSH_LIMIT: Duration = Duration::from_secs(5);
 /// Most bytes read and discarded from a client at close, so a client that sent a little more
 /// than was read gets a FIN after our last reply rather than an RST that may destroy it.
 const CLOSE_DRAIN: usize = 64 * 1024;
-
-/// A worker's pool of idle downstream legs, with the sessions waiting in its line.
-pub(crate) type DownstreamPool = Pool<Leg, ConnKey>;
 
 /// What the worker does with a connection after driving it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,20 +144,6 @@ pub(crate) struct Conn {
     tarpit_place: Option<TarpitGuard>,
 }
 
-/// The downstream connection: its leg and what the session and the pool know it by.
-#[derive(Debug)]
-struct DownstreamConn {
-    /// The session's name for this connection: only its bytes and events are this one's.
-    link: LinkId,
-    leg: Leg,
-    /// The server it is connected to (the pool's key).
-    addr: SocketAddr,
-    /// Multiplexing: this connection's place in the pool.
-    ticket: Option<Ticket>,
-    /// The nonblocking connect has not finished.
-    connecting: bool,
-}
-
 impl Conn {
     /// A freshly accepted connection (see [`Leg::connected`] for its readiness).
     pub(crate) fn new(
@@ -203,7 +181,7 @@ impl Conn {
             Side::Client => self.client.on_event(event),
             Side::Downstream => {
                 if let Some(ds) = self.downstream.as_deref_mut() {
-                    ds.leg.on_event(event);
+                    ds.on_event(event);
                 }
             }
         }
@@ -215,40 +193,6 @@ impl Conn {
         self.session.handle_timeout(now);
     }
 
-    /// A DNS answer the connection waited for.
-    pub(crate) fn handle_lookup(&mut self, now: Instant, query: Query, answer: LookupAnswer) {
-        self.session
-            .handle_answer(now, Answer::Lookup(query, answer));
-    }
-
-    /// A state answer the connection waited for (the Redis backend's, or its fallback's).
-    pub(crate) fn handle_state(&mut self, now: Instant, answer: StateAnswer) {
-        let answer = match answer {
-            StateAnswer::Pass(fresh) => Answer::Pass(fresh),
-            StateAnswer::Greylist(outcome) => Answer::Greylist(outcome),
-            StateAnswer::Reputation(history) => Answer::Reputation(history),
-            StateAnswer::Rate { ip, verdict } => {
-                // Rates first, then the per-IP cap, as at accept.
-                let admitted = match verdict
-                    .map_err(Refusal::Rate)
-                    .and_then(|()| self.guard.rekey(ip))
-                {
-                    Ok(()) => true,
-                    Err(refusal) => {
-                        log::info!(
-                            "refused connection from {}: {refusal}",
-                            self.session.report().client
-                        );
-                        false
-                    }
-                };
-                Answer::Admission(admitted)
-            }
-        };
-        self.session.handle_answer(now, answer);
-    }
-
-    /// A reloaded configuration, for the session's next decision.
     pub(crate) fn handle_reload(&mut self, _now: Instant, config: Arc<Config>) {
         self.session.handle_reload(config);
     }
@@ -537,15 +481,7 @@ impl Conn {
             self.session.poll_transmit(now, outbox);
             moved |= outbox.len() > before;
         }
-        if let Some(ds) = self.downstream.as_deref_mut() {
-            let outbox = &mut ds.leg.outbox;
-            if outbox.len() < OUTBOX_HIGH {
-                let before = outbox.len();
-                self.session.poll_transmit_downstream(ds.link, outbox);
-                moved |= outbox.len() > before;
-            }
-        }
-        moved
+        moved | self.transmit_downstream()
     }
 
     /// Carries out every action the session has queued. Returns whether there was any.
@@ -560,25 +496,7 @@ impl Conn {
                 Action::ReleaseDownstream { link, carried } => {
                     self.release_downstream(link, carried, now, io);
                 }
-                Action::CloseDownstream { link, quit } => {
-                    if self
-                        .awaiting_pool
-                        .is_some_and(|(_, waiting)| waiting == link)
-                    {
-                        self.awaiting_pool = None;
-                    }
-                    if let Some(ds) = self.downstream.as_deref_mut().filter(|ds| ds.link == link) {
-                        // What was handed out for it goes first, then QUIT, in one nonblocking
-                        // attempt; the session has nothing more for this connection.
-                        if !ds.connecting {
-                            if quit {
-                                ds.leg.outbox.extend_from_slice(b"QUIT\r\n");
-                            }
-                            ds.leg.write_last();
-                        }
-                        self.drop_downstream();
-                    }
-                }
+                Action::CloseDownstream { link, quit } => self.close_downstream(link, quit),
                 Action::StartTlsDownstream(link) => self.start_downstream_tls(link, now, io),
                 Action::Close => self.start_closing(now),
                 Action::StartTls => self.start_tls(now, io),
@@ -586,415 +504,6 @@ impl Conn {
             }
         }
         moved
-    }
-
-    /// Puts the session's question to the service that answers it: the resolver, the state
-    /// front, the worker's tarpit places or, for admission, the rates then the per-IP cap. An
-    /// answer at hand goes to the session at once; a later one comes through the worker's
-    /// inboxes. Every question is carried out as asked: nothing here decides.
-    fn ask(&mut self, question: Question, key: ConnKey, now: Instant, io: &mut Io<'_>) {
-        match question {
-            Question::Lookup(query) => {
-                let waiter = Waiter {
-                    worker: io.worker,
-                    key: key.to_u64(),
-                };
-                // A cache hit answers at once; otherwise the answer comes through the
-                // worker's inbox (`Worker::take_dns_answers`).
-                let answer = match io.resolver {
-                    Some(resolver) => resolver.lookup(&query, waiter),
-                    None => Some(LookupAnswer::temp_fail(&query)),
-                };
-                if let Some(answer) = answer {
-                    self.session
-                        .handle_answer(now, Answer::Lookup(query, answer));
-                }
-            }
-            Question::CheckPass(ip) => self.ask_state(StateOp::CheckPass(ip), key, now, io),
-            Question::RecordPass(ip) => self.ask_state(StateOp::RecordPass(ip), key, now, io),
-            Question::CheckReputation(ip, half_life) => {
-                self.ask_state(StateOp::CheckReputation { ip, half_life }, key, now, io);
-            }
-            Question::RecordReputation(ip, event, half_life) => {
-                let op = StateOp::RecordReputation {
-                    ip,
-                    event,
-                    half_life,
-                };
-                self.ask_state(op, key, now, io);
-            }
-            Question::CheckGreylist {
-                key: triplet,
-                subnet,
-                times,
-            } => {
-                let op = StateOp::CheckGreylist {
-                    key: triplet,
-                    subnet,
-                    times,
-                };
-                self.ask_state(op, key, now, io);
-            }
-            Question::EnterTarpit => {
-                self.tarpit_place = io.shared.load.try_tarpit();
-                let granted = self.tarpit_place.is_some();
-                self.session.handle_answer(now, Answer::TarpitSlot(granted));
-            }
-            // The rate first (`handle_state`), then the per-IP cap.
-            Question::Admit(client) => {
-                // The balancer's address was checked at accept; the client's is known now.
-                if io.config.tls.loaded.is_some()
-                    && io.shared.tls_failures.failed_recently(client.ip(), now)
-                {
-                    log_withheld(client);
-                    self.session.handle_starttls_withheld();
-                }
-                self.ask_state(StateOp::CheckRate(client.ip()), key, now, io);
-            }
-        }
-    }
-
-    /// Asks the state front; an answer now goes to the session at once, a later one comes
-    /// through the worker's inbox (`Worker::take_state_answers`).
-    fn ask_state(&mut self, op: StateOp, key: ConnKey, now: Instant, io: &Io<'_>) {
-        let waiter = StateWaiter {
-            worker: io.state_worker,
-            key: key.to_u64(),
-        };
-        if let Some(answer) = io.shared.store.ask(op, now, waiter) {
-            self.handle_state(now, answer);
-        }
-    }
-
-    /// The session wants downstream connection `link` to `addr`: in multiplexing mode an idle
-    /// pooled one (when `pooled` allows), a new one while the worker is under its share of
-    /// `pool_size`, or a place in line; else always a new one.
-    fn connect_downstream(
-        &mut self,
-        key: ConnKey,
-        link: LinkId,
-        addr: SocketAddr,
-        pooled: bool,
-        now: Instant,
-        io: &mut Io<'_>,
-    ) {
-        if !io.multiplexing {
-            return self.open_downstream(key, link, addr, now, io.registry, None);
-        }
-        if pooled && let Some(idle) = io.pool.checkout(addr, now) {
-            return self.attach_pooled(key, link, idle, now, io.registry);
-        }
-        match io.pool.ticket() {
-            Some(ticket) => self.open_downstream(key, link, addr, now, io.registry, Some(ticket)),
-            None => {
-                log::debug!("conn={} waits for a pooled downstream connection", self.id);
-                self.awaiting_pool = Some((addr, link));
-                io.pool.wait(key, addr);
-            }
-        }
-    }
-
-    /// Whether the session still waits in the pool's line for a connection to `addr`.
-    pub(crate) fn awaits_pool(&self, addr: SocketAddr) -> bool {
-        self.awaiting_pool
-            .is_some_and(|(waits_for, _)| waits_for == addr)
-    }
-
-    /// Its turn in the pool's line came: stop waiting and try again (a pooled connection may
-    /// be used: the waiting link never had one).
-    pub(crate) fn take_pool_turn(&mut self, key: ConnKey, now: Instant, io: &mut Io<'_>) {
-        if let Some((addr, link)) = self.awaiting_pool.take() {
-            self.connect_downstream(key, link, addr, true, now, io);
-        }
-    }
-
-    fn attach_pooled(
-        &mut self,
-        key: ConnKey,
-        link: LinkId,
-        idle: Idle<Leg>,
-        now: Instant,
-        registry: &Registry,
-    ) {
-        self.drop_downstream();
-        let Idle {
-            addr,
-            conn: mut leg,
-            carried,
-            ticket,
-            ..
-        } = idle;
-        if let Err(e) = leg.register(registry, token::conn(key, Side::Downstream)) {
-            log::debug!("conn={} pooled downstream {addr}: {e}", self.id);
-            self.session
-                .handle_downstream(now, link, DownstreamEvent::ConnectFailed);
-            return;
-        }
-        log::debug!("conn={} reuses a pooled connection to {addr}", self.id);
-        self.downstream = Some(Box::new(DownstreamConn {
-            link,
-            leg,
-            addr,
-            ticket: Some(ticket),
-            connecting: false,
-        }));
-        self.session
-            .handle_downstream(now, link, DownstreamEvent::Reused(carried));
-    }
-
-    /// The session is done with a clean connection: back to the pool, unless something about
-    /// it says otherwise (unread bytes, its end seen, not pooled), then it is closed, with
-    /// QUIT unless it is broken.
-    fn release_downstream(
-        &mut self,
-        link: LinkId,
-        carried: Carried,
-        now: Instant,
-        io: &mut Io<'_>,
-    ) {
-        let Some(ds) = self.downstream.take_if(|ds| ds.link == link) else {
-            return;
-        };
-        let DownstreamConn {
-            mut leg,
-            addr,
-            ticket,
-            connecting,
-            ..
-        } = *ds;
-        leg.deregister(io.registry);
-        let eof = leg.eof() != Eof::Open;
-        match ticket {
-            Some(ticket)
-                if !connecting
-                    && !eof
-                    && leg.input.is_empty()
-                    && leg.outbox.is_empty()
-                    && leg.is_tls_clean() =>
-            {
-                // A parked leg keeps its socket and TLS layer; its buffers (empty) go.
-                let (stream, tls) = leg.into_parts();
-                let leg = Leg::connected(stream, tls);
-                io.pool.park(addr, leg, carried, ticket, now);
-            }
-            _ => {
-                log::debug!("conn={} closes a downstream it could not pool", self.id);
-                if !eof && !connecting {
-                    // Only QUIT: what the outbox held was meant for a transaction now over.
-                    leg.outbox = Vec::new();
-                    leg.say_quit();
-                }
-            }
-        }
-    }
-
-    fn open_downstream(
-        &mut self,
-        key: ConnKey,
-        link: LinkId,
-        addr: SocketAddr,
-        now: Instant,
-        registry: &Registry,
-        ticket: Option<Ticket>,
-    ) {
-        // The session opens one downstream at a time; a leftover one is replaced, not leaked.
-        self.drop_downstream();
-        let opened = connect::connect(addr).and_then(|stream| {
-            let mut leg = Leg::new(stream);
-            leg.register(registry, token::conn(key, Side::Downstream))?;
-            Ok(leg)
-        });
-        match opened {
-            Ok(leg) => {
-                log::debug!("conn={} connecting to downstream {addr}", self.id);
-                self.downstream = Some(Box::new(DownstreamConn {
-                    link,
-                    leg,
-                    addr,
-                    ticket,
-                    connecting: true,
-                }));
-            }
-            Err(e) => {
-                log::debug!("conn={} downstream {addr}: connect failed: {e}", self.id);
-                self.session
-                    .handle_downstream(now, link, DownstreamEvent::ConnectFailed);
-            }
-        }
-    }
-
-    /// On any event of a connecting downstream socket: finished, failed, or not yet.
-    fn settle_connect(&mut self, now: Instant) {
-        let Some(ds) = self.downstream.as_deref_mut() else {
-            return;
-        };
-        if !ds.connecting || !(ds.leg.is_readable() || ds.leg.is_writable()) {
-            return;
-        }
-        let link = ds.link;
-        match connect::finish_connect(ds.leg.stream()) {
-            Ok(true) => {
-                ds.connecting = false;
-                self.session
-                    .handle_downstream(now, link, DownstreamEvent::Connected);
-            }
-            Ok(false) => {
-                // Spurious: the connect's completion will be a new edge.
-                ds.leg.clear_readiness();
-            }
-            Err(e) => {
-                log::debug!("conn={} downstream connect failed: {e}", self.id);
-                self.drop_downstream();
-                self.session
-                    .handle_downstream(now, link, DownstreamEvent::ConnectFailed);
-            }
-        }
-    }
-
-    /// Over TLS first the records rustls wants, then one read of at most [`READ_CHUNK`]
-    /// downstream bytes, fed to the session. A handshake that fails (an alert, a certificate
-    /// `tls_verify` refuses, the connection lost) drops the connection here and tells the
-    /// session `TlsFailed`; after the handshake a TLS error is a broken downstream (`Closed`).
-    fn read_downstream(&mut self, now: Instant, io: &mut Io<'_>) {
-        let Some(ds) = self.downstream.as_deref_mut() else {
-            return;
-        };
-        if ds.connecting || ds.leg.eof() != Eof::Open {
-            return;
-        }
-        let mut failure = None;
-        let established = match ds.leg.fill() {
-            Ok(established) => established,
-            Err(e) => {
-                failure = Some(e);
-                None
-            }
-        };
-        let handshaking = ds.leg.is_handshaking();
-        if failure.is_none() && handshaking && ds.leg.is_tls_finished() {
-            failure = Some(TlsFailure::Io(io::ErrorKind::UnexpectedEof.into()));
-        }
-        if let Some(failure) = failure {
-            if let TlsFailure::Tls(_) = failure {
-                ds.leg.send_alert();
-            }
-            let (addr, link) = (ds.addr, ds.link);
-            self.drop_downstream();
-            if handshaking {
-                log::info!(
-                    "conn={} TLS handshake with downstream {addr} failed: {failure}",
-                    self.id
-                );
-                self.session
-                    .handle_downstream(now, link, DownstreamEvent::TlsFailed);
-            } else {
-                log::info!(
-                    "conn={} TLS error from downstream {addr}: {failure}",
-                    self.id
-                );
-                self.session
-                    .handle_downstream(now, link, DownstreamEvent::Closed);
-            }
-            return;
-        }
-        if let Some(version) = established {
-            log::debug!(
-                "conn={} TLS with downstream {}: {version:?} {:?}",
-                self.id,
-                ds.addr,
-                ds.leg.cipher_suite()
-            );
-            self.session
-                .handle_downstream(now, ds.link, DownstreamEvent::TlsEstablished);
-        }
-        let Some(ds) = self.downstream.as_deref_mut() else {
-            return;
-        };
-        if !ds.leg.can_read() || ds.leg.input.len() >= io.max_input {
-            return;
-        }
-        match ds.leg.read(io.scratch) {
-            Ok(0) => {}
-            Ok(n) => {
-                let bytes = io.scratch.get(..n).unwrap_or_default();
-                let (session, link) = (&mut self.session, ds.link);
-                ds.leg.feed(bytes, |bytes| {
-                    session.handle_downstream(now, link, DownstreamEvent::Data(bytes))
-                });
-            }
-            Err(e) => {
-                log::debug!("conn={} downstream read failed: {e}", self.id);
-                self.fail_downstream(now);
-            }
-        }
-    }
-
-    /// `Action::StartTlsDownstream`: the downstream said 220 to STARTTLS. Bytes it sent after
-    /// the 220 and the session did not take came in plain text: dropped, never parsed as a
-    /// reply. The handshake starts with the worker's client configuration; its end comes back
-    /// through `read_downstream`.
-    fn start_downstream_tls(&mut self, link: LinkId, now: Instant, io: &Io<'_>) {
-        let Some(ds) = self.downstream.as_deref_mut().filter(|ds| ds.link == link) else {
-            self.session
-                .handle_downstream(now, link, DownstreamEvent::TlsFailed);
-            return;
-        };
-        let started = match &io.config.downstream.client_tls {
-            Some(client) => client.start(ds.addr),
-            None => Err(rustls::Error::General(
-                "no client TLS configuration (Config::load_tls_ca)".to_owned(),
-            )),
-        };
-        let connection = match started {
-            Ok(connection) => connection,
-            Err(e) => {
-                log::warn!("conn={} cannot start TLS to {}: {e}", self.id, ds.addr);
-                self.drop_downstream();
-                self.session
-                    .handle_downstream(now, link, DownstreamEvent::TlsFailed);
-                return;
-            }
-        };
-        let dropped = ds.leg.start_tls(connection);
-        if dropped > 0 {
-            log::info!(
-                "conn={} discarded {dropped} bytes downstream {} sent after its 220 to STARTTLS",
-                self.id,
-                ds.addr
-            );
-        }
-        // The ClientHello is waiting: the write pass sends it this turn.
-    }
-
-    /// Offers buffered downstream bytes, then `Closed` once the downstream's end was read and
-    /// the session has taken what it will. Returns whether anything changed.
-    fn offer_downstream_input(&mut self, now: Instant) -> bool {
-        let Some(ds) = self.downstream.as_deref_mut() else {
-            return false;
-        };
-        let (session, link) = (&mut self.session, ds.link);
-        let moved = ds
-            .leg
-            .offer(|input| session.handle_downstream(now, link, DownstreamEvent::Data(input)));
-        if ds.leg.eof() != Eof::Open && (ds.leg.input.is_empty() || !moved) {
-            self.fail_downstream(now);
-            return true;
-        }
-        moved
-    }
-
-    /// The downstream closed or failed: drop it and tell the session.
-    fn fail_downstream(&mut self, now: Instant) {
-        if let Some(link) = self.downstream.as_deref().map(|ds| ds.link) {
-            self.drop_downstream();
-            self.session
-                .handle_downstream(now, link, DownstreamEvent::Closed);
-        }
-    }
-
-    /// Drops the downstream leg; closing its socket takes it out of the poll set.
-    fn drop_downstream(&mut self) {
-        self.downstream = None;
     }
 
     /// Writes the client outbox until it is empty or the socket would block. Returns whether
@@ -1012,33 +521,6 @@ impl Conn {
             }
         }
     }
-
-    /// Like [`Conn::write_client`] for the downstream, once connected.
-    fn write_downstream(&mut self, now: Instant) -> bool {
-        let Some(ds) = self.downstream.as_deref_mut() else {
-            return false;
-        };
-        if ds.connecting {
-            return false;
-        }
-        match ds.leg.write() {
-            Ok(moved) => moved,
-            Err(e) => {
-                log::debug!("conn={} downstream write failed: {e}", self.id);
-                self.fail_downstream(now);
-                true
-            }
-        }
-    }
-}
-
-impl DownstreamConn {
-    /// Whether the downstream leg should be read now (see [`Conn::may_read_client`]).
-    fn may_read(&self, max_input: usize) -> bool {
-        let open =
-            !self.connecting && self.leg.eof() == Eof::Open && self.leg.input.len() < max_input;
-        open && (self.leg.wants_fill() || self.leg.can_read())
-    }
 }
 
 /// The session's name for a version rustls agreed; `None` for one it cannot agree with the
@@ -1049,28 +531,4 @@ fn tls_version(version: rustls::ProtocolVersion) -> Option<TlsVersion> {
         rustls::ProtocolVersion::TLSv1_2 => Some(TlsVersion::Tls12),
         _ => None,
     }
-}
-
-/// Puts `client` on the failed-handshake record and says so (with how the connection ended).
-fn remember_failed_handshake(
-    failures: &TlsFailures,
-    client: SocketAddr,
-    result: &str,
-    now: Instant,
-) {
-    failures.record(client.ip(), now);
-    log::info!(
-        "STARTTLS from {client} did not complete (result={result}); not offering STARTTLS to {} for {} s",
-        client.ip().to_canonical(),
-        WITHHOLD_FOR.as_secs()
-    );
-}
-
-/// Says that `client` is not offered STARTTLS because of an earlier failed handshake.
-pub(crate) fn log_withheld(client: SocketAddr) {
-    log::info!(
-        "not offering STARTTLS to {client}: a TLS handshake from {} failed within the last {} s",
-        client.ip().to_canonical(),
-        WITHHOLD_FOR.as_secs()
-    );
 }

@@ -1,7 +1,7 @@
 //! How loaded the server is, beyond the hard caps of `limits.rs`: the places for tarpitted
 //! sessions (`[server] max_tarpitted`, spamd's `maxblack`) and stress mode (above 80 % of
 //! `max_connections`, postscreen's stress: shorter greet pause and command timeout; like spamd
-//! near `maxcon`, no stutter).
+//! near `maxcon`, no stutter; the threshold is policy's, `policy::admission::is_stressed`).
 //!
 //! Shared by every worker. A tarpit place is held by a [`TarpitGuard`] the connection owns, so
 //! every way a connection ends gives it back. Stress is derived from the open-connection count;
@@ -11,8 +11,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-/// Share of `max_connections` (in percent) at which stress mode starts.
-const STRESS_PERCENT: usize = 80;
+use crate::policy::admission;
 
 /// The server-wide load figures.
 #[derive(Debug)]
@@ -58,9 +57,10 @@ impl Load {
         self.tarpitted.load(Ordering::Acquire)
     }
 
-    /// Whether `open` connections put the server in stress mode.
+    /// Whether `open` connections put the server in stress mode (policy's
+    /// [`admission::is_stressed`]).
     pub(crate) fn is_stressed(&self, open: usize) -> bool {
-        open.saturating_mul(100) >= self.max_connections.saturating_mul(STRESS_PERCENT)
+        admission::is_stressed(open, self.max_connections)
     }
 
     /// A worker saw stress mode begin or end at `open` connections: logged once per change

@@ -8,7 +8,7 @@
 //! full the oldest tenth is dropped, so a flood of failing addresses costs at most that many
 //! entries and a full sweep once per tenth of them.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -64,6 +64,30 @@ impl TlsFailures {
         let cutoff = *cutoff;
         self.failed.retain(|_, at| *at > cutoff);
     }
+}
+
+/// Puts `client` on the failed-handshake record and says so (with how the connection ended).
+pub(crate) fn remember_failed_handshake(
+    failures: &TlsFailures,
+    client: SocketAddr,
+    result: &str,
+    now: Instant,
+) {
+    failures.record(client.ip(), now);
+    log::info!(
+        "STARTTLS from {client} did not complete (result={result}); not offering STARTTLS to {} for {} s",
+        client.ip().to_canonical(),
+        WITHHOLD_FOR.as_secs()
+    );
+}
+
+/// Says that `client` is not offered STARTTLS because of an earlier failed handshake.
+pub(crate) fn log_withheld(client: SocketAddr) {
+    log::info!(
+        "not offering STARTTLS to {client}: a TLS handshake from {} failed within the last {} s",
+        client.ip().to_canonical(),
+        WITHHOLD_FOR.as_secs()
+    );
 }
 
 #[cfg(test)]

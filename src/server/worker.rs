@@ -18,11 +18,12 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Waker};
 
 use super::close_log::ConnId;
-use super::conn::{self, CLOSE_FLUSH_LIMIT, Conn, DownstreamPool, Io, Next, READ_CHUNK};
+use super::conn::{CLOSE_FLUSH_LIMIT, Conn, DownstreamPool, Io, Next, READ_CHUNK};
 use super::leg::Leg;
 use super::shared::Shared;
 use super::slab::{ConnKey, Slab};
 use super::timer::TimerHeap;
+use super::tls_failures;
 use super::token::{self, Source};
 use crate::config::{Config, DownstreamMode};
 use crate::dns::{Inbox, ResolverHandle};
@@ -453,9 +454,7 @@ impl Worker {
                 return;
             }
         };
-        // Replies are small and a stuttering tarpit sends single bytes: Nagle would only
-        // delay or merge them.
-        let _ = stream.set_nodelay(true);
+        // TCP_NODELAY is on already: accepted sockets inherit it from the listener (`bind`).
         // A listener bound to one address accepts on that address: asking the socket
         // (getsockname) is only needed behind a wildcard listener.
         let local = if local.ip().is_unspecified() {
@@ -466,7 +465,7 @@ impl Worker {
         let id = ConnId::new(self.index, self.workers, self.next_seq);
         self.next_seq = self.next_seq.wrapping_add(1);
         if admission.starttls == StartTls::Withhold {
-            conn::log_withheld(addr);
+            tls_failures::log_withheld(addr);
         }
         let peer = Peer {
             client: addr,
