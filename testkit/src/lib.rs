@@ -10,6 +10,8 @@
 //!   `redis-server` ([`redis_server`]), both on loopback;
 //! - fixtures: certificates made by the test ([`certs`]), child processes with bounded waits
 //!   ([`process`]), temporary directories and free ports.
+//! - the fuzz target bodies ([`fuzz`]), one `pub fn target(data: &[u8])` per
+//!   `fuzz/fuzz_targets/*.rs`, also replayed on stable by `tests/corpus.rs`.
 //!
 //! Test code: it panics (`unwrap`, `expect`, `assert!`) where a test should fail, and every wait
 //! is bounded by [`WAIT`]. What needs the tarmac binary's path (`CARGO_BIN_EXE_tarmac`, known
@@ -24,6 +26,7 @@ pub mod certs;
 pub mod client;
 pub mod dns_server;
 pub mod faulty;
+pub mod fuzz;
 pub mod postfix;
 pub mod process;
 pub mod redis_server;
