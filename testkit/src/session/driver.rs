@@ -213,8 +213,13 @@ impl Pair {
 
     /// A pair not yet pumped, serving `peer`.
     pub fn from_peer(config: Config, dns: Vec<(Query, LookupAnswer)>, peer: Peer) -> Pair {
+        Pair::sharing(Arc::new(config), dns, peer)
+    }
+
+    /// A pair not yet pumped, serving `peer` with a config other pairs share (a bench makes
+    /// many).
+    pub fn sharing(config: Arc<Config>, dns: Vec<(Query, LookupAnswer)>, peer: Peer) -> Pair {
         let now = Instant::now();
-        let config = Arc::new(config);
         Pair {
             session: Session::new(Arc::clone(&config), peer, now),
             now,
