@@ -720,3 +720,85 @@ impl Pair {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TRANSACTION: &[u8] = b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\nhi\r\n.\r\nQUIT\r\n";
+
+    #[test]
+    fn relays_a_transaction_the_same_with_replies_dribbled() {
+        let mut whole = Pair::new(config());
+        whole.send(TRANSACTION);
+        let mut dribbled = Pair::build_quiet(config(), Vec::new(), false);
+        dribbled.dribble = true;
+        dribbled.pump();
+        dribbled.send(TRANSACTION);
+        let output = whole.take_output();
+        assert!(output.ends_with("250 2.0.0 Ok: queued as 1\r\n221 2.0.0 Bye\r\n"));
+        assert_eq!(dribbled.take_output(), output);
+        assert!(whole.closed && dribbled.closed);
+        assert_eq!(whole.downstream.delivered, dribbled.downstream.delivered);
+        assert_eq!(whole.downstream.commands[0], "EHLO mx.test");
+        assert_eq!(whole.downstream_closes, 1);
+    }
+
+    #[test]
+    fn lagging_replies_wait_for_the_clock() {
+        let mut pair = Pair::build_quiet(config(), Vec::new(), false);
+        pair.lagging = true;
+        pair.pump();
+        pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n");
+        assert!(pair.take_output().ends_with("250 SMTPUTF8\r\n"));
+        assert!(pair.ds_open, "connected at once");
+        // The banner, then EHLO's reply, then MAIL's: one tick each.
+        for _ in 0..2 {
+            pair.advance(Duration::from_secs(1));
+            assert_eq!(
+                pair.take_output(),
+                "",
+                "MAIL's reply before the downstream's"
+            );
+        }
+        pair.advance(Duration::from_secs(1));
+        assert_eq!(pair.take_output(), "250 2.1.0 Ok\r\n");
+        let times: Vec<Instant> = pair.client_log.iter().map(|(at, _)| *at).collect();
+        assert!(
+            times.windows(2).all(|w| w[0] <= w[1]),
+            "logged in time order"
+        );
+    }
+
+    #[test]
+    fn a_refused_server_sends_the_session_to_the_next() {
+        let mut config = config();
+        let second = SocketAddr::from(([127, 0, 0, 1], 10026));
+        config.downstream.servers.push(second);
+        let first = config.downstream.servers[0];
+        let mut pair = Pair::build_quiet(config, Vec::new(), false);
+        pair.refused_servers.push(first);
+        pair.pump();
+        pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n");
+        assert_eq!(pair.connects, [first, second]);
+        assert!(pair.take_output().ends_with("250 2.1.0 Ok\r\n"));
+    }
+
+    #[test]
+    fn answers_scripted_lookups_and_records_the_rest() {
+        let mut config = config();
+        config.dns.rdns = true;
+        let client = IpAddr::from([192, 0, 2, 7]);
+        let dns = vec![(
+            Query::Rdns(client),
+            LookupAnswer::Rdns(tarmac::smtp::question::RdnsAnswer::NoName),
+        )];
+        let pair = Pair::with_dns(config, dns);
+        assert_eq!(pair.lookups, [Query::Rdns(client)]);
+        assert!(
+            pair.client_log
+                .iter()
+                .any(|(_, out)| out.starts_with(b"220 "))
+        );
+    }
+}
