@@ -1,6 +1,8 @@
 //! In-memory benchmarks of the sans-IO core: commands per second through `Session`, MB/s
 //! through the DATA codec, and whole relayed transactions per second with a scripted
-//! downstream. No sockets, no clock reads inside the timed loops except the stopwatch.
+//! downstream. The session runs on the testkit's `Pair`, the driver and Postfix-like
+//! downstream the fuzz target uses, so the figures include its checks. No sockets, no clock
+//! reads inside the timed loops except the stopwatch.
 //!
 //! `cargo bench --bench session` runs the full size; without `--bench` (as `cargo test
 //! --all-targets` runs it) it does one quick pass, so CI keeps it from rotting.
@@ -10,10 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use tarmac::config::{AnnounceClient, BareNewline, Config};
+use tarmac::smtp::Peer;
 use tarmac::smtp::data::DataDecoder;
-use tarmac::smtp::question::LookupAnswer;
-use tarmac::smtp::{Action, Answer, DownstreamEvent, LinkId, Peer, Question, Session};
-use tarmac::state::GreylistOutcome;
+use tarmac_testkit::session::{Pair, peer as testkit_peer};
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
@@ -41,52 +42,39 @@ fn config() -> Arc<Config> {
 
 fn peer() -> Peer {
     Peer {
-        client: "192.0.2.7:53211".parse().unwrap(),
-        local: "198.51.100.1:25".parse().unwrap(),
         accepted_at: UNIX_EPOCH,
-        stressed: false,
-        starttls: false,
+        ..testkit_peer(false, false)
     }
 }
 
-/// The bench's shared services, answering at once. With `config()` the session asks none of
-/// these but admission; the others are answered all the same so no question is dropped.
-fn answer(question: Question) -> Option<Answer> {
-    Some(match question {
-        Question::Admit(_) => Answer::Admission(true),
-        Question::Lookup(query) => {
-            let answer = LookupAnswer::temp_fail(&query);
-            Answer::Lookup(query, answer)
-        }
-        Question::CheckPass(_) => Answer::Pass(false),
-        Question::CheckReputation(..) => Answer::Reputation(None),
-        Question::CheckGreylist { .. } => Answer::Greylist(GreylistOutcome::Pass),
-        Question::EnterTarpit => Answer::TarpitSlot(true),
-        Question::RecordPass(_) | Question::RecordReputation(..) => return None,
-    })
+/// A session on the testkit's driver, which plays its actions, answers its questions and
+/// scripts its downstream (with `config()` it asks only for admission).
+fn pair(config: &Arc<Config>) -> Pair {
+    let mut pair = Pair::sharing(Arc::clone(config), Vec::new(), peer());
+    pair.pump();
+    pair
 }
 
 /// Local commands, pipelined 5 per write: parse, dispatch, reply.
 fn commands(n: usize) {
     let config = config();
-    let now = Instant::now();
     let batch = b"NOOP\r\nRSET\r\nVRFY postmaster\r\nHELP\r\nEHLO client.example\r\n";
     let per_batch = 5;
-    let mut session = Session::new(config.clone(), peer(), now);
-    let mut out = Vec::with_capacity(64 * 1024);
+    let mut pair = pair(&config);
+    pair.take_output();
     let started = Instant::now();
     let mut replies = 0usize;
     for i in 0..n / per_batch {
         // Every command here is a junk command (`max_junk_commands`, 100 by default): a new
         // session before the limit, as a new client would be.
         if i % 19 == 18 {
-            session = Session::new(config.clone(), peer(), now);
+            pair = self::pair(&config);
+            pair.take_output();
         }
-        let used = session.handle_client_data(now, batch);
-        assert_eq!(used, batch.len());
-        session.poll_transmit(now, &mut out);
-        replies += out.iter().filter(|&&b| b == b'\n').count();
-        out.clear();
+        pair.send(batch);
+        assert!(pair.client_pending.is_empty(), "every command read");
+        replies += pair.client_out.iter().filter(|&&b| b == b'\n').count();
+        pair.client_out.clear();
     }
     let elapsed = started.elapsed();
     let commands = n / per_batch * per_batch;
@@ -137,7 +125,8 @@ fn data_codec(rounds: usize) {
     );
 }
 
-/// Whole transactions (banner to QUIT, 4 KB body) with the downstream's replies scripted.
+/// Whole transactions (banner to QUIT, 4 KB body) relayed to the testkit's scripted
+/// downstream.
 fn transactions(n: usize) {
     let config = config();
     let client_script: Vec<u8> = [
@@ -148,59 +137,13 @@ fn transactions(n: usize) {
         &b"\r\n.\r\nQUIT\r\n"[..],
     ]
     .concat();
-    let downstream: [&[u8]; 6] = [
-        b"220 ds ESMTP\r\n",
-        b"250-ds\r\n250 8BITMIME\r\n",
-        b"250 2.1.0 Ok\r\n",
-        b"250 2.1.5 Ok\r\n",
-        b"354 go\r\n",
-        b"250 2.0.0 Ok: queued\r\n",
-    ];
-    let now = Instant::now();
-    let mut to_client = Vec::new();
-    let mut to_downstream = Vec::new();
     let started = Instant::now();
     for _ in 0..n {
-        let mut session = Session::new(config.clone(), peer(), now);
-        let mut input: &[u8] = &client_script;
-        let mut replies = downstream.iter();
-        let mut link = LinkId(u32::MAX);
-        for _ in 0..100 {
-            let used = session.handle_client_data(now, input);
-            input = &input[used..];
-            while let Some(action) = session.poll_action() {
-                match action {
-                    Action::ConnectDownstream { link: new, .. } => {
-                        link = new;
-                        session.handle_downstream(now, link, DownstreamEvent::Connected);
-                    }
-                    Action::CloseDownstream { .. }
-                    | Action::Close
-                    | Action::ReleaseDownstream { .. }
-                    | Action::StartTlsDownstream(_) => {}
-                    Action::Ask(question) => {
-                        if let Some(answer) = answer(question) {
-                            session.handle_answer(now, answer);
-                        }
-                    }
-                    Action::StartTls => unreachable!("STARTTLS is not offered here"),
-                }
-            }
-            session.poll_transmit_downstream(link, &mut to_downstream);
-            session.poll_transmit(now, &mut to_client);
-            if !to_downstream.is_empty() || (used == 0 && !input.is_empty()) {
-                to_downstream.clear();
-                if let Some(reply) = replies.next() {
-                    session.handle_downstream(now, link, DownstreamEvent::Data(reply));
-                }
-            }
-            if session.is_closed() {
-                break;
-            }
-        }
-        assert!(session.is_closed(), "transaction completed");
-        assert_eq!(session.report().msgs, 1);
-        to_client.clear();
+        let mut pair = pair(&config);
+        pair.send(&client_script);
+        assert!(pair.closed, "transaction completed");
+        assert_eq!(pair.session.report().msgs, 1);
+        assert_eq!(pair.downstream.delivered.len(), 1);
     }
     let elapsed = started.elapsed();
     println!(
@@ -208,5 +151,4 @@ fn transactions(n: usize) {
         n as f64 / elapsed.as_secs_f64(),
         elapsed.as_secs_f64()
     );
-    let _ = Duration::ZERO;
 }

@@ -24,12 +24,10 @@ pub mod config;
 pub mod demo;
 pub mod dns;
 pub mod downstream;
-// Public only so the `fuzz/` crate and the corpus replay test can call the fuzz bodies.
-#[doc(hidden)]
-pub mod fuzzing;
 pub mod policy;
 pub mod server;
 pub(crate) mod side_thread;
 pub mod smtp;
 pub mod state;
-pub(crate) mod tls;
+// Public for the `tls_files` fuzz target in the testkit, which loads certificates as `[tls]` does.
+pub mod tls;

@@ -1,12 +1,12 @@
 //! The fuzz targets on stable: every file in `fuzz/corpus/<target>/` (seeds and past crashers)
-//! replayed through the same `tarmac::fuzzing` bodies libFuzzer runs, then a few thousand
+//! replayed through the same `tarmac_testkit::fuzz` bodies libFuzzer runs, then a few thousand
 //! deterministic pseudo-random inputs per target, each a seed with a few mutations or plain
 //! random bytes. A failure names the file or the input that broke a property.
 
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::path::{Path, PathBuf};
 
-use tarmac::fuzzing;
+use tarmac_testkit::fuzz;
 
 /// Pseudo-random inputs per target; keeps the whole file under a few seconds in debug builds.
 const RANDOM_INPUTS: usize = 2000;
@@ -17,66 +17,66 @@ const RANDOM_LEN: usize = 400;
 type Target = fn(&[u8]);
 
 const TARGETS: [(&str, Target); 10] = [
-    ("command", fuzzing::command),
-    ("reply", fuzzing::reply),
-    ("data", fuzzing::data),
-    ("config", fuzzing::config),
-    ("session", fuzzing::session),
-    ("proxy", fuzzing::proxy),
-    ("list_file", fuzzing::list_file),
-    ("rule_file", fuzzing::rule_file),
-    ("snapshot", fuzzing::snapshot),
-    ("tls_files", fuzzing::tls_files),
+    ("command", fuzz::command),
+    ("reply", fuzz::reply),
+    ("data", fuzz::data),
+    ("config", fuzz::config),
+    ("session", fuzz::session),
+    ("proxy", fuzz::proxy),
+    ("list_file", fuzz::list_file),
+    ("rule_file", fuzz::rule_file),
+    ("snapshot", fuzz::snapshot),
+    ("tls_files", fuzz::tls_files),
 ];
 
 #[test]
 fn corpus_command() {
-    replay("command", fuzzing::command);
+    replay("command", fuzz::command);
 }
 
 #[test]
 fn corpus_reply() {
-    replay("reply", fuzzing::reply);
+    replay("reply", fuzz::reply);
 }
 
 #[test]
 fn corpus_proxy() {
-    replay("proxy", fuzzing::proxy);
+    replay("proxy", fuzz::proxy);
 }
 
 #[test]
 fn corpus_data() {
-    replay("data", fuzzing::data);
+    replay("data", fuzz::data);
 }
 
 #[test]
 fn corpus_config() {
-    replay("config", fuzzing::config);
+    replay("config", fuzz::config);
 }
 
 #[test]
 fn corpus_list_file() {
-    replay("list_file", fuzzing::list_file);
+    replay("list_file", fuzz::list_file);
 }
 
 #[test]
 fn corpus_rule_file() {
-    replay("rule_file", fuzzing::rule_file);
+    replay("rule_file", fuzz::rule_file);
 }
 
 #[test]
 fn corpus_snapshot() {
-    replay("snapshot", fuzzing::snapshot);
+    replay("snapshot", fuzz::snapshot);
 }
 
 #[test]
 fn corpus_tls_files() {
-    replay("tls_files", fuzzing::tls_files);
+    replay("tls_files", fuzz::tls_files);
 }
 
 #[test]
 fn corpus_session() {
-    replay("session", fuzzing::session);
+    replay("session", fuzz::session);
 }
 
 #[test]
@@ -189,5 +189,5 @@ impl XorShift {
 fn regression_idle_deadline_while_waiting() {
     let file = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fuzz/corpus/session/regression_idle_deadline_while_waiting");
-    fuzzing::session(&std::fs::read(file).unwrap());
+    fuzz::session(&std::fs::read(file).unwrap());
 }

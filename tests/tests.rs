@@ -15,7 +15,7 @@ mod server;
 mod rates;
 // No module cycles between the files of src/ (issue 14 item 5).
 mod layers;
-// Fuzz corpus replay and pseudo-random inputs through `tarmac::fuzzing`, on stable.
+// Fuzz corpus replay and pseudo-random inputs through `tarmac_testkit::fuzz`, on stable.
 mod corpus;
 // The resolver thread against a real DNS server on loopback: DNSBL, rDNS, cache, zone health.
 mod dns;

@@ -1,2 +1,2 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| tarmac::fuzzing::data(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tarmac_testkit::fuzz::data(data));

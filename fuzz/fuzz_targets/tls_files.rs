@@ -1,2 +1,2 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| tarmac::fuzzing::tls_files(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tarmac_testkit::fuzz::tls_files(data));

@@ -9,7 +9,13 @@
 //! - service peers: a real DNS server ([`dns_server`], hickory-server) and a real
 //!   `redis-server` ([`redis_server`]), both on loopback;
 //! - fixtures: certificates made by the test ([`certs`]), child processes with bounded waits
-//!   ([`process`]), temporary directories and free ports.
+//!   ([`process`]), temporary directories and free ports;
+//! - session doubles ([`session`]): a driver on invented time ([`session::Pair`]) and a
+//!   scripted downstream that behaves like Postfix and checks the trust boundary
+//!   ([`session::FakeDownstream`]), for the `session` fuzz target, the `session` bench and
+//!   the session's tests;
+//! - the fuzz target bodies ([`fuzz`]), one `pub fn target(data: &[u8])` per
+//!   `fuzz/fuzz_targets/*.rs`, also replayed on stable by `tests/corpus.rs`.
 //!
 //! Test code: it panics (`unwrap`, `expect`, `assert!`) where a test should fail, and every wait
 //! is bounded by [`WAIT`]. What needs the tarmac binary's path (`CARGO_BIN_EXE_tarmac`, known
@@ -24,10 +30,12 @@ pub mod certs;
 pub mod client;
 pub mod dns_server;
 pub mod faulty;
+pub mod fuzz;
 pub mod postfix;
 pub mod process;
 pub mod redis_server;
 pub mod server;
+pub mod session;
 pub mod sink;
 
 pub use client::Client;
