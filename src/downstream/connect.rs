@@ -23,7 +23,7 @@ use mio::net::TcpStream;
 /// Starts a nonblocking connect to `addr`. An immediate error (no route, no local port) comes
 /// back here; a refusal usually comes later through [`finish_connect`]. Nagle is off: the relay
 /// writes whole SMTP commands and waits for their replies, so batching only adds latency.
-pub fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+pub(crate) fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
     let stream = TcpStream::connect(addr)?;
     stream.set_nodelay(true)?;
     Ok(stream)
@@ -35,7 +35,7 @@ pub fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
 /// `Ok(false)`. `clean_writable`: the events since the connect started said writable and
 /// reported no error and no hang-up ([`is_clean_writable`]); then it is connected without
 /// asking the socket (see the module doc).
-pub fn finish_connect(stream: &TcpStream, clean_writable: bool) -> io::Result<bool> {
+pub(crate) fn finish_connect(stream: &TcpStream, clean_writable: bool) -> io::Result<bool> {
     if clean_writable {
         return Ok(true);
     }
@@ -51,7 +51,7 @@ pub fn finish_connect(stream: &TcpStream, clean_writable: bool) -> io::Result<bo
 
 /// Whether `event` is a clean writable edge for [`finish_connect`]: writable, with no error
 /// and neither end reported closed.
-pub fn is_clean_writable(event: &Event) -> bool {
+pub(crate) fn is_clean_writable(event: &Event) -> bool {
     event.is_writable() && !event.is_error() && !event.is_read_closed() && !event.is_write_closed()
 }
 

@@ -4,9 +4,9 @@
 //! STARTTLS, and the multiplexing mode's pool of idle connections (`pool`); `src/server/` owns
 //! the sockets.
 
-pub mod connect;
+pub(crate) mod connect;
 pub mod dialog;
 pub(crate) mod pool;
-pub mod relay;
+pub(crate) mod relay;
 pub mod tls;
-pub mod warnings;
+pub(crate) mod warnings;

@@ -38,7 +38,7 @@ fn due(kind: Kind, server: SocketAddr, now: Instant) -> bool {
 
 /// A new connection to `server` would not take XCLIENT (`reply`: its refusal; `None`: not
 /// offered), so clients' mail is deferred rather than relayed under tarmac's address.
-pub fn announcement_refused(server: SocketAddr, reply: Option<&Reply>, now: Instant) {
+pub(crate) fn announcement_refused(server: SocketAddr, reply: Option<&Reply>, now: Instant) {
     if !due(Kind::AnnouncementRefused, server, now) {
         return;
     }
@@ -60,7 +60,7 @@ pub fn announcement_refused(server: SocketAddr, reply: Option<&Reply>, now: Inst
 
 /// A connection to `server` that served one client could not be announced for the next
 /// (`announce`), so it was closed and a new one opened.
-pub fn connection_retired(server: SocketAddr, announce: AnnounceClient, now: Instant) {
+pub(crate) fn connection_retired(server: SocketAddr, announce: AnnounceClient, now: Instant) {
     if !due(Kind::Retired, server, now) {
         return;
     }

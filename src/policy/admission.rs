@@ -31,7 +31,7 @@ use crate::policy::rates::RateRefusal;
 /// Share of `max_connections` (in percent) at which stress mode starts: late enough that a
 /// busy server does not shorten its pauses for nothing, early enough to act before the cap
 /// refuses anyone.
-pub const STRESS_PERCENT: usize = 80;
+pub(crate) const STRESS_PERCENT: usize = 80;
 
 /// What to do with a new connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,7 +98,7 @@ impl fmt::Display for Refusal {
 /// Decides how a connection from `client` is admitted under `config`. `shared_rates`: the
 /// rates live in a shared store. `failed_tls` says whether an address's TLS handshake failed
 /// recently; it is asked only when the answer matters.
-pub fn admit(
+pub(crate) fn admit(
     config: &Config,
     client: IpAddr,
     shared_rates: bool,
@@ -132,7 +132,7 @@ pub fn admit(
 /// Whether STARTTLS is offered to `client`: when a certificate is loaded, unless its last
 /// handshake failed recently (`failed_tls`, asked only when a certificate is loaded). Also for
 /// a balancer's client once its PROXY header names it.
-pub fn starttls(
+pub(crate) fn starttls(
     config: &Config,
     client: IpAddr,
     failed_tls: impl FnOnce(IpAddr) -> bool,
@@ -151,7 +151,7 @@ pub fn starttls(
 /// `rate` answer: its rate first, then its place under the per-IP and per-subnet caps, taken by
 /// `take_place` only when the rate allows, the order of accept, so a client over its rate
 /// takes no place.
-pub fn admit_named(
+pub(crate) fn admit_named(
     rate: Result<(), RateRefusal>,
     take_place: impl FnOnce() -> Result<(), Refusal>,
 ) -> Result<(), Refusal> {
@@ -162,7 +162,7 @@ pub fn admit_named(
 /// Whether `open` connections put the server in stress mode: at [`STRESS_PERCENT`] of
 /// `max_connections` (postscreen's stress: shorter greet pause and command timeout; like
 /// spamd near `maxcon`, no stutter). A server that takes nobody is always full.
-pub fn is_stressed(open: usize, max_connections: usize) -> bool {
+pub(crate) fn is_stressed(open: usize, max_connections: usize) -> bool {
     open.saturating_mul(100) >= max_connections.saturating_mul(STRESS_PERCENT)
 }
 

@@ -2,41 +2,41 @@
 //! I/O, no clock of their own (the rate buckets read governor's, which tests replace): callers
 //! pass what they know and get a decision back.
 //!
-//! - [`admission`]: what the worker does with a new connection: how it is counted against
+//! - `admission`: what the worker does with a new connection: how it is counted against
 //!   the caps and rates (allow-listed, a proxy sender's, rated now or by the shared store), or
 //!   why it is refused ([`Refusal`]), and whether its session offers STARTTLS ([`Admission`]).
-//! - [`cidr`]: address blocks as the lists, the rules and `proxy_protocol_from` write them
+//! - `cidr`: address blocks as the lists, the rules and `proxy_protocol_from` write them
 //!   ([`Cidr`]).
 //! - [`dnsbl`]: the name to query for a client in a zone, what a zone's answer is worth
 //!   ([`ZoneOutcome`]), the summed score, the zone a reject reply names, the close log's
 //!   `dnsbl=` field.
-//! - [`lists`]: the operator's allow and deny list files, parsed with `path:line` errors and
+//! - `lists`: the operator's allow and deny list files, parsed with `path:line` errors and
 //!   matched against addresses and names ([`ListSet`]; allow wins).
-//! - [`rules`]: the operator's rule files, parsed with `path:line: key: message` errors, and
+//! - `rules`: the operator's rule files, parsed with `path:line: key: message` errors, and
 //!   the matcher run at each [`Stage`] of a connection ([`RuleSet::evaluate`]).
-//! - [`rates`]: the connection-rate token buckets per address and per /24 or /64
+//! - `rates`: the connection-rate token buckets per address and per /24 or /64
 //!   ([`ConnectionRates`]), checked at accept; [`RateRefusal`] says which one was empty.
-//! - [`reading`]: the `path:line: key: message` error of a list or rule file
+//! - `reading`: the `path:line: key: message` error of a list or rule file
 //!   ([`FileError`]), which the config loader reports as its own, and the TOML value readers
 //!   the rule files and the config file share.
 //! - [`reputation`]: an address's decayed history of bad and good events, and whether it is
 //!   mostly bad ([`Standing`]), which adds `[reputation] weight` to its score.
-//! - [`verdict`]: the score placed against `[scoring]`'s thresholds ([`Verdict`]).
+//! - `verdict`: the score placed against `[scoring]`'s thresholds ([`Verdict`]).
 //!
 //! The session (`crate::smtp`) calls these as answers arrive; the server never decides, it only
-//! applies: at accept it asks [`admission::admit`], counts the connection as told (asking
+//! applies: at accept it asks `admission::admit`, counts the connection as told (asking
 //! [`ConnectionRates`]) and answers a refusal with the `421`.
 
-pub mod admission;
-pub mod cidr;
+pub(crate) mod admission;
+pub(crate) mod cidr;
 pub mod dnsbl;
-pub mod lists;
-pub mod rates;
-pub mod reading;
+pub(crate) mod lists;
+pub(crate) mod rates;
+pub(crate) mod reading;
 pub mod reputation;
-pub mod rules;
-pub mod screening;
-pub mod verdict;
+pub(crate) mod rules;
+pub(crate) mod screening;
+pub(crate) mod verdict;
 
 pub use admission::{Admission, Refusal};
 pub use cidr::Cidr;

@@ -165,7 +165,7 @@ fn quota(rate: Rate) -> Quota {
 
 /// The network `ip` is counted in, as text (`192.0.2.0/24`, `2001:db8::/64`): the name of its
 /// per-subnet bucket where buckets are kept by name (the Redis backend, `state::redis`).
-pub fn network_name(ip: IpAddr) -> String {
+pub(crate) fn network_name(ip: IpAddr) -> String {
     let ip = ip.to_canonical();
     let bits = if ip.is_ipv4() {
         SUBNET_V4_PREFIX
@@ -178,7 +178,7 @@ pub fn network_name(ip: IpAddr) -> String {
 /// The network `ip` is counted in (its /24 or /64, as an address with the host bits zero),
 /// `::ffff:a.b.c.d` taken as `a.b.c.d`: the key of the per-subnet concurrency cap
 /// (`server::limits`), the same networks as the rate buckets'.
-pub fn network(ip: IpAddr) -> IpAddr {
+pub(crate) fn network(ip: IpAddr) -> IpAddr {
     subnet(ip.to_canonical())
 }
 

@@ -114,25 +114,25 @@ use crate::smtp::reply::Reply;
 
 /// Longest reply text a rule may give, in characters: with the code and enhanced code it keeps
 /// the line well under RFC 5321 §4.5.3.1.5's 512 octets.
-pub const MAX_REPLY_TEXT: usize = 400;
+pub(crate) const MAX_REPLY_TEXT: usize = 400;
 
 /// Longest rule name, in characters: it goes into every close log line of the rule's clients.
-pub const MAX_NAME: usize = 64;
+pub(crate) const MAX_NAME: usize = 64;
 
 /// Longest pattern source, in characters; a longer one is an operator's mistake (a pasted
 /// list?) and would only slow every match.
-pub const MAX_PATTERN: usize = 1024;
+pub(crate) const MAX_PATTERN: usize = 1024;
 
 /// Cap on a compiled regex, in bytes (`RegexBuilder::size_limit`): a hostile or accidental
 /// pattern such as `\w{1000}{1000}` fails to compile instead of taking memory.
-pub const REGEX_SIZE_LIMIT: usize = 1 << 20;
+pub(crate) const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
 /// Cap on a regex's lazy DFA cache, in bytes (`RegexBuilder::dfa_size_limit`): it is kept per
 /// thread that matches, so it multiplies by the workers.
-pub const REGEX_DFA_LIMIT: usize = 1 << 20;
+pub(crate) const REGEX_DFA_LIMIT: usize = 1 << 20;
 
 /// Largest `score` magnitude; DNSBL weights are single digits, so anything bigger is a typo.
-pub const MAX_SCORE: i32 = 1000;
+pub(crate) const MAX_SCORE: i32 = 1000;
 
 /// When a rule runs: the stage of the SMTP dialogue at which all its inputs are known.
 /// Ordered as a connection goes through them.

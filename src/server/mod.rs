@@ -9,7 +9,7 @@
 //!
 //! Life of a connection:
 //! 1. **Accept** (`Worker::accept`): until `WouldBlock`, a bounded number per turn.
-//!    [`policy::admission`](crate::policy::admission) decides how the connection is counted
+//!    `policy::admission` decides how the connection is counted
 //!    (allow-listed, a balancer's, rated now or by the shared store) and whether its session
 //!    offers STARTTLS; the worker carries it out. Over its
 //!    connection rates (per address, per /24 or /64; [`ConnectionRates`] decides),

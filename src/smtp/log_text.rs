@@ -16,7 +16,7 @@ const TRUNCATED: &str = "...";
 /// `=` is kept; every other byte becomes `\xHH` (lowercase hex). Output longer than
 /// `ESCAPED_MAX` characters is cut after a whole byte's escape and ends in `...`, the whole
 /// staying within `ESCAPED_MAX`.
-pub fn escape(raw: &[u8]) -> String {
+pub(crate) fn escape(raw: &[u8]) -> String {
     let mut out = String::with_capacity(raw.len().min(ESCAPED_MAX));
     let mut fits = 0;
     for &byte in raw {

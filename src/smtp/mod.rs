@@ -4,10 +4,10 @@
 
 pub mod command;
 pub mod data;
-pub mod log_text;
+pub(crate) mod log_text;
 pub mod proxy;
 pub mod question;
-pub mod received;
+pub(crate) mod received;
 pub mod reply;
 pub mod session;
 mod tarpit;

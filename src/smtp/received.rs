@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// What the trace header says about the hop.
 #[derive(Clone, Copy, Debug)]
-pub struct Trace<'a> {
+pub(crate) struct Trace<'a> {
     /// The client's HELO/EHLO argument, as sent.
     pub helo: &'a [u8],
     /// The client's address.
@@ -34,7 +34,7 @@ const TRACE_SPECIALS: &[char] = &['<', '>', '(', ')', '[', ']', '\\', '"', ';', 
 /// and `TRACE_SPECIALS` become `?`, so `EHLO mx.google.com([209.85.128.1])` cannot make the
 /// line look as if that host had sent the message. An IPv4 client seen as `::ffff:a.b.c.d` is
 /// written as `a.b.c.d`.
-pub fn write_received(trace: &Trace<'_>, out: &mut Vec<u8>) {
+pub(crate) fn write_received(trace: &Trace<'_>, out: &mut Vec<u8>) {
     let helo = sanitize_helo(trace.helo);
     let ip = match trace.client.to_canonical() {
         IpAddr::V4(v4) => v4.to_string(),
@@ -51,7 +51,7 @@ pub fn write_received(trace: &Trace<'_>, out: &mut Vec<u8>) {
 
 /// The HELO name as it goes into the header: control bytes, spaces, invalid UTF-8 and
 /// `TRACE_SPECIALS` replaced by `?`, at most `MAX_HELO_IN_HEADER` characters.
-pub fn sanitize_helo(helo: &[u8]) -> String {
+pub(crate) fn sanitize_helo(helo: &[u8]) -> String {
     String::from_utf8_lossy(helo)
         .chars()
         .map(|c| {
@@ -67,7 +67,7 @@ pub fn sanitize_helo(helo: &[u8]) -> String {
 }
 
 /// `Mon, 23 Nov 2026 13:01:02 +0000` (RFC 5322 §3.3), always in UTC.
-pub fn rfc5322_date(at: SystemTime) -> String {
+pub(crate) fn rfc5322_date(at: SystemTime) -> String {
     let secs = at
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -137,7 +137,7 @@ struct Window {
 
 /// What the session knows that a key may be made of.
 #[derive(Clone, Copy, Debug)]
-pub struct KeyFacts<'a> {
+pub(crate) struct KeyFacts<'a> {
     /// The client's address.
     pub client: IpAddr,
     /// The HELO/EHLO name.
@@ -606,7 +606,7 @@ fn judge(triplet: &Triplet, now: Instant, times: &GreylistTimes) -> GreylistOutc
 /// are compared case-insensitively (lowercased); `rdns` is the provider's domain (the
 /// verified name minus its first label), or the subnet when there is none, so a sender
 /// retrying from another host of the same pool keeps its triplet.
-pub fn key(elements: &[GreylistKey], facts: &KeyFacts<'_>) -> String {
+pub(crate) fn key(elements: &[GreylistKey], facts: &KeyFacts<'_>) -> String {
     let mut key = String::new();
     for element in elements {
         if !key.is_empty() {

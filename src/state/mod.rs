@@ -6,15 +6,15 @@
 //! the local backend the tables have crash-safe snapshots in `[server] state_dir`
 //! (`snapshot`), which the server writes now and then and on shutdown and reads at start.
 
-pub mod greylist;
-pub mod local;
-pub mod op;
-pub mod pass;
+pub(crate) mod greylist;
+pub(crate) mod local;
+pub(crate) mod op;
+pub(crate) mod pass;
 pub mod redis;
-pub mod reputation;
+pub(crate) mod reputation;
 pub mod snapshot;
 pub(crate) mod snapshots;
-pub mod store;
+pub(crate) mod store;
 
 pub use greylist::{Greylist, GreylistOutcome, GreylistTimes};
 pub use local::Local;

@@ -16,7 +16,7 @@ use super::snapshot::{self, Clocks, Kind, Restored, SnapshotError, Writer};
 
 /// Most addresses remembered at once: about 5 MB of map. A flood of distinct passing
 /// addresses beyond it costs them the greet pause, never memory.
-pub const MAX_ENTRIES: usize = 100_000;
+pub(crate) const MAX_ENTRIES: usize = 100_000;
 
 /// Addresses that passed, and until when their PASS holds.
 #[derive(Debug)]

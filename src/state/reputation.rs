@@ -24,7 +24,7 @@ use super::snapshot::{self, Clocks, Kind, Restored, SnapshotError, Writer};
 use crate::policy::reputation::{self, Counts, Event, History};
 
 /// Most addresses remembered at once.
-pub const MAX_ENTRIES: usize = 200_000;
+pub(crate) const MAX_ENTRIES: usize = 200_000;
 
 /// Addresses kept when a full table forgets the ones with the least history.
 const KEEP_WHEN_FULL: usize = MAX_ENTRIES / 2;
