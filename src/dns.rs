@@ -154,10 +154,9 @@ pub struct DnsStats {
 }
 
 /// The resolver thread's owner: stops it when dropped.
+#[derive(Debug)]
 pub struct Resolver {
     handle: ResolverHandle,
-    /// Dropped (or sent) to tell the thread to stop.
-    stop: Option<oneshot::Sender<()>>,
     thread: Running,
 }
 
@@ -192,7 +191,7 @@ impl Resolver {
             health_interval: dns.health_interval,
         };
         let thread_shared = Arc::clone(&shared);
-        let thread = side_thread::spawn("tarmac-dns", "dns: the resolver thread", move || {
+        let run = move || {
             // The runtime (its tasks with it) is dropped before the thread reports its end.
             runtime.block_on(thread::run(
                 settings,
@@ -201,20 +200,23 @@ impl Resolver {
                 stop_rx,
                 ready_tx,
             ));
-        })?;
-        let mut resolver = Resolver {
+        };
+        // Dropping the sender is the signal; the thread also ends if it is already gone.
+        let signal = move || drop(stop);
+        let what = "dns: the resolver thread";
+        let thread = side_thread::spawn("tarmac-dns", what, STOP_WAIT, run, signal)?;
+        let resolver = Resolver {
             handle: ResolverHandle { shared, requests },
-            stop: Some(stop),
             thread,
         };
         match ready_rx.recv_timeout(START_WAIT) {
             Ok(Ok(())) => Ok(resolver),
             Ok(Err(message)) => {
-                resolver.shut_down();
+                resolver.stop();
                 Err(io::Error::other(format!("dns: resolver: {message}")))
             }
             Err(_) => {
-                resolver.shut_down();
+                resolver.stop();
                 Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "dns: the resolver thread did not start",
@@ -231,33 +233,12 @@ impl Resolver {
     /// Stops the thread, waiting at most [`STOP_WAIT`] (then it is left to end on its own).
     /// The same happens on drop; this names the moment.
     pub fn stop(mut self) {
-        self.shut_down();
+        self.thread.stop();
     }
 
     /// A handle for lookups.
     pub fn handle(&self) -> ResolverHandle {
         self.handle.clone()
-    }
-
-    fn shut_down(&mut self) {
-        // Dropping the sender is the signal; the thread also ends if it is already gone.
-        drop(self.stop.take());
-        self.thread.join_within(STOP_WAIT);
-    }
-}
-
-impl Drop for Resolver {
-    fn drop(&mut self) {
-        self.shut_down();
-    }
-}
-
-impl fmt::Debug for Resolver {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Resolver")
-            .field("handle", &self.handle)
-            .field("running", &self.thread.is_running())
-            .finish()
     }
 }
 

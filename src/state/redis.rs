@@ -66,6 +66,7 @@ const STOP_WAIT: Duration = Duration::from_secs(2);
 const OVERLOAD_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The state thread's owner: stops it when dropped.
+#[derive(Debug)]
 pub struct RedisState {
     handle: RedisHandle,
     thread: Running,
@@ -178,9 +179,15 @@ impl RedisState {
         let (requests, request_rx) = mpsc::sync_channel(REQUEST_QUEUE);
         let thread_shared = Arc::clone(&shared);
         let connectors = requests.clone();
-        let thread = side_thread::spawn("tarmac-state", "state: the Redis thread", move || {
-            thread::run(client, settings, thread_shared, request_rx, connectors);
-        })?;
+        let run = move || thread::run(client, settings, thread_shared, request_rx, connectors);
+        let (stop, stopper) = (Arc::clone(&shared), requests.clone());
+        let signal = move || {
+            stop.stop.store(true, Ordering::SeqCst);
+            // Full: the thread is busy and looks at the flag after its batch.
+            let _ = stopper.try_send(Message::Stop);
+        };
+        let what = "state: the Redis thread";
+        let thread = side_thread::spawn("tarmac-state", what, STOP_WAIT, run, signal)?;
         Ok(RedisState {
             handle: RedisHandle { shared, requests },
             thread,
@@ -201,32 +208,7 @@ impl RedisState {
     /// Stops the thread, waiting at most `STOP_WAIT`; jobs still queued get the fallback.
     /// The same happens on drop; this names the moment.
     pub fn stop(mut self) {
-        self.shut_down();
-    }
-
-    fn shut_down(&mut self) {
-        if !self.thread.is_running() {
-            return;
-        }
-        self.handle.shared.stop.store(true, Ordering::SeqCst);
-        // Full: the thread is busy and looks at the flag after its batch.
-        let _ = self.handle.requests.try_send(Message::Stop);
-        self.thread.join_within(STOP_WAIT);
-    }
-}
-
-impl Drop for RedisState {
-    fn drop(&mut self) {
-        self.shut_down();
-    }
-}
-
-impl fmt::Debug for RedisState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisState")
-            .field("handle", &self.handle)
-            .field("running", &self.thread.is_running())
-            .finish()
+        self.thread.stop();
     }
 }
 
