@@ -46,7 +46,7 @@ use mio::Waker;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config;
-use crate::side_thread::{self, Outboxes, Running};
+use crate::side_thread::{self, LogEvery, Outboxes, Running};
 use crate::smtp::question::{DnsblAnswer, LookupAnswer, Query, RdnsAnswer};
 
 mod cache;
@@ -342,10 +342,8 @@ struct Shared {
     stats: Stats,
     /// Registered by [`Resolver::add_worker`], indexed by [`Waiter::worker`].
     workers: Outboxes<Delivery>,
-    /// Rate limit of the overload warning: ms after `epoch` of the last one, plus one (0 =
-    /// never).
-    overload_logged: AtomicU64,
-    epoch: Instant,
+    /// Rate limit of the overload warning.
+    overload_warning: LogEvery,
 }
 
 /// The counters behind [`DnsStats`].
@@ -366,28 +364,14 @@ impl Shared {
             recheck: tokio::sync::Notify::new(),
             stats: Stats::default(),
             workers: Outboxes::default(),
-            overload_logged: AtomicU64::new(0),
-            epoch: Instant::now(),
+            overload_warning: LogEvery::new(OVERLOAD_LOG_INTERVAL),
         }
     }
 
     /// Counts an overloaded request and warns, at most once per [`OVERLOAD_LOG_INTERVAL`].
     fn note_overload(&self, now: Instant) {
         self.stats.overloaded.fetch_add(1, Ordering::Relaxed);
-        let now_ms = u64::try_from(now.saturating_duration_since(self.epoch).as_millis())
-            .unwrap_or(u64::MAX)
-            .saturating_add(1);
-        let last = self.overload_logged.load(Ordering::Relaxed);
-        let interval = u64::try_from(OVERLOAD_LOG_INTERVAL.as_millis()).unwrap_or(u64::MAX);
-        if last != 0 && now_ms.saturating_sub(last) < interval {
-            return;
-        }
-        // One thread wins the right to log.
-        if self
-            .overload_logged
-            .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-        {
+        if self.overload_warning.allows(now) {
             log::warn!(
                 "dns: resolver overloaded ({MAX_IN_FLIGHT} lookups in flight, {REQUEST_QUEUE} \
                  queued): answering TempFail at once ({} so far); the DNS servers are slow or \
@@ -447,14 +431,11 @@ mod tests {
     #[test]
     fn overload_warning_is_rate_limited_but_counted() {
         let shared = Shared::new(&[]);
-        let t0 = shared.epoch;
+        let t0 = Instant::now();
         shared.note_overload(t0);
-        let first = shared.overload_logged.load(Ordering::Relaxed);
-        assert_ne!(first, 0);
+        // The first warning went out: another within the interval may not.
+        assert!(!shared.overload_warning.allows(t0 + Duration::from_secs(1)));
         shared.note_overload(t0 + Duration::from_secs(1));
-        assert_eq!(shared.overload_logged.load(Ordering::Relaxed), first);
-        shared.note_overload(t0 + OVERLOAD_LOG_INTERVAL + Duration::from_millis(1));
-        assert_ne!(shared.overload_logged.load(Ordering::Relaxed), first);
-        assert_eq!(shared.stats.overloaded.load(Ordering::Relaxed), 3);
+        assert_eq!(shared.stats.overloaded.load(Ordering::Relaxed), 2);
     }
 }

@@ -15,17 +15,20 @@
 //! **Workers.** `Outboxes` holds one `Outbox` per registered worker, found by the index
 //! `Outboxes::add` gave it (the `worker` of a waiter).
 //!
+//! **Overload warnings.** Both threads answer at once when their queue is full and warn about
+//! it; [`LogEvery`] lets that warning out at most once per interval, whichever thread hits it.
+//!
 //! **Stopping.** `spawn` starts the thread and returns its `Running` owner, which holds how
 //! the thread is told to stop. `Running::stop` (or dropping it) tells it once, waits a bounded
 //! time for the thread to end (it may be inside a call bounded by its own timeout) and leaves
 //! it to finish on its own otherwise, so a shutdown cannot hang on a stuck resolver or Redis.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mio::Waker;
 
@@ -62,6 +65,15 @@ pub(crate) struct Running {
     signal: Option<Box<dyn FnOnce() + Send>>,
     /// How long stopping waits for the thread before leaving it.
     stop_wait: Duration,
+}
+
+/// A warning logged at most once per `interval`, from any thread.
+#[derive(Debug)]
+pub(crate) struct LogEvery {
+    interval: Duration,
+    /// Ms after `epoch` of the last warning, plus one (0 = never).
+    last: AtomicU64,
+    epoch: Instant,
 }
 
 /// Starts `run` on a thread named `name`; `what` names it in log lines, `signal` tells it to
@@ -139,6 +151,34 @@ impl std::fmt::Debug for Running {
             .field("what", &self.what)
             .field("running", &self.is_running())
             .finish()
+    }
+}
+
+impl LogEvery {
+    /// A limit of one warning per `interval`, none logged yet.
+    pub(crate) fn new(interval: Duration) -> LogEvery {
+        LogEvery {
+            interval,
+            last: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Whether the warning may be logged at `now`: at most once per interval, and to one
+    /// caller only when several threads ask at once.
+    pub(crate) fn allows(&self, now: Instant) -> bool {
+        let now_ms = u64::try_from(now.saturating_duration_since(self.epoch).as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1);
+        let last = self.last.load(Ordering::Relaxed);
+        let interval = u64::try_from(self.interval.as_millis()).unwrap_or(u64::MAX);
+        if last != 0 && now_ms.saturating_sub(last) < interval {
+            return false;
+        }
+        // One thread wins the right to log.
+        self.last
+            .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
     }
 }
 
@@ -252,6 +292,18 @@ mod tests {
         assert_eq!(inbox.try_recv(), Some(3));
         drop(inbox);
         assert!(!outbox.send(4), "a worker gone is reported");
+    }
+
+    #[test]
+    fn log_every_lets_one_warning_out_per_interval() {
+        let interval = Duration::from_secs(10);
+        let limit = LogEvery::new(interval);
+        let t0 = limit.epoch;
+        assert!(limit.allows(t0));
+        assert!(!limit.allows(t0 + Duration::from_secs(1)));
+        assert!(!limit.allows(t0 + interval - Duration::from_millis(1)));
+        assert!(limit.allows(t0 + interval + Duration::from_millis(1)));
+        assert!(!limit.allows(t0 + interval + Duration::from_secs(1)));
     }
 
     #[test]

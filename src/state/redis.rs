@@ -39,7 +39,7 @@ use mio::Waker;
 use super::local::Local;
 use super::op::{StateAnswer, StateOp, StoreStats, Waiter};
 use crate::config::{Config, Rate};
-use crate::side_thread::{self, Outboxes, Running};
+use crate::side_thread::{self, LogEvery, Outboxes, Running};
 
 mod scripts;
 mod thread;
@@ -144,10 +144,8 @@ struct Shared {
     stop: AtomicBool,
     redis_answers: AtomicU64,
     fallbacks: AtomicU64,
-    /// Rate limit of the overload warning: ms after `epoch` of the last one, plus one (0 =
-    /// never).
-    overload_logged: AtomicU64,
-    epoch: Instant,
+    /// Rate limit of the overload warning.
+    overload_warning: LogEvery,
 }
 
 impl RedisState {
@@ -173,8 +171,7 @@ impl RedisState {
             stop: AtomicBool::new(false),
             redis_answers: AtomicU64::new(0),
             fallbacks: AtomicU64::new(0),
-            overload_logged: AtomicU64::new(0),
-            epoch: Instant::now(),
+            overload_warning: LogEvery::new(OVERLOAD_LOG_INTERVAL),
         });
         let (requests, request_rx) = mpsc::sync_channel(REQUEST_QUEUE);
         let thread_shared = Arc::clone(&shared);
@@ -333,20 +330,7 @@ impl Shared {
 
     /// A job found the queue full: warns, at most once per [`OVERLOAD_LOG_INTERVAL`].
     fn note_overload(&self, now: Instant) {
-        let now_ms = u64::try_from(now.saturating_duration_since(self.epoch).as_millis())
-            .unwrap_or(u64::MAX)
-            .saturating_add(1);
-        let last = self.overload_logged.load(Ordering::Relaxed);
-        let interval = u64::try_from(OVERLOAD_LOG_INTERVAL.as_millis()).unwrap_or(u64::MAX);
-        if last != 0 && now_ms.saturating_sub(last) < interval {
-            return;
-        }
-        // One thread wins the right to log.
-        if self
-            .overload_logged
-            .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-        {
+        if self.overload_warning.allows(now) {
             log::warn!(
                 "state: {REQUEST_QUEUE} Redis requests queued; answering from local state at \
                  once ({} fallbacks so far); Redis or the link to it is slower than the \
