@@ -22,6 +22,7 @@ use crate::config::{
     AnnounceClient, BareNewline, Config, Dnsbl, DownstreamMode, DownstreamTls, GreylistKey,
     Pregreet, RejectMode, StateBackend,
 };
+use crate::policy::reading::{array_of_tables, expected};
 
 impl Reader<'_> {
     pub(super) fn server(&mut self, table: &DeTable<'_>, config: &mut Config) {
@@ -196,37 +197,16 @@ impl Reader<'_> {
 
     /// `[[dnsbl]]`: an array of tables, `zone` and `weight` required in each.
     pub(super) fn dnsbl(&mut self, value: &Spanned<DeValue<'_>>, out: &mut Vec<Dnsbl>) {
-        let items = match value.get_ref() {
-            DeValue::Array(items) => items,
-            DeValue::Table(_) => {
-                return self.error(
-                    value.span(),
-                    "dnsbl",
-                    "expected an array of tables; write [[dnsbl]] with double brackets, one \
-                     table per zone"
-                        .to_owned(),
-                );
-            }
-            other => {
-                let found = other.type_str();
-                return self.error(
-                    value.span(),
-                    "dnsbl",
-                    format!("expected an array of tables ([[dnsbl]]), found {found}"),
-                );
-            }
+        let items = match array_of_tables(value.get_ref(), "dnsbl", "zone") {
+            Ok(items) => items,
+            Err(message) => return self.error(value.span(), "dnsbl", message),
         };
         // zone (lowercased) -> index of the table that named it first
         let mut seen: HashMap<String, usize> = HashMap::new();
         for (i, item) in items.iter().enumerate() {
             let prefix = format!("dnsbl[{i}]");
             let Some(table) = item.get_ref().as_table() else {
-                let found = item.get_ref().type_str();
-                self.error(
-                    item.span(),
-                    &prefix,
-                    format!("expected a table, found {found}"),
-                );
+                self.error(item.span(), &prefix, expected("a table", item.get_ref()));
                 continue;
             };
             let (mut zone, mut weight) = (None, None);

@@ -10,13 +10,8 @@ use toml::de::DeValue;
 use crate::config::syntax;
 use crate::policy::cidr::{Cidr, CidrError};
 use crate::policy::rates::Rate;
-pub(super) use crate::policy::reading::string;
 use crate::policy::reading::{self, integer};
-
-pub(super) fn boolean(v: &DeValue<'_>) -> Result<bool, String> {
-    v.as_bool()
-        .ok_or_else(|| format!("expected true or false, found {}", v.type_str()))
-}
+pub(super) use crate::policy::reading::{boolean, string};
 
 /// An integer of the field's type within `min..=max`; out of range is an error, never a
 /// truncation.

@@ -13,7 +13,7 @@ use super::value::{
     score_threshold,
 };
 use super::{RuleAction, Stage};
-use crate::policy::reading::{FileError, Lines};
+use crate::policy::reading::{FileError, Lines, array_of_tables, boolean, expected};
 
 /// The keys of a `[[rule]]` table, for unknown-key hints.
 const RULE_KEYS: &[&str] = &["name", "when", "action", "reply", "score"];
@@ -124,25 +124,10 @@ impl<'p> Reader<'p> {
                 );
                 continue;
             }
-            let items = match value.get_ref() {
-                DeValue::Array(items) => items,
-                DeValue::Table(_) => {
-                    self.error(
-                        value.span(),
-                        "rule",
-                        "expected an array of tables; write [[rule]] with double brackets, one \
-                         table per rule"
-                            .to_owned(),
-                    );
-                    continue;
-                }
-                other => {
-                    let found = other.type_str();
-                    self.error(
-                        value.span(),
-                        "rule",
-                        format!("expected an array of tables ([[rule]]), found {found}"),
-                    );
+            let items = match array_of_tables(value.get_ref(), "rule", "rule") {
+                Ok(items) => items,
+                Err(message) => {
+                    self.error(value.span(), "rule", message);
                     continue;
                 }
             };
@@ -157,12 +142,7 @@ impl<'p> Reader<'p> {
     /// error, the rule. Errors are recorded.
     fn rule(&mut self, prefix: &str, item: &Spanned<DeValue<'_>>) -> Option<Named> {
         let Some(table) = item.get_ref().as_table() else {
-            let found = item.get_ref().type_str();
-            self.error(
-                item.span(),
-                prefix,
-                format!("expected a table, found {found}"),
-            );
+            self.error(item.span(), prefix, expected("a table", item.get_ref()));
             return None;
         };
         let start = self.line(item.span().start);
@@ -360,11 +340,7 @@ impl<'p> Reader<'p> {
                 "score_at_least" => self.checked(&path, v, |v| {
                     score_threshold(v).map(Condition::ScoreAtLeast)
                 }),
-                "no_rdns" => self.checked(&path, v, |v| {
-                    v.as_bool()
-                        .map(Condition::NoRdns)
-                        .ok_or_else(|| format!("expected true or false, found {}", v.type_str()))
-                }),
+                "no_rdns" => self.checked(&path, v, |v| boolean(v).map(Condition::NoRdns)),
                 _ => {
                     self.error(
                         key.span(),
