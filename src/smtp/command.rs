@@ -234,13 +234,7 @@ fn hello_name(args: &[u8], syntax: CommandError) -> Result<&str, CommandError> {
 
 /// `FROM:<path> [params]`, after `MAIL` and its spaces.
 fn parse_mail(args: &[u8], syntax: CommandError) -> Result<Command<'_>, CommandError> {
-    let Some(path) = strip_prefix_ignore_case(args, b"FROM:") else {
-        return Err(syntax);
-    };
-    let (mailbox, params) = split_path(trim_spaces(path)).map_err(|e| match e {
-        PathError::Syntax => syntax,
-        PathError::Address => CommandError::BadSender,
-    })?;
+    let (mailbox, params) = path_after(b"FROM:", args, syntax, CommandError::BadSender)?;
     let from = match mailbox {
         Mailbox::Null => "",
         Mailbox::Address(a) => a,
@@ -253,13 +247,7 @@ fn parse_mail(args: &[u8], syntax: CommandError) -> Result<Command<'_>, CommandE
 /// `TO:<path> [params]`, after `RCPT` and its spaces. No RCPT parameter is offered (no DSN),
 /// so any is a `555`.
 fn parse_rcpt(args: &[u8], syntax: CommandError) -> Result<Command<'_>, CommandError> {
-    let Some(path) = strip_prefix_ignore_case(args, b"TO:") else {
-        return Err(syntax);
-    };
-    let (mailbox, params) = split_path(trim_spaces(path)).map_err(|e| match e {
-        PathError::Syntax => syntax,
-        PathError::Address => CommandError::BadRecipient,
-    })?;
+    let (mailbox, params) = path_after(b"TO:", args, syntax, CommandError::BadRecipient)?;
     let to = match mailbox {
         Mailbox::Address(a) | Mailbox::Postmaster(a) => a,
         Mailbox::Null | Mailbox::Invalid => return Err(CommandError::BadRecipient),
@@ -268,6 +256,23 @@ fn parse_rcpt(args: &[u8], syntax: CommandError) -> Result<Command<'_>, CommandE
         return Err(bad_parameter(token));
     }
     Ok(Command::Rcpt { to })
+}
+
+/// The mailbox and parameter text after `prefix` (`FROM:` or `TO:`) and its spaces; a
+/// malformed path is `syntax`, a malformed address in it `bad_address`.
+fn path_after<'a>(
+    prefix: &[u8],
+    args: &'a [u8],
+    syntax: CommandError,
+    bad_address: CommandError,
+) -> Result<(Mailbox<'a>, &'a [u8]), CommandError> {
+    let Some(path) = strip_prefix_ignore_case(args, prefix) else {
+        return Err(syntax);
+    };
+    split_path(trim_spaces(path)).map_err(|e| match e {
+        PathError::Syntax => syntax,
+        PathError::Address => bad_address,
+    })
 }
 
 /// Why a `<path>` was refused: the brackets themselves (`501 5.5.2`) or what is inside them

@@ -138,6 +138,21 @@ impl<'p> Reader<'p> {
         rules
     }
 
+    /// What was `given` for `key`, or `None` after recording it missing at `line` (the rule's),
+    /// with what to write instead.
+    fn required<'v, 'i>(
+        &mut self,
+        given: Given<'v, 'i>,
+        line: usize,
+        key: &str,
+        hint: impl FnOnce() -> String,
+    ) -> Given<'v, 'i> {
+        if given.is_none() {
+            self.push(line, key, format!("missing; {}", hint()));
+        }
+        given
+    }
+
     /// One `[[rule]]` table: `None` without a valid name, else the name and, if it has no
     /// error, the rule. Errors are recorded.
     fn rule(&mut self, prefix: &str, item: &Spanned<DeValue<'_>>) -> Option<Named> {
@@ -175,54 +190,27 @@ impl<'p> Reader<'p> {
         }
 
         let name_key = format!("{prefix}.name");
-        let name = match name {
-            None => {
-                self.push(
-                    start,
-                    &name_key,
-                    "missing; give the rule a name for the logs, such as name = \
-                     \"reject-localhost-helo\""
-                        .to_owned(),
-                );
-                None
-            }
-            Some((v, line)) => self.checked(&name_key, v, rule_name).map(|n| (n, line)),
-        };
+        let name_hint =
+            "give the rule a name for the logs, such as name = \"reject-localhost-helo\"";
+        let name = self
+            .required(name, start, &name_key, || name_hint.to_owned())
+            .and_then(|(v, line)| self.checked(&name_key, v, rule_name).map(|n| (n, line)));
 
         let when_key = format!("{prefix}.when");
-        let conditions = match when {
-            None => {
-                self.push(
-                    start,
-                    &when_key,
-                    "missing; give the conditions, such as when = { helo = \"localhost\" }, or \
-                     when = {} for every client"
-                        .to_owned(),
-                );
-                None
-            }
-            Some((v, _)) => self.when(&when_key, v),
-        };
+        let when_hint = "give the conditions, such as when = { helo = \"localhost\" }, or when = {} \
+                         for every client";
+        let conditions = self
+            .required(when, start, &when_key, || when_hint.to_owned())
+            .and_then(|(v, _)| self.when(&when_key, v));
 
         let action_key = format!("{prefix}.action");
-        let mut action = match action {
-            None => {
-                self.push(
-                    start,
-                    &action_key,
-                    format!(
-                        "missing; give one of: {}",
-                        ACTIONS
-                            .iter()
-                            .map(|(n, _)| *n)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                );
-                None
-            }
-            Some((v, line)) => self.checked(&action_key, v, action_word).map(|a| (a, line)),
+        let actions = || {
+            let names: Vec<&str> = ACTIONS.iter().map(|(n, _)| *n).collect();
+            format!("give one of: {}", names.join(", "))
         };
+        let mut action = self
+            .required(action, start, &action_key, actions)
+            .and_then(|(v, line)| self.checked(&action_key, v, action_word).map(|a| (a, line)));
 
         let score_key = format!("{prefix}.score");
         match (&mut action, score) {
