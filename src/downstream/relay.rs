@@ -965,6 +965,21 @@ mod tests {
     }
 
     #[test]
+    fn the_trace_header_waits_for_what_follows_it() {
+        let mut f = Fixture::ready(1, DownstreamMode::Synchronous);
+        f.relay
+            .start_body(|out| out.extend_from_slice(b"Received: x\r\n"));
+        assert_eq!(f.take(LinkId(0)), b"");
+        if let Some(out) = f.relay.body() {
+            out.extend_from_slice(b"Subject: hi\r\n");
+        }
+        assert_eq!(f.take(LinkId(0)), b"Received: x\r\nSubject: hi\r\n");
+        // Held no more: the next bytes go out on their own.
+        assert!(f.relay.send_dot(f.now, &f.config));
+        assert_eq!(f.take(LinkId(0)), b".\r\n");
+    }
+
+    #[test]
     fn synchronous_mode_never_releases() {
         let mut f = Fixture::ready(1, DownstreamMode::Synchronous);
         assert!(!f.release(true));

@@ -500,10 +500,11 @@ const TRANSACTION_REPLIES: &str = concat!(
     "221 2.0.0 Bye\r\n",
 );
 
-/// The trace header waits at the `354` for what follows it: `body` (the client's first body
-/// bytes after the `354`) leaves in the same `poll_transmit_downstream` as the header, byte for
-/// byte what the downstream would have got in two.
-fn assert_header_leaves_with(body: &[u8], expected_tail: &[u8]) {
+/// The trace header waits at the `354` for what follows it: `body` (the client's first bytes
+/// after the `354`, relayed as they are) leaves in the same `poll_transmit_downstream` as the
+/// header, byte for byte what the downstream would have got in two writes.
+#[track_caller]
+fn assert_header_leaves_with(body: &[u8]) {
     let mut pair = Pair::new(config());
     pair.send(
         b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n",
@@ -512,6 +513,7 @@ fn assert_header_leaves_with(body: &[u8], expected_tail: &[u8]) {
         pair.take_output()
             .ends_with("354 End data with <CR><LF>.<CR><LF>\r\n")
     );
+    // Nothing went out at the 354: the last write is still DATA.
     assert_eq!(
         pair.ds_writes.last().map(Vec::as_slice),
         Some(&b"DATA\r\n"[..])
@@ -523,25 +525,22 @@ fn assert_header_leaves_with(body: &[u8], expected_tail: &[u8]) {
         write.starts_with("Received: from client.example ([192.0.2.7])\r\n"),
         "{write}"
     );
-    assert!(
-        write.ends_with(&*String::from_utf8_lossy(expected_tail)),
-        "{write}"
-    );
     let header_end = write.find("+0000\r\n").map(|at| at + 7);
     assert_eq!(
         header_end.map(|at| &write.as_bytes()[at..]),
-        Some(expected_tail)
+        Some(body),
+        "{write}"
     );
 }
 
 #[test]
 fn trace_header_leaves_with_the_first_body_bytes() {
-    assert_header_leaves_with(b"Subject: hi\r\n", b"Subject: hi\r\n");
+    assert_header_leaves_with(b"Subject: hi\r\n");
 }
 
 #[test]
 fn trace_header_of_an_empty_body_leaves_with_the_dot() {
-    assert_header_leaves_with(b".\r\n", b".\r\n");
+    assert_header_leaves_with(b".\r\n");
 }
 
 #[test]
