@@ -46,7 +46,7 @@ use mio::Waker;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config;
-use crate::side_thread::{self, Outboxes, Running};
+use crate::side_thread::{self, LogEvery, Outboxes, Running};
 use crate::smtp::question::{DnsblAnswer, LookupAnswer, Query, RdnsAnswer};
 
 mod cache;
@@ -154,10 +154,9 @@ pub struct DnsStats {
 }
 
 /// The resolver thread's owner: stops it when dropped.
+#[derive(Debug)]
 pub struct Resolver {
     handle: ResolverHandle,
-    /// Dropped (or sent) to tell the thread to stop.
-    stop: Option<oneshot::Sender<()>>,
     thread: Running,
 }
 
@@ -192,7 +191,7 @@ impl Resolver {
             health_interval: dns.health_interval,
         };
         let thread_shared = Arc::clone(&shared);
-        let thread = side_thread::spawn("tarmac-dns", "dns: the resolver thread", move || {
+        let run = move || {
             // The runtime (its tasks with it) is dropped before the thread reports its end.
             runtime.block_on(thread::run(
                 settings,
@@ -201,20 +200,23 @@ impl Resolver {
                 stop_rx,
                 ready_tx,
             ));
-        })?;
-        let mut resolver = Resolver {
+        };
+        // Dropping the sender is the signal; the thread also ends if it is already gone.
+        let signal = move || drop(stop);
+        let what = "dns: the resolver thread";
+        let thread = side_thread::spawn("tarmac-dns", what, STOP_WAIT, run, signal)?;
+        let resolver = Resolver {
             handle: ResolverHandle { shared, requests },
-            stop: Some(stop),
             thread,
         };
         match ready_rx.recv_timeout(START_WAIT) {
             Ok(Ok(())) => Ok(resolver),
             Ok(Err(message)) => {
-                resolver.shut_down();
+                resolver.stop();
                 Err(io::Error::other(format!("dns: resolver: {message}")))
             }
             Err(_) => {
-                resolver.shut_down();
+                resolver.stop();
                 Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "dns: the resolver thread did not start",
@@ -231,33 +233,12 @@ impl Resolver {
     /// Stops the thread, waiting at most [`STOP_WAIT`] (then it is left to end on its own).
     /// The same happens on drop; this names the moment.
     pub fn stop(mut self) {
-        self.shut_down();
+        self.thread.stop();
     }
 
     /// A handle for lookups.
     pub fn handle(&self) -> ResolverHandle {
         self.handle.clone()
-    }
-
-    fn shut_down(&mut self) {
-        // Dropping the sender is the signal; the thread also ends if it is already gone.
-        drop(self.stop.take());
-        self.thread.join_within(STOP_WAIT);
-    }
-}
-
-impl Drop for Resolver {
-    fn drop(&mut self) {
-        self.shut_down();
-    }
-}
-
-impl fmt::Debug for Resolver {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Resolver")
-            .field("handle", &self.handle)
-            .field("running", &self.thread.is_running())
-            .finish()
     }
 }
 
@@ -361,10 +342,8 @@ struct Shared {
     stats: Stats,
     /// Registered by [`Resolver::add_worker`], indexed by [`Waiter::worker`].
     workers: Outboxes<Delivery>,
-    /// Rate limit of the overload warning: ms after `epoch` of the last one, plus one (0 =
-    /// never).
-    overload_logged: AtomicU64,
-    epoch: Instant,
+    /// Rate limit of the overload warning.
+    overload_warning: LogEvery,
 }
 
 /// The counters behind [`DnsStats`].
@@ -385,28 +364,14 @@ impl Shared {
             recheck: tokio::sync::Notify::new(),
             stats: Stats::default(),
             workers: Outboxes::default(),
-            overload_logged: AtomicU64::new(0),
-            epoch: Instant::now(),
+            overload_warning: LogEvery::new(OVERLOAD_LOG_INTERVAL),
         }
     }
 
     /// Counts an overloaded request and warns, at most once per [`OVERLOAD_LOG_INTERVAL`].
     fn note_overload(&self, now: Instant) {
         self.stats.overloaded.fetch_add(1, Ordering::Relaxed);
-        let now_ms = u64::try_from(now.saturating_duration_since(self.epoch).as_millis())
-            .unwrap_or(u64::MAX)
-            .saturating_add(1);
-        let last = self.overload_logged.load(Ordering::Relaxed);
-        let interval = u64::try_from(OVERLOAD_LOG_INTERVAL.as_millis()).unwrap_or(u64::MAX);
-        if last != 0 && now_ms.saturating_sub(last) < interval {
-            return;
-        }
-        // One thread wins the right to log.
-        if self
-            .overload_logged
-            .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-        {
+        if self.overload_warning.allows(now) {
             log::warn!(
                 "dns: resolver overloaded ({MAX_IN_FLIGHT} lookups in flight, {REQUEST_QUEUE} \
                  queued): answering TempFail at once ({} so far); the DNS servers are slow or \
@@ -466,14 +431,11 @@ mod tests {
     #[test]
     fn overload_warning_is_rate_limited_but_counted() {
         let shared = Shared::new(&[]);
-        let t0 = shared.epoch;
+        let t0 = Instant::now();
         shared.note_overload(t0);
-        let first = shared.overload_logged.load(Ordering::Relaxed);
-        assert_ne!(first, 0);
+        // The first warning went out: another within the interval may not.
+        assert!(!shared.overload_warning.allows(t0 + Duration::from_secs(1)));
         shared.note_overload(t0 + Duration::from_secs(1));
-        assert_eq!(shared.overload_logged.load(Ordering::Relaxed), first);
-        shared.note_overload(t0 + OVERLOAD_LOG_INTERVAL + Duration::from_millis(1));
-        assert_ne!(shared.overload_logged.load(Ordering::Relaxed), first);
-        assert_eq!(shared.stats.overloaded.load(Ordering::Relaxed), 3);
+        assert_eq!(shared.stats.overloaded.load(Ordering::Relaxed), 2);
     }
 }

@@ -15,17 +15,20 @@
 //! **Workers.** `Outboxes` holds one `Outbox` per registered worker, found by the index
 //! `Outboxes::add` gave it (the `worker` of a waiter).
 //!
-//! **Stopping.** `spawn` starts the thread and returns its `Running` owner, whose
-//! `Running::join_within` waits a bounded time for the thread to end (it may be inside a
-//! call bounded by its own timeout) and leaves it to finish on its own otherwise, so a
-//! shutdown cannot hang on a stuck resolver or Redis.
+//! **Overload warnings.** Both threads answer at once when their queue is full and warn about
+//! it; [`LogEvery`] lets that warning out at most once per interval, whichever thread hits it.
+//!
+//! **Stopping.** `spawn` starts the thread and returns its `Running` owner, which holds how
+//! the thread is told to stop. `Running::stop` (or dropping it) tells it once, waits a bounded
+//! time for the thread to end (it may be inside a call bounded by its own timeout) and leaves
+//! it to finish on its own otherwise, so a shutdown cannot hang on a stuck resolver or Redis.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mio::Waker;
 
@@ -51,21 +54,36 @@ pub(crate) struct Outbox<T> {
 #[derive(Debug)]
 pub(crate) struct Outboxes<T>(RwLock<Vec<Outbox<T>>>);
 
-/// The owner of a running side thread.
-#[derive(Debug)]
+/// The owner of a running side thread: stops it when dropped.
 pub(crate) struct Running {
     /// The thread, in log lines ("dns: the resolver thread").
     what: &'static str,
     thread: Option<JoinHandle<()>>,
     /// Disconnects when the thread ends, however it ends: a join with a bounded wait.
     done: Receiver<()>,
+    /// Tells the thread to stop; taken by the first [`Running::stop`].
+    signal: Option<Box<dyn FnOnce() + Send>>,
+    /// How long stopping waits for the thread before leaving it.
+    stop_wait: Duration,
 }
 
-/// Starts `run` on a thread named `name`; `what` names it in log lines.
+/// A warning logged at most once per `interval`, from any thread.
+#[derive(Debug)]
+pub(crate) struct LogEvery {
+    interval: Duration,
+    /// Ms after `epoch` of the last warning, plus one (0 = never).
+    last: AtomicU64,
+    epoch: Instant,
+}
+
+/// Starts `run` on a thread named `name`; `what` names it in log lines, `signal` tells it to
+/// stop, and stopping waits at most `stop_wait` for it.
 pub(crate) fn spawn(
     name: &str,
     what: &'static str,
+    stop_wait: Duration,
     run: impl FnOnce() + Send + 'static,
+    signal: impl FnOnce() + Send + 'static,
 ) -> io::Result<Running> {
     let (done_tx, done) = mpsc::channel::<()>();
     let thread = std::thread::Builder::new()
@@ -79,10 +97,22 @@ pub(crate) fn spawn(
         what,
         thread: Some(thread),
         done,
+        signal: Some(Box::new(signal)),
+        stop_wait,
     })
 }
 
 impl Running {
+    /// Tells the thread to stop and waits at most the stop wait for it to end; a thread still
+    /// running then is left to end on its own. Only the first call does anything; dropping
+    /// does the same.
+    pub(crate) fn stop(&mut self) {
+        if let Some(signal) = self.signal.take() {
+            signal();
+        }
+        self.join_within(self.stop_wait);
+    }
+
     /// Whether the thread has not been joined (or left) yet.
     pub(crate) fn is_running(&self) -> bool {
         self.thread.is_some()
@@ -90,7 +120,7 @@ impl Running {
 
     /// Waits at most `wait` for the thread to end, then joins it; a thread still running after
     /// `wait` is left to end on its own. Only the first call does anything.
-    pub(crate) fn join_within(&mut self, wait: Duration) {
+    fn join_within(&mut self, wait: Duration) {
         let Some(thread) = self.thread.take() else {
             return;
         };
@@ -106,6 +136,49 @@ impl Running {
                 }
             }
         }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("what", &self.what)
+            .field("running", &self.is_running())
+            .finish()
+    }
+}
+
+impl LogEvery {
+    /// A limit of one warning per `interval`, none logged yet.
+    pub(crate) fn new(interval: Duration) -> LogEvery {
+        LogEvery {
+            interval,
+            last: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Whether the warning may be logged at `now`: at most once per interval, and to one
+    /// caller only when several threads ask at once.
+    pub(crate) fn allows(&self, now: Instant) -> bool {
+        let now_ms = u64::try_from(now.saturating_duration_since(self.epoch).as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1);
+        let last = self.last.load(Ordering::Relaxed);
+        let interval = u64::try_from(self.interval.as_millis()).unwrap_or(u64::MAX);
+        if last != 0 && now_ms.saturating_sub(last) < interval {
+            return false;
+        }
+        // One thread wins the right to log.
+        self.last
+            .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
     }
 }
 
@@ -222,17 +295,29 @@ mod tests {
     }
 
     #[test]
-    fn join_within_leaves_a_stuck_thread_and_joins_a_finished_one() {
+    fn log_every_lets_one_warning_out_per_interval() {
+        let interval = Duration::from_secs(10);
+        let limit = LogEvery::new(interval);
+        let t0 = limit.epoch;
+        assert!(limit.allows(t0));
+        assert!(!limit.allows(t0 + Duration::from_secs(1)));
+        assert!(!limit.allows(t0 + interval - Duration::from_millis(1)));
+        assert!(limit.allows(t0 + interval + Duration::from_millis(1)));
+        assert!(!limit.allows(t0 + interval + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn join_within_leaves_a_stuck_thread_and_stop_joins_a_signalled_one() {
         /// Longer than any test: the stuck thread ends only when released.
         const LONG: Duration = Duration::from_secs(60);
         let wait = Duration::from_millis(50);
         let (release_tx, release) = mpsc::channel::<()>();
         let (ended_tx, ended) = mpsc::channel::<()>();
-        let mut stuck = spawn("test-stuck", "test thread", move || {
+        let stuck_thread = move || {
             let _ = release.recv_timeout(LONG);
             let _ = ended_tx.send(());
-        })
-        .unwrap();
+        };
+        let mut stuck = spawn("test-stuck", "test thread", wait, stuck_thread, || {}).unwrap();
         let started = Instant::now();
         stuck.join_within(wait);
         // It waited its time (a lower bound)...
@@ -243,12 +328,18 @@ mod tests {
         drop(release_tx);
         ended.recv_timeout(LONG).expect("the released thread ends");
 
-        // A thread that ends is joined: once join_within returns, everything the thread owned
-        // has been dropped.
+        // A thread told to stop by its signal is joined: once stop returns, everything the
+        // thread owned has been dropped.
         let owned = Arc::new(());
         let held = Arc::clone(&owned);
-        let mut finished = spawn("test-done", "test thread", move || drop(held)).unwrap();
-        finished.join_within(LONG);
+        let (signal, stopped) = mpsc::channel::<()>();
+        let run = move || {
+            let _ = stopped.recv_timeout(LONG);
+            drop(held);
+        };
+        let mut finished =
+            spawn("test-done", "test thread", LONG, run, move || drop(signal)).unwrap();
+        finished.stop();
         assert!(!finished.is_running());
         assert_eq!(Arc::strong_count(&owned), 1, "the thread had ended");
     }

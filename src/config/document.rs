@@ -21,7 +21,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use super::{Config, ConfigError};
-use crate::policy::reading::Lines;
+use crate::policy::reading::{Lines, expected};
 
 /// Every section and its keys, in DESIGN.md §3 order; the hints in unknown-key errors list these.
 pub(super) const SCHEMA: &[(&str, &[&str])] = &[
@@ -129,10 +129,7 @@ pub(super) fn read(text: &str, path: &Path, config: &mut Config) -> Vec<ConfigEr
             (_, None) if sections.contains(&name) => reader.error(
                 value.span(),
                 name,
-                format!(
-                    "expected a table [{name}], found {}",
-                    value.get_ref().type_str()
-                ),
+                expected(&format!("a table [{name}]"), value.get_ref()),
             ),
             ("server", Some(t)) => reader.server(t, config),
             ("limits", Some(t)) => reader.limits(t, config),
@@ -247,12 +244,7 @@ impl<'p> Reader<'p> {
         parse: Parse<T>,
     ) -> Option<Vec<T>> {
         let Some(items) = value.get_ref().as_array() else {
-            let found = value.get_ref().type_str();
-            self.error(
-                value.span(),
-                key,
-                format!("expected an array, found {found}"),
-            );
+            self.error(value.span(), key, expected("an array", value.get_ref()));
             return None;
         };
         let mut out = Vec::with_capacity(items.len());

@@ -64,19 +64,22 @@ mod tests {
 
     use super::*;
 
+    /// A poll with `stream` registered as the worker registers it.
+    fn registered(stream: &mut TcpStream) -> Poll {
+        let poll = Poll::new().unwrap();
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        poll.registry()
+            .register(stream, Token(0), interest)
+            .unwrap();
+        poll
+    }
+
     /// Polls `stream` until [`finish_connect`] decides, for at most five seconds, telling it
     /// whether the events were clean writable edges when `trust_edges`; returns its answer and
     /// whether the events it was given were all clean.
     #[track_caller]
     fn wait_for_connect(mut stream: TcpStream, trust_edges: bool) -> (io::Result<bool>, bool) {
-        let mut poll = Poll::new().unwrap();
-        poll.registry()
-            .register(
-                &mut stream,
-                Token(0),
-                Interest::READABLE | Interest::WRITABLE,
-            )
-            .unwrap();
+        let mut poll = registered(&mut stream);
         let mut events = Events::with_capacity(4);
         let give_up = Instant::now() + Duration::from_secs(5);
         let mut clean = None;
@@ -112,14 +115,7 @@ mod tests {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let addr = listener.local_addr().unwrap();
         let mut stream = connect(addr).unwrap();
-        let mut poll = Poll::new().unwrap();
-        poll.registry()
-            .register(
-                &mut stream,
-                Token(0),
-                Interest::READABLE | Interest::WRITABLE,
-            )
-            .unwrap();
+        let mut poll = registered(&mut stream);
         let mut events = Events::with_capacity(4);
         poll.poll(&mut events, Some(Duration::from_secs(5)))
             .unwrap();

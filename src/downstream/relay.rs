@@ -160,6 +160,9 @@ struct Conn {
     in_transaction: bool,
     /// Part of a body was sent: closing now must not send anything (no dot, no QUIT).
     mid_data: bool,
+    /// Bytes at the head of the outbox (the trace header) handed out only together with what
+    /// follows them (the body's first bytes, or the final dot), so both leave in one write.
+    held: usize,
     /// A second connection after a failed TLS handshake under `opportunistic`: plain text, as
     /// Postfix retries (`Step::RetryWithoutTls`).
     plain_retry: bool,
@@ -363,12 +366,17 @@ impl Relay {
         self.queue(now, config, b"DATA\r\n")
     }
 
-    /// The downstream said `354`: a body starts. Returns the outbox to write its first bytes
-    /// (tarmac's `Received:` header) to.
-    pub(crate) fn start_body(&mut self) -> Option<&mut Vec<u8>> {
-        let conn = self.conn.as_deref_mut()?;
+    /// The downstream said `354`: a body starts with what `header` writes (tarmac's
+    /// `Received:` header). Those bytes wait in the outbox for the body's first bytes (or the
+    /// final dot), so the downstream gets them in the same write; nothing when the connection
+    /// is gone.
+    pub(crate) fn start_body(&mut self, header: impl FnOnce(&mut Vec<u8>)) {
+        let Some(conn) = self.conn.as_deref_mut() else {
+            return;
+        };
         conn.mid_data = true;
-        Some(&mut conn.outbox)
+        header(&mut conn.outbox);
+        conn.held = conn.outbox.len();
     }
 
     /// The outbox to encode the next body bytes to, while a body is being relayed; `None`
@@ -471,11 +479,17 @@ impl Relay {
     // ---- output and queries ----
 
     /// Appends the bytes for connection `link` to `out`; nothing when `link` is not the
-    /// connection in use (its bytes died with it).
+    /// connection in use (its bytes died with it), nor while only the held trace header is
+    /// queued (see [`Relay::start_body`]).
     pub(crate) fn poll_transmit(&mut self, link: LinkId, out: &mut Vec<u8>) {
         let Some(conn) = self.conn.as_deref_mut().filter(|conn| conn.id == link) else {
             return;
         };
+        if conn.held > 0 && conn.outbox.len() <= conn.held {
+            // Only the held header so far: it goes with what follows it.
+            return;
+        }
+        conn.held = 0;
         out.append(&mut conn.outbox);
         if conn.outbox.capacity() > KEEP_CAPACITY {
             conn.outbox = Vec::new();
@@ -545,6 +559,7 @@ impl Relay {
             swallow: 0,
             in_transaction: false,
             mid_data: false,
+            held: 0,
             plain_retry,
         }));
         io.push_back(LinkIo::Connect { link, addr, pooled }.into());
@@ -947,6 +962,21 @@ mod tests {
         assert!(carried.dirty);
         assert!(!f.relay.is_current(LinkId(0)));
         assert_eq!(f.take(LinkId(0)), b"");
+    }
+
+    #[test]
+    fn the_trace_header_waits_for_what_follows_it() {
+        let mut f = Fixture::ready(1, DownstreamMode::Synchronous);
+        f.relay
+            .start_body(|out| out.extend_from_slice(b"Received: x\r\n"));
+        assert_eq!(f.take(LinkId(0)), b"");
+        if let Some(out) = f.relay.body() {
+            out.extend_from_slice(b"Subject: hi\r\n");
+        }
+        assert_eq!(f.take(LinkId(0)), b"Received: x\r\nSubject: hi\r\n");
+        // Held no more: the next bytes go out on their own.
+        assert!(f.relay.send_dot(f.now, &f.config));
+        assert_eq!(f.take(LinkId(0)), b".\r\n");
     }
 
     #[test]

@@ -181,20 +181,19 @@ impl List {
 impl ListSet {
     /// The match for an address, allow first.
     pub fn check_ip(&self, ip: IpAddr) -> Option<ListMatch> {
-        if self.allow.contains_ip(ip) {
-            Some(ListMatch::Allow)
-        } else if self.deny.contains_ip(ip) {
-            Some(ListMatch::Deny)
-        } else {
-            None
-        }
+        self.check(|list| list.contains_ip(ip))
     }
 
     /// The match for a domain (verified rDNS name, HELO, sender domain), allow first.
     pub fn check_domain(&self, name: &str) -> Option<ListMatch> {
-        if self.allow.contains_domain(name) {
+        self.check(|list| list.contains_domain(name))
+    }
+
+    /// The list that `contains` something, allow first.
+    fn check(&self, contains: impl Fn(&List) -> bool) -> Option<ListMatch> {
+        if contains(&self.allow) {
             Some(ListMatch::Allow)
-        } else if self.deny.contains_domain(name) {
+        } else if contains(&self.deny) {
             Some(ListMatch::Deny)
         } else {
             None

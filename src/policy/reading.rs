@@ -7,6 +7,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
+use toml::Spanned;
 use toml::de::DeValue;
 
 /// One problem in a list or rule file, displayed as `path:line: key: message` (`path:line:
@@ -64,16 +65,43 @@ impl Lines {
     }
 }
 
+/// "expected `what`, found" and the type of `v`: the message of a value of the wrong type.
+pub(crate) fn expected(what: &str, v: &DeValue<'_>) -> String {
+    format!("expected {what}, found {}", v.type_str())
+}
+
 /// The string `v` holds, or "expected `what`, found …".
 pub(crate) fn string<'v>(v: &'v DeValue<'_>, what: &str) -> Result<&'v str, String> {
-    v.as_str()
-        .ok_or_else(|| format!("expected {what}, found {}", v.type_str()))
+    v.as_str().ok_or_else(|| expected(what, v))
+}
+
+/// The items of `[[name]]`, an array of tables (each still to be checked for a table), or what
+/// is wrong with `v`; `[name]` written with single brackets gets the fix, "one table per
+/// `each`".
+pub(crate) fn array_of_tables<'a, 'v>(
+    v: &'a DeValue<'v>,
+    name: &str,
+    each: &str,
+) -> Result<&'a [Spanned<DeValue<'v>>], String> {
+    match v {
+        DeValue::Array(items) => Ok(items),
+        DeValue::Table(_) => Err(format!(
+            "expected an array of tables; write [[{name}]] with double brackets, one table per \
+             {each}"
+        )),
+        other => Err(expected(&format!("an array of tables ([[{name}]])"), other)),
+    }
+}
+
+/// The boolean `v` holds.
+pub(crate) fn boolean(v: &DeValue<'_>) -> Result<bool, String> {
+    v.as_bool().ok_or_else(|| expected("true or false", v))
 }
 
 /// The integer `v` holds, as an `i128`; callers check the range their field allows.
 pub(crate) fn integer(v: &DeValue<'_>) -> Result<i128, String> {
     let Some(n) = v.as_integer() else {
-        return Err(format!("expected an integer, found {}", v.type_str()));
+        return Err(expected("an integer", v));
     };
     // TOML integers are 64-bit, so i128 always holds them; the fallback is for form's sake.
     i128::from_str_radix(n.as_str(), n.radix())

@@ -219,8 +219,8 @@ impl Conn {
             moved |= self.offer_downstream_input(now);
             moved |= self.transmit(now);
             moved |= self.run_actions(key, now, io);
-            moved |= self.write_client(now);
-            moved |= self.write_downstream(now);
+            moved |= self.write(Side::Client, now);
+            moved |= self.write(Side::Downstream, now);
             if !moved {
                 break;
             }
@@ -506,17 +506,29 @@ impl Conn {
         moved
     }
 
-    /// Writes the client outbox until it is empty or the socket would block. Returns whether
-    /// anything was written (room for more output) or the socket failed.
-    fn write_client(&mut self, now: Instant) -> bool {
-        if self.broken {
+    /// Writes the outbox of the leg on `side` (the client's unless it broke, the downstream's
+    /// once connected) until it is empty or the socket would block. Returns whether anything
+    /// was written (room for more output) or the socket failed, which fails that side.
+    fn write(&mut self, side: Side, now: Instant) -> bool {
+        let leg = match side {
+            Side::Client => Some(&mut self.client).filter(|_| !self.broken),
+            Side::Downstream => self
+                .downstream
+                .as_deref_mut()
+                .and_then(DownstreamConn::connected_leg),
+        };
+        let Some(written) = leg.map(Leg::write) else {
             return false;
-        }
-        match self.client.write() {
+        };
+        match written {
             Ok(moved) => moved,
             Err(e) => {
-                log::debug!("conn={} client write failed: {e}", self.id);
-                self.fail_client(now);
+                let (name, fail): (_, fn(&mut Conn, Instant)) = match side {
+                    Side::Client => ("client", Conn::fail_client),
+                    Side::Downstream => ("downstream", Conn::fail_downstream),
+                };
+                log::debug!("conn={} {name} write failed: {e}", self.id);
+                fail(self, now);
                 true
             }
         }

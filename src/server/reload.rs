@@ -48,6 +48,17 @@ impl Reloads {
     }
 }
 
+/// `(name, differs)` for each configuration key `section` or `section.key`, named as in the
+/// file, comparing `old` with `new`.
+macro_rules! differences {
+    ($old:ident, $new:ident: $($section:ident $(. $key:ident)?),* $(,)?) => {
+        [$((
+            concat!(stringify!($section) $(, ".", stringify!($key))?),
+            $old.$section $(.$key)? != $new.$section $(.$key)?,
+        )),*]
+    };
+}
+
 /// The keys whose new values wait for a restart because something was built from them at
 /// start, where `new` differs from `old`. Zones apply live (the resolver checks new ones at
 /// once), but only if a resolver runs: one that was not needed at start is not started by a
@@ -58,59 +69,33 @@ pub(crate) fn restart_only_changes(
     resolver_running: bool,
 ) -> Vec<&'static str> {
     let needs_resolver = new.dns.rdns || !new.dnsbl.is_empty();
-    let checks: [(&'static str, bool); 15] = [
-        ("server.listen", old.server.listen != new.server.listen),
-        ("server.workers", old.server.workers != new.server.workers),
-        (
-            "server.max_connections",
-            old.server.max_connections != new.server.max_connections,
-        ),
-        (
-            "server.max_tarpitted",
-            old.server.max_tarpitted != new.server.max_tarpitted,
-        ),
-        (
-            "server.state_dir",
-            old.server.state_dir != new.server.state_dir,
-        ),
-        (
-            "limits.max_connections_per_ip",
-            old.limits.max_connections_per_ip != new.limits.max_connections_per_ip,
-        ),
-        (
-            "limits.max_connections_per_subnet",
-            old.limits.max_connections_per_subnet != new.limits.max_connections_per_subnet,
-        ),
-        (
-            "limits.connection_rate_per_ip",
-            old.limits.connection_rate_per_ip != new.limits.connection_rate_per_ip,
-        ),
-        (
-            "limits.connection_rate_per_subnet",
-            old.limits.connection_rate_per_subnet != new.limits.connection_rate_per_subnet,
-        ),
-        ("dns", old.dns != new.dns),
-        (
-            "dnsbl and dns.rdns (no resolver was started)",
-            needs_resolver && !resolver_running,
-        ),
-        (
-            "downstream.pool_size",
-            old.downstream.pool_size != new.downstream.pool_size,
-        ),
-        (
-            "downstream.mode",
-            old.downstream.mode != new.downstream.mode,
-        ),
-        (
-            "tarpit.pass_ttl",
-            old.tarpit.pass_ttl != new.tarpit.pass_ttl,
-        ),
-        // The backend, its connection and its key names are set up once, at start.
-        ("state", old.state != new.state),
-    ];
-    checks
+    let through_dns = differences!(old, new:
+        server.listen,
+        server.workers,
+        server.max_connections,
+        server.max_tarpitted,
+        server.state_dir,
+        limits.max_connections_per_ip,
+        limits.max_connections_per_subnet,
+        limits.connection_rate_per_ip,
+        limits.connection_rate_per_subnet,
+        dns,
+    );
+    let resolver = (
+        "dnsbl and dns.rdns (no resolver was started)",
+        needs_resolver && !resolver_running,
+    );
+    // The backend, its connection and its key names (`state`) are set up once, at start.
+    let the_rest = differences!(old, new:
+        downstream.pool_size,
+        downstream.mode,
+        tarpit.pass_ttl,
+        state,
+    );
+    through_dns
         .into_iter()
+        .chain([resolver])
+        .chain(the_rest)
         .filter_map(|(key, changed)| changed.then_some(key))
         .collect()
 }

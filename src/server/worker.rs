@@ -249,8 +249,7 @@ impl Worker {
             self.begin_shutdown(now);
         }
         if woken {
-            self.take_dns_answers(now);
-            self.take_state_answers(now);
+            self.take_answers(now);
             self.follow_reload(now);
         }
         self.advance_phase(now);
@@ -312,32 +311,20 @@ impl Worker {
         };
     }
 
-    /// Hands every answer in the inbox to the connection waiting for it; answers for
-    /// connections that closed meanwhile find a stale key and are dropped.
-    fn take_dns_answers(&mut self, now: Instant) {
-        let Some(dns) = &self.dns else {
-            return;
-        };
-        while let Some(delivery) = dns.inbox.try_recv() {
-            let key = ConnKey::from_u64(delivery.key);
-            if let Some(conn) = self.conns.get_mut(key) {
-                conn.handle_lookup(now, delivery.query, delivery.answer);
-                queue(&mut self.pending, conn, key);
+    /// Hands every answer in the DNS and state inboxes to the connection waiting for it.
+    fn take_answers(&mut self, now: Instant) {
+        if let Some(dns) = &self.dns {
+            while let Some(answer) = dns.inbox.try_recv() {
+                deliver(&mut self.conns, &mut self.pending, answer.key, |conn| {
+                    conn.handle_lookup(now, answer.query, answer.answer);
+                });
             }
         }
-    }
-
-    /// Hands every state answer in the inbox to the connection that asked, like
-    /// [`Worker::take_dns_answers`].
-    fn take_state_answers(&mut self, now: Instant) {
-        let Some(state) = &self.state else {
-            return;
-        };
-        while let Some(delivery) = state.inbox.try_recv() {
-            let key = ConnKey::from_u64(delivery.key);
-            if let Some(conn) = self.conns.get_mut(key) {
-                conn.handle_state(now, delivery.answer);
-                queue(&mut self.pending, conn, key);
+        if let Some(state) = &self.state {
+            while let Some(answer) = state.inbox.try_recv() {
+                deliver(&mut self.conns, &mut self.pending, answer.key, |conn| {
+                    conn.handle_state(now, answer.answer);
+                });
             }
         }
     }
@@ -594,6 +581,21 @@ impl Table<'_> {
             conn.take_pool_turn(key, now, io);
             queue(self.ready, conn, key);
         }
+    }
+}
+
+/// Hands an answer to the connection the waiter's `key` names, with `handle`, and queues it
+/// to run; an answer for a connection that closed meanwhile finds a stale key and is dropped.
+fn deliver(
+    conns: &mut Slab<Conn>,
+    pending: &mut Vec<ConnKey>,
+    key: u64,
+    handle: impl FnOnce(&mut Conn),
+) {
+    let key = ConnKey::from_u64(key);
+    if let Some(conn) = conns.get_mut(key) {
+        handle(conn);
+        queue(pending, conn, key);
     }
 }
 

@@ -118,7 +118,7 @@ pub fn parse_command(line: &[u8]) -> Result<Command<'_>, CommandError> {
         .position(|&b| b == b' ' || is_control(b))
         .unwrap_or(line.len());
     let (word, rest) = line.split_at_checked(word_len).unwrap_or((line, b""));
-    let Some(&(_, verb, expected)) = VERBS
+    let Some(&(_, expected, args_form)) = VERBS
         .iter()
         .find(|(name, ..)| name.eq_ignore_ascii_case(word))
     else {
@@ -129,47 +129,12 @@ pub fn parse_command(line: &[u8]) -> Result<Command<'_>, CommandError> {
         return Err(syntax);
     }
     let args = trim_spaces(rest);
-    let no_args = |command| {
-        if args.is_empty() {
-            Ok(command)
-        } else {
-            Err(syntax.clone())
-        }
-    };
-    let some_args = |command| {
-        if args.is_empty() {
-            Err(syntax.clone())
-        } else {
-            Ok(command)
-        }
-    };
-    match verb {
-        Verb::Ehlo | Verb::Helo => {
-            // Real HELO names are often not domains (postscreen and Postfix take almost
-            // anything), so only emptiness and non-UTF-8 (unreturnable as text) are refused.
-            let Some(name) = std::str::from_utf8(args).ok().filter(|s| !s.is_empty()) else {
-                return Err(syntax);
-            };
-            Ok(if matches!(verb, Verb::Ehlo) {
-                Command::Ehlo(name)
-            } else {
-                Command::Helo(name)
-            })
-        }
-        Verb::Mail => parse_mail(args, syntax),
-        Verb::Rcpt => parse_rcpt(args, syntax),
-        Verb::Data => no_args(Command::Data),
-        Verb::Rset => no_args(Command::Rset),
-        Verb::Quit => no_args(Command::Quit),
-        Verb::StartTls => no_args(Command::StartTls),
-        Verb::Vrfy => some_args(Command::Vrfy),
-        Verb::Expn => some_args(Command::Expn),
-        Verb::Noop => Ok(Command::Noop),
-        Verb::Help => Ok(Command::Help),
-        Verb::Xclient => Ok(Command::Xclient),
-        Verb::Xforward => Ok(Command::Xforward),
-        Verb::Auth => Ok(Command::Auth),
-        Verb::Bdat => Ok(Command::Bdat),
+    match args_form {
+        Args::Parsed(parse) => parse(args, syntax),
+        Args::Ignored(command) => Ok(command),
+        Args::None(command) if args.is_empty() => Ok(command),
+        Args::Required(command) if !args.is_empty() => Ok(command),
+        Args::None(_) | Args::Required(_) => Err(syntax),
     }
 }
 
@@ -205,57 +170,71 @@ impl std::fmt::Display for CommandError {
 
 impl std::error::Error for CommandError {}
 
-/// The verbs tarmac recognises; the rest are `500`.
-#[derive(Clone, Copy, Debug)]
-enum Verb {
-    Ehlo,
-    Helo,
-    Mail,
-    Rcpt,
-    Data,
-    Rset,
-    Noop,
-    Quit,
-    Help,
-    Vrfy,
-    Expn,
-    StartTls,
-    Xclient,
-    Xforward,
-    Auth,
-    Bdat,
+/// What may follow a verb, and the command it makes.
+#[derive(Clone, Copy)]
+enum Args {
+    /// Nothing.
+    None(Command<'static>),
+    /// Something, not looked at (VRFY, EXPN).
+    Required(Command<'static>),
+    /// Anything or nothing, not looked at.
+    Ignored(Command<'static>),
+    /// What this function makes of it, given the `501` for bad syntax.
+    Parsed(for<'a> fn(&'a [u8], CommandError) -> Result<Command<'a>, CommandError>),
 }
 
-/// Verb, its keyword and the form quoted in its `501`. Matched with `eq_ignore_ascii_case`, so
-/// recognising a verb never allocates.
-const VERBS: [(&[u8], Verb, &str); 16] = [
-    (b"EHLO", Verb::Ehlo, "EHLO <domain>"),
-    (b"HELO", Verb::Helo, "HELO <domain>"),
-    (b"MAIL", Verb::Mail, "MAIL FROM:<address>"),
-    (b"RCPT", Verb::Rcpt, "RCPT TO:<address>"),
-    (b"DATA", Verb::Data, "DATA"),
-    (b"RSET", Verb::Rset, "RSET"),
-    (b"NOOP", Verb::Noop, "NOOP [<string>]"),
-    (b"QUIT", Verb::Quit, "QUIT"),
-    (b"HELP", Verb::Help, "HELP [<string>]"),
-    (b"VRFY", Verb::Vrfy, "VRFY <string>"),
-    (b"EXPN", Verb::Expn, "EXPN <string>"),
-    (b"STARTTLS", Verb::StartTls, "STARTTLS"),
-    (b"XCLIENT", Verb::Xclient, "XCLIENT <attribute>=<value>"),
-    (b"XFORWARD", Verb::Xforward, "XFORWARD <attribute>=<value>"),
-    (b"AUTH", Verb::Auth, "AUTH <mechanism>"),
-    (b"BDAT", Verb::Bdat, "BDAT <size> [LAST]"),
+/// The verbs tarmac recognises (the rest are `500`): each keyword, the form quoted in its
+/// `501`, and what may follow it. Matched with `eq_ignore_ascii_case`, so recognising a verb
+/// never allocates.
+const VERBS: [(&[u8], &str, Args); 16] = [
+    (b"EHLO", "EHLO <domain>", Args::Parsed(parse_ehlo)),
+    (b"HELO", "HELO <domain>", Args::Parsed(parse_helo)),
+    (b"MAIL", "MAIL FROM:<address>", Args::Parsed(parse_mail)),
+    (b"RCPT", "RCPT TO:<address>", Args::Parsed(parse_rcpt)),
+    (b"DATA", "DATA", Args::None(Command::Data)),
+    (b"RSET", "RSET", Args::None(Command::Rset)),
+    (b"NOOP", "NOOP [<string>]", Args::Ignored(Command::Noop)),
+    (b"QUIT", "QUIT", Args::None(Command::Quit)),
+    (b"HELP", "HELP [<string>]", Args::Ignored(Command::Help)),
+    (b"VRFY", "VRFY <string>", Args::Required(Command::Vrfy)),
+    (b"EXPN", "EXPN <string>", Args::Required(Command::Expn)),
+    (b"STARTTLS", "STARTTLS", Args::None(Command::StartTls)),
+    (
+        b"XCLIENT",
+        "XCLIENT <attribute>=<value>",
+        Args::Ignored(Command::Xclient),
+    ),
+    (
+        b"XFORWARD",
+        "XFORWARD <attribute>=<value>",
+        Args::Ignored(Command::Xforward),
+    ),
+    (b"AUTH", "AUTH <mechanism>", Args::Ignored(Command::Auth)),
+    (b"BDAT", "BDAT <size> [LAST]", Args::Ignored(Command::Bdat)),
 ];
+
+/// The domain after `EHLO` and its spaces.
+fn parse_ehlo(args: &[u8], syntax: CommandError) -> Result<Command<'_>, CommandError> {
+    hello_name(args, syntax).map(Command::Ehlo)
+}
+
+/// The domain after `HELO` and its spaces.
+fn parse_helo(args: &[u8], syntax: CommandError) -> Result<Command<'_>, CommandError> {
+    hello_name(args, syntax).map(Command::Helo)
+}
+
+/// An EHLO or HELO name. Real ones are often not domains (postscreen and Postfix take almost
+/// anything), so only emptiness and non-UTF-8 (unreturnable as text) are refused.
+fn hello_name(args: &[u8], syntax: CommandError) -> Result<&str, CommandError> {
+    std::str::from_utf8(args)
+        .ok()
+        .filter(|name| !name.is_empty())
+        .ok_or(syntax)
+}
 
 /// `FROM:<path> [params]`, after `MAIL` and its spaces.
 fn parse_mail(args: &[u8], syntax: CommandError) -> Result<Command<'_>, CommandError> {
-    let Some(path) = strip_prefix_ignore_case(args, b"FROM:") else {
-        return Err(syntax);
-    };
-    let (mailbox, params) = split_path(trim_spaces(path)).map_err(|e| match e {
-        PathError::Syntax => syntax,
-        PathError::Address => CommandError::BadSender,
-    })?;
+    let (mailbox, params) = path_after(b"FROM:", args, syntax, CommandError::BadSender)?;
     let from = match mailbox {
         Mailbox::Null => "",
         Mailbox::Address(a) => a,
@@ -268,13 +247,7 @@ fn parse_mail(args: &[u8], syntax: CommandError) -> Result<Command<'_>, CommandE
 /// `TO:<path> [params]`, after `RCPT` and its spaces. No RCPT parameter is offered (no DSN),
 /// so any is a `555`.
 fn parse_rcpt(args: &[u8], syntax: CommandError) -> Result<Command<'_>, CommandError> {
-    let Some(path) = strip_prefix_ignore_case(args, b"TO:") else {
-        return Err(syntax);
-    };
-    let (mailbox, params) = split_path(trim_spaces(path)).map_err(|e| match e {
-        PathError::Syntax => syntax,
-        PathError::Address => CommandError::BadRecipient,
-    })?;
+    let (mailbox, params) = path_after(b"TO:", args, syntax, CommandError::BadRecipient)?;
     let to = match mailbox {
         Mailbox::Address(a) | Mailbox::Postmaster(a) => a,
         Mailbox::Null | Mailbox::Invalid => return Err(CommandError::BadRecipient),
@@ -283,6 +256,23 @@ fn parse_rcpt(args: &[u8], syntax: CommandError) -> Result<Command<'_>, CommandE
         return Err(bad_parameter(token));
     }
     Ok(Command::Rcpt { to })
+}
+
+/// The mailbox and parameter text after `prefix` (`FROM:` or `TO:`) and its spaces; a
+/// malformed path is `syntax`, a malformed address in it `bad_address`.
+fn path_after<'a>(
+    prefix: &[u8],
+    args: &'a [u8],
+    syntax: CommandError,
+    bad_address: CommandError,
+) -> Result<(Mailbox<'a>, &'a [u8]), CommandError> {
+    let Some(path) = strip_prefix_ignore_case(args, prefix) else {
+        return Err(syntax);
+    };
+    split_path(trim_spaces(path)).map_err(|e| match e {
+        PathError::Syntax => syntax,
+        PathError::Address => bad_address,
+    })
 }
 
 /// Why a `<path>` was refused: the brackets themselves (`501 5.5.2`) or what is inside them

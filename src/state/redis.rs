@@ -39,7 +39,7 @@ use mio::Waker;
 use super::local::Local;
 use super::op::{StateAnswer, StateOp, StoreStats, Waiter};
 use crate::config::{Config, Rate};
-use crate::side_thread::{self, Outboxes, Running};
+use crate::side_thread::{self, LogEvery, Outboxes, Running};
 
 mod scripts;
 mod thread;
@@ -66,6 +66,7 @@ const STOP_WAIT: Duration = Duration::from_secs(2);
 const OVERLOAD_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The state thread's owner: stops it when dropped.
+#[derive(Debug)]
 pub struct RedisState {
     handle: RedisHandle,
     thread: Running,
@@ -143,10 +144,8 @@ struct Shared {
     stop: AtomicBool,
     redis_answers: AtomicU64,
     fallbacks: AtomicU64,
-    /// Rate limit of the overload warning: ms after `epoch` of the last one, plus one (0 =
-    /// never).
-    overload_logged: AtomicU64,
-    epoch: Instant,
+    /// Rate limit of the overload warning.
+    overload_warning: LogEvery,
 }
 
 impl RedisState {
@@ -172,15 +171,20 @@ impl RedisState {
             stop: AtomicBool::new(false),
             redis_answers: AtomicU64::new(0),
             fallbacks: AtomicU64::new(0),
-            overload_logged: AtomicU64::new(0),
-            epoch: Instant::now(),
+            overload_warning: LogEvery::new(OVERLOAD_LOG_INTERVAL),
         });
         let (requests, request_rx) = mpsc::sync_channel(REQUEST_QUEUE);
         let thread_shared = Arc::clone(&shared);
         let connectors = requests.clone();
-        let thread = side_thread::spawn("tarmac-state", "state: the Redis thread", move || {
-            thread::run(client, settings, thread_shared, request_rx, connectors);
-        })?;
+        let run = move || thread::run(client, settings, thread_shared, request_rx, connectors);
+        let (stop, stopper) = (Arc::clone(&shared), requests.clone());
+        let signal = move || {
+            stop.stop.store(true, Ordering::SeqCst);
+            // Full: the thread is busy and looks at the flag after its batch.
+            let _ = stopper.try_send(Message::Stop);
+        };
+        let what = "state: the Redis thread";
+        let thread = side_thread::spawn("tarmac-state", what, STOP_WAIT, run, signal)?;
         Ok(RedisState {
             handle: RedisHandle { shared, requests },
             thread,
@@ -201,32 +205,7 @@ impl RedisState {
     /// Stops the thread, waiting at most `STOP_WAIT`; jobs still queued get the fallback.
     /// The same happens on drop; this names the moment.
     pub fn stop(mut self) {
-        self.shut_down();
-    }
-
-    fn shut_down(&mut self) {
-        if !self.thread.is_running() {
-            return;
-        }
-        self.handle.shared.stop.store(true, Ordering::SeqCst);
-        // Full: the thread is busy and looks at the flag after its batch.
-        let _ = self.handle.requests.try_send(Message::Stop);
-        self.thread.join_within(STOP_WAIT);
-    }
-}
-
-impl Drop for RedisState {
-    fn drop(&mut self) {
-        self.shut_down();
-    }
-}
-
-impl fmt::Debug for RedisState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisState")
-            .field("handle", &self.handle)
-            .field("running", &self.thread.is_running())
-            .finish()
+        self.thread.stop();
     }
 }
 
@@ -351,20 +330,7 @@ impl Shared {
 
     /// A job found the queue full: warns, at most once per [`OVERLOAD_LOG_INTERVAL`].
     fn note_overload(&self, now: Instant) {
-        let now_ms = u64::try_from(now.saturating_duration_since(self.epoch).as_millis())
-            .unwrap_or(u64::MAX)
-            .saturating_add(1);
-        let last = self.overload_logged.load(Ordering::Relaxed);
-        let interval = u64::try_from(OVERLOAD_LOG_INTERVAL.as_millis()).unwrap_or(u64::MAX);
-        if last != 0 && now_ms.saturating_sub(last) < interval {
-            return;
-        }
-        // One thread wins the right to log.
-        if self
-            .overload_logged
-            .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-        {
+        if self.overload_warning.allows(now) {
             log::warn!(
                 "state: {REQUEST_QUEUE} Redis requests queued; answering from local state at \
                  once ({} fallbacks so far); Redis or the link to it is slower than the \

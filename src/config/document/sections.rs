@@ -8,9 +8,11 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use super::value::{
-    any_int, at_least, boolean, choice, cidr, code_range, dns_server, downstream_addr, duration,
-    hostname, int, message_size, nonzero_weight, optional_path, path, positive_duration, rate,
-    redis_url, reply_text, socket_addr, string, zone_name,
+    ANNOUNCE_CLIENTS, BARE_NEWLINES, DOWNSTREAM_MODES, DOWNSTREAM_TLS, GREYLIST_KEY_PARTS,
+    PREGREETS, REJECT_MODES, STATE_BACKENDS, any_int, at_least, boolean, choice, cidr, code_range,
+    dns_server, downstream_addr, duration, hostname, int, message_size, nonzero_weight,
+    optional_path, path, positive_duration, rate, redis_url, reply_text, socket_addr, string,
+    zone_name,
 };
 use super::{
     DNS_KEYS, DNSBL_KEYS, DOWNSTREAM_KEYS, GREYLIST_KEYS, LIMITS_KEYS, LISTS_KEYS, METRICS_KEYS,
@@ -18,10 +20,8 @@ use super::{
     TIMEOUTS_KEYS, TLS_KEYS,
 };
 use crate::config::syntax;
-use crate::config::{
-    AnnounceClient, BareNewline, Config, Dnsbl, DownstreamMode, DownstreamTls, GreylistKey,
-    Pregreet, RejectMode, StateBackend,
-};
+use crate::config::{Config, Dnsbl, GreylistKey};
+use crate::policy::reading::{array_of_tables, expected};
 
 impl Reader<'_> {
     pub(super) fn server(&mut self, table: &DeTable<'_>, config: &mut Config) {
@@ -77,15 +77,7 @@ impl Reader<'_> {
                 "max_errors" => r.set(&mut l.max_errors, key, v, |v| int(v, 1, 100_000)),
                 // RFC 5321 §4.5.3.1.4: a command line may be 512 octets; we must accept that much.
                 "max_line_length" => r.set(&mut l.max_line_length, key, v, |v| int(v, 512, 65_536)),
-                "bare_newline" => r.set(&mut l.bare_newline, key, v, |v| {
-                    choice(
-                        v,
-                        &[
-                            ("reject", BareNewline::Reject),
-                            ("normalize", BareNewline::Normalize),
-                        ],
-                    )
-                }),
+                "bare_newline" => r.set(&mut l.bare_newline, key, v, |v| choice(v, BARE_NEWLINES)),
                 _ => return false,
             }
             true
@@ -123,37 +115,12 @@ impl Reader<'_> {
                     downstream_addr,
                     Some(r#"give the MTA to relay to, such as "127.0.0.1:10025""#),
                 ),
-                "mode" => r.set(&mut d.mode, key, v, |v| {
-                    choice(
-                        v,
-                        &[
-                            ("synchronous", DownstreamMode::Synchronous),
-                            ("multiplexing", DownstreamMode::Multiplexing),
-                        ],
-                    )
-                }),
+                "mode" => r.set(&mut d.mode, key, v, |v| choice(v, DOWNSTREAM_MODES)),
                 "pool_size" => r.set(&mut d.pool_size, key, v, |v| at_least(v, 1)),
                 "announce_client" => r.set(&mut d.announce_client, key, v, |v| {
-                    choice(
-                        v,
-                        &[
-                            ("xclient", AnnounceClient::Xclient),
-                            ("proxy-v1", AnnounceClient::ProxyV1),
-                            ("proxy-v2", AnnounceClient::ProxyV2),
-                            ("none", AnnounceClient::None),
-                        ],
-                    )
+                    choice(v, ANNOUNCE_CLIENTS)
                 }),
-                "tls" => r.set(&mut d.tls, key, v, |v| {
-                    choice(
-                        v,
-                        &[
-                            ("none", DownstreamTls::None),
-                            ("opportunistic", DownstreamTls::Opportunistic),
-                            ("required", DownstreamTls::Required),
-                        ],
-                    )
-                }),
+                "tls" => r.set(&mut d.tls, key, v, |v| choice(v, DOWNSTREAM_TLS)),
                 "tls_verify" => r.set(&mut d.tls_verify, key, v, boolean),
                 "tls_ca" => r.set(&mut d.tls_ca, key, v, optional_path),
                 _ => return false,
@@ -196,37 +163,16 @@ impl Reader<'_> {
 
     /// `[[dnsbl]]`: an array of tables, `zone` and `weight` required in each.
     pub(super) fn dnsbl(&mut self, value: &Spanned<DeValue<'_>>, out: &mut Vec<Dnsbl>) {
-        let items = match value.get_ref() {
-            DeValue::Array(items) => items,
-            DeValue::Table(_) => {
-                return self.error(
-                    value.span(),
-                    "dnsbl",
-                    "expected an array of tables; write [[dnsbl]] with double brackets, one \
-                     table per zone"
-                        .to_owned(),
-                );
-            }
-            other => {
-                let found = other.type_str();
-                return self.error(
-                    value.span(),
-                    "dnsbl",
-                    format!("expected an array of tables ([[dnsbl]]), found {found}"),
-                );
-            }
+        let items = match array_of_tables(value.get_ref(), "dnsbl", "zone") {
+            Ok(items) => items,
+            Err(message) => return self.error(value.span(), "dnsbl", message),
         };
         // zone (lowercased) -> index of the table that named it first
         let mut seen: HashMap<String, usize> = HashMap::new();
         for (i, item) in items.iter().enumerate() {
             let prefix = format!("dnsbl[{i}]");
             let Some(table) = item.get_ref().as_table() else {
-                let found = item.get_ref().type_str();
-                self.error(
-                    item.span(),
-                    &prefix,
-                    format!("expected a table, found {found}"),
-                );
+                self.error(item.span(), &prefix, expected("a table", item.get_ref()));
                 continue;
             };
             let (mut zone, mut weight) = (None, None);
@@ -290,15 +236,7 @@ impl Reader<'_> {
                 "allow_at" => r.set(&mut s.allow_at, key, v, any_int),
                 "tarpit_at" => r.set(&mut s.tarpit_at, key, v, any_int),
                 "reject_at" => r.set(&mut s.reject_at, key, v, any_int),
-                "reject_mode" => r.set(&mut s.reject_mode, key, v, |v| {
-                    choice(
-                        v,
-                        &[
-                            ("immediate", RejectMode::Immediate),
-                            ("enforce", RejectMode::Enforce),
-                        ],
-                    )
-                }),
+                "reject_mode" => r.set(&mut s.reject_mode, key, v, |v| choice(v, REJECT_MODES)),
                 _ => return false,
             }
             true
@@ -311,16 +249,7 @@ impl Reader<'_> {
             match name {
                 "greet_pause" => r.set(&mut t.greet_pause, key, v, duration),
                 "banner_continuation" => r.set(&mut t.banner_continuation, key, v, boolean),
-                "pregreet" => r.set(&mut t.pregreet, key, v, |v| {
-                    choice(
-                        v,
-                        &[
-                            ("ignore", Pregreet::Ignore),
-                            ("reject", Pregreet::Reject),
-                            ("drop", Pregreet::Drop),
-                        ],
-                    )
-                }),
+                "pregreet" => r.set(&mut t.pregreet, key, v, |v| choice(v, PREGREETS)),
                 "reply_delay" => r.set(&mut t.reply_delay, key, v, duration),
                 "stutter" => r.set(&mut t.stutter, key, v, duration),
                 "pass_ttl" => r.set(&mut t.pass_ttl, key, v, duration),
@@ -358,19 +287,7 @@ impl Reader<'_> {
         key: &str,
         v: &Spanned<DeValue<'_>>,
     ) {
-        let Some(items) = self.list(key, v, |v| {
-            choice(
-                v,
-                &[
-                    ("subnet", GreylistKey::Subnet),
-                    ("ip", GreylistKey::Ip),
-                    ("helo", GreylistKey::Helo),
-                    ("sender", GreylistKey::Sender),
-                    ("recipient", GreylistKey::Recipient),
-                    ("rdns", GreylistKey::Rdns),
-                ],
-            )
-        }) else {
+        let Some(items) = self.list(key, v, |v| choice(v, GREYLIST_KEY_PARTS)) else {
             return;
         };
         if items.is_empty() {
@@ -410,15 +327,7 @@ impl Reader<'_> {
         let s = &mut config.state;
         self.fields("state", table, STATE_KEYS, |r, name, key, v| {
             match name {
-                "backend" => r.set(&mut s.backend, key, v, |v| {
-                    choice(
-                        v,
-                        &[
-                            ("local", StateBackend::Local),
-                            ("redis", StateBackend::Redis),
-                        ],
-                    )
-                }),
+                "backend" => r.set(&mut s.backend, key, v, |v| choice(v, STATE_BACKENDS)),
                 "redis" => r.set(&mut s.redis, key, v, redis_url),
                 "prefix" => r.set(&mut s.prefix, key, v, |v| {
                     let s = string(v, "a string")?;

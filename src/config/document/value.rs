@@ -8,15 +8,14 @@ use std::time::Duration;
 use toml::de::DeValue;
 
 use crate::config::syntax;
+use crate::config::{
+    AnnounceClient, BareNewline, DownstreamMode, DownstreamTls, GreylistKey, Pregreet, RejectMode,
+    StateBackend,
+};
 use crate::policy::cidr::{Cidr, CidrError};
 use crate::policy::rates::Rate;
-pub(super) use crate::policy::reading::string;
 use crate::policy::reading::{self, integer};
-
-pub(super) fn boolean(v: &DeValue<'_>) -> Result<bool, String> {
-    v.as_bool()
-        .ok_or_else(|| format!("expected true or false, found {}", v.type_str()))
-}
+pub(super) use crate::policy::reading::{boolean, string};
 
 /// An integer of the field's type within `min..=max`; out of range is an error, never a
 /// truncation.
@@ -51,9 +50,66 @@ pub(super) fn nonzero_weight(v: &DeValue<'_>) -> Result<i32, String> {
     Ok(weight)
 }
 
+/// The option whose name `v` holds, from one of the tables below.
 pub(super) fn choice<T: Copy>(v: &DeValue<'_>, options: &[(&str, T)]) -> Result<T, String> {
     reading::choice(v, options, "value")
 }
+
+/// The names of each [`BareNewline`], in the order an error lists them.
+pub(super) const BARE_NEWLINES: &[(&str, BareNewline)] = &[
+    ("reject", BareNewline::Reject),
+    ("normalize", BareNewline::Normalize),
+];
+
+/// The names of each [`DownstreamMode`], in the order an error lists them.
+pub(super) const DOWNSTREAM_MODES: &[(&str, DownstreamMode)] = &[
+    ("synchronous", DownstreamMode::Synchronous),
+    ("multiplexing", DownstreamMode::Multiplexing),
+];
+
+/// The names of each [`AnnounceClient`], in the order an error lists them.
+pub(super) const ANNOUNCE_CLIENTS: &[(&str, AnnounceClient)] = &[
+    ("xclient", AnnounceClient::Xclient),
+    ("proxy-v1", AnnounceClient::ProxyV1),
+    ("proxy-v2", AnnounceClient::ProxyV2),
+    ("none", AnnounceClient::None),
+];
+
+/// The names of each [`DownstreamTls`], in the order an error lists them.
+pub(super) const DOWNSTREAM_TLS: &[(&str, DownstreamTls)] = &[
+    ("none", DownstreamTls::None),
+    ("opportunistic", DownstreamTls::Opportunistic),
+    ("required", DownstreamTls::Required),
+];
+
+/// The names of each [`RejectMode`], in the order an error lists them.
+pub(super) const REJECT_MODES: &[(&str, RejectMode)] = &[
+    ("immediate", RejectMode::Immediate),
+    ("enforce", RejectMode::Enforce),
+];
+
+/// The names of each [`Pregreet`], in the order an error lists them.
+pub(super) const PREGREETS: &[(&str, Pregreet)] = &[
+    ("ignore", Pregreet::Ignore),
+    ("reject", Pregreet::Reject),
+    ("drop", Pregreet::Drop),
+];
+
+/// The names of each [`GreylistKey`], in the order an error lists them.
+pub(super) const GREYLIST_KEY_PARTS: &[(&str, GreylistKey)] = &[
+    ("subnet", GreylistKey::Subnet),
+    ("ip", GreylistKey::Ip),
+    ("helo", GreylistKey::Helo),
+    ("sender", GreylistKey::Sender),
+    ("recipient", GreylistKey::Recipient),
+    ("rdns", GreylistKey::Rdns),
+];
+
+/// The names of each [`StateBackend`], in the order an error lists them.
+pub(super) const STATE_BACKENDS: &[(&str, StateBackend)] = &[
+    ("local", StateBackend::Local),
+    ("redis", StateBackend::Redis),
+];
 
 pub(super) fn duration(v: &DeValue<'_>) -> Result<Duration, String> {
     syntax::parse_duration(string(v, r#"a duration such as "30s""#)?)

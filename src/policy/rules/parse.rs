@@ -13,7 +13,7 @@ use super::value::{
     score_threshold,
 };
 use super::{RuleAction, Stage};
-use crate::policy::reading::{FileError, Lines};
+use crate::policy::reading::{FileError, Lines, array_of_tables, boolean, expected};
 
 /// The keys of a `[[rule]]` table, for unknown-key hints.
 const RULE_KEYS: &[&str] = &["name", "when", "action", "reply", "score"];
@@ -124,25 +124,10 @@ impl<'p> Reader<'p> {
                 );
                 continue;
             }
-            let items = match value.get_ref() {
-                DeValue::Array(items) => items,
-                DeValue::Table(_) => {
-                    self.error(
-                        value.span(),
-                        "rule",
-                        "expected an array of tables; write [[rule]] with double brackets, one \
-                         table per rule"
-                            .to_owned(),
-                    );
-                    continue;
-                }
-                other => {
-                    let found = other.type_str();
-                    self.error(
-                        value.span(),
-                        "rule",
-                        format!("expected an array of tables ([[rule]]), found {found}"),
-                    );
+            let items = match array_of_tables(value.get_ref(), "rule", "rule") {
+                Ok(items) => items,
+                Err(message) => {
+                    self.error(value.span(), "rule", message);
                     continue;
                 }
             };
@@ -153,16 +138,26 @@ impl<'p> Reader<'p> {
         rules
     }
 
+    /// What was `given` for `key`, or `None` after recording it missing at `line` (the rule's),
+    /// with what to write instead.
+    fn required<'v, 'i>(
+        &mut self,
+        given: Given<'v, 'i>,
+        line: usize,
+        key: &str,
+        hint: impl FnOnce() -> String,
+    ) -> Given<'v, 'i> {
+        if given.is_none() {
+            self.push(line, key, format!("missing; {}", hint()));
+        }
+        given
+    }
+
     /// One `[[rule]]` table: `None` without a valid name, else the name and, if it has no
     /// error, the rule. Errors are recorded.
     fn rule(&mut self, prefix: &str, item: &Spanned<DeValue<'_>>) -> Option<Named> {
         let Some(table) = item.get_ref().as_table() else {
-            let found = item.get_ref().type_str();
-            self.error(
-                item.span(),
-                prefix,
-                format!("expected a table, found {found}"),
-            );
+            self.error(item.span(), prefix, expected("a table", item.get_ref()));
             return None;
         };
         let start = self.line(item.span().start);
@@ -195,54 +190,27 @@ impl<'p> Reader<'p> {
         }
 
         let name_key = format!("{prefix}.name");
-        let name = match name {
-            None => {
-                self.push(
-                    start,
-                    &name_key,
-                    "missing; give the rule a name for the logs, such as name = \
-                     \"reject-localhost-helo\""
-                        .to_owned(),
-                );
-                None
-            }
-            Some((v, line)) => self.checked(&name_key, v, rule_name).map(|n| (n, line)),
-        };
+        let name_hint =
+            "give the rule a name for the logs, such as name = \"reject-localhost-helo\"";
+        let name = self
+            .required(name, start, &name_key, || name_hint.to_owned())
+            .and_then(|(v, line)| self.checked(&name_key, v, rule_name).map(|n| (n, line)));
 
         let when_key = format!("{prefix}.when");
-        let conditions = match when {
-            None => {
-                self.push(
-                    start,
-                    &when_key,
-                    "missing; give the conditions, such as when = { helo = \"localhost\" }, or \
-                     when = {} for every client"
-                        .to_owned(),
-                );
-                None
-            }
-            Some((v, _)) => self.when(&when_key, v),
-        };
+        let when_hint = "give the conditions, such as when = { helo = \"localhost\" }, or when = {} \
+                         for every client";
+        let conditions = self
+            .required(when, start, &when_key, || when_hint.to_owned())
+            .and_then(|(v, _)| self.when(&when_key, v));
 
         let action_key = format!("{prefix}.action");
-        let mut action = match action {
-            None => {
-                self.push(
-                    start,
-                    &action_key,
-                    format!(
-                        "missing; give one of: {}",
-                        ACTIONS
-                            .iter()
-                            .map(|(n, _)| *n)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                );
-                None
-            }
-            Some((v, line)) => self.checked(&action_key, v, action_word).map(|a| (a, line)),
+        let actions = || {
+            let names: Vec<&str> = ACTIONS.iter().map(|(n, _)| *n).collect();
+            format!("give one of: {}", names.join(", "))
         };
+        let mut action = self
+            .required(action, start, &action_key, actions)
+            .and_then(|(v, line)| self.checked(&action_key, v, action_word).map(|a| (a, line)));
 
         let score_key = format!("{prefix}.score");
         match (&mut action, score) {
@@ -360,11 +328,7 @@ impl<'p> Reader<'p> {
                 "score_at_least" => self.checked(&path, v, |v| {
                     score_threshold(v).map(Condition::ScoreAtLeast)
                 }),
-                "no_rdns" => self.checked(&path, v, |v| {
-                    v.as_bool()
-                        .map(Condition::NoRdns)
-                        .ok_or_else(|| format!("expected true or false, found {}", v.type_str()))
-                }),
+                "no_rdns" => self.checked(&path, v, |v| boolean(v).map(Condition::NoRdns)),
                 _ => {
                     self.error(
                         key.span(),

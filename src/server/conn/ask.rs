@@ -52,7 +52,7 @@ impl Conn {
                     key: key.to_u64(),
                 };
                 // A cache hit answers at once; otherwise the answer comes through the
-                // worker's inbox (`Worker::take_dns_answers`).
+                // worker's inbox (`Worker::take_answers`).
                 let answer = match io.resolver {
                     Some(resolver) => resolver.lookup(&query, waiter),
                     None => Some(LookupAnswer::temp_fail(&query)),
@@ -109,7 +109,7 @@ impl Conn {
     }
 
     /// Asks the state front; an answer now goes to the session at once, a later one comes
-    /// through the worker's inbox (`Worker::take_state_answers`).
+    /// through the worker's inbox (`Worker::take_answers`).
     fn ask_state(&mut self, op: StateOp, key: ConnKey, now: Instant, io: &Io<'_>) {
         let waiter = StateWaiter {
             worker: io.state_worker,

@@ -372,7 +372,7 @@ impl Conn {
     }
 
     /// The downstream closed or failed: drop it and tell the session.
-    fn fail_downstream(&mut self, now: Instant) {
+    pub(super) fn fail_downstream(&mut self, now: Instant) {
         if let Some(link) = self.downstream.as_deref().map(|ds| ds.link) {
             self.drop_downstream();
             self.session
@@ -421,24 +421,6 @@ impl Conn {
         }
         self.drop_downstream();
     }
-
-    /// Like [`Conn::write_client`] for the downstream, once connected.
-    pub(super) fn write_downstream(&mut self, now: Instant) -> bool {
-        let Some(ds) = self.downstream.as_deref_mut() else {
-            return false;
-        };
-        if ds.connecting {
-            return false;
-        }
-        match ds.leg.write() {
-            Ok(moved) => moved,
-            Err(e) => {
-                log::debug!("conn={} downstream write failed: {e}", self.id);
-                self.fail_downstream(now);
-                true
-            }
-        }
-    }
 }
 
 impl DownstreamConn {
@@ -449,6 +431,11 @@ impl DownstreamConn {
         if self.connecting {
             self.unclean_edge |= !connect::is_clean_writable(event);
         }
+    }
+
+    /// The leg, once connected: before, nothing may be written to it.
+    pub(super) fn connected_leg(&mut self) -> Option<&mut Leg> {
+        (!self.connecting).then_some(&mut self.leg)
     }
 
     /// Whether the downstream leg should be read now (see [`Conn::may_read_client`]).

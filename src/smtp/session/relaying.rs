@@ -232,9 +232,7 @@ impl Session {
             },
             at: self.peer.accepted_at + now.saturating_duration_since(self.started),
         };
-        if let Some(out) = self.relay.start_body() {
-            write_received(&trace, out);
-        }
+        self.relay.start_body(|out| write_received(&trace, out));
     }
 
     /// Sends MAIL for the current transaction, with the parameters the downstream offers.

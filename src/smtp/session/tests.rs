@@ -194,6 +194,8 @@ struct Pair {
     reputation_events: Vec<(IpAddr, crate::policy::reputation::Event)>,
     /// Times the session asked for a TLS handshake (`Action::StartTls`).
     tls_switches: usize,
+    /// What each `poll_transmit_downstream` handed out, one entry a call that gave bytes.
+    ds_writes: Vec<Vec<u8>>,
 }
 
 impl Pair {
@@ -267,6 +269,7 @@ impl Pair {
             reputation: crate::state::ReputationTable::new(),
             reputation_events: Vec::new(),
             tls_switches: 0,
+            ds_writes: Vec::new(),
         }
     }
 
@@ -298,6 +301,7 @@ impl Pair {
             }
             let mut replies = Vec::new();
             if !ds.is_empty() {
+                self.ds_writes.push(ds.clone());
                 progress = true;
                 assert!(
                     self.ds_open,
@@ -495,6 +499,49 @@ const TRANSACTION_REPLIES: &str = concat!(
     "250 2.0.0 Ok: queued as 1\r\n",
     "221 2.0.0 Bye\r\n",
 );
+
+/// The trace header waits at the `354` for what follows it: `body` (the client's first bytes
+/// after the `354`, relayed as they are) leaves in the same `poll_transmit_downstream` as the
+/// header, byte for byte what the downstream would have got in two writes.
+#[track_caller]
+fn assert_header_leaves_with(body: &[u8]) {
+    let mut pair = Pair::new(config());
+    pair.send(
+        b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n",
+    );
+    assert!(
+        pair.take_output()
+            .ends_with("354 End data with <CR><LF>.<CR><LF>\r\n")
+    );
+    // Nothing went out at the 354: the last write is still DATA.
+    assert_eq!(
+        pair.ds_writes.last().map(Vec::as_slice),
+        Some(&b"DATA\r\n"[..])
+    );
+    let writes = pair.ds_writes.len();
+    pair.send(body);
+    let write = String::from_utf8_lossy(&pair.ds_writes[writes]).into_owned();
+    assert!(
+        write.starts_with("Received: from client.example ([192.0.2.7])\r\n"),
+        "{write}"
+    );
+    let header_end = write.find("+0000\r\n").map(|at| at + 7);
+    assert_eq!(
+        header_end.map(|at| &write.as_bytes()[at..]),
+        Some(body),
+        "{write}"
+    );
+}
+
+#[test]
+fn trace_header_leaves_with_the_first_body_bytes() {
+    assert_header_leaves_with(b"Subject: hi\r\n");
+}
+
+#[test]
+fn trace_header_of_an_empty_body_leaves_with_the_dot() {
+    assert_header_leaves_with(b".\r\n");
+}
 
 #[test]
 fn banner_ehlo_quit() {
