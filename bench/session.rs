@@ -1,7 +1,11 @@
 //! In-memory benchmarks of the sans-IO core: commands per second through `Session`, MB/s
 //! through the DATA codec, and whole relayed transactions per second with a scripted
 //! downstream. The session runs on the testkit's `Pair`, the driver and Postfix-like
-//! downstream the fuzz target uses, so the figures include its checks. No sockets, no clock
+//! downstream the session's tests and the fuzz target use, made with `Pair::for_bench`: it
+//! plays the same actions and gives the same replies, but keeps no logs and skips the checks
+//! that read every write, so the timed loops measure the session. Each figure first runs
+//! its script once on a checking `Pair` and then asserts every timed round against that
+//! outcome (the replies, the delivery), outside the session's work. No sockets, no clock
 //! reads inside the timed loops except the stopwatch.
 //!
 //! `cargo bench --bench session` runs the full size; without `--bench` (as `cargo test
@@ -48,31 +52,53 @@ fn peer() -> Peer {
 }
 
 /// A session on the testkit's driver, which plays its actions, answers its questions and
-/// scripts its downstream (with `config()` it asks only for admission).
+/// scripts its downstream (with `config()` it asks only for admission), without its logs and
+/// per-write checks.
 fn pair(config: &Arc<Config>) -> Pair {
+    Pair::for_bench(Arc::clone(config), peer())
+}
+
+/// The same session on a driver that logs and checks everything it drives.
+fn checked_pair(config: &Arc<Config>) -> Pair {
     let mut pair = Pair::sharing(Arc::clone(config), Vec::new(), peer());
     pair.pump();
     pair
 }
+
+/// Sessions are renewed after this many batches of junk commands (below
+/// `max_junk_commands`, 100 by default, as a new client would be).
+const BATCHES_PER_SESSION: usize = 19;
 
 /// Local commands, pipelined 5 per write: parse, dispatch, reply.
 fn commands(n: usize) {
     let config = config();
     let batch = b"NOOP\r\nRSET\r\nVRFY postmaster\r\nHELP\r\nEHLO client.example\r\n";
     let per_batch = 5;
+    // One session's worth on the checking driver: the answers every timed batch must get.
+    let mut checked = checked_pair(&config);
+    checked.take_output();
+    let mut expected = Vec::new();
+    for _ in 0..BATCHES_PER_SESSION {
+        checked.send(batch);
+        expected.push(checked.take_output().into_bytes());
+    }
+    assert!(!checked.closed, "under the junk limit");
     let mut pair = pair(&config);
     pair.take_output();
     let started = Instant::now();
     let mut replies = 0usize;
     for i in 0..n / per_batch {
-        // Every command here is a junk command (`max_junk_commands`, 100 by default): a new
-        // session before the limit, as a new client would be.
-        if i % 19 == 18 {
+        let round = i % BATCHES_PER_SESSION;
+        if round == 0 && i > 0 {
             pair = self::pair(&config);
             pair.take_output();
         }
         pair.send(batch);
         assert!(pair.client_pending.is_empty(), "every command read");
+        assert!(
+            pair.client_out == expected[round],
+            "answered as on the checking driver"
+        );
         replies += pair.client_out.iter().filter(|&&b| b == b'\n').count();
         pair.client_out.clear();
     }
@@ -126,7 +152,8 @@ fn data_codec(rounds: usize) {
 }
 
 /// Whole transactions (banner to QUIT, 4 KB body) relayed to the testkit's scripted
-/// downstream.
+/// downstream. The checking driver's run gives the replies every timed one must get; its
+/// downstream checked the relayed commands and body.
 fn transactions(n: usize) {
     let config = config();
     let client_script: Vec<u8> = [
@@ -137,13 +164,26 @@ fn transactions(n: usize) {
         &b"\r\n.\r\nQUIT\r\n"[..],
     ]
     .concat();
+    let mut checked = checked_pair(&config);
+    checked.send(&client_script);
+    assert!(checked.closed, "transaction completed");
+    assert_eq!(checked.downstream.delivered.len(), 1);
+    let expected = checked.take_output().into_bytes();
+    assert!(expected.ends_with(b"250 2.0.0 Ok: queued as 1\r\n221 2.0.0 Bye\r\n"));
     let started = Instant::now();
     for _ in 0..n {
         let mut pair = pair(&config);
         pair.send(&client_script);
         assert!(pair.closed, "transaction completed");
         assert_eq!(pair.session.report().msgs, 1);
-        assert_eq!(pair.downstream.delivered.len(), 1);
+        assert_eq!(
+            pair.downstream.totals.dots_acked, 1,
+            "one message delivered"
+        );
+        assert!(
+            pair.client_out == expected,
+            "answered as on the checking driver"
+        );
     }
     let elapsed = started.elapsed();
     println!(

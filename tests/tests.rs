@@ -1,8 +1,11 @@
-//! Integration tests: the real server on loopback with a real downstream SMTP listener.
+//! Integration tests: the session on invented time against the testkit's doubles, and the real server
+//! on loopback with a real downstream SMTP listener.
 
 // The tarmac binary for the tests that run it (the shared helpers are in `tarmac-testkit`).
 mod util;
 
+// The session on invented time, driven by the testkit's `Pair` and scripted downstream.
+mod session;
 // The relay path end to end through the real server and the project's sink.
 mod relay;
 // Real peers: swaks, Python smtplib, Postfix smtp-sink/smtp-source, rbldnsd.

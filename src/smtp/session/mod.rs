@@ -734,4 +734,4 @@ fn hand_out(buf: &mut Vec<u8>, out: &mut Vec<u8>) {
 }
 
 #[cfg(test)]
-mod tests;
+mod buffer_tests;

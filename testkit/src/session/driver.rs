@@ -14,6 +14,13 @@
 //! after its `220`; a connection released to the pool only with nothing in flight, outside a
 //! body and marked for RSET exactly when a transaction is open on it; no client bytes taken
 //! while the session does not want to read; no deadline left due after `handle_timeout`.
+//!
+//! [`Pair::for_bench`] makes a pair that only drives, for the session bench: the same actions
+//! played, questions answered and downstream replies, but no logs and none of the checks that
+//! cost more than a comparison (the forged reply searched for in the client's bytes, bytes
+//! asked for closed links, client bytes offered while the session does not want them, the
+//! downstream's parsing and trust-boundary checks). The bench asserts each round's outcome
+//! against a checking pair's instead, so its timed loop measures the session.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
@@ -87,9 +94,9 @@ pub struct Pair {
     pub now: Instant,
     /// Client bytes not yet taken by [`take_output`](Pair::take_output).
     pub client_out: Vec<u8>,
-    /// Every write to the client, with its time.
+    /// Every write to the client, with its time (none kept by a [`Pair::for_bench`]).
     pub client_log: Vec<(Instant, Vec<u8>)>,
-    /// Every write to the downstream, with its time.
+    /// Every write to the downstream, with its time (none kept by a [`Pair::for_bench`]).
     pub downstream_log: Vec<(Instant, Vec<u8>)>,
     /// Client bytes sent but not yet taken by the session.
     pub client_pending: Vec<u8>,
@@ -153,6 +160,8 @@ pub struct Pair {
     /// `Action::StartTls` came out and the handshake is not over.
     pub handshaking: bool,
 
+    /// Log each side's writes and check every write as above (off: [`Pair::for_bench`]).
+    checks: bool,
     config: Arc<Config>,
     /// The connection being set up (asked for, not yet connected).
     connecting: Option<LinkId>,
@@ -165,6 +174,8 @@ pub struct Pair {
     ds_unread: Vec<u8>,
     /// Everything the client got, for the checks on STARTTLS.
     client_all: Vec<u8>,
+    /// Writes to the client so far.
+    client_writes: usize,
 }
 
 impl Pair {
@@ -255,6 +266,7 @@ impl Pair {
             reputation_events: Vec::new(),
             tls_switches: 0,
             handshaking: false,
+            checks: true,
             config,
             connecting: None,
             closed_links: Vec::new(),
@@ -262,7 +274,19 @@ impl Pair {
             held: Vec::new(),
             ds_unread: Vec::new(),
             client_all: Vec::new(),
+            client_writes: 0,
         }
+    }
+
+    /// A pumped pair for a bench: it drives the session as any pair does, but neither it nor
+    /// its downstream logs what goes by or checks every write (see the module docs); the
+    /// downstream keeps no commands or bodies, only its [`Totals`](super::Totals).
+    pub fn for_bench(config: Arc<Config>, peer: Peer) -> Pair {
+        let mut pair = Pair::sharing(config, Vec::new(), peer);
+        pair.checks = false;
+        pair.downstream.checks = false;
+        pair.pump();
+        pair
     }
 
     /// Client sends bytes (kept and re-offered while the session does not want them).
@@ -276,9 +300,12 @@ impl Pair {
         self.settle();
         for _ in 0..MAX_ROUNDS {
             let mut progress = false;
-            if !self.client_pending.is_empty() && !self.closed {
+            // The checking pair offers bytes even while the session does not want them, to
+            // see it take none; the bench's only offers them when wanted, as a driver does.
+            let offer = self.checks || self.session.wants_read();
+            if !self.client_pending.is_empty() && !self.closed && offer {
                 let wants = self.session.wants_read();
-                let pending = std::mem::take(&mut self.client_pending);
+                let mut pending = std::mem::take(&mut self.client_pending);
                 let used = self.session.handle_client_data(self.now, &pending);
                 assert!(
                     used <= pending.len(),
@@ -289,7 +316,8 @@ impl Pair {
                     wants || used == 0 || self.session.is_closed(),
                     "consumed {used} bytes while not wanting to read"
                 );
-                self.client_pending = pending.get(used..).unwrap_or_default().to_vec();
+                pending.drain(..used.min(pending.len()));
+                self.client_pending = pending;
                 progress |= used > 0;
                 // Like the driver: output released (a tarpit's held reply) may let input in.
                 progress |= self.settle();
@@ -403,12 +431,17 @@ impl Pair {
             }
             Event::Data(link, bytes) if self.is_current(link) && self.ds_open => {
                 let mut buf = std::mem::take(&mut self.ds_unread);
-                buf.extend_from_slice(&bytes);
+                if buf.is_empty() {
+                    buf = bytes;
+                } else {
+                    buf.extend_from_slice(&bytes);
+                }
                 let used =
                     self.session
                         .handle_downstream(self.now, link, DownstreamEvent::Data(&buf));
                 assert!(used <= buf.len(), "consumed {used} of {}", buf.len());
-                self.ds_unread = buf.get(used..).unwrap_or_default().to_vec();
+                buf.drain(..used.min(buf.len()));
+                self.ds_unread = buf;
             }
             Event::TlsEstablished(link) if self.is_current(link) && self.ds_open => {
                 self.session
@@ -443,24 +476,22 @@ impl Pair {
     /// One round of [`settle`](Pair::settle): whether the client got bytes, and whether an
     /// action was carried out.
     fn settle_once(&mut self) -> (bool, bool) {
-        let written = self.client_log.len();
+        let written = self.client_writes;
         // A test may play the client's handshake on the session itself.
         if self.handshaking && (self.session.is_closed() || self.session.report().tls != "no") {
             self.handshaking = false;
         }
-        let mut out = Vec::new();
-        self.session.poll_transmit(self.now, &mut out);
-        if !out.is_empty() {
-            self.receive(out);
-        }
+        self.transmit_to_client();
         let mut ds = Vec::new();
-        for &link in &self.closed_links {
-            self.session.poll_transmit_downstream(link, &mut ds);
-            assert!(
-                ds.is_empty(),
-                "bytes for a closed downstream: {}",
-                escape(&ds)
-            );
+        if self.checks {
+            for &link in &self.closed_links {
+                self.session.poll_transmit_downstream(link, &mut ds);
+                assert!(
+                    ds.is_empty(),
+                    "bytes for a closed downstream: {}",
+                    escape(&ds)
+                );
+            }
         }
         if self.ds_open || self.connecting.is_some() {
             self.session.poll_transmit_downstream(self.link, &mut ds);
@@ -476,11 +507,15 @@ impl Pair {
                 "bytes for an unconnected downstream: {}",
                 escape(&ds)
             );
-            self.downstream_log.push((self.now, ds.clone()));
-            let report = self.session.report();
-            let speaker = Speaker {
-                addr: Some(report.client),
-                helo: report.helo.map(<[u8]>::to_vec).unwrap_or_default(),
+            let speaker = if self.checks {
+                self.downstream_log.push((self.now, ds.clone()));
+                let report = self.session.report();
+                Speaker {
+                    addr: Some(report.client),
+                    helo: report.helo.map(<[u8]>::to_vec).unwrap_or_default(),
+                }
+            } else {
+                Speaker::default()
             };
             match self.downstream.feed(&ds, &speaker) {
                 Reaction::Replies(replies) if self.auto_downstream => {
@@ -495,32 +530,42 @@ impl Pair {
             self.act(action);
             acted = true;
         }
-        (self.client_log.len() > written, acted)
+        (self.client_writes > written, acted)
     }
 
-    fn receive(&mut self, out: Vec<u8>) {
+    /// Hands the client what the session has for it, straight into `client_out`.
+    fn transmit_to_client(&mut self) {
+        let start = self.client_out.len();
+        self.session.poll_transmit(self.now, &mut self.client_out);
+        if self.client_out.len() == start {
+            return;
+        }
+        let out = self.client_out.get(start..).unwrap_or_default();
         assert!(out.len() < MAX_OUTBOX_DRAIN, "client outbox {}", out.len());
         assert!(
             !self.closed,
             "bytes for the client after Close: {}",
-            escape(&out)
+            escape(out)
         );
         // Nothing is said between the switch and the end of the handshake, in plain text or
         // otherwise: in particular no answer to bytes pipelined after STARTTLS.
         assert!(
             !self.handshaking,
             "bytes for the client during the TLS handshake: {}",
-            escape(&out)
+            escape(out)
         );
+        self.client_writes += 1;
+        if !self.checks {
+            return;
+        }
         // Only where the new bytes could complete it.
         let from = self.client_all.len().saturating_sub(FORGED.len());
-        self.client_all.extend_from_slice(&out);
+        self.client_all.extend_from_slice(out);
         assert!(
             find(&self.client_all[from..], FORGED.as_bytes()).is_none(),
             "a reply forged after the downstream's 220 to STARTTLS reached the client"
         );
-        self.client_out.extend_from_slice(&out);
-        self.client_log.push((self.now, out));
+        self.client_log.push((self.now, out.to_vec()));
     }
 
     fn act(&mut self, action: Action) {
@@ -593,7 +638,9 @@ impl Pair {
                 if self.link == link && self.has_downstream() {
                     if quit && self.ds_open {
                         assert!(self.downstream.banner_was_sent(), "QUIT before the banner");
-                        self.downstream_log.push((self.now, b"QUIT\r\n".to_vec()));
+                        if self.checks {
+                            self.downstream_log.push((self.now, b"QUIT\r\n".to_vec()));
+                        }
                         let _ = self.downstream.feed(b"QUIT\r\n", &Speaker::default());
                     }
                     if self.ds_open {
@@ -644,8 +691,10 @@ impl Pair {
             Action::StartTls => {
                 assert!(!self.handshaking, "StartTls came out twice");
                 assert!(
-                    self.client_all
-                        .ends_with(b"220 2.0.0 Ready to start TLS\r\n"),
+                    !self.checks
+                        || self
+                            .client_all
+                            .ends_with(b"220 2.0.0 Ready to start TLS\r\n"),
                     "StartTls before its 220 was out"
                 );
                 self.handshaking = true;
@@ -655,11 +704,7 @@ impl Pair {
                 if let Some(answer) = self.answer(question) {
                     self.session.handle_answer(self.now, answer);
                     // As after every `handle_*`: the bytes first, then the actions.
-                    let mut out = Vec::new();
-                    self.session.poll_transmit(self.now, &mut out);
-                    if !out.is_empty() {
-                        self.receive(out);
-                    }
+                    self.transmit_to_client();
                 }
             }
         }
@@ -744,6 +789,23 @@ mod tests {
         assert_eq!(whole.downstream.delivered, dribbled.downstream.delivered);
         assert_eq!(whole.downstream.commands[0], "EHLO mx.test");
         assert_eq!(whole.downstream_closes, 1);
+    }
+
+    #[test]
+    fn a_bench_pair_drives_like_a_checking_one_and_keeps_nothing() {
+        let config = Arc::new(config());
+        let mut checked = Pair::sharing(Arc::clone(&config), Vec::new(), peer(false, false));
+        checked.pump();
+        checked.send(TRANSACTION);
+        let mut bench = Pair::for_bench(config, peer(false, false));
+        bench.send(TRANSACTION);
+        assert_eq!(bench.take_output(), checked.take_output());
+        assert!(bench.closed && checked.closed);
+        assert_eq!(bench.downstream.totals, checked.downstream.totals);
+        assert_eq!(bench.downstream.totals.dots_acked, 1);
+        assert_eq!(checked.downstream.delivered.len(), 1);
+        assert!(bench.client_log.is_empty() && bench.downstream_log.is_empty());
+        assert!(bench.downstream.delivered.is_empty() && bench.downstream.commands.is_empty());
     }
 
     #[test]

@@ -5,12 +5,12 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 use super::*;
-use crate::config::{Dnsbl, Pregreet};
-use crate::policy::reputation::Event;
-use crate::policy::reputation::History;
-use crate::policy::{List, ListSet};
-use crate::smtp::question::DnsblAnswer;
-use crate::state::ReputationTable;
+use tarmac::config::{Dnsbl, Pregreet};
+use tarmac::policy::reputation::Event;
+use tarmac::policy::reputation::History;
+use tarmac::policy::{List, ListSet};
+use tarmac::smtp::question::DnsblAnswer;
+use tarmac::state::ReputationTable;
 
 const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
 const SECOND: Duration = Duration::from_secs(1);

@@ -5,9 +5,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 use super::*;
-use crate::config::{Dnsbl, RejectMode};
-use crate::policy::{List, ListSet};
-use crate::smtp::question::{DnsblAnswer, RdnsAnswer};
+use tarmac::config::{Dnsbl, RejectMode};
+use tarmac::policy::{List, ListSet};
+use tarmac::smtp::question::{DnsblAnswer, RdnsAnswer};
 
 const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
 

@@ -3,8 +3,8 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use super::*;
-use crate::config::{Dnsbl, Pregreet};
-use crate::smtp::question::DnsblAnswer;
+use tarmac::config::{Dnsbl, Pregreet};
+use tarmac::smtp::question::DnsblAnswer;
 
 const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
 const TEASER: &str = "220-mx.test ESMTP tarmac\r\n";

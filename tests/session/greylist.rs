@@ -3,8 +3,8 @@
 use std::net::Ipv4Addr;
 
 use super::*;
-use crate::config::Dnsbl;
-use crate::smtp::question::DnsblAnswer;
+use tarmac::config::Dnsbl;
+use tarmac::smtp::question::DnsblAnswer;
 
 fn greylisting() -> Config {
     let mut config = config();

@@ -5,8 +5,8 @@
 use std::net::Ipv4Addr;
 
 use super::*;
-use crate::config::Dnsbl;
-use crate::smtp::question::DnsblAnswer;
+use tarmac::config::Dnsbl;
+use tarmac::smtp::question::DnsblAnswer;
 
 const EHLO_WITH_STARTTLS: &str = "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 25000000\r\n250-STARTTLS\r\n250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n";
 const READY: &str = "220 2.0.0 Ready to start TLS\r\n";

@@ -2,7 +2,7 @@
 //! played by the pair: established, failed or stalled.
 
 use super::*;
-use crate::config::DownstreamTls;
+use tarmac::config::DownstreamTls;
 
 const MESSAGE: &[u8] =
     b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\nhi\r\n.\r\n";
@@ -119,7 +119,8 @@ fn required_stalled_handshake_defers_the_mail_after_the_command_timeout() {
     pair.downstream_tls = None;
     pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n");
     assert!(!pair.take_output().contains("451"));
-    pair.advance(pair.session.config.timeouts.command + Duration::from_secs(1));
+    // `pair()` keeps `config()`'s timeouts.
+    pair.advance(config().timeouts.command + Duration::from_secs(1));
     let out = pair.take_output();
     assert!(out.contains("451 4.7.5"), "{out}");
     // The client may try again: a new MAIL opens a new downstream connection.

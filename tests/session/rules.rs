@@ -4,9 +4,9 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use super::*;
-use crate::config::{Dnsbl, RejectMode};
-use crate::policy::RuleSet;
-use crate::smtp::question::DnsblAnswer;
+use tarmac::config::{Dnsbl, RejectMode};
+use tarmac::policy::RuleSet;
+use tarmac::smtp::question::DnsblAnswer;
 
 /// A pair whose client `bl.test` lists with `weight` (3 is a reject), not yet past its banner.
 fn listed_with_weight(mut config: Config, weight: i32) -> Pair {
