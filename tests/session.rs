@@ -49,7 +49,9 @@ fn assert_header_leaves_with(body: &[u8]) {
     );
     // Nothing went out at the 354: the last write is still DATA.
     assert_eq!(
-        pair.downstream_log.last().map(|(_, write)| write.as_slice()),
+        pair.downstream_log
+            .last()
+            .map(|(_, write)| write.as_slice()),
         Some(&b"DATA\r\n"[..])
     );
     let writes = pair.downstream_log.len();
