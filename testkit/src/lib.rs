@@ -7,7 +7,8 @@
 //!   Postfix, can misbehave and records what it saw), a Postfix-like downstream with random
 //!   faults ([`faulty`]), and a private, real Postfix ([`postfix`]);
 //! - service peers: a real DNS server ([`dns_server`], hickory-server) and a real
-//!   `redis-server` ([`redis_server`]), both on loopback;
+//!   `redis-server` ([`redis_server`]), both on loopback; a private, real rspamd ([`rspamd`])
+//!   with a `/checkv2` client;
 //! - fixtures: certificates made by the test ([`certs`]), child processes with bounded waits
 //!   ([`process`]), temporary directories and free ports;
 //! - session doubles ([`session`]): a driver on invented time ([`session::Pair`]) and a
@@ -34,6 +35,7 @@ pub mod fuzz;
 pub mod postfix;
 pub mod process;
 pub mod redis_server;
+pub mod rspamd;
 pub mod server;
 pub mod session;
 pub mod sink;
