@@ -49,3 +49,5 @@ mod rspamd;
 // Random downstream faults under concurrent clients: nothing acknowledged that was not
 // delivered, nothing written before the handshake or under another client's XCLIENT.
 mod faults;
+// The OpenDKIM launcher: a private milter that a real Postfix signs through, verified by dkimpy.
+mod opendkim;
