@@ -15,10 +15,10 @@
 //! and its SIGTERM shutdown takes seconds) and removes the temp dir (kept, for a look at its
 //! files, when `TARMAC_KEEP_OPENDKIM` is set).
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::WAIT;
 use crate::dns_server::DnsServer;
@@ -47,11 +47,11 @@ impl OpenDkim {
         // A port freed just now can be taken by someone else before OpenDKIM binds it: try a
         // few.
         for _attempt in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .expect("a free loopback port");
-            let dir = instance_dir();
+            let port = crate::free_port();
+            let dir = crate::process::instance_dir("opendkim");
+            // It holds the private key: the test's user only.
+            std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .unwrap();
             let record = make_key(&genkey, &dir, domain, selector);
             let dns_addr = dns.as_ref().expect("the DNS server").addr();
             write_config(&dir, port, domain, selector, dns_addr);
@@ -74,7 +74,9 @@ impl OpenDkim {
                 child,
                 dns: dns.take(),
             };
-            if instance.wait_ready() {
+            let addr = instance.addr();
+            let ready = || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok();
+            if crate::process::wait_ready(&mut instance.child, WAIT, ready) {
                 return Some(instance);
             }
             eprintln!(
@@ -131,22 +133,6 @@ impl OpenDkim {
     /// What it wrote to stderr so far.
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
-    }
-
-    /// Whether its port accepts a connection within [`WAIT`] (false once it exits).
-    fn wait_ready(&mut self) -> bool {
-        let give_up = Instant::now() + WAIT;
-        while Instant::now() < give_up {
-            if self.child.try_wait().ok().flatten().is_some() {
-                // Exited: a bad configuration, or the port was taken.
-                return false;
-            }
-            if TcpStream::connect_timeout(&self.addr(), Duration::from_millis(200)).is_ok() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
     }
 }
 
@@ -229,20 +215,6 @@ ResolverConfiguration {d}/unbound.conf
 "
     );
     std::fs::write(dir.join("opendkim.conf"), conf).unwrap();
-}
-
-/// A directory no other instance uses.
-fn instance_dir() -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("tarmac-opendkim-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    // It holds the private key: the test's user only.
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-    dir
 }
 
 #[cfg(test)]

@@ -76,7 +76,7 @@ impl Postfix {
                 .and_then(|l| l.local_addr())
                 .map(|a| a.port())
                 .expect("a free loopback port");
-            let dir = instance_dir();
+            let dir = crate::process::instance_dir("postfix");
             let instance = Postfix {
                 dir,
                 port,
@@ -461,17 +461,6 @@ impl Drop for Postfix {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
-}
-
-/// A directory no other instance uses.
-fn instance_dir() -> PathBuf {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("tarmac-postfix-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 fn is_root() -> bool {

@@ -56,6 +56,39 @@ pub fn require_program(name: &str) -> Option<PathBuf> {
     found
 }
 
+/// Waits until `ready()` says the child `child` serves, polling for at most `wait`; false when
+/// the child exits first (a bad configuration, or a port someone else took) or `wait` runs out.
+/// The one readiness loop of every peer a test starts (Redis, rspamd, OpenDKIM).
+pub fn wait_ready(
+    child: &mut std::process::Child,
+    wait: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> bool {
+    let give_up = Instant::now() + wait;
+    while Instant::now() < give_up {
+        if child.try_wait().ok().flatten().is_some() {
+            return false;
+        }
+        if ready() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// An empty directory for one peer instance (`tarmac-KIND-PID-N`): the pid tells the runs
+/// apart, the counter the instances of one run.
+pub fn instance_dir(kind: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("tarmac-{kind}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// The next stderr line of a child containing `needle`, within [`WAIT`].
 #[track_caller]
 pub fn wait_for_log(lines: &mpsc::Receiver<String>, needle: &str) -> String {

@@ -6,7 +6,7 @@
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long the server may take to answer PING after a start.
 const START_WAIT: Duration = Duration::from_secs(10);
@@ -130,34 +130,27 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawning redis-server");
-        self.child = Some(child);
-        let deadline = Instant::now() + START_WAIT;
-        while Instant::now() < deadline {
-            if let Some(child) = self.child.as_mut()
-                && child.try_wait().ok().flatten().is_some()
-            {
-                // Exited: most likely the port was taken.
-                self.child = None;
-                return false;
-            }
-            if self.answers_ping() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let mut child = child;
+        let url = self.url();
+        if crate::process::wait_ready(&mut child, START_WAIT, || answers_ping(&url)) {
+            self.child = Some(child);
+            return true;
         }
-        self.stop();
+        let _ = child.kill();
+        let _ = child.wait();
         false
     }
+}
 
-    fn answers_ping(&self) -> bool {
-        let Ok(client) = redis::Client::open(self.url()) else {
-            return false;
-        };
-        let Ok(mut con) = client.get_connection_with_timeout(Duration::from_millis(200)) else {
-            return false;
-        };
-        redis::cmd("PING").query::<String>(&mut con).is_ok()
-    }
+/// Whether the Redis at `url` answers PING.
+fn answers_ping(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else {
+        return false;
+    };
+    let Ok(mut con) = client.get_connection_with_timeout(Duration::from_millis(200)) else {
+        return false;
+    };
+    redis::cmd("PING").query::<String>(&mut con).is_ok()
 }
 
 impl Drop for RedisServer {

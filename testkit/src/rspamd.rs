@@ -21,7 +21,7 @@
 //! [`check`] is a minimal blocking HTTP/1.1 client for `POST /checkv2`.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -82,14 +82,9 @@ impl Rspamd {
         );
         let program = crate::require_program("rspamd")?;
         // A port freed just now can be taken by someone else before rspamd binds it: try a few.
-        for attempt in 0..5 {
-            let dir = std::env::temp_dir().join(format!(
-                "tarmac-rspamd-{}-{}-{attempt}",
-                std::process::id(),
-                unique()
-            ));
-            let _ = std::fs::remove_dir_all(&dir);
-            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        for _attempt in 0..5 {
+            let dir = crate::process::instance_dir("rspamd");
+            let addr = SocketAddr::from(([127, 0, 0, 1], crate::free_port()));
             let mut rspamd = Rspamd {
                 dir,
                 addr,
@@ -157,7 +152,10 @@ impl Rspamd {
         for worker in ["worker-controller.inc", "worker-proxy.inc"] {
             write(
                 over.join(worker),
-                format!("bind_socket = \"127.0.0.1:{}\";\ncount = 0;\n", free_port()),
+                format!(
+                    "bind_socket = \"127.0.0.1:{}\";\ncount = 0;\n",
+                    crate::free_port()
+                ),
             );
         }
         write(
@@ -186,22 +184,14 @@ impl Rspamd {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawning rspamd");
-        self.child = Some(child);
-        let deadline = Instant::now() + START_WAIT;
-        while Instant::now() < deadline {
-            if let Some(child) = self.child.as_mut()
-                && child.try_wait().ok().flatten().is_some()
-            {
-                // Exited: a bad config or the port was taken.
-                self.child = None;
-                return false;
-            }
-            if ping(self.addr) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let mut child = child;
+        let addr = self.addr;
+        if crate::process::wait_ready(&mut child, START_WAIT, || ping(addr)) {
+            self.child = Some(child);
+            return true;
         }
-        self.stop();
+        let _ = child.kill();
+        let _ = child.wait();
         false
     }
 
@@ -335,18 +325,4 @@ fn request(
 
 fn bad(message: String) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, message)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
-/// Tells apart the instances of one test process.
-fn unique() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    NEXT.fetch_add(1, Ordering::Relaxed)
 }
