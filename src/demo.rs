@@ -12,6 +12,8 @@ use crate::config::{AnnounceClient, Config};
 
 mod sink;
 
+pub use sink::write_eml;
+
 /// Where the demo gateway listens.
 const DEMO_LISTEN: &str = "127.0.0.1:2525";
 /// Where the demo sink listens.

@@ -213,8 +213,9 @@ fn deliver(sink: &Sink, content: io::Result<Vec<u8>>) -> String {
 }
 
 /// Writes `<unix-nanos>-<id>.eml` under a hidden temporary name first, so a reader of `*.eml`
-/// never sees half a file.
-fn write_eml(dir: &Path, id: u64, content: &[u8]) -> io::Result<()> {
+/// never sees half a file. The demo's maildir format; the testkit's sink records messages in
+/// the same one, through this function.
+pub fn write_eml(dir: &Path, id: u64, content: &[u8]) -> io::Result<()> {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |since| since.as_nanos());

@@ -15,13 +15,7 @@ pub struct Client {
 impl Client {
     #[track_caller]
     pub fn connect(addr: SocketAddr) -> Client {
-        let stream = TcpStream::connect_timeout(&addr, WAIT).unwrap();
-        stream.set_read_timeout(Some(WAIT)).unwrap();
-        stream.set_write_timeout(Some(WAIT)).unwrap();
-        Client {
-            reader: BufReader::new(stream.try_clone().unwrap()),
-            writer: stream,
-        }
+        Client::over(TcpStream::connect_timeout(&addr, WAIT).unwrap())
     }
 
     /// Connects from the loopback address `source` (any of 127.0.0.0/8 works on Linux), so a
@@ -32,7 +26,12 @@ impl Client {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
         socket.bind(&SocketAddr::new(source, 0).into()).unwrap();
         socket.connect_timeout(&addr.into(), WAIT).unwrap();
-        let stream: TcpStream = socket.into();
+        Client::over(socket.into())
+    }
+
+    /// A client on a connected stream, every read and write bounded by [`WAIT`].
+    #[track_caller]
+    fn over(stream: TcpStream) -> Client {
         stream.set_read_timeout(Some(WAIT)).unwrap();
         stream.set_write_timeout(Some(WAIT)).unwrap();
         Client {

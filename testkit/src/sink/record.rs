@@ -2,12 +2,9 @@
 //! behind one lock with a condition variable, so tests can wait (bounded) for a change; and the
 //! optional maildir copy of each message.
 
-use std::fs;
-use std::io;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rustls::ProtocolVersion;
 
@@ -128,15 +125,4 @@ impl Shared {
         }
         state
     }
-}
-
-/// Writes under a hidden temporary name first, so a reader of `*.eml` never sees half a file.
-pub(super) fn write_eml(dir: &Path, id: u64, content: &[u8]) -> io::Result<()> {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| since.as_nanos());
-    let name = format!("{nanos}-{id}.eml");
-    let temporary = dir.join(format!(".{name}.tmp"));
-    fs::write(&temporary, content)?;
-    fs::rename(&temporary, dir.join(name))
 }

@@ -11,8 +11,9 @@ use std::time::Duration;
 use super::ProxyVersion;
 use super::behaviour::Behaviour;
 use super::data::{DataEnd, read_data, unstuff};
-use super::record::{Shared, SinkMessage, write_eml};
+use super::record::{Shared, SinkMessage};
 use super::tls::Stream;
+use tarmac::demo::write_eml;
 
 /// Per-read and per-write timeout on a connection, so a silent peer cannot keep a thread forever.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
