@@ -18,6 +18,7 @@ use tarmac_testkit::sink::{Behaviour, Sink};
 
 use crate::util::{tarmac, tarmac_check};
 use tarmac_testkit::certs::TestCerts;
+use tarmac_testkit::redis_server::RedisServer;
 use tarmac_testkit::{
     Client, Running, Server, WAIT, noise, require_program, run_bounded, sink, temp_dir,
     test_config, wait_for_log,
@@ -391,6 +392,60 @@ fn a_garbage_handshake_closes_only_its_connection_and_withholds_starttls() {
     let mut other = Client::connect_from(server.addr, "127.0.0.2".parse().unwrap());
     assert!(other.reply().starts_with("220 "));
     assert!(other.command("EHLO client.example").contains("STARTTLS"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// With the connection rates in Redis a direct client's session asks for its admission after
+/// accept; its STARTTLS offer was decided at accept already, so a client whose handshake
+/// failed is named in exactly one "not offering STARTTLS" line per connection, not in a second
+/// one when the rate answer comes.
+#[test]
+fn a_withheld_client_under_shared_rates_is_logged_once_per_connection() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let sink = sink(Behaviour::Normal);
+    let dir = temp_dir("tls-withheld-redis");
+    let certs = TestCerts::generate(&dir, "mx");
+    let tls = format!(
+        "cert = \"{}\"\nkey = \"{}\"\n[state]\nbackend = \"redis\"\nredis = \"{}\"\n",
+        certs.chain.display(),
+        certs.key.display(),
+        redis.url()
+    );
+    let child = Running::start(tarmac(), &write_config(&dir, Some(sink.local_addr()), &tls));
+    let addr = listening(&child);
+
+    let mut broken = Client::connect(addr);
+    assert!(broken.reply().starts_with("220 "));
+    assert!(
+        broken
+            .command("EHLO client.example")
+            .contains("250-STARTTLS\r\n")
+    );
+    assert_eq!(broken.command("STARTTLS"), READY);
+    broken.send("GARBAGE, not a TLS record\r\n");
+    broken.drain_to_close();
+
+    let mut again = Client::connect(addr);
+    assert!(again.reply().starts_with("220 "));
+    assert!(!again.command("EHLO client.example").contains("STARTTLS"));
+    assert_eq!(again.command("QUIT"), "221 2.0.0 Bye\r\n");
+    // Every line up to the second connection's close line (the first one's says
+    // `result=tls-failed`).
+    let mut withheld = Vec::new();
+    loop {
+        let line = wait_for_log(&child.lines, "");
+        // `... to 127.0.0.1:PORT: a TLS handshake ...` (the line recording the failure names
+        // the address without a port).
+        if line.contains("not offering STARTTLS to 127.0.0.1:") {
+            withheld.push(line);
+        } else if line.contains(" result=") && !line.contains("result=tls-failed") {
+            break;
+        }
+    }
+    assert_eq!(withheld.len(), 1, "{withheld:#?}");
+    drop(child);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

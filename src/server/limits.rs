@@ -246,6 +246,12 @@ fn give_back(counts: &DashMap<IpAddr, u32>, key: IpAddr) {
 }
 
 impl LimitGuard {
+    /// Whether the guard counts a client address: the client was known at accept (not a
+    /// balancer's connection waiting for its PROXY header to name one).
+    pub(crate) fn is_keyed(&self) -> bool {
+        self.ip.is_some()
+    }
+
     /// Counts a connection that came in unkeyed (from a balancer) against the per-IP and
     /// per-subnet caps of its client, whose rate the caller has already checked (the order of
     /// [`Limits::try_acquire`]: rates first). A guard already keyed (by

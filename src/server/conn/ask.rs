@@ -94,14 +94,19 @@ impl Conn {
             }
             // The STARTTLS offer, then the rate (`handle_state`), then the per-IP cap.
             Question::Admit(client) => {
-                // The balancer's address was checked at accept; the client's is known now.
-                let failures = &io.shared.tls_failures;
-                let offer = admission::starttls(io.config, client.ip(), |ip| {
-                    failures.failed_recently(ip, now)
-                });
-                if offer == StartTls::Withhold {
-                    log_withheld(client);
-                    self.session.handle_starttls_withheld();
+                // A balancer's connection was checked at accept under the balancer's address;
+                // the client its PROXY header named is known now. A client known at accept
+                // (its rate asked of the shared store) had its offer decided then: asking
+                // again would only log the same withheld line twice.
+                if !self.guard.is_keyed() {
+                    let failures = &io.shared.tls_failures;
+                    let offer = admission::starttls(io.config, client.ip(), |ip| {
+                        failures.failed_recently(ip, now)
+                    });
+                    if offer == StartTls::Withhold {
+                        log_withheld(client);
+                        self.session.handle_starttls_withheld();
+                    }
                 }
                 self.ask_state(StateOp::CheckRate(client.ip()), key, now, io);
             }
