@@ -64,7 +64,8 @@ pub fn fit_fd_limit(bench: &str, wanted: usize, extra: usize) -> usize {
     if room < wanted {
         println!(
             "{bench}/note: open-files soft limit is {soft}: holding {room} connections instead \
-             of {wanted} (raise it with `ulimit -n`)"
+             of {wanted}, under three quarters of the server's cap at two descriptors a \
+             connection (raise the limit with `ulimit -n`)"
         );
         return room;
     }
