@@ -72,6 +72,8 @@ pub struct Config {
     pub lists: Lists,
     /// `[rules]`
     pub rules: Rules,
+    /// `[content]`
+    pub content: crate::content::Settings,
 }
 
 impl Config {
@@ -132,6 +134,7 @@ impl Default for Config {
             metrics: Metrics::default(),
             lists: Lists::default(),
             rules: Rules::default(),
+            content: crate::content::Settings::default(),
         }
     }
 }

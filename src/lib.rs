@@ -21,6 +21,7 @@
 )]
 
 pub mod config;
+pub mod content;
 pub mod demo;
 pub mod dns;
 pub mod downstream;
