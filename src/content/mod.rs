@@ -5,6 +5,7 @@
 //! - `mod.rs`: the `[content]` settings and what every scanner's answer comes down to
 //!   ([`Verdict`], [`Edit`], [`Failure`]).
 //! - `held.rs`: the held message: memory up to `spool_after`, then an unlinked spool file.
+//! - `message.rs`: its header block, as scanners see it and edits change it.
 //! - `edit.rs`: the scanners' changes applied to a held message, and the SMTP encoding of the
 //!   result for the downstream.
 //! - `milter/`: the milter protocol (version 6): the codec, one milter's conversation, its
@@ -15,6 +16,9 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+
+pub mod held;
+pub mod message;
 
 use crate::smtp::reply::Reply;
 

@@ -1,0 +1,155 @@
+//! The header block of a held message, as scanners see it and edits change it: a list of
+//! fields and where the body starts.
+//!
+//! A field starts on a line that begins with a name and a colon; lines that begin with a space
+//! or a tab continue it. The block ends at the empty line (which belongs to neither part: the
+//! body starts after it) or, as Postfix's cleanup does, at the first line that is neither a
+//! field nor a continuation (the body starts on that line), or after [`MAX_HEADER_BLOCK`]
+//! bytes, so a hostile message cannot make the block unbounded.
+
+use std::io;
+
+use super::held::Held;
+
+/// The longest header block read (1 MiB, ten times Postfix's `header_size_limit`); what
+/// follows counts as body.
+pub const MAX_HEADER_BLOCK: u64 = 1024 * 1024;
+
+/// One header field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Field {
+    /// The name, as written (compare without regard to case).
+    pub name: String,
+    /// Everything after the colon up to the field's last CRLF (not included): the leading
+    /// space and any folded continuation lines (with their CRLFs) are kept.
+    pub value: Vec<u8>,
+}
+
+impl Field {
+    /// The value without the one leading space that follows the colon, as libmilter hands it
+    /// to a milter that did not ask for `SMFIP_HDR_LEADSPC`.
+    pub fn trimmed_value(&self) -> &[u8] {
+        self.value.strip_prefix(b" ").unwrap_or(&self.value)
+    }
+}
+
+/// A message's header fields and where its body starts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeaderBlock {
+    /// The fields in order.
+    pub fields: Vec<Field>,
+    /// The offset of the body's first byte (after the empty line, when there is one).
+    pub body_offset: u64,
+}
+
+/// Reads the header block of `held`.
+pub fn header_block(held: &Held) -> io::Result<HeaderBlock> {
+    let head = held.read_range(0, MAX_HEADER_BLOCK)?;
+    Ok(parse(&head, head.len() as u64 == held.len()))
+}
+
+/// Splits `head` (the message's first bytes; `whole`: the entire message) into fields and
+/// the body's offset.
+pub fn parse(head: &[u8], whole: bool) -> HeaderBlock {
+    let mut block = HeaderBlock::default();
+    let mut at = 0;
+    while at < head.len() {
+        let rest = head.get(at..).unwrap_or_default();
+        let Some(line_len) = rest.windows(2).position(|w| w == b"\r\n").map(|p| p + 2) else {
+            // An unterminated last line: a header only when it is the message's end.
+            if whole && let Some(field) = field_start(rest) {
+                block.fields.push(field);
+                at = head.len();
+            }
+            break;
+        };
+        let line = rest.get(..line_len).unwrap_or_default();
+        if line == b"\r\n" {
+            block.body_offset = (at + line_len) as u64;
+            return block;
+        }
+        let content = line.get(..line_len - 2).unwrap_or_default();
+        if matches!(content.first(), Some(b' ' | b'\t')) {
+            if let Some(last) = block.fields.last_mut() {
+                last.value.extend_from_slice(b"\r\n");
+                last.value.extend_from_slice(content);
+                at += line_len;
+                continue;
+            }
+            break;
+        }
+        match field_start(content) {
+            Some(field) => block.fields.push(field),
+            None => break,
+        }
+        at += line_len;
+    }
+    block.body_offset = at as u64;
+    block
+}
+
+/// A field from its first line (without CRLF): a printable name without spaces, a colon.
+fn field_start(line: &[u8]) -> Option<Field> {
+    let colon = line.iter().position(|&b| b == b':')?;
+    let name = line.get(..colon)?;
+    let valid = !name.is_empty() && name.iter().all(|&b| b.is_ascii_graphic() && b != b':');
+    if !valid {
+        return None;
+    }
+    Some(Field {
+        name: String::from_utf8_lossy(name).into_owned(),
+        value: line.get(colon + 1..).unwrap_or_default().to_vec(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_continuations_and_the_empty_line() {
+        let msg = b"Received: from a\r\n\tby b\r\nSubject:  hi\r\n\r\nbody\r\n";
+        let block = parse(msg, true);
+        assert_eq!(block.fields.len(), 2);
+        assert_eq!(block.fields[0].name, "Received");
+        assert_eq!(block.fields[0].value, b" from a\r\n\tby b");
+        assert_eq!(block.fields[1].trimmed_value(), b" hi");
+        assert_eq!(&msg[block.body_offset as usize..], b"body\r\n");
+    }
+
+    #[test]
+    fn a_line_that_is_no_field_starts_the_body() {
+        let msg = b"Subject: x\r\nnot a header\r\nmore\r\n";
+        let block = parse(msg, true);
+        assert_eq!(block.fields.len(), 1);
+        assert_eq!(
+            &msg[block.body_offset as usize..],
+            b"not a header\r\nmore\r\n"
+        );
+    }
+
+    #[test]
+    fn headers_only_and_an_unterminated_last_field() {
+        let block = parse(b"A: 1\r\nB: 2", true);
+        assert_eq!(block.fields.len(), 2);
+        assert_eq!(block.body_offset, 10);
+        let cut = parse(b"A: 1\r\nB: 2", false);
+        assert_eq!(cut.fields.len(), 1);
+        assert_eq!(cut.body_offset, 6);
+    }
+
+    #[test]
+    fn a_continuation_before_any_field_is_body() {
+        let block = parse(b" folded\r\nA: 1\r\n\r\n", true);
+        assert!(block.fields.is_empty());
+        assert_eq!(block.body_offset, 0);
+    }
+
+    #[test]
+    fn the_block_is_read_from_a_held_message() {
+        let held = Held::from_bytes(b"X-A: 1\r\n\r\nbody".to_vec());
+        let block = header_block(&held).unwrap();
+        assert_eq!(block.fields[0].name, "X-A");
+        assert_eq!(block.body_offset, 10);
+    }
+}
