@@ -110,6 +110,37 @@ impl Config {
         }
         notes
     }
+
+    /// One line on content inspection for `tarmac check`, so an operator sees which scanners
+    /// each message will go through, in order, and what a failing one means:
+    /// `content: rspamd http://127.0.0.1:11333, milters inet:127.0.0.1:8891; timeout 30s,
+    /// on_failure tempfail, spool_after 256KiB, max_scans 256`, or `content: no scanner (bodies
+    /// stream)`. Values are written as the file would write them.
+    pub fn content_summary(&self) -> String {
+        let c = &self.content;
+        if !c.scans() {
+            return "content: no scanner (bodies stream)".to_owned();
+        }
+        let mut scanners = Vec::new();
+        if let Some(rspamd) = &c.rspamd {
+            scanners.push(format!("rspamd http://{}", rspamd.addr));
+        }
+        if !c.milters.is_empty() {
+            let milters: Vec<String> = c.milters.iter().map(ToString::to_string).collect();
+            scanners.push(format!("milters {}", milters.join(", ")));
+        }
+        let on_failure = match c.on_failure {
+            crate::content::OnFailure::TempFail => "tempfail",
+            crate::content::OnFailure::Accept => "accept",
+        };
+        format!(
+            "content: {}; timeout {}, on_failure {on_failure}, spool_after {}, max_scans {}",
+            scanners.join(", "),
+            syntax::format_duration(c.timeout),
+            syntax::format_size(c.spool_after),
+            c.max_scans,
+        )
+    }
 }
 
 impl Default for Config {

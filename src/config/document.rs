@@ -23,7 +23,7 @@ use toml::de::{DeTable, DeValue};
 use super::{Config, ConfigError};
 use crate::policy::reading::{Lines, expected};
 
-/// Every section and its keys, in DESIGN.md §3 order; the hints in unknown-key errors list these.
+/// Every section and its keys, in DESIGN.md §3 order (then §7's `[content]`); the hints in unknown-key errors list these.
 pub(super) const SCHEMA: &[(&str, &[&str])] = &[
     ("server", SERVER_KEYS),
     ("limits", LIMITS_KEYS),
@@ -40,6 +40,7 @@ pub(super) const SCHEMA: &[(&str, &[&str])] = &[
     ("metrics", METRICS_KEYS),
     ("lists", LISTS_KEYS),
     ("rules", RULES_KEYS),
+    ("content", CONTENT_KEYS),
 ];
 
 const SERVER_KEYS: &[&str] = &[
@@ -100,6 +101,15 @@ const STATE_KEYS: &[&str] = &["backend", "redis", "prefix", "timeout"];
 const METRICS_KEYS: &[&str] = &["listen"];
 const LISTS_KEYS: &[&str] = &["allow", "deny"];
 const RULES_KEYS: &[&str] = &["files"];
+/// DESIGN.md §7.
+const CONTENT_KEYS: &[&str] = &[
+    "rspamd",
+    "milters",
+    "timeout",
+    "on_failure",
+    "spool_after",
+    "max_scans",
+];
 
 /// Parses `text` (the contents of `path`) onto `config`, which holds the defaults. Returns every
 /// error found, syntax errors alone if the TOML does not parse.
@@ -145,6 +155,7 @@ pub(super) fn read(text: &str, path: &Path, config: &mut Config) -> Vec<ConfigEr
             ("metrics", Some(t)) => reader.metrics(t, config),
             ("lists", Some(t)) => reader.lists(t, config),
             ("rules", Some(t)) => reader.rules(t, config),
+            ("content", Some(t)) => reader.content(t, config),
             _ => reader.error(
                 key.span(),
                 name,

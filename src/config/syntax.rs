@@ -177,6 +177,45 @@ pub(crate) fn parse_code_range(s: &str) -> Result<(Ipv4Addr, Ipv4Addr), String> 
     Ok((low, high))
 }
 
+/// A duration the way an operator writes it, for messages and `tarmac check`: the largest unit
+/// that divides it (`"90s"`, `"5m"`), so the text parses back to the same value.
+pub(crate) fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    let units: [(u128, &str); 5] = [
+        (86_400_000, "d"),
+        (3_600_000, "h"),
+        (60_000, "m"),
+        (1_000, "s"),
+        (1, "ms"),
+    ];
+    for (size, unit) in units {
+        if ms % size == 0 && ms != 0 {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    "0s".to_owned()
+}
+
+/// A size the way an operator writes it, for `tarmac check`: the largest unit that divides it,
+/// the power of 1000 before the power of 1024 of the same prefix (`"256KB"`, `"256KiB"`,
+/// `"25MB"`), else bytes; the text parses back to the same value.
+pub(crate) fn format_size(bytes: u64) -> String {
+    let units: [(u64, &str); 6] = [
+        (1_000_000_000, "GB"),
+        (1 << 30, "GiB"),
+        (1_000_000, "MB"),
+        (1 << 20, "MiB"),
+        (1_000, "KB"),
+        (1 << 10, "KiB"),
+    ];
+    for (size, unit) in units {
+        if bytes != 0 && bytes % size == 0 {
+            return format!("{}{unit}", bytes / size);
+        }
+    }
+    format!("{bytes}B")
+}
+
 /// Why [`split_number`] found no number.
 enum NumberError {
     Negative,
@@ -239,6 +278,32 @@ fn check_dns_name(s: &str, allow_underscore: bool) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formatted_durations_and_sizes_parse_back() {
+        for (d, text) in [
+            (Duration::ZERO, "0s"),
+            (Duration::from_millis(1500), "1500ms"),
+            (Duration::from_secs(90), "90s"),
+            (Duration::from_secs(300), "5m"),
+            (Duration::from_secs(86_400), "1d"),
+        ] {
+            assert_eq!(format_duration(d), text);
+            assert_eq!(parse_duration(text), Ok(d));
+        }
+        for (bytes, text) in [
+            (0, "0B"),
+            (999, "999B"),
+            (256 * 1024, "256KiB"),
+            (256_000, "256KB"),
+            (25_000_000, "25MB"),
+            (3 << 30, "3GiB"),
+            (1_000_000_000, "1GB"),
+        ] {
+            assert_eq!(format_size(bytes), text);
+            assert_eq!(parse_size(text), Ok(bytes));
+        }
+    }
 
     #[test]
     fn durations() {

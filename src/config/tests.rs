@@ -194,13 +194,13 @@ fn unknown_section() {
         errors("[limit]\nmax_recipients = 5\n"),
         "/etc/tarmac/tarmac.toml:1: limit: unknown section; expected one of: server, limits, \
              timeouts, downstream, tls, dns, dnsbl, scoring, tarpit, greylist, reputation, \
-             state, metrics, lists, rules"
+             state, metrics, lists, rules, content"
     );
     assert_eq!(
         errors("max_recipients = 5\n"),
         "/etc/tarmac/tarmac.toml:1: max_recipients: unknown section; expected one of: \
              server, limits, timeouts, downstream, tls, dns, dnsbl, scoring, tarpit, greylist, \
-             reputation, state, metrics, lists, rules"
+             reputation, state, metrics, lists, rules, content"
     );
 }
 
@@ -827,6 +827,196 @@ fn error_display_without_key_or_line() {
     assert_eq!(
         e.to_string(),
         "/etc/tarmac/tarmac.toml:12: limits.max_message_size: too big"
+    );
+}
+
+#[test]
+fn content_section_is_read() {
+    use crate::content::{MilterAddr, OnFailure, RspamdUrl};
+
+    let config = parse(
+        r#"[content]
+rspamd = "http://127.0.0.1:11333/"
+milters = ["inet:127.0.0.1:8891", "unix:/run/opendkim/opendkim.sock", "inet:[::1]:8892"]
+timeout = "10m"
+on_failure = "accept"
+spool_after = "1MiB"
+max_scans = 65536
+"#,
+    )
+    .unwrap();
+    let c = &config.content;
+    assert_eq!(
+        c.rspamd,
+        Some(RspamdUrl {
+            addr: SocketAddr::from(([127, 0, 0, 1], 11333))
+        })
+    );
+    assert_eq!(
+        c.milters,
+        [
+            MilterAddr::Inet(SocketAddr::from(([127, 0, 0, 1], 8891))),
+            MilterAddr::Unix(PathBuf::from("/run/opendkim/opendkim.sock")),
+            MilterAddr::Inet(SocketAddr::from((Ipv6Addr::LOCALHOST, 8892))),
+        ]
+    );
+    assert_eq!(c.timeout, Duration::from_secs(600));
+    assert_eq!(c.on_failure, OnFailure::Accept);
+    assert_eq!(c.spool_after, 1 << 20);
+    assert_eq!(c.max_scans, 65_536);
+    assert!(c.scans());
+
+    // The other ends of each range, and the forms that mean "off" or "always".
+    let config = parse(
+        r#"[content]
+rspamd = ""
+milters = []
+timeout = "1ms"
+on_failure = "tempfail"
+spool_after = 0
+max_scans = 1
+"#,
+    )
+    .unwrap();
+    let c = &config.content;
+    assert_eq!((c.rspamd.clone(), c.milters.is_empty()), (None, true));
+    assert!(!c.scans());
+    assert_eq!(c.timeout, Duration::from_millis(1));
+    assert_eq!(c.on_failure, OnFailure::TempFail);
+    assert_eq!(c.spool_after, 0, "0: every message spools");
+    assert_eq!(c.max_scans, 1);
+    assert_eq!(
+        parse("content.spool_after = \"1KB\"")
+            .unwrap()
+            .content
+            .spool_after,
+        1000
+    );
+    assert_eq!(
+        parse("content.spool_after = 4096")
+            .unwrap()
+            .content
+            .spool_after,
+        4096
+    );
+    // A scanner with a pooled downstream is fine: the scan happens before the relay.
+    assert!(
+        parse("[content]\nmilters = [\"inet:127.0.0.1:8891\"]\n[downstream]\nmode = \"multiplexing\"\n")
+            .is_ok()
+    );
+    // Holding more than the largest message is allowed: nothing ever spools then.
+    let config =
+        parse("[content]\nspool_after = \"1GB\"\n[limits]\nmax_message_size = \"10MB\"\n").unwrap();
+    assert_eq!(config.content.spool_after, 1_000_000_000);
+}
+
+#[test]
+fn content_errors_name_the_key_and_line() {
+    let text = r#"[content]
+rspamd = "http://localhost:11333"
+milters = ["inet:127.0.0.1:8891", "local:/run/milter.sock", "unix:run/milter.sock", "inet:127.0.0.1:0", 8891]
+timeout = "0s"
+on_failure = "reject"
+spool_after = "999B"
+max_scans = 0
+scanners = ["rspamd"]
+"#;
+    assert_eq!(
+        errors(text),
+        r#"/etc/tarmac/tarmac.toml:2: content.rspamd: "http://localhost:11333" is not http://IP:PORT (such as http://127.0.0.1:11333)
+/etc/tarmac/tarmac.toml:3: content.milters[1]: "local:/run/milter.sock" is neither inet:IP:PORT nor unix:/path (as Postfix's smtpd_milters)
+/etc/tarmac/tarmac.toml:3: content.milters[2]: "unix:run/milter.sock": the socket path must be absolute
+/etc/tarmac/tarmac.toml:3: content.milters[3]: "inet:127.0.0.1:0": port 0 cannot be connected to
+/etc/tarmac/tarmac.toml:3: content.milters[4]: expected a milter socket such as "inet:127.0.0.1:8891", found integer
+/etc/tarmac/tarmac.toml:4: content.timeout: must be longer than 0s
+/etc/tarmac/tarmac.toml:5: content.on_failure: unknown value "reject"; expected one of: tempfail, accept
+/etc/tarmac/tarmac.toml:6: content.spool_after: must be 0 (always spool) or at least 1KB, got 999 bytes
+/etc/tarmac/tarmac.toml:7: content.max_scans: must be from 1 to 65536, got 0
+/etc/tarmac/tarmac.toml:8: content.scanners: unknown key; expected one of: rspamd, milters, timeout, on_failure, spool_after, max_scans"#
+    );
+
+    let text = r#"[content]
+rspamd = "https://127.0.0.1:11333"
+milters = ["inet:127.0.0.1:8891",
+           "unix:/run/a.sock",
+           "inet:127.0.0.1:8891"]
+timeout = "11m"
+on_failure = 1
+spool_after = "lots"
+max_scans = 65537
+"#;
+    assert_eq!(
+        errors(text),
+        r#"/etc/tarmac/tarmac.toml:2: content.rspamd: "https://127.0.0.1:11333" is not http://IP:PORT (such as http://127.0.0.1:11333)
+/etc/tarmac/tarmac.toml:5: content.milters[2]: inet:127.0.0.1:8891 is already content.milters[0]
+/etc/tarmac/tarmac.toml:6: content.timeout: must be at most 10m, got 11m
+/etc/tarmac/tarmac.toml:7: content.on_failure: expected one of: tempfail, accept, found integer
+/etc/tarmac/tarmac.toml:8: content.spool_after: invalid size "lots": expected a number with a unit such as "64KB", "25MB", "10MiB"
+/etc/tarmac/tarmac.toml:9: content.max_scans: must be from 1 to 65536, got 65537"#
+    );
+
+    let text = r#"[content]
+rspamd = 11333
+milters = "inet:127.0.0.1:8891"
+timeout = 30
+spool_after = -1
+"#;
+    assert_eq!(
+        errors(text),
+        r#"/etc/tarmac/tarmac.toml:2: content.rspamd: expected a URL such as "http://127.0.0.1:11333", or "" for none, found integer
+/etc/tarmac/tarmac.toml:3: content.milters: expected an array, found string
+/etc/tarmac/tarmac.toml:4: content.timeout: expected a duration such as "30s", found integer
+/etc/tarmac/tarmac.toml:5: content.spool_after: -1 is out of range"#
+    );
+    assert_eq!(
+        errors("[content]\nrspamd = \"http://127.0.0.1:0\"\n"),
+        "/etc/tarmac/tarmac.toml:2: content.rspamd: \"http://127.0.0.1:0\": port 0 cannot be \
+             connected to"
+    );
+    assert_eq!(
+        errors("content = []\n"),
+        "/etc/tarmac/tarmac.toml:1: content: expected a table [content], found array"
+    );
+    // A duplicate written differently is still the same socket.
+    assert_eq!(
+        errors("content.milters = [\"unix:/run/m.sock\", \"unix:/run//m.sock\"]"),
+        "/etc/tarmac/tarmac.toml:1: content.milters[1]: unix:/run//m.sock is already \
+             content.milters[0]"
+    );
+}
+
+#[test]
+fn content_summary_names_scanners_in_order() {
+    assert_eq!(
+        Config::default().content_summary(),
+        "content: no scanner (bodies stream)"
+    );
+    let config = parse(
+        r#"[content]
+rspamd = "http://[::1]:11333"
+milters = ["unix:/run/opendkim/opendkim.sock", "inet:127.0.0.1:8891"]
+"#,
+    )
+    .unwrap();
+    assert_eq!(
+        config.content_summary(),
+        "content: rspamd http://[::1]:11333, milters unix:/run/opendkim/opendkim.sock, \
+         inet:127.0.0.1:8891; timeout 30s, on_failure tempfail, spool_after 256KiB, max_scans 256"
+    );
+    let config = parse(
+        r#"[content]
+milters = ["inet:127.0.0.1:8891"]
+timeout = "90s"
+on_failure = "accept"
+spool_after = "1MB"
+max_scans = 8
+"#,
+    )
+    .unwrap();
+    assert_eq!(
+        config.content_summary(),
+        "content: milters inet:127.0.0.1:8891; timeout 90s, on_failure accept, spool_after 1MB, \
+         max_scans 8"
     );
 }
 

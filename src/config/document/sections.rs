@@ -1,5 +1,5 @@
-//! The walk over each section of the document: every key of `[server]` … `[rules]` and of
-//! each `[[dnsbl]]` table read into its field of [`Config`], with the value readers of `value`.
+//! The walk over each section of the document: every key of `[server]` … `[rules]`, of
+//! `[content]` and of each `[[dnsbl]]` table read into its field of [`Config`], with the value readers of `value`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,18 +9,19 @@ use toml::de::{DeTable, DeValue};
 
 use super::value::{
     ANNOUNCE_CLIENTS, BARE_NEWLINES, DOWNSTREAM_MODES, DOWNSTREAM_TLS, GREYLIST_KEY_PARTS,
-    PREGREETS, REJECT_MODES, STATE_BACKENDS, any_int, at_least, boolean, choice, cidr, code_range,
-    dns_server, downstream_addr, duration, hostname, int, message_size, nonzero_weight,
-    optional_path, path, positive_duration, rate, redis_url, reply_text, socket_addr, string,
-    zone_name,
+    ON_FAILURES, PREGREETS, REJECT_MODES, STATE_BACKENDS, any_int, at_least, boolean, choice, cidr,
+    code_range, dns_server, downstream_addr, duration, hostname, int, message_size, milter_addr,
+    nonzero_weight, optional_path, path, positive_duration, rate, redis_url, reply_text,
+    rspamd_url, scan_timeout, socket_addr, spool_size, string, zone_name,
 };
 use super::{
-    DNS_KEYS, DNSBL_KEYS, DOWNSTREAM_KEYS, GREYLIST_KEYS, LIMITS_KEYS, LISTS_KEYS, METRICS_KEYS,
-    REPUTATION_KEYS, RULES_KEYS, Reader, SCORING_KEYS, SERVER_KEYS, STATE_KEYS, TARPIT_KEYS,
-    TIMEOUTS_KEYS, TLS_KEYS,
+    CONTENT_KEYS, DNS_KEYS, DNSBL_KEYS, DOWNSTREAM_KEYS, GREYLIST_KEYS, LIMITS_KEYS, LISTS_KEYS,
+    METRICS_KEYS, REPUTATION_KEYS, RULES_KEYS, Reader, SCORING_KEYS, SERVER_KEYS, STATE_KEYS,
+    TARPIT_KEYS, TIMEOUTS_KEYS, TLS_KEYS,
 };
 use crate::config::syntax;
 use crate::config::{Config, Dnsbl, GreylistKey};
+use crate::content::MilterAddr;
 use crate::policy::reading::{array_of_tables, expected};
 
 impl Reader<'_> {
@@ -382,5 +383,48 @@ impl Reader<'_> {
             }
             true
         });
+    }
+
+    /// `[content]` (DESIGN.md §7): the scanners and how they are called.
+    pub(super) fn content(&mut self, table: &DeTable<'_>, config: &mut Config) {
+        let c = &mut config.content;
+        self.fields("content", table, CONTENT_KEYS, |r, name, key, v| {
+            match name {
+                "rspamd" => r.set(&mut c.rspamd, key, v, rspamd_url),
+                "milters" => r.milters(&mut c.milters, key, v),
+                "timeout" => r.set(&mut c.timeout, key, v, scan_timeout),
+                "on_failure" => r.set(&mut c.on_failure, key, v, |v| choice(v, ON_FAILURES)),
+                "spool_after" => r.set(&mut c.spool_after, key, v, spool_size),
+                // At least one, or no message could ever be scanned; the cap keeps a typo from
+                // letting every session hold a scanner connection at once.
+                "max_scans" => r.set(&mut c.max_scans, key, v, |v| int(v, 1, 65_536)),
+                _ => return false,
+            }
+            true
+        });
+    }
+
+    /// `[content] milters`: each socket once, since a milter called twice on one message would
+    /// apply its changes twice.
+    fn milters(&mut self, slot: &mut Vec<MilterAddr>, key: &str, v: &Spanned<DeValue<'_>>) {
+        let Some(items) = self.list(key, v, milter_addr) else {
+            return;
+        };
+        let mut ok = true;
+        for (i, addr) in items.iter().enumerate() {
+            if let Some(first) = items.iter().take(i).position(|earlier| earlier == addr) {
+                let span = v
+                    .get_ref()
+                    .as_array()
+                    .and_then(|a| a.get(i))
+                    .map_or(v.span(), Spanned::span);
+                let message = format!("{addr} is already {key}[{first}]");
+                self.error(span, &format!("{key}[{i}]"), message);
+                ok = false;
+            }
+        }
+        if ok {
+            *slot = items;
+        }
     }
 }

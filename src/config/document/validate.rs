@@ -1,9 +1,8 @@
 //! The checks across keys, run once every section is read: threshold order in `[scoring]`,
 //! the greylist's delay and window, PROXY headers with a pooled downstream, the `[tls]` pair.
 
-use std::time::Duration;
-
 use super::Reader;
+use crate::config::syntax::format_duration;
 use crate::config::{AnnounceClient, Config, DownstreamMode};
 
 impl Reader<'_> {
@@ -109,22 +108,4 @@ impl Reader<'_> {
             self.push(line, earlier_key, message);
         }
     }
-}
-
-/// A duration the way an operator writes it, for messages: the largest unit that divides it.
-fn format_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    let units: [(u128, &str); 5] = [
-        (86_400_000, "d"),
-        (3_600_000, "h"),
-        (60_000, "m"),
-        (1_000, "s"),
-        (1, "ms"),
-    ];
-    for (size, unit) in units {
-        if ms % size == 0 && ms != 0 {
-            return format!("{}{unit}", ms / size);
-        }
-    }
-    "0s".to_owned()
 }

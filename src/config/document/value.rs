@@ -12,6 +12,7 @@ use crate::config::{
     AnnounceClient, BareNewline, DownstreamMode, DownstreamTls, GreylistKey, Pregreet, RejectMode,
     StateBackend,
 };
+use crate::content::{MilterAddr, OnFailure, RspamdUrl};
 use crate::policy::cidr::{Cidr, CidrError};
 use crate::policy::rates::Rate;
 use crate::policy::reading::{self, integer};
@@ -111,6 +112,12 @@ pub(super) const STATE_BACKENDS: &[(&str, StateBackend)] = &[
     ("redis", StateBackend::Redis),
 ];
 
+/// The names of each [`OnFailure`], in the order an error lists them.
+pub(super) const ON_FAILURES: &[(&str, OnFailure)] = &[
+    ("tempfail", OnFailure::TempFail),
+    ("accept", OnFailure::Accept),
+];
+
 pub(super) fn duration(v: &DeValue<'_>) -> Result<Duration, String> {
     syntax::parse_duration(string(v, r#"a duration such as "30s""#)?)
 }
@@ -138,6 +145,71 @@ pub(super) fn message_size(v: &DeValue<'_>) -> Result<u64, String> {
         return Err(format!("must be at least 1KB, got {bytes} bytes"));
     }
     Ok(bytes)
+}
+
+/// `[content] spool_after`: a size as [`message_size`] reads it. `0` spools every message from
+/// its first byte; otherwise at least 1KB, since a smaller buffer would spool every message
+/// anyway (its headers alone are larger): `0` says that plainly.
+pub(super) fn spool_size(v: &DeValue<'_>) -> Result<u64, String> {
+    let bytes = match v {
+        DeValue::Integer(_) => any_int(v)?,
+        _ => syntax::parse_size(string(v, r#"a size such as "256KiB""#)?)?,
+    };
+    if bytes != 0 && bytes < 1000 {
+        return Err(format!(
+            "must be 0 (always spool) or at least 1KB, got {bytes} bytes"
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Longest `[content] timeout`: a scanner that needs longer for one message is broken, and a
+/// client waiting at its final dot gives up after a few minutes (RFC 5321 §4.5.3.2.6 gives it
+/// 10).
+const MAX_SCAN_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// `[content] timeout`: longer than 0 (a scanner cannot answer at once), at most
+/// [`MAX_SCAN_TIMEOUT`].
+pub(super) fn scan_timeout(v: &DeValue<'_>) -> Result<Duration, String> {
+    let d = positive_duration(v)?;
+    if d > MAX_SCAN_TIMEOUT {
+        return Err(format!(
+            "must be at most {}, got {}",
+            syntax::format_duration(MAX_SCAN_TIMEOUT),
+            syntax::format_duration(d)
+        ));
+    }
+    Ok(d)
+}
+
+/// `[content] rspamd`: `""` is off, else `http://IP:PORT` as [`RspamdUrl::parse`] reads it, not
+/// port 0.
+pub(super) fn rspamd_url(v: &DeValue<'_>) -> Result<Option<RspamdUrl>, String> {
+    let s = string(
+        v,
+        r#"a URL such as "http://127.0.0.1:11333", or "" for none"#,
+    )?;
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let url = RspamdUrl::parse(s)?;
+    if url.addr.port() == 0 {
+        return Err(format!("{s:?}: port 0 cannot be connected to"));
+    }
+    Ok(Some(url))
+}
+
+/// One `[content] milters` entry: `inet:IP:PORT` or `unix:/path` as [`MilterAddr::parse`] reads
+/// it, not port 0.
+pub(super) fn milter_addr(v: &DeValue<'_>) -> Result<MilterAddr, String> {
+    let s = string(v, r#"a milter socket such as "inet:127.0.0.1:8891""#)?;
+    let addr = MilterAddr::parse(s)?;
+    if let MilterAddr::Inet(inet) = &addr
+        && inet.port() == 0
+    {
+        return Err(format!("{s:?}: port 0 cannot be connected to"));
+    }
+    Ok(addr)
 }
 
 pub(super) fn socket_addr(v: &DeValue<'_>) -> Result<SocketAddr, String> {
