@@ -111,5 +111,6 @@ fn check(path: PathBuf) -> ExitCode {
             "off"
         },
     );
+    println!("{}: {}", path.display(), config.content_summary());
     ExitCode::SUCCESS
 }

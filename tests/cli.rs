@@ -64,7 +64,12 @@ fn check_accepts_the_shipped_example() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains(": ok: "));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(": ok: "), "{stdout}");
+    assert!(
+        stdout.contains(": content: no scanner (bodies stream)\n"),
+        "{stdout}"
+    );
 }
 
 #[test]
