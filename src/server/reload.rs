@@ -9,6 +9,11 @@
 //! What was built from the configuration at start (listeners, workers, connection caps and
 //! rates, the resolver, the downstream pool, the PASS cache, the state directory and backend)
 //! keeps its start values; a reload that changes one of those keys says so in its log line.
+//!
+//! Every `[content]` key applies live: a session reads the scanners, `timeout`, `on_failure` and
+//! `spool_after` from its configuration when a message reaches its end of DATA (so from its next
+//! decision after a reload), and the scanner thread takes the settings, `max_scans` included,
+//! from each question it is asked; none of them is in [`restart_only_changes`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -62,7 +67,7 @@ macro_rules! differences {
 /// The keys whose new values wait for a restart because something was built from them at
 /// start, where `new` differs from `old`. Zones apply live (the resolver checks new ones at
 /// once), but only if a resolver runs: one that was not needed at start is not started by a
-/// reload.
+/// reload. `[content]` is not here: it applies live (see the module's comment).
 pub(crate) fn restart_only_changes(
     old: &Config,
     new: &Config,
@@ -143,5 +148,34 @@ mod tests {
             restart_only_changes(&old, &new, true),
             ["server.max_connections", "dns", "state"]
         );
+    }
+
+    #[test]
+    fn content_applies_live() {
+        use crate::content::{MilterAddr, OnFailure, RspamdUrl};
+        use std::net::SocketAddr;
+        use std::time::Duration;
+
+        let old = Config::default();
+        let mut new = old.clone();
+        new.content.rspamd = Some(RspamdUrl {
+            addr: SocketAddr::from(([127, 0, 0, 1], 11333)),
+        });
+        new.content.milters = vec![
+            MilterAddr::Inet(SocketAddr::from(([127, 0, 0, 1], 8891))),
+            MilterAddr::Unix("/run/opendkim/opendkim.sock".into()),
+        ];
+        new.content.timeout = Duration::from_secs(5);
+        new.content.on_failure = OnFailure::Accept;
+        new.content.spool_after = 0;
+        new.content.max_scans = 1;
+        assert_ne!(old.content, new.content);
+        assert!(restart_only_changes(&old, &new, true).is_empty());
+        // And off again.
+        assert!(restart_only_changes(&new, &old, true).is_empty());
+
+        let reloads = Reloads::new(Arc::new(old));
+        reloads.publish(Arc::new(new.clone()));
+        assert_eq!(reloads.current().content, new.content);
     }
 }
