@@ -44,7 +44,8 @@ mod tls;
 mod redis_state;
 // tarmac in front of a private, real Postfix smtpd: client identity, relay trust, TLS, faults.
 mod postfix;
-// A private, real rspamd (testkit launcher) answering /checkv2 with DNS on a loopback server.
+// rspamd: the testkit's private, real rspamd (DNS on a loopback server) answering tarmac's
+// client; a fake one for the failures.
 mod rspamd;
 // Random downstream faults under concurrent clients: nothing acknowledged that was not
 // delivered, nothing written before the handshake or under another client's XCLIENT.

@@ -12,6 +12,15 @@
 //! ([`hs_cache_dir`]): the first start on a machine compiles them (~10 s), later ones take well
 //! under a second.
 //!
+//! Test markers: a message whose text carries [`MARK_GREYLIST`], [`MARK_ADD_HEADER`] or
+//! [`MARK_REWRITE_SUBJECT`] scores between the `greylist`, `add header` and `rewrite subject`
+//! thresholds (4, 6, 8; `reject` stays at 15), through Lua rules in `conf/rspamd.local.lua`, so a
+//! test can get each of those actions from the real rspamd; the rewritten subject is
+//! `*** SPAM *** <subject>`. A message carrying [`MARK_ECHO`] gets, in the answer's
+//! `milter.add_headers`, an [`ECHO_HEADER`] whose value echoes what rspamd understood of the
+//! request headers: `ip=…; helo=…; hostname=…; from=…; rcpt=…` (each) `; queue_id=…;
+//! mta_name=…; tls_version=…; tls_cipher=…` (a key left out when rspamd has no value).
+//!
 //! Run as root (`-i`, as the tests do here and in CI) in the foreground (`-f`); stopped by its PID
 //! (SIGTERM, then SIGKILL) when dropped, and its temp dir removed (kept, with its log, when
 //! `TARMAC_KEEP_RSPAMD` is set). Where `rspamd` is missing, [`Rspamd::start`] is a skip with a
@@ -62,6 +71,61 @@ const NETWORK_MODULES: &[&str] = &[
     "url_redirector",
     "whitelist",
 ];
+
+/// Scores 4.5: `greylist`.
+pub const MARK_GREYLIST: &str = "TARMAC-TEST-GREYLIST";
+/// Scores 6.5: `add header`.
+pub const MARK_ADD_HEADER: &str = "TARMAC-TEST-ADD-HEADER";
+/// Scores 9: `rewrite subject`.
+pub const MARK_REWRITE_SUBJECT: &str = "TARMAC-TEST-REWRITE-SUBJECT";
+/// Asks for [`ECHO_HEADER`] in the answer (see the module docs); scores 0.
+pub const MARK_ECHO: &str = "TARMAC-TEST-ECHO";
+/// The header of `milter.add_headers` that echoes the request headers.
+pub const ECHO_HEADER: &str = "X-Tarmac-Echo";
+
+/// The Lua rules of the markers and of [`ENVELOPE_SYMBOL`].
+const LOCAL_LUA: &str = r#"
+local markers = {
+  TARMAC_TEST_GREYLIST = {'TARMAC-TEST-GREYLIST', 4.5},
+  TARMAC_TEST_ADD_HEADER = {'TARMAC-TEST-ADD-HEADER', 6.5},
+  TARMAC_TEST_REWRITE_SUBJECT = {'TARMAC-TEST-REWRITE-SUBJECT', 9.0},
+}
+for sym, m in pairs(markers) do
+  rspamd_config[sym] = {
+    callback = function(task)
+      return tostring(task:get_content()):find(m[1], 1, true) ~= nil
+    end,
+    score = m[2],
+    description = 'tarmac test marker ' .. m[1],
+  }
+end
+
+rspamd_config.TARMAC_TEST_ECHO = {
+  callback = function(task)
+    if not tostring(task:get_content()):find('TARMAC-TEST-ECHO', 1, true) then
+      return false
+    end
+    local opts = {}
+    local function add(key, value)
+      if value ~= nil then table.insert(opts, key .. '=' .. tostring(value)) end
+    end
+    add('ip', task:get_ip())
+    add('helo', task:get_helo())
+    add('hostname', task:get_hostname())
+    local from = task:get_from('smtp')
+    if from and from[1] then add('from', from[1].addr) end
+    for _, rcpt in ipairs(task:get_recipients('smtp') or {}) do add('rcpt', rcpt.addr) end
+    add('queue_id', task:get_queue_id())
+    add('mta_name', task:get_request_header('MTA-Name'))
+    add('tls_version', task:get_request_header('TLS-Version'))
+    add('tls_cipher', task:get_request_header('TLS-Cipher'))
+    task:set_milter_reply({add_headers = {['X-Tarmac-Echo'] = table.concat(opts, '; ')}})
+    return true
+  end,
+  score = 0.0,
+  description = 'tarmac test: the request headers rspamd read',
+}
+"#;
 
 /// A running private rspamd.
 pub struct Rspamd {
@@ -161,6 +225,11 @@ impl Rspamd {
         write(
             over.join("logging.inc"),
             "type = \"file\";\nlevel = \"info\";\n".to_owned(),
+        );
+        write(conf.join("rspamd.local.lua"), LOCAL_LUA.to_owned());
+        write(
+            local.join("actions.conf"),
+            "rewrite_subject = 8;\nsubject = \"*** SPAM *** %s\";\n".to_owned(),
         );
         for module in NETWORK_MODULES {
             write(

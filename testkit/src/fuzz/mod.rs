@@ -23,6 +23,8 @@
 //! - `session`: see [`session`].
 //! - `snapshot`: byte 0 picks the table and the framing, the rest is a state snapshot file
 //!   (see [`snapshot`]).
+//! - `rspamd_reply`: the input is an rspamd `/checkv2` answer, raw and spelled out of JSON
+//!   tokens (see [`rspamd_reply`]).
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
@@ -36,6 +38,7 @@ mod data;
 mod list_file;
 mod proxy;
 mod reply;
+mod rspamd;
 mod rule_file;
 mod session;
 mod snapshot;
@@ -47,6 +50,7 @@ pub use data::data;
 pub use list_file::list_file;
 pub use proxy::proxy;
 pub use reply::reply;
+pub use rspamd::rspamd_reply;
 pub use rule_file::rule_file;
 pub use session::session;
 pub use snapshot::snapshot;
