@@ -127,11 +127,12 @@ fn held_message(message: &[u8], spool_after: Option<u64>) -> Held {
     held
 }
 
-/// One spool directory for every run of this process.
+/// One spool directory for every run, shared by every process: its files have no name, so
+/// runs cannot collide, and only the empty directory stays behind.
 fn spool() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let state = std::env::temp_dir().join(format!("tarmac-fuzz-edit-{}", std::process::id()));
+        let state = std::env::temp_dir().join("tarmac-fuzz-edit");
         held::spool_dir(&state).expect("making the spool directory")
     })
     .clone()
