@@ -16,7 +16,7 @@ const RANDOM_LEN: usize = 400;
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 11] = [
+const TARGETS: [(&str, Target); 12] = [
     ("command", fuzz::command),
     ("reply", fuzz::reply),
     ("data", fuzz::data),
@@ -28,6 +28,7 @@ const TARGETS: [(&str, Target); 11] = [
     ("snapshot", fuzz::snapshot),
     ("tls_files", fuzz::tls_files),
     ("rspamd_reply", fuzz::rspamd_reply),
+    ("edit", fuzz::edit),
 ];
 
 #[test]
@@ -78,6 +79,11 @@ fn corpus_tls_files() {
 #[test]
 fn corpus_rspamd_reply() {
     replay("rspamd_reply", fuzz::rspamd_reply);
+}
+
+#[test]
+fn corpus_edit() {
+    replay("edit", fuzz::edit);
 }
 
 #[test]

@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub mod edit;
 pub mod held;
 pub mod message;
 pub mod rspamd;

@@ -49,6 +49,9 @@ pub struct Decoded {
 pub struct DataDecoder {
     bare_newline: BareNewline,
     max_size: u64,
+    /// Whether output lines that begin with `.` get a stuffing dot (the downstream encoding)
+    /// or not (the content, for scanners).
+    stuff: bool,
     input: In,
     /// The output is at the start of a line (a virtual CRLF precedes the body: the caller's
     /// header or the DATA command), so a `.` written here gets stuffed.
@@ -64,6 +67,7 @@ impl DataDecoder {
         DataDecoder {
             bare_newline,
             max_size,
+            stuff: true,
             input: In::LineStart,
             out_line_start: true,
             size: 0,
@@ -72,9 +76,21 @@ impl DataDecoder {
         }
     }
 
-    /// Consumes client bytes and appends the downstream encoding of the content to `out`
-    /// (without the final `.CRLF`, which the caller sends once everything is fine). After a
-    /// violation nothing more is appended, but input is still consumed up to the end.
+    /// Like [`DataDecoder::new`], but the output is the message content (what scanners see and
+    /// a `Held` message keeps): CRLF line ends, bare CR and LF handled the same way, and no
+    /// dot-stuffing. End of data, the size cap and the violations are exactly those of `new`;
+    /// only the stuffing dots are left out of the output (`size` never counted them).
+    pub fn unstuffed(bare_newline: BareNewline, max_size: u64) -> Self {
+        DataDecoder {
+            stuff: false,
+            ..DataDecoder::new(bare_newline, max_size)
+        }
+    }
+
+    /// Consumes client bytes and appends the downstream encoding of the content to `out`, or
+    /// the content itself for [`DataDecoder::unstuffed`] (without the final `.CRLF`, which the
+    /// caller sends once everything is fine). After a violation nothing more is appended, but
+    /// input is still consumed up to the end.
     ///
     /// Consumes all of `input` unless the terminator is in it: then `consumed` stops right
     /// after its LF, and what follows (pipelined commands) is the caller's. Output written
@@ -143,7 +159,7 @@ impl DataDecoder {
                     };
                     let fits = len.min(usize::try_from(room).unwrap_or(usize::MAX));
                     let run = rest.get(..fits).unwrap_or_default();
-                    if self.out_line_start && run.first() == Some(&b'.') {
+                    if self.stuff && self.out_line_start && run.first() == Some(&b'.') {
                         out.push(b'.');
                     }
                     if !run.is_empty() {
@@ -553,6 +569,104 @@ mod tests {
                     }
                     let bytes: Vec<&[u8]> = input.chunks(1).collect();
                     assert_eq!(run_chunks(mode, max, &bytes), whole);
+                }
+            }
+        }
+    }
+
+    /// Feeds `chunks` to an [`DataDecoder::unstuffed`] decoder, as `run_chunks` does.
+    fn run_unstuffed(mode: BareNewline, max: u64, chunks: &[&[u8]]) -> Run {
+        let mut d = DataDecoder::unstuffed(mode, max);
+        let mut out = Vec::new();
+        let mut consumed = 0;
+        let mut done = false;
+        for chunk in chunks {
+            let r = d.decode(chunk, &mut out);
+            consumed += r.consumed;
+            done = r.done;
+            if done {
+                break;
+            }
+        }
+        Run {
+            out,
+            consumed,
+            done,
+            violation: d.violation(),
+            size: d.size(),
+        }
+    }
+
+    /// Dot-stuffs content the way the downstream encoding does: a `.` at the start of the
+    /// content or right after a CRLF gets another.
+    fn stuff(content: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(content.len());
+        let mut line_start = true;
+        for (i, &b) in content.iter().enumerate() {
+            if line_start && b == b'.' {
+                out.push(b'.');
+            }
+            out.push(b);
+            line_start = b == b'\n' && i > 0 && content.get(i - 1) == Some(&b'\r');
+        }
+        out
+    }
+
+    #[test]
+    fn unstuffed_output_is_the_content() {
+        let input = b"..leading dot\r\n...\r\n..\r\nmid.dot .\r\n.x\r\n.\r\n";
+        let r = run_unstuffed(BareNewline::Reject, u64::MAX, &[input]);
+        assert_bytes(&r.out, b".leading dot\r\n..\r\n.\r\nmid.dot .\r\nx\r\n");
+        assert_eq!((r.done, r.consumed, r.violation), (true, input.len(), None));
+        assert_eq!(r.size, r.out.len() as u64);
+    }
+
+    #[test]
+    fn unstuffed_smuggling_vectors_stay_in_the_body() {
+        for (input, expected) in SMUGGLING {
+            let r = run_unstuffed(BareNewline::Normalize, u64::MAX, &[input]);
+            assert!(!r.done, "{:?}", input.escape_ascii().to_string());
+            assert_eq!((r.consumed, r.violation), (input.len(), None));
+            assert_bytes(&stuff(&r.out), expected);
+            let r = run_unstuffed(BareNewline::Reject, u64::MAX, &[input]);
+            assert_eq!(r.violation, Some(DataViolation::BareNewline));
+        }
+    }
+
+    #[test]
+    fn both_modes_differ_only_by_stuffing() {
+        for mode in [BareNewline::Reject, BareNewline::Normalize] {
+            for max in [u64::MAX, 7, 0] {
+                for input in split_inputs() {
+                    let stuffed = run_chunks(mode, max, &[&input]);
+                    let content = run_unstuffed(mode, max, &[&input]);
+                    let name = input.escape_ascii().to_string();
+                    assert_bytes(&stuff(&content.out), &stuffed.out);
+                    assert_eq!(
+                        (
+                            content.consumed,
+                            content.done,
+                            content.violation,
+                            content.size
+                        ),
+                        (
+                            stuffed.consumed,
+                            stuffed.done,
+                            stuffed.violation,
+                            stuffed.size
+                        ),
+                        "{mode:?} max {max} {name}"
+                    );
+                    for cut in 0..=input.len() {
+                        let (a, b) = input.split_at(cut);
+                        assert_eq!(
+                            run_unstuffed(mode, max, &[a, b]),
+                            content,
+                            "{mode:?} max {max} cut {cut} of {name}"
+                        );
+                    }
+                    let bytes: Vec<&[u8]> = input.chunks(1).collect();
+                    assert_eq!(run_unstuffed(mode, max, &bytes), content);
                 }
             }
         }

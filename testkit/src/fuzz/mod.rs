@@ -14,6 +14,7 @@
 //!   build a `Reply` that must survive `write_to` and `parse_reply` unchanged.
 //! - `data`: byte 0 picks `max_size` (bit 7 clear: 25 MB, set: bits 0–6 bytes), byte 1 seeds
 //!   the chunking, the rest is a message body; both `BareNewline` modes are run.
+//! - `edit`: a held message and scanners' edits for `Outgoing` (see [`edit`]).
 //! - `config`: the input, as UTF-8 (lossy), is a `tarmac.toml`.
 //! - `list_file`: the input, as UTF-8 (lossy), is an allow or deny list file; its bytes also
 //!   spell out addresses and blocks for a second list (see [`list_file`]).
@@ -35,6 +36,7 @@ use tarmac::config::Config;
 mod command;
 mod config;
 mod data;
+mod edit;
 mod list_file;
 mod proxy;
 mod reply;
@@ -47,6 +49,7 @@ mod tls_files;
 pub use command::command;
 pub use config::config;
 pub use data::data;
+pub use edit::edit;
 pub use list_file::list_file;
 pub use proxy::proxy;
 pub use reply::reply;
