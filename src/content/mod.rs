@@ -19,6 +19,7 @@ use std::time::Duration;
 
 pub mod held;
 pub mod message;
+pub mod milter;
 
 use crate::smtp::reply::Reply;
 
