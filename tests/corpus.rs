@@ -16,7 +16,7 @@ const RANDOM_LEN: usize = 400;
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 10] = [
+const TARGETS: [(&str, Target); 11] = [
     ("command", fuzz::command),
     ("reply", fuzz::reply),
     ("data", fuzz::data),
@@ -27,6 +27,7 @@ const TARGETS: [(&str, Target); 10] = [
     ("rule_file", fuzz::rule_file),
     ("snapshot", fuzz::snapshot),
     ("tls_files", fuzz::tls_files),
+    ("milter", fuzz::milter),
 ];
 
 #[test]
@@ -72,6 +73,11 @@ fn corpus_snapshot() {
 #[test]
 fn corpus_tls_files() {
     replay("tls_files", fuzz::tls_files);
+}
+
+#[test]
+fn corpus_milter() {
+    replay("milter", fuzz::milter);
 }
 
 #[test]

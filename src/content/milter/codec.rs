@@ -474,7 +474,15 @@ impl Response {
                 let mut text = Vec::new();
                 reply.write_to(&mut text);
                 let text = text.strip_suffix(b"\r\n").unwrap_or(&text);
-                put_str(&mut data, text);
+                // sendmail reads the text as a format string: `%` goes doubled.
+                let mut doubled = Vec::with_capacity(text.len());
+                for &b in text {
+                    if b == b'%' {
+                        doubled.push(b'%');
+                    }
+                    doubled.push(b);
+                }
+                put_str(&mut data, &doubled);
             }
             Response::AddHeader { name, value } => {
                 put_str(&mut data, name.as_bytes());
@@ -904,7 +912,7 @@ mod tests {
             Response::Discard,
             Response::Reject,
             Response::TempFail,
-            Response::ReplyCode(Reply::new(550, "5.7.1", "no thanks")),
+            Response::ReplyCode(Reply::new(550, "5.7.1", "100% no thanks")),
             Response::ReplyCode(Reply::multiline(
                 451,
                 Some(EnhancedCode(4, 7, 1)),

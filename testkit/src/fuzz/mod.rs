@@ -21,6 +21,8 @@
 //!   tokens for a second one (see [`rule_file`]).
 //! - `tls_files`: a certificate chain and key for `[tls]`, see [`tls_files`].
 //! - `session`: see [`session`].
+//! - `milter`: bytes 0–5 pick the chunking, the first stage and what the milter negotiates;
+//!   the rest is a milter's response stream (see [`milter`]).
 //! - `snapshot`: byte 0 picks the table and the framing, the rest is a state snapshot file
 //!   (see [`snapshot`]).
 
@@ -34,6 +36,7 @@ mod command;
 mod config;
 mod data;
 mod list_file;
+mod milter;
 mod proxy;
 mod reply;
 mod rule_file;
@@ -45,6 +48,7 @@ pub use command::command;
 pub use config::config;
 pub use data::data;
 pub use list_file::list_file;
+pub use milter::milter;
 pub use proxy::proxy;
 pub use reply::reply;
 pub use rule_file::rule_file;
