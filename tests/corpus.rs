@@ -16,7 +16,7 @@ const RANDOM_LEN: usize = 400;
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 12] = [
+const TARGETS: [(&str, Target); 13] = [
     ("command", fuzz::command),
     ("reply", fuzz::reply),
     ("data", fuzz::data),
@@ -29,6 +29,7 @@ const TARGETS: [(&str, Target); 12] = [
     ("tls_files", fuzz::tls_files),
     ("rspamd_reply", fuzz::rspamd_reply),
     ("edit", fuzz::edit),
+    ("milter", fuzz::milter),
 ];
 
 #[test]
@@ -84,6 +85,11 @@ fn corpus_rspamd_reply() {
 #[test]
 fn corpus_edit() {
     replay("edit", fuzz::edit);
+}
+
+#[test]
+fn corpus_milter() {
+    replay("milter", fuzz::milter);
 }
 
 #[test]

@@ -52,3 +52,5 @@ mod rspamd;
 mod faults;
 // The OpenDKIM launcher: a private milter that a real Postfix signs through, verified by dkimpy.
 mod opendkim;
+// The milter client against the testkit's scripted milter (TCP, Unix socket) and a real OpenDKIM.
+mod milter;

@@ -20,6 +20,7 @@ use std::time::Duration;
 pub mod edit;
 pub mod held;
 pub mod message;
+pub mod milter;
 pub mod rspamd;
 
 use crate::smtp::reply::Reply;

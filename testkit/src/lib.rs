@@ -6,7 +6,8 @@
 //! - downstream peers: the project's [`sink`](mod@sink) (a scripted SMTP server that behaves like
 //!   Postfix, can misbehave and records what it saw), a Postfix-like downstream with random
 //!   faults ([`faulty`]), and a private, real Postfix ([`postfix`]);
-//! - content-inspection peers: a private, real OpenDKIM milter ([`opendkim`]);
+//! - content-inspection peers: a private, real OpenDKIM milter ([`opendkim`]) and a scripted
+//!   test milter ([`milter`]) that records what it received;
 //! - service peers: a real DNS server ([`dns_server`], hickory-server) and a real
 //!   `redis-server` ([`redis_server`]), both on loopback; a private, real rspamd ([`rspamd`])
 //!   with a `/checkv2` client;
@@ -33,6 +34,7 @@ pub mod client;
 pub mod dns_server;
 pub mod faulty;
 pub mod fuzz;
+pub mod milter;
 pub mod opendkim;
 pub mod postfix;
 pub mod process;

@@ -22,6 +22,8 @@
 //!   tokens for a second one (see [`rule_file`]).
 //! - `tls_files`: a certificate chain and key for `[tls]`, see [`tls_files`].
 //! - `session`: see [`session`].
+//! - `milter`: bytes 0–5 pick the chunking, the first stage and what the milter negotiates;
+//!   the rest is a milter's response stream (see [`milter`]).
 //! - `snapshot`: byte 0 picks the table and the framing, the rest is a state snapshot file
 //!   (see [`snapshot`]).
 //! - `rspamd_reply`: the input is an rspamd `/checkv2` answer, raw and spelled out of JSON
@@ -38,6 +40,7 @@ mod config;
 mod data;
 mod edit;
 mod list_file;
+mod milter;
 mod proxy;
 mod reply;
 mod rspamd;
@@ -51,6 +54,7 @@ pub use config::config;
 pub use data::data;
 pub use edit::edit;
 pub use list_file::list_file;
+pub use milter::milter;
 pub use proxy::proxy;
 pub use reply::reply;
 pub use rspamd::rspamd_reply;
