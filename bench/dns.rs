@@ -444,6 +444,7 @@ fn greetings_ns(
         let index = i % addrs.len();
         let ip = *addrs.get(index).expect("address");
         let peer = Peer {
+            conn: 0,
             client: SocketAddr::new(ip, 40_000),
             local,
             accepted_at: UNIX_EPOCH,

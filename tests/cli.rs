@@ -113,7 +113,7 @@ fn run_relays_logs_and_drains_on_sigterm() {
     assert!(
         stderr.contains(
             " rdns=- helo=client.example verdict=pass score=0 rep=none dnsbl=- list=- rule=- \
-             greylist=skip pregreet=no tls=no tls_version=- msgs=1 rcpts=1 result=delivered dur="
+             greylist=skip pregreet=no tls=no tls_version=- msgs=1 rcpts=1 scan=- result=delivered dur="
         ),
         "{stderr}"
     );
@@ -249,7 +249,7 @@ fn run_rejects_a_listed_client_and_logs_the_verdict() {
     assert!(
         stderr.contains(
             " rdns=- helo=- verdict=reject score=3 rep=none dnsbl=bl.test:3,gone.test:tempfail list=- \
-             rule=- greylist=- pregreet=no tls=no tls_version=- msgs=0 rcpts=0 result=rejected "
+             rule=- greylist=- pregreet=no tls=no tls_version=- msgs=0 rcpts=0 scan=- result=rejected "
         ),
         "{stderr}"
     );

@@ -149,3 +149,61 @@ fn postfix_through_opendkim_signs_mail_that_verifies_against_the_test_key() {
         "mail from another domain was signed:\n{unsigned}"
     );
 }
+
+/// tarmac with OpenDKIM as its milter (DESIGN.md §7): a message from the test domain reaches
+/// the downstream (the project's sink) with a `DKIM-Signature:` that verifies against the test
+/// key, so the milter saw exactly the message the downstream got (tarmac's `Received:`
+/// first, unstuffed) and its header went where it asked; mail from another domain is not
+/// signed.
+#[test]
+fn tarmac_through_opendkim_relays_mail_whose_signature_verifies() {
+    use tarmac_testkit::sink::Behaviour;
+    use tarmac_testkit::{Server, WAIT, sink, test_config};
+
+    let Some(python) = dkimpy() else { return };
+    let Some(opendkim) = OpenDkim::start(DOMAIN, SELECTOR) else {
+        return;
+    };
+    let sink = sink(Behaviour::Normal);
+    let mut config = test_config(sink.local_addr());
+    config.content.milters =
+        vec![tarmac::content::MilterAddr::parse(&format!("inet:{}", opendkim.addr())).unwrap()];
+    let server = Server::start(config);
+    for (from, subject) in [
+        (format!("alice@{DOMAIN}"), "signed"),
+        ("carol@elsewhere.test".to_owned(), "unsigned"),
+    ] {
+        let mut client = Client::connect(server.addr);
+        client.start_message(&from, &["bob@example.test"]);
+        client.send(format!(
+            "From: <{from}>\r\nTo: <bob@example.test>\r\nSubject: {subject}\r\n\
+             Date: Mon, 07 Dec 2026 12:00:00 +0000\r\nMessage-ID: <{subject}@{DOMAIN}>\r\n\r\n\
+             Signed through tarmac.\r\n..A line that starts with a dot.\r\n.\r\n"
+        ));
+        let reply = client.reply();
+        assert!(
+            reply.starts_with("250 "),
+            "end of data: {reply}\nOpenDKIM: {}",
+            opendkim.stderr()
+        );
+        assert!(client.command("QUIT").starts_with("221"));
+    }
+    let messages = sink.wait_for_messages(2, WAIT);
+    let signed = String::from_utf8(messages[0].content.clone()).unwrap();
+    assert!(
+        signed.starts_with("DKIM-Signature:"),
+        "inserted first, as OpenDKIM asks:\n{signed}"
+    );
+    assert!(signed.contains(&format!("d={DOMAIN};")), "{signed}");
+    assert!(
+        signed.contains("\r\n.A line that starts with a dot.\r\n"),
+        "{signed}"
+    );
+    let name = opendkim.dns_name();
+    assert!(
+        verifies(python, &signed, &name, opendkim.dns_record()),
+        "the signature does not verify:\n{signed}"
+    );
+    let unsigned = String::from_utf8(messages[1].content.clone()).unwrap();
+    assert!(!unsigned.contains("DKIM-Signature:"), "{unsigned}");
+}

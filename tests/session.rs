@@ -558,7 +558,7 @@ fn closed_is_sticky() {
     pair.session.handle_client_eof(pair.now);
     pair.pump();
     assert_eq!(pair.take_output(), "");
-    assert_eq!(pair.session.poll_action(), None);
+    assert!(pair.session.poll_action().is_none());
     assert!(!pair.session.wants_read());
 }
 
@@ -726,11 +726,11 @@ fn an_admitting_session_asks_first_and_greets_once_admitted() {
     let client = peer.client;
     for admitted in [true, false] {
         let mut session = Session::admitting(Arc::new(config()), peer, now);
-        assert_eq!(
+        assert!(matches!(
             session.poll_action(),
-            Some(Action::Ask(Question::Admit(client)))
-        );
-        assert_eq!(session.poll_action(), None);
+            Some(Action::Ask(Question::Admit(asked))) if asked == client
+        ));
+        assert!(session.poll_action().is_none());
         assert!(!session.wants_read(), "a talker waits unread");
         assert_eq!(
             session.poll_timeout(),
@@ -750,20 +750,19 @@ fn an_admitting_session_asks_first_and_greets_once_admitted() {
                 String::from_utf8_lossy(&out),
                 "421 4.7.0 mx.test Too many connections, try again later\r\n"
             );
-            assert_eq!(session.poll_action(), Some(Action::Close));
+            assert!(matches!(session.poll_action(), Some(Action::Close)));
             assert_eq!(session.report().result, "refused");
         }
     }
     // A balancer's connection still waits for its header, then asks for the client in it.
     let mut session = Session::admitting(Arc::new(behind_balancer()), peer, now);
-    assert_eq!(session.poll_action(), None);
+    assert!(session.poll_action().is_none());
     session.handle_client_data(now, b"PROXY TCP4 203.0.113.9 198.51.100.1 40000 25\r\n");
-    assert_eq!(
+    let named: std::net::SocketAddr = "203.0.113.9:40000".parse().unwrap();
+    assert!(matches!(
         session.poll_action(),
-        Some(Action::Ask(Question::Admit(
-            "203.0.113.9:40000".parse().unwrap()
-        )))
-    );
+        Some(Action::Ask(Question::Admit(asked))) if asked == named
+    ));
 }
 
 fn multiplexing() -> Config {
@@ -962,7 +961,8 @@ fn nothing_queued_for_a_dead_downstream_reaches_the_next_connection() {
         )
     );
     let mut stale = Vec::new();
-    pair.session.poll_transmit_downstream(old, &mut stale);
+    pair.session
+        .poll_transmit_downstream(pair.now, old, &mut stale);
     assert!(stale.is_empty(), "bytes for the dead connection: {stale:?}");
     pair.downstream.stall_after_dot = false;
     pair.send(b"MAIL FROM:<a@example.org>\r\n");
@@ -1045,3 +1045,4 @@ mod reputation;
 mod starttls;
 // Abuse bounds: error and junk limits, timeouts, stray PROXY headers, outbox caps.
 mod bounds;
+mod scanning;

@@ -54,3 +54,5 @@ mod faults;
 mod opendkim;
 // The milter client against the testkit's scripted milter (TCP, Unix socket) and a real OpenDKIM.
 mod milter;
+// Content inspection end to end: milters through the server, failures, the spool.
+mod content;

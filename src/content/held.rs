@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The spool directory's name under `state_dir`.
-const SPOOL: &str = "spool";
+pub const SPOOL: &str = "spool";
 
 /// A message held for scanning.
 #[derive(Debug)]

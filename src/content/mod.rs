@@ -10,7 +10,8 @@
 //!   result for the downstream.
 //! - `milter/`: the milter protocol (version 6): the codec, one milter's conversation, its
 //!   connection.
-//! - `rspamd.rs`: the `/checkv2` request, the reply parser and the reply's changes.
+//! - `rspamd/`: the `/checkv2` request over HTTP, the reply parser and the reply's changes.
+//! - `scanner/`: the scanner thread: milter conversations, scans, `max_scans`.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -22,6 +23,7 @@ pub mod held;
 pub mod message;
 pub mod milter;
 pub mod rspamd;
+pub mod scanner;
 
 use crate::smtp::reply::Reply;
 

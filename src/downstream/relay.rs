@@ -44,6 +44,9 @@ const KEEP_CAPACITY: usize = 4 * 1024;
 /// What tarmac sends on its own to keep a connection in step with the client's `RSET`.
 const RSET: &[u8] = b"RSET\r\n";
 
+/// What tarmac sends on its own to keep a connection alive while a message is held.
+const NOOP: &[u8] = b"NOOP\r\n";
+
 /// Names one downstream connection of a session: each `Action::ConnectDownstream` gets a new
 /// one, so an event, a byte or an action meant for a connection the session has given up can
 /// never reach its successor (DESIGN.md §6: bytes belong to one connection).
@@ -412,6 +415,19 @@ impl Relay {
             conn.in_transaction = false;
             conn.swallow += 1;
             conn.outbox.extend_from_slice(RSET);
+        }
+    }
+
+    /// Keeps a connection that waits for a held message alive (DESIGN.md §7): NOOP, whose
+    /// reply is read and dropped. Only on a ready connection with nothing queued.
+    pub(crate) fn send_noop(&mut self) {
+        if let Some(conn) = self.conn.as_deref_mut()
+            && conn.link == Link::Ready
+            && conn.outbox.is_empty()
+            && !conn.mid_data
+        {
+            conn.swallow += 1;
+            conn.outbox.extend_from_slice(NOOP);
         }
     }
 

@@ -5,6 +5,8 @@
 //! - `admission`: what the worker does with a new connection: how it is counted against
 //!   the caps and rates (allow-listed, a proxy sender's, rated now or by the shared store), or
 //!   why it is refused ([`Refusal`]), and whether its session offers STARTTLS ([`Admission`]).
+//! - [`content`]: what the scanners' verdicts mean for the client: the reply at each milter
+//!   stage and at the final dot, and what a failed scanner counts as (DESIGN.md §7).
 //! - `cidr`: address blocks as the lists, the rules and `proxy_protocol_from` write them
 //!   ([`Cidr`]).
 //! - [`dnsbl`]: the name to query for a client in a zone, what a zone's answer is worth
@@ -29,6 +31,7 @@
 
 pub(crate) mod admission;
 pub(crate) mod cidr;
+pub mod content;
 pub mod dnsbl;
 pub(crate) mod lists;
 pub(crate) mod rates;

@@ -1,7 +1,7 @@
 //! The one place that builds the per-connection close line (DESIGN.md §4):
 //!
 //! ```text
-//! conn=7f3a client=192.0.2.7:53211 rdns=mail.example.com helo=mail.example.com verdict=tarpit score=2 rep=neutral dnsbl=zen.spamhaus.org:2 list=- rule=- greylist=pass pregreet=no tls=no tls_version=- msgs=1 rcpts=2 result=delivered dur=14.2s
+//! conn=7f3a client=192.0.2.7:53211 rdns=mail.example.com helo=mail.example.com verdict=tarpit score=2 rep=neutral dnsbl=zen.spamhaus.org:2 list=- rule=- greylist=pass pregreet=no tls=no tls_version=- msgs=1 rcpts=2 scan=- result=delivered dur=14.2s
 //! ```
 //!
 //! It is logged at info level with target `tarmac::conn`, so operators can route or filter it
@@ -58,7 +58,7 @@ pub(crate) fn close_line(conn: ConnId, report: &Report<'_>, dur: Duration) -> St
         "conn={conn} client={client} rdns={rdns} helo={helo} verdict={verdict} score={score} \
          rep={rep} dnsbl={dnsbl} list={list} rule={rule} greylist={greylist} pregreet={pregreet} tls={tls} \
          tls_version={tls_version} \
-         msgs={msgs} rcpts={rcpts} \
+         msgs={msgs} rcpts={rcpts} scan={scan} \
          result={result} dur={dur:.1}s",
         client = report.client,
         rdns = escape(report.rdns.as_bytes()),
@@ -74,6 +74,7 @@ pub(crate) fn close_line(conn: ConnId, report: &Report<'_>, dur: Duration) -> St
         tls_version = if report.tls == "no" { "-" } else { report.tls },
         msgs = report.msgs,
         rcpts = report.rcpts,
+        scan = report.scan,
         result = report.result,
         dur = dur.as_secs_f64(),
     )
@@ -101,6 +102,7 @@ mod tests {
             msgs: 1,
             rcpts: 2,
             tls: "no",
+            scan: "-",
             result: "delivered",
         }
     }
@@ -117,7 +119,7 @@ mod tests {
             line,
             "conn=7f3a client=192.0.2.7:53211 rdns=mail.example.com helo=mail.example.com \
              verdict=tarpit score=2 rep=neutral dnsbl=zen.spamhaus.org:2 list=- rule=- greylist=pass pregreet=no tls=no tls_version=- msgs=1 \
-             rcpts=2 result=delivered dur=14.2s"
+             rcpts=2 scan=- result=delivered dur=14.2s"
         );
     }
 
@@ -129,7 +131,7 @@ mod tests {
             line,
             "conn=1 client=[::1]:25 rdns=mail.example.com helo=- verdict=tarpit score=2 rep=neutral \
              dnsbl=zen.spamhaus.org:2 list=- rule=- greylist=pass pregreet=no tls=no tls_version=- msgs=1 rcpts=2 \
-             result=delivered dur=0.0s"
+             scan=- result=delivered dur=0.0s"
         );
         let empty = close_line(ConnId(1), &report(client, Some(b"")), Duration::ZERO);
         assert!(empty.contains(" helo=- "), "{empty}");

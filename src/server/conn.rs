@@ -58,6 +58,7 @@ use super::tls_failures::remember_failed_handshake;
 use super::tls_stream::TlsFailure;
 use super::token;
 use crate::config::Config;
+use crate::content::scanner::ScannerHandle;
 use crate::dns::ResolverHandle;
 use crate::smtp::{Action, LinkId, Session, Shutdown, Side, TlsVersion};
 
@@ -110,6 +111,10 @@ pub(crate) struct Io<'a> {
     pub(crate) worker: usize,
     /// This worker's index for the state thread (`[state] backend = "redis"`).
     pub(crate) state_worker: usize,
+    /// The scanner thread (`[content]`).
+    pub(crate) scanner: Option<&'a ScannerHandle>,
+    /// This worker's index for the scanner thread.
+    pub(crate) scan_worker: usize,
     /// Tarpit places, the state front (PASS cache, greylist, reputation, rates) and the
     /// clients whose TLS handshake failed.
     pub(crate) shared: &'a Shared,
@@ -356,7 +361,8 @@ impl Conn {
                     self.session.report().client,
                     version.as_str()
                 );
-                self.session.handle_tls_established(now, version);
+                let cipher = suite.and_then(|suite| suite.as_str());
+                self.session.handle_tls_established(now, version, cipher);
             }
             Err(TlsFailure::Io(e)) => {
                 log::debug!("conn={} client read failed: {e}", self.id);
@@ -481,7 +487,7 @@ impl Conn {
             self.session.poll_transmit(now, outbox);
             moved |= outbox.len() > before;
         }
-        moved | self.transmit_downstream()
+        moved | self.transmit_downstream(now)
     }
 
     /// Carries out every action the session has queued. Returns whether there was any.

@@ -69,6 +69,7 @@ use self::shared::Shared;
 use self::tls_failures::TlsFailures;
 use self::worker::Worker;
 use crate::config::{Config, StateBackend};
+use crate::content::scanner::Scanner;
 use crate::dns::{Resolver, ResolverHandle};
 use crate::policy::ConnectionRates;
 use crate::state::redis::RedisState;
@@ -95,6 +96,8 @@ pub struct ServerHandle {
     redis: Option<RedisState>,
     /// The workers' state front, for its figures.
     store: Arc<Store>,
+    /// The scanner thread (`[content]`); stopped after the workers.
+    scanner: Option<Scanner>,
 }
 
 /// What another thread needs to stop the workers.
@@ -185,6 +188,12 @@ impl ServerHandle {
         if let Some(snapshots) = &snapshots {
             snapshots.load(&snapshots::clocks_now());
         }
+        prepare_spool(&config);
+        // Started whatever the configuration says: a reload may turn scanning on. Without it
+        // (no thread could be made) every scan counts as a failed scanner.
+        let mut scanner = Scanner::start()
+            .inspect_err(|e| log::warn!("content: no scanner thread ({e}); scans will fail"))
+            .ok();
         let mut built = Vec::with_capacity(workers);
         let mut wakers = Vec::with_capacity(workers);
         for (index, worker_sockets) in sockets.into_iter().enumerate() {
@@ -202,6 +211,10 @@ impl ServerHandle {
             if let Some(redis) = redis.as_mut() {
                 let (id, inbox) = redis.add_worker(Arc::clone(&waker));
                 worker.attach_state(id, inbox);
+            }
+            if let Some(scanner) = scanner.as_mut() {
+                let (id, inbox) = scanner.add_worker(Arc::clone(&waker));
+                worker.attach_scanner(scanner.handle(), id, inbox);
             }
             built.push(worker);
             wakers.push(waker);
@@ -231,6 +244,7 @@ impl ServerHandle {
             saver,
             redis,
             store,
+            scanner,
         };
         for (index, worker) in built.into_iter().enumerate() {
             let spawned = thread::Builder::new()
@@ -286,6 +300,7 @@ impl ServerHandle {
         let saver = self.saver.take();
         let snapshots = self.snapshots.take();
         let redis = self.redis.take();
+        let scanner = self.scanner.take();
         let mut result = Ok(());
         for thread in self.workers {
             let outcome = thread
@@ -300,6 +315,7 @@ impl ServerHandle {
         }
         // No worker is left to ask them anything.
         drop(resolver);
+        drop(scanner);
         // No session is left to change the state: the last save has everything.
         if let Some(saver) = saver {
             saver.stop();
@@ -330,6 +346,7 @@ impl Control {
         if let Some(resolver) = &self.resolver {
             resolver.set_zones(&config.dnsbl);
         }
+        prepare_spool(&config);
         self.reloads.publish(config);
         self.wake_workers();
         waiting
@@ -449,6 +466,19 @@ fn bind(addr: SocketAddr) -> io::Result<mio::net::TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     Ok(mio::net::TcpListener::from_std(socket.into()))
+}
+
+/// Makes `state_dir/spool` (0700) when scanners are configured, so the first message over
+/// `spool_after` finds it; a failure is logged, and such messages get `451` until it is fixed.
+fn prepare_spool(config: &Config) {
+    if config.content.scans()
+        && let Err(e) = crate::content::held::spool_dir(&config.server.state_dir)
+    {
+        log::warn!(
+            "content: cannot make {}/spool ({e}); messages over spool_after get 451",
+            config.server.state_dir.display()
+        );
+    }
 }
 
 #[cfg(test)]

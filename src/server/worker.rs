@@ -26,8 +26,10 @@ use super::timer::TimerHeap;
 use super::tls_failures;
 use super::token::{self, Source};
 use crate::config::{Config, DownstreamMode};
+use crate::content::scanner::{ScanAnswer, ScannerHandle};
 use crate::dns::{Inbox, ResolverHandle};
 use crate::policy::admission::{self, StartTls};
+use crate::side_thread::Inbox as SideInbox;
 use crate::smtp::{Peer, Session, Shutdown, too_many_connections};
 use crate::state::redis::Inbox as StateInbox;
 
@@ -82,6 +84,16 @@ pub(crate) struct Worker {
     dns: Option<WorkerDns>,
     /// This worker's inbox for the state thread's answers (`[state] backend = "redis"`).
     state: Option<WorkerState>,
+    /// The scanner thread and this worker's inbox for its answers.
+    scan: Option<WorkerScan>,
+}
+
+/// A worker's end of the scanner thread.
+struct WorkerScan {
+    scanner: ScannerHandle,
+    /// The index the scanner thread knows this worker by.
+    id: usize,
+    inbox: SideInbox<ScanAnswer>,
 }
 
 /// A worker's end of the state thread.
@@ -164,6 +176,7 @@ impl Worker {
             pool: DownstreamPool::new(config.downstream.pool_size, workers),
             dns: None,
             state: None,
+            scan: None,
         };
         Ok((worker, waker))
     }
@@ -182,6 +195,17 @@ impl Worker {
     /// addressed to worker `id`.
     pub(crate) fn attach_state(&mut self, id: usize, inbox: StateInbox) {
         self.state = Some(WorkerState { id, inbox });
+    }
+
+    /// Connects the worker to the scanner thread: scans go to `scanner`, answers come to
+    /// `inbox` (followed by a wake), addressed to worker `id`.
+    pub(crate) fn attach_scanner(
+        &mut self,
+        scanner: ScannerHandle,
+        id: usize,
+        inbox: SideInbox<ScanAnswer>,
+    ) {
+        self.scan = Some(WorkerScan { scanner, id, inbox });
     }
 
     /// The event loop; returns once shutdown was asked for and every connection is closed, or
@@ -311,7 +335,8 @@ impl Worker {
         };
     }
 
-    /// Hands every answer in the DNS and state inboxes to the connection waiting for it.
+    /// Hands every answer in the DNS, state and scanner inboxes to the connection waiting for
+    /// it.
     fn take_answers(&mut self, now: Instant) {
         if let Some(dns) = &self.dns {
             while let Some(answer) = dns.inbox.try_recv() {
@@ -324,6 +349,13 @@ impl Worker {
             while let Some(answer) = state.inbox.try_recv() {
                 deliver(&mut self.conns, &mut self.pending, answer.key, |conn| {
                     conn.handle_state(now, answer.answer);
+                });
+            }
+        }
+        if let Some(scan) = &self.scan {
+            while let Some(ScanAnswer { key, answer }) = scan.inbox.try_recv() {
+                deliver(&mut self.conns, &mut self.pending, key, |conn| {
+                    conn.handle_answer(now, answer);
                 });
             }
         }
@@ -455,6 +487,7 @@ impl Worker {
             tls_failures::log_withheld(addr);
         }
         let peer = Peer {
+            conn: id.0,
             client: addr,
             local,
             accepted_at: SystemTime::now(),
@@ -498,6 +531,8 @@ impl Worker {
             resolver: self.dns.as_ref().map(|dns| &dns.resolver),
             worker: self.dns.as_ref().map_or(0, |dns| dns.id),
             state_worker: self.state.as_ref().map_or(0, |state| state.id),
+            scanner: self.scan.as_ref().map(|scan| &scan.scanner),
+            scan_worker: self.scan.as_ref().map_or(0, |scan| scan.id),
             shared: &self.shared,
             config: &self.config,
         };

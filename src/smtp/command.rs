@@ -22,6 +22,26 @@ pub struct MailParams {
     pub smtputf8: bool,
 }
 
+impl MailParams {
+    /// The parameters as ESMTP arguments (`SIZE=1000`, `BODY=8BITMIME`, `SMTPUTF8`), for a
+    /// milter's MAIL stage.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(size) = self.size {
+            args.push(format!("SIZE={size}"));
+        }
+        match self.body {
+            Some(Body::SevenBit) => args.push("BODY=7BIT".to_owned()),
+            Some(Body::EightBitMime) => args.push("BODY=8BITMIME".to_owned()),
+            None => {}
+        }
+        if self.smtputf8 {
+            args.push("SMTPUTF8".to_owned());
+        }
+        args
+    }
+}
+
 /// `BODY=` values accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Body {

@@ -16,11 +16,14 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::config::Config;
+use crate::content::held::Held;
+use crate::content::{Edit, Verdict};
 use crate::policy::reputation::{Event, History};
 use crate::state::greylist::{GreylistOutcome, GreylistTimes};
 
 /// A question for a shared service (`Action::Ask`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Question {
     /// Look this up (through the resolver's cache) and answer [`Answer::Lookup`], now or when
     /// it arrives. The banner waits for the answers.
@@ -55,10 +58,104 @@ pub enum Question {
     /// client: count it against the per-IP cap and the connection rates and answer
     /// [`Answer::Admission`]. The banner waits for the answer.
     Admit(SocketAddr),
+    /// Pass a stage of the session to its milters (`[content] milters`, DESIGN.md §7), in
+    /// order; answer [`Answer::Milter`], except for [`MilterStep::Abort`] and
+    /// [`MilterStep::Quit`]. The command (or the banner) waits for the answer.
+    Milter(MilterStep),
+    /// Scan the held message (rspamd, then the milters' message stages) and answer
+    /// [`Answer::Scanned`], with the message handed back. The final dot's reply waits.
+    Scan(Box<ScanJob>),
+}
+
+/// A stage of the session for its milters. The conversation with the milters lives as long as
+/// the session: `Connect` opens it, `Quit` ends it.
+#[derive(Debug)]
+pub enum MilterStep {
+    /// The client was greeted (its verdict lets it talk): open a connection to each milter
+    /// and pass the connect stage. Carries the configuration the conversation keeps.
+    Connect {
+        /// The session's configuration: `[content]` and the hostname (macro `j`).
+        config: Arc<Config>,
+        /// The client.
+        client: SocketAddr,
+        /// Its verified rDNS name (`{client_name}`; `unknown` without one).
+        name: Option<Arc<str>>,
+    },
+    /// HELO/EHLO, with the TLS in force (`{tls_version}`, `{cipher}`).
+    Helo {
+        /// The name the client gave.
+        name: String,
+        /// The TLS version and cipher, or `None` in plain text.
+        tls: Option<Tls>,
+    },
+    /// MAIL FROM, with its parameters as the client sent them (`SIZE=…`, `BODY=…`).
+    Mail {
+        /// The sender (`{mail_addr}`); empty for the null sender.
+        from: String,
+        /// ESMTP parameters.
+        args: Vec<String>,
+    },
+    /// RCPT TO (`{rcpt_addr}`).
+    Rcpt {
+        /// The recipient.
+        to: String,
+    },
+    /// The transaction ended before its message was scanned (RSET, a refusal, a new MAIL).
+    Abort,
+    /// The session is over.
+    Quit,
+}
+
+/// A held message to scan, with what the scanners are told about it (DESIGN.md §7).
+#[derive(Debug)]
+pub struct ScanJob {
+    /// The session's configuration: `[content]` and the hostname (`MTA-Name`, `j`).
+    pub config: Arc<Config>,
+    /// The message: tarmac's `Received:` first.
+    pub held: Held,
+    /// The client.
+    pub client: IpAddr,
+    /// Its HELO name.
+    pub helo: String,
+    /// Its verified rDNS name, if any.
+    pub name: Option<Arc<str>>,
+    /// The sender.
+    pub from: String,
+    /// The recipients the downstream accepted.
+    pub rcpts: Vec<String>,
+    /// `<conn>.<n>`: the close line's connection id and the message's number on it
+    /// (rspamd's `Queue-Id`, the milters' `i`).
+    pub queue_id: String,
+    /// The TLS in force, if any.
+    pub tls: Option<Tls>,
+}
+
+/// The client's TLS, as the scanners are told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tls {
+    /// `TLSv1.3`, `TLSv1.2`.
+    pub version: &'static str,
+    /// The cipher suite's IANA name (`TLS13_AES_128_GCM_SHA256`); empty when unknown.
+    pub cipher: &'static str,
+}
+
+/// What the scanners made of a message ([`Answer::Scanned`]).
+#[derive(Debug)]
+pub struct Scanned {
+    /// The message, handed back.
+    pub held: Held,
+    /// What the scanners decided together: `Continue` (relay, with `edits`), or the first
+    /// refusal, tempfail or discard. A failed scanner under `on_failure = "tempfail"` is a
+    /// `TempFail(None)`; under `"accept"` it is skipped.
+    pub verdict: Verdict,
+    /// Every relaying scanner's changes, in scanner order; empty unless the verdict relays.
+    pub edits: Vec<Edit>,
+    /// `scan=` for the close line: `rspamd:reject:15.2,milter1:accept` (DESIGN.md §7).
+    pub marks: String,
 }
 
 /// A service's answer to a [`Question`] (`Session::handle_answer`).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug)]
 pub enum Answer {
     /// For [`Question::Lookup`]: the query asked and its answer. Late answers, after
     /// `[dns] timeout`, are ignored.
@@ -73,6 +170,12 @@ pub enum Answer {
     TarpitSlot(bool),
     /// For [`Question::Admit`]: whether the client may stay (under its caps and rates).
     Admission(bool),
+    /// For [`Question::Milter`]: what the milters said together (the first that did not
+    /// continue). A milter that failed counts as `on_failure` says: `TempFail(None)`, or
+    /// skipped.
+    Milter(Verdict),
+    /// For [`Question::Scan`].
+    Scanned(Box<Scanned>),
 }
 
 /// What a session asks the resolver.

@@ -399,7 +399,8 @@ fn a_downstream_not_reading_the_body_stops_the_client_being_read() {
         assert!(!pair.session.wants_read());
         // What the downstream would get when it reads again: everything held for it.
         let mut ds = Vec::new();
-        pair.session.poll_transmit_downstream(pair.link, &mut ds);
+        pair.session
+            .poll_transmit_downstream(pair.now, pair.link, &mut ds);
         let held = ds.len();
         assert!(
             held <= DOWNSTREAM_OUTBOX_CAP + 512,

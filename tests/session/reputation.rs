@@ -47,10 +47,10 @@ fn the_verdict_waits_for_the_answer() {
     let config = remembering();
     let half_life = config.reputation.half_life;
     let mut session = Session::new(Arc::new(config), peer, now);
-    assert_eq!(
+    assert!(matches!(
         session.poll_action(),
-        Some(Action::Ask(Question::CheckReputation(CLIENT, half_life)))
-    );
+        Some(Action::Ask(Question::CheckReputation(CLIENT, asked))) if asked == half_life
+    ));
     let mut out = Vec::new();
     session.poll_transmit(now, &mut out);
     assert!(out.is_empty(), "no banner before the answer");

@@ -27,7 +27,7 @@ fn switching() -> Pair {
 fn over_tls() -> Pair {
     let mut pair = switching();
     pair.session
-        .handle_tls_established(pair.now, TlsVersion::Tls13);
+        .handle_tls_established(pair.now, TlsVersion::Tls13, None);
     pair.pump();
     pair
 }
@@ -68,7 +68,7 @@ fn after_the_handshake_the_session_starts_over_before_ehlo() {
     assert_eq!(pair.session.report().tls, "no", "not before the handshake");
     assert!(!pair.session.wants_read(), "nothing to read mid-handshake");
     pair.session
-        .handle_tls_established(pair.now, TlsVersion::Tls13);
+        .handle_tls_established(pair.now, TlsVersion::Tls13, None);
     pair.pump();
     assert_eq!(pair.take_output(), "", "nothing is said unasked");
     assert_eq!(pair.session.report().tls, "TLSv1.3");
@@ -103,7 +103,7 @@ fn commands_pipelined_after_starttls_are_never_answered() {
     );
     assert!(pair.client_pending.is_empty(), "consumed, to be dropped");
     pair.session
-        .handle_tls_established(pair.now, TlsVersion::Tls12);
+        .handle_tls_established(pair.now, TlsVersion::Tls12, None);
     pair.pump();
     pair.send(b"EHLO client.example\r\n");
     assert_eq!(
@@ -191,7 +191,7 @@ fn shutdown_mid_handshake_closes_quietly_and_waits_for_it_otherwise() {
     assert!(!graceful.closed, "the handshake may finish");
     graceful
         .session
-        .handle_tls_established(graceful.now, TlsVersion::Tls13);
+        .handle_tls_established(graceful.now, TlsVersion::Tls13, None);
     graceful.pump();
     assert!(graceful.closed);
     assert_eq!(

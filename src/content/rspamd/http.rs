@@ -110,7 +110,10 @@ fn build_request(
     add("queue-id", request.queue_id);
     if let Some((version, cipher)) = request.tls {
         add("tls-version", version);
-        add("tls-cipher", cipher);
+        // Left out when the driver could not name it.
+        if !cipher.is_empty() {
+            add("tls-cipher", cipher);
+        }
     }
     add("mta-name", request.mta_name);
     http_request

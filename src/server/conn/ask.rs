@@ -6,6 +6,7 @@
 use std::time::Instant;
 
 use super::{Conn, Io};
+use crate::content::scanner::Waiter as ScanWaiter;
 use crate::dns::Waiter;
 use crate::policy::admission::{self, StartTls};
 use crate::server::slab::ConnKey;
@@ -19,6 +20,11 @@ impl Conn {
     pub(crate) fn handle_lookup(&mut self, now: Instant, query: Query, answer: LookupAnswer) {
         self.session
             .handle_answer(now, Answer::Lookup(query, answer));
+    }
+
+    /// A scanner answer the connection waited for (`Question::Milter`, `Question::Scan`).
+    pub(crate) fn handle_answer(&mut self, now: Instant, answer: Answer) {
+        self.session.handle_answer(now, answer);
     }
 
     /// A state answer the connection waited for (the Redis backend's, or its fallback's).
@@ -91,6 +97,20 @@ impl Conn {
                 self.tarpit_place = io.shared.load.try_tarpit();
                 let granted = self.tarpit_place.is_some();
                 self.session.handle_answer(now, Answer::TarpitSlot(granted));
+            }
+            // The scanner thread; without one (it could not start) a scanner is a failed one.
+            Question::Milter(_) | Question::Scan(_) => {
+                let waiter = ScanWaiter {
+                    worker: io.scan_worker,
+                    key: key.to_u64(),
+                };
+                let answer = match io.scanner {
+                    Some(scanner) => scanner.ask(waiter, question),
+                    None => crate::content::scanner::unavailable(question),
+                };
+                if let Some(answer) = answer {
+                    self.session.handle_answer(now, answer);
+                }
             }
             // The STARTTLS offer, then the rate (`handle_state`), then the per-IP cap.
             Question::Admit(client) => {

@@ -387,7 +387,7 @@ impl Conn {
 
     /// Pulls due downstream bytes into the leg's outbox while it has room. Returns whether
     /// anything came.
-    pub(super) fn transmit_downstream(&mut self) -> bool {
+    pub(super) fn transmit_downstream(&mut self, now: Instant) -> bool {
         let Some(ds) = self.downstream.as_deref_mut() else {
             return false;
         };
@@ -396,7 +396,7 @@ impl Conn {
             return false;
         }
         let before = outbox.len();
-        self.session.poll_transmit_downstream(ds.link, outbox);
+        self.session.poll_transmit_downstream(now, ds.link, outbox);
         outbox.len() > before
     }
 

@@ -21,6 +21,7 @@ fn session() -> (Session, Instant) {
     config.greylist.enabled = false;
     config.reputation.enabled = false;
     let peer = Peer {
+        conn: 1,
         client: SocketAddr::from(([192, 0, 2, 7], 53211)),
         local: SocketAddr::from(([198, 51, 100, 1], 25)),
         accepted_at: UNIX_EPOCH,

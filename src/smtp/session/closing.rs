@@ -202,6 +202,7 @@ impl Session {
             self.say(reply);
         }
         self.let_go_of_relay(true);
+        self.quit_milters();
         self.phase = Phase::Closed(reason);
         self.timers = Timers::default();
         self.lines.free();

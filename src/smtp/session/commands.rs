@@ -44,6 +44,11 @@ pub(super) struct Transaction {
     pub(super) relayed: bool,
     /// The recipient waiting for that late MAIL's reply.
     pub(super) after_mail: Option<Box<str>>,
+    /// The recipient whose RCPT is on its way to the downstream.
+    pub(super) rcpt_sent: Option<Box<str>>,
+    /// The recipients the downstream accepted, kept only when scanners are configured (they
+    /// are told: rspamd's `Rcpt`).
+    pub(super) recipients: Vec<String>,
 }
 
 /// The client command a downstream reply is awaited for.
@@ -55,6 +60,17 @@ pub(super) enum Pending {
     EndOfData,
     /// Not the downstream: the greylist's answer for a RCPT (`Question::CheckGreylist`).
     Greylist,
+    /// Not the downstream: the milters' answer for a stage (`Question::Milter`).
+    Milter(crate::policy::content::MilterStage),
+    /// Not the downstream: the scanners' answer for a held message (`Question::Scan`).
+    Scan,
+}
+
+impl Pending {
+    /// Whether the answer comes from the downstream (else from a local service).
+    pub(super) fn is_downstream(self) -> bool {
+        !matches!(self, Pending::Greylist | Pending::Milter(_) | Pending::Scan)
+    }
 }
 
 /// The reply to a command whose answer never depends on the session's state.
@@ -256,7 +272,7 @@ impl Session {
                 } else {
                     Reply::without_enhanced(250, hostname.clone())
                 };
-                self.reply(reply);
+                self.helo_through_milters(name, reply);
             }
             Command::Mail { from, params } => self.handle_mail(now, from, params),
             Command::Rcpt { to } => self.handle_rcpt(now, to),
@@ -365,6 +381,8 @@ impl Session {
             greylisting: None,
             relayed: false,
             after_mail: None,
+            rcpt_sent: None,
+            recipients: Vec::new(),
         }));
         match self.run_rules(Stage::Mail, None) {
             Some(RuleOutcome {
@@ -386,8 +404,7 @@ impl Session {
             // downstream.
             return self.reply(Reply::new(250, "2.1.0", "Ok"));
         }
-        self.phase = Phase::Waiting(Pending::Mail);
-        self.start_mail(now);
+        self.mail_through_milters(now);
     }
 
     pub(super) fn handle_rcpt(&mut self, now: Instant, to: &str) {
@@ -448,7 +465,7 @@ impl Session {
             return;
         }
         self.greylisted = "skip";
-        self.relay_rcpt(now, to);
+        self.rcpt_through_milters(now, to);
     }
 
     /// Relays RCPT for `to`: at once on the transaction's ready downstream, or, when MAIL was
@@ -458,6 +475,9 @@ impl Session {
     pub(super) fn relay_rcpt(&mut self, now: Instant, to: &str) {
         let relayed = self.tx.as_deref().is_some_and(|tx| tx.relayed);
         if relayed && self.relay.is_in_transaction() {
+            if let Some(tx) = self.tx.as_deref_mut() {
+                tx.rcpt_sent = Some(to.into());
+            }
             let queued = self.relay.send_rcpt(now, &self.config, to);
             return self.await_downstream(now, queued, Pending::Rcpt);
         }
@@ -513,6 +533,9 @@ impl Session {
         if tx.accepted == 0 {
             return self.reply(Reply::new(554, "5.5.1", "Error: no valid recipients"));
         }
+        if self.config.content.scans() {
+            return self.start_holding(now);
+        }
         let queued = self.relay.send_data(now, &self.config);
         self.await_downstream(now, queued, Pending::Data);
     }
@@ -528,6 +551,12 @@ impl Session {
                 return;
             }
         };
+        if self.scan.is_holding() {
+            if violation == Some(DataViolation::BareNewline) {
+                self.record_reputation(Event::ProtocolAbuse);
+            }
+            return self.end_of_held(now, violation);
+        }
         let refusal = match violation {
             Some(DataViolation::BareNewline) => Some(Reply::new(
                 550,
@@ -576,7 +605,7 @@ impl Session {
             GreylistOutcome::Pass => {
                 self.greylisted = "pass";
                 self.record_reputation(Event::GreylistPass);
-                return self.relay_rcpt(now, &to);
+                return self.rcpt_through_milters(now, &to);
             }
             GreylistOutcome::New => {
                 self.greylisted = "new";

@@ -275,8 +275,9 @@ impl Session {
             if self.pregreet.is_some() && config.tarpit.pregreet == Pregreet::Reject {
                 self.blocked = Some(Blocked::Pregreet);
                 self.last_failure = Some("rejected");
+                return self.greet();
             }
-            return self.greet();
+            return self.greet_through_milters();
         }
         let text = match (self.checks.list_match(), self.checks.blocking_zone()) {
             (Some(ListMatch::Deny), _) | (_, None) => {

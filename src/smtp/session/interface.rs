@@ -21,6 +21,9 @@ pub enum Side {
 /// Addresses and arrival time of the client connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Peer {
+    /// The connection's id in the close line (`conn=`, hexadecimal there): names derived
+    /// from it, such as a message's `Queue-Id` for rspamd.
+    pub conn: u64,
     /// The client's address (after PROXY, the one in the header).
     pub client: SocketAddr,
     /// The local address the client connected to.
@@ -57,7 +60,7 @@ impl TlsVersion {
 }
 
 /// What the driver must do for the session: ask a shared service, or perform I/O.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Action {
     /// Ask a shared service (resolver, state store, tarpit places, admission) and report the
     /// answer, if the question has one, with [`Session::handle_answer`](super::Session::handle_answer), now or when it
@@ -158,7 +161,11 @@ pub struct Report<'a> {
     /// The TLS version in use (`TLSv1.3`, `TLSv1.2`), or `no` for a plain session; the close
     /// line prints it as `tls=yes tls_version=TLSv1.3` or `tls=no tls_version=-`.
     pub tls: &'static str,
-    /// How the session ended: `delivered` (at least one message), `quit`, `disconnect`,
+    /// `scan=`: the scanners' actions on the connection's last scanned message
+    /// (`rspamd:reject:15.2,milter1:accept`), or `-` when none ran.
+    pub scan: &'a str,
+    /// How the session ended: `delivered` (at least one message), `discarded` (a scanner
+    /// discarded its messages), `quit`, `disconnect`,
     /// `timeout`, `rejected`, `tempfail`, `too-many-errors`, `shutdown`, `bad-proxy`,
     /// `tls-failed` (a TLS handshake or record failed).
     pub result: &'static str,

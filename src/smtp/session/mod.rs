@@ -78,6 +78,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
+use crate::content::edit::Outgoing;
 use crate::downstream::relay::Relay;
 use crate::policy::screening::{Checks, ReputationMarks};
 use crate::smtp::data::DataDecoder;
@@ -91,6 +92,7 @@ mod framing;
 mod greeting;
 mod interface;
 mod relaying;
+mod scanning;
 
 pub use crate::downstream::relay::{DownstreamEvent, LinkId};
 pub use closing::too_many_connections;
@@ -140,8 +142,12 @@ enum Phase {
     Command,
     /// A relayed command waits for the downstream's reply; client input waits too.
     Waiting(Pending),
-    /// Streaming a message body to the downstream.
+    /// Reading a message body: streaming it to the downstream, or holding it for the
+    /// scanners (`Scanning::is_holding`).
     Data(Box<DataDecoder>),
+    /// Feeding a scanned message to the downstream (after its `354`); the client waits for
+    /// its final reply.
+    Forwarding(Box<Outgoing>),
     /// After `220 Ready to start TLS`: waiting for the handshake. Client bytes offered now are
     /// discarded (they were sent before the handshake, whatever they claim to be).
     StartingTls,
@@ -195,12 +201,14 @@ impl Timers {
     /// acts on there, so a deadline that is due is never reported without being handled (the
     /// driver would wake at once, again and again).
     /// While a tarpitted reply is `holding`, the client owes us nothing: its timers wait. The
-    /// relay's deadline (`downstream`) runs in every phase.
+    /// relay's deadline (`downstream`) runs in every phase; the held downstream session's
+    /// NOOP (`keepalive`) while a message is held or scanned.
     fn earliest(
         &self,
         phase: &Phase,
         holding: bool,
         downstream: Option<Instant>,
+        keepalive: Option<Instant>,
     ) -> Option<Instant> {
         let client = match phase {
             Phase::Command if holding => [None, None],
@@ -208,7 +216,9 @@ impl Timers {
             Phase::Proxy(_) | Phase::StartingTls => [self.command, None],
             Phase::Checking => [self.lookup, self.greet],
             Phase::Admitting => [None, None],
-            Phase::Data(_) => [self.data, None],
+            Phase::Data(_) => [self.data, keepalive],
+            Phase::Forwarding(_) => [self.data, None],
+            Phase::Waiting(Pending::Scan) => [keepalive, None],
             Phase::Waiting(_) | Phase::Closing(_) | Phase::Closed(_) => [None, None],
         };
         client.into_iter().chain([downstream]).flatten().min()
@@ -266,6 +276,10 @@ pub struct Session {
     /// A `greylist` rule matched: every recipient is greylisted.
     forced_greylist: bool,
     tls: TlsStage,
+    /// The cipher suite of the client's TLS, when known (rspamd's `TLS-Cipher`, `{cipher}`).
+    tls_cipher: Option<&'static str>,
+    /// Content inspection: the milters' conversation, the held message (DESIGN.md §7).
+    scan: scanning::Scanning,
 }
 
 impl Session {
@@ -335,6 +349,8 @@ impl Session {
             rule: None,
             greylisted: "-",
             forced_greylist: false,
+            scan: scanning::Scanning::default(),
+            tls_cipher: None,
             tls: if peer.starttls {
                 TlsStage::Offered
             } else {
@@ -389,6 +405,17 @@ impl Session {
                     }
                     rest.len()
                 }
+                Phase::Data(_) if self.scan.is_holding() => {
+                    let Some(decoded) = self.hold_body(rest) else {
+                        break;
+                    };
+                    self.timers.data = Some(now + self.config.timeouts.data);
+                    if decoded.done {
+                        self.end_of_data(now);
+                    }
+                    decoded.consumed
+                }
+                Phase::Forwarding(_) => break,
                 Phase::Data(_) if relay_full => break,
                 Phase::Data(decoder) => {
                     // `bare_newline = "normalize"` at most doubles what it decodes (a bare LF
@@ -439,8 +466,18 @@ impl Session {
             return;
         }
         self.relay_timeout(now);
+        if matches!(self.phase, Phase::Data(_) | Phase::Waiting(Pending::Scan)) {
+            self.keep_downstream_alive(now);
+        }
         let client_late = match self.phase {
             Phase::Data(_) => expired(self.timers.data, now),
+            Phase::Forwarding(_) => {
+                if expired(self.timers.data, now) {
+                    // The downstream stopped taking the message.
+                    self.downstream_failed(now, "timeout");
+                }
+                false
+            }
             Phase::Command if self.is_holding() => false,
             Phase::Command => expired(self.timers.command, now) || expired(self.timers.idle, now),
             Phase::Proxy(_) if expired(self.timers.command, now) => {
@@ -486,6 +523,8 @@ impl Session {
             Answer::Greylist(outcome) => self.on_greylist(now, outcome),
             Answer::TarpitSlot(granted) => self.on_tarpit_slot(now, granted),
             Answer::Admission(admitted) => self.on_admission(now, admitted),
+            Answer::Milter(verdict) => self.on_milter(now, verdict),
+            Answer::Scanned(scanned) => self.on_scanned(now, *scanned),
         }
     }
 
@@ -499,11 +538,18 @@ impl Session {
     /// The TLS handshake `Action::StartTls` started is done (RFC 3207 §4.2): the session starts
     /// over before EHLO, forgetting the HELO name and anything else the client said in plain
     /// text, and no longer offers STARTTLS. Ignored unless a handshake was asked for.
-    pub fn handle_tls_established(&mut self, now: Instant, version: TlsVersion) {
+    /// `cipher` is the suite's IANA name, when the driver knows it (for the scanners).
+    pub fn handle_tls_established(
+        &mut self,
+        now: Instant,
+        version: TlsVersion,
+        cipher: Option<&'static str>,
+    ) {
         if self.tls != TlsStage::Handshaking || !matches!(self.phase, Phase::StartingTls) {
             return;
         }
         self.tls = TlsStage::Active(version);
+        self.tls_cipher = cipher;
         self.helo = None;
         self.esmtp = false;
         self.tx = None;
@@ -587,7 +633,11 @@ impl Session {
     /// Appends the bytes for downstream connection `link` to `out`; nothing when `link` is not
     /// the connection in use (its bytes died with it). Only a connection's own handshake
     /// commands go out before it is ready, and transaction commands only after.
-    pub fn poll_transmit_downstream(&mut self, link: LinkId, out: &mut Vec<u8>) {
+    /// A scanned message is fed to the connection here, as it drains.
+    pub fn poll_transmit_downstream(&mut self, now: Instant, link: LinkId, out: &mut Vec<u8>) {
+        if matches!(self.phase, Phase::Forwarding(_)) && self.relay.is_current(link) {
+            self.forward(now);
+        }
         self.relay.poll_transmit(link, out);
     }
 
@@ -606,7 +656,8 @@ impl Session {
         let holding = self.is_holding();
         let downstream = self.relay.poll_timeout();
         [
-            self.timers.earliest(&self.phase, holding, downstream),
+            self.timers
+                .earliest(&self.phase, holding, downstream, self.scan.keepalive),
             release,
         ]
         .into_iter()
@@ -622,11 +673,17 @@ impl Session {
             Phase::Proxy(_) => self.to_client.len() < CLIENT_OUTBOX_CAP,
             // Read until the first pregreet byte: talking first is what is watched for here.
             Phase::Checking => self.pregreet.is_none(),
-            Phase::Data(_) => self.relay.outbox_len() < DOWNSTREAM_OUTBOX_CAP,
+            Phase::Data(_) => {
+                self.scan.is_holding() || self.relay.outbox_len() < DOWNSTREAM_OUTBOX_CAP
+            }
             // Until the switch, bytes are taken only to be discarded; during the handshake the
             // driver has no plaintext to offer.
             Phase::StartingTls => self.tls == TlsStage::Requested,
-            Phase::Waiting(_) | Phase::Admitting | Phase::Closing(_) | Phase::Closed(_) => false,
+            Phase::Waiting(_)
+            | Phase::Forwarding(_)
+            | Phase::Admitting
+            | Phase::Closing(_)
+            | Phase::Closed(_) => false,
         }
     }
 
@@ -641,6 +698,8 @@ impl Session {
     pub fn report(&self) -> Report<'_> {
         let result = if self.msgs > 0 {
             "delivered"
+        } else if self.scan.discarded > 0 && self.last_failure.is_none() {
+            "discarded"
         } else if let Some(failure) = self.last_failure {
             failure
         } else {
@@ -666,6 +725,11 @@ impl Session {
             tls: match self.tls {
                 TlsStage::Active(version) => version.as_str(),
                 _ => "no",
+            },
+            scan: if self.scan.marks.is_empty() {
+                "-"
+            } else {
+                &self.scan.marks
             },
             result,
         }

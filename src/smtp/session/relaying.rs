@@ -11,13 +11,13 @@ use crate::downstream::relay::{Context, DownstreamEvent, Event, LinkId, LinkIo, 
 use crate::policy::reputation::Event as ReputationEvent;
 use crate::policy::screening::Checks;
 use crate::smtp::data::DataDecoder;
-use crate::smtp::received::{Trace, write_received};
+use crate::smtp::received::write_received;
 use crate::smtp::reply::Reply;
 
 pub(super) use crate::downstream::relay::downstream_lost;
 
 use super::commands::Pending;
-use super::{Action, Peer, Phase, Session, TlsStage};
+use super::{Action, Peer, Phase, Session};
 
 impl From<LinkIo> for Action {
     fn from(io: LinkIo) -> Action {
@@ -145,7 +145,7 @@ impl Session {
             // Unsolicited: typically the downstream's own 421 before it hangs up.
             return self.downstream_failed(now, "unexpected reply");
         };
-        if pending == Pending::Greylist {
+        if !pending.is_downstream() {
             // Nothing was sent downstream for this command.
             return self.downstream_failed(now, "unexpected reply");
         }
@@ -177,17 +177,28 @@ impl Session {
                         _ => self.tx = None,
                     }
                 } else if let Some(to) = after_mail {
+                    if let Some(tx) = self.tx.as_deref_mut() {
+                        tx.rcpt_sent = Some(to.clone());
+                    }
                     let queued = self.relay.send_rcpt(now, &self.config, &to);
                     return self.await_downstream(now, queued, Pending::Rcpt);
                 }
                 self.relay_reply(reply);
             }
             Pending::Rcpt => {
-                if positive && let Some(tx) = self.tx.as_deref_mut() {
-                    tx.accepted += 1;
+                let scans = self.config.content.scans();
+                if let Some(tx) = self.tx.as_deref_mut() {
+                    let sent = tx.rcpt_sent.take();
+                    if positive {
+                        tx.accepted += 1;
+                        if let Some(to) = sent.filter(|_| scans) {
+                            tx.recipients.push(to.into());
+                        }
+                    }
                 }
                 self.relay_reply(reply);
             }
+            Pending::Data if reply.code == 354 && self.start_forwarding(now) => {}
             Pending::Data if reply.code == 354 => {
                 self.reply(Reply::without_enhanced(
                     354,
@@ -195,8 +206,17 @@ impl Session {
                 ));
                 self.start_body(now);
             }
-            Pending::Data => self.relay_reply(reply),
-            Pending::Greylist => {}
+            Pending::Data => {
+                // A scanned message the downstream will not take: the client had tarmac's
+                // 354, so this answers its final dot.
+                self.forget_outgoing();
+                if !positive {
+                    self.tx = None;
+                    self.relay.end_transaction();
+                }
+                self.relay_reply(reply);
+            }
+            Pending::Greylist | Pending::Milter(_) | Pending::Scan => {}
             Pending::EndOfData => {
                 if positive {
                     self.record_reputation(ReputationEvent::Delivered);
@@ -219,19 +239,15 @@ impl Session {
         self.phase = Phase::Data(Box::new(decoder));
         self.timers.data = Some(now + self.config.timeouts.data);
         self.timers.idle = None;
-        let trace = Trace {
-            helo: self.helo.as_deref().unwrap_or_default(),
-            client: self.peer.client.ip(),
-            by: &self.config.server.hostname,
-            // RFC 3848: the `S` says the message came over TLS.
-            with: match (self.esmtp, self.tls) {
-                (true, TlsStage::Active(_)) => "ESMTPS",
-                (false, TlsStage::Active(_)) => "SMTPS",
-                (true, _) => "ESMTP",
-                (false, _) => "SMTP",
-            },
-            at: self.peer.accepted_at + now.saturating_duration_since(self.started),
-        };
+        let trace = super::scanning::trace(
+            &self.peer,
+            self.helo.as_deref(),
+            &self.config.server.hostname,
+            self.esmtp,
+            self.tls,
+            self.started,
+            now,
+        );
         self.relay.start_body(|out| write_received(&trace, out));
     }
 
@@ -289,6 +305,15 @@ impl Session {
             }
             // Mid-body: keep reading it to its end, then answer 451 (see `end_of_data`).
             Phase::Data(_) => {}
+            // Mid-way through a scanned message: its final dot is answered now.
+            Phase::Forwarding(_) => {
+                self.phase = Phase::Command;
+                self.timers.data = None;
+                self.timers.idle = Some(now + self.config.timeouts.idle);
+                self.tx = None;
+                self.last_failure = Some("tempfail");
+                self.relay_reply(reply);
+            }
             Phase::Command => {
                 if let Some(tx) = self.tx.as_deref_mut()
                     && tx.relayed
@@ -308,7 +333,8 @@ impl Session {
     /// `mode = "multiplexing"`: hands the downstream back to the pool when it is clean (see
     /// [`Relay::release`]) and no reply is awaited. Returns whether it did.
     pub(super) fn release_relay_if_clean(&mut self, abandoned: bool) -> bool {
-        let awaiting = matches!(self.phase, Phase::Waiting(p) if p != Pending::Greylist);
+        let awaiting = matches!(self.phase, Phase::Waiting(p) if p.is_downstream())
+            || matches!(self.phase, Phase::Forwarding(_));
         !awaiting
             && self
                 .relay
@@ -329,6 +355,7 @@ impl Session {
 
     pub(super) fn reset_transaction(&mut self) {
         self.tx = None;
+        self.abort_milter_transaction();
         self.relay.reset();
     }
 }

@@ -113,6 +113,8 @@ pub struct FakeDownstream {
     pub in_transaction: bool,
     /// QUIT was read.
     pub quit: bool,
+    /// NOOPs read (tarmac's keepalive while it holds a message).
+    pub noops: u32,
     /// This side closed the connection (or its TLS handshake failed): it reads nothing more.
     pub gone: bool,
     /// It said `220` to STARTTLS: nothing may come until the driver's handshake is done.
@@ -163,6 +165,7 @@ impl Default for FakeDownstream {
             in_data: false,
             in_transaction: false,
             quit: false,
+            noops: 0,
             gone: false,
             awaiting_tls: false,
             tls: false,
@@ -430,6 +433,12 @@ impl FakeDownstream {
             b"QUIT" => {
                 self.quit = true;
                 self.reply(out, "221 2.0.0 Bye");
+            }
+            // What tarmac sends to keep a session alive while it holds a message for its
+            // scanners; Postfix answers it in any state.
+            b"NOOP" => {
+                self.noops += 1;
+                self.reply(out, "250 2.0.0 Ok");
             }
             _ => panic!("unexpected downstream command {}", escape(line)),
         }

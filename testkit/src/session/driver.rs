@@ -28,9 +28,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use tarmac::config::{Config, DownstreamMode};
+use tarmac::content::{Edit, Verdict};
 use tarmac::downstream::dialog::Carried;
 use tarmac::policy::reputation::Event as ReputationEvent;
-use tarmac::smtp::question::{LookupAnswer, Query};
+use tarmac::smtp::question::{LookupAnswer, MilterStep, Query, ScanJob, Scanned};
 use tarmac::smtp::{
     Action, Answer, DownstreamEvent, LinkId, Peer, Question, Session, Shutdown, TlsVersion,
 };
@@ -64,12 +65,26 @@ pub fn config() -> Config {
 /// `Received:` lines are stable).
 pub fn peer(stressed: bool, starttls: bool) -> Peer {
     Peer {
+        conn: 0x7f3a,
         client: SocketAddr::from(([192, 0, 2, 7], 53211)),
         local: SocketAddr::from(([198, 51, 100, 1], 25)),
         accepted_at: UNIX_EPOCH + Duration::from_secs(1_795_438_862),
         stressed,
         starttls,
     }
+}
+
+/// What a scanned message's job told the scanners.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScanFacts {
+    /// The sender.
+    pub from: String,
+    /// The recipients the downstream accepted.
+    pub rcpts: Vec<String>,
+    /// rspamd's `Queue-Id`.
+    pub queue_id: String,
+    /// The client's HELO name.
+    pub helo: String,
 }
 
 /// Something the pair's downstream side has for the session, tagged with the connection it
@@ -159,6 +174,19 @@ pub struct Pair {
     pub tls_switches: usize,
     /// `Action::StartTls` came out and the handshake is not over.
     pub handshaking: bool,
+    /// The milters' answer per stage (`connect`, `helo`, `mail`, `rcpt`); a stage not listed
+    /// continues.
+    pub milter_script: Vec<(&'static str, Verdict)>,
+    /// Every milter step the session asked for: `connect`, `helo:NAME`, `mail:FROM`,
+    /// `rcpt:TO`, `abort`, `quit`.
+    pub milter_steps: Vec<String>,
+    /// The scanners' answer to a held message (verdict, edits, `scan=`); `None`: the scan
+    /// stays in [`Pair::pending_scan`] for the test to answer.
+    pub scan_answer: Option<(Verdict, Vec<Edit>, String)>,
+    /// A scan the test has not answered yet.
+    pub pending_scan: Option<Box<ScanJob>>,
+    /// Every message handed to the scanners: its bytes as held, with its job's facts.
+    pub scanned: Vec<(Vec<u8>, ScanFacts)>,
 
     /// Log each side's writes and check every write as above (off: [`Pair::for_bench`]).
     checks: bool,
@@ -266,6 +294,11 @@ impl Pair {
             reputation_events: Vec::new(),
             tls_switches: 0,
             handshaking: false,
+            milter_script: Vec::new(),
+            milter_steps: Vec::new(),
+            scan_answer: Some((Verdict::Continue, Vec::new(), "rspamd:no_action:0.0".into())),
+            pending_scan: None,
+            scanned: Vec::new(),
             checks: true,
             config,
             connecting: None,
@@ -352,7 +385,8 @@ impl Pair {
     /// The client's TLS handshake (after `Action::StartTls`) is done.
     pub fn tls_established(&mut self, version: TlsVersion) {
         self.handshaking = false;
-        self.session.handle_tls_established(self.now, version);
+        self.session
+            .handle_tls_established(self.now, version, Some("TLS13_AES_128_GCM_SHA256"));
         self.pump();
     }
 
@@ -485,7 +519,8 @@ impl Pair {
         let mut ds = Vec::new();
         if self.checks {
             for &link in &self.closed_links {
-                self.session.poll_transmit_downstream(link, &mut ds);
+                self.session
+                    .poll_transmit_downstream(self.now, link, &mut ds);
                 assert!(
                     ds.is_empty(),
                     "bytes for a closed downstream: {}",
@@ -494,7 +529,8 @@ impl Pair {
             }
         }
         if self.ds_open || self.connecting.is_some() {
-            self.session.poll_transmit_downstream(self.link, &mut ds);
+            self.session
+                .poll_transmit_downstream(self.now, self.link, &mut ds);
         }
         assert!(
             ds.len() < MAX_OUTBOX_DRAIN,
@@ -732,6 +768,51 @@ impl Pair {
                 Answer::Greylist(outcome)
             }
             Question::EnterTarpit => Answer::TarpitSlot(self.tarpit_free),
+            Question::Milter(step) => {
+                let (stage, seen) = match &step {
+                    MilterStep::Connect { .. } => ("connect", "connect".to_owned()),
+                    MilterStep::Helo { name, .. } => ("helo", format!("helo:{name}")),
+                    MilterStep::Mail { from, .. } => ("mail", format!("mail:{from}")),
+                    MilterStep::Rcpt { to } => ("rcpt", format!("rcpt:{to}")),
+                    MilterStep::Abort => ("abort", "abort".to_owned()),
+                    MilterStep::Quit => ("quit", "quit".to_owned()),
+                };
+                self.milter_steps.push(seen);
+                if matches!(step, MilterStep::Abort | MilterStep::Quit) {
+                    return None;
+                }
+                let verdict = self
+                    .milter_script
+                    .iter()
+                    .find(|(s, _)| *s == stage)
+                    .map_or(Verdict::Continue, |(_, verdict)| verdict.clone());
+                Answer::Milter(verdict)
+            }
+            Question::Scan(job) => {
+                let bytes = job
+                    .held
+                    .read_range(0, job.held.len())
+                    .expect("held message");
+                self.scanned.push((
+                    bytes,
+                    ScanFacts {
+                        from: job.from.clone(),
+                        rcpts: job.rcpts.clone(),
+                        queue_id: job.queue_id.clone(),
+                        helo: job.helo.clone(),
+                    },
+                ));
+                let Some((verdict, edits, marks)) = self.scan_answer.clone() else {
+                    self.pending_scan = Some(job);
+                    return None;
+                };
+                Answer::Scanned(Box::new(Scanned {
+                    held: job.held,
+                    verdict,
+                    edits,
+                    marks,
+                }))
+            }
             Question::Lookup(query) => {
                 self.lookups.push(query.clone());
                 let (_, answer) = self.dns.iter().find(|(q, _)| *q == query)?;

@@ -9,4 +9,4 @@ mod downstream;
 mod driver;
 
 pub use downstream::{FORGED, FakeDownstream, Reaction, Speaker, Totals};
-pub use driver::{Pair, config, peer};
+pub use driver::{Pair, ScanFacts, config, peer};
