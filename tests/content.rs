@@ -236,3 +236,114 @@ fn a_message_over_spool_after_goes_through_a_file_without_a_name_and_arrives_byt
         unnamed_files_in(&spool).is_empty()
     });
 }
+
+/// A message from `alice@sender.test` with `subject` and `body`, CRLF lines, not stuffed
+/// (no line starts with a dot).
+fn rspamd_message(subject: &str, extra_header: &str, body: &str) -> String {
+    format!(
+        "From: Alice <alice@sender.test>\r\nTo: Bob <bob@example.test>\r\nSubject: {subject}\r\n\
+         Date: Mon, 07 Dec 2026 12:00:00 +0000\r\nMessage-ID: <{subject}@sender.test>\r\n\
+         {extra_header}MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n{body}\r\n"
+    )
+}
+
+/// Sends `message` through tarmac at `addr`; the reply to its final dot.
+fn send_through(addr: std::net::SocketAddr, message: &str) -> String {
+    let mut client = Client::connect(addr);
+    client.start_message("alice@sender.test", &["bob@example.test"]);
+    client.send(message.as_bytes());
+    client.send(b".\r\n");
+    let reply = client.reply();
+    assert!(client.command("QUIT").starts_with("221"));
+    reply
+}
+
+/// tarmac with a real rspamd (DESIGN.md §7): GTUBE is refused with rspamd's own text and
+/// nothing reaches the downstream; a clean message is relayed with the headers rspamd adds,
+/// and without the `X-Spam` a client forged (rspamd asks for its removal); `add header` and
+/// `rewrite subject` show in the delivered message; `greylist` is a 451. With rspamd stopped,
+/// `on_failure = "tempfail"` gives `451 4.7.1` and `"accept"` relays the message unscanned.
+#[test]
+fn a_real_rspamd_decides_and_changes_what_is_relayed() {
+    use tarmac::content::RspamdUrl;
+    use tarmac_testkit::dns_server::{DnsServer, Zone};
+    use tarmac_testkit::rspamd::{
+        ECHO_HEADER, MARK_ADD_HEADER, MARK_ECHO, MARK_GREYLIST, MARK_REWRITE_SUBJECT, Rspamd,
+    };
+    const GTUBE: &str = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X";
+
+    let dns = DnsServer::start(vec![Zone::new("sender.test")]);
+    let Some(rspamd) = Rspamd::start(dns.addr()) else {
+        return;
+    };
+    let sink = sink(Behaviour::Normal);
+    let mut config = test_config(sink.local_addr());
+    config.content.rspamd = Some(RspamdUrl::parse(&format!("http://{}", rspamd.addr())).unwrap());
+    config.content.timeout = Duration::from_secs(20);
+    let server = Server::start(config.clone());
+
+    let reply = send_through(
+        server.addr,
+        &rspamd_message("gtube", "", &format!("Hi.\r\n{GTUBE}")),
+    );
+    assert_eq!(
+        reply,
+        "550 5.7.1 Gtube pattern\r\n",
+        "rspamd: {}",
+        rspamd.log_tail()
+    );
+    let reply = send_through(
+        server.addr,
+        &rspamd_message("grey", "", &format!("Hi.\r\n{MARK_GREYLIST}")),
+    );
+    assert!(reply.starts_with("451 4.7.1 "), "{reply}");
+    assert!(
+        sink.messages().is_empty(),
+        "nothing refused reached the downstream"
+    );
+
+    let clean = rspamd_message("clean", "X-Spam: No\r\n", &format!("Hi.\r\n{MARK_ECHO}"));
+    assert!(send_through(server.addr, &clean).starts_with("250 "));
+    let add = rspamd_message("add", "", &format!("Hi.\r\n{MARK_ADD_HEADER}"));
+    assert!(send_through(server.addr, &add).starts_with("250 "));
+    let rewrite = rspamd_message("rewrite", "", &format!("Hi.\r\n{MARK_REWRITE_SUBJECT}"));
+    assert!(send_through(server.addr, &rewrite).starts_with("250 "));
+    let delivered: Vec<String> = sink
+        .wait_for_messages(3, WAIT)
+        .iter()
+        .map(|m| String::from_utf8(m.content.clone()).unwrap())
+        .collect();
+    assert!(
+        delivered[0].contains(&format!("\r\n{ECHO_HEADER}: ")),
+        "{}",
+        delivered[0]
+    );
+    assert!(
+        !delivered[0].contains("X-Spam:"),
+        "the forged X-Spam is gone: {}",
+        delivered[0]
+    );
+    assert!(delivered[0].ends_with(&format!("\r\n\r\nHi.\r\n{MARK_ECHO}\r\n")));
+    assert!(
+        delivered[1].contains("\r\nX-Spam: Yes\r\n"),
+        "{}",
+        delivered[1]
+    );
+    assert!(
+        delivered[2].contains("\r\nSubject: *** SPAM *** rewrite\r\n"),
+        "{}",
+        delivered[2]
+    );
+    assert_eq!(delivered[2].matches("Subject:").count(), 1);
+
+    // rspamd gone: the sender is told to retry, or (accept) the message goes unscanned.
+    drop(rspamd);
+    let reply = send_through(server.addr, &rspamd_message("down", "", "Hi."));
+    assert_eq!(reply, "451 4.7.1 Service unavailable - try again later\r\n");
+    drop(server);
+    config.content.on_failure = OnFailure::Accept;
+    let server = Server::start(config);
+    assert!(send_through(server.addr, &rspamd_message("unscanned", "", "Hi.")).starts_with("250 "));
+    let delivered = sink.wait_for_messages(4, WAIT);
+    assert!(String::from_utf8_lossy(&delivered[3].content).contains("Subject: unscanned\r\n"));
+}

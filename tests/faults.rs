@@ -25,6 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tarmac::config::DownstreamMode;
 
 use tarmac_testkit::faulty::{Connection, FaultMix, Faulty, Rng, clock_ms};
+use tarmac_testkit::milter::{Script, TestMilter};
 use tarmac_testkit::{Client, DRAIN, Server, WAIT, config, test_config};
 
 /// Concurrent clients, each from its own loopback address.
@@ -66,12 +67,20 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 #[test]
 fn synchronous_mode_keeps_the_invariants_under_random_faults() {
-    run(DownstreamMode::Synchronous);
+    run(DownstreamMode::Synchronous, false);
 }
 
 #[test]
 fn multiplexing_mode_keeps_the_invariants_under_random_faults() {
-    run(DownstreamMode::Multiplexing);
+    run(DownstreamMode::Multiplexing, false);
+}
+
+/// The same with a scanner (DESIGN.md §7): every body is held (most past `spool_after`, in a
+/// spool file), passed to a milter, and only then sent with DATA; the invariants are the
+/// same, the `250` above all.
+#[test]
+fn a_scanner_keeps_the_invariants_under_random_faults() {
+    run(DownstreamMode::Synchronous, true);
 }
 
 /// `FAULT_SEED` (decimal or `0x` hex) or a fresh one.
@@ -622,12 +631,14 @@ fn rss_kib() -> u64 {
         .expect("VmRSS in /proc/self/status")
 }
 
-fn run(mode: DownstreamMode) {
+fn run(mode: DownstreamMode, scanner: bool) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let seed = seed();
-    let tag = match mode {
-        DownstreamMode::Synchronous => "sync",
-        DownstreamMode::Multiplexing => "mux",
+    let tag = match (mode, scanner) {
+        (DownstreamMode::Synchronous, false) => "sync",
+        (DownstreamMode::Multiplexing, false) => "mux",
+        (DownstreamMode::Synchronous, true) => "sync-scan",
+        (DownstreamMode::Multiplexing, true) => "mux-scan",
     };
     eprintln!(
         "faults: mode={tag} seed={seed:#018x} (replay: FAULT_SEED={seed:#018x} cargo test --test integration faults::)"
@@ -649,6 +660,12 @@ fn run(mode: DownstreamMode) {
     config.timeouts.command = SHORT_TIMEOUT;
     config.timeouts.data = SHORT_TIMEOUT;
     config.timeouts.connect = SHORT_TIMEOUT;
+    // A milter that lets everything through, and a spool for every body over 1 KB.
+    let milter = scanner.then(|| TestMilter::start(Script::new()));
+    if let Some(milter) = &milter {
+        config.content.milters = vec![milter.addr()];
+        config.content.spool_after = 1000;
+    }
     let server = Server::start(config);
     let ports = [server.addr.port(), downstream.local_addr().port()];
 

@@ -311,3 +311,72 @@ impl Shared {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn max_scans_is_shared_and_a_scan_over_it_waits_for_a_slot() {
+        runtime().block_on(async {
+            let shared = Arc::new(Shared::default());
+            let soon = || tokio::time::Instant::now() + Duration::from_millis(20);
+            assert!(shared.take_slot(2, soon()).await);
+            assert!(shared.take_slot(2, soon()).await);
+            // Both slots are taken: the third gives up at its deadline.
+            assert!(!shared.take_slot(2, soon()).await);
+            // One waiting while a slot frees gets it.
+            let waiter = {
+                let shared = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                    shared.take_slot(2, deadline).await
+                })
+            };
+            tokio::task::yield_now().await;
+            shared.free_slot();
+            assert!(waiter.await.unwrap());
+            assert_eq!(shared.scanning.load(Ordering::SeqCst), 2);
+            // A reload that lowers max_scans lets no new scan in until enough have ended.
+            assert!(!shared.take_slot(1, soon()).await);
+        });
+    }
+
+    #[test]
+    fn a_stopped_thread_answers_as_a_failed_scanner() {
+        let mut config = crate::config::Config::default();
+        config.content.on_failure = crate::content::OnFailure::Accept;
+        let job = ScanJob {
+            config: Arc::new(config),
+            held: crate::content::held::Held::from_bytes(b"Subject: x\r\n\r\nhi\r\n".to_vec()),
+            client: "192.0.2.1".parse().unwrap(),
+            helo: "c".into(),
+            name: None,
+            from: "a@b".into(),
+            rcpts: vec!["c@d".into()],
+            queue_id: "1.1".into(),
+            tls: None,
+        };
+        let Some(Answer::Scanned(scanned)) = unavailable(Question::Scan(Box::new(job))) else {
+            panic!("a scan gets an answer");
+        };
+        assert_eq!(
+            scanned.verdict,
+            Verdict::Continue,
+            "accept: relayed unscanned"
+        );
+        assert_eq!(scanned.held.len(), 18, "the message comes back");
+        assert!(unavailable(Question::Milter(MilterStep::Quit)).is_none());
+        assert!(matches!(
+            unavailable(Question::Milter(MilterStep::Rcpt { to: "x".into() })),
+            Some(Answer::Milter(Verdict::TempFail(None)))
+        ));
+    }
+}

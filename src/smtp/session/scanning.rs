@@ -356,7 +356,8 @@ impl Session {
             marks,
         } = scanned;
         log::info!(
-            "scan: client={} from=<{}> scan={marks} verdict={}",
+            "scan: conn={:x} client={} from=<{}> scan={marks} verdict={}",
+            self.peer.conn,
             self.peer.client,
             self.tx.as_deref().map_or("", |tx| tx.from.as_str()),
             verdict_name(&verdict),
