@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use tarmac::config::{AnnounceClient, BareNewline, Dnsbl, DownstreamMode, DownstreamTls};
+use tarmac::content::{Edit, MilterAddr, RspamdUrl, Verdict};
 use tarmac::smtp::question::{DnsblAnswer, LookupAnswer, Query, RdnsAnswer};
 use tarmac::smtp::reply::{Reply, Status, parse_reply};
 use tarmac::smtp::session::{Shutdown, TlsVersion};
@@ -34,6 +35,11 @@ use crate::session::{Pair, Totals, peer};
 /// tarpit instead: a 6 s greet pause with the `220-` teaser, a zone listing the client with
 /// weight 2, replies held 10 s and, with `k`'s bit 2, stuttered one byte per second; bytes
 /// before the banner then make it a pregreet talker.
+///
+/// With byte 0 bits 4–5 at 2 (no announcement), content inspection is on (rspamd, plus a
+/// milter with `k`'s bit 0 that refuses every RCPT with bit 3); `k`'s bits 1–2 pick the
+/// scanners' answer: relay with a header added, reject, tempfail, relay with the subject and
+/// body replaced.
 ///
 /// The rest is client bytes, except: `0xF0..=0xFF` advance the clock by `(b & 0x0F) × 37 s`
 /// and call `handle_timeout` (so `0xF0` just cuts a chunk), `0xEE` is a graceful shutdown and
@@ -190,6 +196,15 @@ impl Harness {
                 DownstreamTls::Opportunistic
             };
         }
+        // Announcing nothing (byte 0 bits 4–5 at 2) also turns content inspection on: rspamd,
+        // and with `k`'s bit 0 a milter; `k`'s bits 1–2 pick the scanners' answer.
+        let scanning = (scenario >> 4) & 3 == 2;
+        if scanning {
+            config.content.rspamd = Some(RspamdUrl::parse("http://127.0.0.1:11333").unwrap());
+            if k & 1 != 0 {
+                config.content.milters = vec![MilterAddr::parse("inet:127.0.0.1:8891").unwrap()];
+            }
+        }
         let first = config.downstream.servers.first().copied();
         let second = SocketAddr::from(([127, 0, 0, 1], 10026));
         let connect_mode = details >> 6;
@@ -206,6 +221,28 @@ impl Harness {
             _ => pair
                 .refused_servers
                 .extend(first.into_iter().chain([second])),
+        }
+        if scanning {
+            let edit = |name: &str| Edit::AddHeader {
+                name: name.into(),
+                value: "fuzz".into(),
+            };
+            pair.scan_answer = Some(match (k >> 1) & 3 {
+                0 => (Verdict::Continue, vec![edit("X-Fuzz")], String::new()),
+                1 => (Verdict::Reject(None), Vec::new(), String::new()),
+                2 => (Verdict::TempFail(None), Vec::new(), String::new()),
+                _ => (
+                    Verdict::Continue,
+                    vec![
+                        Edit::SetSubject("fuzz".into()),
+                        Edit::ReplaceBody(b".dot\r\nbody\r\n".to_vec()),
+                    ],
+                    String::new(),
+                ),
+            });
+            if k & 1 != 0 && k & 8 != 0 {
+                pair.milter_script = vec![("rcpt", Verdict::Reject(None))];
+            }
         }
         pair.dribble = details & 0x10 != 0;
         pair.lagging = details & 0x20 != 0;
@@ -227,6 +264,7 @@ impl Harness {
             seen: 0,
             client_seen: ClientView {
                 partial_ok: tarpit,
+                scanning,
                 ..ClientView::default()
             },
         }
@@ -332,6 +370,9 @@ struct ClientView {
     got_354: u32,
     got_mail_250: u32,
     got_rcpt_250: u32,
+    /// Content inspection is on: tarmac answers DATA with its own `354` (the downstream's
+    /// comes after the scan); the end-of-data `250` must still be the downstream's.
+    scanning: bool,
     /// Tarpit scenario: output may stop mid-reply (a `220-` teaser, stuttered bytes); only
     /// whole replies are checked, as they complete.
     partial_ok: bool,
@@ -405,7 +446,7 @@ impl ClientView {
                 self.after_354 = true;
                 self.got_354 += 1;
                 assert!(
-                    self.got_354 <= totals.data_354,
+                    self.scanning || self.got_354 <= totals.data_354,
                     "354 without the downstream's"
                 );
             }
