@@ -209,3 +209,22 @@ fn regression_idle_deadline_while_waiting() {
         .join("fuzz/corpus/session/regression_idle_deadline_while_waiting");
     fuzz::session(&std::fs::read(file).unwrap());
 }
+
+/// Found by the milter target: a REPLYCODE `550-%1 …` passed Postfix's check and became
+/// `550-1 …` once sendmail's `%` doubling was undone, a reply that breaks the same rules and
+/// so did not survive its own encoding.
+#[test]
+fn regression_percent_digit_reply_code() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus/milter/regression_percent_digit_reply_code");
+    fuzz::milter(&std::fs::read(file).unwrap());
+}
+
+/// Found by the milter target: a REPLYCODE whose last line is the bare code and a space
+/// (`550 `, empty text) was encoded back without the space, which the decoder refuses.
+#[test]
+fn regression_empty_last_reply_line() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus/milter/regression_empty_last_reply_line");
+    fuzz::milter(&std::fs::read(file).unwrap());
+}

@@ -473,10 +473,16 @@ impl Response {
             Response::ReplyCode(reply) => {
                 let mut text = Vec::new();
                 reply.write_to(&mut text);
-                let text = text.strip_suffix(b"\r\n").unwrap_or(&text);
+                let mut text = text.strip_suffix(b"\r\n").unwrap_or(&text).to_vec();
+                // An empty last line is written as the bare code; libmilter's form (and
+                // Postfix's check) wants the space after it.
+                let last_line = text.rsplit(|&b| b == b'\n').next().unwrap_or_default();
+                if last_line.len() == 3 {
+                    text.push(b' ');
+                }
                 // sendmail reads the text as a format string: `%` goes doubled.
                 let mut doubled = Vec::with_capacity(text.len());
-                for &b in text {
+                for &b in &text {
                     if b == b'%' {
                         doubled.push(b'%');
                     }
@@ -588,35 +594,8 @@ impl Response {
 /// has the same code; then undoes sendmail's `%` doubling (`%%` is `%`, a lone `%` goes).
 pub fn reply_code(text: &[u8]) -> Result<Reply, Failure> {
     let bad = || garbage(format!("malformed reply code {:?}", show_bytes(text)));
-    if text.is_empty() || text.contains(&0) {
+    if !valid_reply_lines(text) {
         return Err(bad());
-    }
-    let lines: Vec<&[u8]> = text.split(|&b| b == b'\n').collect();
-    let last = lines.len().saturating_sub(1);
-    let mut code: Option<&[u8]> = None;
-    for (i, line) in lines.iter().enumerate() {
-        let line = if i < last {
-            line.strip_suffix(b"\r").ok_or_else(bad)?
-        } else {
-            line
-        };
-        if line.contains(&b'\r') {
-            return Err(bad());
-        }
-        let (Some(&first), Some(digits), Some(&sep)) = (line.first(), line.get(..3), line.get(3))
-        else {
-            return Err(bad());
-        };
-        let ok = matches!(first, b'4' | b'5')
-            && digits.iter().all(u8::is_ascii_digit)
-            && sep == if i == last { b' ' } else { b'-' }
-            && line
-                .get(4)
-                .is_none_or(|&b| !b.is_ascii_digit() || b == first);
-        if !ok || code.is_some_and(|c| c != digits) {
-            return Err(bad());
-        }
-        code = Some(digits);
     }
     let mut unpercent = Vec::with_capacity(text.len() + 2);
     let mut bytes = text.iter().copied();
@@ -629,11 +608,54 @@ pub fn reply_code(text: &[u8]) -> Result<Reply, Failure> {
             unpercent.push(b);
         }
     }
+    // Checked again once undoubled (Postfix checks only before): `550-%1` would otherwise
+    // become `550-1`, a reply that breaks the rules (found by the fuzz target).
+    if !valid_reply_lines(&unpercent) {
+        return Err(bad());
+    }
     unpercent.extend_from_slice(b"\r\n");
     match parse_reply(&unpercent) {
         Ok(Status::Complete((reply, used))) if used == unpercent.len() => Ok(reply),
         _ => Err(bad()),
     }
+}
+
+/// Postfix's `milter8_valid_smtp_reply`, plus one code on every line.
+fn valid_reply_lines(text: &[u8]) -> bool {
+    if text.is_empty() || text.contains(&0) {
+        return false;
+    }
+    let lines: Vec<&[u8]> = text.split(|&b| b == b'\n').collect();
+    let last = lines.len().saturating_sub(1);
+    let mut code: Option<&[u8]> = None;
+    for (i, line) in lines.iter().enumerate() {
+        let line = if i < last {
+            match line.strip_suffix(b"\r") {
+                Some(line) => line,
+                None => return false,
+            }
+        } else {
+            line
+        };
+        if line.contains(&b'\r') {
+            return false;
+        }
+        let (Some(&first), Some(digits), Some(&sep)) = (line.first(), line.get(..3), line.get(3))
+        else {
+            return false;
+        };
+        let ok = matches!(first, b'4' | b'5')
+            && digits.iter().all(u8::is_ascii_digit)
+            && sep == if i == last { b' ' } else { b'-' }
+            && line
+                .get(4)
+                .is_none_or(|&b| !b.is_ascii_digit() || b == first);
+        if !ok || code.is_some_and(|c| c != digits) {
+            return false;
+        }
+        code = Some(digits);
+    }
+    true
 }
 
 /// Splits a byte stream into frames. Bytes are pushed as they arrive, in chunks of any size;
@@ -913,6 +935,7 @@ mod tests {
             Response::Reject,
             Response::TempFail,
             Response::ReplyCode(Reply::new(550, "5.7.1", "100% no thanks")),
+            Response::ReplyCode(Reply::multiline(554, None, vec!["x".into(), String::new()])),
             Response::ReplyCode(Reply::multiline(
                 451,
                 Some(EnhancedCode(4, 7, 1)),
@@ -1167,6 +1190,7 @@ mod tests {
             b"5x0 5.7.1 x",
             b"550 a\rb",
             b"550 a\0b",
+            b"550-%1 one\r\n550 two", // a digit of another class once undoubled
         ];
         for text in bad {
             assert!(

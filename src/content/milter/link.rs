@@ -216,6 +216,8 @@ impl MilterLink {
     /// DATA (if negotiated), each header of `held` (content::message::header_block), EOH, the
     /// body from `body_offset` in chunks of at most 65,535 bytes (stop early on SKIP), EOB;
     /// then the modifications and the final verdict. The macros go with DATA and with EOB.
+    /// `timeout` bounds each stage (each header, each body chunk, the final answer), as
+    /// `[content] timeout` says for milters, and `SMFIR_PROGRESS` restarts it.
     /// A verdict other than continue before EOB ends the message there (the transaction is
     /// closed with `SMFIC_ABORT`); either way the link is ready for the next MAIL.
     pub async fn message(
