@@ -151,7 +151,8 @@ pub enum Verdict {
 
 /// One change a scanner asked for, applied to the held message before it is relayed.
 /// Header names compare without regard to case; values are as the scanner sent them (folded
-/// lines included), written after `Name: `.
+/// lines included, their line breaks as CRLF, without the one space after the colon), and are
+/// written after `Name: `.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Edit {
     /// Append a header after the last one (milter `ADDHEADER`, rspamd add without `order`).

@@ -206,6 +206,9 @@ async fn pass(
             Stage::Mail(from, args) => link.mail(from, args, macros, timeout).await,
             Stage::Rcpt(to) => link.rcpt(to, &[], macros, timeout).await,
         };
+        for note in link.take_notes() {
+            log::info!("content: milter {}: {note}", milter.addr);
+        }
         match result {
             Ok(Verdict::Accept) => match stage {
                 Stage::Connect(_) | Stage::Helo(_) => {
