@@ -53,7 +53,7 @@ pub struct Waiter {
     pub key: u64,
 }
 
-/// An answer for a connection, read by its worker from its [`Inbox`].
+/// An answer for a connection, read by its worker from its inbox.
 #[derive(Debug)]
 pub struct ScanAnswer {
     /// The connection's key.
@@ -155,14 +155,13 @@ impl ScannerHandle {
 /// means under the session's `on_failure`.
 pub fn unavailable(question: Question) -> Option<Answer> {
     match question {
-        Question::Milter(MilterStep::Connect { config, .. }) => Some(Answer::Milter(
-            policy::failed(config.content.on_failure).unwrap_or(Verdict::Continue),
+        Question::Milter(MilterStep::Connect { content, .. }) => Some(Answer::Milter(
+            policy::failed(content.on_failure).unwrap_or(Verdict::Continue),
         )),
         Question::Milter(MilterStep::Abort | MilterStep::Quit) => None,
         Question::Milter(_) => Some(Answer::Milter(Verdict::TempFail(None))),
         Question::Scan(job) => {
-            let verdict =
-                policy::failed(job.config.content.on_failure).unwrap_or(Verdict::Continue);
+            let verdict = policy::failed(job.content.on_failure).unwrap_or(Verdict::Continue);
             Some(Answer::Scanned(Box::new(Scanned {
                 held: job.held,
                 verdict,
@@ -195,7 +194,9 @@ async fn serve(
         conversations.retain(|_, steps| !steps.is_closed());
         match request.question {
             Question::Milter(MilterStep::Connect {
-                config,
+                content,
+                hostname,
+                linger,
                 client,
                 name,
             }) => {
@@ -203,7 +204,9 @@ async fn serve(
                 let context = conversation::Context {
                     shared: Arc::clone(&shared),
                     waiter,
-                    config,
+                    content: *content,
+                    hostname,
+                    linger,
                     client,
                     name,
                 };
@@ -351,10 +354,13 @@ mod tests {
 
     #[test]
     fn a_stopped_thread_answers_as_a_failed_scanner() {
-        let mut config = crate::config::Config::default();
-        config.content.on_failure = crate::content::OnFailure::Accept;
+        let content = crate::content::Settings {
+            on_failure: crate::content::OnFailure::Accept,
+            ..crate::content::Settings::default()
+        };
         let job = ScanJob {
-            config: Arc::new(config),
+            content,
+            hostname: "mx.test".into(),
             held: crate::content::held::Held::from_bytes(b"Subject: x\r\n\r\nhi\r\n".to_vec()),
             client: "192.0.2.1".parse().unwrap(),
             helo: "c".into(),

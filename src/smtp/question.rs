@@ -16,9 +16,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::Config;
 use crate::content::held::Held;
-use crate::content::{Edit, Verdict};
+use crate::content::{Edit, Settings, Verdict};
 use crate::policy::reputation::{Event, History};
 use crate::state::greylist::{GreylistOutcome, GreylistTimes};
 
@@ -74,8 +73,13 @@ pub enum MilterStep {
     /// The client was greeted (its verdict lets it talk): open a connection to each milter
     /// and pass the connect stage. Carries the configuration the conversation keeps.
     Connect {
-        /// The session's configuration: `[content]` and the hostname (macro `j`).
-        config: Arc<Config>,
+        /// The session's `[content]`, which the conversation keeps to its end.
+        content: Box<Settings>,
+        /// tarmac's hostname (macro `j`).
+        hostname: String,
+        /// How long the conversation may go without a step before it ends by itself: a
+        /// session that vanished without `Quit` (longer than any session waits).
+        linger: Duration,
         /// The client.
         client: SocketAddr,
         /// Its verified rDNS name (`{client_name}`; `unknown` without one).
@@ -109,8 +113,10 @@ pub enum MilterStep {
 /// A held message to scan, with what the scanners are told about it (DESIGN.md §7).
 #[derive(Debug)]
 pub struct ScanJob {
-    /// The session's configuration: `[content]` and the hostname (`MTA-Name`, `j`).
-    pub config: Arc<Config>,
+    /// The session's `[content]`.
+    pub content: Settings,
+    /// tarmac's hostname (`MTA-Name`).
+    pub hostname: String,
     /// The message: tarmac's `Received:` first.
     pub held: Held,
     /// The client.

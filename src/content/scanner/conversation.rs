@@ -15,9 +15,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::{Shared, Step, Waiter, answer};
-use crate::config::Config;
 use crate::content::milter::{ConnectInfo, MilterLink};
-use crate::content::{MilterAddr, Verdict};
+use crate::content::{MilterAddr, Settings, Verdict};
 use crate::policy::content as policy;
 use crate::smtp::question::{Answer, MilterStep, Tls};
 
@@ -28,8 +27,12 @@ const DAEMON_NAME: &str = "tarmac";
 pub(super) struct Context {
     pub(super) shared: Arc<Shared>,
     pub(super) waiter: Waiter,
-    /// The session's configuration when it connected: the conversation keeps its milters.
-    pub(super) config: Arc<Config>,
+    /// The session's `[content]` when it connected: the conversation keeps its milters.
+    pub(super) content: Settings,
+    /// tarmac's hostname (`j`).
+    pub(super) hostname: String,
+    /// No step for this long ends the conversation.
+    pub(super) linger: Duration,
     pub(super) client: SocketAddr,
     pub(super) name: Option<Arc<str>>,
 }
@@ -54,14 +57,12 @@ enum Stage<'a> {
 /// Runs the conversation: the connect stage, then each step until `Quit`, the channel's end,
 /// or no step for longer than a session can wait (a session that vanished without `Quit`).
 pub(super) async fn run(context: Context, mut steps: mpsc::UnboundedReceiver<Step>) {
-    let config = Arc::clone(&context.config);
-    let content = &config.content;
-    let timeouts = &config.timeouts;
-    let idle_limit = timeouts.idle + timeouts.data + content.timeout.saturating_mul(4);
+    let content = &context.content;
+    let idle_limit = context.linger;
     let mut milters = open(&context).await;
     let client_addr = context.client.ip().to_canonical().to_string();
     let client_name = context.name.as_deref().unwrap_or("unknown").to_owned();
-    let hostname = config.server.hostname.as_str();
+    let hostname = context.hostname.as_str();
     let connect_macros = [
         ("j", hostname),
         ("{daemon_name}", DAEMON_NAME),
@@ -159,7 +160,7 @@ pub(super) async fn run(context: Context, mut steps: mpsc::UnboundedReceiver<Ste
 /// Connects to every milter of the configuration, in order; one that cannot be reached is
 /// logged and left out (the connect stage then fails as `on_failure` says).
 async fn open(context: &Context) -> Vec<Milter> {
-    let content = &context.config.content;
+    let content = &context.content;
     let mut milters = Vec::with_capacity(content.milters.len());
     for addr in &content.milters {
         let link = match MilterLink::open(addr, content.timeout).await {
@@ -187,7 +188,7 @@ async fn pass(
     macros: &[(&str, &str)],
     timeout: Duration,
 ) -> Verdict {
-    let on_failure = context.config.content.on_failure;
+    let on_failure = context.content.on_failure;
     for milter in milters.iter_mut() {
         if milter.done_with_message && matches!(stage, Stage::Mail(..) | Stage::Rcpt(_)) {
             continue;

@@ -17,7 +17,7 @@ pub(super) async fn scan(
     milters: &mut [Milter],
     tls: Option<Tls>,
 ) -> Scanned {
-    let content = &job.config.content;
+    let content = &job.content;
     let deadline = tokio::time::Instant::now() + content.timeout;
     if !shared.take_slot(content.max_scans, deadline).await {
         shared.warn("max_scans", &crate::content::Failure::Busy);
@@ -53,7 +53,7 @@ async fn run(
     marks: &mut Vec<String>,
     edits: &mut Vec<Edit>,
 ) -> Verdict {
-    let content = &job.config.content;
+    let content = &job.content;
     let on_failure = content.on_failure;
     if let Some(url) = &content.rspamd {
         let request = Request {
@@ -64,7 +64,7 @@ async fn run(
             rcpts: &job.rcpts,
             queue_id: &job.queue_id,
             tls: job.tls.map(|tls| (tls.version, tls.cipher)),
-            mta_name: &job.config.server.hostname,
+            mta_name: &job.hostname,
         };
         match rspamd::check(url, &request, &job.held, content.timeout).await {
             Ok(reply) => {

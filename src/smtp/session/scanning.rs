@@ -90,7 +90,9 @@ impl Session {
         self.phase = Phase::Waiting(Pending::Milter(MilterStage::Connect));
         self.actions
             .push_back(Action::Ask(Question::Milter(MilterStep::Connect {
-                config: Arc::clone(&self.config),
+                content: Box::new(self.config.content.clone()),
+                hostname: self.config.server.hostname.clone(),
+                linger: self.milter_linger(),
                 client: self.peer.client,
                 name: self.checks.rdns_name().map(Arc::from),
             })));
@@ -210,6 +212,13 @@ impl Session {
         self.scan.discard = false;
     }
 
+    /// How long a milter conversation may go without a step: longer than this session can
+    /// wait for anything (its idle and data timeouts, and a few scanner timeouts).
+    fn milter_linger(&self) -> Duration {
+        let timeouts = &self.config.timeouts;
+        timeouts.idle + timeouts.data + self.config.content.timeout.saturating_mul(4)
+    }
+
     /// The client's TLS as the scanners are told it.
     fn scan_tls(&self) -> Option<Tls> {
         match self.tls {
@@ -323,7 +332,8 @@ impl Session {
         };
         self.scan.scanned += 1;
         let job = ScanJob {
-            config: Arc::clone(&self.config),
+            content: self.config.content.clone(),
+            hostname: self.config.server.hostname.clone(),
             held,
             client: self.peer.client.ip().to_canonical(),
             helo: String::from_utf8_lossy(self.helo.as_deref().unwrap_or_default()).into_owned(),
