@@ -1,4 +1,4 @@
-//! CPU time from /proc, for the benches that say where the time goes (`dns`, `relay`,
+//! CPU time from /proc, for the benches that say where the time goes (`dns`, `relay`, `scan`,
 //! `tarpit`): the whole process's, or one thread's.
 
 use std::ops::{Add, Sub};
