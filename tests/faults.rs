@@ -57,8 +57,12 @@ const POOL_SIZE: usize = 2;
 const FD_SLACK: usize = 64;
 /// RSS the process may hold above the baseline once everything stopped: a coarse guard
 /// against gross leaks, for the same reason (the memory bound per connection is measured by
-/// `bench/memory.rs`, not here).
-const RSS_SLACK_KIB: u64 = 96 * 1024;
+/// `bench/memory.rs`, not here). The other tests running beside this one include ones that
+/// hold whole messages (spooled, scanned) and start many threads, each of which may get a
+/// malloc arena of its own that keeps what it freed; seen at 166 MiB above the baseline in a
+/// loaded full run without any leak (this run alone: +9 MiB). A leak of 1 MiB per
+/// transaction would still show.
+const RSS_SLACK_KIB: u64 = 256 * 1024;
 /// Violations of one kind shown in full in the failure message (all are in the report file).
 const SHOWN_PER_KIND: usize = 3;
 
@@ -916,6 +920,8 @@ fn run(mode: DownstreamMode, scanner: bool) {
             format!("ports {ports:?}: {leftover:?}"),
         );
     }
+    // Other tests' peaks pass: wait a while for the RSS to come back under the bound.
+    poll_within(WAIT, || rss_kib() <= rss_before + RSS_SLACK_KIB);
     let rss_after = rss_kib();
     if rss_after > rss_before + RSS_SLACK_KIB {
         violations.add(
