@@ -76,3 +76,17 @@ fn the_line_buffer_never_grows_past_max_line_length() {
     }
     assert_eq!(replies(&mut session, now), "250 2.0.0 Ok\r\n");
 }
+
+/// Without scanners a session keeps no content-inspection state (DESIGN.md §7: "no cost
+/// added to that path"): a transaction up to its body, a timeout in the body, RSET and the
+/// close leave `scan` unmade.
+#[test]
+fn a_session_without_scanners_makes_no_scanning_state() {
+    let (mut session, now) = session();
+    session.handle_client_data(now, b"EHLO c\r\nMAIL FROM:<a@b>\r\nRSET\r\nNOOP\r\n");
+    replies(&mut session, now);
+    session.handle_timeout(now + Duration::from_secs(3600));
+    session.handle_client_eof(now);
+    assert!(session.is_closed());
+    assert!(session.scan.is_none());
+}

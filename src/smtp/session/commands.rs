@@ -551,7 +551,7 @@ impl Session {
                 return;
             }
         };
-        if self.scan.is_holding() {
+        if self.is_holding_message() {
             if violation == Some(DataViolation::BareNewline) {
                 self.record_reputation(Event::ProtocolAbuse);
             }

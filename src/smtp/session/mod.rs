@@ -276,10 +276,9 @@ pub struct Session {
     /// A `greylist` rule matched: every recipient is greylisted.
     forced_greylist: bool,
     tls: TlsStage,
-    /// The cipher suite of the client's TLS, when known (rspamd's `TLS-Cipher`, `{cipher}`).
-    tls_cipher: Option<&'static str>,
-    /// Content inspection: the milters' conversation, the held message (DESIGN.md §7).
-    scan: scanning::Scanning,
+    /// Content inspection: the milters' conversation, the held message (DESIGN.md §7). Boxed
+    /// and made on first use: a session without scanners pays one pointer.
+    scan: Option<Box<scanning::Scanning>>,
 }
 
 impl Session {
@@ -349,8 +348,7 @@ impl Session {
             rule: None,
             greylisted: "-",
             forced_greylist: false,
-            scan: scanning::Scanning::default(),
-            tls_cipher: None,
+            scan: None,
             tls: if peer.starttls {
                 TlsStage::Offered
             } else {
@@ -367,6 +365,7 @@ impl Session {
         while consumed < bytes.len() {
             let rest = bytes.get(consumed..).unwrap_or_default();
             let holding = self.is_holding();
+            let holding_message = self.is_holding_message();
             let relay_outbox = self.relay.outbox_len();
             let relay_full = relay_outbox >= DOWNSTREAM_OUTBOX_CAP;
             let used = match &mut self.phase {
@@ -405,7 +404,7 @@ impl Session {
                     }
                     rest.len()
                 }
-                Phase::Data(_) if self.scan.is_holding() => {
+                Phase::Data(_) if holding_message => {
                     let Some(decoded) = self.hold_body(rest) else {
                         break;
                     };
@@ -549,7 +548,9 @@ impl Session {
             return;
         }
         self.tls = TlsStage::Active(version);
-        self.tls_cipher = cipher;
+        if self.config.content.scans() {
+            self.scan_mut().tls_cipher = cipher;
+        }
         self.helo = None;
         self.esmtp = false;
         self.tx = None;
@@ -657,7 +658,7 @@ impl Session {
         let downstream = self.relay.poll_timeout();
         [
             self.timers
-                .earliest(&self.phase, holding, downstream, self.scan.keepalive),
+                .earliest(&self.phase, holding, downstream, self.keepalive()),
             release,
         ]
         .into_iter()
@@ -674,7 +675,7 @@ impl Session {
             // Read until the first pregreet byte: talking first is what is watched for here.
             Phase::Checking => self.pregreet.is_none(),
             Phase::Data(_) => {
-                self.scan.is_holding() || self.relay.outbox_len() < DOWNSTREAM_OUTBOX_CAP
+                self.is_holding_message() || self.relay.outbox_len() < DOWNSTREAM_OUTBOX_CAP
             }
             // Until the switch, bytes are taken only to be discarded; during the handshake the
             // driver has no plaintext to offer.
@@ -698,7 +699,9 @@ impl Session {
     pub fn report(&self) -> Report<'_> {
         let result = if self.msgs > 0 {
             "delivered"
-        } else if self.scan.discarded > 0 && self.last_failure.is_none() {
+        } else if self.scan.as_deref().is_some_and(|scan| scan.discarded > 0)
+            && self.last_failure.is_none()
+        {
             "discarded"
         } else if let Some(failure) = self.last_failure {
             failure
@@ -726,11 +729,12 @@ impl Session {
                 TlsStage::Active(version) => version.as_str(),
                 _ => "no",
             },
-            scan: if self.scan.marks.is_empty() {
-                "-"
-            } else {
-                &self.scan.marks
-            },
+            scan: self
+                .scan
+                .as_deref()
+                .map(|scan| scan.marks.as_str())
+                .filter(|marks| !marks.is_empty())
+                .unwrap_or("-"),
             result,
         }
     }

@@ -59,6 +59,8 @@ pub(super) struct Scanning {
     outgoing: Option<Box<Outgoing>>,
     /// When the held downstream session gets its next NOOP.
     pub(super) keepalive: Option<Instant>,
+    /// The cipher suite of the client's TLS, when known (rspamd's `TLS-Cipher`, `{cipher}`).
+    pub(super) tls_cipher: Option<&'static str>,
     /// Messages scanned on this connection (the `n` of `Queue-Id`).
     scanned: u32,
     /// Messages the scanners discarded (the client had its `250`).
@@ -67,17 +69,25 @@ pub(super) struct Scanning {
     pub(super) marks: String,
 }
 
-impl Scanning {
-    /// Whether a message is being held (`Phase::Data` then feeds `held`, not the relay).
-    pub(super) fn is_holding(&self) -> bool {
-        self.held.is_some()
-    }
-}
-
 impl Session {
+    /// The scanning state, made on first use.
+    pub(super) fn scan_mut(&mut self) -> &mut Scanning {
+        self.scan.get_or_insert_with(Box::default)
+    }
+
+    /// Whether a message is being held (`Phase::Data` then feeds it, not the relay).
+    pub(super) fn is_holding_message(&self) -> bool {
+        self.scan.as_deref().is_some_and(|scan| scan.held.is_some())
+    }
+
+    /// When the held downstream session gets its next NOOP, if one is due at all.
+    pub(super) fn keepalive(&self) -> Option<Instant> {
+        self.scan.as_deref().and_then(|scan| scan.keepalive)
+    }
+
     /// Whether the milters see this session's stages.
     fn milters_on(&self) -> bool {
-        self.scan.milters_open
+        self.scan.as_deref().is_some_and(|scan| scan.milters_open)
     }
 
     /// The greeting, once the verdict lets the client talk: through the milters' connect
@@ -86,7 +96,7 @@ impl Session {
         if self.config.content.milters.is_empty() {
             return self.greet();
         }
-        self.scan.milters_open = true;
+        self.scan_mut().milters_open = true;
         self.phase = Phase::Waiting(Pending::Milter(MilterStage::Connect));
         self.actions
             .push_back(Action::Ask(Question::Milter(MilterStep::Connect {
@@ -103,7 +113,7 @@ impl Session {
         if !self.milters_on() {
             return self.reply(reply);
         }
-        self.scan.helo_reply = Some(reply);
+        self.scan_mut().helo_reply = Some(reply);
         self.phase = Phase::Waiting(Pending::Milter(MilterStage::Helo));
         let tls = self.scan_tls();
         self.actions
@@ -127,8 +137,8 @@ impl Session {
             args: tx.params.to_args(),
         };
         self.abort_milter_transaction();
-        self.scan.milter_tx = true;
-        self.scan.discard = false;
+        self.scan_mut().milter_tx = true;
+        self.scan_mut().discard = false;
         self.phase = Phase::Waiting(Pending::Milter(MilterStage::Mail));
         self.actions.push_back(Action::Ask(Question::Milter(step)));
     }
@@ -139,7 +149,7 @@ impl Session {
         if !self.milters_on() {
             return self.relay_rcpt(now, to);
         }
-        self.scan.rcpt = Some(to.into());
+        self.scan_mut().rcpt = Some(to.into());
         self.phase = Phase::Waiting(Pending::Milter(MilterStage::Rcpt));
         self.actions
             .push_back(Action::Ask(Question::Milter(MilterStep::Rcpt {
@@ -169,33 +179,33 @@ impl Session {
             }
             (MilterStage::Connect, _) => self.greet(),
             (MilterStage::Helo, StageDecision::Refuse(reply)) => {
-                self.scan.helo_reply = None;
+                self.scan_mut().helo_reply = None;
                 self.helo = None;
                 self.reply(reply);
             }
             (MilterStage::Helo, _) => {
-                if let Some(reply) = self.scan.helo_reply.take() {
+                if let Some(reply) = self.scan_mut().helo_reply.take() {
                     self.reply(reply);
                 }
             }
             (MilterStage::Mail, StageDecision::Refuse(reply)) => {
-                self.scan.milter_tx = false;
+                self.scan_mut().milter_tx = false;
                 self.tx = None;
                 self.reply(reply);
             }
             (MilterStage::Mail, decision) => {
-                self.scan.discard = decision == StageDecision::Discard;
+                self.scan_mut().discard = decision == StageDecision::Discard;
                 self.phase = Phase::Waiting(Pending::Mail);
                 self.start_mail(now);
             }
             (MilterStage::Rcpt, decision) => {
-                let Some(to) = self.scan.rcpt.take() else {
+                let Some(to) = self.scan_mut().rcpt.take() else {
                     return;
                 };
                 match decision {
                     StageDecision::Refuse(reply) => self.reply(reply),
                     decision => {
-                        self.scan.discard |= decision == StageDecision::Discard;
+                        self.scan_mut().discard |= decision == StageDecision::Discard;
                         self.relay_rcpt(now, &to);
                     }
                 }
@@ -205,11 +215,14 @@ impl Session {
 
     /// The client's transaction ended before its message reached the milters: they are told.
     pub(super) fn abort_milter_transaction(&mut self) {
-        if std::mem::take(&mut self.scan.milter_tx) {
+        let Some(scan) = self.scan.as_deref_mut() else {
+            return;
+        };
+        scan.discard = false;
+        if std::mem::take(&mut scan.milter_tx) {
             self.actions
                 .push_back(Action::Ask(Question::Milter(MilterStep::Abort)));
         }
-        self.scan.discard = false;
     }
 
     /// How long a milter conversation may go without a step: longer than this session can
@@ -224,7 +237,11 @@ impl Session {
         match self.tls {
             TlsStage::Active(version) => Some(Tls {
                 version: version.as_str(),
-                cipher: self.tls_cipher.unwrap_or_default(),
+                cipher: self
+                    .scan
+                    .as_deref()
+                    .and_then(|scan| scan.tls_cipher)
+                    .unwrap_or_default(),
             }),
             _ => None,
         }
@@ -232,8 +249,11 @@ impl Session {
 
     /// The session is over: the milters' conversation ends.
     pub(super) fn quit_milters(&mut self) {
-        if std::mem::take(&mut self.scan.milters_open) {
-            self.scan.milter_tx = false;
+        let Some(scan) = self.scan.as_deref_mut() else {
+            return;
+        };
+        if std::mem::take(&mut scan.milters_open) {
+            scan.milter_tx = false;
             self.actions
                 .push_back(Action::Ask(Question::Milter(MilterStep::Quit)));
         }
@@ -251,7 +271,7 @@ impl Session {
         self.phase = Phase::Data(Box::new(decoder));
         self.timers.data = Some(now + self.config.timeouts.data);
         self.timers.idle = None;
-        self.scan.keepalive = Some(now + KEEPALIVE_EVERY);
+        self.scan_mut().keepalive = Some(now + KEEPALIVE_EVERY);
         let content = &self.config.content;
         let mut held = Held::new(
             content.spool_after,
@@ -271,8 +291,8 @@ impl Session {
             now,
         );
         write_received(&trace, &mut header);
-        self.scan.hold_failed = held.append(&header).is_err();
-        self.scan.held = Some(held);
+        self.scan_mut().hold_failed = held.append(&header).is_err();
+        self.scan_mut().held = Some(held);
     }
 
     /// Decodes client body bytes into the held message; returns what `decode` did.
@@ -280,7 +300,7 @@ impl Session {
         let Phase::Data(decoder) = &mut self.phase else {
             return None;
         };
-        let scan = &mut self.scan;
+        let scan = self.scan.get_or_insert_with(Box::default);
         scan.decoded.clear();
         let decoded = decoder.decode(bytes, &mut scan.decoded);
         if let Some(held) = scan.held.as_mut()
@@ -299,13 +319,13 @@ impl Session {
     /// The final dot of a held message: refused as a streamed one would be, discarded, or
     /// handed to the scanners.
     pub(super) fn end_of_held(&mut self, now: Instant, violation: Option<DataViolation>) {
-        let Some(held) = self.scan.held.take() else {
+        let Some(held) = self.scan_mut().held.take() else {
             return;
         };
-        self.scan.keepalive = None;
+        self.scan_mut().keepalive = None;
         let refusal = if let Some(violation) = violation {
             Some(violation.reply())
-        } else if self.scan.hold_failed {
+        } else if self.scan_mut().hold_failed {
             Some(Reply::new(
                 451,
                 "4.3.0",
@@ -322,15 +342,20 @@ impl Session {
             });
             return self.reply(reply);
         }
-        if self.scan.discard {
-            self.scan.discarded += 1;
+        if self.scan_mut().discard {
+            self.scan_mut().discarded += 1;
             self.end_scanned_transaction("discarded");
             return self.reply(Reply::new(250, "2.0.0", "Ok"));
         }
+        let number = {
+            let scan = self.scan_mut();
+            scan.scanned += 1;
+            scan.scanned
+        };
+        let tls = self.scan_tls();
         let Some(tx) = self.tx.as_deref() else {
             return;
         };
-        self.scan.scanned += 1;
         let job = ScanJob {
             content: self.config.content.clone(),
             hostname: self.config.server.hostname.clone(),
@@ -340,13 +365,13 @@ impl Session {
             name: self.checks.rdns_name().map(Arc::from),
             from: tx.from.clone(),
             rcpts: tx.recipients.clone(),
-            queue_id: format!("{:x}.{}", self.peer.conn, self.scan.scanned),
-            tls: self.scan_tls(),
+            queue_id: format!("{:x}.{}", self.peer.conn, number),
+            tls,
         };
         // The milters saw this message through to its end: their transaction is over.
-        self.scan.milter_tx = false;
+        self.scan_mut().milter_tx = false;
         self.phase = Phase::Waiting(Pending::Scan);
-        self.scan.keepalive = Some(now + KEEPALIVE_EVERY);
+        self.scan_mut().keepalive = Some(now + KEEPALIVE_EVERY);
         self.actions
             .push_back(Action::Ask(Question::Scan(Box::new(job))));
     }
@@ -357,7 +382,7 @@ impl Session {
             return;
         }
         self.phase = Phase::Command;
-        self.scan.keepalive = None;
+        self.scan_mut().keepalive = None;
         self.timers.idle = Some(now + self.config.timeouts.idle);
         let Scanned {
             held,
@@ -372,9 +397,9 @@ impl Session {
             self.tx.as_deref().map_or("", |tx| tx.from.as_str()),
             verdict_name(&verdict),
         );
-        self.scan.marks = marks;
+        self.scan_mut().marks = marks;
         if verdict == Verdict::Discard {
-            self.scan.discarded += 1;
+            self.scan_mut().discarded += 1;
             self.end_scanned_transaction("discarded");
             return self.reply(Reply::new(250, "2.0.0", "Ok"));
         }
@@ -415,7 +440,7 @@ impl Session {
             self.last_failure = Some("tempfail");
             return self.reply(downstream_lost());
         }
-        self.scan.outgoing = Some(Box::new(outgoing));
+        self.scan_mut().outgoing = Some(Box::new(outgoing));
         let queued = self.relay.send_data(now, &self.config);
         self.await_downstream(now, queued, Pending::Data);
     }
@@ -423,7 +448,11 @@ impl Session {
     /// Whether the `354` the downstream just sent is for a scanned message (the client had
     /// tarmac's own): then the message goes out now.
     pub(super) fn start_forwarding(&mut self, now: Instant) -> bool {
-        let Some(outgoing) = self.scan.outgoing.take() else {
+        let Some(outgoing) = self
+            .scan
+            .as_deref_mut()
+            .and_then(|scan| scan.outgoing.take())
+        else {
             return false;
         };
         self.relay.start_body(|_| {});
@@ -434,7 +463,9 @@ impl Session {
 
     /// The downstream refused DATA for a scanned message: its message is dropped.
     pub(super) fn forget_outgoing(&mut self) {
-        self.scan.outgoing = None;
+        if let Some(scan) = self.scan.as_deref_mut() {
+            scan.outgoing = None;
+        }
     }
 
     /// Feeds the scanned message to the downstream connection's outbox up to its cap; the
@@ -489,9 +520,11 @@ impl Session {
 
     /// While a message is held or scanned: a NOOP keeps the downstream session alive.
     pub(super) fn keep_downstream_alive(&mut self, now: Instant) {
-        if super::expired(self.scan.keepalive, now) {
+        if let Some(scan) = self.scan.as_deref_mut()
+            && super::expired(scan.keepalive, now)
+        {
             self.relay.send_noop();
-            self.scan.keepalive = Some(now + KEEPALIVE_EVERY);
+            scan.keepalive = Some(now + KEEPALIVE_EVERY);
         }
     }
 
@@ -499,8 +532,8 @@ impl Session {
     /// line's result unless a message was delivered): the downstream is reset, the milters are
     /// told when they did not see its end.
     fn end_scanned_transaction(&mut self, why: &'static str) {
-        self.scan.held = None;
-        self.scan.outgoing = None;
+        self.scan_mut().held = None;
+        self.scan_mut().outgoing = None;
         // A discarded message counts as taken, as a delivered one does: earlier refusals are
         // forgiven.
         self.last_failure = (why != "discarded").then_some(why);
