@@ -51,7 +51,10 @@ ok = dkim.verify(msg, dnsfunc=dnsfunc)
 assert asked == [name + "."] or asked == [name], asked
 print("verified" if ok else "failed")
 "#;
-    let dir = tarmac_testkit::temp_dir("opendkim-verify");
+    // One directory per call: the tests verify in parallel, and each removes its own.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = tarmac_testkit::temp_dir(&format!("opendkim-verify-{call}"));
     let path = dir.join("message.eml");
     std::fs::write(&path, message).unwrap();
     let mut cmd = Command::new(python);
