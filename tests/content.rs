@@ -347,3 +347,86 @@ fn a_real_rspamd_decides_and_changes_what_is_relayed() {
     let delivered = sink.wait_for_messages(4, WAIT);
     assert!(String::from_utf8_lossy(&delivered[3].content).contains("Subject: unscanned\r\n"));
 }
+
+/// Several milters, as Postfix chains `smtpd_milters` (DESIGN.md §7): each stage goes to them
+/// in order and the first refusal decides (the later milters never see that recipient);
+/// every milter's changes are applied, in order. The second milter listens on a Unix socket.
+#[test]
+fn milters_are_asked_in_order_and_the_first_refusal_decides() {
+    let sink = sink(Behaviour::Normal);
+    let refuse = |who: &'static str| {
+        move |command: &Command| match command {
+            Command::Rcpt(args) if args[0] == format!("<{who}@example.net>") => {
+                Some(vec![Act::Respond(Response::ReplyCode(Reply::new(
+                    550,
+                    "5.7.1",
+                    format!("{who} refused"),
+                )))])
+            }
+            Command::BodyEob => Some(vec![
+                Act::Respond(Response::AddHeader {
+                    name: format!("X-{who}"),
+                    value: "seen".into(),
+                }),
+                Act::Respond(Response::Continue),
+            ]),
+            _ => None,
+        }
+    };
+    let first = TestMilter::start(Script::new().answer(refuse("first")));
+    let second = TestMilter::start_unix(Script::new().answer(refuse("second")));
+    let server = Server::start(with_milters(sink.local_addr(), &[&first, &second]));
+    let mut client = Client::connect(server.addr);
+    assert!(client.reply().starts_with("220 "));
+    assert!(client.command("EHLO client.example").starts_with("250-"));
+    assert!(
+        client
+            .command("MAIL FROM:<a@example.org>")
+            .starts_with("250 ")
+    );
+    assert_eq!(
+        client.command("RCPT TO:<first@example.net>"),
+        "550 5.7.1 first refused\r\n"
+    );
+    assert_eq!(
+        client.command("RCPT TO:<second@example.net>"),
+        "550 5.7.1 second refused\r\n"
+    );
+    assert!(
+        client
+            .command("RCPT TO:<b@example.net>")
+            .starts_with("250 ")
+    );
+    assert!(client.command("DATA").starts_with("354 "));
+    client.send(b"Subject: chained\r\n\r\nbody\r\n.\r\n");
+    assert!(client.reply().starts_with("250 "));
+    let message = sink.wait_for_messages(1, WAIT).remove(0);
+    assert_eq!(message.rcpt_to, ["b@example.net"]);
+    assert_eq!(
+        after_trace(&message.content),
+        b"Subject: chained\r\nX-first: seen\r\nX-second: seen\r\n\r\nbody\r\n"
+    );
+    let rcpts = |milter: &TestMilter| -> Vec<String> {
+        milter
+            .received()
+            .iter()
+            .filter_map(|c| match c {
+                Command::Rcpt(args) => Some(args[0].clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(
+        rcpts(&first),
+        [
+            "<first@example.net>",
+            "<second@example.net>",
+            "<b@example.net>"
+        ]
+    );
+    assert_eq!(
+        rcpts(&second),
+        ["<second@example.net>", "<b@example.net>"],
+        "the second never saw what the first refused"
+    );
+}

@@ -303,15 +303,22 @@ impl Shared {
     /// Logs `failure` of the scanner at `what` (`rspamd http://…`, `milter inet:…`), at most
     /// once a minute per scanner.
     fn warn(&self, what: &str, failure: &Failure) {
-        let now = Instant::now();
+        if self.warning_due(what, Instant::now()) {
+            log::warn!("content: {what}: {failure}");
+        }
+    }
+
+    /// Whether a warning about `what` may be logged at `now` (none in the last minute); if
+    /// so, `now` is when it was.
+    fn warning_due(&self, what: &str, now: Instant) -> bool {
         let mut warned = self.warned.lock().unwrap_or_else(PoisonError::into_inner);
         let due = warned
             .get(what)
             .is_none_or(|last| now.saturating_duration_since(*last) >= WARN_EVERY);
         if due {
             warned.insert(what.to_owned(), now);
-            log::warn!("content: {what}: {failure}");
         }
+        due
     }
 }
 
@@ -350,6 +357,19 @@ mod tests {
             // A reload that lowers max_scans lets no new scan in until enough have ended.
             assert!(!shared.take_slot(1, soon()).await);
         });
+    }
+
+    #[test]
+    fn one_warning_per_scanner_per_minute() {
+        let shared = Shared::default();
+        let now = Instant::now();
+        assert!(shared.warning_due("milter inet:127.0.0.1:1", now));
+        assert!(!shared.warning_due("milter inet:127.0.0.1:1", now + Duration::from_secs(59)));
+        assert!(
+            shared.warning_due("rspamd http://127.0.0.1:2", now),
+            "per scanner"
+        );
+        assert!(shared.warning_due("milter inet:127.0.0.1:1", now + WARN_EVERY));
     }
 
     #[test]
