@@ -56,3 +56,5 @@ mod opendkim;
 mod milter;
 // Content inspection end to end: milters through the server, failures, the spool.
 mod content;
+// The operator's references: examples/tarmac.toml and docs/configuration.md list the same keys.
+mod docs;
