@@ -164,9 +164,76 @@ fn demo_writes_accepted_mail_to_demo_mail() {
         eml.ends_with("Subject: demo\r\n\r\nhello demo\r\n"),
         "{eml}"
     );
+    // The defences the start-up text lists, each from its loopback address.
+    let from = |source: &str| Client::connect_from(addr, source.parse().unwrap());
+    let mut denied = from("127.0.0.2");
+    let greeting = denied.reply();
+    assert!(
+        greeting.lines().last().unwrap().starts_with("554 5.7.1 "),
+        "{greeting}"
+    );
+    let mut tarpitted = from("127.0.0.3");
+    let started = std::time::Instant::now();
+    assert!(
+        tarpitted
+            .reply()
+            .lines()
+            .last()
+            .unwrap()
+            .starts_with("220 ")
+    );
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(1),
+        "the tarpitted banner waits the reply delay"
+    );
+    assert!(tarpitted.command("QUIT").starts_with("221 "));
+    // 127.0.0.4: the first attempt is deferred; a retry after the time the reply names (as
+    // an MTA retries) is delivered.
+    let attempt = || {
+        let mut client = from("127.0.0.4");
+        assert!(client.reply().lines().last().unwrap().starts_with("220 "));
+        assert!(client.command("EHLO client.example").starts_with("250-"));
+        assert!(
+            client
+                .command("MAIL FROM:<grey@example.org>")
+                .starts_with("250 ")
+        );
+        let reply = client.command("RCPT TO:<someone@example.net>");
+        if reply.starts_with("250 ") {
+            assert!(client.command("DATA").starts_with("354 "));
+            client.send(b"Subject: greylisted\r\n\r\nretried\r\n.\r\n");
+            assert!(client.reply().starts_with("250 2.0.0 "));
+        }
+        assert!(client.command("QUIT").starts_with("221 "));
+        reply
+    };
+    let deferred = attempt();
+    let seconds: u64 = deferred
+        .strip_prefix("451 4.7.1 Greylisted, please try again in ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the first attempt is deferred: {deferred}"));
+    std::thread::sleep(std::time::Duration::from_secs(seconds));
+    let retried = attempt();
+    assert!(
+        retried.starts_with("250 "),
+        "the retry is delivered: {retried}"
+    );
     child.signal("INT");
     let (code, stderr) = child.wait_exit();
     assert_eq!(code, Some(0), "{stderr}");
+    for (client, fields) in [
+        ("127.0.0.2", "list=deny:address"),
+        ("127.0.0.3", "verdict=tarpit"),
+        ("127.0.0.4", "greylist=pass"),
+    ] {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.contains(&format!("client={client}:")) && l.contains(fields)),
+            "no close line for {client} with {fields}:\n{stderr}"
+        );
+    }
     // The demo's state is saved in its own directory at exit: the delivery is remembered.
     let reputation = std::fs::read_to_string(dir.join("demo-mail/state/reputation.state"));
     assert!(
