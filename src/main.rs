@@ -8,7 +8,9 @@ use tarmac::config::Config;
 
 const USAGE: &str = "usage:
   tarmac run   [-c FILE]   serve (default FILE: /etc/tarmac/tarmac.toml)
-  tarmac check [-c FILE]   validate the configuration; exit 1 on any error
+  tarmac check [-c FILE] [--live]
+                           validate the configuration; exit 1 on any error. --live also probes
+                           each downstream (banner, STARTTLS, XCLIENT, relay) without sending mail
   tarmac demo              127.0.0.1:2525 -> built-in sink on 127.0.0.1:2526 (./demo-mail/*.eml)
   tarmac --version";
 
@@ -32,10 +34,14 @@ fn main() -> ExitCode {
             Some(path) => run(path),
             None => usage(),
         },
-        ["check", rest @ ..] => match config_path(rest) {
-            Some(path) => check(path),
-            None => usage(),
-        },
+        ["check", rest @ ..] => {
+            let live = rest.contains(&"--live");
+            let rest: Vec<&str> = rest.iter().copied().filter(|a| *a != "--live").collect();
+            match config_path(&rest) {
+                Some(path) => check(path, live),
+                None => usage(),
+            }
+        }
         ["demo"] => match tarmac::demo::run() {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
@@ -89,7 +95,7 @@ fn run(path: PathBuf) -> ExitCode {
     }
 }
 
-fn check(path: PathBuf) -> ExitCode {
+fn check(path: PathBuf, live: bool) -> ExitCode {
     let Some(config) = load(&path) else {
         return ExitCode::FAILURE;
     };
@@ -112,5 +118,35 @@ fn check(path: PathBuf) -> ExitCode {
         },
     );
     println!("{}: {}", path.display(), config.content_summary());
+    if live {
+        return check_live(&config);
+    }
     ExitCode::SUCCESS
+}
+
+/// `check --live`: probes each downstream and prints what it found; exit 1 when a probe
+/// shows something that would fail clients at run time (`tarmac::probe`).
+fn check_live(config: &Config) -> ExitCode {
+    let mut failed = false;
+    for (server, findings) in tarmac::probe::probe_all(config) {
+        println!("downstream {server}:");
+        for line in &findings.lines {
+            println!("  {line}");
+        }
+        for warning in &findings.warnings {
+            println!("  WARNING: {warning}");
+        }
+        for failure in &findings.failures {
+            println!("  FAIL: {failure}");
+        }
+        if findings.failures.is_empty() {
+            println!("  ok");
+        }
+        failed |= !findings.failures.is_empty();
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }

@@ -58,3 +58,5 @@ mod milter;
 mod content;
 // The operator's references: examples/tarmac.toml and docs/configuration.md list the same keys.
 mod docs;
+// `tarmac check --live` against a real Postfix in its XCLIENT configurations.
+mod probe;
