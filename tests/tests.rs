@@ -56,3 +56,5 @@ mod opendkim;
 mod milter;
 // Content inspection end to end: milters through the server, failures, the spool.
 mod content;
+// Downstream health and balance: down servers skipped and probed, round-robin, all down → 451.
+mod health;
