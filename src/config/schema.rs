@@ -90,7 +90,7 @@ pub struct Timeouts {
 /// `[downstream]`
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Downstream {
-    /// Tried in order; the next one on connect failure.
+    /// Tried in the order `balance` sets, the next one not down after a failure.
     pub servers: Vec<SocketAddr>,
     /// Which healthy server a new connection goes to (DESIGN.md §8).
     pub balance: Balance,
