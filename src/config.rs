@@ -30,6 +30,7 @@ pub use self::schema::{
     GreylistKey, Limits, Lists, Metrics, Pregreet, Rules, Server, State, StateBackend, Tarpit,
     Timeouts, Tls,
 };
+pub use self::schema::{Balance, MAX_RETRY_AFTER};
 pub use crate::policy::cidr::{Cidr, CidrError};
 pub use crate::policy::dnsbl::Dnsbl;
 pub use crate::policy::rates::Rate;

@@ -60,3 +60,5 @@ mod content;
 mod docs;
 // `tarmac check --live` against a real Postfix in its XCLIENT configurations.
 mod probe;
+// Downstream health and balance: down servers skipped and probed, round-robin, all down → 451.
+mod health;

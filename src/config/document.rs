@@ -68,6 +68,9 @@ const LIMITS_KEYS: &[&str] = &[
 const TIMEOUTS_KEYS: &[&str] = &["connect", "command", "data", "idle", "drain"];
 const DOWNSTREAM_KEYS: &[&str] = &[
     "servers",
+    "balance",
+    "down_after",
+    "retry_after",
     "mode",
     "pool_size",
     "announce_client",

@@ -90,8 +90,16 @@ pub struct Timeouts {
 /// `[downstream]`
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Downstream {
-    /// Tried in order; the next one on connect failure.
+    /// Tried in the order `balance` sets, the next one not down after a failure.
     pub servers: Vec<SocketAddr>,
+    /// Which healthy server a new connection goes to (DESIGN.md §8).
+    pub balance: Balance,
+    /// Consecutive connect failures, connect or banner timeouts and `421` banners that mark a
+    /// server down, so later clients skip it instead of waiting for it.
+    pub down_after: u32,
+    /// When a down server gets its first probe connection; later probes back off, doubling up
+    /// to [`MAX_RETRY_AFTER`].
+    pub retry_after: Duration,
     /// Session per client transaction, or a shared pool.
     pub mode: DownstreamMode,
     /// Multiplexing: most downstream connections open at once.
@@ -116,6 +124,21 @@ pub struct Downstream {
     /// `tls = "none"`. A configuration built by hand calls `load_tls_ca` for downstream TLS (until
     /// then a downstream handshake fails, and `opportunistic` goes on in plain text).
     pub client_tls: Option<ClientTls>,
+}
+
+/// The longest back-off between two probes of a down downstream server (DESIGN.md §8: the
+/// doubling of `retry_after` stops here, so a server that comes back is used again within ten
+/// minutes).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
+
+/// `[downstream] balance`
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Balance {
+    /// The first healthy server in the order of `servers`; the others take over only when it
+    /// is down or fails.
+    Failover,
+    /// New connections spread in turn over the healthy servers.
+    RoundRobin,
 }
 
 /// `[downstream] mode`
@@ -374,6 +397,9 @@ impl Default for Downstream {
     fn default() -> Self {
         Downstream {
             servers: vec![SocketAddr::from(([127, 0, 0, 1], 10025))],
+            balance: Balance::Failover,
+            down_after: 3,
+            retry_after: Duration::from_secs(30),
             mode: DownstreamMode::Synchronous,
             pool_size: 50,
             announce_client: AnnounceClient::Xclient,

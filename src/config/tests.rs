@@ -1052,3 +1052,31 @@ fn cidr_contains() {
         "invalid CIDR \"192.0.2.1/24\": host bits are set; did you mean 192.0.2.0/24?"
     );
 }
+
+#[test]
+fn downstream_health_keys() {
+    let config =
+        parse("[downstream]\nbalance = \"round-robin\"\ndown_after = 5\nretry_after = \"2m\"\n")
+            .unwrap();
+    assert_eq!(config.downstream.balance, Balance::RoundRobin);
+    assert_eq!(config.downstream.down_after, 5);
+    assert_eq!(config.downstream.retry_after, Duration::from_secs(120));
+    let defaults = Config::default().downstream;
+    assert_eq!(
+        (defaults.balance, defaults.down_after, defaults.retry_after),
+        (Balance::Failover, 3, Duration::from_secs(30))
+    );
+    let text = "[downstream]\nbalance = \"random\"\ndown_after = 0\nretry_after = \"11m\"\n";
+    assert_eq!(
+        errors(text),
+        "/etc/tarmac/tarmac.toml:2: downstream.balance: unknown value \"random\"; expected one \
+         of: failover, round-robin
+/etc/tarmac/tarmac.toml:3: downstream.down_after: must be from 1 to 1000, got 0
+/etc/tarmac/tarmac.toml:4: downstream.retry_after: must be at most 600s (the probes' back-off \
+         stops there)"
+    );
+    assert_eq!(
+        errors("[downstream]\nretry_after = \"0s\"\n"),
+        "/etc/tarmac/tarmac.toml:2: downstream.retry_after: must be longer than 0s"
+    );
+}

@@ -548,6 +548,12 @@ impl Handshake {
         }
     }
 
+    /// Whether the downstream's banner was read: the next reply on a connection not greeted
+    /// yet is its banner, which tells whether the server is up (`downstream::health`).
+    pub fn is_greeted(&self) -> bool {
+        self.greeted
+    }
+
     /// Whether closing the connection should say QUIT first: the downstream greeted us, and
     /// the connection is not between STARTTLS and a finished TLS handshake (the downstream
     /// may be waiting for a ClientHello then, and after a failed handshake its state is

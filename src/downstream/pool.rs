@@ -97,13 +97,19 @@ impl<C: Pooled, K: Copy> Pool<C, K> {
     }
 
     /// A connection to `addr` for session `key`: an idle one when `reuse` allows (a session that
-    /// never held one may reuse one), else a place for a new one while under the cap, else a
-    /// place in line.
+    /// never held one may reuse one), else a place for a new one while under the cap (at the
+    /// cap, an idle connection to another server is closed to make one: with several servers,
+    /// idle connections to one must not keep the others waiting), else a place in line.
     pub(crate) fn take(&mut self, key: K, addr: SocketAddr, reuse: bool, now: Instant) -> Take<C> {
         if reuse && let Some(idle) = self.checkout(addr, now) {
             return Take::Reuse(idle);
         }
         if let Some(ticket) = self.ticket() {
+            return Take::Open(ticket);
+        }
+        if self.evict_other(addr)
+            && let Some(ticket) = self.ticket()
+        {
             return Take::Open(ticket);
         }
         self.wait(key, addr);
@@ -123,6 +129,24 @@ impl<C: Pooled, K: Copy> Pool<C, K> {
             // and no QUIT for a connection in an unknown state.
         }
         None
+    }
+
+    /// Closes the idle connection to a server other than `addr` that has been idle longest
+    /// (saying QUIT), freeing its place. Whether there was one.
+    fn evict_other(&mut self, addr: SocketAddr) -> bool {
+        let oldest = self
+            .idle
+            .iter()
+            .enumerate()
+            .filter(|(_, idle)| idle.addr != addr)
+            .min_by_key(|(_, idle)| idle.since)
+            .map(|(at, _)| at);
+        let Some(at) = oldest else {
+            return false;
+        };
+        let mut idle = self.idle.swap_remove(at);
+        idle.conn.say_quit();
+        true
     }
 
     /// A place for a new connection, while under the cap.
@@ -165,7 +189,8 @@ impl<C: Pooled, K: Copy> Pool<C, K> {
         self.prune(now);
         let room = self.open.load(Ordering::Acquire) < self.cap;
         let (key, addr) = *self.waiting.front()?;
-        if room || self.idle.iter().any(|idle| idle.addr == addr) {
+        // Any idle connection will do: one to its server is reused, another closed for room.
+        if room || !self.idle.is_empty() {
             self.waiting.pop_front();
             return Some((key, addr));
         }
@@ -287,6 +312,41 @@ mod tests {
         drop(held);
         assert_eq!(pool.next_waiter(now), Some((1, addr)));
         assert!(pool.has_waiters());
+    }
+
+    #[test]
+    fn idle_connections_to_another_server_make_room_at_the_cap() {
+        let quits = Rc::new(Cell::new(0));
+        let idle = || Fake {
+            quiet: true,
+            quits: Rc::clone(&quits),
+        };
+        let a: SocketAddr = "127.0.0.1:10025".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:10026".parse().unwrap();
+        let now = Instant::now();
+        let mut pool: Pool<Fake, u32> = Pool::new(2, 1);
+        for at in [now, now + Duration::from_secs(1)] {
+            let Take::Open(ticket) = pool.take(1, a, false, at) else {
+                panic!("a place under the cap");
+            };
+            pool.park(a, idle(), Carried::default(), ticket, at);
+        }
+        // At the cap with two idle connections to `a`: a session for `b` gets a place.
+        let later = now + Duration::from_secs(2);
+        let Take::Open(held) = pool.take(2, b, true, later) else {
+            panic!("room made for b");
+        };
+        assert_eq!(quits.get(), 1, "the older idle connection to a said QUIT");
+        assert_eq!(pool.open.load(Ordering::Acquire), 2, "never over the cap");
+        // The last idle one goes the same way; then the line.
+        let Take::Open(_second) = pool.take(3, b, true, later) else {
+            panic!("room made again");
+        };
+        assert!(matches!(pool.take(4, b, true, later), Take::Wait));
+        assert_eq!(pool.next_waiter(later), None, "nothing idle, no room");
+        drop(held);
+        assert_eq!(pool.next_waiter(later), Some((4, b)));
+        assert_eq!(quits.get(), 2);
     }
 
     #[test]

@@ -10,7 +10,9 @@
 //! # Lifecycle of a connection
 //! ```text
 //! start_mail ──(none)──▶ Connecting ──Connected──▶ Handshaking ──Step::Ready──▶ Ready
+//!           ──(every server down)──▶ Failed at once, nothing connected
 //!                        Connecting ──ConnectFailed / timeout──▶ next server, or Failed
+//!                        Handshaking ──421 banner / no banner / closed before it──▶ next server, or Failed
 //!           ──(pooled)─▶ Connecting ──Reused──▶ Handshaking (renewed for this client)
 //! Handshaking ──Step::StartTls──▶ StartingTls ──TlsEstablished──▶ Handshaking
 //! Ready ──start_mail──▶ Ready, or Handshaking (a fresh XCLIENT), or retired for a new one
@@ -20,6 +22,15 @@
 //! Ready, nothing in flight or queued ──release──▶ back to the pool
 //! any ──close (the session gives up on it: a client refusal, an unexpected reply)──▶ gone
 //! ```
+//!
+//! # Which server (DESIGN.md §8)
+//! The shared [`Health`] table chooses: the first server of the session's order
+//! (`balance`), the next one not down after a failure, a down server's probe when it is due.
+//! The relay tells it each failure before or at a banner (a failed or late connect, a `421`
+//! banner, no banner in time, a close before it) and each banner that is not `421`. A
+//! connect that timed out while waiting for a place in the multiplexing pool
+//! ([`DownstreamEvent::PoolWait`]) is no failure of the server. Without a table (a session
+//! nobody gave one) the servers are tried in order and nothing is remembered.
 //!
 //! # Bytes belong to one connection (DESIGN.md §6)
 //! Each connection gets a new [`LinkId`]. The bytes queued for it live in its own outbox and
@@ -33,6 +44,7 @@ use std::time::Instant;
 
 use crate::config::{Config, DownstreamMode, DownstreamTls};
 use crate::downstream::dialog::{Carried, ClientIdentity, Handshake, Step, announcement_refused};
+use crate::downstream::health::{Health, Pick, Route};
 use crate::downstream::warnings;
 use crate::smtp::command::{Body, MailParams};
 use crate::smtp::reply::{Reply, Status, parse_reply};
@@ -71,6 +83,11 @@ pub enum DownstreamEvent<'a> {
     TlsEstablished,
     /// That TLS handshake failed (alert, bad certificate with `tls_verify`, connection lost).
     TlsFailed,
+    /// `mode = "multiplexing"`: no place in the pool yet, so the connect waits in the pool's
+    /// line (its connect timeout runs on); a timeout while waiting is no failure of the server.
+    PoolWait,
+    /// After [`DownstreamEvent::PoolWait`]: its turn came and the connect has started.
+    PoolTurn,
 }
 
 /// What the driver must do with a downstream connection; the session passes each on as the
@@ -123,6 +140,9 @@ pub(crate) struct Context<'a> {
     pub(crate) config: &'a Config,
     /// The client the connection is to speak for.
     pub(crate) who: ClientIdentity<'a>,
+    /// The downstream servers' health, shared by the workers; `None`: servers tried in
+    /// order, nothing remembered.
+    pub(crate) health: Option<&'a Health>,
 }
 
 /// The relay: at most one downstream connection at a time, and the id the next one gets.
@@ -151,6 +171,10 @@ struct Conn {
     id: LinkId,
     /// Index into `config.downstream.servers` of the server it goes to.
     server: usize,
+    /// Where the session's order over the servers stands: the next server on failure.
+    route: Route,
+    /// Multiplexing: waiting for a place in the pool ([`DownstreamEvent::PoolWait`]).
+    pool_wait: bool,
     link: Link,
     handshake: Handshake,
     /// Bytes for this connection not yet handed out; they die with it.
@@ -201,7 +225,13 @@ impl Relay {
             }
             // Still connecting or handshaking: MAIL goes out when the handshake is done.
             Some(_) => return None,
-            None => return self.connect(ctx, 0, false, true, io),
+            None => {
+                let route = match ctx.health {
+                    Some(health) => health.route(&ctx.config.downstream),
+                    None => Route::in_order(),
+                };
+                return self.connect_next(ctx, route, "all servers down", io);
+            }
         };
         self.on_step(ctx, step, io)
     }
@@ -234,7 +264,20 @@ impl Relay {
                 conn.link = Link::Handshaking;
                 self.on_step(ctx, step, io)
             }
-            DownstreamEvent::ConnectFailed => self.try_next_server(ctx, io),
+            DownstreamEvent::ConnectFailed => self.try_next_server(ctx, "connect failed", io),
+            DownstreamEvent::Closed
+                if conn.link == Link::Handshaking && !conn.handshake.is_greeted() =>
+            {
+                self.try_next_server(ctx, "closed before the banner", io)
+            }
+            DownstreamEvent::PoolWait => {
+                conn.pool_wait = conn.link == Link::Connecting;
+                None
+            }
+            DownstreamEvent::PoolTurn => {
+                conn.pool_wait = false;
+                None
+            }
             DownstreamEvent::Closed => {
                 // Nothing more can be written to it, QUIT included: closed without one.
                 io.push_back(
@@ -297,6 +340,16 @@ impl Relay {
             return Read::Reply(used, event);
         }
         if conn.link == Link::Handshaking {
+            if !conn.handshake.is_greeted() {
+                // The banner: whether the server is up.
+                if reply.code == 421 {
+                    return Read::Reply(used, self.try_next_server(ctx, "421 banner", io));
+                }
+                let addr = ctx.config.downstream.servers.get(conn.server);
+                if let (Some(health), Some(&addr)) = (ctx.health, addr) {
+                    health.succeeded(addr);
+                }
+            }
             let step = conn
                 .handshake
                 .handle_reply(reply, &ctx.who, &mut conn.outbox);
@@ -318,7 +371,10 @@ impl Relay {
         }
         conn.deadline = None;
         match conn.link {
-            Link::Connecting => self.try_next_server(ctx, io),
+            Link::Connecting => self.try_next_server(ctx, "connect timeout", io),
+            Link::Handshaking if !conn.handshake.is_greeted() => {
+                self.try_next_server(ctx, "no banner", io)
+            }
             // Postfix counts a stalled handshake as a failed one.
             Link::StartingTls => self.tls_failed(ctx, io),
             Link::Handshaking | Link::Ready => self.fail("timeout", downstream_lost(), io),
@@ -542,12 +598,13 @@ impl Relay {
 
     // ---- private ----
 
-    /// Opens a connection to `server` (a pooled one when `pooled` allows); `plain_retry`
-    /// turns STARTTLS off for it. Any connection still in use is closed first.
+    /// Opens a connection to `server` (a pooled one when `pooled` allows), the session's order
+    /// standing at `route`; `plain_retry` turns STARTTLS off for it. Any connection still in
+    /// use is closed first.
     fn connect<A: From<LinkIo>>(
         &mut self,
         ctx: &Context<'_>,
-        server: usize,
+        (server, route): (usize, Route),
         plain_retry: bool,
         pooled: bool,
         io: &mut VecDeque<A>,
@@ -567,6 +624,8 @@ impl Relay {
         self.conn = Some(Box::new(Conn {
             id: link,
             server,
+            route,
+            pool_wait: false,
             link: Link::Connecting,
             handshake: Handshake::new(&ctx.config.server.hostname, config.announce_client)
                 .with_tls(tls),
@@ -582,18 +641,53 @@ impl Relay {
         None
     }
 
-    /// Connect failure or connect timeout: the next server in order, or give up.
+    /// The connection failed before or at its banner (`why`): the server's failure is
+    /// recorded (unless the connect only waited for a place in the pool), then the next
+    /// server along the session's order, or give up.
     fn try_next_server<A: From<LinkIo>>(
         &mut self,
         ctx: &Context<'_>,
+        why: &str,
         io: &mut VecDeque<A>,
     ) -> Option<Event> {
-        let next = self.conn.as_deref().map_or(0, |conn| conn.server + 1);
+        let conn = self.conn.as_deref()?;
+        let route = conn.route;
+        let addr = ctx.config.downstream.servers.get(conn.server);
+        if let (Some(health), Some(&addr), false) = (ctx.health, addr, conn.pool_wait) {
+            health.failed(&ctx.config.downstream, addr, why, ctx.now);
+        }
+        log::debug!(
+            "downstream {}: {why}",
+            addr.map_or_else(String::new, |a| a.to_string())
+        );
         self.close(io);
-        if next < ctx.config.downstream.servers.len() {
-            self.connect(ctx, next, false, true, io)
-        } else {
-            self.fail("no server reachable", downstream_lost(), io)
+        self.connect_next(ctx, route, "no server reachable", io)
+    }
+
+    /// A connection to the next server along `route` that is not down (or whose probe is
+    /// due); none left: the client's waiting command gets `451 4.4.2` at once (`why`).
+    fn connect_next<A: From<LinkIo>>(
+        &mut self,
+        ctx: &Context<'_>,
+        mut route: Route,
+        why: &'static str,
+        io: &mut VecDeque<A>,
+    ) -> Option<Event> {
+        let config = &ctx.config.downstream;
+        let pick = match ctx.health {
+            Some(health) => health.pick(config, &mut route, ctx.now),
+            None => route.advance(config.servers.len()).map(|server| Pick {
+                server,
+                probe: false,
+            }),
+        };
+        match pick {
+            // A probe tests the server: a new connection, never an idle pooled one.
+            Some(pick) => self.connect(ctx, (pick.server, route), false, !pick.probe, io),
+            None => {
+                self.close(io);
+                self.fail(why, downstream_lost(), io)
+            }
         }
     }
 
@@ -652,8 +746,8 @@ impl Relay {
                     warnings::connection_retired(addr, announce, ctx.now);
                 }
                 // A new connection, never a pooled one: that one might be as unfit.
-                let server = conn.server;
-                self.connect(ctx, server, false, false, io)
+                let at = (conn.server, conn.route);
+                self.connect(ctx, at, false, false, io)
             }
             Step::Refused(reply) => {
                 log::info!(
@@ -678,8 +772,8 @@ impl Relay {
                 if conn.plain_retry {
                     self.fail("TLS retry failed", downstream_lost(), io)
                 } else {
-                    let server = conn.server;
-                    self.connect(ctx, server, true, false, io)
+                    let at = (conn.server, conn.route);
+                    self.connect(ctx, at, true, false, io)
                 }
             }
             Step::TlsFailed(failure) => {
@@ -735,6 +829,8 @@ mod tests {
         now: Instant,
         relay: Relay,
         io: VecDeque<LinkIo>,
+        /// The servers' health, when the test gives one.
+        health: Option<Health>,
     }
 
     impl Fixture {
@@ -752,6 +848,7 @@ mod tests {
                 now: Instant::now(),
                 relay: Relay::default(),
                 io: VecDeque::new(),
+                health: None,
             }
         }
 
@@ -769,17 +866,17 @@ mod tests {
         }
 
         fn start_mail(&mut self) -> Option<Event> {
-            let ctx = context(&self.config, self.now);
+            let ctx = context(&self.config, self.now, self.health.as_ref());
             self.relay.start_mail(&ctx, &mut self.io)
         }
 
         fn event(&mut self, event: DownstreamEvent<'_>) -> Option<Event> {
-            let ctx = context(&self.config, self.now);
+            let ctx = context(&self.config, self.now, self.health.as_ref());
             self.relay.handle_event(&ctx, event, &mut self.io)
         }
 
         fn read(&mut self, bytes: &[u8]) -> Read {
-            let ctx = context(&self.config, self.now);
+            let ctx = context(&self.config, self.now, self.health.as_ref());
             self.relay.read(&ctx, bytes, true, &mut self.io)
         }
 
@@ -792,7 +889,7 @@ mod tests {
         }
 
         fn timeout(&mut self, at: Instant) -> Option<Event> {
-            let ctx = context(&self.config, at);
+            let ctx = context(&self.config, at, self.health.as_ref());
             self.relay.handle_timeout(&ctx, &mut self.io)
         }
 
@@ -818,7 +915,7 @@ mod tests {
         }
     }
 
-    fn context(config: &Config, now: Instant) -> Context<'_> {
+    fn context<'a>(config: &'a Config, now: Instant, health: Option<&'a Health>) -> Context<'a> {
         Context {
             now,
             config,
@@ -829,6 +926,7 @@ mod tests {
                 esmtp: true,
                 name: "[UNAVAILABLE]",
             },
+            health,
         }
     }
 
@@ -1026,5 +1124,150 @@ mod tests {
         let read = f.read(b"hello\r\n");
         assert_eq!(read, Read::Discard(failed("malformed reply")));
         assert!(!f.relay.is_current(LinkId(0)));
+    }
+
+    /// A fixture whose relay shares a health table marking servers down after two failures.
+    fn with_health(servers: u16, mode: DownstreamMode) -> Fixture {
+        let mut f = Fixture::new(servers, mode);
+        f.config.downstream.down_after = 2;
+        f.health = Some(Health::new());
+        f
+    }
+
+    impl Fixture {
+        /// A new session's relay (the same configuration, health and time).
+        fn next_session(&mut self) {
+            self.relay.close(&mut self.io);
+            self.relay = Relay::default();
+            self.io.clear();
+        }
+
+        fn snapshot(&self) -> Vec<(SocketAddr, bool, u32)> {
+            let health = self.health.as_ref().expect("a health table");
+            health.snapshot(&self.config.downstream.servers)
+        }
+
+        /// The servers the relay asked to connect to, with whether a pooled one would do.
+        fn connects(&mut self) -> Vec<(SocketAddr, bool)> {
+            self.io()
+                .into_iter()
+                .filter_map(|io| match io {
+                    LinkIo::Connect { addr, pooled, .. } => Some((addr, pooled)),
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn a_server_that_fails_twice_is_skipped_and_all_down_fails_at_once() {
+        let mut f = with_health(2, DownstreamMode::Synchronous);
+        let [a, b] = [
+            f.config.downstream.servers[0],
+            f.config.downstream.servers[1],
+        ];
+        for _ in 0..2 {
+            f.next_session();
+            assert_eq!(f.start_mail(), None);
+            assert_eq!(f.event(DownstreamEvent::ConnectFailed), None);
+            assert_eq!(f.connects(), [(a, true), (b, true)]);
+            assert_eq!(f.event(DownstreamEvent::Connected), None);
+            assert_eq!(f.reply(b"220 ds.test ESMTP\r\n"), None);
+        }
+        assert_eq!(f.snapshot(), [(a, false, 2), (b, true, 0)]);
+        // Straight to the healthy one.
+        f.next_session();
+        assert_eq!(f.start_mail(), None);
+        assert_eq!(f.connects(), [(b, true)]);
+        // It fails twice too: every server down, and the next MAIL fails without a connect.
+        f.event(DownstreamEvent::ConnectFailed);
+        f.next_session();
+        f.start_mail();
+        assert_eq!(f.connects(), [(b, true)]);
+        assert_eq!(
+            f.event(DownstreamEvent::ConnectFailed),
+            failed("no server reachable")
+        );
+        assert_eq!(f.snapshot(), [(a, false, 2), (b, false, 2)]);
+        f.next_session();
+        assert_eq!(f.start_mail(), failed("all servers down"));
+        assert_eq!(f.connects(), []);
+        assert_eq!(f.relay.poll_timeout(), None, "nothing to wait for");
+        // The first probe is due after retry_after: a new connection, not a pooled one.
+        f.now += f.config.downstream.retry_after;
+        f.next_session();
+        assert_eq!(f.start_mail(), None);
+        assert_eq!(f.connects(), [(a, false)]);
+        assert_eq!(f.event(DownstreamEvent::Connected), None);
+        assert_eq!(f.reply(b"220 ds.test ESMTP\r\n"), None);
+        assert_eq!(f.snapshot(), [(a, true, 0), (b, false, 2)]);
+    }
+
+    #[test]
+    fn a_421_banner_or_no_banner_moves_on_and_counts() {
+        let mut f = with_health(2, DownstreamMode::Synchronous);
+        let [a, b] = [
+            f.config.downstream.servers[0],
+            f.config.downstream.servers[1],
+        ];
+        f.start_mail();
+        f.event(DownstreamEvent::Connected);
+        f.io.clear();
+        assert_eq!(f.reply(b"421 4.3.2 busy\r\n"), None);
+        let close = LinkIo::Close {
+            link: LinkId(0),
+            quit: false,
+        };
+        let connect = LinkIo::Connect {
+            link: LinkId(1),
+            addr: b,
+            pooled: true,
+        };
+        assert_eq!(f.io(), [close, connect]);
+        assert_eq!(f.snapshot(), [(a, true, 1), (b, true, 0)]);
+        // No banner within timeouts.command: the same.
+        f.event(DownstreamEvent::Connected);
+        let late = f.now + f.config.timeouts.command;
+        assert_eq!(f.timeout(late), failed("no server reachable"));
+        assert_eq!(f.snapshot(), [(a, true, 1), (b, true, 1)]);
+    }
+
+    #[test]
+    fn waiting_for_a_place_in_the_pool_is_no_failure_of_the_server() {
+        let mut f = with_health(1, DownstreamMode::Multiplexing);
+        let a = f.config.downstream.servers[0];
+        for _ in 0..3 {
+            f.next_session();
+            f.start_mail();
+            f.event(DownstreamEvent::PoolWait);
+            let late = f.now + f.config.timeouts.connect;
+            assert_eq!(f.timeout(late), failed("no server reachable"));
+        }
+        assert_eq!(f.snapshot(), [(a, true, 0)]);
+        // Its turn came and the connect itself timed out: that counts.
+        f.next_session();
+        f.start_mail();
+        f.event(DownstreamEvent::PoolWait);
+        f.event(DownstreamEvent::PoolTurn);
+        let late = f.now + f.config.timeouts.connect;
+        assert_eq!(f.timeout(late), failed("no server reachable"));
+        assert_eq!(f.snapshot(), [(a, true, 1)]);
+    }
+
+    #[test]
+    fn round_robin_spreads_sessions() {
+        let mut f = with_health(2, DownstreamMode::Synchronous);
+        f.config.downstream.balance = crate::config::Balance::RoundRobin;
+        let [a, b] = [
+            f.config.downstream.servers[0],
+            f.config.downstream.servers[1],
+        ];
+        let mut firsts = Vec::new();
+        for _ in 0..4 {
+            f.next_session();
+            f.start_mail();
+            firsts.extend(f.connects().into_iter().map(|(addr, _)| addr));
+        }
+        assert_eq!(firsts, [a, b, a, b]);
     }
 }

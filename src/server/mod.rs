@@ -71,6 +71,7 @@ use self::worker::Worker;
 use crate::config::{Config, StateBackend};
 use crate::content::scanner::Scanner;
 use crate::dns::{Resolver, ResolverHandle};
+use crate::downstream::health::Health;
 use crate::policy::ConnectionRates;
 use crate::state::redis::RedisState;
 use crate::state::snapshots::{self, Saver, Snapshots, Tables};
@@ -179,6 +180,7 @@ impl ServerHandle {
             load: Arc::new(Load::new(max_connections, config.server.max_tarpitted)),
             store: Arc::clone(&store),
             tls_failures: Arc::new(TlsFailures::default()),
+            health: Arc::new(Health::new()),
             stopping: Arc::clone(&stopping),
             reloads: Arc::new(Reloads::new(Arc::clone(&config))),
         };

@@ -1,5 +1,6 @@
 //! What every worker shares with the others: the connection caps, tarpit places, the state
-//! front, the failed-handshake record, the stop flag and the configuration in force. Its own
+//! front, the failed-handshake record, the downstream servers' health, the stop flag and the
+//! configuration in force. Its own
 //! file so the connection driver and the worker loop both use it without importing each other.
 
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use super::limits::Limits;
 use super::load::Load;
 use super::reload::Reloads;
 use super::tls_failures::TlsFailures;
+use crate::downstream::health::Health;
 use crate::state::Store;
 
 /// What every worker shares with the others (each holds clones of the `Arc`s).
@@ -23,6 +25,9 @@ pub(crate) struct Shared {
     pub(crate) store: Arc<Store>,
     /// Clients whose STARTTLS handshake failed recently: not offered STARTTLS.
     pub(crate) tls_failures: Arc<TlsFailures>,
+    /// Which downstream servers are down, and whose turn it is (DESIGN.md §8); every session
+    /// gets it, and an exporter reads it through [`Health::snapshot`].
+    pub(crate) health: Arc<Health>,
     /// Set when the server is asked to stop.
     pub(crate) stopping: Arc<AtomicBool>,
     /// The configuration in force, replaced on SIGHUP.

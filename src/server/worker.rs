@@ -494,11 +494,12 @@ impl Worker {
             stressed: self.stressed,
             starttls: admission.starttls == StartTls::Offer,
         };
-        let session = if admission.asks_rate {
+        let mut session = if admission.asks_rate {
             Session::admitting(config, peer, now)
         } else {
             Session::new(config, peer, now)
         };
+        session.set_health(Arc::clone(&self.shared.health));
         let conn = Conn::new(id, stream, session, now, guard);
         let Ok(key) = self.conns.insert(conn) else {
             log::warn!("conn={id} refused: connection table full");

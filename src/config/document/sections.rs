@@ -8,11 +8,12 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use super::value::{
-    ANNOUNCE_CLIENTS, BARE_NEWLINES, DOWNSTREAM_MODES, DOWNSTREAM_TLS, GREYLIST_KEY_PARTS,
-    ON_FAILURES, PREGREETS, REJECT_MODES, STATE_BACKENDS, any_int, at_least, boolean, choice, cidr,
-    code_range, dns_server, downstream_addr, duration, hostname, int, message_size, milter_addr,
-    nonzero_weight, optional_path, path, positive_duration, rate, redis_url, reply_text,
-    rspamd_url, scan_timeout, socket_addr, spool_size, string, zone_name,
+    ANNOUNCE_CLIENTS, BALANCES, BARE_NEWLINES, DOWNSTREAM_MODES, DOWNSTREAM_TLS,
+    GREYLIST_KEY_PARTS, ON_FAILURES, PREGREETS, REJECT_MODES, STATE_BACKENDS, any_int, at_least,
+    boolean, choice, cidr, code_range, dns_server, downstream_addr, duration, hostname, int,
+    message_size, milter_addr, nonzero_weight, optional_path, path, positive_duration, rate,
+    redis_url, reply_text, retry_after, rspamd_url, scan_timeout, socket_addr, spool_size, string,
+    zone_name,
 };
 use super::{
     CONTENT_KEYS, DNS_KEYS, DNSBL_KEYS, DOWNSTREAM_KEYS, GREYLIST_KEYS, LIMITS_KEYS, LISTS_KEYS,
@@ -116,6 +117,9 @@ impl Reader<'_> {
                     downstream_addr,
                     Some(r#"give the MTA to relay to, such as "127.0.0.1:10025""#),
                 ),
+                "balance" => r.set(&mut d.balance, key, v, |v| choice(v, BALANCES)),
+                "down_after" => r.set(&mut d.down_after, key, v, |v| int(v, 1, 1000)),
+                "retry_after" => r.set(&mut d.retry_after, key, v, retry_after),
                 "mode" => r.set(&mut d.mode, key, v, |v| choice(v, DOWNSTREAM_MODES)),
                 "pool_size" => r.set(&mut d.pool_size, key, v, |v| at_least(v, 1)),
                 "announce_client" => r.set(&mut d.announce_client, key, v, |v| {

@@ -12,6 +12,7 @@ use crate::config::{
     AnnounceClient, BareNewline, DownstreamMode, DownstreamTls, GreylistKey, Pregreet, RejectMode,
     StateBackend,
 };
+use crate::config::{Balance, MAX_RETRY_AFTER};
 use crate::content::{MilterAddr, OnFailure, RspamdUrl};
 use crate::policy::cidr::{Cidr, CidrError};
 use crate::policy::rates::Rate;
@@ -68,6 +69,12 @@ pub(super) const DOWNSTREAM_MODES: &[(&str, DownstreamMode)] = &[
     ("multiplexing", DownstreamMode::Multiplexing),
 ];
 
+/// The names of each [`Balance`], in the order an error lists them.
+pub(super) const BALANCES: &[(&str, Balance)] = &[
+    ("failover", Balance::Failover),
+    ("round-robin", Balance::RoundRobin),
+];
+
 /// The names of each [`AnnounceClient`], in the order an error lists them.
 pub(super) const ANNOUNCE_CLIENTS: &[(&str, AnnounceClient)] = &[
     ("xclient", AnnounceClient::Xclient),
@@ -120,6 +127,19 @@ pub(super) const ON_FAILURES: &[(&str, OnFailure)] = &[
 
 pub(super) fn duration(v: &DeValue<'_>) -> Result<Duration, String> {
     syntax::parse_duration(string(v, r#"a duration such as "30s""#)?)
+}
+
+/// `[downstream] retry_after`: a positive duration no longer than the back-off's ceiling
+/// ([`MAX_RETRY_AFTER`]), which it could never exceed anyway.
+pub(super) fn retry_after(v: &DeValue<'_>) -> Result<Duration, String> {
+    let d = positive_duration(v)?;
+    if d > MAX_RETRY_AFTER {
+        return Err(format!(
+            "must be at most {}s (the probes' back-off stops there)",
+            MAX_RETRY_AFTER.as_secs()
+        ));
+    }
+    Ok(d)
 }
 
 pub(super) fn positive_duration(v: &DeValue<'_>) -> Result<Duration, String> {

@@ -74,6 +74,9 @@ impl Conn {
             Take::Wait => {
                 log::debug!("conn={} waits for a pooled downstream connection", self.id);
                 self.awaiting_pool = Some((addr, link));
+                // Its connect timeout runs on, but is no failure of the server.
+                self.session
+                    .handle_downstream(now, link, DownstreamEvent::PoolWait);
             }
         }
     }
@@ -88,6 +91,8 @@ impl Conn {
     /// be used: the waiting link never had one).
     pub(crate) fn take_pool_turn(&mut self, key: ConnKey, now: Instant, io: &mut Io<'_>) {
         if let Some((addr, link)) = self.awaiting_pool.take() {
+            self.session
+                .handle_downstream(now, link, DownstreamEvent::PoolTurn);
             self.connect_downstream(key, link, addr, true, now, io);
         }
     }

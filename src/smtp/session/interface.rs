@@ -68,7 +68,9 @@ pub enum Action {
     Ask(Question),
     /// Get a connection to downstream server `addr` for `link`: in `mode = "multiplexing"`
     /// an idle pooled one when `pooled` allows (report `DownstreamEvent::Reused` with what it
-    /// carried), else a new TCP connection (report `Connected` or `ConnectFailed`). Every
+    /// carried), else a new TCP connection (report `Connected` or `ConnectFailed`; when it
+    /// must first wait for a place in the pool, report `PoolWait`, then `PoolTurn` when its
+    /// connect starts, so a timeout in the line is not counted against the server). Every
     /// later event of that connection is reported with `link`, and only bytes from
     /// [`Session::poll_transmit_downstream`](super::Session::poll_transmit_downstream) for `link` may be written to it.
     ConnectDownstream {

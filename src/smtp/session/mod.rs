@@ -79,6 +79,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::content::edit::Outgoing;
+use crate::downstream::health::Health;
 use crate::downstream::relay::Relay;
 use crate::policy::screening::{Checks, ReputationMarks};
 use crate::smtp::data::DataDecoder;
@@ -246,6 +247,9 @@ pub struct Session {
     tx: Option<Box<Transaction>>,
     /// The downstream connection, if any, and the id of the next one.
     relay: Relay,
+    /// The downstream servers' health, shared with every other session (DESIGN.md §8);
+    /// `None` until the driver gives it ([`Session::set_health`]).
+    health: Option<Arc<Health>>,
     /// Unknown or malformed commands (and other protocol errors), against
     /// `max_unknown_commands`; never forgiven.
     protocol_errors: u32,
@@ -314,6 +318,13 @@ impl Session {
         session
     }
 
+    /// Shares the downstream servers' health table (DESIGN.md §8) with this session: its
+    /// connections skip servers found down and report what they find. Without one, the
+    /// servers are tried in order at every MAIL and nothing is remembered.
+    pub fn set_health(&mut self, health: Arc<Health>) {
+        self.health = Some(health);
+    }
+
     /// A session in `phase` with nothing started.
     fn unstarted(config: Arc<Config>, peer: Peer, now: Instant, phase: Phase) -> Session {
         Session {
@@ -331,6 +342,7 @@ impl Session {
             esmtp: false,
             tx: None,
             relay: Relay::default(),
+            health: None,
             protocol_errors: 0,
             strikes: Strikes::default(),
             msgs: 0,

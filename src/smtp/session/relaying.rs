@@ -82,6 +82,7 @@ impl Session {
             now,
             config: &self.config,
             who: identity(&self.peer, self.helo.as_deref(), self.esmtp, &self.checks),
+            health: self.health.as_deref(),
         };
         (&mut self.relay, &mut self.actions, ctx)
     }
