@@ -56,3 +56,7 @@ mod opendkim;
 mod milter;
 // Content inspection end to end: milters through the server, failures, the spool.
 mod content;
+// [server] user: the binary started as root drops to nobody after binding (needs root).
+mod privileges;
+// systemd readiness: READY, RELOADING and STOPPING on a test-owned NOTIFY_SOCKET.
+mod notify;
