@@ -176,7 +176,13 @@ pub fn running_as_root() -> bool {
 
 /// The number of threads of this process (`/proc/self/task` has one entry per thread).
 fn thread_count() -> io::Result<usize> {
-    Ok(std::fs::read_dir("/proc/self/task")?.count())
+    let tasks = std::fs::read_dir("/proc/self/task").map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot count threads in /proc/self/task: {e}"),
+        )
+    })?;
+    Ok(tasks.count())
 }
 
 /// Who owns `path` (user and group IDs), for the start-up log line and tests' messages.

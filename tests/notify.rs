@@ -63,6 +63,16 @@ fn ready_after_binding_reloading_around_sighup_stopping_at_sigterm() {
     assert_eq!(next(&socket), "STOPPING=1\nSTATUS=draining\n");
     let (code, stderr) = child.wait_exit();
     assert_eq!(code, Some(0), "{stderr}");
+    if tarmac::privileges::running_as_root() {
+        // Root without [server] user: said once at start (DESIGN.md §8).
+        assert_eq!(
+            stderr
+                .matches("running as root without [server] user")
+                .count(),
+            1,
+            "{stderr}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
