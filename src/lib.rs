@@ -26,6 +26,7 @@ pub mod demo;
 pub mod dns;
 pub mod downstream;
 pub mod policy;
+pub mod privileges;
 pub mod probe;
 pub mod server;
 pub(crate) mod side_thread;

@@ -62,3 +62,7 @@ mod docs;
 mod probe;
 // Downstream health and balance: down servers skipped and probed, round-robin, all down → 451.
 mod health;
+// [server] user: the binary started as root drops to nobody after binding (needs root).
+mod privileges;
+// systemd readiness: READY, RELOADING and STOPPING on a test-owned NOTIFY_SOCKET.
+mod notify;

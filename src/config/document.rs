@@ -51,6 +51,8 @@ const SERVER_KEYS: &[&str] = &[
     "max_tarpitted",
     "state_dir",
     "proxy_protocol_from",
+    "user",
+    "group",
 ];
 const LIMITS_KEYS: &[&str] = &[
     "max_connections_per_ip",

@@ -32,6 +32,10 @@ pub struct Server {
     pub state_dir: PathBuf,
     /// Peers that must send a PROXY header first.
     pub proxy_protocol_from: Vec<Cidr>,
+    /// The user to become after binding the listeners as root (DESIGN.md §8); "" = stay.
+    pub user: String,
+    /// Its group; "" = the user's primary group.
+    pub group: String,
 }
 
 /// `[limits]`
@@ -353,6 +357,8 @@ impl Default for Server {
             max_tarpitted: 40_000,
             state_dir: PathBuf::from("/var/lib/tarmac"),
             proxy_protocol_from: Vec::new(),
+            user: String::new(),
+            group: String::new(),
         }
     }
 }

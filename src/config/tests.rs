@@ -1080,3 +1080,30 @@ fn downstream_health_keys() {
         "/etc/tarmac/tarmac.toml:2: downstream.retry_after: must be longer than 0s"
     );
 }
+
+#[test]
+fn user_and_group_name_local_accounts() {
+    // Every Linux system has root (uid 0, group root) in its files.
+    let config = parse("[server]\nuser = \"root\"\ngroup = \"root\"\n").unwrap();
+    assert_eq!(
+        (config.server.user.as_str(), config.server.group.as_str()),
+        ("root", "root")
+    );
+    assert_eq!(
+        errors("[server]\nuser = \"no-such-user-tarmac\"\n"),
+        "/etc/tarmac/tarmac.toml:2: server.user: no user \"no-such-user-tarmac\" in /etc/passwd"
+    );
+    assert_eq!(
+        errors("[server]\nuser = \"root\"\ngroup = \"no-such-group-tarmac\"\n"),
+        "/etc/tarmac/tarmac.toml:3: server.group: no group \"no-such-group-tarmac\" in /etc/group"
+    );
+    assert_eq!(
+        errors("[server]\ngroup = \"root\"\n"),
+        "/etc/tarmac/tarmac.toml:2: server.group: needs [server] user: tarmac changes groups \
+         only when it becomes a user"
+    );
+    assert_eq!(
+        errors("[server]\nuser = \"mail:x\"\n"),
+        "/etc/tarmac/tarmac.toml:2: server.user: invalid name \"mail:x\": ':' is not allowed"
+    );
+}

@@ -41,6 +41,7 @@ mod fds;
 mod leg;
 mod limits;
 mod load;
+mod notify;
 mod reload;
 mod shared;
 mod slab;
@@ -73,6 +74,7 @@ use crate::content::scanner::Scanner;
 use crate::dns::{Resolver, ResolverHandle};
 use crate::downstream::health::Health;
 use crate::policy::ConnectionRates;
+use crate::privileges::{self, Account};
 use crate::state::redis::RedisState;
 use crate::state::snapshots::{self, Saver, Snapshots, Tables};
 use crate::state::{Greylist, Local, PassCache, ReputationTable, Store, StoreStats};
@@ -142,6 +144,8 @@ impl ServerHandle {
                 worker_sockets.push(socket);
             }
         }
+        // Every thread below (state, resolver, scanner, saver, workers) starts as the user.
+        drop_privileges(&config)?;
 
         let stopping = Arc::new(AtomicBool::new(false));
         let rates = Arc::new(ConnectionRates::new(
@@ -409,22 +413,33 @@ impl Control {
 }
 
 /// Serves until SIGTERM or SIGINT, then drains and returns `Ok` once every connection is closed.
-/// SIGHUP reloads the configuration from its file (see `reload.rs`).
+/// SIGHUP reloads the configuration from its file (see `reload.rs`). Under systemd
+/// (`NOTIFY_SOCKET`), readiness, reloads and the drain are announced (see `notify.rs`).
 pub fn run(config: Arc<Config>) -> io::Result<()> {
     // Registered before the workers start, so an early SIGTERM is a clean stop, not a kill.
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     let signals_handle = signals.handle();
+    let notifier = notify::Notifier::from_env();
     let handle = ServerHandle::start(config)?;
-    for addr in handle.local_addrs() {
+    let addrs: Vec<String> = handle
+        .local_addrs()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    for addr in &addrs {
         log::info!("listening on {addr}");
     }
+    let status = format!("listening on {}", addrs.join(", "));
+    notifier.ready(&status);
     let control = Arc::clone(&handle.control);
     let signal_thread = thread::Builder::new()
         .name("tarmac-signals".to_owned())
         .spawn(move || {
             for signal in signals.forever() {
                 if signal == SIGHUP {
+                    notifier.reloading();
                     control.reload_from_disk();
+                    notifier.reloaded(&status);
                 } else if control.is_stopping() {
                     log::info!("already shutting down");
                 } else {
@@ -433,6 +448,7 @@ pub fn run(config: Arc<Config>) -> io::Result<()> {
                         control.limits.open(),
                         control.drain.as_secs_f64()
                     );
+                    notifier.stopping();
                     control.shutdown();
                 }
             }
@@ -468,6 +484,56 @@ fn bind(addr: SocketAddr) -> io::Result<mio::net::TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     Ok(mio::net::TcpListener::from_std(socket.into()))
+}
+
+/// `[server] user` (DESIGN.md §8): with the listeners bound, gives `state_dir` to the user and
+/// becomes it, before any thread starts (see `privileges`). Without a user, running as root is
+/// a warning; started as the user already (unprivileged with `CAP_NET_BIND_SERVICE`), there is
+/// nothing to do.
+fn drop_privileges(config: &Config) -> io::Result<()> {
+    let server = &config.server;
+    if server.user.is_empty() {
+        if privileges::running_as_root() {
+            log::warn!(
+                "running as root without [server] user: the threads serving clients keep \
+                 root's rights; set user (e.g. \"tarmac\") or start unprivileged with \
+                 CAP_NET_BIND_SERVICE"
+            );
+        }
+        return Ok(());
+    }
+    let account = Account::lookup(&server.user, &server.group)
+        .map_err(|e| io::Error::new(io::ErrorKind::NotFound, format!("[server] user: {e}")))?;
+    if account.is_current() {
+        log::info!("running as user {} already", account.user);
+        return Ok(());
+    }
+    if !privileges::running_as_root() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "[server] user = {:?}: only root can become another user; start tarmac as \
+                 root, or as that user with CAP_NET_BIND_SERVICE",
+                account.user
+            ),
+        ));
+    }
+    if let Err(e) = account.own_state_dir(&server.state_dir) {
+        log::warn!(
+            "state: cannot give state_dir {} to user {}: {e}",
+            server.state_dir.display(),
+            account.user
+        );
+    }
+    account.become_it()?;
+    log::info!(
+        "privileges dropped: running as user {} (uid {}, gid {}, groups {:?})",
+        account.user,
+        account.uid,
+        account.gid,
+        account.groups
+    );
+    Ok(())
 }
 
 /// Makes `state_dir/spool` (0700) when scanners are configured, so the first message over

@@ -80,6 +80,8 @@ pub(crate) fn restart_only_changes(
         server.max_connections,
         server.max_tarpitted,
         server.state_dir,
+        server.user,
+        server.group,
         limits.max_connections_per_ip,
         limits.max_connections_per_subnet,
         limits.connection_rate_per_ip,

@@ -9,11 +9,11 @@ use toml::de::{DeTable, DeValue};
 
 use super::value::{
     ANNOUNCE_CLIENTS, BALANCES, BARE_NEWLINES, DOWNSTREAM_MODES, DOWNSTREAM_TLS,
-    GREYLIST_KEY_PARTS, ON_FAILURES, PREGREETS, REJECT_MODES, STATE_BACKENDS, any_int, at_least,
-    boolean, choice, cidr, code_range, dns_server, downstream_addr, duration, hostname, int,
-    message_size, milter_addr, nonzero_weight, optional_path, path, positive_duration, rate,
-    redis_url, reply_text, retry_after, rspamd_url, scan_timeout, socket_addr, spool_size, string,
-    zone_name,
+    GREYLIST_KEY_PARTS, ON_FAILURES, PREGREETS, REJECT_MODES, STATE_BACKENDS, account_name,
+    any_int, at_least, boolean, choice, cidr, code_range, dns_server, downstream_addr, duration,
+    hostname, int, message_size, milter_addr, nonzero_weight, optional_path, path,
+    positive_duration, rate, redis_url, reply_text, retry_after, rspamd_url, scan_timeout,
+    socket_addr, spool_size, string, zone_name,
 };
 use super::{
     CONTENT_KEYS, DNS_KEYS, DNSBL_KEYS, DOWNSTREAM_KEYS, GREYLIST_KEYS, LIMITS_KEYS, LISTS_KEYS,
@@ -44,6 +44,14 @@ impl Reader<'_> {
                 "state_dir" => r.set(&mut s.state_dir, key, v, path),
                 "proxy_protocol_from" => {
                     r.set_list(&mut s.proxy_protocol_from, key, v, cidr, None);
+                }
+                "user" | "group" => {
+                    let slot = if name == "user" {
+                        &mut s.user
+                    } else {
+                        &mut s.group
+                    };
+                    r.set(slot, key, v, account_name);
                 }
                 _ => return false,
             }

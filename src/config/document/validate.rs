@@ -59,6 +59,8 @@ impl Reader<'_> {
             );
         }
 
+        self.check_account(config);
+
         let t = &config.tls;
         let tls_pair = match (&t.cert, &t.key) {
             (Some(_), None) => Some(("tls.key", "tls.cert is set but tls.key is not")),
@@ -106,6 +108,38 @@ impl Reader<'_> {
             let message =
                 format!("must be {inverse} {later_key} ({later_value}), got {earlier_value}");
             self.push(line, earlier_key, message);
+        }
+    }
+}
+
+impl Reader<'_> {
+    /// `[server] user` and `group` name a local account (looked up in `/etc/passwd` and
+    /// `/etc/group` on this machine, as the server will at start); a group needs a user.
+    fn check_account(&mut self, config: &Config) {
+        let s = &config.server;
+        if self.has_error(&["server.user", "server.group"]) {
+            return;
+        }
+        if s.user.is_empty() {
+            if !s.group.is_empty() {
+                let line = self.lines.get("server.group").copied();
+                self.push(
+                    line,
+                    "server.group",
+                    "needs [server] user: tarmac changes groups only when it becomes a user"
+                        .to_owned(),
+                );
+            }
+            return;
+        }
+        if let Err(message) = crate::privileges::Account::lookup(&s.user, &s.group) {
+            let key = if message.starts_with("no group") {
+                "server.group"
+            } else {
+                "server.user"
+            };
+            let line = self.lines.get(key).copied();
+            self.push(line, key, message);
         }
     }
 }

@@ -260,6 +260,19 @@ pub(super) fn hostname(v: &DeValue<'_>) -> Result<String, String> {
     Ok(s.to_owned())
 }
 
+/// `[server] user` or `group`: "" (stay) or a name as `/etc/passwd` and `/etc/group` hold it
+/// (whether it exists is checked once both keys are read).
+pub(super) fn account_name(v: &DeValue<'_>) -> Result<String, String> {
+    let s = string(v, r#"a user or group name such as "tarmac", or """#)?;
+    if let Some(bad) = s
+        .chars()
+        .find(|c| matches!(c, ':' | ',' | '/') || c.is_whitespace() || c.is_control())
+    {
+        return Err(format!("invalid name {s:?}: {bad:?} is not allowed"));
+    }
+    Ok(s.to_owned())
+}
+
 pub(super) fn zone_name(v: &DeValue<'_>) -> Result<String, String> {
     let s = string(v, r#"a DNS zone such as "zen.spamhaus.org""#)?;
     syntax::check_zone(s)?;
