@@ -56,3 +56,5 @@ mod opendkim;
 mod milter;
 // Content inspection end to end: milters through the server, failures, the spool.
 mod content;
+// `[metrics] listen`: counters before and after real sessions, parsed by Prometheus' parsers.
+mod metrics;

@@ -33,6 +33,11 @@
 //! saves the state (`state::snapshots`), which was loaded before the first accept and is saved
 //! every minute meanwhile.
 //!
+//! Metrics (`[metrics] listen`, `crate::metrics`): each worker gets counters only it writes;
+//! the metrics thread, started before the workers and stopped after them, sums them at each
+//! scrape and reads the gauges (open connections, tarpit places, stress, the resolver's
+//! figures) from what the workers share.
+//!
 //! Nothing here decides policy: every protocol decision is the session's.
 
 mod close_log;
@@ -71,6 +76,7 @@ use self::worker::Worker;
 use crate::config::{Config, StateBackend};
 use crate::content::scanner::Scanner;
 use crate::dns::{Resolver, ResolverHandle};
+use crate::metrics::{Gauges, Metrics, MetricsServer, WorkerCounters};
 use crate::policy::ConnectionRates;
 use crate::state::redis::RedisState;
 use crate::state::snapshots::{self, Saver, Snapshots, Tables};
@@ -98,6 +104,8 @@ pub struct ServerHandle {
     store: Arc<Store>,
     /// The scanner thread (`[content]`); stopped after the workers.
     scanner: Option<Scanner>,
+    /// The metrics endpoint (`[metrics] listen`); stopped after the workers.
+    metrics: Option<MetricsServer>,
 }
 
 /// What another thread needs to stop the workers.
@@ -194,6 +202,13 @@ impl ServerHandle {
         let mut scanner = Scanner::start()
             .inspect_err(|e| log::warn!("content: no scanner thread ({e}); scans will fail"))
             .ok();
+        // Only with `[metrics] listen`: without it nothing is counted at all.
+        let counters: Vec<Arc<WorkerCounters>> = match config.metrics.listen {
+            Some(_) => (0..workers)
+                .map(|_| Arc::new(WorkerCounters::new()))
+                .collect(),
+            None => Vec::new(),
+        };
         let mut built = Vec::with_capacity(workers);
         let mut wakers = Vec::with_capacity(workers);
         for (index, worker_sockets) in sockets.into_iter().enumerate() {
@@ -216,6 +231,9 @@ impl ServerHandle {
                 let (id, inbox) = scanner.add_worker(Arc::clone(&waker));
                 worker.attach_scanner(scanner.handle(), id, inbox);
             }
+            if let Some(counters) = counters.get(index) {
+                worker.attach_metrics(Arc::clone(counters));
+            }
             built.push(worker);
             wakers.push(waker);
         }
@@ -228,6 +246,13 @@ impl ServerHandle {
             resolver: resolver.as_ref().map(Resolver::handle),
         });
 
+        let metrics = match config.metrics.listen {
+            Some(addr) => {
+                let gauges = gauges(&shared, resolver.as_ref().map(Resolver::handle));
+                Some(MetricsServer::start(addr, Metrics::new(counters, gauges))?)
+            }
+            None => None,
+        };
         let saver = snapshots.as_ref().and_then(|snapshots| {
             Saver::start(Arc::clone(snapshots), snapshots::SAVE_EVERY)
                 .inspect_err(|e| {
@@ -245,6 +270,7 @@ impl ServerHandle {
             redis,
             store,
             scanner,
+            metrics,
         };
         for (index, worker) in built.into_iter().enumerate() {
             let spawned = thread::Builder::new()
@@ -281,6 +307,11 @@ impl ServerHandle {
         self.control.reload(config)
     }
 
+    /// Where `/metrics` is served (`[metrics] listen`, with the real port where it said 0).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(MetricsServer::local_addr)
+    }
+
     /// The addresses listened on, with the real port where the config said 0.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.local_addrs.clone()
@@ -301,6 +332,7 @@ impl ServerHandle {
         let snapshots = self.snapshots.take();
         let redis = self.redis.take();
         let scanner = self.scanner.take();
+        let metrics = self.metrics.take();
         let mut result = Ok(());
         for thread in self.workers {
             let outcome = thread
@@ -313,7 +345,10 @@ impl ServerHandle {
                 }
             }
         }
-        // No worker is left to ask them anything.
+        // No worker is left to ask them anything, or to count.
+        if let Some(metrics) = metrics {
+            metrics.stop();
+        }
         drop(resolver);
         drop(scanner);
         // No session is left to change the state: the last save has everything.
@@ -416,6 +451,9 @@ pub fn run(config: Arc<Config>) -> io::Result<()> {
     for addr in handle.local_addrs() {
         log::info!("listening on {addr}");
     }
+    if let Some(addr) = handle.metrics_addr() {
+        log::info!("metrics at http://{addr}/metrics");
+    }
     let control = Arc::clone(&handle.control);
     let signal_thread = thread::Builder::new()
         .name("tarmac-signals".to_owned())
@@ -447,6 +485,27 @@ pub fn run(config: Arc<Config>) -> io::Result<()> {
     signals_handle.close();
     let _ = signal_thread.join();
     result
+}
+
+/// What a scrape reads besides the workers' counters: open connections, tarpit places and
+/// stress mode from what the workers share, and the resolver's figures when one runs.
+fn gauges(
+    shared: &Shared,
+    resolver: Option<ResolverHandle>,
+) -> Box<dyn Fn() -> Gauges + Send + Sync> {
+    let limits = Arc::clone(&shared.limits);
+    let load = Arc::clone(&shared.load);
+    Box::new(move || {
+        let open = limits.open();
+        Gauges {
+            open,
+            tarpitted: load.tarpitted(),
+            stressed: load.is_stressed(open),
+            dns: resolver
+                .as_ref()
+                .map(|resolver| (resolver.stats(), resolver.zone_health())),
+        }
+    })
 }
 
 /// One nonblocking listener socket for `addr`, sharable with the other workers' sockets for the
