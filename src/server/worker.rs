@@ -296,7 +296,10 @@ impl Worker {
         table.serve_pool_waiters(now, &mut io);
         self.prune_timers();
         self.follow_stress(now);
-        if let Some(metrics) = &self.metrics {
+        // Only a pool in use has figures: nothing per turn for a relay or a tarpit without one.
+        if let Some(metrics) = &self.metrics
+            && self.config.downstream.mode == DownstreamMode::Multiplexing
+        {
             let (open, idle, waiting) = self.pool.figures();
             metrics.set_pool(open, idle, waiting);
         }
