@@ -15,6 +15,11 @@
 //! CPU lines (process CPU time per message, and the tarmac workers' share) show where the time
 //! goes when the machine, not latency, is the limit.
 //!
+//! Metrics (issue 16): two variants run again with `[metrics] listen` on, interleaved with the
+//! same variants off in the same rounds, and `relay/metrics` prints the on/off ratio of their
+//! medians: the per-worker counters must cost nothing measurable. Each metrics-on round ends
+//! with a scrape whose `tarmac_messages_relayed_total` must equal the messages sent.
+//!
 //! `cargo bench --bench relay` runs the full size; without `--bench` (as `cargo test
 //! --all-targets` runs it, in a debug build) one small round checks correctness only.
 
@@ -27,7 +32,7 @@ mod support {
     pub mod stats;
 }
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Barrier};
 use std::thread;
@@ -57,18 +62,23 @@ fn main() {
     // shared by the workers) in front of a downstream that, as Postfix out of the box, takes
     // one XCLIENT per connection (so each new client needs a new connection) and one that,
     // as Postfix with `smtpd_authorized_xclient_hosts = static:all`, takes one per transaction.
-    let variants: &[(usize, DownstreamMode, bool)] = if full {
+    // The last field: `[metrics] listen` on. The metrics-on variants repeat a metrics-off one
+    // in the same rounds, for `relay/metrics`.
+    let variants: &[(usize, DownstreamMode, bool, bool)] = if full {
         &[
-            (1, DownstreamMode::Synchronous, false),
-            (2, DownstreamMode::Synchronous, false),
-            (2, DownstreamMode::Multiplexing, false),
-            (2, DownstreamMode::Multiplexing, true),
+            (1, DownstreamMode::Synchronous, false, false),
+            (2, DownstreamMode::Synchronous, false, false),
+            (2, DownstreamMode::Multiplexing, false, false),
+            (2, DownstreamMode::Multiplexing, true, false),
+            (2, DownstreamMode::Synchronous, false, true),
+            (2, DownstreamMode::Multiplexing, true, true),
         ]
     } else {
         &[
-            (2, DownstreamMode::Synchronous, false),
-            (2, DownstreamMode::Multiplexing, false),
-            (2, DownstreamMode::Multiplexing, true),
+            (2, DownstreamMode::Synchronous, false, false),
+            (2, DownstreamMode::Multiplexing, false, false),
+            (2, DownstreamMode::Multiplexing, true, false),
+            (2, DownstreamMode::Multiplexing, true, true),
         ]
     };
     let (per_client, rounds) = if full { (40, 5) } else { (2, 1) };
@@ -80,16 +90,16 @@ fn main() {
 
     // Warm-up: thread stacks, allocator arenas, the listen path; not measured.
     run_direct(&body, 2);
-    for &(workers, mode, again) in variants {
-        run_tarmac(&body, 2, workers, mode, again);
+    for &(workers, mode, again, metrics) in variants {
+        run_tarmac(&body, 2, workers, mode, again, metrics);
     }
 
     let mut direct = Vec::new();
     let mut through: Vec<Vec<Round>> = variants.iter().map(|_| Vec::new()).collect();
     for _ in 0..rounds {
         direct.push(run_direct(&body, per_client));
-        for (n, &(workers, mode, again)) in variants.iter().enumerate() {
-            through[n].push(run_tarmac(&body, per_client, workers, mode, again));
+        for (n, &(workers, mode, again, metrics)) in variants.iter().enumerate() {
+            through[n].push(run_tarmac(&body, per_client, workers, mode, again, metrics));
         }
     }
 
@@ -97,13 +107,17 @@ fn main() {
     let direct_cpu = median(direct.iter().map(|r| r.cpu_per_msg()).collect());
     println!("relay/direct: {direct_rate:.0} msgs/s ({params}){note}");
     println!("relay/direct-cpu: {direct_cpu:.0} us CPU per msg (whole process){note}");
-    for (rounds, &(workers, mode, again)) in through.iter().zip(variants) {
+    let label = |workers: usize, mode: DownstreamMode, again: bool, metrics: bool| {
         let xclient = if again {
             "per transaction"
         } else {
             "per connection"
         };
-        let workers = format!("workers={workers}, mode={mode:?}, downstream XCLIENT {xclient}");
+        let metrics = if metrics { "on" } else { "off" };
+        format!("workers={workers}, mode={mode:?}, downstream XCLIENT {xclient}, metrics {metrics}")
+    };
+    for (rounds, &(workers, mode, again, metrics)) in through.iter().zip(variants) {
+        let workers = label(workers, mode, again, metrics);
         let rate = median(rounds.iter().map(|r| r.rate()).collect());
         let cpu = median(rounds.iter().map(|r| r.cpu_per_msg()).collect());
         let worker_user = median(rounds.iter().map(|r| r.tarmac_cpu_per_msg().0).collect());
@@ -117,6 +131,40 @@ fn main() {
         println!(
             "relay/ratio: {:.2} (target >= 0.8, {workers}){note}",
             rate / direct_rate
+        );
+    }
+    // Metrics on against the same variant off, from the same rounds.
+    for (on, &(workers, mode, again, metrics)) in through.iter().zip(variants) {
+        if !metrics {
+            continue;
+        }
+        let off = variants
+            .iter()
+            .position(|&v| v == (workers, mode, again, false))
+            .map(|n| &through[n]);
+        let Some(off) = off else { continue };
+        let rate = |rounds: &[Round]| median(rounds.iter().map(|r| r.rate()).collect());
+        let cpu = |rounds: &[Round]| {
+            median(
+                rounds
+                    .iter()
+                    .map(|r| {
+                        let (user, system) = r.tarmac_cpu_per_msg();
+                        user + system
+                    })
+                    .collect(),
+            )
+        };
+        println!(
+            "relay/metrics: on/off {:.3} msgs/s ({:.0} vs {:.0}), tarmac workers' CPU per msg \
+             on/off {:.3} ({:.1} vs {:.1} us) ({}){note}",
+            rate(on) / rate(off),
+            rate(on),
+            rate(off),
+            cpu(on) / cpu(off),
+            cpu(on),
+            cpu(off),
+            label(workers, mode, again, true).replace(", metrics on", ""),
         );
     }
 }
@@ -178,15 +226,31 @@ fn run_tarmac(
     workers: usize,
     mode: DownstreamMode,
     xclient_again: bool,
+    metrics: bool,
 ) -> Round {
     let sink = start_sink(xclient_again);
-    let (server, addr) = server::start(config(sink.local_addr(), workers, mode));
+    let mut config = config(sink.local_addr(), workers, mode);
+    if metrics {
+        config.metrics.listen = Some("127.0.0.1:0".parse().expect("address"));
+    }
+    let (server, addr) = server::start(config);
     let cpu_before = cpu::process();
     let tarmac_before = tarmac_worker_cpu();
     let (messages, elapsed) = run_clients(addr, body, per_client);
     let cpu = (cpu::process() - cpu_before).total();
     // Read before shutdown: a worker's /proc entry goes when its thread exits.
     let tarmac_cpu = tarmac_worker_cpu() - tarmac_before;
+    if let Some(metrics) = server.metrics_addr() {
+        // Outside the timed part; sessions close just after their 221, so wait for the last.
+        let deadline = Instant::now() + IO_TIMEOUT;
+        while relayed(metrics) != messages {
+            assert!(
+                Instant::now() < deadline,
+                "metrics count every relayed message"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
     server::stop(server);
     check_delivered(&sink, body, messages, true);
     Round {
@@ -322,6 +386,22 @@ fn message_body() -> Vec<u8> {
     assert!(body.ends_with(b"\r\n"));
     body.extend_from_slice(b".\r\n");
     body
+}
+
+/// `tarmac_messages_relayed_total` from a scrape of `/metrics` at `addr`.
+fn relayed(addr: SocketAddr) -> usize {
+    let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT).expect("connect to metrics");
+    stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+        .expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    response
+        .lines()
+        .find_map(|line| line.strip_prefix("tarmac_messages_relayed_total "))
+        .and_then(|n| n.parse().ok())
+        .expect("tarmac_messages_relayed_total in the scrape")
 }
 
 /// CPU time of the live threads named `tarmac-worker-*`; a thread that ends meanwhile counts

@@ -28,6 +28,14 @@
 //! (59 stuttered bytes, about a minute) that every connection is still mid-banner at the end of
 //! the window, which the child checks: a complete banner would mean the stutter stopped.
 //!
+//! Metrics (issue 16): the whole measurement runs four times in one process, with `[metrics]
+//! listen` off, on, on, off (a new server, DNS server and client process each time: the
+//! order cancels a drift over the runs), and `tarpit/metrics` prints the on/off ratios of the
+//! CPU figures' means. Holding a tarpitted connection touches no counter (they move at accept,
+//! at answers and at close), so the ratio shows the noise between runs. Later runs' RSS
+//! figures are taken from their own baselines, in a process whose allocator already grew:
+//! compare the first run's with older figures. In quick mode the runs are two, off then on.
+//!
 //! `cargo bench --bench tarpit` holds 19,000 connections (fewer if the open-files soft limit is
 //! lower) over a 20 s window, about 40 s in all; without `--bench` (as `cargo test
 //! --all-targets` runs it, in a debug build) 200 over 2 s, to check the mechanics, not to
@@ -103,10 +111,73 @@ fn main() {
         (200, Duration::from_secs(2))
     };
     let n = hold::fit_fd_limit("tarpit", wanted, WARM_UP);
+    let order: &[bool] = if full {
+        &[false, true, true, false]
+    } else {
+        &[false, true]
+    };
+    let runs: Vec<(bool, Held)> = order
+        .iter()
+        .map(|&metrics| (metrics, hold(n, window, note, metrics)))
+        .collect();
+    let mean = |metrics: bool| {
+        let chosen: Vec<&Held> = runs
+            .iter()
+            .filter(|(m, _)| *m == metrics)
+            .map(|(_, held)| held)
+            .collect();
+        let count = chosen.len().max(1) as f64;
+        Held {
+            cpu_percent: chosen.iter().map(|h| h.cpu_percent).sum::<f64>() / count,
+            worker_percent: chosen.iter().map(|h| h.worker_percent).sum::<f64>() / count,
+            wakeups_per_second: chosen.iter().map(|h| h.wakeups_per_second).sum::<f64>() / count,
+        }
+    };
+    let (off, on) = (mean(false), mean(true));
+    println!(
+        "tarpit/metrics: on/off whole-process CPU {:.2} ({:.1} vs {:.1} % of one core), workers' \
+         CPU {:.2} ({:.1} vs {:.1} %), wakeups/s {:.2} ({:.0} vs {:.0}) ({n} connections, means of \
+         {} runs each){note}",
+        on.cpu_percent / off.cpu_percent,
+        on.cpu_percent,
+        off.cpu_percent,
+        on.worker_percent / off.worker_percent,
+        on.worker_percent,
+        off.worker_percent,
+        on.wakeups_per_second / off.wakeups_per_second,
+        on.wakeups_per_second,
+        off.wakeups_per_second,
+        order.len() / 2,
+    );
+}
 
+/// One holding run's CPU figures, for the metrics comparison.
+struct Held {
+    /// Whole process, % of one core.
+    cpu_percent: f64,
+    /// The worker threads, user + system, % of one core.
+    worker_percent: f64,
+    wakeups_per_second: f64,
+}
+
+/// The measurement: holds `n` tarpitted connections over `window`, prints the figures with
+/// `[metrics] listen` on or off as `metrics` says, and checks the stutter never stopped.
+fn hold(n: usize, window: Duration, note: &str, metrics: bool) -> Held {
+    let note = format!(
+        "{}{note}",
+        if metrics {
+            " (metrics on)"
+        } else {
+            " (metrics off)"
+        }
+    );
     let listed = (0..SOURCES).map(|i| IpAddr::V4(source_addr(i)));
     let dns = DnsServer::start(vec![dnsbl::zone(ZONE, listed)]);
-    let (server, addr) = server::start(config(&dns, n));
+    let mut config = config(&dns, n);
+    if metrics {
+        config.metrics.listen = Some("127.0.0.1:0".parse().expect("address"));
+    }
+    let (server, addr) = server::start(config);
     // No health check may be counted in the window.
     dnsbl::wait_for_health_checks(&dns, 1);
 
@@ -184,6 +255,11 @@ fn main() {
 
     clients.close();
     server::stop(server);
+    Held {
+        cpu_percent,
+        worker_percent: 100.0 * (workers.user + workers.system).as_secs_f64() / secs,
+        wakeups_per_second: wakeups / secs,
+    }
 }
 
 /// A loopback server that tarpits every listed client: caps and rates far above `n`, so the

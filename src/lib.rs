@@ -25,6 +25,7 @@ pub mod content;
 pub mod demo;
 pub mod dns;
 pub mod downstream;
+pub(crate) mod metrics;
 pub mod policy;
 pub mod privileges;
 pub mod probe;

@@ -66,3 +66,5 @@ mod health;
 mod privileges;
 // systemd readiness: READY, RELOADING and STOPPING on a test-owned NOTIFY_SOCKET.
 mod notify;
+// `[metrics] listen`: counters before and after real sessions, parsed by Prometheus' parsers.
+mod metrics;

@@ -202,6 +202,16 @@ impl<C: Pooled, K: Copy> Pool<C, K> {
         !self.waiting.is_empty()
     }
 
+    /// For metrics: connections open (idle or in use), idle among them, and places in line
+    /// (a waiter that gave up keeps its place until its turn comes, so this can run high).
+    pub(crate) fn figures(&self) -> (usize, usize, usize) {
+        (
+            self.open.load(Ordering::Relaxed),
+            self.idle.len(),
+            self.waiting.len(),
+        )
+    }
+
     /// Closes idle connections past [`IDLE_MAX`], saying QUIT.
     fn prune(&mut self, now: Instant) {
         let (keep, old): (Vec<Idle<C>>, Vec<Idle<C>>) = std::mem::take(&mut self.idle)

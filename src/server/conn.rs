@@ -60,6 +60,7 @@ use super::token;
 use crate::config::Config;
 use crate::content::scanner::ScannerHandle;
 use crate::dns::ResolverHandle;
+use crate::metrics::WorkerCounters;
 use crate::smtp::{Action, LinkId, Session, Shutdown, Side, TlsVersion};
 
 /// Pending reply bytes for the client before `poll_transmit(Client)` is left alone: a client
@@ -147,6 +148,8 @@ pub(crate) struct Conn {
     guard: LimitGuard,
     /// A tarpit place (`max_tarpitted`), held while the session is tarpitted.
     tarpit_place: Option<TarpitGuard>,
+    /// The worker's counters (`[metrics] listen`), shared by its connections.
+    metrics: Option<Arc<WorkerCounters>>,
 }
 
 impl Conn {
@@ -157,6 +160,7 @@ impl Conn {
         session: Session,
         now: Instant,
         guard: LimitGuard,
+        metrics: Option<Arc<WorkerCounters>>,
     ) -> Conn {
         Conn {
             id,
@@ -171,6 +175,7 @@ impl Conn {
             close_by: None,
             guard,
             tarpit_place: None,
+            metrics,
         }
     }
 
@@ -297,9 +302,13 @@ impl Conn {
                 }
             }
         }
+        let report = self.session.report();
+        if let Some(metrics) = &self.metrics {
+            metrics.closed(&report);
+        }
         close_log::log_close(
             self.id,
-            &self.session.report(),
+            &report,
             now.saturating_duration_since(self.accepted),
         );
     }
@@ -497,6 +506,9 @@ impl Conn {
             moved = true;
             match action {
                 Action::ConnectDownstream { link, addr, pooled } => {
+                    if let Some(metrics) = &self.metrics {
+                        metrics.downstream_connection(addr);
+                    }
                     self.connect_downstream(key, link, addr, pooled, now, io);
                 }
                 Action::ReleaseDownstream { link, carried } => {
@@ -523,9 +535,16 @@ impl Conn {
                 .as_deref_mut()
                 .and_then(DownstreamConn::connected_leg),
         };
-        let Some(written) = leg.map(Leg::write) else {
+        let Some(leg) = leg else {
             return false;
         };
+        let before = leg.outbox.len();
+        let written = leg.write();
+        if side == Side::Downstream
+            && let Some(metrics) = &self.metrics
+        {
+            metrics.bytes_to_downstream(before.saturating_sub(leg.outbox.len()));
+        }
         match written {
             Ok(moved) => moved,
             Err(e) => {

@@ -33,6 +33,11 @@
 //! saves the state (`state::snapshots`), which was loaded before the first accept and is saved
 //! every minute meanwhile.
 //!
+//! Metrics (`[metrics] listen`, `crate::metrics`): each worker gets counters only it writes;
+//! the metrics thread, started before the workers and stopped after them, sums them at each
+//! scrape and reads the gauges (open connections, tarpit places, stress, the resolver's
+//! figures) from what the workers share.
+//!
 //! Nothing here decides policy: every protocol decision is the session's.
 
 mod close_log;
@@ -73,6 +78,7 @@ use crate::config::{Config, StateBackend};
 use crate::content::scanner::Scanner;
 use crate::dns::{Resolver, ResolverHandle};
 use crate::downstream::health::Health;
+use crate::metrics::{Gauges, Metrics, MetricsServer, WorkerCounters};
 use crate::policy::ConnectionRates;
 use crate::privileges::{self, Account};
 use crate::state::redis::RedisState;
@@ -101,6 +107,8 @@ pub struct ServerHandle {
     store: Arc<Store>,
     /// The scanner thread (`[content]`); stopped after the workers.
     scanner: Option<Scanner>,
+    /// The metrics endpoint (`[metrics] listen`); stopped after the workers.
+    metrics: Option<MetricsServer>,
 }
 
 /// What another thread needs to stop the workers.
@@ -200,6 +208,13 @@ impl ServerHandle {
         let mut scanner = Scanner::start()
             .inspect_err(|e| log::warn!("content: no scanner thread ({e}); scans will fail"))
             .ok();
+        // Only with `[metrics] listen`: without it nothing is counted at all.
+        let counters: Vec<Arc<WorkerCounters>> = match config.metrics.listen {
+            Some(_) => (0..workers)
+                .map(|_| Arc::new(WorkerCounters::new()))
+                .collect(),
+            None => Vec::new(),
+        };
         let mut built = Vec::with_capacity(workers);
         let mut wakers = Vec::with_capacity(workers);
         for (index, worker_sockets) in sockets.into_iter().enumerate() {
@@ -222,6 +237,9 @@ impl ServerHandle {
                 let (id, inbox) = scanner.add_worker(Arc::clone(&waker));
                 worker.attach_scanner(scanner.handle(), id, inbox);
             }
+            if let Some(counters) = counters.get(index) {
+                worker.attach_metrics(Arc::clone(counters));
+            }
             built.push(worker);
             wakers.push(waker);
         }
@@ -234,6 +252,13 @@ impl ServerHandle {
             resolver: resolver.as_ref().map(Resolver::handle),
         });
 
+        let metrics = match config.metrics.listen {
+            Some(addr) => {
+                let gauges = gauges(&shared, resolver.as_ref().map(Resolver::handle));
+                Some(MetricsServer::start(addr, Metrics::new(counters, gauges))?)
+            }
+            None => None,
+        };
         let saver = snapshots.as_ref().and_then(|snapshots| {
             Saver::start(Arc::clone(snapshots), snapshots::SAVE_EVERY)
                 .inspect_err(|e| {
@@ -251,6 +276,7 @@ impl ServerHandle {
             redis,
             store,
             scanner,
+            metrics,
         };
         for (index, worker) in built.into_iter().enumerate() {
             let spawned = thread::Builder::new()
@@ -287,6 +313,11 @@ impl ServerHandle {
         self.control.reload(config)
     }
 
+    /// Where `/metrics` is served (`[metrics] listen`, with the real port where it said 0).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(MetricsServer::local_addr)
+    }
+
     /// The addresses listened on, with the real port where the config said 0.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.local_addrs.clone()
@@ -307,6 +338,7 @@ impl ServerHandle {
         let snapshots = self.snapshots.take();
         let redis = self.redis.take();
         let scanner = self.scanner.take();
+        let metrics = self.metrics.take();
         let mut result = Ok(());
         for thread in self.workers {
             let outcome = thread
@@ -319,7 +351,10 @@ impl ServerHandle {
                 }
             }
         }
-        // No worker is left to ask them anything.
+        // No worker is left to ask them anything, or to count.
+        if let Some(metrics) = metrics {
+            metrics.stop();
+        }
         drop(resolver);
         drop(scanner);
         // No session is left to change the state: the last save has everything.
@@ -429,6 +464,9 @@ pub fn run(config: Arc<Config>) -> io::Result<()> {
     for addr in &addrs {
         log::info!("listening on {addr}");
     }
+    if let Some(addr) = handle.metrics_addr() {
+        log::info!("metrics at http://{addr}/metrics");
+    }
     let status = format!("listening on {}", addrs.join(", "));
     notifier.ready(&status);
     let control = Arc::clone(&handle.control);
@@ -465,6 +503,27 @@ pub fn run(config: Arc<Config>) -> io::Result<()> {
     signals_handle.close();
     let _ = signal_thread.join();
     result
+}
+
+/// What a scrape reads besides the workers' counters: open connections, tarpit places and
+/// stress mode from what the workers share, and the resolver's figures when one runs.
+fn gauges(
+    shared: &Shared,
+    resolver: Option<ResolverHandle>,
+) -> Box<dyn Fn() -> Gauges + Send + Sync> {
+    let limits = Arc::clone(&shared.limits);
+    let load = Arc::clone(&shared.load);
+    Box::new(move || {
+        let open = limits.open();
+        Gauges {
+            open,
+            tarpitted: load.tarpitted(),
+            stressed: load.is_stressed(open),
+            dns: resolver
+                .as_ref()
+                .map(|resolver| (resolver.stats(), resolver.zone_health())),
+        }
+    })
 }
 
 /// One nonblocking listener socket for `addr`, sharable with the other workers' sockets for the

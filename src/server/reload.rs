@@ -98,6 +98,7 @@ pub(crate) fn restart_only_changes(
         downstream.mode,
         tarpit.pass_ttl,
         state,
+        metrics,
     );
     through_dns
         .into_iter()

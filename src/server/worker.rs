@@ -28,6 +28,7 @@ use super::token::{self, Source};
 use crate::config::{Config, DownstreamMode};
 use crate::content::scanner::{ScanAnswer, ScannerHandle};
 use crate::dns::{Inbox, ResolverHandle};
+use crate::metrics::{Refused, WorkerCounters};
 use crate::policy::admission::{self, StartTls};
 use crate::side_thread::Inbox as SideInbox;
 use crate::smtp::{Peer, Session, Shutdown, too_many_connections};
@@ -86,6 +87,8 @@ pub(crate) struct Worker {
     state: Option<WorkerState>,
     /// The scanner thread and this worker's inbox for its answers.
     scan: Option<WorkerScan>,
+    /// This worker's counters, when `[metrics] listen` is set (nothing is counted otherwise).
+    metrics: Option<Arc<WorkerCounters>>,
 }
 
 /// A worker's end of the scanner thread.
@@ -177,6 +180,7 @@ impl Worker {
             dns: None,
             state: None,
             scan: None,
+            metrics: None,
         };
         Ok((worker, waker))
     }
@@ -206,6 +210,11 @@ impl Worker {
         inbox: SideInbox<ScanAnswer>,
     ) {
         self.scan = Some(WorkerScan { scanner, id, inbox });
+    }
+
+    /// Gives the worker its counters (`[metrics] listen`): only this worker writes them.
+    pub(crate) fn attach_metrics(&mut self, counters: Arc<WorkerCounters>) {
+        self.metrics = Some(counters);
     }
 
     /// The event loop; returns once shutdown was asked for and every connection is closed, or
@@ -287,6 +296,13 @@ impl Worker {
         table.serve_pool_waiters(now, &mut io);
         self.prune_timers();
         self.follow_stress(now);
+        // Only a pool in use has figures: nothing per turn for a relay or a tarpit without one.
+        if let Some(metrics) = &self.metrics
+            && self.config.downstream.mode == DownstreamMode::Multiplexing
+        {
+            let (open, idle, waiting) = self.pool.figures();
+            metrics.set_pool(open, idle, waiting);
+        }
     }
 
     /// A new configuration was published (SIGHUP): new connections get it, and live sessions
@@ -422,6 +438,9 @@ impl Worker {
                 let local = listener.local;
                 match listener.socket.accept() {
                     Ok((stream, addr)) => {
+                        if let Some(metrics) = &self.metrics {
+                            metrics.accepted();
+                        }
                         self.accept_error_logged = false;
                         self.admit(stream, addr, local, now);
                     }
@@ -470,6 +489,9 @@ impl Worker {
                 // One nonblocking write into an empty send buffer; best effort.
                 leg.write_last();
                 log::info!("refused connection from {addr}: {refusal}");
+                if let Some(metrics) = &self.metrics {
+                    metrics.refused(Refused::from(&refusal));
+                }
                 return;
             }
         };
@@ -500,9 +522,12 @@ impl Worker {
             Session::new(config, peer, now)
         };
         session.set_health(Arc::clone(&self.shared.health));
-        let conn = Conn::new(id, stream, session, now, guard);
+        let conn = Conn::new(id, stream, session, now, guard, self.metrics.clone());
         let Ok(key) = self.conns.insert(conn) else {
             log::warn!("conn={id} refused: connection table full");
+            if let Some(metrics) = &self.metrics {
+                metrics.refused(Refused::TableFull);
+            }
             return;
         };
         let registered = match self.conns.get_mut(key) {
@@ -511,6 +536,9 @@ impl Worker {
         };
         if let Err(e) = registered {
             log::warn!("conn={id} from {addr} dropped: {e}");
+            if let Some(metrics) = &self.metrics {
+                metrics.refused(Refused::TableFull);
+            }
             self.conns.remove(key);
             return;
         }

@@ -8,6 +8,7 @@ use std::time::Instant;
 use super::{Conn, Io};
 use crate::content::scanner::Waiter as ScanWaiter;
 use crate::dns::Waiter;
+use crate::metrics::Refused;
 use crate::policy::admission::{self, StartTls};
 use crate::server::slab::ConnKey;
 use crate::server::tls_failures::log_withheld;
@@ -18,6 +19,9 @@ use crate::state::{StateAnswer, StateOp, Waiter as StateWaiter};
 impl Conn {
     /// A DNS answer the connection waited for.
     pub(crate) fn handle_lookup(&mut self, now: Instant, query: Query, answer: LookupAnswer) {
+        if let Some(metrics) = &self.metrics {
+            metrics.lookup(&query, &answer, false);
+        }
         self.session
             .handle_answer(now, Answer::Lookup(query, answer));
     }
@@ -29,16 +33,25 @@ impl Conn {
 
     /// A state answer the connection waited for (the Redis backend's, or its fallback's).
     pub(crate) fn handle_state(&mut self, now: Instant, answer: StateAnswer) {
+        let metrics = self.metrics.as_deref();
         let answer = match answer {
             StateAnswer::Pass(fresh) => Answer::Pass(fresh),
-            StateAnswer::Greylist(outcome) => Answer::Greylist(outcome),
+            StateAnswer::Greylist(outcome) => {
+                if let Some(metrics) = metrics {
+                    metrics.greylist(&outcome);
+                }
+                Answer::Greylist(outcome)
+            }
             StateAnswer::Reputation(history) => Answer::Reputation(history),
             StateAnswer::Rate { ip, verdict } => {
                 let guard = &mut self.guard;
                 let admitted = admission::admit_named(verdict, || guard.rekey(ip));
-                if let Err(refusal) = admitted {
+                if let Err(refusal) = &admitted {
                     let client = self.session.report().client;
                     log::info!("refused connection from {client}: {refusal}");
+                    if let Some(metrics) = metrics {
+                        metrics.refused(Refused::from(refusal));
+                    }
                 }
                 Answer::Admission(admitted.is_ok())
             }
@@ -64,6 +77,9 @@ impl Conn {
                     None => Some(LookupAnswer::temp_fail(&query)),
                 };
                 if let Some(answer) = answer {
+                    if let Some(metrics) = &self.metrics {
+                        metrics.lookup(&query, &answer, true);
+                    }
                     self.session
                         .handle_answer(now, Answer::Lookup(query, answer));
                 }

@@ -18,6 +18,7 @@ use super::{Conn, Io};
 use crate::downstream::connect;
 use crate::downstream::dialog::Carried;
 use crate::downstream::pool::{Idle, Pool, Pooled, Take, Ticket};
+use crate::metrics::DownstreamError;
 use crate::server::leg::{Eof, Leg};
 use crate::server::slab::ConnKey;
 use crate::server::tls_stream::TlsFailure;
@@ -115,6 +116,7 @@ impl Conn {
         } = idle;
         if let Err(e) = leg.register(registry, token::conn(key, Side::Downstream)) {
             log::debug!("conn={} pooled downstream {addr}: {e}", self.id);
+            self.count_error(addr, DownstreamError::Connect);
             self.session
                 .handle_downstream(now, link, DownstreamEvent::ConnectFailed);
             return;
@@ -208,6 +210,7 @@ impl Conn {
             }
             Err(e) => {
                 log::debug!("conn={} downstream {addr}: connect failed: {e}", self.id);
+                self.count_error(addr, DownstreamError::Connect);
                 self.session
                     .handle_downstream(now, link, DownstreamEvent::ConnectFailed);
             }
@@ -237,7 +240,9 @@ impl Conn {
             }
             Err(e) => {
                 log::debug!("conn={} downstream connect failed: {e}", self.id);
+                let addr = ds.addr;
                 self.drop_downstream();
+                self.count_error(addr, DownstreamError::Connect);
                 self.session
                     .handle_downstream(now, link, DownstreamEvent::ConnectFailed);
             }
@@ -273,6 +278,12 @@ impl Conn {
             }
             let (addr, link) = (ds.addr, ds.link);
             self.drop_downstream();
+            let kind = if handshaking {
+                DownstreamError::Tls
+            } else {
+                DownstreamError::Lost
+            };
+            self.count_error(addr, kind);
             if handshaking {
                 log::info!(
                     "conn={} TLS handshake with downstream {addr} failed: {failure}",
@@ -378,10 +389,18 @@ impl Conn {
 
     /// The downstream closed or failed: drop it and tell the session.
     pub(super) fn fail_downstream(&mut self, now: Instant) {
-        if let Some(link) = self.downstream.as_deref().map(|ds| ds.link) {
+        if let Some((link, addr)) = self.downstream.as_deref().map(|ds| (ds.link, ds.addr)) {
             self.drop_downstream();
+            self.count_error(addr, DownstreamError::Lost);
             self.session
                 .handle_downstream(now, link, DownstreamEvent::Closed);
+        }
+    }
+
+    /// Counts a failed downstream connection (`[metrics] listen`).
+    fn count_error(&self, addr: SocketAddr, kind: DownstreamError) {
+        if let Some(metrics) = &self.metrics {
+            metrics.downstream_error(addr, kind);
         }
     }
 
