@@ -8,6 +8,7 @@
 //! entry refuses 127.0.0.2 at the greeting, a rule tarpits 127.0.0.3 (delayed, stuttered
 //! replies), a rule greylists 127.0.0.4 (its first attempt is deferred, a retry after
 //! [`DEMO_GREYLIST_DELAY`] delivers), and 127.0.0.1 delivers at once (after the greet pause).
+//! Its Prometheus metrics are served on 127.0.0.1:2527, so each try shows in the counters.
 
 use std::io;
 use std::path::PathBuf;
@@ -24,6 +25,8 @@ pub use sink::write_eml;
 const DEMO_LISTEN: &str = "127.0.0.1:2525";
 /// Where the demo sink listens.
 const DEMO_SINK: &str = "127.0.0.1:2526";
+/// Where the demo serves its Prometheus metrics (`/metrics`).
+const DEMO_METRICS: &str = "127.0.0.1:2527";
 /// Where the sink writes messages, relative to the working directory.
 const DEMO_MAILDIR: &str = "demo-mail";
 /// Where the demo keeps its state snapshots, relative to the working directory: inside the
@@ -61,6 +64,7 @@ fn config() -> Config {
     config.server.workers = 1;
     config.server.state_dir = PathBuf::from(DEMO_STATE_DIR);
     config.downstream.servers = vec![parse(DEMO_SINK)];
+    config.metrics.listen = Some(parse(DEMO_METRICS));
     config.downstream.announce_client = AnnounceClient::Xclient;
     // No DNS: the demo must never ask the system resolver (it points off the machine).
     config.dnsbl.clear();
@@ -112,7 +116,9 @@ pub fn run() -> io::Result<()> {
          {swaks} --local-interface 127.0.0.2\n      refused: on the deny list, the greeting is 554 5.7.1\n  \
          {swaks} --local-interface 127.0.0.3\n      tarpitted by a rule: every reply waits 1 s and comes 10 bytes a second\n  \
          {swaks} --local-interface 127.0.0.4\n      greylisted by a rule: RCPT gets 451 4.7.1; run it again after {delay} s and it is delivered\n\
-         Each session is logged when it closes (verdict=, rule=, greylist=, result=). Stop with Ctrl-C."
+         Each session is logged when it closes (verdict=, rule=, greylist=, result=); the counters move at\n  \
+         curl -s http://{DEMO_METRICS}/metrics | grep -v '^#'\n\
+         Stop with Ctrl-C."
     );
     // The sink's threads end with the process.
     crate::server::run(Arc::new(config))

@@ -126,8 +126,9 @@ fn run_relays_logs_and_drains_on_sigterm() {
 fn demo_writes_accepted_mail_to_demo_mail() {
     if std::net::TcpListener::bind("127.0.0.1:2525").is_err()
         || std::net::TcpListener::bind("127.0.0.1:2526").is_err()
+        || std::net::TcpListener::bind("127.0.0.1:2527").is_err()
     {
-        eprintln!("note: 127.0.0.1:2525 or :2526 is busy; skipping the demo test");
+        eprintln!("note: 127.0.0.1:2525, :2526 or :2527 is busy; skipping the demo test");
         return;
     }
     let dir = temp_dir("demo");
@@ -219,6 +220,40 @@ fn demo_writes_accepted_mail_to_demo_mail() {
         retried.starts_with("250 "),
         "the retry is delivered: {retried}"
     );
+    // The demo's metrics count what happened, once every session above has closed.
+    assert!(client.command("QUIT").starts_with("221 "));
+    drop((client, denied, tarpitted));
+    let scrape = || {
+        use std::io::{Read, Write};
+        let mut http = std::net::TcpStream::connect("127.0.0.1:2527").unwrap();
+        http.write_all(b"GET /metrics HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        http.read_to_string(&mut text).unwrap();
+        text
+    };
+    let expected = [
+        "tarmac_messages_relayed_total 2",
+        "tarmac_sessions_total{verdict=\"reject\"} 1",
+        "tarmac_sessions_total{verdict=\"tarpit\"} 1",
+    ];
+    let mut last = String::new();
+    let counted = std::iter::repeat_with(|| {
+        last = scrape();
+        expected.iter().all(|line| last.contains(line))
+    })
+    .take(500)
+    .any(|done| {
+        if !done {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        done
+    });
+    assert!(
+        counted,
+        "the demo's metrics never counted every session: {expected:?} in\n{last}"
+    );
+    assert!(last.starts_with("HTTP/1.1 200"), "{last}");
     child.signal("INT");
     let (code, stderr) = child.wait_exit();
     assert_eq!(code, Some(0), "{stderr}");

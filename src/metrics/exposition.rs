@@ -26,6 +26,8 @@ pub(crate) struct Gauges {
     pub(crate) stressed: bool,
     /// The resolver's counters and each zone's health, when a resolver runs.
     pub(crate) dns: Option<(DnsStats, Vec<ZoneHealth>)>,
+    /// Each configured downstream server's health: up, consecutive failures.
+    pub(crate) downstream: Vec<(std::net::SocketAddr, bool, u32)>,
 }
 
 /// What a scrape reads: the workers' counters and where the gauges come from.
@@ -326,6 +328,21 @@ impl Metrics {
                 ]
             }),
         );
+        s.gauges(
+            "downstream_up",
+            "Whether each downstream server is taken (1) or marked down and skipped (0).",
+            gauges
+                .downstream
+                .iter()
+                .map(|(server, up, _)| (label("server", server.to_string()), u64::from(*up))),
+        );
+        s.gauges(
+            "downstream_consecutive_failures",
+            "Connect failures, timeouts and 421 banners in a row, by downstream server.",
+            gauges.downstream.iter().map(|(server, _, failures)| {
+                (label("server", server.to_string()), u64::from(*failures))
+            }),
+        );
         s.gauge(
             "pool_waiting",
             "Multiplexing: sessions waiting for a pooled downstream connection.",
@@ -412,12 +429,15 @@ mod tests {
             workers,
             Box::new(|| Gauges {
                 open: 3,
+                downstream: vec![("192.0.2.25:25".parse().unwrap(), false, 3)],
                 ..Gauges::default()
             }),
         );
         let text = metrics.render();
         for line in [
             "tarmac_connections_accepted_total 2",
+            "tarmac_downstream_up{server=\"192.0.2.25:25\"} 0",
+            "tarmac_downstream_consecutive_failures{server=\"192.0.2.25:25\"} 3",
             "tarmac_connections_refused_total{reason=\"max_connections_per_ip\"} 2",
             "tarmac_connections_refused_total{reason=\"table_full\"} 0",
             "tarmac_connections_open 3",

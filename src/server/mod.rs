@@ -505,14 +505,17 @@ pub fn run(config: Arc<Config>) -> io::Result<()> {
     result
 }
 
-/// What a scrape reads besides the workers' counters: open connections, tarpit places and
-/// stress mode from what the workers share, and the resolver's figures when one runs.
+/// What a scrape reads besides the workers' counters: open connections, tarpit places,
+/// stress mode and the downstream servers' health from what the workers share, and the
+/// resolver's figures when one runs.
 fn gauges(
     shared: &Shared,
     resolver: Option<ResolverHandle>,
 ) -> Box<dyn Fn() -> Gauges + Send + Sync> {
     let limits = Arc::clone(&shared.limits);
     let load = Arc::clone(&shared.load);
+    let health = Arc::clone(&shared.health);
+    let reloads = Arc::clone(&shared.reloads);
     Box::new(move || {
         let open = limits.open();
         Gauges {
@@ -522,6 +525,7 @@ fn gauges(
             dns: resolver
                 .as_ref()
                 .map(|resolver| (resolver.stats(), resolver.zone_health())),
+            downstream: health.snapshot(&reloads.current().downstream.servers),
         }
     })
 }
