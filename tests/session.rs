@@ -119,6 +119,8 @@ fn full_transaction_is_relayed() {
         (report.msgs, report.rcpts, report.result),
         (1, 1, "delivered")
     );
+    // The downstream's 550 to the unknown recipient, counted at its stage for the metrics.
+    assert_eq!(report.refusals.0, [[0, 0], [0, 0], [0, 1], [0, 0], [0, 0]]);
     assert_eq!(report.helo, Some(&b"client.example"[..]));
     assert_eq!(pair.downstream_closes, 1, "QUIT closes the downstream");
 }

@@ -213,6 +213,8 @@ pub(crate) struct WorkerCounters {
     pub(super) pregreets: AtomicU64,
     pub(super) messages: AtomicU64,
     pub(super) recipients: AtomicU64,
+    /// Refusals by stage (`CommandStage::ALL`) and class (4xx, 5xx).
+    pub(super) refusals: [[AtomicU64; 2]; 5],
     pub(super) greylist: [AtomicU64; 3],
     /// Per zone: answers by [`DNSBL`] result, and (last) how many came at once.
     pub(super) dnsbl: Slots<Arc<str>, [AtomicU64; 6]>,
@@ -244,6 +246,7 @@ impl WorkerCounters {
             pregreets: AtomicU64::new(0),
             messages: AtomicU64::new(0),
             recipients: AtomicU64::new(0),
+            refusals: Default::default(),
             greylist: Default::default(),
             dnsbl: Slots::new(),
             rdns: Default::default(),
@@ -368,6 +371,11 @@ impl WorkerCounters {
         }
         add(&self.messages, u64::from(report.msgs));
         add(&self.recipients, u64::from(report.rcpts));
+        for (row, counts) in self.refusals.iter().zip(report.refusals.0) {
+            for (counter, count) in row.iter().zip(counts) {
+                add(counter, u64::from(count));
+            }
+        }
         if report.scan != "-" {
             for mark in report.scan.split(',') {
                 let (scanner, action) = scan_labels(mark);
@@ -481,12 +489,16 @@ mod tests {
             msgs: 2,
             rcpts: 3,
             tls: "no",
+            refusals: crate::smtp::session::Refusals([[0, 0], [0, 0], [1, 2], [0, 0], [0, 0]]),
             scan: "rspamd:no_action:0.0,milter1:accept",
             result: "delivered",
         };
         counters.closed(&report);
         counters.closed(&report);
         assert_eq!(read(&counters.messages), 4);
+        let rcpt = &counters.refusals[2];
+        assert_eq!((read(&rcpt[0]), read(&rcpt[1])), (2, 4), "rcpt: 4xx, 5xx");
+        assert_eq!(read(&counters.refusals[1][1]), 0);
         assert_eq!(read(&counters.recipients), 6);
         assert_eq!(read(&counters.pregreets), 2);
         let mut scans = Vec::new();

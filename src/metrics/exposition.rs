@@ -14,6 +14,7 @@ use prometheus_client::registry::Registry;
 
 use super::counters::{self, DownstreamError, Refused, WorkerCounters, read};
 use crate::dns::{DnsStats, ZoneHealth};
+use crate::smtp::session::CommandStage;
 
 /// Figures kept elsewhere in the server, read at each scrape.
 #[derive(Clone, Debug, Default)]
@@ -183,6 +184,23 @@ impl Metrics {
             "messages_relayed",
             "Messages the downstream accepted.",
             sum(|c| read(&c.messages)),
+        );
+        s.counters(
+            "refusals",
+            "Replies of 4xx or 5xx to clients' commands (greylisting's aside), by the stage they answered (helo, mail, rcpt, data: DATA or the final dot, other) and class.",
+            w.iter().flat_map(|c| {
+                CommandStage::ALL
+                    .iter()
+                    .zip(&c.refusals)
+                    .flat_map(|(stage, row)| {
+                        ["4xx", "5xx"].iter().zip(row).map(|(class, counter)| {
+                            let mut labels = label("stage", stage.as_str());
+                            labels.push(("class".to_owned(), (*class).to_owned()));
+                            (labels, read(counter))
+                        })
+                    })
+                    .collect::<Vec<_>>()
+            }),
         );
         s.counter(
             "recipients_relayed",

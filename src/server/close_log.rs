@@ -102,6 +102,7 @@ mod tests {
             msgs: 1,
             rcpts: 2,
             tls: "no",
+            refusals: crate::smtp::session::Refusals::default(),
             scan: "-",
             result: "delivered",
         }

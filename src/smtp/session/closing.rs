@@ -96,6 +96,7 @@ impl Session {
     /// nothing more, without waiting for its timeout.
     pub(super) fn reply(&mut self, reply: Reply) {
         let failed = reply.code >= 400;
+        self.refusals.count(self.answering, reply.code);
         self.say(reply);
         if failed {
             self.count_error();

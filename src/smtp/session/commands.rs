@@ -23,7 +23,7 @@ use super::closing::{CloseReason, too_many_errors};
 use super::framing::Received;
 use super::greeting::{Blocked, RuleOutcome};
 use super::relaying::downstream_lost;
-use super::{Action, Phase, Session, TlsStage};
+use super::{Action, CommandStage, Phase, Session, TlsStage};
 
 /// The client's current mail transaction.
 #[derive(Debug)]
@@ -162,6 +162,7 @@ impl Session {
 
     pub(super) fn dispatch_line(&mut self, now: Instant, line: &[u8]) {
         self.take_reload();
+        self.answering = CommandStage::Other;
         let Some(text) = line.strip_suffix(b"\r\n") else {
             // Only CRLF ends a command line; a bare LF is refused, not guessed at.
             self.line_error(Reply::new(500, "5.5.2", "Error: bare <LF> received"));
@@ -188,6 +189,15 @@ impl Session {
     }
 
     pub(super) fn handle_command(&mut self, now: Instant, command: Command<'_>) {
+        // What the reply answers, for the refusals by stage (the final dot's reply answers
+        // DATA's stage too: the session is in the body until then).
+        self.answering = match command {
+            Command::Ehlo(_) | Command::Helo(_) => CommandStage::Helo,
+            Command::Mail { .. } => CommandStage::Mail,
+            Command::Rcpt { .. } => CommandStage::Rcpt,
+            Command::Data => CommandStage::Data,
+            _ => CommandStage::Other,
+        };
         match &self.blocked {
             _ if matches!(command, Command::Quit) => {}
             Some(Blocked::Immediate) => {

@@ -40,6 +40,69 @@ pub struct Peer {
     pub starttls: bool,
 }
 
+/// The command a reply answers, for counting refusals by stage (the metrics'
+/// `tarmac_refusals_total{stage, class}`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CommandStage {
+    /// HELO or EHLO.
+    Helo,
+    /// MAIL FROM.
+    Mail,
+    /// RCPT TO.
+    Rcpt,
+    /// DATA, and the message's final dot.
+    Data,
+    /// Anything else (NOOP, RSET, an unknown command, ...).
+    #[default]
+    Other,
+}
+
+impl CommandStage {
+    /// Every stage, in the order [`Refusals`] keeps them.
+    pub const ALL: [CommandStage; 5] = [
+        CommandStage::Helo,
+        CommandStage::Mail,
+        CommandStage::Rcpt,
+        CommandStage::Data,
+        CommandStage::Other,
+    ];
+
+    /// The metrics' label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandStage::Helo => "helo",
+            CommandStage::Mail => "mail",
+            CommandStage::Rcpt => "rcpt",
+            CommandStage::Data => "data",
+            CommandStage::Other => "other",
+        }
+    }
+}
+
+/// The session's refusals (4xx and 5xx replies to its commands, greylisting's aside) by the
+/// stage they answered: `[stage][0]` counts 4xx, `[stage][1]` 5xx, stages as
+/// [`CommandStage::ALL`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Refusals(pub [[u16; 2]; 5]);
+
+impl Refusals {
+    /// Counts a reply with `code` to a command of `stage` (nothing below 400).
+    pub(super) fn count(&mut self, stage: CommandStage, code: u16) {
+        let class = match code {
+            400..=499 => 0,
+            500.. => 1,
+            _ => return,
+        };
+        let index = CommandStage::ALL
+            .iter()
+            .position(|s| *s == stage)
+            .unwrap_or(4);
+        if let Some(slot) = self.0.get_mut(index).and_then(|row| row.get_mut(class)) {
+            *slot = slot.saturating_add(1);
+        }
+    }
+}
+
 /// The TLS version a STARTTLS handshake agreed, for the close line and the `Received:` header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TlsVersion {
@@ -163,6 +226,8 @@ pub struct Report<'a> {
     /// The TLS version in use (`TLSv1.3`, `TLSv1.2`), or `no` for a plain session; the close
     /// line prints it as `tls=yes tls_version=TLSv1.3` or `tls=no tls_version=-`.
     pub tls: &'static str,
+    /// Refusals by stage and class, for the metrics (not in the close line).
+    pub refusals: Refusals,
     /// `scan=`: the scanners' actions on the connection's last scanned message
     /// (`rspamd:reject:15.2,milter1:accept`), or `-` when none ran.
     pub scan: &'a str,

@@ -101,7 +101,7 @@ use closing::{CloseReason, Strikes};
 use commands::{Pending, Transaction};
 use framing::{LineReceiver, ProxyReceiver};
 use greeting::{Awaiting, Blocked, GreetPause};
-pub use interface::{Action, Peer, Report, Shutdown, Side, TlsVersion};
+pub use interface::{Action, CommandStage, Peer, Refusals, Report, Shutdown, Side, TlsVersion};
 
 /// Replies queued for the client before the session stops taking its commands (DESIGN.md §6.1
 /// "Memory"): a client that pipelines without reading its replies makes the session hold at most
@@ -280,6 +280,9 @@ pub struct Session {
     /// A `greylist` rule matched: every recipient is greylisted.
     forced_greylist: bool,
     tls: TlsStage,
+    /// The command the next reply answers, and the refusals so far by stage (metrics).
+    answering: CommandStage,
+    refusals: Refusals,
     /// Content inspection: the milters' conversation, the held message (DESIGN.md §7). Boxed
     /// and made on first use: a session without scanners pays one pointer.
     scan: Option<Box<scanning::Scanning>>,
@@ -361,6 +364,8 @@ impl Session {
             greylisted: "-",
             forced_greylist: false,
             scan: None,
+            answering: CommandStage::Other,
+            refusals: Refusals::default(),
             tls: if peer.starttls {
                 TlsStage::Offered
             } else {
@@ -741,6 +746,7 @@ impl Session {
                 TlsStage::Active(version) => version.as_str(),
                 _ => "no",
             },
+            refusals: self.refusals,
             scan: self
                 .scan
                 .as_deref()
