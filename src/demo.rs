@@ -7,7 +7,7 @@
 //! It shows the defences on loopback addresses, set up in memory (no file is read): a deny-list
 //! entry refuses 127.0.0.2 at the greeting, a rule tarpits 127.0.0.3 (delayed, stuttered
 //! replies), a rule greylists 127.0.0.4 (its first attempt is deferred, a retry after
-//! [`DEMO_GREYLIST_DELAY`] delivers), and 127.0.0.1 delivers at once (after the greet pause).
+//! five seconds delivers), and 127.0.0.1 delivers at once (after the greet pause).
 //! Its Prometheus metrics are served on 127.0.0.1:2527, so each try shows in the counters.
 
 use std::io;
