@@ -187,7 +187,7 @@ impl Metrics {
         );
         s.counters(
             "refusals",
-            "Replies of 4xx or 5xx to clients' commands (greylisting's aside), by the stage they answered (helo, mail, rcpt, data: DATA or the final dot, other) and class.",
+            "Replies of 4xx or 5xx to clients' commands (greylisting's aside), by the stage they answered (helo, mail, rcpt, data: DATA or the final dot, misc: any command besides these) and class.",
             w.iter().flat_map(|c| {
                 CommandStage::ALL
                     .iter()

@@ -74,7 +74,7 @@ impl CommandStage {
             CommandStage::Mail => "mail",
             CommandStage::Rcpt => "rcpt",
             CommandStage::Data => "data",
-            CommandStage::Other => "other",
+            CommandStage::Other => "misc",
         }
     }
 }
