@@ -274,3 +274,30 @@ fn without_scanners_the_body_streams_as_before() {
     assert!(pair.scanned.is_empty());
     assert_eq!(pair.session.report().scan, "-");
 }
+
+#[test]
+fn a_downstream_refusing_data_after_the_scan_answers_the_dot_and_is_reset() {
+    let mut pair = Pair::new(scanning());
+    pair.downstream.reject_data = true;
+    pair.send(MAIL);
+    pair.take_output();
+    pair.send(BODY);
+    assert_eq!(
+        pair.take_output(),
+        "554 5.5.1 Error: no valid recipients\r\n",
+        "the downstream's refusal answers the client's final dot"
+    );
+    assert!(pair.downstream.delivered.is_empty());
+    assert_eq!(
+        pair.downstream.commands.last().map(String::as_str),
+        Some("RSET")
+    );
+    // The next transaction starts clean on the same connection: no nested MAIL.
+    pair.downstream.reject_data = false;
+    pair.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\nSubject: 2\r\n\r\nx\r\n.\r\n");
+    assert!(
+        pair.take_output()
+            .ends_with("250 2.0.0 Ok: queued as 1\r\n")
+    );
+    assert_eq!(pair.downstream.delivered.len(), 1);
+}

@@ -208,12 +208,14 @@ impl Session {
                 self.start_body(now);
             }
             Pending::Data => {
-                // A scanned message the downstream will not take: the client had tarmac's
-                // 354, so this answers its final dot.
-                self.forget_outgoing();
-                if !positive {
-                    self.tx = None;
-                    self.relay.end_transaction();
+                // A scanned message the downstream will not take: the client had tarmac's 354
+                // and sent its body, so this answers its final dot, which ends the client's
+                // transaction (RFC 5321 §4.1.1.4). The downstream's is still open (a refused
+                // DATA does not end it): RSET keeps it in step, so the next MAIL on this
+                // connection is not a nested one. A streamed message's client keeps its
+                // transaction, as before.
+                if self.forget_outgoing() {
+                    self.reset_transaction();
                 }
                 self.relay_reply(reply);
             }

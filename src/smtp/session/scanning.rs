@@ -461,11 +461,12 @@ impl Session {
         true
     }
 
-    /// The downstream refused DATA for a scanned message: its message is dropped.
-    pub(super) fn forget_outgoing(&mut self) {
-        if let Some(scan) = self.scan.as_deref_mut() {
-            scan.outgoing = None;
-        }
+    /// The downstream answered DATA with something other than 354: a scanned message waiting
+    /// for it is dropped. Returns whether there was one.
+    pub(super) fn forget_outgoing(&mut self) -> bool {
+        self.scan
+            .as_deref_mut()
+            .is_some_and(|scan| scan.outgoing.take().is_some())
     }
 
     /// Feeds the scanned message to the downstream connection's outbox up to its cap; the

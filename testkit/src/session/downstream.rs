@@ -84,6 +84,9 @@ pub struct FakeDownstream {
     /// Refuse every RCPT with `550` (otherwise only those naming `unknown`; a MAIL naming
     /// `tempfail` gets `451`).
     pub reject_rcpt: bool,
+    /// Refuse DATA with `554` (as Postfix does when it lost the recipients); the transaction
+    /// stays open, as in Postfix, until RSET.
+    pub reject_data: bool,
     /// Close the connection on this read (counting from 0) instead of answering it.
     pub close_on_read: Option<u32>,
     /// Answer this many replies per connection (banner included), then nothing.
@@ -154,6 +157,7 @@ impl Default for FakeDownstream {
             no_xclient: false,
             smtputf8: false,
             reject_rcpt: false,
+            reject_data: false,
             close_on_read: None,
             silent_after: None,
             tagged: false,
@@ -199,6 +203,7 @@ impl FakeDownstream {
             no_xclient: self.no_xclient,
             smtputf8: self.smtputf8,
             reject_rcpt: self.reject_rcpt,
+            reject_data: self.reject_data,
             close_on_read: self.close_on_read,
             silent_after: self.silent_after,
             tagged: self.tagged,
@@ -420,6 +425,10 @@ impl FakeDownstream {
                     self.in_transaction && self.rcpts_accepted > 0,
                     "DATA without recipient"
                 );
+                if self.reject_data {
+                    self.reply(out, "554 5.5.1 Error: no valid recipients");
+                    return;
+                }
                 if self.reply(out, "354 go ahead") {
                     self.in_data = true;
                     self.scanned = 0;
