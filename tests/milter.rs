@@ -4,7 +4,6 @@
 //! as failures, large bodies in chunks — and against a real, private OpenDKIM, whose
 //! signature must verify with dkimpy.
 
-use std::process::Command as Process;
 use std::time::Duration;
 
 use tarmac::content::held::Held;
@@ -12,9 +11,9 @@ use tarmac::content::milter::codec::{Command, Response, protocol};
 use tarmac::content::milter::{ConnectInfo, MessageOutcome, MilterLink};
 use tarmac::content::{Edit, Failure, MilterAddr, Verdict};
 use tarmac::smtp::reply::Reply;
+use tarmac_testkit::WAIT;
 use tarmac_testkit::milter::{self, Act, Script, TestMilter};
-use tarmac_testkit::opendkim::OpenDkim;
-use tarmac_testkit::{WAIT, run_bounded};
+use tarmac_testkit::opendkim::{OpenDkim, dkim_verifies as verifies, dkimpy};
 
 const T: Duration = WAIT;
 
@@ -512,52 +511,6 @@ fn broken_milters_are_failures() {
     let addr = MilterAddr::Inet(([127, 0, 0, 1], port).into());
     let err = rt.block_on(MilterLink::open(&addr, T)).unwrap_err();
     assert!(matches!(err, Failure::Connect(_)), "{err:?}");
-}
-
-/// Debian's Python with dkimpy (`python3-dkim`), not whatever `python3` PATH prefers; `None`
-/// (skip) where it is missing outside CI.
-fn dkimpy() -> Option<&'static str> {
-    const PYTHON: &str = "/usr/bin/python3";
-    let ok = Process::new(PYTHON)
-        .args(["-c", "import dkim"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "dkimpy (python3-dkim) is not installed, but CI must run the OpenDKIM test"
-        );
-        eprintln!("note: python3-dkim not installed; skipping this OpenDKIM test");
-        return None;
-    }
-    Some(PYTHON)
-}
-
-/// Whether dkimpy verifies `message`, answering its DNS question for `name` with `record`.
-#[track_caller]
-fn verifies(python: &str, message: &[u8], name: &str, record: &str) -> bool {
-    const SCRIPT: &str = r#"
-import sys, dkim
-name, record, path = sys.argv[1], sys.argv[2], sys.argv[3]
-msg = open(path, "rb").read()
-def dnsfunc(qname, timeout=5):
-    q = qname.decode() if isinstance(qname, bytes) else qname
-    return record.encode() if q.rstrip(".") == name else None
-print("verified" if dkim.verify(msg, dnsfunc=dnsfunc) else "failed")
-"#;
-    let dir = tarmac_testkit::temp_dir(&format!("milter-dkim-{}", message.len()));
-    let path = dir.join("message.eml");
-    std::fs::write(&path, message).unwrap();
-    let mut cmd = Process::new(python);
-    cmd.args(["-c", SCRIPT, name, record]).arg(&path);
-    let (ok, output) = run_bounded(cmd);
-    let _ = std::fs::remove_dir_all(&dir);
-    assert!(ok, "dkimpy: {output}");
-    match output.trim() {
-        "verified" => true,
-        "failed" => false,
-        other => panic!("dkimpy said {other:?}"),
-    }
 }
 
 #[test]

@@ -5,69 +5,12 @@
 //! fails. Mail from another domain is left unsigned. Skips with a note where OpenDKIM, Postfix or
 //! dkimpy cannot run, except under `CI=true`.
 
-use std::process::Command;
-
-use tarmac_testkit::opendkim::OpenDkim;
+use tarmac_testkit::Client;
+use tarmac_testkit::opendkim::{OpenDkim, dkim_verifies as verifies, dkimpy};
 use tarmac_testkit::postfix::{Postfix, PostfixOptions};
-use tarmac_testkit::{Client, run_bounded};
 
 const DOMAIN: &str = "dkim.test";
 const SELECTOR: &str = "tk1";
-
-/// Debian's Python (the one `python3-dkim` installs into), not whatever `python3` a PATH
-/// prefers; `None` (skip) where dkimpy is missing outside CI.
-fn dkimpy() -> Option<&'static str> {
-    const PYTHON: &str = "/usr/bin/python3";
-    let ok = Command::new(PYTHON)
-        .args(["-c", "import dkim"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "dkimpy (python3-dkim) is not installed, but CI must run the OpenDKIM test (.ci/run \
-             installs it)"
-        );
-        eprintln!("note: python3-dkim not installed; skipping this OpenDKIM test");
-        return None;
-    }
-    Some(PYTHON)
-}
-
-/// Whether dkimpy verifies `message` (LF or CRLF lines), answering its one DNS question,
-/// which must be `name`, with `record`.
-#[track_caller]
-fn verifies(python: &str, message: &str, name: &str, record: &str) -> bool {
-    const SCRIPT: &str = r#"
-import sys, dkim
-name, record, path = sys.argv[1], sys.argv[2], sys.argv[3]
-msg = open(path, "rb").read().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-asked = []
-def dnsfunc(qname, timeout=5):
-    q = qname.decode() if isinstance(qname, bytes) else qname
-    asked.append(q)
-    return record.encode() if q.rstrip(".") == name else None
-ok = dkim.verify(msg, dnsfunc=dnsfunc)
-assert asked == [name + "."] or asked == [name], asked
-print("verified" if ok else "failed")
-"#;
-    // One directory per call: the tests verify in parallel, and each removes its own.
-    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = tarmac_testkit::temp_dir(&format!("opendkim-verify-{call}"));
-    let path = dir.join("message.eml");
-    std::fs::write(&path, message).unwrap();
-    let mut cmd = Command::new(python);
-    cmd.args(["-c", SCRIPT, name, record]).arg(&path);
-    let (ok, output) = run_bounded(cmd);
-    let _ = std::fs::remove_dir_all(&dir);
-    assert!(ok, "dkimpy: {output}");
-    match output.trim() {
-        "verified" => true,
-        "failed" => false,
-        other => panic!("dkimpy said {other:?}"),
-    }
-}
 
 /// Sends one message straight to Postfix's smtpd (from 127.0.0.1) and asserts the `250`.
 #[track_caller]
@@ -136,13 +79,13 @@ fn postfix_through_opendkim_signs_mail_that_verifies_against_the_test_key() {
 
     let name = opendkim.dns_name();
     assert!(
-        verifies(python, &signed, &name, opendkim.dns_record()),
+        verifies(python, signed.as_bytes(), &name, opendkim.dns_record()),
         "the signature does not verify:\n{signed}"
     );
     let changed = signed.replace("Second line.", "Second line!");
     assert_ne!(changed, signed);
     assert!(
-        !verifies(python, &changed, &name, opendkim.dns_record()),
+        !verifies(python, changed.as_bytes(), &name, opendkim.dns_record()),
         "a changed body still verifies"
     );
 
@@ -204,7 +147,7 @@ fn tarmac_through_opendkim_relays_mail_whose_signature_verifies() {
     );
     let name = opendkim.dns_name();
     assert!(
-        verifies(python, &signed, &name, opendkim.dns_record()),
+        verifies(python, signed.as_bytes(), &name, opendkim.dns_record()),
         "the signature does not verify:\n{signed}"
     );
     let unsigned = String::from_utf8(messages[1].content.clone()).unwrap();

@@ -217,6 +217,64 @@ ResolverConfiguration {d}/unbound.conf
     std::fs::write(dir.join("opendkim.conf"), conf).unwrap();
 }
 
+/// Debian's Python (the one `python3-dkim` installs into), not whatever `python3` a PATH
+/// prefers; `None` (skip, with a note) where dkimpy is missing outside CI, a failure under
+/// `CI=true` (`.ci/run` installs it).
+#[track_caller]
+pub fn dkimpy() -> Option<&'static str> {
+    const PYTHON: &str = "/usr/bin/python3";
+    let ok = Command::new(PYTHON)
+        .args(["-c", "import dkim"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "dkimpy (python3-dkim) is not installed, but CI must run the OpenDKIM tests (.ci/run \
+             installs it)"
+        );
+        eprintln!("note: python3-dkim not installed; skipping this OpenDKIM test");
+        return None;
+    }
+    Some(PYTHON)
+}
+
+/// Whether dkimpy (`python`, from [`dkimpy`]) verifies `message` (LF or CRLF lines), answering
+/// its one DNS question, which must be `name`, with `record` (the launcher's
+/// [`OpenDkim::dns_name`] and [`OpenDkim::dns_record`]).
+#[track_caller]
+pub fn dkim_verifies(python: &str, message: &[u8], name: &str, record: &str) -> bool {
+    const SCRIPT: &str = r#"
+import sys, dkim
+name, record, path = sys.argv[1], sys.argv[2], sys.argv[3]
+msg = open(path, "rb").read().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+asked = []
+def dnsfunc(qname, timeout=5):
+    q = qname.decode() if isinstance(qname, bytes) else qname
+    asked.append(q)
+    return record.encode() if q.rstrip(".") == name else None
+ok = dkim.verify(msg, dnsfunc=dnsfunc)
+assert asked == [name + "."] or asked == [name], asked
+print("verified" if ok else "failed")
+"#;
+    // One directory per call: tests verify in parallel, and each removes its own.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = crate::temp_dir(&format!("dkim-verify-{call}"));
+    let path = dir.join("message.eml");
+    std::fs::write(&path, message).expect("the message to verify");
+    let mut cmd = Command::new(python);
+    cmd.args(["-c", SCRIPT, name, record]).arg(&path);
+    let (ok, output) = crate::run_bounded(cmd);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(ok, "dkimpy: {output}");
+    match output.trim() {
+        "verified" => true,
+        "failed" => false,
+        other => panic!("dkimpy said {other:?}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::txt_record;
