@@ -656,3 +656,80 @@ fn without_xclient_rights_nothing_is_relayed_under_tarmacs_address(mode: Downstr
     assert!(!log.contains("mail="), "no MAIL reached Postfix:\n{log}");
     assert!(!log.contains(": client="), "no queue file:\n{log}");
 }
+
+/// Content inspection in front of a real Postfix (DESIGN.md §7): with a milter, MAIL and RCPT
+/// still reach Postfix live (a recipient the milter refuses never does), the body is held and
+/// scanned, and only then does Postfix get DATA and the message with the milter's header; its
+/// `250` is the client's. A second transaction on the same session is held and relayed the
+/// same way over the same downstream connection.
+fn scanned_messages_reach_postfix(mode: DownstreamMode) {
+    use tarmac::content::milter::codec::{Command, Response};
+    use tarmac::smtp::Reply;
+    use tarmac_testkit::milter::{Act, Script, TestMilter};
+
+    let Some(postfix) = Postfix::start(PostfixOptions::default()) else {
+        return;
+    };
+    let milter = TestMilter::start(Script::new().answer(|command| match command {
+        Command::Rcpt(args) if args[0] == "<carol@example.test>" => Some(vec![Act::Respond(
+            Response::ReplyCode(Reply::new(550, "5.7.1", "the milter says no")),
+        )]),
+        Command::BodyEob => Some(vec![
+            Act::Respond(Response::AddHeader {
+                name: "X-Scanned".into(),
+                value: "by the test milter".into(),
+            }),
+            Act::Respond(Response::Continue),
+        ]),
+        _ => None,
+    }));
+    let mut config = tarmac_config(&postfix, mode);
+    config.content.milters = vec![milter.addr()];
+    let server = Server::start(config);
+    let mut client = greeted(&server, STRANGER, "EHLO", "scanned.example");
+    assert!(
+        client
+            .command("MAIL FROM:<s@example.org>")
+            .starts_with("250 ")
+    );
+    assert_eq!(
+        client.command("RCPT TO:<carol@example.test>"),
+        "550 5.7.1 the milter says no\r\n"
+    );
+    assert!(
+        client
+            .command("RCPT TO:<alice@example.test>")
+            .starts_with("250 ")
+    );
+    assert!(client.command("DATA").starts_with("354 "));
+    client.send("Subject: scanned 0\r\n\r\n..a dot line\r\n.\r\n");
+    let reply = client.reply();
+    assert!(reply.starts_with("250 2.0.0 Ok: queued as "), "{reply}");
+    let reply = transaction(
+        &mut client,
+        "s@example.org",
+        &["alice@example.test"],
+        "Subject: scanned 1\r\n\r\nsecond\r\n",
+    );
+    assert!(reply.starts_with("250 2.0.0 Ok: queued as "), "{reply}");
+    assert!(client.command("QUIT").starts_with("221 "));
+
+    let messages = postfix.wait_for_messages("alice", 2);
+    for n in 0..2 {
+        let message = with_subject(&messages, &format!("scanned {n}"));
+        assert!(
+            message.contains("\nX-Scanned: by the test milter\n"),
+            "{message}"
+        );
+    }
+    assert!(with_subject(&messages, "scanned 0").contains("\n.a dot line\n"));
+    let log = postfix.log();
+    assert!(
+        !log.contains("carol"),
+        "the refused recipient reached Postfix:\n{log}"
+    );
+}
+
+both_modes!(scanned_messages_reach_postfix:
+    scanned_messages_reach_postfix_synchronous,
+    scanned_messages_reach_postfix_multiplexing);
