@@ -29,12 +29,12 @@ mod support {
     pub mod cpu;
     pub mod run;
     pub mod server;
+    pub mod sessions;
     pub mod stats;
 }
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,7 @@ use tarmac_testkit::sink::{Sink, SinkConfig, SinkMessage};
 use support::cpu::{self, Cpu};
 use support::run::Run;
 use support::server;
+use support::sessions::{IO_TIMEOUT, run_clients};
 use support::stats::{median, per_second};
 
 /// Parallel clients, as the issue asks.
@@ -51,9 +52,6 @@ const CLIENTS: usize = 50;
 
 /// Bytes of message content (headers and body) the client sends, before dot-stuffing.
 const MESSAGE_SIZE: usize = 4096;
-
-/// Longest any single connect, read or write may take before the bench fails.
-const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn main() {
     let Run { full, note } = Run::from_args();
@@ -209,7 +207,7 @@ fn start_sink(xclient_again: bool) -> Sink {
 fn run_direct(body: &[u8], per_client: usize) -> Round {
     let sink = start_sink(false);
     let cpu_before = cpu::process();
-    let (messages, elapsed) = run_clients(sink.local_addr(), body, per_client);
+    let (messages, elapsed) = run_clients(sink.local_addr(), CLIENTS, body, per_client);
     let cpu = (cpu::process() - cpu_before).total();
     check_delivered(&sink, body, messages, false);
     Round {
@@ -236,7 +234,7 @@ fn run_tarmac(
     let (server, addr) = server::start(config);
     let cpu_before = cpu::process();
     let tarmac_before = tarmac_worker_cpu();
-    let (messages, elapsed) = run_clients(addr, body, per_client);
+    let (messages, elapsed) = run_clients(addr, CLIENTS, body, per_client);
     let cpu = (cpu::process() - cpu_before).total();
     // Read before shutdown: a worker's /proc entry goes when its thread exits.
     let tarmac_cpu = tarmac_worker_cpu() - tarmac_before;
@@ -271,75 +269,6 @@ fn config(downstream: SocketAddr, workers: usize, mode: DownstreamMode) -> Confi
     config.downstream.mode = mode;
     config.downstream.announce_client = AnnounceClient::Xclient;
     config
-}
-
-/// Starts [`CLIENTS`] threads each sending `per_client` messages to `addr`, one per session;
-/// returns the messages sent and the time from the common start to the last thread's end.
-fn run_clients(addr: SocketAddr, body: &[u8], per_client: usize) -> (usize, Duration) {
-    let start = Arc::new(Barrier::new(CLIENTS + 1));
-    let body: Arc<[u8]> = Arc::from(body);
-    let threads: Vec<_> = (0..CLIENTS)
-        .map(|n| {
-            let start = Arc::clone(&start);
-            let body = Arc::clone(&body);
-            thread::Builder::new()
-                .name(format!("client-{n}"))
-                .spawn(move || {
-                    start.wait();
-                    for _ in 0..per_client {
-                        send_one(addr, &body);
-                    }
-                })
-                .expect("client thread starts")
-        })
-        .collect();
-    start.wait();
-    let started = Instant::now();
-    for thread in threads {
-        thread.join().expect("client thread succeeded");
-    }
-    (CLIENTS * per_client, started.elapsed())
-}
-
-/// One whole SMTP session delivering one message; panics (failing the bench) on any reply
-/// other than the expected success.
-fn send_one(addr: SocketAddr, body: &[u8]) {
-    let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT).expect("connect");
-    stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
-    stream.set_write_timeout(Some(IO_TIMEOUT)).expect("timeout");
-    stream.set_nodelay(true).expect("nodelay");
-    let mut writer = stream.try_clone().expect("clone");
-    let mut reader = BufReader::new(stream);
-    let mut line = Vec::new();
-    expect_reply(&mut reader, &mut line, "220");
-    for (command, code) in [
-        (&b"EHLO client.bench\r\n"[..], "250"),
-        (b"MAIL FROM:<sender@bench.example>\r\n", "250"),
-        (b"RCPT TO:<rcpt@bench.example>\r\n", "250"),
-        (b"DATA\r\n", "354"),
-        (body, "250"),
-        (b"QUIT\r\n", "221"),
-    ] {
-        writer.write_all(command).expect("write");
-        expect_reply(&mut reader, &mut line, code);
-    }
-}
-
-/// Reads one (possibly multi-line) reply and checks its code.
-fn expect_reply(reader: &mut BufReader<TcpStream>, line: &mut Vec<u8>, code: &str) {
-    loop {
-        line.clear();
-        let n = reader.read_until(b'\n', line).expect("read reply");
-        assert!(n > 0, "connection closed while waiting for {code}");
-        let text = String::from_utf8_lossy(line);
-        assert!(
-            text.starts_with(code) && text.ends_with("\r\n"),
-            "expected {code}, got {text:?}"
-        );
-        if line.get(3) != Some(&b'-') {
-            return;
-        }
-    }
 }
 
 /// Checks the sink got exactly `count` messages with the sent content (after tarmac's

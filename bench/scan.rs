@@ -35,15 +35,13 @@ mod support {
     pub mod cpu;
     pub mod run;
     pub mod server;
+    pub mod sessions;
     pub mod stats;
 }
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Barrier};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tarmac::config::{AnnounceClient, Config};
 use tarmac::content::RspamdUrl;
@@ -56,6 +54,7 @@ use tarmac_testkit::sink::{Sink, SinkConfig, SinkMessage};
 use support::cpu::{self, Cpu};
 use support::run::Run;
 use support::server;
+use support::sessions::{IO_TIMEOUT, run_clients};
 use support::stats::{median, per_second};
 
 /// Parallel clients: enough to keep a scanner busy while others wait on theirs, few enough
@@ -67,9 +66,6 @@ const MESSAGE_SIZE: usize = 4096;
 
 /// tarmac's event loops: one per core.
 const WORKERS: usize = 2;
-
-/// Longest any single connect, read or write may take before the bench fails.
-const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The scanner in front of the relay, per leg.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -252,7 +248,7 @@ impl Bench<'_> {
         let process_before = cpu::process();
         let workers_before = threads_cpu("tarmac-worker");
         let scan_before = threads_cpu("tarmac-scan");
-        let (messages, elapsed) = run_clients(addr, &self.body, per_client);
+        let (messages, elapsed) = run_clients(addr, CLIENTS, &self.body, per_client);
         let process = cpu::process() - process_before;
         // Read before shutdown: a thread's /proc entry goes when it exits.
         let workers = threads_cpu("tarmac-worker") - workers_before;
@@ -300,75 +296,6 @@ fn config(downstream: SocketAddr) -> Config {
     config.downstream.servers = vec![downstream];
     config.downstream.announce_client = AnnounceClient::Xclient;
     config
-}
-
-/// Starts [`CLIENTS`] threads each sending `per_client` messages to `addr`, one per session;
-/// returns the messages sent and the time from the common start to the last thread's end.
-fn run_clients(addr: SocketAddr, body: &[u8], per_client: usize) -> (usize, Duration) {
-    let start = Arc::new(Barrier::new(CLIENTS + 1));
-    let body: Arc<[u8]> = Arc::from(body);
-    let threads: Vec<_> = (0..CLIENTS)
-        .map(|n| {
-            let start = Arc::clone(&start);
-            let body = Arc::clone(&body);
-            thread::Builder::new()
-                .name(format!("client-{n}"))
-                .spawn(move || {
-                    start.wait();
-                    for _ in 0..per_client {
-                        send_one(addr, &body);
-                    }
-                })
-                .expect("client thread starts")
-        })
-        .collect();
-    start.wait();
-    let started = Instant::now();
-    for thread in threads {
-        thread.join().expect("client thread succeeded");
-    }
-    (CLIENTS * per_client, started.elapsed())
-}
-
-/// One whole SMTP session delivering one message; panics (failing the bench) on any reply
-/// other than the expected success.
-fn send_one(addr: SocketAddr, body: &[u8]) {
-    let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT).expect("connect");
-    stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
-    stream.set_write_timeout(Some(IO_TIMEOUT)).expect("timeout");
-    stream.set_nodelay(true).expect("nodelay");
-    let mut writer = stream.try_clone().expect("clone");
-    let mut reader = BufReader::new(stream);
-    let mut line = Vec::new();
-    expect_reply(&mut reader, &mut line, "220");
-    for (command, code) in [
-        (&b"EHLO client.bench\r\n"[..], "250"),
-        (b"MAIL FROM:<sender@bench.example>\r\n", "250"),
-        (b"RCPT TO:<rcpt@bench.example>\r\n", "250"),
-        (b"DATA\r\n", "354"),
-        (body, "250"),
-        (b"QUIT\r\n", "221"),
-    ] {
-        writer.write_all(command).expect("write");
-        expect_reply(&mut reader, &mut line, code);
-    }
-}
-
-/// Reads one (possibly multi-line) reply and checks its code.
-fn expect_reply(reader: &mut BufReader<TcpStream>, line: &mut Vec<u8>, code: &str) {
-    loop {
-        line.clear();
-        let n = reader.read_until(b'\n', line).expect("read reply");
-        assert!(n > 0, "connection closed while waiting for {code}");
-        let text = String::from_utf8_lossy(line);
-        assert!(
-            text.starts_with(code) && text.ends_with("\r\n"),
-            "expected {code}, got {text:?}"
-        );
-        if line.get(3) != Some(&b'-') {
-            return;
-        }
-    }
 }
 
 /// Checks the sink got exactly `count` messages, each the sent content after tarmac's
