@@ -450,6 +450,8 @@ fn greetings_ns(
             accepted_at: UNIX_EPOCH,
             stressed: false,
             starttls: false,
+            transparent: false,
+            spoof_source: false,
         };
         let mut session = Session::new(Arc::clone(config), peer, now);
         while let Some(action) = session.poll_action() {

@@ -28,7 +28,7 @@ pub use self::error::{ConfigError, ConfigErrors};
 pub use self::schema::{
     AnnounceClient, BareNewline, Dns, Downstream, DownstreamMode, DownstreamTls, Greylist,
     GreylistKey, Limits, Lists, Metrics, Pregreet, Rules, Server, State, StateBackend, Tarpit,
-    Timeouts, Tls,
+    Timeouts, Tls, Transparent,
 };
 pub use self::schema::{Balance, MAX_RETRY_AFTER};
 pub use crate::policy::cidr::{Cidr, CidrError};
@@ -75,6 +75,8 @@ pub struct Config {
     pub rules: Rules,
     /// `[content]`
     pub content: crate::content::Settings,
+    /// `[transparent]`
+    pub transparent: Transparent,
 }
 
 impl Config {
@@ -138,6 +140,46 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Lines on transparent mode for `tarmac check` (DESIGN.md §9), none without
+    /// `[transparent] listen`: the listeners and where their sessions' connections come from,
+    /// and a note when `[downstream] mode = "multiplexing"` is also set, since it does not
+    /// apply to them.
+    pub fn transparent_summary(&self) -> Vec<String> {
+        let t = &self.transparent;
+        if t.listen.is_empty() {
+            return Vec::new();
+        }
+        let listen: Vec<String> = t.listen.iter().map(ToString::to_string).collect();
+        let from = if t.spoof_source {
+            "from the client's own address (spoof_source; CAP_NET_ADMIN kept), no announcement"
+                .to_owned()
+        } else {
+            format!(
+                "from this host, announced with {}",
+                match self.downstream.announce_client {
+                    AnnounceClient::Xclient => "XCLIENT",
+                    AnnounceClient::ProxyV1 => "a PROXY v1 header",
+                    AnnounceClient::ProxyV2 => "a PROXY v2 header",
+                    AnnounceClient::None => "nothing (announce_client = \"none\")",
+                }
+            )
+        };
+        let mut lines = vec![format!(
+            "transparent: {} relay to each connection's original destination, {from}",
+            listen.join(", ")
+        )];
+        if self.downstream.mode == DownstreamMode::Multiplexing {
+            lines.push(
+                "note: transparent sessions relay synchronously, one connection each to its own \
+                 destination; downstream.mode = \"multiplexing\" applies to [server] listen only"
+                    .to_owned(),
+            );
+        }
+        lines
+    }
+}
+
 impl Default for Config {
     /// DESIGN.md §3's values, except that no DNSBL zone is queried until the operator names one
     /// (as with postscreen): a default list would send every client address to a third party.
@@ -161,6 +203,7 @@ impl Default for Config {
             lists: Lists::default(),
             rules: Rules::default(),
             content: crate::content::Settings::default(),
+            transparent: Transparent::default(),
         }
     }
 }

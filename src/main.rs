@@ -118,6 +118,9 @@ fn check(path: PathBuf, live: bool) -> ExitCode {
         },
     );
     println!("{}: {}", path.display(), config.content_summary());
+    for line in config.transparent_summary() {
+        println!("{}: {line}", path.display());
+    }
     if live {
         return check_live(&config);
     }

@@ -7,7 +7,12 @@
 //! local one. The drop is [`Account::become_it`]: the supplementary groups (the chosen group and
 //! every `/etc/group` entry listing the user, as `initgroups(3)` would make them), then the
 //! real, effective and saved group ID, then the three user IDs; all three at once, so no saved
-//! ID can take root back, and the kernel clears every capability with the last step.
+//! ID can take root back, and the kernel clears every capability with the last step. The one
+//! exception is asked for by name: a transparent gateway with `spoof_source` opens every
+//! downstream connection from its client's address, which takes `CAP_NET_ADMIN` each time
+//! (DESIGN.md §9), so [`Account::become_it`] can keep exactly the capabilities it is given
+//! (`PR_SET_KEEPCAPS` across the ID change, then `capset` down to them) and checks that
+//! nothing else survived.
 //!
 //! rustix's calls are the kernel's, which on Linux change the calling *thread* only (the C
 //! library's `setuid` signals every thread to do the same). tarmac drops before it starts any
@@ -20,6 +25,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::Path;
 
 use rustix::process::{Gid, Uid};
+use rustix::thread::{CapabilitySet, CapabilitySets};
 
 /// The user database, read from this file (not through NSS).
 pub const PASSWD: &str = "/etc/passwd";
@@ -125,9 +131,11 @@ impl Account {
     }
 
     /// Becomes this account for good: supplementary groups, then real, effective and saved
-    /// group IDs, then user IDs; then checks that it took. Refuses (changing nothing) when the
-    /// process has more than one thread, since each call changes only the calling thread.
-    pub fn become_it(&self) -> io::Result<()> {
+    /// group IDs, then user IDs; then checks that it took. `keep` names the capabilities that
+    /// stay permitted and effective afterwards (empty: none, as `setresuid` leaves them);
+    /// the check then covers them too. Refuses (changing nothing) when the process has more
+    /// than one thread, since each call changes only the calling thread.
+    pub fn become_it(&self, keep: CapabilitySet) -> io::Result<()> {
         let threads = thread_count()?;
         if threads != 1 {
             return Err(io::Error::other(format!(
@@ -145,9 +153,31 @@ impl Account {
                 format!("cannot become user {} ({what}): {e}", self.user),
             )
         };
+        if !keep.is_empty() {
+            // Otherwise the last step below empties the permitted set, and nothing could be
+            // kept afterwards.
+            rustix::thread::set_keep_capabilities(true).map_err(|e| step("PR_SET_KEEPCAPS", e))?;
+        }
         rustix::thread::set_thread_groups(&groups).map_err(|e| step("setgroups", e))?;
         rustix::thread::set_thread_res_gid(gid, gid, gid).map_err(|e| step("setresgid", e))?;
         rustix::thread::set_thread_res_uid(uid, uid, uid).map_err(|e| step("setresuid", e))?;
+        if !keep.is_empty() {
+            rustix::thread::set_keep_capabilities(false).map_err(|e| step("PR_SET_KEEPCAPS", e))?;
+            let sets = CapabilitySets {
+                effective: keep,
+                permitted: keep,
+                inheritable: CapabilitySet::empty(),
+            };
+            rustix::thread::set_capabilities(None, sets)
+                .map_err(|e| step(&format!("capset keeping {keep:?}"), e))?;
+        }
+        let kept = rustix::thread::capabilities(None).map_err(|e| step("capget", e))?;
+        if kept.permitted != keep || kept.effective != keep || !kept.inheritable.is_empty() {
+            return Err(io::Error::other(format!(
+                "became user {} but its capabilities are {:?}, not {keep:?}",
+                self.user, kept
+            )));
+        }
         if rustix::process::getuid() != uid
             || rustix::process::geteuid() != uid
             || rustix::process::getgid() != gid
@@ -284,7 +314,7 @@ mod tests {
             gid: rustix::process::getgid().as_raw(),
             groups: Vec::new(),
         };
-        let err = account.become_it().unwrap_err();
+        let err = account.become_it(CapabilitySet::empty()).unwrap_err();
         assert!(err.to_string().contains("threads are running"), "{err}");
     }
 }

@@ -1048,3 +1048,5 @@ mod starttls;
 // Abuse bounds: error and junk limits, timeouts, stray PROXY headers, outbox caps.
 mod bounds;
 mod scanning;
+// Transparent sessions: the original destination, spoof_source, no pool, no PROXY header.
+mod transparent;

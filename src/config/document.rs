@@ -23,7 +23,8 @@ use toml::de::{DeTable, DeValue};
 use super::{Config, ConfigError};
 use crate::policy::reading::{Lines, expected};
 
-/// Every section and its keys, in DESIGN.md §3 order (then §7's `[content]`); the hints in unknown-key errors list these.
+/// Every section and its keys, in DESIGN.md §3 order (then §7's `[content]` and §9's
+/// `[transparent]`); the hints in unknown-key errors list these.
 pub(super) const SCHEMA: &[(&str, &[&str])] = &[
     ("server", SERVER_KEYS),
     ("limits", LIMITS_KEYS),
@@ -41,6 +42,7 @@ pub(super) const SCHEMA: &[(&str, &[&str])] = &[
     ("lists", LISTS_KEYS),
     ("rules", RULES_KEYS),
     ("content", CONTENT_KEYS),
+    ("transparent", TRANSPARENT_KEYS),
 ];
 
 const SERVER_KEYS: &[&str] = &[
@@ -116,6 +118,9 @@ const CONTENT_KEYS: &[&str] = &[
     "max_scans",
 ];
 
+/// DESIGN.md §9.
+const TRANSPARENT_KEYS: &[&str] = &["listen", "spoof_source"];
+
 /// Parses `text` (the contents of `path`) onto `config`, which holds the defaults. Returns every
 /// error found, syntax errors alone if the TOML does not parse.
 pub(super) fn read(text: &str, path: &Path, config: &mut Config) -> Vec<ConfigError> {
@@ -161,6 +166,7 @@ pub(super) fn read(text: &str, path: &Path, config: &mut Config) -> Vec<ConfigEr
             ("lists", Some(t)) => reader.lists(t, config),
             ("rules", Some(t)) => reader.rules(t, config),
             ("content", Some(t)) => reader.content(t, config),
+            ("transparent", Some(t)) => reader.transparent(t, config),
             _ => reader.error(
                 key.span(),
                 name,

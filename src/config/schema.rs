@@ -314,6 +314,17 @@ pub struct Metrics {
     pub listen: Option<SocketAddr>,
 }
 
+/// `[transparent]` (DESIGN.md §9): listeners in the network path, fed by a firewall's TPROXY
+/// rule, whose sessions relay to the address the client connected to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Transparent {
+    /// `IP_TRANSPARENT` listeners; empty = no transparent mode.
+    pub listen: Vec<SocketAddr>,
+    /// Connect downstream from the client's own address (then no announcement is sent);
+    /// otherwise from the host's, with `announce_client`.
+    pub spoof_source: bool,
+}
+
 /// `[lists]`
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lists {

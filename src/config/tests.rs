@@ -194,13 +194,13 @@ fn unknown_section() {
         errors("[limit]\nmax_recipients = 5\n"),
         "/etc/tarmac/tarmac.toml:1: limit: unknown section; expected one of: server, limits, \
              timeouts, downstream, tls, dns, dnsbl, scoring, tarpit, greylist, reputation, \
-             state, metrics, lists, rules, content"
+             state, metrics, lists, rules, content, transparent"
     );
     assert_eq!(
         errors("max_recipients = 5\n"),
         "/etc/tarmac/tarmac.toml:1: max_recipients: unknown section; expected one of: \
              server, limits, timeouts, downstream, tls, dns, dnsbl, scoring, tarpit, greylist, \
-             reputation, state, metrics, lists, rules, content"
+             reputation, state, metrics, lists, rules, content, transparent"
     );
 }
 
@@ -1105,5 +1105,60 @@ fn user_and_group_name_local_accounts() {
     assert_eq!(
         errors("[server]\nuser = \"mail:x\"\n"),
         "/etc/tarmac/tarmac.toml:2: server.user: invalid name \"mail:x\": ':' is not allowed"
+    );
+}
+
+#[test]
+fn transparent_listeners_and_spoofing() {
+    assert_eq!(Config::default().transparent, Transparent::default());
+    assert!(Config::default().transparent_summary().is_empty());
+    let config =
+        parse("[transparent]\nlisten = [\"0.0.0.0:10025\", \"[::]:10025\"]\nspoof_source = true\n")
+            .unwrap();
+    assert_eq!(
+        config.transparent.listen,
+        [
+            SocketAddr::from(([0, 0, 0, 0], 10025)),
+            SocketAddr::from((Ipv6Addr::UNSPECIFIED, 10025)),
+        ]
+    );
+    assert!(config.transparent.spoof_source);
+    assert_eq!(
+        config.transparent_summary(),
+        [
+            "transparent: 0.0.0.0:10025, [::]:10025 relay to each connection's original \
+          destination, from the client's own address (spoof_source; CAP_NET_ADMIN kept), no \
+          announcement"
+        ]
+    );
+}
+
+#[test]
+fn transparent_with_multiplexing_gets_a_note() {
+    let config = parse(
+        "[downstream]\nmode = \"multiplexing\"\n[transparent]\nlisten = [\"0.0.0.0:10025\"]\n",
+    )
+    .unwrap();
+    let summary = config.transparent_summary();
+    assert_eq!(summary.len(), 2, "{summary:?}");
+    assert!(
+        summary[0].ends_with("from this host, announced with XCLIENT"),
+        "{summary:?}"
+    );
+    assert!(summary[1].starts_with("note: transparent sessions relay synchronously"));
+}
+
+#[test]
+fn transparent_errors_name_the_line() {
+    assert_eq!(
+        errors("[server]\nlisten = [\"0.0.0.0:25\"]\n[transparent]\nlisten = [\"0.0.0.0:25\"]\n"),
+        "/etc/tarmac/tarmac.toml:4: transparent.listen: 0.0.0.0:25 is also in [server] listen; \
+         a transparent listener needs a port of its own"
+    );
+    assert_eq!(
+        errors("[transparent]\nlisten = [\"nowhere\"]\nspoof_source = \"yes\"\n"),
+        "/etc/tarmac/tarmac.toml:2: transparent.listen[0]: invalid address \"nowhere\": \
+         expected ip:port such as \"0.0.0.0:25\" or \"[::1]:25\"\n\
+         /etc/tarmac/tarmac.toml:3: transparent.spoof_source: expected true or false, found string"
     );
 }

@@ -15,18 +15,59 @@
 //! connection fail after that edge, the first read or write says so, as for any connection.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use mio::event::Event;
 use mio::net::TcpStream;
+use socket2::{Domain, Protocol, Socket, Type};
 
-/// Starts a nonblocking connect to `addr`. An immediate error (no route, no local port) comes
-/// back here; a refusal usually comes later through [`finish_connect`]. Nagle is off: the relay
-/// writes whole SMTP commands and waits for their replies, so batching only adds latency.
-pub(crate) fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
-    let stream = TcpStream::connect(addr)?;
+/// Starts a nonblocking connect to `addr`, from `from` when given (a transparent session's
+/// `spoof_source`: see [`connect_from`]). An immediate error (no route, no local port) comes
+/// back here; a refusal usually comes later through [`finish_connect`]. Nagle is off: the
+/// relay writes whole SMTP commands and waits for their replies, so batching only adds
+/// latency.
+pub(crate) fn connect(addr: SocketAddr, from: Option<IpAddr>) -> io::Result<TcpStream> {
+    let stream = match from {
+        Some(from) => connect_from(addr, from)?,
+        None => TcpStream::connect(addr)?,
+    };
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// A nonblocking connect to `addr` whose source is `from`, an address of another host (the
+/// client's): `IP_TRANSPARENT` (which needs `CAP_NET_ADMIN`) lets the socket bind it, and the
+/// kernel chooses the port. The replies come back to this host only where routing sends
+/// them here (DESIGN.md §9; docs/transparent.md).
+pub(crate) fn connect_from(addr: SocketAddr, from: IpAddr) -> io::Result<TcpStream> {
+    let socket = transparent_socket(addr)?;
+    socket.bind(&SocketAddr::new(from, 0).into())?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        // A nonblocking connect has started: it ends as any other (`finish_connect`).
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INPROGRESS.raw_os_error()) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(TcpStream::from_std(socket.into()))
+}
+
+/// A nonblocking TCP socket of `addr`'s family with `IP_TRANSPARENT` (or `IPV6_TRANSPARENT`)
+/// set. The error names the capability it needs, so a start-up or log line says what to grant.
+pub(crate) fn transparent_socket(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    let set = if addr.is_ipv6() {
+        socket.set_ip_transparent_v6(true)
+    } else {
+        socket.set_ip_transparent_v4(true)
+    };
+    set.map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("IP_TRANSPARENT needs the CAP_NET_ADMIN capability: {e}"),
+        )
+    })?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
 }
 
 /// Whether a pending connect has finished: `Ok(true)` connected, `Ok(false)` still in progress
@@ -104,7 +145,7 @@ mod tests {
     fn connects_to_a_listener_with_nodelay() {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let addr = listener.local_addr().unwrap();
-        let stream = connect(addr).unwrap();
+        let stream = connect(addr, None).unwrap();
         assert!(stream.nodelay().unwrap());
         let (connected, _) = wait_for_connect(stream, false);
         assert!(connected.unwrap());
@@ -114,7 +155,7 @@ mod tests {
     fn a_clean_writable_edge_is_a_finished_connect() {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut stream = connect(addr).unwrap();
+        let mut stream = connect(addr, None).unwrap();
         let mut poll = registered(&mut stream);
         let mut events = Events::with_capacity(4);
         poll.poll(&mut events, Some(Duration::from_secs(5)))
@@ -135,7 +176,7 @@ mod tests {
             .local_addr()
             .unwrap();
         for trust_edges in [false, true] {
-            let stream = connect(addr).unwrap();
+            let stream = connect(addr, None).unwrap();
             let (outcome, clean) = wait_for_connect(stream, trust_edges);
             // The refusal's edge is never clean, so trusting clean edges still asks the socket.
             assert!(!clean, "trust_edges {trust_edges}");

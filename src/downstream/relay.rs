@@ -32,6 +32,14 @@
 //! ([`DownstreamEvent::PoolWait`]) is no failure of the server. Without a table (a session
 //! nobody gave one) the servers are tried in order and nothing is remembered.
 //!
+//! # Transparent sessions (DESIGN.md §9)
+//! A session accepted on a `[transparent] listen` socket has a [`Destination`]: the address
+//! its client connected to. Its connections go there and nowhere else: never to
+//! `[downstream] servers`, never through the pool or the health table, never on to another
+//! server after a failure (the client meant that host). With `spoof_source` they are made
+//! from the client's own address ([`Via::Transparent`]) and announce nothing: the TCP
+//! connection already says who the client is.
+//!
 //! # Bytes belong to one connection (DESIGN.md §6)
 //! Each connection gets a new [`LinkId`]. The bytes queued for it live in its own outbox and
 //! die with it: `Relay::poll_transmit` hands them out only for that id, so nothing queued
@@ -39,10 +47,10 @@
 //! writes to the outbox; transaction commands are queued only on a ready connection.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
-use crate::config::{Config, DownstreamMode, DownstreamTls};
+use crate::config::{AnnounceClient, Config, DownstreamMode, DownstreamTls};
 use crate::downstream::dialog::{Carried, ClientIdentity, Handshake, Step, announcement_refused};
 use crate::downstream::health::{Health, Pick, Route};
 use crate::downstream::warnings;
@@ -90,6 +98,34 @@ pub enum DownstreamEvent<'a> {
     PoolTurn,
 }
 
+/// How the driver gets a downstream connection (`Action::ConnectDownstream`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// One of `[downstream] servers`: in `mode = "multiplexing"` through the worker's pool (an
+    /// idle pooled connection when `pooled`), else a new connection from the host.
+    Server {
+        /// An idle pooled connection may be used (`false`: a pooled one could not speak for
+        /// this client, so it must be a new one).
+        pooled: bool,
+    },
+    /// A transparent session's original destination (DESIGN.md §9): always a new connection
+    /// of its own, never pooled; made from `from` (the client's address, `spoof_source`) with
+    /// `IP_TRANSPARENT`, or from the host when `None`.
+    Transparent {
+        /// The source address to bind before connecting; the port is the kernel's choice.
+        from: Option<IpAddr>,
+    },
+}
+
+/// Where a transparent session relays (DESIGN.md §9).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Destination {
+    /// The address and port the client connected to.
+    pub(crate) addr: SocketAddr,
+    /// `spoof_source`: the client's address, to connect from.
+    pub(crate) from: Option<IpAddr>,
+}
+
 /// What the driver must do with a downstream connection; the session passes each on as the
 /// `Action` of the same name, in order with its own.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -98,7 +134,7 @@ pub(crate) enum LinkIo {
     Connect {
         link: LinkId,
         addr: SocketAddr,
-        pooled: bool,
+        via: Via,
     },
     /// `Action::StartTlsDownstream`.
     StartTls(LinkId),
@@ -143,6 +179,8 @@ pub(crate) struct Context<'a> {
     /// The downstream servers' health, shared by the workers; `None`: servers tried in
     /// order, nothing remembered.
     pub(crate) health: Option<&'a Health>,
+    /// A transparent session's original destination: its only downstream.
+    pub(crate) destination: Option<Destination>,
 }
 
 /// The relay: at most one downstream connection at a time, and the id the next one gets.
@@ -169,10 +207,10 @@ enum Link {
 struct Conn {
     /// Which connection this is; events and bytes for any other are not this one's.
     id: LinkId,
-    /// Index into `config.downstream.servers` of the server it goes to.
-    server: usize,
-    /// Where the session's order over the servers stands: the next server on failure.
-    route: Route,
+    /// Where it goes.
+    target: Target,
+    /// The server's address, for the health table and log lines.
+    addr: SocketAddr,
     /// Multiplexing: waiting for a place in the pool ([`DownstreamEvent::PoolWait`]).
     pool_wait: bool,
     link: Link,
@@ -193,6 +231,25 @@ struct Conn {
     /// A second connection after a failed TLS handshake under `opportunistic`: plain text, as
     /// Postfix retries (`Step::RetryWithoutTls`).
     plain_retry: bool,
+}
+
+/// Where a connection goes.
+#[derive(Clone, Copy, Debug)]
+enum Target {
+    /// `config.downstream.servers[index]`, the session's order over the servers standing at
+    /// `route`: the next server on failure.
+    Server { index: usize, route: Route },
+    /// A transparent session's original destination: no other on failure.
+    Destination(Destination),
+}
+
+/// How a connection to `target` announces the client: as `announce_client` says, except that
+/// a connection made from the client's own address (`spoof_source`) needs no announcement.
+fn announcement(config: &Config, target: Target) -> AnnounceClient {
+    match target {
+        Target::Destination(Destination { from: Some(_), .. }) => AnnounceClient::None,
+        _ => config.downstream.announce_client,
+    }
 }
 
 /// The reply to a client command whose downstream failed: a `4xx`, so the sender retries.
@@ -226,6 +283,10 @@ impl Relay {
             // Still connecting or handshaking: MAIL goes out when the handshake is done.
             Some(_) => return None,
             None => {
+                if let Some(destination) = ctx.destination {
+                    let target = Target::Destination(destination);
+                    return self.connect(ctx, target, false, false, io);
+                }
                 let route = match ctx.health {
                     Some(health) => health.route(&ctx.config.downstream),
                     None => Route::in_order(),
@@ -255,7 +316,7 @@ impl Relay {
             DownstreamEvent::Reused(carried) => {
                 let (handshake, step) = Handshake::resume(
                     &ctx.config.server.hostname,
-                    ctx.config.downstream.announce_client,
+                    announcement(ctx.config, conn.target),
                     carried,
                     &ctx.who,
                     &mut conn.outbox,
@@ -345,9 +406,8 @@ impl Relay {
                 if reply.code == 421 {
                     return Read::Reply(used, self.try_next_server(ctx, "421 banner", io));
                 }
-                let addr = ctx.config.downstream.servers.get(conn.server);
-                if let (Some(health), Some(&addr)) = (ctx.health, addr) {
-                    health.succeeded(addr);
+                if let (Some(health), Target::Server { .. }) = (ctx.health, conn.target) {
+                    health.succeeded(conn.addr);
                 }
             }
             let step = conn
@@ -503,7 +563,11 @@ impl Relay {
         if config.downstream.mode != DownstreamMode::Multiplexing {
             return false;
         }
-        let Some(conn) = self.conn.as_deref_mut() else {
+        let Some(conn) = self
+            .conn
+            .as_deref_mut()
+            .filter(|conn| matches!(conn.target, Target::Server { .. }))
+        else {
             return false;
         };
         // RSETs not handed out yet (the client reset, then left): the next user's own RSET
@@ -591,28 +655,36 @@ impl Relay {
     }
 
     /// The address of the server in use, for log lines.
-    pub(crate) fn server_addr(&self, config: &Config) -> Option<SocketAddr> {
-        let conn = self.conn.as_deref()?;
-        config.downstream.servers.get(conn.server).copied()
+    pub(crate) fn server_addr(&self) -> Option<SocketAddr> {
+        self.conn.as_deref().map(|conn| conn.addr)
     }
 
     // ---- private ----
 
-    /// Opens a connection to `server` (a pooled one when `pooled` allows), the session's order
-    /// standing at `route`; `plain_retry` turns STARTTLS off for it. Any connection still in
-    /// use is closed first.
+    /// Opens a connection to `target` (a pooled one when `pooled` allows and the target is
+    /// a server); `plain_retry` turns STARTTLS off for it. Any connection still in use is
+    /// closed first.
     fn connect<A: From<LinkIo>>(
         &mut self,
         ctx: &Context<'_>,
-        (server, route): (usize, Route),
+        target: Target,
         plain_retry: bool,
         pooled: bool,
         io: &mut VecDeque<A>,
     ) -> Option<Event> {
         self.close(io);
         let config = &ctx.config.downstream;
-        let Some(&addr) = config.servers.get(server) else {
-            return self.fail("no server reachable", downstream_lost(), io);
+        let (addr, via) = match target {
+            Target::Server { index, .. } => match config.servers.get(index) {
+                Some(&addr) => (addr, Via::Server { pooled }),
+                None => return self.fail("no server reachable", downstream_lost(), io),
+            },
+            Target::Destination(destination) => (
+                destination.addr,
+                Via::Transparent {
+                    from: destination.from,
+                },
+            ),
         };
         let tls = if plain_retry {
             DownstreamTls::None
@@ -623,12 +695,15 @@ impl Relay {
         self.next_link = self.next_link.wrapping_add(1);
         self.conn = Some(Box::new(Conn {
             id: link,
-            server,
-            route,
+            target,
+            addr,
             pool_wait: false,
             link: Link::Connecting,
-            handshake: Handshake::new(&ctx.config.server.hostname, config.announce_client)
-                .with_tls(tls),
+            handshake: Handshake::new(
+                &ctx.config.server.hostname,
+                announcement(ctx.config, target),
+            )
+            .with_tls(tls),
             outbox: Vec::new(),
             deadline: Some(ctx.now + ctx.config.timeouts.connect),
             swallow: 0,
@@ -637,7 +712,7 @@ impl Relay {
             held: 0,
             plain_retry,
         }));
-        io.push_back(LinkIo::Connect { link, addr, pooled }.into());
+        io.push_back(LinkIo::Connect { link, addr, via }.into());
         None
     }
 
@@ -651,15 +726,15 @@ impl Relay {
         io: &mut VecDeque<A>,
     ) -> Option<Event> {
         let conn = self.conn.as_deref()?;
-        let route = conn.route;
-        let addr = ctx.config.downstream.servers.get(conn.server);
-        if let (Some(health), Some(&addr), false) = (ctx.health, addr, conn.pool_wait) {
+        let (target, addr) = (conn.target, conn.addr);
+        log::debug!("downstream {addr}: {why}");
+        let Target::Server { route, .. } = target else {
+            // The client's own destination: there is no other to try.
+            return self.fail("destination unreachable", downstream_lost(), io);
+        };
+        if let (Some(health), false) = (ctx.health, conn.pool_wait) {
             health.failed(&ctx.config.downstream, addr, why, ctx.now);
         }
-        log::debug!(
-            "downstream {}: {why}",
-            addr.map_or_else(String::new, |a| a.to_string())
-        );
         self.close(io);
         self.connect_next(ctx, route, "no server reachable", io)
     }
@@ -683,7 +758,13 @@ impl Relay {
         };
         match pick {
             // A probe tests the server: a new connection, never an idle pooled one.
-            Some(pick) => self.connect(ctx, (pick.server, route), false, !pick.probe, io),
+            Some(pick) => {
+                let target = Target::Server {
+                    index: pick.server,
+                    route,
+                };
+                self.connect(ctx, target, false, !pick.probe, io)
+            }
             None => {
                 self.close(io);
                 self.fail(why, downstream_lost(), io)
@@ -713,7 +794,7 @@ impl Relay {
         step: Step,
         io: &mut VecDeque<A>,
     ) -> Option<Event> {
-        let server = self.server_addr(ctx.config);
+        let server = self.server_addr();
         let conn = self.conn.as_deref_mut()?;
         match step {
             Step::Continue => {
@@ -746,8 +827,8 @@ impl Relay {
                     warnings::connection_retired(addr, announce, ctx.now);
                 }
                 // A new connection, never a pooled one: that one might be as unfit.
-                let at = (conn.server, conn.route);
-                self.connect(ctx, at, false, false, io)
+                let target = conn.target;
+                self.connect(ctx, target, false, false, io)
             }
             Step::Refused(reply) => {
                 log::info!(
@@ -772,8 +853,8 @@ impl Relay {
                 if conn.plain_retry {
                     self.fail("TLS retry failed", downstream_lost(), io)
                 } else {
-                    let at = (conn.server, conn.route);
-                    self.connect(ctx, at, true, false, io)
+                    let target = conn.target;
+                    self.connect(ctx, target, true, false, io)
                 }
             }
             Step::TlsFailed(failure) => {
@@ -831,6 +912,8 @@ mod tests {
         io: VecDeque<LinkIo>,
         /// The servers' health, when the test gives one.
         health: Option<Health>,
+        /// A transparent session's destination, when the test gives one.
+        destination: Option<Destination>,
     }
 
     impl Fixture {
@@ -849,6 +932,7 @@ mod tests {
                 relay: Relay::default(),
                 io: VecDeque::new(),
                 health: None,
+                destination: None,
             }
         }
 
@@ -866,17 +950,32 @@ mod tests {
         }
 
         fn start_mail(&mut self) -> Option<Event> {
-            let ctx = context(&self.config, self.now, self.health.as_ref());
+            let ctx = context(
+                &self.config,
+                self.now,
+                self.health.as_ref(),
+                self.destination,
+            );
             self.relay.start_mail(&ctx, &mut self.io)
         }
 
         fn event(&mut self, event: DownstreamEvent<'_>) -> Option<Event> {
-            let ctx = context(&self.config, self.now, self.health.as_ref());
+            let ctx = context(
+                &self.config,
+                self.now,
+                self.health.as_ref(),
+                self.destination,
+            );
             self.relay.handle_event(&ctx, event, &mut self.io)
         }
 
         fn read(&mut self, bytes: &[u8]) -> Read {
-            let ctx = context(&self.config, self.now, self.health.as_ref());
+            let ctx = context(
+                &self.config,
+                self.now,
+                self.health.as_ref(),
+                self.destination,
+            );
             self.relay.read(&ctx, bytes, true, &mut self.io)
         }
 
@@ -889,7 +988,7 @@ mod tests {
         }
 
         fn timeout(&mut self, at: Instant) -> Option<Event> {
-            let ctx = context(&self.config, at, self.health.as_ref());
+            let ctx = context(&self.config, at, self.health.as_ref(), self.destination);
             self.relay.handle_timeout(&ctx, &mut self.io)
         }
 
@@ -915,7 +1014,12 @@ mod tests {
         }
     }
 
-    fn context<'a>(config: &'a Config, now: Instant, health: Option<&'a Health>) -> Context<'a> {
+    fn context<'a>(
+        config: &'a Config,
+        now: Instant,
+        health: Option<&'a Health>,
+        destination: Option<Destination>,
+    ) -> Context<'a> {
         Context {
             now,
             config,
@@ -927,6 +1031,7 @@ mod tests {
                 name: "[UNAVAILABLE]",
             },
             health,
+            destination,
         }
     }
 
@@ -945,7 +1050,7 @@ mod tests {
         let connect = LinkIo::Connect {
             link: LinkId(0),
             addr,
-            pooled: true,
+            via: Via::Server { pooled: true },
         };
         assert_eq!(f.io(), [connect]);
         // Connecting, then handshaking: no transaction command is taken, none is queued.
@@ -962,6 +1067,98 @@ mod tests {
         assert!(f.send_mail());
         assert_eq!(f.take(LinkId(0)), b"MAIL FROM:<a@b.test>\r\n");
         assert_eq!(f.io(), []);
+    }
+
+    /// 198.51.100.25:25, where a transparent session's client connected.
+    fn destination(from: Option<IpAddr>) -> Destination {
+        Destination {
+            addr: "198.51.100.25:25".parse().unwrap(),
+            from,
+        }
+    }
+
+    /// The client of `context`, as `spoof_source` connects from it.
+    fn client_ip() -> IpAddr {
+        "192.0.2.7".parse().unwrap()
+    }
+
+    #[test]
+    fn a_transparent_session_connects_to_its_destination_and_nowhere_else() {
+        // Multiplexing, health and two servers configured: none of it applies.
+        let mut f = Fixture::new(2, DownstreamMode::Multiplexing);
+        f.health = Some(Health::new());
+        f.destination = Some(destination(Some(client_ip())));
+        assert_eq!(f.start_mail(), None);
+        let connect = LinkIo::Connect {
+            link: LinkId(0),
+            addr: "198.51.100.25:25".parse().unwrap(),
+            via: Via::Transparent {
+                from: Some(client_ip()),
+            },
+        };
+        assert_eq!(f.io(), [connect]);
+        // A failure is the client's answer: no other server is tried for it.
+        assert_eq!(
+            f.event(DownstreamEvent::ConnectFailed),
+            failed("destination unreachable")
+        );
+        assert!(
+            f.io()
+                .iter()
+                .all(|io| !matches!(io, LinkIo::Connect { .. })),
+            "connected on to another host"
+        );
+        // Nor is it a server's failure: the table is for `[downstream] servers`.
+        let health = f.health.as_ref().unwrap();
+        let dest = destination(None).addr;
+        assert_eq!(health.snapshot(&[dest]), [(dest, true, 0)]);
+    }
+
+    #[test]
+    fn a_transparent_connection_is_never_pooled() {
+        let mut f = Fixture::new(1, DownstreamMode::Multiplexing);
+        f.destination = Some(destination(None));
+        assert_eq!(f.start_mail(), None);
+        assert!(matches!(
+            f.io().as_slice(),
+            [LinkIo::Connect {
+                via: Via::Transparent { from: None },
+                ..
+            }]
+        ));
+        assert_eq!(f.event(DownstreamEvent::Connected), None);
+        assert_eq!(f.reply(b"220 ds.test ESMTP\r\n"), None);
+        assert_eq!(f.take(LinkId(0)), b"EHLO mx.test\r\n");
+        assert_eq!(f.reply(b"250 ds.test\r\n"), Some(Event::Ready));
+        // Clean, no transaction, even abandoned: it stays the session's, and closes with it.
+        assert!(!f.release(false));
+        assert!(!f.release(true));
+        assert!(f.relay.is_current(LinkId(0)));
+    }
+
+    #[test]
+    fn spoofing_the_source_announces_nothing_and_the_host_announces_the_client() {
+        for (from, announced) in [(Some(client_ip()), false), (None, true)] {
+            let mut f = Fixture::new(1, DownstreamMode::Synchronous);
+            f.config.downstream.announce_client = AnnounceClient::Xclient;
+            f.destination = Some(destination(from));
+            assert_eq!(f.start_mail(), None);
+            assert_eq!(f.event(DownstreamEvent::Connected), None);
+            assert_eq!(f.reply(b"220 ds.test ESMTP\r\n"), None);
+            assert_eq!(f.take(LinkId(0)), b"EHLO mx.test\r\n");
+            let event = f.reply(b"250-ds.test\r\n250 XCLIENT ADDR NAME HELO PROTO PORT\r\n");
+            let sent = String::from_utf8(f.take(LinkId(0))).unwrap();
+            if announced {
+                assert_eq!(event, None);
+                assert!(
+                    sent.starts_with("XCLIENT ") && sent.contains("ADDR=192.0.2.7"),
+                    "{sent:?}"
+                );
+            } else {
+                assert_eq!(event, Some(Event::Ready), "from {from:?}");
+                assert_eq!(sent, "", "sent from the client's own address");
+            }
+        }
     }
 
     #[test]
@@ -1029,7 +1226,7 @@ mod tests {
         let connect = LinkIo::Connect {
             link: LinkId(1),
             addr: f.config.downstream.servers[1],
-            pooled: true,
+            via: Via::Server { pooled: true },
         };
         assert_eq!(f.io(), [close, connect]);
         let gave_up = f.event(DownstreamEvent::ConnectFailed);
@@ -1152,7 +1349,9 @@ mod tests {
             self.io()
                 .into_iter()
                 .filter_map(|io| match io {
-                    LinkIo::Connect { addr, pooled, .. } => Some((addr, pooled)),
+                    LinkIo::Connect { addr, via, .. } => {
+                        Some((addr, via == Via::Server { pooled: true }))
+                    }
                     _ => None,
                 })
                 .collect()
@@ -1221,7 +1420,7 @@ mod tests {
         let connect = LinkIo::Connect {
             link: LinkId(1),
             addr: b,
-            pooled: true,
+            via: Via::Server { pooled: true },
         };
         assert_eq!(f.io(), [close, connect]);
         assert_eq!(f.snapshot(), [(a, true, 1), (b, true, 0)]);

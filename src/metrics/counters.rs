@@ -51,17 +51,20 @@ pub(crate) enum Refused {
     ConnectionRatePerSubnet,
     /// The worker's connection table is full (or the socket could not be registered).
     TableFull,
+    /// A transparent connection to one of tarmac's own listeners (`421 4.3.5`, DESIGN.md §9).
+    TransparentLoop,
 }
 
 impl Refused {
     /// Every reason, in label order.
-    pub(super) const ALL: [Refused; 6] = [
+    pub(super) const ALL: [Refused; 7] = [
         Refused::MaxConnections,
         Refused::MaxConnectionsPerIp,
         Refused::MaxConnectionsPerSubnet,
         Refused::ConnectionRatePerIp,
         Refused::ConnectionRatePerSubnet,
         Refused::TableFull,
+        Refused::TransparentLoop,
     ];
 
     /// The label value.
@@ -73,6 +76,7 @@ impl Refused {
             Refused::ConnectionRatePerIp => "connection_rate_per_ip",
             Refused::ConnectionRatePerSubnet => "connection_rate_per_subnet",
             Refused::TableFull => "table_full",
+            Refused::TransparentLoop => "transparent_loop",
         }
     }
 }
@@ -476,6 +480,7 @@ mod tests {
         let counters = WorkerCounters::new();
         let report = Report {
             client: "192.0.2.1:25".parse().unwrap(),
+            dst: None,
             helo: Some(b"marker.example"),
             rdns: "-",
             verdict: "pass",

@@ -23,6 +23,8 @@
 //!   the rule files and the config file share.
 //! - [`reputation`]: an address's decayed history of bad and good events, and whether it is
 //!   mostly bad ([`Standing`]), which adds `[reputation] weight` to its score.
+//! - `transparent`: whether a transparent connection's original destination is one of
+//!   tarmac's own listeners ([`is_own_listener`]), which would make a loop (DESIGN.md §9).
 //! - `verdict`: the score placed against `[scoring]`'s thresholds ([`Verdict`]).
 //!
 //! The session (`crate::smtp`) calls these as answers arrive; the server never decides, it only
@@ -39,6 +41,7 @@ pub(crate) mod reading;
 pub mod reputation;
 pub(crate) mod rules;
 pub(crate) mod screening;
+pub(crate) mod transparent;
 pub(crate) mod verdict;
 
 pub use admission::{Admission, Refusal};

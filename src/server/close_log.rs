@@ -16,6 +16,8 @@
 //! `tls` is `yes` after a STARTTLS handshake and `no` otherwise, as DESIGN.md §4 has it, and
 //! `tls_version`, another addition, names the version agreed (`TLSv1.3`, `TLSv1.2`; `-` when
 //! plain): what an operator greps for when deciding whether TLS 1.2 can be turned off.
+//! `dst` (DESIGN.md §9) follows `client` on a transparent session only: the address the
+//! client connected to, where the session relayed.
 
 use std::fmt;
 use std::time::Duration;
@@ -54,8 +56,12 @@ pub(crate) fn close_line(conn: ConnId, report: &Report<'_>, dur: Duration) -> St
         Some(helo) if !helo.is_empty() => escape(helo),
         _ => "-".to_owned(),
     };
+    let dst = match report.dst {
+        Some(dst) => format!(" dst={dst}"),
+        None => String::new(),
+    };
     format!(
-        "conn={conn} client={client} rdns={rdns} helo={helo} verdict={verdict} score={score} \
+        "conn={conn} client={client}{dst} rdns={rdns} helo={helo} verdict={verdict} score={score} \
          rep={rep} dnsbl={dnsbl} list={list} rule={rule} greylist={greylist} pregreet={pregreet} tls={tls} \
          tls_version={tls_version} \
          msgs={msgs} rcpts={rcpts} scan={scan} \
@@ -89,6 +95,7 @@ mod tests {
     fn report(client: SocketAddr, helo: Option<&[u8]>) -> Report<'_> {
         Report {
             client,
+            dst: None,
             helo,
             rdns: "mail.example.com",
             verdict: "tarpit",
@@ -163,6 +170,21 @@ mod tests {
         let line = close_line(ConnId(3), &over_tls, Duration::ZERO);
         assert!(
             line.contains(" pregreet=no tls=yes tls_version=TLSv1.3 msgs=1 "),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn a_transparent_session_names_its_destination_after_the_client() {
+        let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)), 40000);
+        let mut transparent = report(client, None);
+        transparent.dst = Some(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(198, 51, 100, 25)),
+            25,
+        ));
+        let line = close_line(ConnId(4), &transparent, Duration::ZERO);
+        assert!(
+            line.starts_with("conn=4 client=192.0.2.10:40000 dst=198.51.100.25:25 rdns="),
             "{line}"
         );
     }

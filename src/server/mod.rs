@@ -64,6 +64,7 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use mio::Waker;
+use rustix::thread::CapabilitySet;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -73,10 +74,11 @@ use self::load::Load;
 use self::reload::Reloads;
 use self::shared::Shared;
 use self::tls_failures::TlsFailures;
-use self::worker::Worker;
+use self::worker::{Bound, Worker};
 use crate::config::{Config, StateBackend};
 use crate::content::scanner::Scanner;
 use crate::dns::{Resolver, ResolverHandle};
+use crate::downstream::connect::transparent_socket;
 use crate::downstream::health::Health;
 use crate::metrics::{Gauges, Metrics, MetricsServer, WorkerCounters};
 use crate::policy::ConnectionRates;
@@ -93,6 +95,8 @@ const LISTEN_BACKLOG: i32 = 1024;
 pub struct ServerHandle {
     control: Arc<Control>,
     local_addrs: Vec<SocketAddr>,
+    /// The `[transparent] listen` addresses, with real ports.
+    transparent_addrs: Vec<SocketAddr>,
     workers: Vec<JoinHandle<io::Result<()>>>,
     /// The resolver thread, when the config needs lookups; stopped after the workers.
     resolver: Option<Resolver>,
@@ -137,23 +141,41 @@ impl ServerHandle {
             log::warn!("{warning}");
         }
         let workers = config.server.workers.max(1);
-        let mut sockets: Vec<Vec<mio::net::TcpListener>> =
-            (0..workers).map(|_| Vec::new()).collect();
+        let mut sockets: Vec<Vec<Bound>> = (0..workers).map(|_| Vec::new()).collect();
         let mut local_addrs = Vec::with_capacity(config.server.listen.len());
-        for &addr in &config.server.listen {
+        let mut transparent_addrs = Vec::with_capacity(config.transparent.listen.len());
+        let plain = config.server.listen.iter().map(|&addr| (addr, false));
+        let transparent = config.transparent.listen.iter().map(|&addr| (addr, true));
+        for (addr, transparent) in plain.chain(transparent) {
             let mut real = addr;
             for (n, worker_sockets) in sockets.iter_mut().enumerate() {
-                let socket = bind(real)
-                    .map_err(|e| io::Error::new(e.kind(), format!("listen on {addr}: {e}")))?;
+                let socket = bind(real, transparent).map_err(|e| {
+                    let which = if transparent { "[transparent] " } else { "" };
+                    io::Error::new(e.kind(), format!("listen on {which}{addr}: {e}"))
+                })?;
                 if n == 0 {
                     real = socket.local_addr()?;
-                    local_addrs.push(real);
+                    if transparent {
+                        transparent_addrs.push(real);
+                    } else {
+                        local_addrs.push(real);
+                    }
                 }
-                worker_sockets.push(socket);
+                worker_sockets.push(Bound {
+                    socket,
+                    transparent,
+                });
             }
         }
         // Every thread below (state, resolver, scanner, saver, workers) starts as the user.
         drop_privileges(&config)?;
+        check_spoofing(&config)?;
+        let listeners: Arc<[SocketAddr]> = local_addrs
+            .iter()
+            .chain(&transparent_addrs)
+            .chain(&config.metrics.listen)
+            .copied()
+            .collect();
 
         let stopping = Arc::new(AtomicBool::new(false));
         let rates = Arc::new(ConnectionRates::new(
@@ -195,6 +217,8 @@ impl ServerHandle {
             health: Arc::new(Health::new()),
             stopping: Arc::clone(&stopping),
             reloads: Arc::new(Reloads::new(Arc::clone(&config))),
+            listeners,
+            spoof_source: spoofs_source(&config),
         };
         let reloads = Arc::clone(&shared.reloads);
         let current = Box::new(move || reloads.current());
@@ -269,6 +293,7 @@ impl ServerHandle {
         let mut handle = ServerHandle {
             control,
             local_addrs,
+            transparent_addrs,
             workers: Vec::with_capacity(workers),
             resolver,
             snapshots,
@@ -321,6 +346,11 @@ impl ServerHandle {
     /// The addresses listened on, with the real port where the config said 0.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.local_addrs.clone()
+    }
+
+    /// The transparent listeners' addresses (`[transparent] listen`), with real ports.
+    pub fn transparent_addrs(&self) -> Vec<SocketAddr> {
+        self.transparent_addrs.clone()
     }
 
     /// Graceful stop, callable from any thread and more than once: the workers close their
@@ -464,6 +494,9 @@ pub fn run(config: Arc<Config>) -> io::Result<()> {
     for addr in &addrs {
         log::info!("listening on {addr}");
     }
+    for addr in handle.transparent_addrs() {
+        log::info!("listening on {addr} (transparent)");
+    }
     if let Some(addr) = handle.metrics_addr() {
         log::info!("metrics at http://{addr}/metrics");
     }
@@ -532,8 +565,15 @@ fn gauges(
 
 /// One nonblocking listener socket for `addr`, sharable with the other workers' sockets for the
 /// same address. IPv6 sockets are IPv6-only, so `[::]:25` and `0.0.0.0:25` can both be listed.
-fn bind(addr: SocketAddr) -> io::Result<mio::net::TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+/// A `transparent` one has `IP_TRANSPARENT`, so a TPROXY rule can hand it connections for
+/// any address (DESIGN.md §9); without `CAP_NET_ADMIN` that is an error naming it, never a
+/// plain listener instead.
+fn bind(addr: SocketAddr, transparent: bool) -> io::Result<mio::net::TcpListener> {
+    let socket = if transparent {
+        transparent_socket(addr)?
+    } else {
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?
+    };
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
@@ -549,10 +589,33 @@ fn bind(addr: SocketAddr) -> io::Result<mio::net::TcpListener> {
     Ok(mio::net::TcpListener::from_std(socket.into()))
 }
 
+/// `[transparent] spoof_source`: every downstream connection needs `IP_TRANSPARENT`, so the
+/// capability is checked once at start, after the drop, rather than failing each client's MAIL.
+fn check_spoofing(config: &Config) -> io::Result<()> {
+    if !spoofs_source(config) {
+        return Ok(());
+    }
+    for &addr in &config.transparent.listen {
+        transparent_socket(addr).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("[transparent] spoof_source = true, but a downstream connection: {e}"),
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Whether downstream connections are made from the clients' addresses.
+fn spoofs_source(config: &Config) -> bool {
+    config.transparent.spoof_source && !config.transparent.listen.is_empty()
+}
+
 /// `[server] user` (DESIGN.md §8): with the listeners bound, gives `state_dir` to the user and
-/// becomes it, before any thread starts (see `privileges`). Without a user, running as root is
-/// a warning; started as the user already (unprivileged with `CAP_NET_BIND_SERVICE`), there is
-/// nothing to do.
+/// becomes it, before any thread starts (see `privileges`). With `spoof_source`, the user keeps
+/// `CAP_NET_ADMIN` and nothing else (DESIGN.md §9). Without a user, running as root is a
+/// warning; started as the user already (unprivileged with `CAP_NET_BIND_SERVICE`, plus
+/// `CAP_NET_ADMIN` for transparent mode), there is nothing to do.
 fn drop_privileges(config: &Config) -> io::Result<()> {
     let server = &config.server;
     if server.user.is_empty() {
@@ -588,13 +651,23 @@ fn drop_privileges(config: &Config) -> io::Result<()> {
             account.user
         );
     }
-    account.become_it()?;
+    let keep = if spoofs_source(config) {
+        CapabilitySet::NET_ADMIN
+    } else {
+        CapabilitySet::empty()
+    };
+    account.become_it(keep)?;
     log::info!(
-        "privileges dropped: running as user {} (uid {}, gid {}, groups {:?})",
+        "privileges dropped: running as user {} (uid {}, gid {}, groups {:?}){}",
         account.user,
         account.uid,
         account.gid,
-        account.groups
+        account.groups,
+        if keep.is_empty() {
+            ""
+        } else {
+            ", keeping CAP_NET_ADMIN for [transparent] spoof_source"
+        }
     );
     Ok(())
 }
@@ -623,7 +696,7 @@ mod tests {
 
     #[test]
     fn accepted_sockets_inherit_nodelay_from_the_listener() {
-        let mut listener = bind((Ipv4Addr::LOCALHOST, 0).into()).unwrap();
+        let mut listener = bind((Ipv4Addr::LOCALHOST, 0).into(), false).unwrap();
         let addr = listener.local_addr().unwrap();
         let mut poll = Poll::new().unwrap();
         poll.registry()

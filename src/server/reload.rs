@@ -7,7 +7,8 @@
 //! refused as a whole and the running configuration stays.
 //!
 //! What was built from the configuration at start (listeners, workers, connection caps and
-//! rates, the resolver, the downstream pool, the PASS cache, the state directory and backend)
+//! rates, the resolver, the downstream pool, the PASS cache, the state directory and backend,
+//! the transparent listeners and whether they spoof the source)
 //! keeps its start values; a reload that changes one of those keys says so in its log line.
 //!
 //! Every `[content]` key applies live: a session reads the scanners, `timeout`, `on_failure` and
@@ -99,6 +100,7 @@ pub(crate) fn restart_only_changes(
         tarpit.pass_ttl,
         state,
         metrics,
+        transparent,
     );
     through_dns
         .into_iter()
@@ -147,9 +149,10 @@ mod tests {
         new.server.max_connections = 7;
         new.dns.timeout = std::time::Duration::from_secs(9);
         new.state.prefix = "mx2:".to_owned();
+        new.transparent.spoof_source = true;
         assert_eq!(
             restart_only_changes(&old, &new, true),
-            ["server.max_connections", "dns", "state"]
+            ["server.max_connections", "dns", "state", "transparent"]
         );
     }
 

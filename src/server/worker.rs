@@ -9,7 +9,7 @@
 //! the ones left over from the last turn first; close the connections that finished.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
@@ -30,8 +30,9 @@ use crate::content::scanner::{ScanAnswer, ScannerHandle};
 use crate::dns::{Inbox, ResolverHandle};
 use crate::metrics::{Refused, WorkerCounters};
 use crate::policy::admission::{self, StartTls};
+use crate::policy::transparent::is_own_listener;
 use crate::side_thread::Inbox as SideInbox;
-use crate::smtp::{Peer, Session, Shutdown, too_many_connections};
+use crate::smtp::{Peer, Session, Shutdown, loop_refusal, too_many_connections};
 use crate::state::redis::Inbox as StateInbox;
 
 /// Events taken from the kernel per poll; more wait for the next turn.
@@ -114,9 +115,18 @@ struct WorkerDns {
     inbox: Inbox,
 }
 
+/// A listener socket as `ServerHandle::start` bound it, for one worker.
+pub(crate) struct Bound {
+    pub(crate) socket: TcpListener,
+    /// A `[transparent] listen` socket (`IP_TRANSPARENT`): its connections relay to their
+    /// original destination (DESIGN.md §9).
+    pub(crate) transparent: bool,
+}
+
 struct Listener {
     socket: TcpListener,
     local: SocketAddr,
+    transparent: bool,
     /// Set by events, cleared by `WouldBlock`, like a connection's flags.
     ready: bool,
 }
@@ -139,20 +149,25 @@ impl Worker {
     pub(crate) fn new(
         index: usize,
         workers: usize,
-        sockets: Vec<TcpListener>,
+        sockets: Vec<Bound>,
         config: Arc<Config>,
         shared: Shared,
     ) -> io::Result<(Worker, Arc<Waker>)> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), token::WAKER)?);
         let mut listeners = Vec::with_capacity(sockets.len());
-        for (n, mut socket) in sockets.into_iter().enumerate() {
+        for (n, bound) in sockets.into_iter().enumerate() {
+            let Bound {
+                mut socket,
+                transparent,
+            } = bound;
             poll.registry()
                 .register(&mut socket, token::listener(n), Interest::READABLE)?;
             let local = socket.local_addr()?;
             listeners.push(Listener {
                 socket,
                 local,
+                transparent,
                 ready: false,
             });
         }
@@ -435,14 +450,14 @@ impl Worker {
                 let Some(listener) = self.listeners.get_mut(n).filter(|l| l.ready) else {
                     break;
                 };
-                let local = listener.local;
+                let (local, transparent) = (listener.local, listener.transparent);
                 match listener.socket.accept() {
                     Ok((stream, addr)) => {
                         if let Some(metrics) = &self.metrics {
                             metrics.accepted();
                         }
                         self.accept_error_logged = false;
-                        self.admit(stream, addr, local, now);
+                        self.admit(stream, addr, (local, transparent), now);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => listener.ready = false,
                     // Failures of that one connection (it went away before we got to it).
@@ -472,10 +487,39 @@ impl Worker {
     }
 
     /// Carries out the connection's admission (`policy::admission`): counts it against the
-    /// caps (and takes its rate token) as told, then starts its session, or refuses it.
-    fn admit(&mut self, stream: TcpStream, addr: SocketAddr, local: SocketAddr, now: Instant) {
+    /// caps (and takes its rate token) as told, then starts its session, or refuses it. A
+    /// transparent connection to one of tarmac's own listeners is refused first, uncounted.
+    fn admit(
+        &mut self,
+        stream: TcpStream,
+        addr: SocketAddr,
+        (local, transparent): (SocketAddr, bool),
+        now: Instant,
+    ) {
         // One configuration for every decision about this connection: the one its session gets.
         let config = Arc::clone(&self.config);
+        // TCP_NODELAY is on already: accepted sockets inherit it from the listener (`bind`).
+        // A listener bound to one address accepts on that address: asking the socket
+        // (getsockname) is only needed behind a wildcard listener, or behind a transparent
+        // one, where it is the address the client connected to (DESIGN.md §9).
+        let local = if local.ip().is_unspecified() || transparent {
+            stream.local_addr().unwrap_or(local)
+        } else {
+            local
+        };
+        if transparent && is_own_listener(local, &self.shared.listeners, is_host_address) {
+            let mut leg = Leg::connected(stream, None);
+            loop_refusal(&config.server.hostname).write_to(&mut leg.outbox);
+            leg.write_last();
+            log::info!(
+                "refused transparent connection from {addr} to {local}: one of tarmac's own \
+                 listeners (loop)"
+            );
+            if let Some(metrics) = &self.metrics {
+                metrics.refused(Refused::TransparentLoop);
+            }
+            return;
+        }
         let tls_failures = &self.shared.tls_failures;
         let admission = admission::admit(&config, addr.ip(), self.shared.store.is_shared(), |ip| {
             tls_failures.failed_recently(ip, now)
@@ -495,14 +539,6 @@ impl Worker {
                 return;
             }
         };
-        // TCP_NODELAY is on already: accepted sockets inherit it from the listener (`bind`).
-        // A listener bound to one address accepts on that address: asking the socket
-        // (getsockname) is only needed behind a wildcard listener.
-        let local = if local.ip().is_unspecified() {
-            stream.local_addr().unwrap_or(local)
-        } else {
-            local
-        };
         let id = ConnId::new(self.index, self.workers, self.next_seq);
         self.next_seq = self.next_seq.wrapping_add(1);
         if admission.starttls == StartTls::Withhold {
@@ -515,6 +551,8 @@ impl Worker {
             accepted_at: SystemTime::now(),
             stressed: self.stressed,
             starttls: admission.starttls == StartTls::Offer,
+            transparent,
+            spoof_source: transparent && self.shared.spoof_source,
         };
         let mut session = if admission.asks_rate {
             Session::admitting(config, peer, now)
@@ -650,6 +688,13 @@ impl Table<'_> {
 
 /// Hands an answer to the connection the waiter's `key` names, with `handle`, and queues it
 /// to run; an answer for a connection that closed meanwhile finds a stale key and is dropped.
+/// Whether `ip` is an address of this host, as the loop guard asks for a destination on a
+/// wildcard listener's port: only a local address can be bound without `IP_TRANSPARENT`.
+/// Asked only for transparent connections to such a port, so the two system calls are rare.
+fn is_host_address(ip: IpAddr) -> bool {
+    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
 fn deliver(
     conns: &mut Slab<Conn>,
     pending: &mut Vec<ConnKey>,

@@ -17,6 +17,6 @@ pub use data::{DataDecoder, DataViolation};
 pub use question::{Answer, Question};
 pub use reply::{EnhancedCode, Reply};
 pub use session::{
-    Action, DownstreamEvent, LinkId, Peer, Report, Session, Shutdown, Side, TlsVersion,
-    too_many_connections,
+    Action, DownstreamEvent, LinkId, Peer, Report, Session, Shutdown, Side, TlsVersion, Via,
+    loop_refusal, too_many_connections,
 };

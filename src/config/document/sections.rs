@@ -18,7 +18,7 @@ use super::value::{
 use super::{
     CONTENT_KEYS, DNS_KEYS, DNSBL_KEYS, DOWNSTREAM_KEYS, GREYLIST_KEYS, LIMITS_KEYS, LISTS_KEYS,
     METRICS_KEYS, REPUTATION_KEYS, RULES_KEYS, Reader, SCORING_KEYS, SERVER_KEYS, STATE_KEYS,
-    TARPIT_KEYS, TIMEOUTS_KEYS, TLS_KEYS,
+    TARPIT_KEYS, TIMEOUTS_KEYS, TLS_KEYS, TRANSPARENT_KEYS,
 };
 use crate::config::syntax;
 use crate::config::{Config, Dnsbl, GreylistKey};
@@ -368,6 +368,19 @@ impl Reader<'_> {
                     }
                     syntax::parse_socket_addr(s).map(Some)
                 }),
+                _ => return false,
+            }
+            true
+        });
+    }
+
+    pub(super) fn transparent(&mut self, table: &DeTable<'_>, config: &mut Config) {
+        let t = &mut config.transparent;
+        self.fields("transparent", table, TRANSPARENT_KEYS, |r, name, key, v| {
+            match name {
+                // Empty is allowed: no transparent listener, as by default.
+                "listen" => r.set_list(&mut t.listen, key, v, socket_addr, None),
+                "spoof_source" => r.set(&mut t.spoof_source, key, v, boolean),
                 _ => return false,
             }
             true

@@ -1,5 +1,6 @@
 //! The checks across keys, run once every section is read: threshold order in `[scoring]`,
-//! the greylist's delay and window, PROXY headers with a pooled downstream, the `[tls]` pair.
+//! the greylist's delay and window, PROXY headers with a pooled downstream, the `[tls]` pair,
+//! the account to become, transparent listeners apart from the plain ones.
 
 use super::Reader;
 use crate::config::syntax::format_duration;
@@ -60,6 +61,7 @@ impl Reader<'_> {
         }
 
         self.check_account(config);
+        self.check_transparent(config);
 
         let t = &config.tls;
         let tls_pair = match (&t.cert, &t.key) {
@@ -113,6 +115,32 @@ impl Reader<'_> {
 }
 
 impl Reader<'_> {
+    /// A `[transparent] listen` address must not also be a plain one: both sockets would share
+    /// the port (SO_REUSEPORT) and the kernel would hand each connection to either at random.
+    fn check_transparent(&mut self, config: &Config) {
+        if self.has_error(&["server.listen", "transparent.listen"]) {
+            return;
+        }
+        let shared: Vec<String> = config
+            .transparent
+            .listen
+            .iter()
+            .filter(|addr| addr.port() != 0 && config.server.listen.contains(addr))
+            .map(ToString::to_string)
+            .collect();
+        if !shared.is_empty() {
+            let line = self.lines.get("transparent.listen").copied();
+            self.push(
+                line,
+                "transparent.listen",
+                format!(
+                    "{} is also in [server] listen; a transparent listener needs a port of its own",
+                    shared.join(", ")
+                ),
+            );
+        }
+    }
+
     /// `[server] user` and `group` name a local account (looked up in `/etc/passwd` and
     /// `/etc/group` on this machine, as the server will at start); a group needs a user.
     fn check_account(&mut self, config: &Config) {

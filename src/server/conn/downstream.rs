@@ -8,7 +8,7 @@
 //! Nothing here decides what is relayed: the session does (`downstream::dialog`).
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use mio::Registry;
@@ -23,7 +23,7 @@ use crate::server::leg::{Eof, Leg};
 use crate::server::slab::ConnKey;
 use crate::server::tls_stream::TlsFailure;
 use crate::server::token;
-use crate::smtp::{DownstreamEvent, LinkId, Side};
+use crate::smtp::{DownstreamEvent, LinkId, Side, Via};
 
 /// Pending bytes for the downstream before `poll_transmit_downstream` is left alone: a
 /// downstream that stops reading mid-body holds at most this (plus one pull) here, and the
@@ -52,25 +52,33 @@ pub(super) struct DownstreamConn {
 }
 
 impl Conn {
-    /// The session wants downstream connection `link` to `addr`: in multiplexing mode what the
-    /// pool gives ([`Pool::take`]: an idle one when `pooled` allows, a new one while the
-    /// worker is under its share of `pool_size`, or a place in line); else always a new one.
+    /// The session wants downstream connection `link` to `addr`: for a server in multiplexing
+    /// mode what the pool gives ([`Pool::take`]: an idle one when `pooled` allows, a new one
+    /// while the worker is under its share of `pool_size`, or a place in line); else always a
+    /// new one, a transparent session's from the address `via` names.
     pub(super) fn connect_downstream(
         &mut self,
         key: ConnKey,
         link: LinkId,
         addr: SocketAddr,
-        pooled: bool,
+        via: Via,
         now: Instant,
         io: &mut Io<'_>,
     ) {
-        if !io.multiplexing {
-            return self.open_downstream(key, link, addr, now, io.registry, None);
-        }
+        let pooled = match via {
+            Via::Transparent { from } => {
+                return self.open_downstream(key, link, (addr, from), now, io.registry, None);
+            }
+            Via::Server { .. } if !io.multiplexing => {
+                return self.open_downstream(key, link, (addr, None), now, io.registry, None);
+            }
+            Via::Server { pooled } => pooled,
+        };
         match io.pool.take(key, addr, pooled, now) {
             Take::Reuse(idle) => self.attach_pooled(key, link, idle, now, io.registry),
             Take::Open(ticket) => {
-                self.open_downstream(key, link, addr, now, io.registry, Some(ticket));
+                let to = (addr, None);
+                self.open_downstream(key, link, to, now, io.registry, Some(ticket));
             }
             Take::Wait => {
                 log::debug!("conn={} waits for a pooled downstream connection", self.id);
@@ -94,7 +102,8 @@ impl Conn {
         if let Some((addr, link)) = self.awaiting_pool.take() {
             self.session
                 .handle_downstream(now, link, DownstreamEvent::PoolTurn);
-            self.connect_downstream(key, link, addr, true, now, io);
+            let via = Via::Server { pooled: true };
+            self.connect_downstream(key, link, addr, via, now, io);
         }
     }
 
@@ -180,18 +189,19 @@ impl Conn {
         }
     }
 
+    /// A new connection to `addr`, from `from` when given (`spoof_source`).
     fn open_downstream(
         &mut self,
         key: ConnKey,
         link: LinkId,
-        addr: SocketAddr,
+        (addr, from): (SocketAddr, Option<IpAddr>),
         now: Instant,
         registry: &Registry,
         ticket: Option<Ticket>,
     ) {
         // The session opens one downstream at a time; a leftover one is replaced, not leaked.
         self.drop_downstream();
-        let opened = connect::connect(addr).and_then(|stream| {
+        let opened = connect::connect(addr, from).and_then(|stream| {
             let mut leg = Leg::new(stream);
             leg.register(registry, token::conn(key, Side::Downstream))?;
             Ok(leg)
@@ -397,9 +407,14 @@ impl Conn {
         }
     }
 
-    /// Counts a failed downstream connection (`[metrics] listen`).
+    /// Counts a failed downstream connection (`[metrics] listen`). A transparent session's
+    /// destination is any host a client chose, never a label (see `metrics`).
     fn count_error(&self, addr: SocketAddr, kind: DownstreamError) {
-        if let Some(metrics) = &self.metrics {
+        if let Some(metrics) = self
+            .metrics
+            .as_ref()
+            .filter(|_| !self.session.is_transparent())
+        {
             metrics.downstream_error(addr, kind);
         }
     }

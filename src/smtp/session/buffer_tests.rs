@@ -27,6 +27,8 @@ fn session() -> (Session, Instant) {
         accepted_at: UNIX_EPOCH,
         stressed: false,
         starttls: false,
+        transparent: false,
+        spoof_source: false,
     };
     let now = Instant::now();
     let mut session = Session::new(Arc::new(config), peer, now);

@@ -87,6 +87,16 @@ pub fn too_many_connections(hostname: &str) -> Reply {
     Reply::new(421, "4.7.0", text)
 }
 
+/// The refusal for a transparent connection whose original destination is one of tarmac's
+/// own listeners (DESIGN.md §9): relaying it would connect tarmac to itself, again and again.
+/// Given at accept, before any session exists. `4.3.5` is RFC 3463's "system incorrectly
+/// configured": the firewall rule that sent the connection here, or a client aiming at the
+/// transparent port itself.
+pub fn loop_refusal(hostname: &str) -> Reply {
+    let text = format!("{hostname} Error: destination is this gateway itself (mail loop)");
+    Reply::new(421, "4.3.5", text)
+}
+
 impl Session {
     /// Answers a client command. A 4xx or 5xx (tarmac's own or the downstream's, relayed)
     /// counts toward `max_errors`; the one that reaches it is followed at once by `421 4.7.0

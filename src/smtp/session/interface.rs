@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::SystemTime;
 
 use crate::downstream::dialog::Carried;
-use crate::downstream::relay::LinkId;
+use crate::downstream::relay::{LinkId, Via};
 use crate::smtp::question::Question;
 
 /// The two ends of a session's byte streams.
@@ -38,6 +38,14 @@ pub struct Peer {
     /// did not fail recently (the driver keeps that record, so a sender whose TLS is broken
     /// can still deliver in plain text).
     pub starttls: bool,
+    /// Accepted on a `[transparent] listen` socket (DESIGN.md §9): `local` is the address the
+    /// client connected to, and the session relays there instead of to `[downstream]
+    /// servers`; a PROXY header is never read from it.
+    pub transparent: bool,
+    /// A transparent session connects downstream from the client's own address
+    /// (`[transparent] spoof_source` as the server started with: the capability it needs is
+    /// kept, or not, at start).
+    pub spoof_source: bool,
 }
 
 /// The command a reply answers, for counting refusals by stage (the metrics'
@@ -129,21 +137,22 @@ pub enum Action {
     /// answer, if the question has one, with [`Session::handle_answer`](super::Session::handle_answer), now or when it
     /// arrives.
     Ask(Question),
-    /// Get a connection to downstream server `addr` for `link`: in `mode = "multiplexing"`
-    /// an idle pooled one when `pooled` allows (report `DownstreamEvent::Reused` with what it
-    /// carried), else a new TCP connection (report `Connected` or `ConnectFailed`; when it
-    /// must first wait for a place in the pool, report `PoolWait`, then `PoolTurn` when its
-    /// connect starts, so a timeout in the line is not counted against the server). Every
-    /// later event of that connection is reported with `link`, and only bytes from
+    /// Get a connection to downstream server `addr` for `link`, as `via` says: for a server
+    /// in `mode = "multiplexing"` an idle pooled one when allowed (report
+    /// `DownstreamEvent::Reused` with what it carried), else a new TCP connection (report
+    /// `Connected` or `ConnectFailed`; when it must first wait for a place in the pool, report
+    /// `PoolWait`, then `PoolTurn` when its connect starts, so a timeout in the line is not
+    /// counted against the server); for a transparent session always a new one of its own,
+    /// from the address `via` names. Every later event of that connection is reported with
+    /// `link`, and only bytes from
     /// [`Session::poll_transmit_downstream`](super::Session::poll_transmit_downstream) for `link` may be written to it.
     ConnectDownstream {
         /// Names this connection in events, bytes and later actions.
         link: LinkId,
-        /// The server.
+        /// The server, or a transparent session's original destination.
         addr: SocketAddr,
-        /// An idle pooled connection may be used (`false`: a pooled one could not speak for
-        /// this client, so it must be a new one).
-        pooled: bool,
+        /// Pooled or not; from the host or from the client's address.
+        via: Via,
     },
     /// `mode = "multiplexing"`: downstream connection `link` has no reply outstanding and
     /// nothing left to send: put it back in the pool with what it carries into its next
@@ -196,6 +205,9 @@ pub enum Shutdown {
 pub struct Report<'a> {
     /// The client's address: the one in the PROXY header when a balancer sent one.
     pub client: SocketAddr,
+    /// `dst=`: a transparent session's original destination (DESIGN.md §9); `None` on a plain
+    /// listener, where the field is left out.
+    pub dst: Option<SocketAddr>,
     /// The HELO/EHLO argument as sent (raw: the log line escapes and truncates it).
     pub helo: Option<&'a [u8]>,
     /// `rdns=`: the forward-confirmed name, `unverified`, `unknown`, `tempfail` or `-`.

@@ -95,9 +95,9 @@ mod interface;
 mod relaying;
 mod scanning;
 
-pub use crate::downstream::relay::{DownstreamEvent, LinkId};
-pub use closing::too_many_connections;
+pub use crate::downstream::relay::{DownstreamEvent, LinkId, Via};
 use closing::{CloseReason, Strikes};
+pub use closing::{loop_refusal, too_many_connections};
 use commands::{Pending, Transaction};
 use framing::{LineReceiver, ProxyReceiver};
 use greeting::{Awaiting, Blocked, GreetPause};
@@ -226,6 +226,13 @@ impl Timers {
     }
 }
 
+/// Whether the session must read a PROXY header first: the peer is a listed balancer, on a
+/// plain listener. A transparent session's client is the packet's source, so a header from it
+/// is a stray one (it would otherwise name the address `spoof_source` connects from).
+fn expects_proxy_header(config: &Config, peer: &Peer) -> bool {
+    !peer.transparent && config.server.expects_proxy_header(peer.client.ip())
+}
+
 fn expired(timer: Option<Instant>, now: Instant) -> bool {
     timer.is_some_and(|at| at <= now)
 }
@@ -292,7 +299,7 @@ impl Session {
     /// A new session for an accepted connection; queues the banner, or waits for the PROXY
     /// header first when the peer is a listed load balancer.
     pub fn new(config: Arc<Config>, peer: Peer, now: Instant) -> Session {
-        if config.server.expects_proxy_header(peer.client.ip()) {
+        if expects_proxy_header(&config, &peer) {
             let mut session =
                 Session::unstarted(config, peer, now, Phase::Proxy(ProxyReceiver::default()));
             session.timers.idle = None;
@@ -311,7 +318,7 @@ impl Session {
     /// A listed load balancer's connection waits for its PROXY header as with
     /// [`Session::new`], and asks for the client the header names.
     pub fn admitting(config: Arc<Config>, peer: Peer, now: Instant) -> Session {
-        if config.server.expects_proxy_header(peer.client.ip()) {
+        if expects_proxy_header(&config, &peer) {
             return Session::new(config, peer, now);
         }
         let mut session = Session::unstarted(config, peer, now, Phase::Admitting);
@@ -326,6 +333,12 @@ impl Session {
     /// servers are tried in order at every MAIL and nothing is remembered.
     pub fn set_health(&mut self, health: Arc<Health>) {
         self.health = Some(health);
+    }
+
+    /// Whether the connection came through a transparent listener (DESIGN.md §9): its
+    /// downstream is the client's original destination, not one of `[downstream] servers`.
+    pub fn is_transparent(&self) -> bool {
+        self.peer.transparent
     }
 
     /// A session in `phase` with nothing started.
@@ -730,6 +743,7 @@ impl Session {
         };
         Report {
             client: self.peer.client,
+            dst: self.peer.transparent.then_some(self.peer.local),
             helo: self.helo.as_deref(),
             rdns: self.checks.rdns_field(),
             verdict: self.checks.verdict().as_str(),

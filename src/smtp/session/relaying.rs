@@ -7,7 +7,9 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use crate::downstream::dialog::ClientIdentity;
-use crate::downstream::relay::{Context, DownstreamEvent, Event, LinkId, LinkIo, Read, Relay};
+use crate::downstream::relay::{
+    Context, Destination, DownstreamEvent, Event, LinkId, LinkIo, Read, Relay,
+};
 use crate::policy::reputation::Event as ReputationEvent;
 use crate::policy::screening::Checks;
 use crate::smtp::data::DataDecoder;
@@ -22,9 +24,7 @@ use super::{Action, Peer, Phase, Session};
 impl From<LinkIo> for Action {
     fn from(io: LinkIo) -> Action {
         match io {
-            LinkIo::Connect { link, addr, pooled } => {
-                Action::ConnectDownstream { link, addr, pooled }
-            }
+            LinkIo::Connect { link, addr, via } => Action::ConnectDownstream { link, addr, via },
             LinkIo::StartTls(link) => Action::StartTlsDownstream(link),
             LinkIo::Release { link, carried } => Action::ReleaseDownstream { link, carried },
             LinkIo::Close { link, quit } => Action::CloseDownstream { link, quit },
@@ -46,6 +46,15 @@ fn identity<'a>(
         esmtp,
         name: checks.xclient_name(),
     }
+}
+
+/// A transparent session's original destination (DESIGN.md §9): the address the client
+/// connected to, connected to from the client's own address with `spoof_source`.
+fn destination(peer: &Peer) -> Option<Destination> {
+    peer.transparent.then(|| Destination {
+        addr: peer.local,
+        from: peer.spoof_source.then_some(peer.client.ip()),
+    })
 }
 
 impl Session {
@@ -83,6 +92,7 @@ impl Session {
             config: &self.config,
             who: identity(&self.peer, self.helo.as_deref(), self.esmtp, &self.checks),
             health: self.health.as_deref(),
+            destination: destination(&self.peer),
         };
         (&mut self.relay, &mut self.actions, ctx)
     }

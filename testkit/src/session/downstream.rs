@@ -126,6 +126,8 @@ pub struct FakeDownstream {
     pub tls: bool,
 
     announce: AnnounceClient,
+    /// The connection comes from the client's own address (see `connect_as`).
+    from_client: bool,
     max_recipients: usize,
     banner_sent: bool,
     /// EHLO or HELO was answered since the banner or the last XCLIENT.
@@ -174,6 +176,7 @@ impl Default for FakeDownstream {
             awaiting_tls: false,
             tls: false,
             announce: AnnounceClient::None,
+            from_client: false,
             max_recipients: usize::MAX,
             banner_sent: false,
             greeted: false,
@@ -217,7 +220,20 @@ impl FakeDownstream {
     /// The connection is up: takes what it checks from the session's config and returns the
     /// banner.
     pub fn connect(&mut self, config: &Config) -> Vec<u8> {
-        self.announce = config.downstream.announce_client;
+        self.connect_as(config, false)
+    }
+
+    /// [`FakeDownstream::connect`] for a connection whose TCP source is the client's own
+    /// address when `from_client` (a transparent session's `spoof_source`): the peer address
+    /// says who the client is, so nothing is announced, and an XCLIENT would come from an
+    /// address no real downstream authorises.
+    pub fn connect_as(&mut self, config: &Config, from_client: bool) -> Vec<u8> {
+        self.from_client = from_client;
+        self.announce = if from_client {
+            AnnounceClient::None
+        } else {
+            config.downstream.announce_client
+        };
         self.max_recipients = config.limits.max_recipients;
         self.want_proxy = self.announce == AnnounceClient::ProxyV1;
         self.banner_sent = true;
@@ -349,6 +365,10 @@ impl FakeDownstream {
                 }
             }
             b"XCLIENT" => {
+                assert!(
+                    !self.from_client,
+                    "XCLIENT on a connection made from the client's own address"
+                );
                 assert_eq!(
                     self.announce,
                     AnnounceClient::Xclient,

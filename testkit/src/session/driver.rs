@@ -33,7 +33,7 @@ use tarmac::downstream::dialog::Carried;
 use tarmac::policy::reputation::Event as ReputationEvent;
 use tarmac::smtp::question::{LookupAnswer, MilterStep, Query, ScanJob, Scanned};
 use tarmac::smtp::{
-    Action, Answer, DownstreamEvent, LinkId, Peer, Question, Session, Shutdown, TlsVersion,
+    Action, Answer, DownstreamEvent, LinkId, Peer, Question, Session, Shutdown, TlsVersion, Via,
 };
 use tarmac::state::{Greylist, ReputationTable};
 
@@ -71,6 +71,8 @@ pub fn peer(stressed: bool, starttls: bool) -> Peer {
         accepted_at: UNIX_EPOCH + Duration::from_secs(1_795_438_862),
         stressed,
         starttls,
+        transparent: false,
+        spoof_source: false,
     }
 }
 
@@ -127,6 +129,8 @@ pub struct Pair {
     pub hanging_servers: Vec<SocketAddr>,
     /// Every server the session connected to, in order (reuses apart).
     pub connects: Vec<SocketAddr>,
+    /// How each of `connects` was to be made.
+    pub connects_via: Vec<Via>,
     /// Open downstream connections the session closed.
     pub downstream_closes: usize,
     /// `Action::Close` came out.
@@ -272,6 +276,7 @@ impl Pair {
             refused_servers: Vec::new(),
             hanging_servers: Vec::new(),
             connects: Vec::new(),
+            connects_via: Vec::new(),
             downstream_closes: 0,
             closed: false,
             auto_downstream: true,
@@ -441,7 +446,11 @@ impl Pair {
                 self.connecting = None;
                 self.ds_open = true;
                 self.downstream = self.downstream.next_connection();
-                let banner = self.downstream.connect(&self.config);
+                let spoofed = matches!(
+                    self.connects_via.last(),
+                    Some(Via::Transparent { from: Some(_) })
+                );
+                let banner = self.downstream.connect_as(&self.config, spoofed);
                 self.session
                     .handle_downstream(self.now, link, DownstreamEvent::Connected);
                 self.settle();
@@ -607,7 +616,9 @@ impl Pair {
     fn act(&mut self, action: Action) {
         match action {
             Action::ConnectDownstream {
-                link, pooled: true, ..
+                link,
+                via: Via::Server { pooled: true },
+                ..
             } if self.pooled.is_some() => {
                 assert!(
                     !self.has_downstream(),
@@ -622,16 +633,19 @@ impl Pair {
                     self.events.push_back(Event::Reused(link, carried));
                 }
             }
-            Action::ConnectDownstream { link, addr, .. } => {
+            Action::ConnectDownstream { link, addr, via } => {
                 assert!(
                     !self.has_downstream(),
                     "a second downstream while one is open"
                 );
+                // A transparent session's destination is its own; anything else is a server.
                 assert!(
-                    self.config.downstream.servers.contains(&addr),
+                    matches!(via, Via::Transparent { .. })
+                        || self.config.downstream.servers.contains(&addr),
                     "connect to {addr}"
                 );
                 self.connects.push(addr);
+                self.connects_via.push(via);
                 self.link = link;
                 self.connecting = Some(link);
                 self.ds_unread.clear();
