@@ -872,6 +872,18 @@ fn a_transparent_listener_without_cap_net_admin_is_a_start_up_error_naming_it() 
 
 #[test]
 fn an_ipv6_client_is_relayed_to_the_address_it_dialled() {
+    ipv6_relay(false);
+}
+
+#[test]
+fn an_ipv6_client_with_spoof_source_reaches_the_server_from_its_own_address() {
+    ipv6_relay(true);
+}
+
+/// An IPv6 client through the dual-stack gateway; Postfix's TCP peer is the gateway (XCLIENT
+/// naming the client) or, with `spoof_source`, the client itself.
+#[track_caller]
+fn ipv6_relay(spoof_source: bool) {
     let Some(topology) = Topology::dual_stack(TPROXY_PORT) else {
         return;
     };
@@ -880,21 +892,24 @@ fn an_ipv6_client_is_relayed_to_the_address_it_dialled() {
     };
     let gateway = start_tarmac(
         &topology,
-        "ipv6",
+        if spoof_source { "ipv6-spoof" } else { "ipv6" },
         GatewayOptions {
             ipv6: true,
+            spoof_source,
             ..GatewayOptions::default()
         },
     );
     let mut client = client_of(&topology, CLIENT6.into(), at(SERVER6, 25));
     deliver(&mut client, "over IPv6");
     the_message(&server, "over IPv6");
+    let peer = if spoof_source {
+        CLIENT6
+    } else {
+        tarmac_testkit::netns::GATEWAY6_SERVER_SIDE
+    };
     assert_eq!(
         seen_by(&server),
-        (
-            tarmac_testkit::netns::GATEWAY6_SERVER_SIDE.to_string(),
-            CLIENT6.to_string()
-        ),
+        (peer.to_string(), CLIENT6.to_string()),
         "{}",
         server.log()
     );
@@ -945,4 +960,45 @@ fn transparent_sessions_relay_synchronously_even_in_multiplexing_mode() {
         );
     }
     gateway.close_line(&format!("dst={SERVER}:25 "));
+}
+
+#[test]
+fn an_unreachable_original_destination_is_a_temporary_failure_never_the_configured_servers() {
+    let Some(topology) = Topology::new(TPROXY_PORT) else {
+        return;
+    };
+    // `[downstream] servers` (127.0.0.1:1 in the gateway) answers here, and counts: a
+    // transparent session must not fall back to it when its own destination fails.
+    let configured = topology
+        .gateway
+        .enter(|| {
+            tarmac_testkit::sink::Sink::start(tarmac_testkit::sink::SinkConfig {
+                listen: at([127, 0, 0, 1], 1),
+                offer_xclient: true,
+                ..Default::default()
+            })
+        })
+        .unwrap();
+    let gateway = start_tarmac(&topology, "unreachable", GatewayOptions::default());
+    // Nothing listens on 198.51.100.25:25: the server namespace resets the connection.
+    let mut client = client_of(&topology, CLIENT.into(), at(SERVER, 25));
+    assert!(client.command("EHLO client.example").starts_with("250-"));
+    let reply = client.command("MAIL FROM:<sender@example.org>");
+    assert!(reply.starts_with("451 4.4."), "MAIL: {reply}");
+    assert!(client.command("QUIT").starts_with("221 "));
+    let line = gateway.close_line(&format!("client={CLIENT}:"));
+    assert!(line.contains(&format!(" dst={SERVER}:25 ")), "{line}");
+    assert_eq!(
+        configured.connections(),
+        0,
+        "fell back to [downstream] servers"
+    );
+    assert!(configured.messages().is_empty());
+
+    // The control: the plain listener's sessions do go to `[downstream] servers`, so the sink
+    // would have seen a fallback.
+    let plain: SocketAddr = PLAIN.parse().unwrap();
+    let mut local = topology.gateway.enter(|| Client::connect(plain));
+    assert!(local.send_message().starts_with("250 "));
+    assert_eq!(configured.wait_for_messages(1, WAIT).len(), 1);
 }
