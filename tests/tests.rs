@@ -68,3 +68,6 @@ mod privileges;
 mod notify;
 // `[metrics] listen`: counters before and after real sessions, parsed by Prometheus' parsers.
 mod metrics;
+// Transparent mode in network namespaces of the test's own: TPROXY on a gateway, real Postfix
+// servers behind it, the client's original destination and address (needs root and nft).
+mod transparent;

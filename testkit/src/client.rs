@@ -29,9 +29,10 @@ impl Client {
         Client::over(socket.into())
     }
 
-    /// A client on a connected stream, every read and write bounded by [`WAIT`].
+    /// A client on a connected stream (one made in a network namespace, or from a transparent
+    /// socket), every read and write bounded by [`WAIT`].
     #[track_caller]
-    fn over(stream: TcpStream) -> Client {
+    pub fn over(stream: TcpStream) -> Client {
         stream.set_read_timeout(Some(WAIT)).unwrap();
         stream.set_write_timeout(Some(WAIT)).unwrap();
         Client {

@@ -13,6 +13,8 @@
 //!   with a `/checkv2` client;
 //! - fixtures: certificates made by the test ([`certs`]), child processes with bounded waits
 //!   ([`process`]), temporary directories and free ports;
+//! - network namespaces of the test's own ([`netns`]): a client, a TPROXY gateway and a server
+//!   network joined by veth pairs, for transparent mode;
 //! - session doubles ([`session`]): a driver on invented time ([`session::Pair`]) and a
 //!   scripted downstream that behaves like Postfix and checks the trust boundary
 //!   ([`session::FakeDownstream`]), for the `session` fuzz target, the `session` bench and
@@ -35,6 +37,7 @@ pub mod dns_server;
 pub mod faulty;
 pub mod fuzz;
 pub mod milter;
+pub mod netns;
 pub mod opendkim;
 pub mod postfix;
 pub mod process;

@@ -1,6 +1,8 @@
 //! A real Postfix smtpd as the downstream: a private instance started by the test, never the
 //! system one. Its own `config_directory`, `queue_directory` and `data_directory` under a temp
-//! dir, smtpd on `127.0.0.1:PORT` only (a free port), no DNS at all, its log in a file
+//! dir, smtpd on `127.0.0.1:PORT` only (a free port; or the address the test gives, inside a
+//! network namespace of the test's, [`PostfixOptions::listen`] and [`PostfixOptions::netns`]),
+//! no DNS at all, its log in a file
 //! (`maillog_file` through the `postlog` service), Maildir delivery for `example.test` (users
 //! [`USERS`]) through the `virtual` agent, everything else discarded (nothing ever leaves the
 //! machine). tarmac's address, 127.0.0.1, may send XCLIENT; `mynetworks` is what the test says.
@@ -21,6 +23,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::WAIT;
+use crate::netns::Namespace;
 
 /// The virtual mailbox domain; its users are [`USERS`], anyone else there is unknown (`550 5.1.1`).
 pub const DOMAIN: &str = "example.test";
@@ -43,12 +46,20 @@ pub struct PostfixOptions {
     pub starttls: bool,
     /// More `main.cf` lines (`name = value`), written after the fixed ones, so they win.
     pub main_cf: Vec<(String, String)>,
+    /// Where its smtpd listens (`inet_interfaces` and the master.cf line), e.g.
+    /// `198.51.100.25:25` inside [`PostfixOptions::netns`]. `None`: `127.0.0.1` on a free port.
+    pub listen: Option<SocketAddr>,
+    /// The network namespace it runs in: every `postfix` command is run through `nsenter`, and
+    /// the readiness and stop checks connect from inside. The instance keeps the namespace
+    /// alive until it is dropped.
+    pub netns: Option<Namespace>,
 }
 
 /// A private Postfix instance (running, or stopped by [`Postfix::stop`]).
 pub struct Postfix {
     dir: PathBuf,
-    port: u16,
+    addr: SocketAddr,
+    netns: Option<Namespace>,
     running: bool,
 }
 
@@ -70,16 +81,19 @@ impl Postfix {
         }
         let (uid, gid) = mail_owner_ids();
         // A port freed just now can be taken by someone else before the master binds it: try a
-        // few.
-        for _attempt in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .expect("a free loopback port");
+        // few. An address the test gives is its own to take: one try.
+        let attempts = if options.listen.is_some() { 1 } else { 5 };
+        for _attempt in 0..attempts {
+            let addr = options.listen.unwrap_or_else(|| {
+                TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .expect("a free loopback port")
+            });
             let dir = crate::process::instance_dir("postfix");
             let instance = Postfix {
                 dir,
-                port,
+                addr,
+                netns: options.netns.clone(),
                 running: false,
             };
             instance.write_config(&options, uid, gid);
@@ -95,16 +109,16 @@ impl Postfix {
             }
             // Dropping it cleans up; on to another port.
             eprintln!(
-                "note: private Postfix did not start on port {port}:\n{}",
+                "note: private Postfix did not start on {addr}:\n{}",
                 instance.log_tail()
             );
         }
-        panic!("a private Postfix did not start on any of 5 free ports");
+        panic!("a private Postfix did not start ({attempts} tries)");
     }
 
     /// Where its smtpd listens.
     pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
+        self.addr
     }
 
     /// The CA certificate (PEM) that signed its STARTTLS certificate, with
@@ -220,7 +234,7 @@ impl Postfix {
         let give_up = Instant::now() + WAIT;
         loop {
             let master_gone = master.is_none_or(|pid| !alive(pid));
-            if master_gone && TcpStream::connect(self.addr()).is_err() {
+            if master_gone && !self.accepts() {
                 break;
             }
             if Instant::now() > give_up {
@@ -275,9 +289,26 @@ impl Postfix {
         false
     }
 
+    /// `f` where its smtpd listens: inside its namespace, or here.
+    fn where_it_listens<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        match &self.netns {
+            Some(netns) => netns.enter(f),
+            None => f(),
+        }
+    }
+
+    /// Whether its smtpd accepts a connection.
+    fn accepts(&self) -> bool {
+        let addr = self.addr;
+        self.where_it_listens(|| TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok())
+    }
+
     /// Connects, reads a `220` banner, says QUIT.
     fn answers_banner(&self) -> bool {
-        let Ok(stream) = TcpStream::connect_timeout(&self.addr(), Duration::from_secs(1)) else {
+        let addr = self.addr;
+        let Some(stream) = self
+            .where_it_listens(|| TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok())
+        else {
             return false;
         };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
@@ -290,9 +321,17 @@ impl Postfix {
 
     /// `postfix -c conf <command>`, bounded: (success, output).
     fn postfix(&self, program: &Path, command: &str) -> (bool, String) {
-        let mut cmd = Command::new(program);
+        crate::run_bounded(self.postfix_command(program, command))
+    }
+
+    /// The command line `postfix -c conf <command>`, inside its namespace if it has one.
+    fn postfix_command(&self, program: &Path, command: &str) -> Command {
+        let mut cmd = match &self.netns {
+            Some(netns) => netns.command(program),
+            None => Command::new(program),
+        };
         cmd.arg("-c").arg(self.dir.join("conf")).arg(command);
-        crate::run_bounded(cmd)
+        cmd
     }
 
     /// The master's PID, from `queue/pid/master.pid`.
@@ -330,6 +369,8 @@ impl Postfix {
         std::fs::write(conf.join("vmailbox"), users).unwrap();
 
         let d = dir.display();
+        let listen_ip = self.addr.ip();
+        let inet_protocols = if listen_ip.is_ipv6() { "ipv6" } else { "ipv4" };
         let mut main = format!(
             "\
 # A private Postfix for one test (tarmac-testkit, testkit/src/postfix.rs); never the system instance.
@@ -342,8 +383,8 @@ setgid_group = postdrop
 myhostname = {HOSTNAME}
 mydomain = {HOSTNAME}
 myorigin = {HOSTNAME}
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
+inet_interfaces = {listen_ip}
+inet_protocols = {inet_protocols}
 # Log to a file of its own, through the postlog service; no syslog.
 maillog_file = {d}/maillog
 maillog_file_prefixes = {d}
@@ -362,7 +403,8 @@ virtual_mailbox_base = {d}/mail
 virtual_mailbox_maps = texthash:{d}/conf/vmailbox
 virtual_uid_maps = static:{uid}
 virtual_gid_maps = static:{gid}
-# tarmac (127.0.0.1) may announce its clients; the trusted clients are the test's.
+# tarmac (127.0.0.1) may announce its clients (a test in a namespace names its gateway in
+# `main_cf`); the trusted clients are the test's.
 smtpd_authorized_xclient_hosts = 127.0.0.1
 mynetworks = {mynetworks}
 smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
@@ -401,7 +443,7 @@ smtpd_tls_loglevel = 1
         // Only the services this setup uses; nothing chrooted.
         let master = format!(
             "\
-127.0.0.1:{port} inet n - n - - smtpd
+{listen} inet n - n - - smtpd
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
@@ -421,7 +463,7 @@ anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
 ",
-            port = self.port
+            listen = self.addr
         );
         std::fs::write(conf.join("master.cf"), master).unwrap();
     }
@@ -433,9 +475,8 @@ impl Drop for Postfix {
             // Never panic in drop: a failing test is already unwinding.
             if let Some(program) = crate::find_program("postfix") {
                 let master = self.master_pid();
-                let mut cmd = Command::new(program);
-                cmd.arg("-c").arg(self.dir.join("conf")).arg("stop");
-                let _ = cmd
+                let _ = self
+                    .postfix_command(&program, "stop")
                     .stdout(std::process::Stdio::null())
                     .stderr(std::process::Stdio::null())
                     .status();
