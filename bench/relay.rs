@@ -27,6 +27,7 @@
 /// every item it uses (see `bench/support/README.md`).
 mod support {
     pub mod cpu;
+    pub mod message;
     pub mod run;
     pub mod server;
     pub mod sessions;
@@ -42,6 +43,7 @@ use tarmac::config::{AnnounceClient, Config, DownstreamMode};
 use tarmac_testkit::sink::{Sink, SinkConfig, SinkMessage};
 
 use support::cpu::{self, Cpu};
+use support::message::{MESSAGE_SIZE, message_body};
 use support::run::Run;
 use support::server;
 use support::sessions::{IO_TIMEOUT, run_clients};
@@ -49,9 +51,6 @@ use support::stats::{median, per_second};
 
 /// Parallel clients, as the issue asks.
 const CLIENTS: usize = 50;
-
-/// Bytes of message content (headers and body) the client sends, before dot-stuffing.
-const MESSAGE_SIZE: usize = 4096;
 
 fn main() {
     let Run { full, note } = Run::from_args();
@@ -295,26 +294,6 @@ fn check_delivered(sink: &Sink, body: &[u8], count: usize, relayed: bool) {
             assert_eq!(got, content, "direct content intact");
         }
     }
-}
-
-/// [`MESSAGE_SIZE`] bytes of headers and 78-byte lines, then the terminating `.CRLF`; no line
-/// starts with a dot, so the wire form equals the content.
-fn message_body() -> Vec<u8> {
-    let mut body = b"From: <sender@bench.example>\r\nTo: <rcpt@bench.example>\r\n\
-                     Subject: relay bench\r\n\r\n"
-        .to_vec();
-    let mut n = 0u8;
-    while body.len() < MESSAGE_SIZE {
-        let room = (MESSAGE_SIZE - body.len()).min(78);
-        let text = room.saturating_sub(2).max(1);
-        body.extend(std::iter::repeat_n(b'a' + n % 26, text));
-        body.extend_from_slice(&b"\r\n"[..room - text]);
-        n = n.wrapping_add(1);
-    }
-    assert_eq!(body.len(), MESSAGE_SIZE);
-    assert!(body.ends_with(b"\r\n"));
-    body.extend_from_slice(b".\r\n");
-    body
 }
 
 /// `tarmac_messages_relayed_total` from a scrape of `/metrics` at `addr`.

@@ -1,7 +1,7 @@
 //! The accept thread: one thread per accepted connection, each running the session script to
-//! its end; and the address `Sink::stop` connects to in order to wake it.
+//! its end. `Sink::stop` wakes it by shutting the listening socket down.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::thread;
@@ -13,16 +13,6 @@ use super::session::Connection;
 
 /// Pause after a failed accept (e.g. out of file descriptors) so the thread does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(20);
-
-/// The address `stop` connects to: the bound one, or loopback when bound to a wildcard.
-pub(super) fn wake_addr(addr: SocketAddr) -> SocketAddr {
-    let ip = match addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ip => ip,
-    };
-    SocketAddr::new(ip, addr.port())
-}
 
 pub(super) fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
     loop {

@@ -28,7 +28,7 @@
 
 use std::fs;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use rustls::ServerConfig;
 
-use listener::{accept_loop, wake_addr};
+use listener::accept_loop;
 use record::{Shared, State};
 
 mod behaviour;
@@ -120,6 +120,8 @@ pub struct Sink {
     addr: SocketAddr,
     shared: Arc<Shared>,
     accept: Option<JoinHandle<()>>,
+    /// The listener again (a duplicate descriptor), to wake the accept thread at stop.
+    waker: TcpListener,
 }
 
 impl Sink {
@@ -131,6 +133,7 @@ impl Sink {
         }
         let listener = TcpListener::bind(config.listen)?;
         let addr = listener.local_addr()?;
+        let waker = listener.try_clone()?;
         let shared = Arc::new(Shared {
             config,
             stopping: AtomicBool::new(false),
@@ -146,6 +149,7 @@ impl Sink {
             addr,
             shared,
             accept: Some(accept),
+            waker,
         })
     }
 
@@ -185,15 +189,18 @@ impl Sink {
         drop(self);
     }
 
-    /// Sets the stop flag and unblocks the accept thread by connecting to it. If that connect
+    /// Sets the stop flag and unblocks the accept thread by shutting the listening socket
+    /// down (Linux then fails the blocked `accept` with `EINVAL`). Nothing is sent: a
+    /// connect to wake it would leave from the stopping thread's network namespace, which
+    /// for a sink started inside a test's namespace is not the sink's. If the shutdown
     /// fails, the thread is left detached rather than joined: stopping must never hang.
     fn shutdown(&mut self) {
         let Some(accept) = self.accept.take() else {
             return;
         };
         self.shared.stopping.store(true, Ordering::SeqCst);
-        match TcpStream::connect_timeout(&wake_addr(self.addr), WAKE_TIMEOUT) {
-            Ok(_wake) => {
+        match socket2::SockRef::from(&self.waker).shutdown(std::net::Shutdown::Read) {
+            Ok(()) => {
                 if accept.join().is_err() {
                     log::warn!("sink: accept thread panicked");
                 }
@@ -212,6 +219,3 @@ impl Drop for Sink {
 /// Default [`SinkConfig::max_message_size`]: 50 MB, above any usual MTA limit so only tests
 /// that lower it see `552`.
 const DEFAULT_MAX_MESSAGE_SIZE: u64 = 50_000_000;
-
-/// How long `stop` tries to connect to its own listener to wake the accept thread.
-const WAKE_TIMEOUT: Duration = Duration::from_secs(1);
