@@ -842,6 +842,49 @@ fn a_connection_to_tarmacs_own_transparent_port_gets_421_not_a_loop() {
 }
 
 #[test]
+fn a_diverted_connection_for_the_gateways_own_mta_never_reaches_it_from_the_gateway() {
+    let Some(topology) = Topology::new(TPROXY_PORT) else {
+        return;
+    };
+    // The gateway's own MTA on port 25, which (as Postfix's mynetworks does) would trust a
+    // connection from the gateway's own address. The harness diverts port 25 whatever the
+    // destination (no `fib daddr type local accept`), as a careless rule set would.
+    let local_mta = topology
+        .gateway
+        .enter(|| {
+            tarmac_testkit::sink::Sink::start(tarmac_testkit::sink::SinkConfig {
+                listen: at([0, 0, 0, 0], 25),
+                ..Default::default()
+            })
+        })
+        .unwrap();
+    let gateway = start_tarmac(&topology, "local-mta", GatewayOptions::default());
+    let dest = at(GATEWAY_CLIENT_SIDE, 25);
+    let mut client = topology
+        .client
+        .enter(|| Client::connect_from(dest, CLIENT.into()));
+    let reply = client.reply();
+    assert!(
+        reply.starts_with(&format!("421 4.3.5 {HOSTNAME} ")),
+        "{dest}: {reply}"
+    );
+    client.drain_to_close();
+    let line = wait_for_log(
+        &gateway.child.lines,
+        &format!("refused transparent connection from {CLIENT}"),
+    );
+    assert!(
+        line.contains(&format!(" to {dest}: an address of this host (loop)")),
+        "{line}"
+    );
+    assert_eq!(
+        local_mta.connections(),
+        0,
+        "relayed to the gateway's own MTA"
+    );
+}
+
+#[test]
 fn a_transparent_listener_without_cap_net_admin_is_a_start_up_error_naming_it() {
     if !Namespace::available() {
         return;

@@ -51,7 +51,7 @@ pub(crate) enum Refused {
     ConnectionRatePerSubnet,
     /// The worker's connection table is full (or the socket could not be registered).
     TableFull,
-    /// A transparent connection to one of tarmac's own listeners (`421 4.3.5`, DESIGN.md §9).
+    /// A transparent connection for this host itself (`421 4.3.5`, DESIGN.md §9).
     TransparentLoop,
 }
 

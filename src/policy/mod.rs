@@ -23,8 +23,9 @@
 //!   the rule files and the config file share.
 //! - [`reputation`]: an address's decayed history of bad and good events, and whether it is
 //!   mostly bad ([`Standing`]), which adds `[reputation] weight` to its score.
-//! - `transparent`: whether a transparent connection's original destination is one of
-//!   tarmac's own listeners (`is_own_listener`), which would make a loop (DESIGN.md §9).
+//! - `transparent`: whether a transparent connection's original destination is this host
+//!   (`is_this_host`: one of tarmac's listeners, or any local address), which would make a
+//!   loop or lend the client the host's identity (DESIGN.md §9).
 //! - `verdict`: the score placed against `[scoring]`'s thresholds ([`Verdict`]).
 //!
 //! The session (`crate::smtp`) calls these as answers arrive; the server never decides, it only

@@ -34,7 +34,8 @@ pub(crate) struct Shared {
     /// The configuration in force, replaced on SIGHUP.
     pub(crate) reloads: Arc<Reloads>,
     /// Every address tarmac listens on (plain, transparent, metrics; real ports): a
-    /// transparent connection to one of them is a loop (DESIGN.md §9).
+    /// transparent connection to one of them, as to any address of this host, is refused
+    /// (DESIGN.md §9).
     pub(crate) listeners: Arc<[SocketAddr]>,
     /// `[transparent] spoof_source` as the server started (a restart-only key: the
     /// capability it needs is kept across the privilege drop, or not, at start).

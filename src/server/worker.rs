@@ -30,7 +30,7 @@ use crate::content::scanner::{ScanAnswer, ScannerHandle};
 use crate::dns::{Inbox, ResolverHandle};
 use crate::metrics::{Refused, WorkerCounters};
 use crate::policy::admission::{self, StartTls};
-use crate::policy::transparent::is_own_listener;
+use crate::policy::transparent::is_this_host;
 use crate::side_thread::Inbox as SideInbox;
 use crate::smtp::{Peer, Session, Shutdown, loop_refusal, too_many_connections};
 use crate::state::redis::Inbox as StateInbox;
@@ -488,7 +488,7 @@ impl Worker {
 
     /// Carries out the connection's admission (`policy::admission`): counts it against the
     /// caps (and takes its rate token) as told, then starts its session, or refuses it. A
-    /// transparent connection to one of tarmac's own listeners is refused first, uncounted.
+    /// transparent connection for this host itself is refused first, uncounted.
     fn admit(
         &mut self,
         stream: TcpStream,
@@ -507,13 +507,13 @@ impl Worker {
         } else {
             local
         };
-        if transparent && is_own_listener(local, &self.shared.listeners, is_host_address) {
+        if transparent && is_this_host(local, &self.shared.listeners, is_host_address) {
             let mut leg = Leg::connected(stream, None);
             loop_refusal(&config.server.hostname).write_to(&mut leg.outbox);
             leg.write_last();
             log::info!(
-                "refused transparent connection from {addr} to {local}: one of tarmac's own \
-                 listeners (loop)"
+                "refused transparent connection from {addr} to {local}: an address of this \
+                 host (loop)"
             );
             if let Some(metrics) = &self.metrics {
                 metrics.refused(Refused::TransparentLoop);
@@ -688,9 +688,9 @@ impl Table<'_> {
 
 /// Hands an answer to the connection the waiter's `key` names, with `handle`, and queues it
 /// to run; an answer for a connection that closed meanwhile finds a stale key and is dropped.
-/// Whether `ip` is an address of this host, as the loop guard asks for a destination on a
-/// wildcard listener's port: only a local address can be bound without `IP_TRANSPARENT`.
-/// Asked only for transparent connections to such a port, so the two system calls are rare.
+/// Whether `ip` is an address of this host, as the loop guard asks for every transparent
+/// connection's destination: only a local address can be bound without `IP_TRANSPARENT`
+/// (socket, bind and close: three system calls, no packet).
 fn is_host_address(ip: IpAddr) -> bool {
     std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }

@@ -87,9 +87,9 @@ pub fn too_many_connections(hostname: &str) -> Reply {
     Reply::new(421, "4.7.0", text)
 }
 
-/// The refusal for a transparent connection whose original destination is one of tarmac's
-/// own listeners (DESIGN.md §9): relaying it would connect tarmac to itself, again and again.
-/// Given at accept, before any session exists. `4.3.5` is RFC 3463's "system incorrectly
+/// The refusal for a transparent connection whose original destination is this host itself
+/// (DESIGN.md §9; `policy::transparent`): relaying it would connect tarmac to itself, again
+/// and again, or to a local service under the host's own address. Given at accept, before any session exists. `4.3.5` is RFC 3463's "system incorrectly
 /// configured": the firewall rule that sent the connection here, or a client aiming at the
 /// transparent port itself.
 pub fn loop_refusal(hostname: &str) -> Reply {
