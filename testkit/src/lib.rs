@@ -48,7 +48,7 @@ pub mod session;
 pub mod sink;
 
 pub use client::Client;
-pub use process::{Running, find_program, require_program, run_bounded, wait_for_log};
+pub use process::{Running, alive, find_program, require_program, run_bounded, wait_for_log};
 pub use server::{
     DRAIN, Server, UNLIMITED_RATE, auto_state_dir, config, join_within, sink, test_config,
 };

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use crate::WAIT;
 use crate::netns::Namespace;
+use crate::process::alive;
 
 /// The virtual mailbox domain; its users are [`USERS`], anyone else there is unknown (`550 5.1.1`).
 pub const DOMAIN: &str = "example.test";
@@ -522,16 +523,4 @@ fn mail_owner_ids() -> (u32, u32) {
             Some((fields[2].parse().ok()?, fields[3].parse().ok()?))
         })
         .expect("the postfix user (created by the postfix package)")
-}
-
-/// Whether process `pid` still exists (a zombie counts as gone).
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z')
-    })
 }

@@ -34,6 +34,18 @@ pub fn run_bounded(mut command: Command) -> (bool, String) {
     }
 }
 
+/// Whether process `pid` still runs (a zombie has ended).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
 /// Where a program is on PATH (or in /usr/sbin for Postfix's tools).
 pub fn find_program(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();

@@ -21,14 +21,6 @@ fn transparent_peer(spoof_source: bool) -> Peer {
     }
 }
 
-/// Multiplexing with XCLIENT: what a plain session would pool and announce.
-fn multiplexing() -> Config {
-    let mut config = config();
-    config.downstream.mode = tarmac::config::DownstreamMode::Multiplexing;
-    config.downstream.announce_client = AnnounceClient::Xclient;
-    config
-}
-
 #[test]
 fn relays_to_the_original_destination_announced_from_this_host() {
     let mut pair = Pair::from_peer(multiplexing(), Vec::new(), transparent_peer(false));
