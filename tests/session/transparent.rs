@@ -100,3 +100,36 @@ fn a_plain_session_reports_no_destination() {
     assert_eq!(pair.session.report().dst, None);
     assert_eq!(pair.connects_via, [Via::Server { pooled: true }]);
 }
+
+#[test]
+fn greylisting_and_the_deny_list_apply_as_on_a_plain_listener() {
+    let mut greylisting = config();
+    greylisting.greylist.enabled = true;
+    let mut pair = Pair::from_peer(greylisting, Vec::new(), transparent_peer(true));
+    pair.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n");
+    assert!(
+        pair.take_output()
+            .ends_with("451 4.7.1 Greylisted, please try again in 300 seconds\r\n")
+    );
+    assert_eq!(pair.session.report().greylist, "new");
+    assert!(
+        pair.downstream
+            .commands
+            .iter()
+            .all(|c| !c.starts_with("RCPT")),
+        "a greylisted recipient is not relayed to the destination"
+    );
+
+    let mut denying = config();
+    denying.lists.entries = tarmac::policy::ListSet {
+        allow: tarmac::policy::List::default(),
+        deny: tarmac::policy::List::parse(&[("deny".into(), "192.0.2.7\n".to_owned())]).unwrap(),
+    };
+    let mut pair = Pair::from_peer(denying, Vec::new(), transparent_peer(true));
+    pair.pump();
+    assert!(pair.take_output().starts_with("554 5.7.1 "));
+    assert!(
+        pair.connects.is_empty(),
+        "nothing connected for a deny-listed client"
+    );
+}
