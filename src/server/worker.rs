@@ -690,7 +690,9 @@ impl Table<'_> {
 /// to run; an answer for a connection that closed meanwhile finds a stale key and is dropped.
 /// Whether `ip` is an address of this host, as the loop guard asks for every transparent
 /// connection's destination: only a local address can be bound without `IP_TRANSPARENT`
-/// (socket, bind and close: three system calls, no packet).
+/// (socket, bind and close: three system calls, no packet). With `ip_nonlocal_bind` set every
+/// address binds, so every destination is refused: the guard fails closed
+/// (docs/transparent.md says to leave that sysctl off).
 fn is_host_address(ip: IpAddr) -> bool {
     std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
