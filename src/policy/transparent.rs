@@ -11,10 +11,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-/// Whether `destination` is this host: one of `listeners` (every address tarmac listens on,
-/// with the real port where one said 0; a transparent listener may be bound to an address
-/// that is not the host's), or an address `is_local` says belongs to this host (loopback and
-/// the unspecified address always do).
+/// Whether `destination` is this host: one of `listeners` (the transparent listeners, real
+/// ports: one may be bound, with `IP_TRANSPARENT`, to an address the host lacks), or an
+/// address `is_local` says belongs to this host (loopback and the unspecified address always
+/// do; every other listener's address is the host's own).
 pub(crate) fn is_this_host(
     destination: SocketAddr,
     listeners: &[SocketAddr],

@@ -61,7 +61,7 @@ use crate::config::Config;
 use crate::content::scanner::ScannerHandle;
 use crate::dns::ResolverHandle;
 use crate::metrics::WorkerCounters;
-use crate::smtp::{Action, LinkId, Session, Shutdown, Side, TlsVersion, Via};
+use crate::smtp::{Action, LinkId, Session, Shutdown, Side, TlsVersion};
 
 /// Pending reply bytes for the client before `poll_transmit(Client)` is left alone: a client
 /// that does not read its replies holds at most this (plus one pull) here, the session about as
@@ -506,8 +506,7 @@ impl Conn {
             moved = true;
             match action {
                 Action::ConnectDownstream { link, addr, via } => {
-                    // Per server only: a transparent destination is any host a client chose.
-                    if let (Some(metrics), Via::Server { .. }) = (&self.metrics, via) {
+                    if let Some(metrics) = self.server_metrics() {
                         metrics.downstream_connection(addr);
                     }
                     self.connect_downstream(key, link, addr, via, now, io);

@@ -170,12 +170,6 @@ impl ServerHandle {
         // Every thread below (state, resolver, scanner, saver, workers) starts as the user.
         drop_privileges(&config)?;
         check_spoofing(&config)?;
-        let listeners: Arc<[SocketAddr]> = local_addrs
-            .iter()
-            .chain(&transparent_addrs)
-            .chain(&config.metrics.listen)
-            .copied()
-            .collect();
 
         let stopping = Arc::new(AtomicBool::new(false));
         let rates = Arc::new(ConnectionRates::new(
@@ -217,7 +211,7 @@ impl ServerHandle {
             health: Arc::new(Health::new()),
             stopping: Arc::clone(&stopping),
             reloads: Arc::new(Reloads::new(Arc::clone(&config))),
-            listeners,
+            transparent_listeners: transparent_addrs.iter().copied().collect(),
             spoof_source: spoofs_source(&config),
         };
         let reloads = Arc::clone(&shared.reloads);

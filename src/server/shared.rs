@@ -1,6 +1,6 @@
 //! What every worker shares with the others: the connection caps, tarpit places, the state
 //! front, the failed-handshake record, the downstream servers' health, the stop flag, the
-//! configuration in force and the addresses listened on. Its own
+//! configuration in force and the transparent listeners' addresses. Its own
 //! file so the connection driver and the worker loop both use it without importing each other.
 
 use std::net::SocketAddr;
@@ -33,10 +33,10 @@ pub(crate) struct Shared {
     pub(crate) stopping: Arc<AtomicBool>,
     /// The configuration in force, replaced on SIGHUP.
     pub(crate) reloads: Arc<Reloads>,
-    /// Every address tarmac listens on (plain, transparent, metrics; real ports): a
-    /// transparent connection to one of them, as to any address of this host, is refused
-    /// (DESIGN.md §9).
-    pub(crate) listeners: Arc<[SocketAddr]>,
+    /// The transparent listeners' addresses (real ports): a transparent connection to one of
+    /// them, as to any address of this host, is refused (DESIGN.md §9). The other listeners
+    /// need no list: bound without `IP_TRANSPARENT`, their addresses are the host's own.
+    pub(crate) transparent_listeners: Arc<[SocketAddr]>,
     /// `[transparent] spoof_source` as the server started (a restart-only key: the
     /// capability it needs is kept across the privilege drop, or not, at start).
     pub(crate) spoof_source: bool,

@@ -32,7 +32,7 @@ use crate::metrics::{Refused, WorkerCounters};
 use crate::policy::admission::{self, StartTls};
 use crate::policy::transparent::is_this_host;
 use crate::side_thread::Inbox as SideInbox;
-use crate::smtp::{Peer, Session, Shutdown, loop_refusal, too_many_connections};
+use crate::smtp::{Peer, Reply, Session, Shutdown, loop_refusal, too_many_connections};
 use crate::state::redis::Inbox as StateInbox;
 
 /// Events taken from the kernel per poll; more wait for the next turn.
@@ -507,18 +507,14 @@ impl Worker {
         } else {
             local
         };
-        if transparent && is_this_host(local, &self.shared.listeners, is_host_address) {
-            let mut leg = Leg::connected(stream, None);
-            loop_refusal(&config.server.hostname).write_to(&mut leg.outbox);
-            leg.write_last();
+        let listeners = &self.shared.transparent_listeners;
+        if transparent && is_this_host(local, listeners, is_host_address) {
             log::info!(
                 "refused transparent connection from {addr} to {local}: an address of this \
                  host (loop)"
             );
-            if let Some(metrics) = &self.metrics {
-                metrics.refused(Refused::TransparentLoop);
-            }
-            return;
+            let reply = loop_refusal(&config.server.hostname);
+            return self.refuse(stream, reply, Refused::TransparentLoop);
         }
         let tls_failures = &self.shared.tls_failures;
         let admission = admission::admit(&config, addr.ip(), self.shared.store.is_shared(), |ip| {
@@ -527,16 +523,9 @@ impl Worker {
         let guard = match self.shared.limits.acquire(admission.count) {
             Ok(guard) => guard,
             Err(refusal) => {
-                // The reply is the session's wording; the refusal happens before any session.
-                let mut leg = Leg::connected(stream, None);
-                too_many_connections(&config.server.hostname).write_to(&mut leg.outbox);
-                // One nonblocking write into an empty send buffer; best effort.
-                leg.write_last();
                 log::info!("refused connection from {addr}: {refusal}");
-                if let Some(metrics) = &self.metrics {
-                    metrics.refused(Refused::from(&refusal));
-                }
-                return;
+                let reply = too_many_connections(&config.server.hostname);
+                return self.refuse(stream, reply, Refused::from(&refusal));
             }
         };
         let id = ConnId::new(self.index, self.workers, self.next_seq);
@@ -583,6 +572,18 @@ impl Worker {
         log::debug!("conn={id} accepted from {addr} on {local}");
         if let Some(conn) = self.conns.get_mut(key) {
             queue(&mut self.pending, conn, key);
+        }
+    }
+
+    /// Answers a connection refused at accept, before any session exists, with `reply` (the
+    /// session's wording), and counts it under `reason`. One nonblocking write into an empty
+    /// send buffer; best effort.
+    fn refuse(&self, stream: TcpStream, reply: Reply, reason: Refused) {
+        let mut leg = Leg::connected(stream, None);
+        reply.write_to(&mut leg.outbox);
+        leg.write_last();
+        if let Some(metrics) = &self.metrics {
+            metrics.refused(reason);
         }
     }
 
@@ -686,8 +687,6 @@ impl Table<'_> {
     }
 }
 
-/// Hands an answer to the connection the waiter's `key` names, with `handle`, and queues it
-/// to run; an answer for a connection that closed meanwhile finds a stale key and is dropped.
 /// Whether `ip` is an address of this host, as the loop guard asks for every transparent
 /// connection's destination: only a local address can be bound without `IP_TRANSPARENT`
 /// (socket, bind and close: three system calls, no packet). With `ip_nonlocal_bind` set every
@@ -697,6 +696,8 @@ fn is_host_address(ip: IpAddr) -> bool {
     std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
+/// Hands an answer to the connection the waiter's `key` names, with `handle`, and queues it
+/// to run; an answer for a connection that closed meanwhile finds a stale key and is dropped.
 fn deliver(
     conns: &mut Slab<Conn>,
     pending: &mut Vec<ConnKey>,

@@ -18,7 +18,7 @@ use super::{Conn, Io};
 use crate::downstream::connect;
 use crate::downstream::dialog::Carried;
 use crate::downstream::pool::{Idle, Pool, Pooled, Take, Ticket};
-use crate::metrics::DownstreamError;
+use crate::metrics::{DownstreamError, WorkerCounters};
 use crate::server::leg::{Eof, Leg};
 use crate::server::slab::ConnKey;
 use crate::server::tls_stream::TlsFailure;
@@ -407,14 +407,18 @@ impl Conn {
         }
     }
 
-    /// Counts a failed downstream connection (`[metrics] listen`). A transparent session's
-    /// destination is any host a client chose, never a label (see `metrics`).
-    fn count_error(&self, addr: SocketAddr, kind: DownstreamError) {
-        if let Some(metrics) = self
-            .metrics
-            .as_ref()
+    /// The worker's counters for the per-server downstream figures (`[metrics] listen`):
+    /// none for a transparent session, whose destination is any host a client chose, never a
+    /// label (see `metrics`).
+    pub(super) fn server_metrics(&self) -> Option<&WorkerCounters> {
+        self.metrics
+            .as_deref()
             .filter(|_| !self.session.is_transparent())
-        {
+    }
+
+    /// Counts a failed downstream connection.
+    fn count_error(&self, addr: SocketAddr, kind: DownstreamError) {
+        if let Some(metrics) = self.server_metrics() {
             metrics.downstream_error(addr, kind);
         }
     }
