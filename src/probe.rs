@@ -22,6 +22,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use crate::config::{AnnounceClient, Config, DownstreamMode, DownstreamTls};
+use crate::downstream::dialog::{Capabilities, parse_capabilities};
 use crate::smtp::reply::{Reply, Status, parse_reply};
 
 /// The address the probes announce with XCLIENT: a documentation address (RFC 5737), which no
@@ -86,7 +87,7 @@ fn announced(config: &Config, server: SocketAddr, findings: &mut Findings) -> io
     let hostname = &config.server.hostname;
     let mut caps = link.ehlo(hostname)?;
     let tls = config.downstream.tls;
-    let offers_tls = caps.has("STARTTLS");
+    let offers_tls = caps.starttls;
     match (offers_tls, tls) {
         (_, DownstreamTls::None) => findings.lines.push(format!(
             "STARTTLS: {}; not used ([downstream] tls = \"none\")",
@@ -119,7 +120,7 @@ fn announced(config: &Config, server: SocketAddr, findings: &mut Findings) -> io
         },
     }
     let xclient = config.downstream.announce_client == AnnounceClient::Xclient;
-    if !caps.has("XCLIENT") {
+    if !caps.xclient.any() {
         findings.lines.push("XCLIENT: not offered".to_owned());
         if xclient {
             findings.failures.push(
@@ -177,7 +178,7 @@ fn unannounced(config: &Config, server: SocketAddr, findings: &mut Findings) -> 
     let mut link = Link::connect(config, server)?;
     link.reply()?;
     let caps = link.ehlo(&config.server.hostname)?;
-    if config.downstream.tls == DownstreamTls::Required && caps.has("STARTTLS") {
+    if config.downstream.tls == DownstreamTls::Required && caps.starttls {
         if link.start_tls(config, server)?.is_err() {
             return link.quit();
         }
@@ -218,17 +219,6 @@ fn show(reply: &Reply) -> String {
         .map(|code| format!(" {}.{}.{}", code.0, code.1, code.2))
         .unwrap_or_default();
     format!("{}{enhanced} {}", reply.code, reply.lines.join(" / "))
-}
-
-/// The EHLO keywords a server offered.
-struct Capabilities(Vec<String>);
-
-impl Capabilities {
-    fn has(&self, keyword: &str) -> bool {
-        self.0
-            .iter()
-            .any(|line| line.split_whitespace().next() == Some(keyword))
-    }
 }
 
 /// One blocking probe connection, plain or over TLS.
@@ -300,7 +290,7 @@ impl Link {
         if reply.code != 250 {
             return Err(io::Error::other(format!("EHLO refused: {}", show(&reply))));
         }
-        Ok(Capabilities(reply.lines.into_iter().skip(1).collect()))
+        Ok(parse_capabilities(&reply))
     }
 
     /// STARTTLS and the handshake with `[downstream]`'s client configuration: `Ok(Ok(summary))`

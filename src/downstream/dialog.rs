@@ -89,7 +89,8 @@ pub struct XclientAttrs {
 }
 
 impl XclientAttrs {
-    fn any(&self) -> bool {
+    /// Whether XCLIENT is offered with an attribute tarmac can announce.
+    pub(crate) fn any(&self) -> bool {
         self.addr || self.name || self.port || self.helo || self.proto
     }
 }
@@ -660,8 +661,9 @@ fn valid_hostname(name: &str) -> bool {
     labels_ok && !name.bytes().all(|b| b.is_ascii_digit() || b == b'.')
 }
 
-/// Reads the EHLO keywords (every line after the first).
-fn parse_capabilities(reply: &Reply) -> Capabilities {
+/// Reads the EHLO keywords (every line after the first); `check --live` reads them the same
+/// way, so its findings are what a relayed session would find.
+pub(crate) fn parse_capabilities(reply: &Reply) -> Capabilities {
     let mut caps = Capabilities::default();
     for line in reply.lines.iter().skip(1) {
         let mut words = line.split_ascii_whitespace();
