@@ -157,8 +157,7 @@ impl TestMilter {
 
     /// Listens on a Unix socket in a temp dir of its own.
     pub fn start_unix(script: Script) -> TestMilter {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = crate::temp_dir(&format!("milter-{}", N.fetch_add(1, Ordering::SeqCst)));
+        let dir = crate::process::instance_dir("milter");
         let path = dir.join("milter.sock");
         let listener = UnixListener::bind(&path).unwrap();
         TestMilter::serving(MilterAddr::Unix(path), Some(dir), script, move || {
