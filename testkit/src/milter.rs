@@ -13,7 +13,7 @@
 //! [`WAIT`](crate::WAIT), so a forgotten connection cannot keep a thread forever.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -133,16 +133,9 @@ impl Script {
     }
 }
 
-#[derive(Clone, Copy)]
-enum Kind {
-    Tcp(SocketAddr),
-    Unix,
-}
-
 /// A running test milter; dropping it stops the listener.
 pub struct TestMilter {
     addr: MilterAddr,
-    kind: Kind,
     received: Arc<Mutex<Vec<Command>>>,
     connections: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
@@ -154,61 +147,54 @@ impl TestMilter {
     /// Listens on `127.0.0.1:0`.
     pub fn start(script: Script) -> TestMilter {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let local = listener.local_addr().unwrap();
-        let mut milter = TestMilter::new(MilterAddr::Inet(local), Kind::Tcp(local), None);
-        let (received, connections, stop) = milter.shared();
-        milter.thread = Some(std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                if stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(stream) = stream else { continue };
-                let _ = stream.set_nodelay(true);
-                spawn_conn(stream, script.clone(), &received, &connections);
-            }
-        }));
-        milter
+        let addr = MilterAddr::Inet(listener.local_addr().unwrap());
+        TestMilter::serving(addr, None, script, move || {
+            let (stream, _) = listener.accept()?;
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        })
     }
 
     /// Listens on a Unix socket in a temp dir of its own.
     pub fn start_unix(script: Script) -> TestMilter {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = crate::temp_dir(&format!("milter-{}", N.fetch_add(1, Ordering::SeqCst)));
+        let dir = crate::process::instance_dir("milter");
         let path = dir.join("milter.sock");
         let listener = UnixListener::bind(&path).unwrap();
-        let mut milter = TestMilter::new(MilterAddr::Unix(path), Kind::Unix, Some(dir));
-        let (received, connections, stop) = milter.shared();
-        milter.thread = Some(std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                if stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(stream) = stream else { continue };
-                spawn_conn(stream, script.clone(), &received, &connections);
-            }
-        }));
-        milter
+        TestMilter::serving(MilterAddr::Unix(path), Some(dir), script, move || {
+            listener.accept().map(|(stream, _)| stream)
+        })
     }
 
-    fn new(addr: MilterAddr, kind: Kind, dir: Option<PathBuf>) -> TestMilter {
-        TestMilter {
+    /// Runs the accept loop on a thread of its own: each connection `accept` gives is served
+    /// on its own thread by `script`, until the milter is dropped.
+    fn serving<S: Read + Write + SetTimeout + Send + 'static>(
+        addr: MilterAddr,
+        dir: Option<PathBuf>,
+        script: Script,
+        mut accept: impl FnMut() -> std::io::Result<S> + Send + 'static,
+    ) -> TestMilter {
+        let mut milter = TestMilter {
             addr,
-            kind,
             received: Arc::default(),
             connections: Arc::default(),
             stop: Arc::default(),
             thread: None,
             dir,
-        }
-    }
-
-    #[allow(clippy::type_complexity)]
-    fn shared(&self) -> (Arc<Mutex<Vec<Command>>>, Arc<AtomicUsize>, Arc<AtomicBool>) {
-        (
-            Arc::clone(&self.received),
-            Arc::clone(&self.connections),
-            Arc::clone(&self.stop),
-        )
+        };
+        let received = Arc::clone(&milter.received);
+        let connections = Arc::clone(&milter.connections);
+        let stop = Arc::clone(&milter.stop);
+        milter.thread = Some(std::thread::spawn(move || {
+            loop {
+                let stream = accept();
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(stream) = stream else { continue };
+                spawn_conn(stream, script.clone(), &received, &connections);
+            }
+        }));
+        milter
     }
 
     /// Where it listens, as tarmac's `[content] milters` takes it.
@@ -237,13 +223,9 @@ impl Drop for TestMilter {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         // Wake the accept loop.
-        match self.kind {
-            Kind::Tcp(addr) => drop(TcpStream::connect(addr)),
-            Kind::Unix => {
-                if let MilterAddr::Unix(path) = &self.addr {
-                    drop(UnixStream::connect(path));
-                }
-            }
+        match &self.addr {
+            MilterAddr::Inet(addr) => drop(TcpStream::connect(addr)),
+            MilterAddr::Unix(path) => drop(UnixStream::connect(path)),
         }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();

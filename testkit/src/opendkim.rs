@@ -258,9 +258,7 @@ assert asked == [name + "."] or asked == [name], asked
 print("verified" if ok else "failed")
 "#;
     // One directory per call: tests verify in parallel, and each removes its own.
-    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = crate::temp_dir(&format!("dkim-verify-{call}"));
+    let dir = crate::process::instance_dir("dkim-verify");
     let path = dir.join("message.eml");
     std::fs::write(&path, message).expect("the message to verify");
     let mut cmd = Command::new(python);
