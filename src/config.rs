@@ -138,9 +138,7 @@ impl Config {
             c.max_scans,
         )
     }
-}
 
-impl Config {
     /// Lines on transparent mode for `tarmac check` (DESIGN.md §9), none without
     /// `[transparent] listen`: the listeners and where their sessions' connections come from,
     /// and a note when `[downstream] mode = "multiplexing"` is also set, since it does not
