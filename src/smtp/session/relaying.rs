@@ -13,7 +13,6 @@ use crate::downstream::relay::{
 use crate::policy::reputation::Event as ReputationEvent;
 use crate::policy::screening::Checks;
 use crate::smtp::data::DataDecoder;
-use crate::smtp::received::write_received;
 use crate::smtp::reply::Reply;
 
 pub(super) use crate::downstream::relay::downstream_lost;
@@ -252,16 +251,8 @@ impl Session {
         self.phase = Phase::Data(Box::new(decoder));
         self.timers.data = Some(now + self.config.timeouts.data);
         self.timers.idle = None;
-        let trace = super::scanning::trace(
-            &self.peer,
-            self.helo.as_deref(),
-            &self.config.server.hostname,
-            self.esmtp,
-            self.tls,
-            self.started,
-            now,
-        );
-        self.relay.start_body(|out| write_received(&trace, out));
+        let header = self.received(now);
+        self.relay.start_body(|out| out.extend_from_slice(&header));
     }
 
     /// Sends MAIL for the current transaction, with the parameters the downstream offers.

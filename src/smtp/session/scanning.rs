@@ -280,17 +280,7 @@ impl Session {
                 .state_dir
                 .join(crate::content::held::SPOOL),
         );
-        let mut header = Vec::new();
-        let trace = trace(
-            &self.peer,
-            self.helo.as_deref(),
-            &self.config.server.hostname,
-            self.esmtp,
-            self.tls,
-            self.started,
-            now,
-        );
-        write_received(&trace, &mut header);
+        let header = self.received(now);
         self.scan_mut().hold_failed = held.append(&header).is_err();
         self.scan_mut().held = Some(held);
     }
@@ -542,31 +532,26 @@ impl Session {
         self.tx = None;
         self.relay.reset();
     }
-}
 
-/// The trace header's facts at `now`, from the session's fields (a free function, so it
-/// borrows them and not the whole session: the relay is written to meanwhile).
-pub(super) fn trace<'a>(
-    peer: &super::Peer,
-    helo: Option<&'a [u8]>,
-    hostname: &'a str,
-    esmtp: bool,
-    tls: TlsStage,
-    started: Instant,
-    now: Instant,
-) -> Trace<'a> {
-    Trace {
-        helo: helo.unwrap_or_default(),
-        client: peer.client.ip(),
-        by: hostname,
-        // RFC 3848: the `S` says the message came over TLS.
-        with: match (esmtp, tls) {
-            (true, TlsStage::Active(_)) => "ESMTPS",
-            (false, TlsStage::Active(_)) => "SMTPS",
-            (true, _) => "ESMTP",
-            (false, _) => "SMTP",
-        },
-        at: peer.accepted_at + now.saturating_duration_since(started),
+    /// tarmac's `Received:` header for the message starting at `now`, from the session's
+    /// fields.
+    pub(super) fn received(&self, now: Instant) -> Vec<u8> {
+        let trace = Trace {
+            helo: self.helo.as_deref().unwrap_or_default(),
+            client: self.peer.client.ip(),
+            by: &self.config.server.hostname,
+            // RFC 3848: the `S` says the message came over TLS.
+            with: match (self.esmtp, self.tls) {
+                (true, TlsStage::Active(_)) => "ESMTPS",
+                (false, TlsStage::Active(_)) => "SMTPS",
+                (true, _) => "ESMTP",
+                (false, _) => "SMTP",
+            },
+            at: self.peer.accepted_at + now.saturating_duration_since(self.started),
+        };
+        let mut header = Vec::new();
+        write_received(&trace, &mut header);
+        header
     }
 }
 
