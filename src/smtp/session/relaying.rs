@@ -47,6 +47,15 @@ fn identity<'a>(
     }
 }
 
+/// The close line's result for a refused command: `rejected` for a 5xx, else `tempfail`.
+pub(super) fn failure(reply: &Reply) -> &'static str {
+    if reply.code >= 500 {
+        "rejected"
+    } else {
+        "tempfail"
+    }
+}
+
 /// A transparent session's original destination (DESIGN.md §9): the address the client
 /// connected to, connected to from the client's own address with `spoof_source`.
 fn destination(peer: &Peer) -> Option<Destination> {
@@ -168,11 +177,7 @@ impl Session {
         }
         let positive = reply.code / 100 == 2;
         if !positive {
-            self.last_failure = Some(if reply.code >= 500 {
-                "rejected"
-            } else {
-                "tempfail"
-            });
+            self.last_failure = Some(failure(&reply));
         }
         self.phase = Phase::Command;
         match pending {
@@ -291,11 +296,7 @@ impl Session {
             Phase::Waiting(pending) => {
                 self.phase = Phase::Command;
                 self.timers.idle = Some(now + self.config.timeouts.idle);
-                self.last_failure = Some(if reply.code >= 500 {
-                    "rejected"
-                } else {
-                    "tempfail"
-                });
+                self.last_failure = Some(failure(&reply));
                 let announced = self.tx.as_deref().is_some_and(|tx| tx.after_mail.is_some());
                 // The reply to the final dot ends the transaction whatever it says (RFC 5321
                 // §4.1.1.4): the client's next MAIL starts a new one.

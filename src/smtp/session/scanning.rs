@@ -28,7 +28,7 @@ use crate::smtp::reply::Reply;
 
 use super::closing::CloseReason;
 use super::commands::Pending;
-use super::relaying::downstream_lost;
+use super::relaying::{downstream_lost, failure};
 use super::{Action, DOWNSTREAM_OUTBOX_CAP, Phase, Session, TlsStage};
 
 /// How often a held downstream session gets a NOOP (DESIGN.md §7: at most one a minute; far
@@ -325,11 +325,7 @@ impl Session {
             None
         };
         if let Some(reply) = refusal {
-            self.end_scanned_transaction(if reply.code >= 500 {
-                "rejected"
-            } else {
-                "tempfail"
-            });
+            self.end_scanned_transaction(failure(&reply));
             return self.reply(reply);
         }
         if self.scan_mut().discard {
@@ -394,12 +390,7 @@ impl Session {
             return self.reply(Reply::new(250, "2.0.0", "Ok"));
         }
         if let Some(reply) = content::message_refusal(&verdict) {
-            let failure = if reply.code >= 500 {
-                "rejected"
-            } else {
-                "tempfail"
-            };
-            self.end_scanned_transaction(failure);
+            self.end_scanned_transaction(failure(&reply));
             return self.reply(reply);
         }
         self.relay_scanned(now, held, &edits);
