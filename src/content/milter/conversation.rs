@@ -185,11 +185,6 @@ impl Negotiated {
     pub fn leading_space(&self) -> bool {
         self.protocol & protocol::HDR_LEADSPC != 0
     }
-
-    /// Whether the milter asked to see rejected recipients (`SMFIP_RCPT_REJ`).
-    pub fn wants_rejected_rcpts(&self) -> bool {
-        self.protocol & protocol::RCPT_REJ != 0
-    }
 }
 
 /// What [`Conversation::start`] did.
