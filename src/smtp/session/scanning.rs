@@ -398,12 +398,7 @@ impl Session {
 
     /// Sends DATA for a message the scanners let through; the message follows the `354`.
     fn relay_scanned(&mut self, now: Instant, held: Held, edits: &[Edit]) {
-        let outgoing = if edits.is_empty() {
-            Ok(Outgoing::unchanged(held))
-        } else {
-            Outgoing::edited(held, edits)
-        };
-        let outgoing = match outgoing {
+        let outgoing = match Outgoing::edited(held, edits) {
             Ok(outgoing) => outgoing,
             Err(e) => {
                 log::warn!("content: cannot read a held message back: {e}");
