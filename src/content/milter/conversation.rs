@@ -255,7 +255,7 @@ pub struct Conversation {
     max_body: usize,
 }
 
-/// A verdict's short name for notes.
+/// Adds `note` to `notes`, up to a bound.
 fn appended(notes: &mut Vec<String>, note: String) {
     // Bound the notes a hostile milter can make tarmac keep (each is one log line).
     const MAX_NOTES: usize = 100;
