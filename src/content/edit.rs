@@ -307,7 +307,7 @@ fn apply(fields: &mut Vec<Field>, replacement: &mut Option<Vec<u8>>, edit: &Edit
             }
         }
         Edit::ChangeHeader { index, name, value } => {
-            if !is_field_name(name) {
+            if !message::is_field_name(name.as_bytes()) {
                 warn_name(name);
                 return;
             }
@@ -379,7 +379,7 @@ fn positions<'a>(fields: &'a [Field], name: &'a str) -> impl Iterator<Item = usi
 
 /// A field a scanner adds, or `None` (logged) when `name` is no field name.
 fn new_field(name: &str, value: &str) -> Option<Field> {
-    if !is_field_name(name) {
+    if !message::is_field_name(name.as_bytes()) {
         warn_name(name);
         return None;
     }
@@ -387,11 +387,6 @@ fn new_field(name: &str, value: &str) -> Option<Field> {
         name: name.to_owned(),
         value: field_value(value),
     })
-}
-
-/// RFC 5322 §3.6.8 `ftext`: printable US-ASCII but the colon, at least one.
-fn is_field_name(name: &str) -> bool {
-    !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && b != b':')
 }
 
 fn warn_name(name: &str) {

@@ -124,8 +124,8 @@ impl Held {
         }
     }
 
-    /// The bytes from `offset` to `end` (at most), read whole: for a header block, which a
-    /// caller bounds.
+    /// The bytes from `offset` to `end` (at most), read whole: for a header block or a milter's
+    /// body chunk, which the caller bounds.
     pub fn read_range(&self, offset: u64, end: u64) -> io::Result<Vec<u8>> {
         let end = end.min(self.len);
         let want = usize::try_from(end.saturating_sub(offset)).unwrap_or(usize::MAX);

@@ -88,12 +88,17 @@ pub fn parse(head: &[u8], whole: bool) -> HeaderBlock {
     block
 }
 
+/// RFC 5322 §3.6.8 `field-name` (`ftext`): one or more printable ASCII characters other than
+/// `:`.
+pub fn is_field_name(name: &[u8]) -> bool {
+    !name.is_empty() && name.iter().all(|&b| b.is_ascii_graphic() && b != b':')
+}
+
 /// A field from its first line (without CRLF): a printable name without spaces, a colon.
 fn field_start(line: &[u8]) -> Option<Field> {
     let colon = line.iter().position(|&b| b == b':')?;
     let name = line.get(..colon)?;
-    let valid = !name.is_empty() && name.iter().all(|&b| b.is_ascii_graphic() && b != b':');
-    if !valid {
+    if !is_field_name(name) {
         return None;
     }
     Some(Field {

@@ -160,16 +160,19 @@ pub fn unavailable(question: Question) -> Option<Answer> {
         )),
         Question::Milter(MilterStep::Abort | MilterStep::Quit) => None,
         Question::Milter(_) => Some(Answer::Milter(Verdict::TempFail(None))),
-        Question::Scan(job) => {
-            let verdict = policy::failed(job.content.on_failure).unwrap_or(Verdict::Continue);
-            Some(Answer::Scanned(Box::new(Scanned {
-                held: job.held,
-                verdict,
-                edits: Vec::new(),
-                marks: "failed".to_owned(),
-            })))
-        }
+        Question::Scan(job) => Some(Answer::Scanned(Box::new(unscanned(*job, "failed")))),
         _ => None,
+    }
+}
+
+/// `job`'s message left unscanned (`marks` says why): what a failed scanner means under its
+/// `on_failure`.
+fn unscanned(job: ScanJob, marks: &str) -> Scanned {
+    Scanned {
+        held: job.held,
+        verdict: policy::failed(job.content.on_failure).unwrap_or(Verdict::Continue),
+        edits: Vec::new(),
+        marks: marks.to_owned(),
     }
 }
 

@@ -267,7 +267,11 @@ mod tests {
 
     /// Feeds `chunks` in order, as a driver would (stopping once done).
     fn run_chunks(mode: BareNewline, max: u64, chunks: &[&[u8]]) -> Run {
-        let mut d = DataDecoder::new(mode, max);
+        feed(DataDecoder::new(mode, max), chunks)
+    }
+
+    /// Feeds `chunks` to `d` in order, as a driver would (stopping once done).
+    fn feed(mut d: DataDecoder, chunks: &[&[u8]]) -> Run {
         let mut out = Vec::new();
         let mut consumed = 0;
         let mut done = false;
@@ -576,25 +580,7 @@ mod tests {
 
     /// Feeds `chunks` to an [`DataDecoder::unstuffed`] decoder, as `run_chunks` does.
     fn run_unstuffed(mode: BareNewline, max: u64, chunks: &[&[u8]]) -> Run {
-        let mut d = DataDecoder::unstuffed(mode, max);
-        let mut out = Vec::new();
-        let mut consumed = 0;
-        let mut done = false;
-        for chunk in chunks {
-            let r = d.decode(chunk, &mut out);
-            consumed += r.consumed;
-            done = r.done;
-            if done {
-                break;
-            }
-        }
-        Run {
-            out,
-            consumed,
-            done,
-            violation: d.violation(),
-            size: d.size(),
-        }
+        feed(DataDecoder::unstuffed(mode, max), chunks)
     }
 
     /// Dot-stuffs content the way the downstream encoding does: a `.` at the start of the

@@ -185,11 +185,6 @@ impl Negotiated {
     pub fn leading_space(&self) -> bool {
         self.protocol & protocol::HDR_LEADSPC != 0
     }
-
-    /// Whether the milter asked to see rejected recipients (`SMFIP_RCPT_REJ`).
-    pub fn wants_rejected_rcpts(&self) -> bool {
-        self.protocol & protocol::RCPT_REJ != 0
-    }
 }
 
 /// What [`Conversation::start`] did.
@@ -260,7 +255,7 @@ pub struct Conversation {
     max_body: usize,
 }
 
-/// A verdict's short name for notes.
+/// Adds `note` to `notes`, up to a bound.
 fn appended(notes: &mut Vec<String>, note: String) {
     // Bound the notes a hostile milter can make tarmac keep (each is one log line).
     const MAX_NOTES: usize = 100;

@@ -283,23 +283,13 @@ impl MilterLink {
         }
         let mut offset = block.body_offset;
         while !self.conversation.skips(Stage::Body) {
-            let mut chunk = vec![0; MAX_BODY_CHUNK];
-            let mut filled = 0;
-            while filled < chunk.len() {
-                let to = chunk.get_mut(filled..).unwrap_or_default();
-                match held
-                    .read_at(offset + filled as u64, to)
-                    .map_err(io_failure)?
-                {
-                    0 => break,
-                    n => filled += n,
-                }
-            }
-            if filled == 0 {
+            let chunk = held
+                .read_range(offset, offset.saturating_add(MAX_BODY_CHUNK as u64))
+                .map_err(io_failure)?;
+            if chunk.is_empty() {
                 break;
             }
-            chunk.truncate(filled);
-            offset += filled as u64;
+            offset += chunk.len() as u64;
             let v = self
                 .stage(Stage::Body, &Command::Body(chunk), &[], timeout)
                 .await?;

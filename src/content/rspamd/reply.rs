@@ -12,6 +12,7 @@
 
 use serde_json::{Map, Value};
 
+use crate::content::message::is_field_name;
 use crate::content::{Edit, Verdict};
 use crate::smtp::reply::Reply as SmtpReply;
 
@@ -206,7 +207,7 @@ impl Reply {
         }
         let mut edits = Vec::new();
         for (name, which) in &self.remove_headers {
-            if is_field_name(name) {
+            if is_field_name(name.as_bytes()) {
                 edits.push(Edit::RemoveHeader {
                     name: name.clone(),
                     which: *which,
@@ -214,7 +215,7 @@ impl Reply {
             }
         }
         for add in &self.add_headers {
-            if !is_field_name(&add.name) {
+            if !is_field_name(add.name.as_bytes()) {
                 continue;
             }
             let (name, value) = (add.name.clone(), add.value.clone());
@@ -321,11 +322,6 @@ fn clean_smtp_message(text: &str) -> String {
         out.push(if c.is_control() { ' ' } else { c });
     }
     out
-}
-
-/// RFC 5322 §3.6.8 `field-name`: one or more printable ASCII characters other than `:`.
-fn is_field_name(name: &str) -> bool {
-    !name.is_empty() && name.bytes().all(|b| (33..=126).contains(&b) && b != b':')
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 
 use super::{Shared, Step, Waiter, answer};
 use crate::content::milter::{ConnectInfo, MilterLink};
-use crate::content::{MilterAddr, Settings, Verdict};
+use crate::content::{Failure, MilterAddr, Settings, Verdict};
 use crate::policy::content as policy;
 use crate::smtp::question::{Answer, MilterStep, Tls};
 
@@ -44,6 +44,15 @@ pub(super) struct Milter {
     pub(super) link: Option<MilterLink>,
     /// It accepted the current message: not asked again until the next one.
     pub(super) done_with_message: bool,
+}
+
+impl Milter {
+    /// It failed (down, slow, garbage): the failure is logged and it is dropped for the rest
+    /// of the session.
+    pub(super) fn failed(&mut self, shared: &Shared, failure: &Failure) {
+        shared.warn(&format!("milter {}", self.addr), failure);
+        self.link = None;
+    }
 }
 
 /// A stage's facts.
@@ -128,10 +137,7 @@ pub(super) async fn run(context: Context, mut steps: mpsc::UnboundedReceiver<Ste
                     if let Some(link) = milter.link.as_mut()
                         && let Err(failure) = link.abort(content.timeout).await
                     {
-                        context
-                            .shared
-                            .warn(&format!("milter {}", milter.addr), &failure);
-                        milter.link = None;
+                        milter.failed(&context.shared, &failure);
                     }
                 }
             }
@@ -222,10 +228,7 @@ async fn pass(
             Ok(verdict) if policy::is_final(&verdict) => return verdict,
             Ok(_) => {}
             Err(failure) => {
-                context
-                    .shared
-                    .warn(&format!("milter {}", milter.addr), &failure);
-                milter.link = None;
+                milter.failed(&context.shared, &failure);
                 if let Some(verdict) = policy::failed(on_failure) {
                     return verdict;
                 }

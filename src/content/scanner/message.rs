@@ -21,13 +21,7 @@ pub(super) async fn scan(
     let deadline = tokio::time::Instant::now() + content.timeout;
     if !shared.take_slot(content.max_scans, deadline).await {
         shared.warn("max_scans", &crate::content::Failure::Busy);
-        let verdict = policy::failed(content.on_failure).unwrap_or(Verdict::Continue);
-        return Scanned {
-            held: job.held,
-            verdict,
-            edits: Vec::new(),
-            marks: "busy".to_owned(),
-        };
+        return super::unscanned(job, "busy");
     }
     let mut marks: Vec<String> = Vec::new();
     let mut edits: Vec<Edit> = Vec::new();
@@ -113,8 +107,7 @@ async fn run(
                 edits.extend(outcome.edits);
             }
             Err(failure) => {
-                shared.warn(&format!("milter {}", milter.addr), &failure);
-                milter.link = None;
+                milter.failed(shared, &failure);
                 marks.push(format!("{name}:failed"));
                 if let Some(verdict) = policy::failed(on_failure) {
                     return verdict;

@@ -13,7 +13,6 @@ use crate::downstream::relay::{
 use crate::policy::reputation::Event as ReputationEvent;
 use crate::policy::screening::Checks;
 use crate::smtp::data::DataDecoder;
-use crate::smtp::received::write_received;
 use crate::smtp::reply::Reply;
 
 pub(super) use crate::downstream::relay::downstream_lost;
@@ -45,6 +44,15 @@ fn identity<'a>(
         helo: helo.unwrap_or_default(),
         esmtp,
         name: checks.xclient_name(),
+    }
+}
+
+/// The close line's result for a refused command: `rejected` for a 5xx, else `tempfail`.
+pub(super) fn failure(reply: &Reply) -> &'static str {
+    if reply.code >= 500 {
+        "rejected"
+    } else {
+        "tempfail"
     }
 }
 
@@ -169,11 +177,7 @@ impl Session {
         }
         let positive = reply.code / 100 == 2;
         if !positive {
-            self.last_failure = Some(if reply.code >= 500 {
-                "rejected"
-            } else {
-                "tempfail"
-            });
+            self.last_failure = Some(failure(&reply));
         }
         self.phase = Phase::Command;
         match pending {
@@ -252,16 +256,8 @@ impl Session {
         self.phase = Phase::Data(Box::new(decoder));
         self.timers.data = Some(now + self.config.timeouts.data);
         self.timers.idle = None;
-        let trace = super::scanning::trace(
-            &self.peer,
-            self.helo.as_deref(),
-            &self.config.server.hostname,
-            self.esmtp,
-            self.tls,
-            self.started,
-            now,
-        );
-        self.relay.start_body(|out| write_received(&trace, out));
+        let header = self.received(now);
+        self.relay.start_body(|out| out.extend_from_slice(&header));
     }
 
     /// Sends MAIL for the current transaction, with the parameters the downstream offers.
@@ -300,11 +296,7 @@ impl Session {
             Phase::Waiting(pending) => {
                 self.phase = Phase::Command;
                 self.timers.idle = Some(now + self.config.timeouts.idle);
-                self.last_failure = Some(if reply.code >= 500 {
-                    "rejected"
-                } else {
-                    "tempfail"
-                });
+                self.last_failure = Some(failure(&reply));
                 let announced = self.tx.as_deref().is_some_and(|tx| tx.after_mail.is_some());
                 // The reply to the final dot ends the transaction whatever it says (RFC 5321
                 // §4.1.1.4): the client's next MAIL starts a new one.

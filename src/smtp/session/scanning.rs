@@ -28,7 +28,7 @@ use crate::smtp::reply::Reply;
 
 use super::closing::CloseReason;
 use super::commands::Pending;
-use super::relaying::downstream_lost;
+use super::relaying::{downstream_lost, failure};
 use super::{Action, DOWNSTREAM_OUTBOX_CAP, Phase, Session, TlsStage};
 
 /// How often a held downstream session gets a NOOP (DESIGN.md §7: at most one a minute; far
@@ -280,17 +280,7 @@ impl Session {
                 .state_dir
                 .join(crate::content::held::SPOOL),
         );
-        let mut header = Vec::new();
-        let trace = trace(
-            &self.peer,
-            self.helo.as_deref(),
-            &self.config.server.hostname,
-            self.esmtp,
-            self.tls,
-            self.started,
-            now,
-        );
-        write_received(&trace, &mut header);
+        let header = self.received(now);
         self.scan_mut().hold_failed = held.append(&header).is_err();
         self.scan_mut().held = Some(held);
     }
@@ -335,11 +325,7 @@ impl Session {
             None
         };
         if let Some(reply) = refusal {
-            self.end_scanned_transaction(if reply.code >= 500 {
-                "rejected"
-            } else {
-                "tempfail"
-            });
+            self.end_scanned_transaction(failure(&reply));
             return self.reply(reply);
         }
         if self.scan_mut().discard {
@@ -404,12 +390,7 @@ impl Session {
             return self.reply(Reply::new(250, "2.0.0", "Ok"));
         }
         if let Some(reply) = content::message_refusal(&verdict) {
-            let failure = if reply.code >= 500 {
-                "rejected"
-            } else {
-                "tempfail"
-            };
-            self.end_scanned_transaction(failure);
+            self.end_scanned_transaction(failure(&reply));
             return self.reply(reply);
         }
         self.relay_scanned(now, held, &edits);
@@ -417,12 +398,7 @@ impl Session {
 
     /// Sends DATA for a message the scanners let through; the message follows the `354`.
     fn relay_scanned(&mut self, now: Instant, held: Held, edits: &[Edit]) {
-        let outgoing = if edits.is_empty() {
-            Ok(Outgoing::unchanged(held))
-        } else {
-            Outgoing::edited(held, edits)
-        };
-        let outgoing = match outgoing {
+        let outgoing = match Outgoing::edited(held, edits) {
             Ok(outgoing) => outgoing,
             Err(e) => {
                 log::warn!("content: cannot read a held message back: {e}");
@@ -542,31 +518,26 @@ impl Session {
         self.tx = None;
         self.relay.reset();
     }
-}
 
-/// The trace header's facts at `now`, from the session's fields (a free function, so it
-/// borrows them and not the whole session: the relay is written to meanwhile).
-pub(super) fn trace<'a>(
-    peer: &super::Peer,
-    helo: Option<&'a [u8]>,
-    hostname: &'a str,
-    esmtp: bool,
-    tls: TlsStage,
-    started: Instant,
-    now: Instant,
-) -> Trace<'a> {
-    Trace {
-        helo: helo.unwrap_or_default(),
-        client: peer.client.ip(),
-        by: hostname,
-        // RFC 3848: the `S` says the message came over TLS.
-        with: match (esmtp, tls) {
-            (true, TlsStage::Active(_)) => "ESMTPS",
-            (false, TlsStage::Active(_)) => "SMTPS",
-            (true, _) => "ESMTP",
-            (false, _) => "SMTP",
-        },
-        at: peer.accepted_at + now.saturating_duration_since(started),
+    /// tarmac's `Received:` header for the message starting at `now`, from the session's
+    /// fields.
+    pub(super) fn received(&self, now: Instant) -> Vec<u8> {
+        let trace = Trace {
+            helo: self.helo.as_deref().unwrap_or_default(),
+            client: self.peer.client.ip(),
+            by: &self.config.server.hostname,
+            // RFC 3848: the `S` says the message came over TLS.
+            with: match (self.esmtp, self.tls) {
+                (true, TlsStage::Active(_)) => "ESMTPS",
+                (false, TlsStage::Active(_)) => "SMTPS",
+                (true, _) => "ESMTP",
+                (false, _) => "SMTP",
+            },
+            at: self.peer.accepted_at + now.saturating_duration_since(self.started),
+        };
+        let mut header = Vec::new();
+        write_received(&trace, &mut header);
+        header
     }
 }
 
