@@ -42,10 +42,30 @@ pub struct HeaderBlock {
     pub body_offset: u64,
 }
 
-/// Reads the header block of `held`.
+/// The first read of a header block. Most blocks are a few KiB: later reads grow fourfold up to
+/// [`MAX_HEADER_BLOCK`], so a large (spooled) message is not read a whole MiB deep for its
+/// headers, once per milter and once more for the edits.
+const FIRST_READ: u64 = 16 * 1024;
+
+/// Reads the header block of `held`: the same block as parsing its first [`MAX_HEADER_BLOCK`]
+/// bytes, read only until the empty line that ends it (parsing never looks past that line).
 pub fn header_block(held: &Held) -> io::Result<HeaderBlock> {
-    let head = held.read_range(0, MAX_HEADER_BLOCK)?;
-    Ok(parse(&head, head.len() as u64 == held.len()))
+    let mut head = Vec::new();
+    let mut end = FIRST_READ.min(MAX_HEADER_BLOCK);
+    loop {
+        let more = held.read_range(head.len() as u64, end)?;
+        head.extend_from_slice(&more);
+        let whole = head.len() as u64 == held.len();
+        if whole || end >= MAX_HEADER_BLOCK || has_empty_line(&head) {
+            return Ok(parse(&head, whole));
+        }
+        end = end.saturating_mul(4).min(MAX_HEADER_BLOCK);
+    }
+}
+
+/// Whether `head` holds a whole empty line, the header block's end.
+fn has_empty_line(head: &[u8]) -> bool {
+    head.starts_with(b"\r\n") || head.windows(4).any(|w| w == b"\r\n\r\n")
 }
 
 /// Splits `head` (the message's first bytes; `whole`: the entire message) into fields and
@@ -148,6 +168,28 @@ mod tests {
         let block = parse(b" folded\r\nA: 1\r\n\r\n", true);
         assert!(block.fields.is_empty());
         assert_eq!(block.body_offset, 0);
+    }
+
+    #[test]
+    fn a_block_longer_than_the_first_read_is_read_whole() {
+        // 40 KiB of fields, then a body longer than MAX_HEADER_BLOCK.
+        let mut message = Vec::new();
+        for n in 0..1000 {
+            message.extend_from_slice(format!("X-Field-{n:04}: {}\r\n", "v".repeat(24)).as_bytes());
+        }
+        let fields_end = message.len() as u64;
+        message.extend_from_slice(b"\r\n");
+        message.resize(message.len() + 2 * MAX_HEADER_BLOCK as usize, b'b');
+        let expected = parse(&message[..MAX_HEADER_BLOCK as usize], false);
+        let held = Held::from_bytes(message);
+        let block = header_block(&held).unwrap();
+        assert_eq!(block, expected);
+        assert_eq!(block.fields.len(), 1000);
+        assert_eq!(block.body_offset, fields_end + 2);
+        // Without an empty line the block stops where it always did.
+        let endless = Held::from_bytes(b"X-A: 1\r\n".repeat(200_000));
+        let whole = endless.read_range(0, MAX_HEADER_BLOCK).unwrap();
+        assert_eq!(header_block(&endless).unwrap(), parse(&whole, false));
     }
 
     #[test]
